@@ -1,0 +1,100 @@
+# One entry point for people and CI. `make run` and `make test` are the quick start.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+DATA ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL ?= models/model.onnx
+URL ?= http://$(HOST):$(PORT)
+
+export DVC_NO_ANALYTICS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+TRAIN_VENV := .venv-train
+SERVE_VENV := .venv-serve
+SERVE_TOOLS := .venv-serve-tools
+LOAD_VENV := .venv-load
+TRAIN_PY := $(TRAIN_VENV)/bin/python
+SERVE_PY := $(SERVE_VENV)/bin/python
+LOAD_PY := $(LOAD_VENV)/bin/python
+SERVE_TOOLS_SITE := $(CURDIR)/$(SERVE_TOOLS)/lib/python3.11/site-packages
+
+.PHONY: help run test pipeline data-source serve venvs venv-train venv-serve venv-serve-tools \
+        venv-load lint test-serve test-train test-load mlflow-ui clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 24
+
+# ---------------------------------------------------------------- environments
+# Each venv is rebuilt only when its requirements file changes (a stamp file records the install).
+venv-train: $(TRAIN_VENV)/.installed ## training env: torch, dvc, mlflow, onnx
+$(TRAIN_VENV)/.installed: requirements-train.txt requirements-dev.txt
+	test -x $(TRAIN_PY) || $(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_PY) -m pip install -q -r requirements-train.txt -r requirements-dev.txt
+	touch $@
+
+venv-serve: $(SERVE_VENV)/.installed ## serving env: onnxruntime + starlette, no torch
+$(SERVE_VENV)/.installed: requirements-serve.txt
+	test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q -r requirements-serve.txt
+	touch $@
+
+# Test-only tools for the serving suite live beside .venv-serve, not in it, so the runtime env
+# stays exactly requirements-serve.txt; the suite runs on .venv-serve's interpreter with these on
+# PYTHONPATH (the .pth makes pip see the runtime packages instead of installing them twice).
+venv-serve-tools: $(SERVE_TOOLS)/.installed
+$(SERVE_TOOLS)/.installed: requirements-serve-test.txt $(SERVE_VENV)/.installed
+	test -x $(SERVE_TOOLS)/bin/python || $(PYTHON) -m venv $(SERVE_TOOLS)
+	echo "$(CURDIR)/$(SERVE_VENV)/lib/python3.11/site-packages" > $(SERVE_TOOLS_SITE)/_serve_runtime.pth
+	$(SERVE_TOOLS)/bin/python -m pip install -q -r requirements-serve-test.txt
+	touch $@
+
+venv-load: $(LOAD_VENV)/.installed ## load-test env: locust (kept out of serving)
+$(LOAD_VENV)/.installed: requirements-load.txt
+	test -x $(LOAD_PY) || $(PYTHON) -m venv $(LOAD_VENV)
+	$(LOAD_PY) -m pip install -q -r requirements-load.txt
+	touch $@
+
+venvs: venv-train venv-serve venv-serve-tools venv-load
+
+# ---------------------------------------------------------------- pipeline
+# DATA=/path/to/folder picks a local photo folder; empty means "download the public set".
+# The choice is written to data/source.yaml only when it changes, and DVC tracks it as a param.
+data-source:
+	mkdir -p data
+	printf 'source: "%s"\n' "$(if $(DATA),$(abspath $(DATA)),download)" > data/source.yaml.new
+	cmp -s data/source.yaml.new data/source.yaml && rm data/source.yaml.new || mv data/source.yaml.new data/source.yaml
+
+pipeline: venv-train data-source ## run the DVC pipeline (fetch, prepare, train, export, evaluate)
+	PATH="$(CURDIR)/$(TRAIN_VENV)/bin:$$PATH" dvc repro
+
+run: pipeline venv-serve ## the whole job: pipeline, then the server on $(URL)
+	$(SERVE_PY) -m server --model $(MODEL) --host $(HOST) --port $(PORT)
+
+serve: venv-serve ## serve an existing model
+	$(SERVE_PY) -m server --model $(MODEL) --host $(HOST) --port $(PORT)
+
+mlflow-ui: venv-train ## MLflow UI on http://127.0.0.1:5000 over the local store
+	$(TRAIN_VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+# ---------------------------------------------------------------- checks
+lint: venv-train ## ruff
+	$(TRAIN_VENV)/bin/ruff check .
+	$(TRAIN_VENV)/bin/ruff format --check .
+
+test-serve: venv-serve-tools ## serving suite, on .venv-serve (import torch fails there)
+	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) -m pytest tests/serve -q
+
+test-train: venv-train ## training, export and pipeline suite
+	$(TRAIN_PY) -m pytest tests/train -q
+
+test-load: venv-load ## load tooling suite
+	$(LOAD_PY) -m pytest tests/load -q
+
+test: lint test-serve test-train test-load ## the whole suite (CI runs this)
+
+clean: ## remove pipeline outputs (not the venvs)
+	rm -rf data models reports mlruns mlflow.db .dvc/tmp
