@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from server.preprocessing import PreprocessSpec
-
-MODEL_NAMES = ("efficientnet_lite0", "mobilenet_v3_small", "logreg")
+from training.params import MODEL_NAMES
 
 # The EfficientNet-Lite weights were converted from the TensorFlow Lite checkpoints, which were
 # trained on (pixel - 127) / 128, not on ImageNet mean/std (zero-shot accuracy on our photos:

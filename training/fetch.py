@@ -1,0 +1,277 @@
+"""Stage ``fetch``: find the photos and write ``data/raw/index.csv`` (path, label, sha256, size).
+
+The source comes from ``data/source.yaml``: ``download`` fetches the public Microsoft PetImages
+zip (streamed, resumable, sha256-checked, then extracted under ``fetch.download_dir``), an
+absolute folder is used where it is. Photos are never copied: the index lists paths (relative to
+the repository root) with content hashes, so DVC sees any change to the photos through it.
+
+    python -m training.fetch
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import requests
+import yaml
+from tqdm import tqdm
+
+from training.params import PARAMS_FILE, FetchParams, load_fetch
+
+log = logging.getLogger("training.fetch")
+
+INDEX_COLUMNS = ("path", "label", "sha256", "size")
+_KAGGLE_NAME = re.compile(r"^([A-Za-z]+)\.\d+\.[A-Za-z0-9]+$")  # cat.123.jpg
+
+
+class FetchError(RuntimeError):
+    """The source cannot be used: bad layout, failed download, checksum mismatch."""
+
+
+class IndexRow(NamedTuple):
+    path: str
+    label: str
+    sha256: str
+    size: int
+
+
+# ---------------------------------------------------------------------------- download
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str,
+    size: int | None = None,
+    timeout_s: float = 60.0,
+    chunk_bytes: int = 1 << 20,
+) -> Path:
+    """Stream ``url`` to ``dest`` through ``dest.part``, resuming a partial file with HTTP Range.
+
+    A complete file whose checksum differs from ``sha256`` is deleted and reported, so the next
+    run starts clean instead of resuming garbage.
+    """
+    if dest.exists():
+        if sha256_file(dest) == sha256:
+            log.info("%s already downloaded and verified", dest)
+            return dest
+        log.warning("%s does not match the pinned sha256; downloading again", dest)
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as resp:
+        if resp.status_code == 416 and have:  # the part file already holds every byte
+            resp.close()
+        elif resp.status_code in (200, 206):
+            if resp.status_code == 200 and have:
+                log.info("server ignored the Range request; restarting from byte 0")
+                have = 0
+            total = have + int(resp.headers.get("Content-Length", 0)) or size
+            mode = "ab" if have else "wb"
+            with (
+                open(part, mode) as fh,
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar,
+            ):
+                for block in resp.iter_content(chunk_size=chunk_bytes):
+                    fh.write(block)
+                    bar.update(len(block))
+        else:
+            raise FetchError(f"GET {url} answered HTTP {resp.status_code}")
+    got = part.stat().st_size
+    if size is not None and got != size:
+        if got > size:
+            part.unlink()
+        raise FetchError(f"{dest.name}: got {got} bytes, expected {size}; rerun to resume")
+    digest = sha256_file(part)
+    if digest != sha256:
+        part.unlink()
+        raise FetchError(f"{dest.name}: sha256 {digest} does not match the pinned {sha256}")
+    part.replace(dest)
+    return dest
+
+
+def extract(zip_path: Path, out_dir: Path, stamp: str) -> Path:
+    """Extract ``zip_path`` into ``out_dir`` once (a stamp file names the verified zip)."""
+    marker = out_dir / ".extracted"
+    if marker.exists() and marker.read_text().strip() == stamp:
+        return out_dir
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with zipfile.ZipFile(zip_path) as zf:
+        for member in tqdm(zf.infolist(), desc=f"extract {zip_path.name}", unit="file"):
+            target = (tmp / member.filename).resolve()
+            if not target.is_relative_to(tmp.resolve()):  # zip slip: ../ or absolute names
+                raise FetchError(f"{zip_path.name}: unsafe member name {member.filename!r}")
+            zf.extract(member, tmp)
+    tmp.rename(out_dir)
+    marker.write_text(stamp + "\n")
+    return out_dir
+
+
+def fetch_download(params: FetchParams) -> Path:
+    root = Path(params.download_dir)
+    name = params.url.rsplit("/", 1)[-1] or "download.zip"
+    zip_path = download(
+        params.url,
+        root / name,
+        sha256=params.sha256,
+        size=params.size,
+        timeout_s=params.timeout_s,
+        chunk_bytes=params.chunk_bytes,
+    )
+    return extract(zip_path, root / "extracted", params.sha256)
+
+
+# ---------------------------------------------------------------------------- layouts
+
+
+def _visible_files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts):
+            yield path
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def find_photos(root: Path) -> list[tuple[Path, str]]:
+    """(file, label) for every file of a data folder; labels are lower-cased class names.
+
+    Layouts: ``root/<class>/*`` (cat/, dog/), Microsoft ``root/PetImages/{Cat,Dog}/*`` (also one
+    folder deeper, as the zip extracts), and Kaggle's flat ``root/cat.123.jpg``.
+    """
+    if not root.is_dir():
+        raise FetchError(f"data source {root} is not a folder")
+    for candidate in (root / "PetImages", *(d / "PetImages" for d in _class_dirs(root))):
+        if candidate.is_dir():
+            root = candidate
+            break
+    dirs = _class_dirs(root)
+    if len(dirs) == 1 and not any(p.is_file() for p in root.iterdir()):
+        return find_photos(dirs[0])  # a zip that wraps everything in one top folder
+    photos: list[tuple[Path, str]] = []
+    if dirs:
+        for d in dirs:
+            photos += [(f, d.name.lower()) for f in _visible_files(d)]
+    else:
+        for f in sorted(root.iterdir()):
+            match = _KAGGLE_NAME.match(f.name)
+            if f.is_file() and match:
+                photos.append((f, match.group(1).lower()))
+    labels = sorted({label for _, label in photos})
+    if len(labels) < 2:
+        raise FetchError(
+            f"{root}: expected one subfolder per class (cat/, dog/), PetImages/, or files named "
+            f"like cat.1.jpg; found classes {labels}"
+        )
+    return photos
+
+
+# ---------------------------------------------------------------------------- index
+
+
+def _rel(path: Path) -> str:
+    """Paths relative to the repository root, so the index is the same in every clone."""
+    return os.path.relpath(path.resolve(), Path.cwd())
+
+
+def build_index(photos: list[tuple[Path, str]], cache_path: Path | None = None) -> list[IndexRow]:
+    """Hash every photo; a cache keyed by (path, size, mtime) makes a rerun nearly free."""
+    cache: dict[str, list] = {}
+    if cache_path and cache_path.exists():
+        try:
+            cache = json.loads(cache_path.read_text())
+        except json.JSONDecodeError:
+            cache = {}
+    rows, fresh = [], {}
+    for path, label in tqdm(photos, desc="index", unit="file", mininterval=1.0):
+        st = path.stat()
+        key = str(path.resolve())
+        hit = cache.get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            digest = hit[2]
+        else:
+            digest = sha256_file(path)
+        fresh[key] = [st.st_size, st.st_mtime_ns, digest]
+        rows.append(IndexRow(_rel(path), label, digest, st.st_size))
+    if cache_path:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(fresh))
+    rows.sort(key=lambda r: (r.label, r.path))
+    return rows
+
+
+def write_index(rows: list[IndexRow], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(INDEX_COLUMNS)
+        writer.writerows(rows)
+
+
+def read_index(path: Path) -> list[IndexRow]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [
+            IndexRow(r["path"], r["label"], r["sha256"], int(r["size"])) for r in csv.DictReader(fh)
+        ]
+
+
+def read_source(path: Path) -> str:
+    if not path.exists():
+        raise FetchError(f"{path} is missing: run `make pipeline DATA=/folder` or `make pipeline`")
+    data = yaml.safe_load(path.read_text()) or {}
+    source = data.get("source") if isinstance(data, dict) else None
+    if not isinstance(source, str) or not source:
+        raise FetchError(f'{path}: expected `source: "download"` or `source: "/abs/folder"`')
+    return source
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=PARAMS_FILE)
+    parser.add_argument("--source-file", default="data/source.yaml")
+    parser.add_argument("--out", default="data/raw/index.csv")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    params = load_fetch(args.params)
+    source = read_source(Path(args.source_file))
+    root = fetch_download(params) if source == "download" else Path(source)
+    photos = find_photos(root)
+    rows = build_index(photos, Path(params.download_dir) / "index-cache.json")
+    write_index(rows, Path(args.out))
+    counts = {
+        label: sum(r.label == label for r in rows) for label in sorted({r.label for r in rows})
+    }
+    log.info("indexed %d files from %s: %s", len(rows), root, counts)
+
+
+if __name__ == "__main__":
+    main()

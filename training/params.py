@@ -1,0 +1,168 @@
+"""Typed views of ``params.yaml``: one frozen dataclass per stage section.
+
+Every key must be known and of the declared type, so a typo such as ``train.lr: "1e-3"`` or
+``train.epocs`` stops the stage at once instead of silently training with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+MODEL_NAMES = ("efficientnet_lite0", "mobilenet_v3_small", "logreg")
+
+
+class ParamsError(ValueError):
+    """A section of params.yaml is missing, has an unknown key or a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class FetchParams:
+    url: str  # the public Microsoft PetImages zip
+    sha256: str  # pinned checksum of that zip
+    size: int  # bytes, checked before hashing
+    download_dir: str  # where the zip and its extracted photos live (not a DVC output)
+    timeout_s: float = 60.0
+    chunk_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    max_per_class: int | None = None  # keep at most this many photos a class (None: all)
+    min_side: int = 32  # smaller photos are dropped as "too_small"
+    max_pixels: int = 40_000_000  # larger are dropped as "too_many_pixels"
+    workers: int = 2
+    split_salt: str = "catsdogs-split-v1"  # changing it reshuffles every split
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: str = "efficientnet_lite0"
+    pretrained: bool = True
+    input_size: int = 224
+    resize: int = 256
+    interpolation: str = "bilinear"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    batch_size: int = 64
+    epochs: int = 60  # head epochs on cached features, or whole-model epochs from scratch
+    patience: int = 8  # early stopping on validation loss
+    lr: float = 0.001
+    weight_decay: float = 0.0001
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    augment_views: int = 1  # extra augmented views of each training photo (cached features)
+    crop_scale_min: float = 0.6  # RandomResizedCrop lower bound of the area kept
+    fine_tune_blocks: int = 0  # >0: afterwards fine-tune the last N backbone blocks end to end
+    fine_tune_epochs: int = 0
+    fine_tune_lr: float = 0.0001
+    logreg_pool: int = 4  # logreg sees the input average-pooled by this factor
+
+
+T = TypeVar("T")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:  # YAML writes 1 for 1.0; accept ints, never bools or strings
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    raise TypeError(f"unsupported params annotation {annotation!r}")
+
+
+def parse_section(cls: type[T], section: str, raw: Any) -> T:
+    """``raw`` (a mapping from YAML) -> ``cls``; errors name ``section.key``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{section}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in fields:
+            raise ParamsError(f"{section}.{key}: unknown key (known: {', '.join(fields)})")
+    for key, value in raw.items():
+        if not _type_ok(value, hints[key]):
+            raise ParamsError(f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in raw
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ParamsError(f"{section}.{missing[0]}: required key missing")
+    values = {k: float(v) if hints[k] is float else v for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"{section}: {exc}") from exc
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    return "null" if annotation is type(None) else annotation.__name__
+
+
+def load_yaml(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections")
+    return data
+
+
+def load_section(cls: type[T], section: str, path: str | Path = PARAMS_FILE) -> T:
+    data = load_yaml(path)
+    if section not in data:
+        raise ParamsError(f"{section}: section missing from {path}")
+    return parse_section(cls, section, data[section])
+
+
+def load_fetch(path: str | Path = PARAMS_FILE) -> FetchParams:
+    return load_section(FetchParams, "fetch", path)
+
+
+def load_prepare(path: str | Path = PARAMS_FILE) -> PrepareParams:
+    params = load_section(PrepareParams, "prepare", path)
+    if params.val_fraction < 0 or params.test_fraction < 0:
+        raise ParamsError("prepare.val_fraction: fractions must be >= 0")
+    if params.val_fraction + params.test_fraction >= 1:
+        raise ParamsError("prepare.test_fraction: val_fraction + test_fraction must be < 1")
+    if params.max_per_class is not None and params.max_per_class < 1:
+        raise ParamsError("prepare.max_per_class: must be >= 1 or null")
+    return params
+
+
+def load_train(path: str | Path = PARAMS_FILE) -> TrainParams:
+    params = load_section(TrainParams, "train", path)
+    if params.device not in ("auto", "cpu", "cuda"):
+        raise ParamsError(f"train.device: expected auto, cpu or cuda, got {params.device!r}")
+    if params.model not in MODEL_NAMES:
+        raise ParamsError(
+            f"train.model: unknown {params.model!r}; choose one of {list(MODEL_NAMES)}"
+        )
+    if params.epochs < 1:
+        raise ParamsError("train.epochs: must be >= 1")
+    return params
