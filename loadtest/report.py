@@ -1,0 +1,234 @@
+"""Write a benchmark result as ``latency.json``, ``latency.md`` and PNG plots.
+
+The result is the plain dict that ``loadtest.bench`` builds; every section but ``http`` is
+optional, so a partial run (no int8 model, no PyTorch checkpoint) still gives a full report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+JSON_NAME, MD_NAME = "latency.json", "latency.md"
+PLOT_CONCURRENCY, PLOT_BASELINE = "latency_concurrency.png", "latency_baseline.png"
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def inprocess_rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, in-process result) for every in-process measurement in the run."""
+    rows = []
+    for i, run in enumerate(result.get("inprocess", []), 1):
+        rows.append((f"onnxruntime fp32, round {i}", run))
+    if result.get("inprocess_int8"):
+        rows.append(("onnxruntime int8", result["inprocess_int8"]))
+    torch = result.get("torch_eager") or {}
+    if "per_image" in torch:
+        rows.append((torch.get("runtime", "torch eager"), torch))
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result.get("machine", {})
+    model = result.get("model", {})
+    s = result.get("settings", {})
+    out = ["# Latency per image: HTTP server vs in-process", ""]
+    out.append(f"Generated {result.get('generated_at', '?')} by `make bench`.")
+    out.append("")
+    out.append(
+        f"- Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores "
+        f"({m.get('usable_cpus', '?')} usable), {_f(m.get('memory_gib'))} GiB; "
+        f"Python {m.get('python', '?')}, onnxruntime {m.get('onnxruntime', '?')}, "
+        f"numpy {m.get('numpy', '?')}, Pillow {m.get('pillow', '?')}; load average "
+        f"{m.get('loadavg_start', '?')} at start, {m.get('loadavg_end', '?')} at end."
+    )
+    out.append(
+        f"- Model: `{model.get('path', '?')}` ({model.get('model_name', '?')} "
+        f"{model.get('model_version', '')}), sha256 `{model.get('sha256', '?')}`."
+    )
+    if result.get("int8_model"):
+        i8 = result["int8_model"]
+        out.append(f"- int8 model: `{i8.get('path')}`, sha256 `{i8.get('sha256')}`.")
+    out.append(f"- Settings: {json.dumps(s, sort_keys=True)}")
+    out.append("")
+
+    ratios = result.get("ratios", {})
+    if ratios:
+        out += ["## Targets", ""]
+        rows = [
+            [r["label"], _f(r.get("value"), 3), f"{r['op']} {r['target']}",
+             "yes" if r.get("met") else "**no**"]
+            for r in ratios.values()
+        ]  # fmt: skip
+        out += _table(["measure", "value", "target", "met"], rows)
+        out.append("")
+
+    rows = []
+    for label, run in inprocess_rows(result):
+        pi = run["per_image"]
+        best = max((b["images_per_s"] for b in run.get("batched", [])), default=math.nan)
+        by_size = {b["batch_size"]: b["images_per_s"] for b in run.get("batched", [])}
+        rows.append(
+            [label, _f(pi["latency_ms"]["p50"]), _f(pi["latency_ms"]["p90"]),
+             _f(pi["latency_ms"]["p99"]), _f(pi.get("preprocess_ms", {}).get("p50")),
+             _f(pi["images_per_s"]),
+             ", ".join(f"b{k}: {_f(v)}" for k, v in sorted(by_size.items())) or "-", _f(best)]
+        )  # fmt: skip
+    if rows:
+        out += ["## In-process (decode + preprocess + model, no HTTP)", ""]
+        out += _table(
+            ["runtime", "p50 ms", "p90 ms", "p99 ms", "of which preprocess p50 ms",
+             "img/s at batch 1", "img/s batched", "best img/s"],
+            rows,
+        )  # fmt: skip
+        out.append("")
+
+    out += ["## HTTP server (closed loop, one image per request, multipart)", ""]
+    rows = []
+    for variant, levels in result.get("http", {}).items():
+        for lv in levels:
+            lat = lv["latency_ms"]
+            rows.append(
+                [variant, str(lv["concurrency"]), _f(lat["p50"]), _f(lat["p90"]), _f(lat["p99"]),
+                 _f(lv["images_per_s"]), str(lv["errors"]), _f(lv.get("server_rss_mb"), 0),
+                 _f(100 * lv.get("client_cpu_share", math.nan), 0)]
+            )  # fmt: skip
+    out += _table(
+        ["server", "concurrency", "p50 ms", "p90 ms", "p99 ms", "images/s", "errors",
+         "server RSS MB", "client CPU %"],
+        rows,
+    )  # fmt: skip
+    out.append("")
+
+    servers = result.get("servers", {})
+    if servers:
+        out += ["## Server processes", ""]
+        rows = [
+            [name, _f(sv.get("ready_s"), 2), _f(sv.get("peak_rss_mb"), 0), str(sv.get("exit_code"))]
+            for name, sv in servers.items()
+        ]
+        out += _table(
+            ["server", "ready after s", "peak RSS MB (VmHWM)", "exit code on SIGTERM"], rows
+        )
+        out.append("")
+
+    ov = result.get("overload")
+    if ov:
+        acc, rej = ov["latency_ms"], ov["rejected_latency_ms"]
+        out += ["## Overload", ""]
+        out.append(
+            f"Open loop at {_f(ov['offered_rps'])} requests/s ({_f(ov['offered_factor'])}x the "
+            f"measured capacity) for {_f(ov['window_s'])} s, MAX_QUEUE_SIZE={ov['max_queue_size']}."
+        )
+        out.append("")
+        out += _table(
+            ["requests", "answered 200", "503", "other errors", "200 p50 / p99 ms",
+             "503 p50 / p99 ms", "images/s", "alive after", "ready after"],
+            [[str(ov["requests"]), str(ov["ok"]), str(ov["statuses"].get("503", 0)),
+              str(ov["requests"] - ov["ok"] - ov["statuses"].get("503", 0)),
+              f"{_f(acc['p50'])} / {_f(acc['p99'])}", f"{_f(rej['p50'])} / {_f(rej['p99'])}",
+              _f(ov["images_per_s"]), str(ov.get("alive_after")),
+              str(ov.get("ready_status_after"))]],
+        )  # fmt: skip
+        out.append("")
+
+    ceiling = result.get("client_ceiling")
+    if ceiling:
+        out.append(
+            f"Load generator ceiling: {_f(ceiling['requests_per_s'], 0)} requests/s on "
+            f"`{ceiling['path']}` at concurrency {ceiling['concurrency']} "
+            "(same client, same server)."
+        )
+        out.append("")
+    if result.get("method"):
+        out += ["## Method", "", result["method"], ""]
+    return "\n".join(out)
+
+
+def plot_concurrency(result: dict[str, Any], path: Path) -> None:
+    fig, (ax_lat, ax_tput) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for variant, levels in result.get("http", {}).items():
+        conc = [lv["concurrency"] for lv in levels]
+        (line,) = ax_lat.plot(conc, [lv["latency_ms"]["p50"] for lv in levels], marker="o",
+                              label=f"{variant} p50")  # fmt: skip
+        ax_lat.plot(conc, [lv["latency_ms"]["p99"] for lv in levels], marker="x", linestyle="--",
+                    color=line.get_color(), label=f"{variant} p99")  # fmt: skip
+        ax_tput.plot(conc, [lv["images_per_s"] for lv in levels], marker="o", label=variant)
+    inproc = result.get("inprocess", [])
+    if inproc:
+        p50 = min(r["per_image"]["latency_ms"]["p50"] for r in inproc)
+        best = max(
+            b["images_per_s"] for r in inproc for b in r.get("batched", []) or [{"images_per_s": 0}]
+        )
+        ax_lat.axhline(p50, color="grey", linestyle=":", label="in-process p50 (batch 1)")
+        ax_tput.axhline(best, color="grey", linestyle=":", label="in-process best batched")
+    for ax in (ax_lat, ax_tput):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent connections")
+        ax.grid(True, alpha=0.3)
+    ax_lat.set_yscale("log")
+    ax_lat.set_ylabel("latency per request, ms")
+    ax_tput.set_ylabel("images / s")
+    ax_lat.legend(fontsize=7)
+    ax_tput.legend(fontsize=7)
+    fig.suptitle("HTTP server: latency and throughput vs concurrency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_baseline(result: dict[str, Any], path: Path) -> None:
+    labels, p50, p99 = [], [], []
+    for label, run in inprocess_rows(result):
+        labels.append(label)
+        p50.append(run["per_image"]["latency_ms"]["p50"])
+        p99.append(run["per_image"]["latency_ms"]["p99"])
+    for variant, levels in result.get("http", {}).items():
+        c1 = next((lv for lv in levels if lv["concurrency"] == 1), None)
+        if c1:
+            labels.append(f"HTTP {variant}, c=1")
+            p50.append(c1["latency_ms"]["p50"])
+            p99.append(c1["latency_ms"]["p99"])
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.5))
+    y = range(len(labels))
+    ax.barh([i + 0.2 for i in y], p50, height=0.4, label="p50")
+    ax.barh([i - 0.2 for i in y], p99, height=0.4, label="p99")
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per image (decode + preprocess + model), one at a time")
+    ax.legend()
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [
+        out_dir / JSON_NAME,
+        out_dir / MD_NAME,
+        out_dir / PLOT_CONCURRENCY,
+        out_dir / PLOT_BASELINE,
+    ]
+    paths[0].write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    paths[1].write_text(markdown(result))
+    plot_concurrency(result, paths[2])
+    plot_baseline(result, paths[3])
+    return paths

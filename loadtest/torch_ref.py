@@ -1,0 +1,55 @@
+"""PyTorch eager reference: the same checkpoint the ONNX file was exported from, same inputs.
+
+Runs in the training environment (it needs torch), with the same preprocessing and thread count
+as the in-process onnxruntime baseline, so the two rows of the report differ only by runtime.
+
+    .venv-train/bin/python -m loadtest.torch_ref --checkpoint models/checkpoint.pt --out t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loadtest.inprocess import DEFAULT_PHOTOS, load_photos, measure
+from server.preprocessing import PreprocessSpec
+from training.models import load_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N photos")
+    parser.add_argument("--batch-sizes", default="8")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, meta = load_checkpoint(args.checkpoint)
+    spec = PreprocessSpec.from_json(meta["preprocessing"])
+    photos = load_photos(args.photos)
+    if args.limit:
+        # a spread of cats and dogs, not the first N of one class
+        photos = photos[:: max(1, len(photos) // args.limit)][: args.limit]
+
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> np.ndarray:
+        return torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+
+    sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+    result = {
+        "runtime": f"torch {torch.__version__} eager",
+        "threads": args.threads,
+        "photos": len(photos),
+        **measure(run, photos, spec, sizes),
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

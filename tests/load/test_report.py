@@ -1,0 +1,135 @@
+"""The benchmark report writer on a small synthetic result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtest.report import write_report
+
+pytestmark = pytest.mark.load
+
+
+def lat(p50: float) -> dict[str, float]:
+    return {"n": 100, "mean": p50, "p50": p50, "p90": 1.5 * p50, "p99": 2 * p50, "max": 3 * p50}
+
+
+def level(c: int, p50: float, ips: float) -> dict:
+    return {
+        "concurrency": c, "requests": 100, "ok": 99, "errors": 1, "statuses": {"200": 99, "0": 1},
+        "latency_ms": lat(p50), "rejected_latency_ms": lat(float("nan")), "requests_per_s": ips,
+        "images_per_s": ips, "window_s": 5.0, "client_cpu_s": 0.4, "client_cpu_share": 0.08,
+        "server_rss_mb": 210.0,
+    }  # fmt: skip
+
+
+def inproc(p50: float, best: float) -> dict:
+    return {
+        "per_image": {"latency_ms": lat(p50), "preprocess_ms": lat(4.0), "images_per_s": 1e3 / p50},
+        "batched": [
+            {"batch_size": 8, "images_per_s": best},
+            {"batch_size": 16, "images_per_s": best * 0.9},
+        ],
+    }
+
+
+SYNTHETIC = {
+    "generated_at": "2026-11-26T20:00:00+00:00",
+    "machine": {
+        "cpu_model": "Test CPU",
+        "cores": 2,
+        "usable_cpus": 2,
+        "memory_gib": 24.0,
+        "python": "3.11.7",
+        "onnxruntime": "1.32.0",
+        "numpy": "2.4.6",
+    },
+    "model": {"path": "models/model.onnx", "sha256": "ab" * 32, "model_name": "tiny"},
+    "settings": {"intra_op_threads": 2},
+    "method": "Synthetic figures.",
+    "inprocess": [inproc(15.0, 100.0), inproc(16.0, 96.0)],
+    "torch_eager": {"skipped": "no checkpoint"},
+    "http": {
+        "fp32 batching": [level(1, 17.0, 58.0), level(16, 150.0, 92.0)],
+        "fp32 no batching": [level(1, 17.5, 57.0), level(16, 190.0, 80.0)],
+    },
+    "servers": {"fp32 batching": {"ready_s": 1.2, "peak_rss_mb": 230.0, "exit_code": 0}},
+    "overload": {
+        **level(0, 90.0, 95.0),
+        "statuses": {"200": 300, "503": 600},
+        "requests": 900,
+        "ok": 300,
+        "rejected_latency_ms": lat(2.0),
+        "offered_rps": 280.0,
+        "offered_factor": 3.0,
+        "max_queue_size": 8,
+        "alive_after": True,
+        "ready_status_after": 200,
+    },
+    "ratios": {
+        "http_p50_c1_over_inprocess_p50": {
+            "label": "HTTP p50 at c=1 / in-process p50",
+            "value": 17 / 15,
+            "op": "<=",
+            "target": 1.25,
+            "met": True,
+        },
+        "http_c16_over_best_batched": {
+            "label": "HTTP images/s at c=16 / best batched",
+            "value": 0.82,
+            "op": ">=",
+            "target": 0.85,
+            "met": False,
+        },
+    },
+}
+
+
+def test_report_files_and_contents(tmp_path: Path) -> None:
+    paths = write_report(SYNTHETIC, tmp_path / "bench")
+    names = sorted(p.name for p in paths)
+    assert names == [
+        "latency.json",
+        "latency.md",
+        "latency_baseline.png",
+        "latency_concurrency.png",
+    ]
+
+    doc = json.loads((tmp_path / "bench" / "latency.json").read_text())
+    for key in (
+        "machine",
+        "model",
+        "settings",
+        "method",
+        "inprocess",
+        "http",
+        "overload",
+        "ratios",
+    ):
+        assert key in doc
+    assert doc["model"]["sha256"] == "ab" * 32
+
+    md = (tmp_path / "bench" / "latency.md").read_text()
+    assert "Test CPU" in md
+    assert "ab" * 32 in md
+    header = "| server | concurrency | p50 ms | p90 ms | p99 ms | images/s | errors |"
+    assert header in md
+    assert "| fp32 no batching | 16 | 190.0 | 285.0 | 380.0 | 80.0 | 1 |" in md
+    assert "| HTTP p50 at c=1 / in-process p50 | 1.133 | <= 1.25 | yes |" in md
+    assert "| HTTP images/s at c=16 / best batched | 0.820 | >= 0.85 | **no** |" in md
+    assert "| 900 | 300 | 600 | 0 |" in md  # overload: requests, 200, 503, others
+
+    for png in ("latency_concurrency.png", "latency_baseline.png"):
+        data = (tmp_path / "bench" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(data) > 5000
+
+
+def test_report_without_optional_sections(tmp_path: Path) -> None:
+    minimal = {"http": {"fp32 batching": [level(1, 17.0, 58.0)]}}
+    write_report(minimal, tmp_path)
+    md = (tmp_path / "latency.md").read_text()
+    assert "| fp32 batching | 1 | 17.0 |" in md
+    assert (tmp_path / "latency_concurrency.png").stat().st_size > 0
