@@ -21,12 +21,39 @@ import numpy as np
 # last into the last bin, so every observation is counted and no edge needs to be infinite
 # (JSON has no infinity).
 CONFIDENCE_EDGES: tuple[float, ...] = (
-    0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0,
-)  # fmt: skip
+    0.0,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    0.95,
+    0.98,
+    0.99,
+    0.995,
+    0.999,
+    1.0,
+)
 # Source image side in pixels: thumbnails, web photos, phone photos.
 SIZE_EDGES: tuple[float, ...] = (
-    0, 64, 128, 192, 256, 320, 400, 500, 640, 800, 1024, 1280, 1600, 2048, 3000, 4000, 100_000,
-)  # fmt: skip
+    0,
+    64,
+    128,
+    192,
+    256,
+    320,
+    400,
+    500,
+    640,
+    800,
+    1024,
+    1280,
+    1600,
+    2048,
+    3000,
+    4000,
+    100_000,
+)
 # Mean of the preprocessed uint8 model input.
 BRIGHTNESS_EDGES: tuple[float, ...] = tuple(float(v) for v in range(0, 257, 16))
 

@@ -49,14 +49,22 @@ def test_reference_stats_schema_is_json_and_complete():
 def test_reference_stats_rejects_bad_input():
     with pytest.raises(ValueError, match="val_probabilities"):
         drift.build_reference_stats(
-            class_names=["cat", "dog"], train_labels=["cat"], val_probabilities=np.ones((3, 3)),
-            widths=[1], heights=[1], brightness=[1.0],
-        )  # fmt: skip
+            class_names=["cat", "dog"],
+            train_labels=["cat"],
+            val_probabilities=np.ones((3, 3)),
+            widths=[1],
+            heights=[1],
+            brightness=[1.0],
+        )
     with pytest.raises(ValueError, match="not among class_names"):
         drift.build_reference_stats(
-            class_names=["cat", "dog"], train_labels=["cow"], val_probabilities=np.ones((1, 2)),
-            widths=[1], heights=[1], brightness=[1.0],
-        )  # fmt: skip
+            class_names=["cat", "dog"],
+            train_labels=["cow"],
+            val_probabilities=np.ones((1, 2)),
+            widths=[1],
+            heights=[1],
+            brightness=[1.0],
+        )
 
 
 def test_psi_and_ks_are_zero_for_identical_and_large_for_disjoint():

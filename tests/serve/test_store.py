@@ -25,10 +25,19 @@ def _event(i: int, label: str = "cat", confidence: float = 0.9, version: str = "
         {"cat": confidence, "dog": other} if label == "cat" else {"cat": other, "dog": confidence}
     )
     return PredictionEvent(
-        request_id=f"req-{i}", timestamp=time.time(), model_version=version, label=label,
-        confidence=confidence, probabilities=probs, input_sha256="0" * 64, width=320,
-        height=240, brightness=120.0, latency_ms=3.5, route="/predict",
-    )  # fmt: skip
+        request_id=f"req-{i}",
+        timestamp=time.time(),
+        model_version=version,
+        label=label,
+        confidence=confidence,
+        probabilities=probs,
+        input_sha256="0" * 64,
+        width=320,
+        height=240,
+        brightness=120.0,
+        latency_ms=3.5,
+        route="/predict",
+    )
 
 
 def _wait(predicate, timeout: float = 10.0) -> bool:
@@ -168,10 +177,17 @@ def test_sql_aggregates_bin_confidence_exactly_like_drift(db_path: Path):
 def _contract(reference: dict | None = None) -> ModelContract:
     extra = {"reference_stats": reference} if reference is not None else {}
     return ModelContract(
-        class_names=("cat", "dog"), input_size=32, preprocessing=PreprocessSpec(32, 36),
-        model_name="tiny", model_version="v1", mlflow_run_id="", git_commit="",
-        data_version="", exported_at="", extra=extra,
-    )  # fmt: skip
+        class_names=("cat", "dog"),
+        input_size=32,
+        preprocessing=PreprocessSpec(32, 36),
+        model_name="tiny",
+        model_version="v1",
+        mlflow_run_id="",
+        git_commit="",
+        data_version="",
+        exported_at="",
+        extra=extra,
+    )
 
 
 class _Settings:
@@ -190,8 +206,18 @@ def test_monitor_summary_metrics_and_restart(db_path: Path):
         for i in range(6, 10):
             monitor.observe(_event(i, "dog", 0.62))
         # truth: 0-4 cat, 5 dog (wrong), 6-8 dog, 9 cat (wrong)
-        truth = {0: "cat", 1: "cat", 2: "cat", 3: "cat", 4: "cat", 5: "dog", 6: "dog", 7: "dog",
-                 8: "dog", 9: "cat"}  # fmt: skip
+        truth = {
+            0: "cat",
+            1: "cat",
+            2: "cat",
+            3: "cat",
+            4: "cat",
+            5: "dog",
+            6: "dog",
+            7: "dog",
+            8: "dog",
+            9: "cat",
+        }
         for i, label in truth.items():
             assert await monitor.add_feedback(f"req-{i}", label) is not None
         # a correction replaces the earlier label instead of counting twice
@@ -249,10 +275,13 @@ def test_monitor_drift_reports_missing_reference_and_scores_with_one(db_path: Pa
     assert no_ref["reference"] is False
     assert no_ref["features"] == {}
     ref = drift.build_reference_stats(
-        class_names=["cat", "dog"], train_labels=["cat", "dog"],
+        class_names=["cat", "dog"],
+        train_labels=["cat", "dog"],
         val_probabilities=np.array([[0.99, 0.01], [0.02, 0.98]] * 50),
-        widths=[320] * 100, heights=[240] * 100, brightness=[120.0] * 100,
-    )  # fmt: skip
+        widths=[320] * 100,
+        heights=[240] * 100,
+        brightness=[120.0] * 100,
+    )
     few = asyncio.run(scores(ref, 5))
     assert few["status"] == "insufficient_data"
     report = asyncio.run(scores(ref, 300))

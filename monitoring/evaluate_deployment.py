@@ -1,0 +1,269 @@
+"""Post-deployment evaluation: send a labelled photo folder to a running server and judge it.
+
+    python -m monitoring.evaluate_deployment --url http://127.0.0.1:8000 \
+        --data ../shared/data/catsdogs/images --out reports/deployment --min-accuracy 0.95
+
+Each photo of ``DATA/<class>/`` is posted to ``/predict``; the true label then goes to
+``/feedback`` so the server's live accuracy counts it too. Writes ``results.json`` (one row per
+image) and ``summary.json`` (accuracy, latency percentiles) and exits non-zero when accuracy is
+below ``--min-accuracy`` or any request failed, so CD can roll back. Standard library only: it runs
+wherever Python does (CD runners, the serving image, any venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import mimetypes
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("evaluate_deployment")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+
+
+@dataclass
+class Result:
+    image: str
+    true_label: str
+    predicted_label: str | None = None
+    confidence: float | None = None
+    latency_ms: float | None = None  # client-side: request sent -> response read
+    server_latency_ms: float | None = None  # what the server reports for the same request
+    request_id: str | None = None
+    feedback_status: int | None = None
+    error: str | None = None
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:200]}")
+        self.status = status
+
+
+def http(method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: float):
+    """One request -> (status, parsed JSON body). Non-2xx raises :class:`HttpError`."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raise HttpError(exc.code, exc.read().decode("utf-8", "replace")) from None
+
+
+def list_images(data: Path, limit: int | None) -> list[tuple[Path, str]]:
+    """(path, class) for every image of ``data/<class>/``; with ``limit``, classes interleaved
+    so a small run still covers every class."""
+    classes = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{data}: no class subfolders (expected e.g. cat/ and dog/)")
+    per_class = [
+        sorted(f for f in (data / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        for c in classes
+    ]
+    items: list[tuple[Path, str]] = []
+    for i in range(max(len(files) for files in per_class)):
+        for name, files in zip(classes, per_class, strict=True):
+            if i < len(files):
+                items.append((files[i], name))
+    if not items:
+        raise ValueError(f"{data}: no image files under {classes}")
+    return items[:limit] if limit else items
+
+
+def evaluate_one(
+    url: str, path: Path, true_label: str, root: Path, timeout: float, feedback: bool
+) -> Result:
+    result = Result(image=str(path.relative_to(root)), true_label=true_label)
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    request_id = f"eval-{uuid.uuid4().hex}"
+    headers = {"Content-Type": content_type, "X-Request-ID": request_id}
+    try:
+        data = path.read_bytes()
+        started = time.perf_counter()
+        _, body = http("POST", f"{url}/predict", data, headers, timeout)
+        result.latency_ms = (time.perf_counter() - started) * 1000.0
+        result.predicted_label = str(body["label"])
+        result.confidence = float(body["confidence"])
+        result.server_latency_ms = body.get("latency_ms")
+        result.request_id = str(body.get("request_id") or request_id)
+    except (OSError, HttpError, ValueError, KeyError, TypeError) as exc:
+        result.error = f"predict: {exc}"
+        return result
+    if feedback:
+        payload = json.dumps({"request_id": result.request_id, "label": true_label}).encode()
+        try:
+            status, _ = http(
+                "POST", f"{url}/feedback", payload, {"Content-Type": "application/json"}, timeout
+            )
+            result.feedback_status = status
+        except HttpError as exc:
+            result.feedback_status = exc.status
+            result.error = f"feedback: {exc}"
+        except OSError as exc:
+            result.error = f"feedback: {exc}"
+    return result
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default method), q in 0..100."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarise(results: list[Result], *, wall_s: float, min_accuracy: float) -> dict[str, Any]:
+    ok = [r for r in results if r.predicted_label is not None]
+    correct = sum(1 for r in ok if r.predicted_label == r.true_label)
+    errors = [r for r in results if r.error is not None]
+    latencies = [r.latency_ms for r in ok if r.latency_ms is not None]
+    confusion: dict[str, dict[str, int]] = {}
+    for (true, pred), n in sorted(Counter((r.true_label, r.predicted_label) for r in ok).items()):
+        confusion.setdefault(true, {})[str(pred)] = n
+    per_class = {}
+    for label in sorted({r.true_label for r in results}):
+        rows = [r for r in ok if r.true_label == label]
+        hits = sum(1 for r in rows if r.predicted_label == label)
+        per_class[label] = {"n": len(rows), "accuracy": hits / len(rows) if rows else None}
+    accuracy = correct / len(ok) if ok else 0.0
+    return {
+        "n": len(results),
+        "predicted": len(ok),
+        "correct": correct,
+        "accuracy": accuracy,
+        "per_class": per_class,
+        "confusion": confusion,  # true label -> predicted label -> count
+        "errors": len(errors),
+        "error_examples": [{"image": r.image, "error": r.error} for r in errors[:10]],
+        "feedback_stored": sum(1 for r in results if r.feedback_status == 201),
+        "latency_ms": {
+            "p50": percentile(latencies, 50),
+            "p90": percentile(latencies, 90),
+            "p95": percentile(latencies, 95),
+            "p99": percentile(latencies, 99),
+            "mean": sum(latencies) / len(latencies) if latencies else None,
+            "max": max(latencies) if latencies else None,
+        },
+        "wall_s": wall_s,
+        "images_per_s": len(ok) / wall_s if wall_s > 0 else None,
+        "min_accuracy": min_accuracy,
+        "passed": bool(ok) and not errors and accuracy >= min_accuracy,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/")
+    data = Path(args.data)
+    try:
+        items = list_images(data, args.limit)
+    except (OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_UNUSABLE
+    try:
+        _, meta = http("GET", f"{url}/metadata", None, {}, args.timeout)
+    except (OSError, HttpError, ValueError) as exc:
+        log.error("cannot reach the server at %s: %s", url, exc)
+        return EXIT_UNUSABLE
+    classes = set(meta.get("class_names", []))
+    unknown = sorted({label for _, label in items} - classes)
+    if unknown:
+        log.error("folders %s are not among the model's classes %s", unknown, sorted(classes))
+        return EXIT_UNUSABLE
+    log.info(
+        "evaluating %s (model %s) on %d photos from %s, concurrency %d",
+        url,
+        meta.get("model_version"),
+        len(items),
+        data,
+        args.concurrency,
+    )
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        futures = [
+            pool.submit(evaluate_one, url, path, label, data, args.timeout, not args.no_feedback)
+            for path, label in items
+        ]
+        results = [f.result() for f in futures]
+    wall_s = time.perf_counter() - started
+
+    summary = summarise(results, wall_s=wall_s, min_accuracy=args.min_accuracy)
+    summary.update(
+        url=url,
+        data=str(data),
+        model_version=meta.get("model_version"),
+        model_name=meta.get("model_name"),
+        concurrency=args.concurrency,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lat = summary["latency_ms"]
+    log.info(
+        "accuracy %.4f (%d/%d), errors %d, feedback stored %d; latency ms p50 %.1f "
+        "p90 %.1f p99 %.1f; %.1f images/s; wrote %s",
+        summary["accuracy"],
+        summary["correct"],
+        summary["predicted"],
+        summary["errors"],
+        summary["feedback_stored"],
+        lat["p50"] or math.nan,
+        lat["p90"] or math.nan,
+        lat["p99"] or math.nan,
+        summary["images_per_s"] or 0.0,
+        out,
+    )
+    if summary["errors"]:
+        log.error("%d requests failed, e.g. %s", summary["errors"], summary["error_examples"][:3])
+    if not summary["passed"]:
+        log.error(
+            "deployment check FAILED (accuracy %.4f, minimum %.4f, errors %d)",
+            summary["accuracy"],
+            args.min_accuracy,
+            summary["errors"],
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", required=True, help="base URL of the running server")
+    p.add_argument("--data", required=True, help="folder with one subfolder per class")
+    p.add_argument("--out", default="reports/deployment", help="folder for results/summary JSON")
+    p.add_argument("--min-accuracy", type=float, default=0.95)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--limit", type=int, default=None, help="at most this many photos")
+    p.add_argument("--no-feedback", action="store_true", help="do not post true labels")
+    args = p.parse_args(argv)
+    if args.concurrency < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--concurrency and --limit must be >= 1")
+    if not 0.0 <= args.min_accuracy <= 1.0:
+        p.error("--min-accuracy must be within 0..1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

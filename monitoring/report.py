@@ -1,0 +1,311 @@
+"""Drift and performance report from the prediction log, per model version.
+
+    python -m monitoring.report --db var/predictions.db --model models/model.onnx \
+        --out reports/monitoring
+
+Writes ``report.md`` (Markdown with SVG charts beside it) and ``report.json`` (the same figures).
+For each model version: volume, live accuracy on the feedback received, confusion and per-class
+precision/recall, label and confidence distributions, latency percentiles, and drift (PSI and KS)
+of the latest window and over time against the reference statistics carried by the model.
+Runs in the serving environment (numpy; onnxruntime only to read the model's metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import logging
+import re
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitoring import svg
+from server import drift
+
+log = logging.getLogger("monitoring.report")
+
+TIME_BUCKETS = 12  # points on the over-time charts
+MIN_BUCKET_ROWS = 30  # a time bucket with fewer predictions is not scored for drift
+
+
+def load_reference(model: str | None, reference: str | None) -> dict[str, Any] | None:
+    """reference_stats from a JSON file, or from the ONNX model's metadata_props."""
+    if reference:
+        return json.loads(Path(reference).read_text())
+    if not model:
+        return None
+    path = Path(model)
+    if not path.is_file():
+        log.warning("model %s not found; drift is not scored", path)
+        return None
+    import onnxruntime as ort  # only here: the report also runs without a model
+
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    raw = meta.custom_metadata_map.get("reference_stats")
+    return json.loads(raw) if raw else None
+
+
+def read_version(conn: sqlite3.Connection, version: str, since: float | None) -> dict[str, Any]:
+    rows = conn.execute(
+        "SELECT p.ts, p.label, p.confidence, p.width, p.height, p.brightness, p.latency_ms, "
+        "f.true_label FROM predictions p LEFT JOIN feedback f ON f.request_id = p.request_id "
+        "WHERE p.model_version = ? AND p.ts >= ? ORDER BY p.ts",
+        (version, since or 0.0),
+    ).fetchall()
+    if not rows:
+        return {}
+    ts, label, conf, width, height, bright, latency, truth = zip(*rows, strict=True)
+    return {
+        "ts": np.asarray(ts, dtype=np.float64),
+        "label": np.asarray(label, dtype=object),
+        "confidence": np.asarray(conf, dtype=np.float64),
+        "width": np.asarray(width, dtype=np.float64),
+        "height": np.asarray(height, dtype=np.float64),
+        "brightness": np.asarray(bright, dtype=np.float64),
+        "latency_ms": np.asarray(latency, dtype=np.float64),
+        "truth": np.asarray(truth, dtype=object),
+    }
+
+
+def performance(data: dict[str, Any]) -> dict[str, Any]:
+    labelled = data["truth"] != None  # noqa: E711 (element-wise comparison on an object array)
+    truth, pred = data["truth"][labelled], data["label"][labelled]
+    classes = sorted(set(data["label"]) | set(truth))
+    confusion = {t: {p: int(np.sum((truth == t) & (pred == p))) for p in classes} for t in classes}
+    per_class = {}
+    for c in classes:
+        tp = confusion[c][c]
+        predicted = sum(confusion[t][c] for t in classes)
+        actual = sum(confusion[c].values())
+        per_class[c] = {
+            "precision": tp / predicted if predicted else None,
+            "recall": tp / actual if actual else None,
+            "support": actual,
+        }
+    n_fb = int(labelled.sum())
+    correct = int(np.sum(truth == pred))
+    return {
+        "predictions": len(data["ts"]),
+        "first": _iso(data["ts"][0]),
+        "last": _iso(data["ts"][-1]),
+        "labels": {c: int(np.sum(data["label"] == c)) for c in sorted(set(data["label"]))},
+        "feedback": n_fb,
+        "correct": correct,
+        "accuracy": correct / n_fb if n_fb else None,
+        "confusion": confusion,
+        "per_class": per_class,
+        "confidence": drift.histogram(data["confidence"], drift.CONFIDENCE_EDGES),
+        "latency_ms": {f"p{q}": float(np.percentile(data["latency_ms"], q)) for q in (50, 90, 99)},
+    }
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(float(ts), dt.UTC).isoformat(timespec="seconds")
+
+
+def _window(data: dict[str, Any], sl: slice | np.ndarray) -> dict[str, Any]:
+    return {
+        "confidence": data["confidence"][sl],
+        "width": data["width"][sl],
+        "height": data["height"][sl],
+        "brightness": data["brightness"][sl],
+        "labels": list(data["label"][sl]),
+    }
+
+
+def drift_figures(data: dict[str, Any], reference: dict[str, Any], window: int) -> dict[str, Any]:
+    """Drift of the latest ``window`` predictions, and PSI per time bucket."""
+    latest = drift.drift_scores(reference, **_window(data, slice(-window, None)))
+    edges = np.linspace(data["ts"][0], data["ts"][-1] + 1e-6, TIME_BUCKETS + 1)
+    buckets = []
+    for lo, hi in itertools.pairwise(edges):
+        mask = (data["ts"] >= lo) & (data["ts"] < hi)
+        n = int(mask.sum())
+        scores = (
+            drift.drift_scores(reference, **_window(data, mask)) if n >= MIN_BUCKET_ROWS else {}
+        )
+        buckets.append({"start": _iso(lo), "n": n, "psi": {k: v["psi"] for k, v in scores.items()}})
+    return {"window": min(window, len(data["ts"])), "latest": latest, "over_time": buckets}
+
+
+def accuracy_over_time(data: dict[str, Any]) -> list[dict[str, Any]]:
+    edges = np.linspace(data["ts"][0], data["ts"][-1] + 1e-6, TIME_BUCKETS + 1)
+    out = []
+    for lo, hi in itertools.pairwise(edges):
+        mask = (data["ts"] >= lo) & (data["ts"] < hi)
+        labelled = mask & (data["truth"] != None)  # noqa: E711
+        n = int(labelled.sum())
+        hits = int(np.sum(data["truth"][labelled] == data["label"][labelled]))
+        out.append(
+            {
+                "start": _iso(lo),
+                "predictions": int(mask.sum()),
+                "feedback": n,
+                "accuracy": hits / n if n else None,
+            }
+        )
+    return out
+
+
+def _slug(version: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", version)[:80] or "version"
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def write_charts(out: Path, version: str, fig: dict[str, Any], ref: dict | None) -> list[str]:
+    slug = _slug(version)
+    names = []
+    conf = fig["performance"]["confidence"]
+    edges = conf["edges"]
+    cats = [f"{a:g}-{b:g}" for a, b in itertools.pairwise(edges)]
+    total = max(1, sum(conf["counts"]))
+    series = {"live": [c / total for c in conf["counts"]]}
+    if ref and "confidence" in ref and ref["confidence"]["edges"] == edges:
+        ref_total = max(1, sum(ref["confidence"]["counts"]))
+        series["reference (validation)"] = [c / ref_total for c in ref["confidence"]["counts"]]
+    name = f"{slug}-confidence.svg"
+    (out / name).write_text(svg.bar_chart(f"Confidence, {version}", cats, series, "share"))
+    names.append(name)
+
+    over = fig["over_time"]
+    x = [b["start"][5:16].replace("T", " ") for b in over]
+    name = f"{slug}-accuracy.svg"
+    (out / name).write_text(
+        svg.line_chart(
+            f"Live accuracy on feedback, {version}",
+            x,
+            {"accuracy": [b["accuracy"] for b in over]},
+            "accuracy",
+        )
+    )
+    names.append(name)
+    if fig.get("drift"):
+        buckets = fig["drift"]["over_time"]
+        features = sorted({k for b in buckets for k in b["psi"]})
+        series_psi = {f: [b["psi"].get(f) for b in buckets] for f in features}
+        name = f"{slug}-drift.svg"
+        (out / name).write_text(
+            svg.line_chart(f"Drift (PSI) over time, {version}", x, series_psi, "PSI")
+        )
+        names.append(name)
+    return names
+
+
+def render_markdown(report: dict[str, Any], charts: dict[str, list[str]]) -> str:
+    lines = [
+        "# Prediction log report",
+        "",
+        f"Database `{report['db']}`, generated {report['generated_at']}. "
+        f"Reference statistics: {report['reference_source'] or 'none (drift not scored)'}.",
+        "",
+    ]
+    for version, fig in report["versions"].items():
+        perf = fig["performance"]
+        lines += [
+            f"## Model version `{version}`",
+            "",
+            f"- predictions: {perf['predictions']} ({perf['first']} to {perf['last']})",
+            f"- feedback: {perf['feedback']}, live accuracy: {_fmt(perf['accuracy'])}",
+            "- latency (server, ms): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in perf["latency_ms"].items()),
+            "- predicted labels: " + ", ".join(f"{k} {v}" for k, v in perf["labels"].items()),
+            "",
+        ]
+        if perf["feedback"]:
+            classes = list(perf["confusion"])
+            lines += [
+                "| true \\ predicted | " + " | ".join(classes) + " | recall |",
+                "|---" * (len(classes) + 2) + "|",
+            ]
+            for t in classes:
+                row = " | ".join(str(perf["confusion"][t][p]) for p in classes)
+                lines.append(f"| {t} | {row} | {_fmt(perf['per_class'][t]['recall'], 3)} |")
+            precision = " | ".join(_fmt(perf["per_class"][p]["precision"], 3) for p in classes)
+            lines += [f"| precision | {precision} | |", ""]
+        if fig.get("drift"):
+            d = fig["drift"]
+            lines += [
+                f"Drift of the latest {d['window']} predictions against the reference:",
+                "",
+                "| feature | PSI | KS | level |",
+                "|---|---|---|---|",
+            ]
+            for feature, s in d["latest"].items():
+                lines.append(f"| {feature} | {s['psi']:.4f} | {s['ks']:.4f} | {s['level']} |")
+            lines.append("")
+        for name in charts.get(version, []):
+            lines += [f"![{name}]({name})", ""]
+    return "\n".join(lines)
+
+
+def build_report(db: Path, reference: dict | None, window: int, since: float | None) -> dict:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        versions = [
+            r[0]
+            for r in conn.execute(
+                "SELECT model_version FROM predictions GROUP BY model_version ORDER BY MIN(ts)"
+            )
+        ]
+        out: dict[str, Any] = {}
+        for version in versions:
+            data = read_version(conn, version, since)
+            if not data:
+                continue
+            fig: dict[str, Any] = {
+                "performance": performance(data),
+                "over_time": accuracy_over_time(data),
+            }
+            if reference is not None:
+                fig["drift"] = drift_figures(data, reference, window)
+            out[version] = fig
+        return out
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    p = argparse.ArgumentParser(description="Drift and performance report from the prediction log")
+    p.add_argument("--db", default="var/predictions.db")
+    p.add_argument("--out", default="reports/monitoring")
+    p.add_argument("--model", default=None, help="ONNX model whose reference_stats score drift")
+    p.add_argument("--reference", default=None, help="reference_stats JSON (instead of --model)")
+    p.add_argument("--window", type=int, default=500, help="latest predictions scored for drift")
+    p.add_argument("--since-hours", type=float, default=None, help="only this recent a history")
+    args = p.parse_args(argv)
+    db = Path(args.db)
+    if not db.is_file():
+        log.error("no prediction log at %s", db)
+        return 2
+    reference = load_reference(args.model, args.reference)
+    since = None
+    if args.since_hours is not None:
+        since = dt.datetime.now(dt.UTC).timestamp() - args.since_hours * 3600
+    versions = build_report(db, reference, args.window, since)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "db": str(db),
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "reference_source": args.reference or (args.model if reference else None),
+        "versions": versions,
+    }
+    charts = {v: write_charts(out, v, fig, reference) for v, fig in versions.items()}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report, charts) + "\n")
+    log.info("report for %d model version(s) written to %s", len(versions), out / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
