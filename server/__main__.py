@@ -1,0 +1,76 @@
+"""``python -m server --model models/model.onnx --host 127.0.0.1 --port 8000``.
+
+Flags override the environment (MODEL_PATH, HOST, PORT, ...), which overrides the defaults.
+One uvicorn worker with uvloop and httptools; the app writes its own JSON request log, so
+uvicorn's access log is off. SIGTERM: stop accepting, finish in-flight requests within
+GRACEFUL_TIMEOUT_S, run the shutdown (flush monitoring), exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+
+from server.settings import Settings, SettingsError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", dest="model_path", help="ONNX model file (MODEL_PATH)")
+    parser.add_argument("--model-uri", help="e.g. models:/catsdogs@champion (MODEL_URI)")
+    parser.add_argument("--host", help="bind address (HOST)")
+    parser.add_argument("--port", type=int, help="bind port (PORT)")
+    parser.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL)")
+    parser.add_argument("--max-batch-size", type=int, help="1 disables batching (MAX_BATCH_SIZE)")
+    parser.add_argument("--intra-op-threads", type=int, help="0 = usable CPUs (INTRA_OP_THREADS)")
+    return parser.parse_args(argv)
+
+
+def _exit_zero_on_sigterm(signum: int, frame: object) -> None:
+    # uvicorn re-raises the signal it caught once its graceful shutdown is done; by then
+    # every in-flight request has been answered, so the process ends normally.
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        overrides = {k: v for k, v in vars(args).items() if v is not None}
+        settings = dataclasses.replace(settings, **overrides)
+    except SettingsError as exc:
+        print(f"python -m server: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,  # keep the JSON logging create_app configured
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=settings.graceful_timeout_s,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    signal.signal(signal.SIGTERM, _exit_zero_on_sigterm)
+    server.run()
+    if not server.started:
+        logging.getLogger("server").error("startup failed; exiting")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

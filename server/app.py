@@ -1,0 +1,417 @@
+"""The serving app: ``create_app(settings)`` builds it; nothing heavy happens at import time.
+
+The lifespan loads the model, reads its contract, starts monitoring, warms up one run per batch
+size and only then reports ready. Run it with ``python -m server`` or
+``uvicorn --factory server.app:create_app``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from server import monitoring, openapi, v2
+from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
+from server.errors import ApiError, error_response, v2_error_response
+from server.inference import Batcher, BatchStats, load_model
+from server.logs import configure_logging
+from server.metrics import ServerMetrics
+from server.middleware import RequestContextMiddleware
+from server.service import Predictor
+from server.settings import Settings, available_cpus
+from server.uploads import MULTIPART, read_body, read_multipart
+
+logger = logging.getLogger("server")
+
+# Room for the multipart envelope around one image (boundaries and part headers).
+_MULTIPART_OVERHEAD = 64 * 1024
+_RAW_TYPES = ("application/octet-stream",)
+
+
+# ---------------------------------------------------------------------- health
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def live(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "alive"})
+
+
+async def ready(request: Request) -> Response:
+    if request.app.state.ready:
+        return JSONResponse({"status": "ready", "model_version": request.app.state.model_version})
+    return error_response(503, "not_ready", "the model is not loaded yet or is shutting down")
+
+
+# ---------------------------------------------------------------------- predictions
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _elapsed_ms(request: Request) -> float:
+    return (time.perf_counter() - request.scope["state"]["started"]) * 1000
+
+
+async def predict(request: Request) -> JSONResponse:
+    """One image: multipart field ``file`` or the raw body with an ``image/*`` Content-Type."""
+    settings: Settings = request.app.state.settings
+    predictor: Predictor = request.app.state.predictor
+    media = _media_type(request)
+    if media != MULTIPART and not media.startswith("image/") and media not in _RAW_TYPES:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send multipart/form-data with a 'file' field, or the image itself as image/*",
+        )
+    ticket = predictor.admit(1)
+    try:
+        async with asyncio.timeout(settings.request_timeout_s):
+            if media == MULTIPART:
+                parts = await read_multipart(
+                    request,
+                    field_name="file",
+                    max_parts=1,
+                    max_part_bytes=settings.max_upload_bytes,
+                    max_body_bytes=settings.max_upload_bytes + _MULTIPART_OVERHEAD,
+                )
+                if not parts:
+                    raise ApiError(422, "missing_file", "the form has no 'file' field")
+                data = parts[0].data
+            else:
+                data = await read_body(request, settings.max_upload_bytes)
+            prepared = await predictor.prepare(data)
+            probs = await predictor.infer([prepared], ticket)
+    except TimeoutError:
+        raise _timeout(settings) from None
+    finally:
+        predictor.release(ticket)
+    state = request.scope["state"]
+    request_id = state["request_id"]
+    prediction = predictor.describe(probs[0])
+    latency_ms = _elapsed_ms(request)
+    predictor.record(
+        prediction, prepared, request_id=request_id, route="/predict", latency_ms=latency_ms
+    )
+    state["label"] = prediction.label
+    state["confidence"] = prediction.confidence
+    return JSONResponse(predictor.as_json(prediction, request_id, latency_ms))
+
+
+async def predict_batch(request: Request) -> JSONResponse:
+    """Several images as multipart ``files`` fields; each answer or error in request order."""
+    settings: Settings = request.app.state.settings
+    predictor: Predictor = request.app.state.predictor
+    if _media_type(request) != MULTIPART:
+        raise ApiError(
+            415, "unsupported_media_type", "send multipart/form-data with one 'files' field each"
+        )
+    try:
+        async with asyncio.timeout(settings.request_timeout_s):
+            parts = await read_multipart(
+                request,
+                field_name="files",
+                max_parts=settings.max_batch_files,
+                max_part_bytes=settings.max_upload_bytes,
+                max_body_bytes=settings.max_request_bytes,
+            )
+            if not parts:
+                raise ApiError(422, "missing_files", "the form has no 'files' field")
+            ticket = predictor.admit(len(parts))
+            try:
+                results = await predictor.prepare_all([p.data for p in parts])
+                good = [r for r in results if not isinstance(r, ApiError)]
+                probs = await predictor.infer(good, ticket) if good else None
+            finally:
+                predictor.release(ticket)
+    except TimeoutError:
+        raise _timeout(settings) from None
+
+    state = request.scope["state"]
+    request_id = state["request_id"]
+    latency_ms = _elapsed_ms(request)
+    entries: list[dict[str, Any]] = []
+    row = 0
+    for i, (part, result) in enumerate(zip(parts, results, strict=True)):
+        if isinstance(result, ApiError):
+            entry: dict[str, Any] = result.body()
+        else:
+            item_id = image_request_id(request_id, i, len(parts))
+            prediction = predictor.describe(probs[row])
+            row += 1
+            predictor.record(
+                prediction,
+                result,
+                request_id=item_id,
+                route="/predict/batch",
+                latency_ms=latency_ms,
+            )
+            entry = predictor.as_json(prediction, item_id, latency_ms)
+        if part.filename is not None:
+            entry["filename"] = part.filename
+        entries.append(entry)
+    state["images"] = len(parts)
+    body = {"predictions": entries, "model_version": predictor.model_version}
+    if not good:
+        body["error"] = {"code": "no_valid_image", "message": "no image in the request decoded"}
+        return JSONResponse(body, status_code=422)
+    return JSONResponse(body)
+
+
+def image_request_id(request_id: str, index: int, count: int) -> str:
+    """The id an image is logged under: the request's own, suffixed when it holds several."""
+    return request_id if count == 1 else f"{request_id}.{index}"
+
+
+def _timeout(settings: Settings) -> ApiError:
+    return ApiError(
+        504, "timeout", f"the request did not finish within {settings.request_timeout_s:g} s"
+    )
+
+
+# ---------------------------------------------------------------------- model facts
+async def metadata(request: Request) -> Response:
+    return Response(request.app.state.metadata_json, media_type="application/json")
+
+
+def build_metadata(contract: ModelContract, settings: Settings) -> dict[str, Any]:
+    spec = asdict(contract.preprocessing)
+    size = contract.input_size
+    return {
+        "model_name": contract.model_name,
+        "model_version": contract.model_version,
+        "served_model_name": settings.served_model_name,
+        "class_names": list(contract.class_names),
+        "input": {
+            "name": INPUT_NAME,
+            "datatype": "uint8",
+            "shape": [-1, size, size, 3],
+            "layout": "NHWC",
+            "accepts": "one encoded image (JPEG, PNG, WebP, BMP, GIF) per request or file",
+        },
+        "outputs": [
+            {
+                "name": OUTPUT_PROBABILITIES,
+                "datatype": "float32",
+                "shape": [-1, len(contract.class_names)],
+            }
+        ],
+        "preprocessing": spec,
+        "lineage": {
+            "mlflow_run_id": contract.mlflow_run_id,
+            "git_commit": contract.git_commit,
+            "data_version": contract.data_version,
+            "exported_at": contract.exported_at,
+            "source": settings.model_source,
+        },
+        "metrics": contract.extra.get("metrics"),
+        "training": contract.extra.get("training"),
+        "quantization": contract.extra.get("quantization", "none"),
+        "limits": {
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_pixels": settings.max_pixels,
+            "max_batch_files": settings.max_batch_files,
+        },
+    }
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---------------------------------------------------------------------- docs
+_DOCS_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Cats and dogs classifier: API</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});
+</script>
+</body>
+</html>
+"""
+
+
+async def docs(request: Request) -> HTMLResponse:
+    return HTMLResponse(_DOCS_HTML)
+
+
+async def openapi_json(request: Request) -> Response:
+    return Response(request.app.state.openapi_json, media_type="application/json")
+
+
+def _swagger_ui_dir() -> Path:
+    from swagger_ui_bundle import swagger_ui_path  # only a path: no Jinja2 import
+
+    return Path(str(swagger_ui_path))
+
+
+# ---------------------------------------------------------------------- errors
+def _is_v2(request: Request) -> bool:
+    return request.url.path.startswith("/v2")
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    if _is_v2(request):
+        return v2_error_response(exc.status, exc.message, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = {
+        404: f"no endpoint at {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, "the request could not be handled")
+    if _is_v2(request):
+        return v2_error_response(exc.status_code, message, exc.headers)
+    return error_response(exc.status_code, code, message, exc.headers)
+
+
+# ---------------------------------------------------------------------- lifespan
+def _model_path(settings: Settings) -> Path:
+    if not settings.model_uri:
+        return Path(settings.model_path)
+    from server.registry import resolve_model_uri
+
+    tracking = settings.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return resolve_model_uri(
+        settings.model_uri, tracking_uri=tracking, cache_dir=Path(settings.model_cache_dir)
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    server_metrics: ServerMetrics = app.state.metrics
+    cpus = available_cpus()
+    threads = settings.intra_op_threads or cpus
+    try:
+        path = await asyncio.to_thread(_model_path, settings)
+        model = await asyncio.to_thread(load_model, path, intra_op_threads=threads)
+    except Exception as exc:
+        # The process exits non-zero; the message names the file and what is wrong with it.
+        logger.error("cannot serve: %s", exc)
+        raise
+    contract = model.contract
+
+    def on_batch(stats: BatchStats) -> None:
+        server_metrics.batch_size.observe(stats.size)
+        server_metrics.inference.observe(stats.run_s)
+        for wait in stats.queue_wait_s:
+            server_metrics.queue_wait.observe(wait)
+
+    batcher = Batcher(
+        model.run,
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+        max_queue_size=settings.max_queue_size,
+        on_batch=on_batch,
+    )
+    await asyncio.to_thread(batcher.warmup)
+    decode_pool = ThreadPoolExecutor(
+        max_workers=settings.decode_threads or cpus, thread_name_prefix="decode"
+    )
+    monitor = monitoring.Monitor(settings, contract, app.state.registry)
+    await monitor.start()
+    batcher.start()
+    server_metrics.queue_images.set_function(lambda: batcher.admitted)
+    server_metrics.model_info.info(
+        {
+            "name": contract.model_name,
+            "version": contract.model_version,
+            "served_name": settings.served_model_name,
+            "intra_op_threads": str(threads),
+        }
+    )
+    app.state.model = model
+    app.state.contract = contract
+    app.state.model_version = contract.model_version
+    app.state.batcher = batcher
+    app.state.monitor = monitor
+    app.state.predictor = Predictor(
+        settings, contract, batcher, decode_pool, server_metrics, monitor
+    )
+    app.state.metadata_json = json.dumps(build_metadata(contract, settings)).encode()
+    app.state.openapi_json = json.dumps(openapi.build_spec(app, contract, settings)).encode()
+    app.state.ready = True
+    logger.info(
+        "ready",
+        extra={
+            "fields": {
+                "model": str(path),
+                "model_version": contract.model_version,
+                "intra_op_threads": threads,
+                "max_batch_size": settings.max_batch_size,
+            }
+        },
+    )
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        await batcher.stop()
+        await monitor.stop()
+        decode_pool.shutdown(wait=True)
+        logger.info("stopped")
+
+
+# ---------------------------------------------------------------------- factory
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    registry = CollectorRegistry()
+    server_metrics = ServerMetrics(registry)
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/health/live", live, methods=["GET"]),
+        Route("/health/ready", ready, methods=["GET"]),
+        Route("/predict", predict, methods=["POST"]),
+        Route("/predict/batch", predict_batch, methods=["POST"]),
+        Route("/metadata", metadata, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        Mount("/docs/static", StaticFiles(directory=_swagger_ui_dir()), name="swagger_ui"),
+        *v2.routes,
+        *monitoring.routes,
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestContextMiddleware, metrics=server_metrics)],
+        exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = server_metrics
+    app.state.ready = False
+    return app

@@ -1,0 +1,45 @@
+"""Errors the API answers, and their one JSON shape: ``{"error": {"code", "message"}}``.
+
+Handlers raise :class:`ApiError`; the app turns it into a response. The message is always
+written here for the client, never an exception's text.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+from server.preprocessing import ImageDecodeError
+
+# A decode failure is the client's bytes, not the server: 413 for a decompression bomb, else 422.
+_DECODE_STATUS = {"too_many_pixels": 413}
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+    @classmethod
+    def from_decode(cls, exc: ImageDecodeError) -> ApiError:
+        return cls(_DECODE_STATUS.get(exc.code, 422), exc.code, exc.message)
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def v2_error_response(status: int, message: str, headers: dict[str, str] | None = None):
+    """The Open Inference Protocol's own error shape."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)

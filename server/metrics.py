@@ -1,0 +1,69 @@
+"""Prometheus metrics of one app, registered in its own ``CollectorRegistry``.
+
+Label values are bounded: routes are templates (``/v2/models/{name}/infer``), an unmatched path
+is one label, and prediction labels come from the model's fixed class list.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+UNMATCHED_ROUTE = "<unmatched>"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "http_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request latency, first byte in to last byte out.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "http_requests_in_flight", "HTTP requests being handled.", registry=registry
+        )
+        self.queue_wait = Histogram(
+            "inference_queue_wait_seconds",
+            "Time a request waits in the batch queue before its run starts.",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "inference_run_seconds",
+            "Duration of one onnxruntime run (one batch).",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "inference_batch_size",
+            "Images per onnxruntime run.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=registry,
+        )
+        self.queue_images = Gauge(
+            "inference_queue_images", "Images admitted and not yet answered.", registry=registry
+        )
+        self.rejected = Counter(
+            "inference_rejected", "Requests refused because the queue was full.", registry=registry
+        )
+        self.predictions = Counter(
+            "predictions", "Predicted images by label.", ["label"], registry=registry
+        )
+        self.confidence = Histogram(
+            "prediction_confidence",
+            "Probability of the predicted label.",
+            buckets=_CONFIDENCE_BUCKETS,
+            registry=registry,
+        )
+        self.model_info = Info("model", "The served model.", registry=registry)

@@ -1,0 +1,116 @@
+"""Per-request context: request id, metrics, one JSON log line, and the last-resort 500.
+
+A plain ASGI middleware (not ``BaseHTTPMiddleware``, which costs a task and a stream per
+request). It sits inside Starlette's error middleware, so it also answers unexpected
+exceptions itself: with the API's error shape and the request id, never a trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.metrics import UNMATCHED_ROUTE, ServerMetrics
+
+access_log = logging.getLogger("server.access")
+error_log = logging.getLogger("server.error")
+
+REQUEST_ID_HEADER = b"x-request-id"
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template; every unmatched path shares one label."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or UNMATCHED_ROUTE
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER:
+            # A client id is echoed only if it is short and plain: it ends up in logs and headers.
+            if _SAFE_REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["started"] = started
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            status = 500
+            error_log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            if not response_started:
+                v2 = scope["path"].startswith("/v2")
+                await _send_internal_error(send_with_id, _V2_INTERNAL if v2 else _INTERNAL)
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            route = route_template(scope)
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                fields = {
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "latency_ms": round(elapsed * 1000, 3),
+                }
+                if "label" in state:
+                    fields["label"] = state["label"]
+                    fields["confidence"] = round(state["confidence"], 6)
+                if "images" in state:
+                    fields["images"] = state["images"]
+                access_log.info("request", extra={"fields": fields})
+
+
+_MESSAGE = "an unexpected error occurred"
+_INTERNAL = json.dumps({"error": {"code": "internal_error", "message": _MESSAGE}}).encode()
+_V2_INTERNAL = json.dumps({"error": _MESSAGE}).encode()  # the V2 protocol's shape
+
+
+async def _send_internal_error(send: Send, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

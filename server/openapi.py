@@ -1,0 +1,361 @@
+"""The OpenAPI 3.0 document served at ``/openapi.json`` (and rendered by ``/docs``).
+
+Written out for the endpoints of this package; any other route of the app (monitoring's) gets an
+entry from its docstring, so the document always lists every endpoint the app serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from server import __version__
+from server.contract import ModelContract
+from server.settings import Settings
+
+JSON = "application/json"
+
+
+def _error_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            }
+        },
+    }
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _errors(*statuses: int, v2: bool = False) -> dict[str, Any]:
+    text = {
+        400: "Malformed request",
+        404: "Unknown model",
+        413: "Body, file, pixel count or number of images over the limit",
+        415: "Unsupported Content-Type",
+        422: "Not a decodable image, or a required field is missing",
+        503: "Queue full (see Retry-After) or not ready",
+        504: "The request's deadline passed",
+    }
+    schema = _ref("V2Error") if v2 else _ref("Error")
+    return {str(s): _json(schema, text[s]) for s in statuses}
+
+
+def _components(classes: list[str]) -> dict[str, Any]:
+    probabilities = {
+        "type": "object",
+        "properties": {c: {"type": "number"} for c in classes},
+        "additionalProperties": {"type": "number"},
+    }
+    return {
+        "schemas": {
+            "Error": _error_schema(),
+            "V2Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+            "Prediction": {
+                "type": "object",
+                "required": ["label", "confidence", "probabilities", "model_version"],
+                "properties": {
+                    "label": {"type": "string", "enum": classes},
+                    "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                    "probabilities": probabilities,
+                    "model_version": {"type": "string"},
+                    "request_id": {"type": "string"},
+                    "latency_ms": {"type": "number"},
+                    "filename": {"type": "string"},
+                },
+            },
+            "BatchEntry": {"oneOf": [_ref("Prediction"), _ref("Error")]},
+            "V2Tensor": {
+                "type": "object",
+                "required": ["name", "shape", "datatype"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "datatype": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "data": {"type": "array", "items": {}},
+                },
+            },
+            "V2InferRequest": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {"type": "array", "items": _ref("V2Tensor")},
+                    "outputs": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+            "V2InferResponse": {
+                "type": "object",
+                "properties": {
+                    "model_name": {"type": "string"},
+                    "model_version": {"type": "string"},
+                    "id": {"type": "string"},
+                    "outputs": {"type": "array", "items": _ref("V2Tensor")},
+                },
+            },
+        }
+    }
+
+
+def _status(description: str, example: dict[str, Any]) -> dict[str, Any]:
+    return _json({"type": "object", "example": example}, description)
+
+
+def _paths(settings: Settings) -> dict[str, Any]:
+    image_upload = {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+    name_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "/health": {
+            "get": {
+                "summary": "Process health",
+                "tags": ["health"],
+                "responses": {"200": _status("Running", {"status": "ok"})},
+            }
+        },
+        "/health/live": {
+            "get": {
+                "summary": "Liveness: 200 while the process runs",
+                "tags": ["health"],
+                "responses": {"200": _status("Alive", {"status": "alive"})},
+            }
+        },
+        "/health/ready": {
+            "get": {
+                "summary": "Readiness: 200 once the model is loaded and warmed up",
+                "tags": ["health"],
+                "responses": {
+                    "200": _status("Ready", {"status": "ready"}),
+                    **_errors(503),
+                },
+            }
+        },
+        "/predict": {
+            "post": {
+                "summary": "Classify one image",
+                "description": (
+                    "The image as multipart field `file`, or as the raw body with an `image/*` "
+                    f"Content-Type. At most {settings.max_upload_bytes} bytes and "
+                    f"{settings.max_pixels} pixels. Send `X-Request-ID` to choose the id."
+                ),
+                "tags": ["predict"],
+                "requestBody": image_upload,
+                "responses": {
+                    "200": _json(_ref("Prediction"), "The prediction"),
+                    **_errors(400, 413, 415, 422, 503, 504),
+                },
+            }
+        },
+        "/predict/batch": {
+            "post": {
+                "summary": "Classify several images",
+                "description": (
+                    f"Up to {settings.max_batch_files} multipart `files` fields; one entry per "
+                    "image in order, a prediction or that image's own error."
+                ),
+                "tags": ["predict"],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["files"],
+                                "properties": {
+                                    "files": {
+                                        "type": "array",
+                                        "items": {"type": "string", "format": "binary"},
+                                    }
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "predictions": {"type": "array", "items": _ref("BatchEntry")},
+                                "model_version": {"type": "string"},
+                            },
+                        },
+                        "One entry per image",
+                    ),
+                    **_errors(400, 413, 415, 422, 503, 504),
+                },
+            }
+        },
+        "/metadata": {
+            "get": {
+                "summary": "The model's contract: classes, input, preprocessing, lineage, metrics",
+                "tags": ["model"],
+                "responses": {"200": _json({"type": "object"}, "Model metadata")},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "tags": ["operations"],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "tags": ["operations"],
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0 document")},
+            }
+        },
+        "/docs": {
+            "get": {
+                "summary": "Swagger UI (served locally)",
+                "tags": ["operations"],
+                "responses": {
+                    "200": {
+                        "description": "HTML page",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/v2": {
+            "get": {
+                "summary": "V2 server metadata",
+                "tags": ["v2"],
+                "responses": {"200": _json({"type": "object"}, "name, version, extensions")},
+            }
+        },
+        "/v2/health/live": {
+            "get": {
+                "summary": "V2 liveness",
+                "tags": ["v2"],
+                "responses": {"200": _json({"type": "object"}, "Live")},
+            }
+        },
+        "/v2/health/ready": {
+            "get": {
+                "summary": "V2 readiness",
+                "tags": ["v2"],
+                "responses": {
+                    "200": _json({"type": "object"}, "Ready"),
+                    "503": _json(_ref("V2Error"), "Not ready"),
+                },
+            }
+        },
+        "/v2/models/{name}": {
+            "get": {
+                "summary": "V2 model metadata",
+                "tags": ["v2"],
+                "parameters": name_param,
+                "responses": {
+                    "200": _json({"type": "object"}, "Inputs and outputs"),
+                    **_errors(404, v2=True),
+                },
+            }
+        },
+        "/v2/models/{name}/ready": {
+            "get": {
+                "summary": "V2 model readiness",
+                "tags": ["v2"],
+                "parameters": name_param,
+                "responses": {
+                    "200": _json({"type": "object"}, "Ready"),
+                    **_errors(404, 503, v2=True),
+                },
+            }
+        },
+        "/v2/models/{name}/infer": {
+            "post": {
+                "summary": "V2 inference",
+                "description": (
+                    f"Model name `{settings.served_model_name}`. One BYTES input named `image` "
+                    "of encoded image files: base64 strings in JSON, or raw bytes with the "
+                    "binary tensor extension (`Inference-Header-Content-Length`). Outputs "
+                    "`probabilities` FP32 [n, C] and `label` BYTES [n]."
+                ),
+                "tags": ["v2"],
+                "parameters": name_param,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {"schema": _ref("V2InferRequest")},
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        },
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("V2InferResponse"), "Inference result"),
+                    **_errors(400, 404, 413, 422, 503, 504, v2=True),
+                },
+            }
+        },
+    }
+
+
+def _undocumented(route: Route) -> dict[str, Any]:
+    """A minimal entry for a route this module does not describe, from its docstring."""
+    doc = (route.endpoint.__doc__ or route.path).strip().splitlines()[0]
+    return {
+        method.lower(): {
+            "summary": doc,
+            "responses": {
+                "200": {"description": "Success"},
+                "default": _json(_ref("Error"), "Error"),
+            },
+        }
+        for method in sorted((route.methods or {"GET"}) - {"HEAD"})
+    }
+
+
+def build_spec(app: Starlette, contract: ModelContract, settings: Settings) -> dict[str, Any]:
+    paths = _paths(settings)
+    for route in app.routes:
+        if isinstance(route, Route) and route.path not in paths:
+            paths[route.path] = _undocumented(route)
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Cat or dog photo classifier",
+            "version": __version__,
+            "description": (
+                f"Serves model `{contract.model_name}` version `{contract.model_version}` "
+                f"(classes: {', '.join(contract.class_names)}). Errors: "
+                '`{"error": {"code", "message"}}`, and `{"error": "message"}` under `/v2`.'
+            ),
+        },
+        "paths": paths,
+        "components": _components(list(contract.class_names)),
+    }
