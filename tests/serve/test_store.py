@@ -152,11 +152,10 @@ def test_full_disk_counts_every_lost_prediction(db_path: Path):
     store.start()
     for i in range(2000):
         store.record(_event(i))
-    assert _wait(lambda: store.queued() == 0)
-    assert not store.healthy
     store.stop()
     written = sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
     assert counts.failures > 0
+    assert written > 0  # what fitted before the disk filled up is kept
     assert written + counts.failures == 2000  # every prediction is either stored or counted
 
 
