@@ -23,7 +23,7 @@ LOAD_PY := $(LOAD_VENV)/bin/python
 SERVE_TOOLS_SITE := $(CURDIR)/$(SERVE_TOOLS)/lib/python3.11/site-packages
 
 .PHONY: help run test pipeline data-source serve venvs venv-train venv-serve venv-serve-tools \
-        venv-load lint test-serve test-train test-load mlflow-ui clean
+        venv-load lint test-serve test-train test-load mlflow-ui clean load bench
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 24
@@ -95,6 +95,22 @@ test-load: venv-load ## load tooling suite
 	$(LOAD_PY) -m pytest tests/load -q
 
 test: lint test-serve test-train test-load ## the whole suite (CI runs this)
+
+# ---------------------------------------------------------------- load tests and benchmarks
+# `make load` starts a server on $(MODEL) on a free port (stopped by PID afterwards, even on
+# failure); `make load URL=http://host:port` tests a running one instead. Reports: reports/load/.
+LOAD_USERS ?= 20
+LOAD_SPAWN_RATE ?= 5
+LOAD_TIME ?= 60s
+BENCH_ARGS ?=
+LOAD_TARGET = $(if $(filter command line environment,$(origin URL)),--url $(URL),--model $(MODEL))
+
+load: venv-load venv-serve ## locust headless with pass/fail thresholds (URL= for a running server)
+	PYTHONPATH=$(CURDIR) $(LOAD_PY) -m loadtest.run_load $(LOAD_TARGET) --users $(LOAD_USERS) \
+		--spawn-rate $(LOAD_SPAWN_RATE) --run-time $(LOAD_TIME) --out reports/load
+
+bench: venv-load venv-serve ## latency per image, HTTP vs in-process -> reports/bench/latency.md
+	PYTHONPATH=$(CURDIR) $(LOAD_PY) -m loadtest.bench --model $(MODEL) --out reports/bench $(BENCH_ARGS)
 
 clean: ## remove pipeline outputs (not the venvs)
 	rm -rf data models reports mlruns mlflow.db .dvc/tmp
