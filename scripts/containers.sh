@@ -1,0 +1,339 @@
+#!/usr/bin/env bash
+# Build, run and smoke-test the project's images with whatever engine this host has.
+#
+#   scripts/containers.sh install       container tools from apt (podman, buildah, runc, debootstrap)
+#   scripts/containers.sh base          local debian:bookworm-slim stand-in when no registry is reachable
+#   scripts/containers.sh build-serve   Dockerfile.serve -> $IMAGE_SERVE (needs $MODEL)
+#   scripts/containers.sh build-train   Dockerfile.train -> $IMAGE_TRAIN
+#   scripts/containers.sh smoke         run $IMAGE_SERVE on a free 127.0.0.1 port and check it
+#   scripts/containers.sh size          print the serve image's size
+#
+# Engine: $CONTAINER_ENGINE, else docker when a Docker daemon answers (GitHub Actions), else podman
+# (installed on demand). With podman on a host without registry access (this project's dev and CI
+# machines) the base image is made locally with debootstrap, and the build sees the host's pip
+# configuration, CA bundle and local package indexes through read-only build volumes: nothing of
+# that lands in an image layer and the Dockerfiles stay the ones a normal Docker host builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE_SERVE=${IMAGE_SERVE:-catsdogs-serve:local}
+IMAGE_TRAIN=${IMAGE_TRAIN:-catsdogs-train:local}
+MODEL=${MODEL:-models/model.onnx}
+BASE_IMAGE=${BASE_IMAGE:-docker.io/library/debian:bookworm-slim}
+CACHE_DIR=${CONTAINERS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/catsdogs-containers}
+READY_TIMEOUT_S=${READY_TIMEOUT_S:-120}
+SMOKE_DATA=${SMOKE_DATA:-../shared/data/catsdogs/images}
+APT_TOOLS=(podman buildah runc debootstrap skopeo uidmap fuse-overlayfs)
+
+log() { printf '[containers] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+engine() {
+    if [[ -n ${CONTAINER_ENGINE:-} ]]; then
+        echo "$CONTAINER_ENGINE"
+    elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+        echo docker
+    else
+        echo podman
+    fi
+}
+
+# ---------------------------------------------------------------- tools
+cmd_install() {
+    local missing=()
+    for pkg in "${APT_TOOLS[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+    done
+    if ((${#missing[@]} == 0)); then
+        log "container tools already installed"
+        return
+    fi
+    [[ $(id -u) == 0 ]] || die "installing ${missing[*]} needs root"
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+need_engine() {
+    local e
+    e=$(engine)
+    if [[ $e == podman ]] && ! command -v podman >/dev/null; then
+        cmd_install
+    fi
+    command -v "$e" >/dev/null || die "container engine '$e' not found"
+}
+
+# podman's runtime flags for this kind of host: crun fails on its cgroups v1 hybrid setup and the
+# default rlimits cannot be raised there, so runc with explicit limits (harmless elsewhere).
+run_flags() {
+    if [[ $(engine) == podman ]]; then
+        echo "--runtime runc --ulimit nofile=16384:16384 --ulimit nproc=8192:8192"
+    fi
+}
+
+# ---------------------------------------------------------------- base image
+# The first http(s) Debian mirror that apt on this host is configured with.
+debian_mirror() {
+    local uri
+    uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
+        2>/dev/null | grep -E '^[[:space:]]*(deb|URIs:)[[:space:]]' \
+        | grep -oE 'https?://[^[:space:]]+/debian/?([[:space:]]|$)' | awk 'NR == 1 { print $1 }' || true)
+    echo "${DEBIAN_MIRROR:-${uri:-http://deb.debian.org/debian}}"
+}
+
+image_exists() {
+    local e
+    e=$(engine)
+    if [[ $e == podman ]]; then podman image exists "$1"; else docker image inspect "$1" >/dev/null 2>&1; fi
+}
+
+# A faithful stand-in for debian:bookworm-slim: debootstrap minbase plus the slimming the official
+# image applies (dpkg path excludes, apt's docker-* config, no apt lists), imported under the
+# official name so `FROM debian:bookworm-slim` resolves to it without a pull.
+cmd_base() {
+    need_engine
+    if image_exists "$BASE_IMAGE"; then
+        log "base image $BASE_IMAGE present"
+        return
+    fi
+    if docker_hub_reachable; then
+        log "pulling $BASE_IMAGE"
+        "$(engine)" pull "$BASE_IMAGE" && return
+    fi
+    local tarball=$CACHE_DIR/debian-bookworm-slim.tar
+    if [[ ! -s $tarball ]]; then
+        [[ $(id -u) == 0 ]] || die "debootstrap needs root"
+        command -v debootstrap >/dev/null || cmd_install
+        local rootfs
+        rootfs=$(mktemp -d)
+        local mirror
+        mirror=$(debian_mirror)
+        log "debootstrap bookworm from $mirror (about a minute)"
+        debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$rootfs.log" 2>&1 \
+            || { tail -n 20 "$rootfs.log" >&2; die "debootstrap failed"; }
+        slim_rootfs "$rootfs" "$mirror"
+        mkdir -p "$CACHE_DIR"
+        tar --numeric-owner -C "$rootfs" -cf "$tarball.tmp" .
+        mv "$tarball.tmp" "$tarball"
+        rm -rf "$rootfs" "$rootfs.log"
+    fi
+    log "importing $tarball as $BASE_IMAGE"
+    "$(engine)" import --change 'CMD ["bash"]' "$tarball" "$BASE_IMAGE" >/dev/null
+}
+
+docker_hub_reachable() {
+    [[ ${OFFLINE_BASE:-0} != 1 ]] && timeout 5 bash -c '</dev/tcp/registry-1.docker.io/443' 2>/dev/null
+}
+
+slim_rootfs() {
+    local root=$1 mirror=$2
+    mkdir -p "$root/etc/dpkg/dpkg.cfg.d" "$root/etc/apt/apt.conf.d" "$root/etc/apt/sources.list.d"
+    cat >"$root/etc/dpkg/dpkg.cfg.d/docker" <<'EOF'
+# This is the "slim" variant of the Debian base image.
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+path-exclude /usr/share/man/*
+EOF
+    cat >"$root/etc/apt/apt.conf.d/docker-clean" <<'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+    echo 'APT::AutoRemove::SuggestsImportant "false";' >"$root/etc/apt/apt.conf.d/docker-autoremove-suggests"
+    echo 'Acquire::GzipIndexes "true";' >"$root/etc/apt/apt.conf.d/docker-gzip-indexes"
+    echo 'Acquire::Languages "none";' >"$root/etc/apt/apt.conf.d/docker-no-languages"
+    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+    chmod 755 "$root/usr/sbin/policy-rc.d"
+    rm -f "$root/etc/apt/sources.list"
+    cat >"$root/etc/apt/sources.list.d/debian.sources" <<EOF
+Types: deb
+URIs: $mirror
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: ${mirror%/debian*}/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    # What the dpkg excludes would have kept out had they been there from the start.
+    find "$root/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete 2>/dev/null || true
+    find "$root/usr/share/doc" -mindepth 1 -type d -empty -delete 2>/dev/null || true
+    find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 -not -name locale.alias \
+        -exec rm -rf {} + 2>/dev/null || true
+    rm -rf "$root"/usr/share/{man,info,groff,lintian,linda}/* \
+        "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
+        "$root"/var/log/* "$root"/tmp/* "$root"/etc/machine-id "$root"/etc/hostname
+    : >"$root/etc/machine-id"
+}
+
+# ---------------------------------------------------------------- builds
+# Read-only build volumes that make pip inside a podman build behave as pip on this host: one
+# pip.conf merged from the host's settings (files and PIP_* variables), the host's CA bundle
+# beside it (at its own path: mounting it over the image's bundle breaks ca-certificates'
+# postinst), and the local folders those settings name (file:// indexes, find-links, constraints).
+pip_build_volumes() {
+    local conf_dir=$1
+    local ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
+    {
+        echo "[global]"
+        python3 -m pip config list 2>/dev/null \
+            | sed -nE "s/^(global|:env:)\.([a-z-]+)='(.*)'$/\2 = \3/p" \
+            | grep -v '^cert ' | awk -F' = ' '!seen[$1]++' || true
+        [[ -f $ca ]] && echo "cert = /run/host-pip/ca-certificates.crt"
+    } >"$conf_dir/pip.conf"
+    [[ -f $ca ]] && cp "$ca" "$conf_dir/ca-certificates.crt"
+    local paths=() p
+    for p in $(grep -oE "(file://)?/[^ ]+" "$conf_dir/pip.conf" || true); do
+        p=${p#file://}
+        [[ $p == /run/host-pip/* ]] && continue
+        [[ -e $p ]] || continue
+        [[ -f $p ]] && p=$(dirname "$p")
+        [[ $p == */simple && -d ${p%/simple}/files ]] && p=${p%/simple}
+        paths+=("$p")
+    done
+    printf -- '-v %s:/run/host-pip:ro -v %s:/etc/pip.conf:ro ' "$conf_dir" "$conf_dir/pip.conf"
+    local seen=" "
+    for p in "${paths[@]}"; do
+        [[ $seen == *" $p "* ]] && continue
+        seen+="$p "
+        printf -- '-v %s:%s:ro ' "$p" "$p"
+    done
+}
+
+build() {
+    local dockerfile=$1 tag=$2
+    shift 2
+    need_engine
+    local e
+    e=$(engine)
+    if [[ $e == podman ]]; then
+        cmd_base
+        local conf_dir volumes rc=0
+        conf_dir=$(mktemp -d)
+        volumes=$(pip_build_volumes "$conf_dir")
+        # shellcheck disable=SC2086  # word splitting of the volume flags is intended
+        podman build --isolation chroot --pull=never --layers --format docker \
+            $volumes --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+            -f "$dockerfile" -t "$tag" "$@" . || rc=$?
+        rm -rf "$conf_dir"
+        return $rc
+    else
+        docker build -f "$dockerfile" -t "$tag" "$@" .
+    fi
+}
+
+cmd_build_serve() {
+    [[ -f $MODEL ]] || die "$MODEL not found: run 'make pipeline' first or pass MODEL=path/to/model.onnx"
+    local start=$SECONDS
+    build Dockerfile.serve "$IMAGE_SERVE" --build-arg "MODEL=$MODEL"
+    log "built $IMAGE_SERVE in $((SECONDS - start)) s, $(cmd_size)"
+}
+
+cmd_build_train() {
+    local start=$SECONDS
+    build Dockerfile.train "$IMAGE_TRAIN"
+    log "built $IMAGE_TRAIN in $((SECONDS - start)) s"
+}
+
+cmd_size() {
+    local bytes
+    bytes=$("$(engine)" image inspect --format '{{.Size}}' "$IMAGE_SERVE")
+    echo "$IMAGE_SERVE: $((bytes / 1000000)) MB"
+}
+
+# ---------------------------------------------------------------- smoke test
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+SMOKE_ENGINE=
+SMOKE_NAME=
+smoke_cleanup() {
+    [[ -n $SMOKE_NAME ]] && "$SMOKE_ENGINE" rm -f "$SMOKE_NAME" >/dev/null 2>&1
+    return 0
+}
+
+cmd_smoke() {
+    need_engine
+    local port
+    SMOKE_ENGINE=$(engine)
+    SMOKE_NAME=catsdogs-smoke-$$
+    port=${SMOKE_PORT:-$(free_port)}
+    local e=$SMOKE_ENGINE name=$SMOKE_NAME
+    trap smoke_cleanup EXIT
+    local t0
+    t0=$(date +%s.%N)
+    # Same limits as compose.yaml's serve service; the server sizes its threads from the quota.
+    # shellcheck disable=SC2046
+    "$e" run -d --name "$name" $(run_flags) --cpus "${SMOKE_CPUS:-2}" --memory 1g \
+        -p "127.0.0.1:$port:8000" "$IMAGE_SERVE" >/dev/null
+    python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --ready-only \
+        --wait "$READY_TIMEOUT_S" || { "$e" logs --tail 50 "$name" >&2; die "never ready"; }
+    local ready_s
+    ready_s=$(python3 -c "import time; print(f'{time.time() - $t0:.2f}')")
+    log "ready ${ready_s} s after '$e run' (container start included)"
+
+    # Inside the running container: no torch, and the server process is not root.
+    if "$e" exec "$name" python -c 'import torch' 2>/dev/null; then
+        die "torch is importable in the serving image"
+    fi
+    local uid
+    uid=$("$e" exec "$name" python -c 'import os; print(os.stat("/proc/1").st_uid)')
+    [[ $uid != 0 ]] || die "the server (PID 1) runs as root"
+    log "inside: 'import torch' fails, server uid $uid"
+    check_healthcheck "$e" "$name"
+
+    python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --data "$SMOKE_DATA" \
+        ${SMOKE_ARGS:-} --wait 5 || { "$e" logs --tail 50 "$name" >&2; die "smoke test failed"; }
+
+    # Graceful stop: SIGTERM must end the server well before the engine's kill timeout.
+    local t1=$SECONDS code
+    "$e" stop -t 20 "$name" >/dev/null
+    code=$("$e" inspect --format '{{.State.ExitCode}}' "$name")
+    log "stopped by SIGTERM in $((SECONDS - t1)) s, exit code $code"
+    [[ $code == 0 ]] || { "$e" logs --tail 30 "$name" >&2; die "server exited $code on SIGTERM"; }
+    log "image: $(cmd_size); ready in ${ready_s} s"
+}
+
+# The image's own HEALTHCHECK command must pass once the server is ready.
+check_healthcheck() {
+    local e=$1 name=$2 i status
+    if [[ $e == podman ]]; then
+        podman healthcheck run "$name" >/dev/null 2>&1 || die "HEALTHCHECK fails on a ready server"
+    else
+        for i in $(seq 1 30); do
+            status=$(docker inspect --format '{{.State.Health.Status}}' "$name")
+            [[ $status == healthy ]] && break
+            sleep 1
+        done
+        [[ $status == healthy ]] || die "container health is '$status', not healthy"
+    fi
+    log "HEALTHCHECK passes"
+}
+
+main() {
+    local cmd=${1:-}
+    shift || true
+    case $cmd in
+        install) cmd_install ;;
+        base) cmd_base ;;
+        build-serve) cmd_build_serve "$@" ;;
+        build-train) cmd_build_train "$@" ;;
+        smoke) cmd_smoke ;;
+        size) cmd_size ;;
+        engine) engine ;;
+        *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    esac
+}
+
+main "$@"
