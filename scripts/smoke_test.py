@@ -145,7 +145,8 @@ def run(url: str, data: Path, per_class: int, min_accuracy: float) -> dict:
     for key in ("model_name", "model_version", "class_names"):
         expect(key in metadata, f"/metadata lacks {key!r}")
     class_names = list(metadata["class_names"])
-    log.info("model %s %s, classes %s", metadata["model_name"], metadata["model_version"], class_names)
+    name, version = metadata["model_name"], metadata["model_version"]
+    log.info("model %s %s, classes %s", name, version, class_names)
 
     # Known photos: multipart for most, raw body for one per class (both forms are the API).
     results = []
@@ -157,13 +158,20 @@ def run(url: str, data: Path, per_class: int, min_accuracy: float) -> dict:
             else:
                 body, ctype = multipart([("file", photo.name, raw)])
                 reply = request(f"{url}/predict", "POST", body, ctype)
-            expect(reply.status == 200, f"/predict {photo.name}: {reply.status} {reply.body[:200]!r}")
+            what = f"/predict {photo.name}: {reply.status} {reply.body[:200]!r}"
+            expect(reply.status == 200, what)
             pred = check_prediction(reply.json(), class_names, photo.name)
             results.append((photo.name, label, pred["label"], pred["confidence"]))
     right = sum(truth == got for _, truth, got, _ in results)
     for name, truth, got, conf in results:
-        log.info("%-14s true %-4s predicted %-4s %.3f%s", name, truth, got, conf,
-                 "" if truth == got else "  WRONG")
+        log.info(
+            "%-14s true %-4s predicted %-4s %.3f%s",
+            name,
+            truth,
+            got,
+            conf,
+            "" if truth == got else "  WRONG",
+        )
     accuracy = right / len(results)
     expect(accuracy >= min_accuracy, f"accuracy {accuracy:.3f} < {min_accuracy} on known photos")
 
@@ -182,8 +190,10 @@ def run(url: str, data: Path, per_class: int, min_accuracy: float) -> dict:
     # Bad input is a 4xx with the error shape, never a 200 or a 500.
     not_image, ctype = multipart([("file", "notes.jpg", b"this is not an image at all")])
     check_error(request(f"{url}/predict", "POST", not_image, ctype), "text named .jpg")
-    check_error(request(f"{url}/predict", "POST", b"\xff\xd8\xff\xe0broken", "image/jpeg"),
-                "truncated JPEG body")
+    check_error(
+        request(f"{url}/predict", "POST", b"\xff\xd8\xff\xe0broken", "image/jpeg"),
+        "truncated JPEG body",
+    )
     empty, ctype = multipart([("other", "x.bin", b"")])
     check_error(request(f"{url}/predict", "POST", empty, ctype), "multipart without file")
     check_error(request(f"{url}/predict", "POST", b"{}", "application/json"), "JSON body")
@@ -196,11 +206,19 @@ def run(url: str, data: Path, per_class: int, min_accuracy: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/catsdogs/images"),
-                        help="folder with one subfolder of photos per class")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("../shared/data/catsdogs/images"),
+        help="folder with one subfolder of photos per class",
+    )
     parser.add_argument("--per-class", type=int, default=6)
-    parser.add_argument("--min-accuracy", type=float, default=0.9,
-                        help="share of the known photos that must get the right label")
+    parser.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=0.9,
+        help="share of the known photos that must get the right label",
+    )
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for ready")
     parser.add_argument("--ready-only", action="store_true", help="only wait for /health/ready")
     args = parser.parse_args()
