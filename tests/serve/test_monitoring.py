@@ -1,0 +1,292 @@
+"""Monitoring against real server processes: the prediction log, feedback, summary and drift.
+
+Each test starts ``python -m server`` on a free port with the tiny colour model of conftest
+(red -> cat, blue -> dog) and a prediction log in its own temporary folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import BLUE, RED, build_tiny_model, image_bytes, tiny_contract
+
+from server import drift
+from server.preprocessing import preprocess_bytes_info
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+
+def predict(url: str, data: bytes) -> dict:
+    r = httpx.post(f"{url}/predict", content=data, headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def _post_all(url: str, requests: list[tuple[str, dict | bytes]], limit: int = 50):
+    """POST many requests concurrently; returns the responses in order."""
+    sem = asyncio.Semaphore(limit)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+
+        async def one(path: str, body: dict | bytes) -> httpx.Response:
+            async with sem:
+                if isinstance(body, bytes):
+                    return await client.post(
+                        path, content=body, headers={"Content-Type": "image/jpeg"}
+                    )
+                return await client.post(path, json=body)
+
+        return await asyncio.gather(*(one(p, b) for p, b in requests))
+
+
+def metric_value(text: str, line_prefix: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_prefix} not in /metrics")
+
+
+def test_feedback_survives_a_restart(server_process, tmp_path: Path):
+    server = server_process()
+    server.wait_ready()
+    answer = predict(server.url, image_bytes(RED))
+    assert answer["label"] == "cat"
+    assert server.terminate() == 0  # SIGTERM flushes the write queue
+
+    server = server_process()
+    server.wait_ready()
+    r = httpx.post(
+        f"{server.url}/feedback", json={"request_id": answer["request_id"], "label": "dog"}
+    )
+    assert r.status_code == 201, r.text
+    assert r.json() == {
+        "request_id": answer["request_id"],
+        "label": "dog",
+        "predicted_label": "cat",
+        "correct": False,
+        "model_version": answer["model_version"],
+    }
+    summary = httpx.get(f"{server.url}/monitoring/summary").json()
+    fig = summary["model_versions"][answer["model_version"]]
+    assert fig["predictions"] == 1  # rebuilt from the log on disk
+    assert fig["confusion"] == {"dog": {"cat": 1}}
+    assert fig["accuracy"] == 0.0
+
+
+def test_feedback_errors(server_process):
+    server = server_process()
+    server.wait_ready()
+    answer = predict(server.url, image_bytes(BLUE))
+    url = f"{server.url}/feedback"
+    cases = [
+        (
+            httpx.post(url, json={"request_id": "never-seen", "label": "cat"}),
+            404,
+            "unknown_request_id",
+        ),
+        (
+            httpx.post(url, json={"request_id": answer["request_id"], "label": "cow"}),
+            422,
+            "invalid_label",
+        ),
+        (httpx.post(url, json={"request_id": answer["request_id"]}), 422, "invalid_label"),
+        (httpx.post(url, json={"label": "cat"}), 422, "invalid_request_id"),
+        (
+            httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}),
+            400,
+            "invalid_json",
+        ),
+        (httpx.post(url, json=["a", "list"]), 400, "invalid_json"),
+        (httpx.post(url, content=b"x" * 100_000), 413, "payload_too_large"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["code"] == code
+        assert response.headers["x-request-id"]
+    # a feedback for the batch route's per-image id works as well
+    files = [("files", ("a.jpg", image_bytes(RED), "image/jpeg"))] * 2
+    batch = httpx.post(f"{server.url}/predict/batch", files=files).json()["predictions"]
+    r = httpx.post(url, json={"request_id": batch[1]["request_id"], "label": "cat"})
+    assert r.status_code == 201, r.text
+    assert r.json()["correct"] is True
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
+def test_many_parallel_feedback_posts_all_land(server_process, tmp_path: Path):
+    server = server_process()
+    server.wait_ready()
+    n = 200
+    colours = [RED if i % 2 == 0 else BLUE for i in range(n)]
+    answers = asyncio.run(_post_all(server.url, [("/predict", image_bytes(c)) for c in colours]))
+    assert all(r.status_code == 200 for r in answers)
+    ids = [r.json()["request_id"] for r in answers]
+    assert len(set(ids)) == n
+    # all true labels "cat": the red half is right, the blue half wrong
+    posts = [("/feedback", {"request_id": rid, "label": "cat"}) for rid in ids]
+    responses = asyncio.run(_post_all(server.url, posts, limit=n))
+    assert [r.status_code for r in responses] == [201] * n
+
+    summary = httpx.get(f"{server.url}/monitoring/summary").json()
+    fig = summary["model_versions"][answers[0].json()["model_version"]]
+    assert fig["feedback"] == n
+    assert fig["confusion"] == {"cat": {"cat": n // 2, "dog": n // 2}}
+    assert server.terminate() == 0
+    conn = sqlite3.connect(tmp_path / "predictions.db")
+    assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == n
+    assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == n
+    joined = conn.execute(
+        "SELECT COUNT(*) FROM feedback f JOIN predictions p USING (request_id)"
+    ).fetchone()[0]
+    assert joined == n
+
+
+def test_summary_and_metrics_for_known_feedback(server_process):
+    server = server_process()
+    server.wait_ready()
+    reds = [predict(server.url, image_bytes(RED)) for _ in range(6)]
+    blues = [predict(server.url, image_bytes(BLUE)) for _ in range(4)]
+    # truth: 5 of the reds are cats, 1 a dog; 3 blues are dogs, 1 a cat -> 8 of 10 right
+    truth = ["cat"] * 5 + ["dog"] + ["dog"] * 3 + ["cat"]
+    for answer, label in zip(reds + blues, truth, strict=True):
+        r = httpx.post(
+            f"{server.url}/feedback", json={"request_id": answer["request_id"], "label": label}
+        )
+        assert r.status_code == 201, r.text
+    version = reds[0]["model_version"]
+    fig = httpx.get(f"{server.url}/monitoring/summary").json()["model_versions"][version]
+    assert fig["predictions"] == 10
+    assert fig["labels"] == {"cat": 6, "dog": 4}
+    assert fig["feedback"] == 10
+    assert fig["correct"] == 8
+    assert fig["accuracy"] == pytest.approx(0.8)
+    assert fig["confusion"] == {"cat": {"cat": 5, "dog": 1}, "dog": {"cat": 1, "dog": 3}}
+    confidences = [a["confidence"] for a in reds + blues]
+    expected = drift.bin_counts(confidences, drift.CONFIDENCE_EDGES).tolist()
+    assert fig["confidence"]["counts"] == expected
+
+    text = httpx.get(f"{server.url}/metrics").text
+    v = f'model_version="{version}"'
+    assert metric_value(text, f"monitor_live_accuracy{{{v}}}") == pytest.approx(0.8)
+    assert metric_value(text, f"monitor_feedback{{{v}}}") == 10
+    assert metric_value(text, f'monitor_logged_predictions{{label="dog",{v}}}') == 4
+    assert (
+        metric_value(text, f'monitor_confusion{{{v},predicted_label="cat",true_label="dog"}}') == 1
+    )
+    assert metric_value(text, f"monitor_confidence_count{{{v}}}") == 10
+    assert metric_value(text, "prediction_log_write_failures_total") == 0
+
+
+def test_unwritable_log_keeps_predictions_working(server_process, tmp_path: Path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the log's folder should be")
+    server = server_process(PREDICTION_LOG_PATH=str(blocker / "predictions.db"))
+    server.wait_ready()
+    answers = [predict(server.url, image_bytes(RED if i % 2 else BLUE)) for i in range(5)]
+    assert [a["label"] for a in answers] == ["dog", "cat", "dog", "cat", "dog"]
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(text, "prediction_log_write_failures_total") == 5
+    assert metric_value(text, "prediction_log_healthy") == 0
+    r = httpx.post(
+        f"{server.url}/feedback", json={"request_id": answers[0]["request_id"], "label": "dog"}
+    )
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "store_unavailable"
+    store = httpx.get(f"{server.url}/monitoring/summary").json()["store"]
+    assert store["healthy"] is False
+    assert store["write_failures"] == 5
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+    assert server.terminate() == 0
+    assert server.output().count("prediction log: cannot open") == 1  # logged once, not per row
+
+
+# ---------------------------------------------------------------------- drift
+def _traffic(rng: np.random.Generator, n: int, *, shifted: bool) -> list[bytes]:
+    images = []
+    for _ in range(n):
+        if shifted:  # big, dark photos the model is unsure about
+            size = (int(rng.integers(1200, 1600)), int(rng.integers(900, 1200)))
+            colour = tuple(int(c) for c in rng.integers(0, 30, size=3))
+        else:  # web-sized photos in clear colours, like the reference
+            size = (int(rng.integers(200, 320)), int(rng.integers(150, 320)))
+            colour = tuple(int(c) for c in rng.integers(40, 230, size=3))
+        images.append(image_bytes(colour, size))
+    return images
+
+
+@pytest.fixture(scope="module")
+def drift_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model carrying reference_stats computed from its own 'validation' traffic."""
+    import onnxruntime as ort
+
+    folder = tmp_path_factory.mktemp("drift-model")
+    plain = build_tiny_model(folder / "plain.onnx")
+    contract = tiny_contract()
+    session = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
+    infos = [
+        preprocess_bytes_info(b, contract.preprocessing)
+        for b in _traffic(np.random.default_rng(0), 600, shifted=False)
+    ]
+    batch = np.stack([i.array for i in infos])
+    probs = session.run(["probabilities"], {"image": batch})[0]
+    reference = drift.build_reference_stats(
+        class_names=list(contract.class_names),
+        train_labels=["cat", "dog"] * 300,
+        val_probabilities=probs,
+        widths=[i.width for i in infos],
+        heights=[i.height for i in infos],
+        brightness=[float(i.array.mean()) for i in infos],
+    )
+    with_ref = replace(contract, extra={**contract.extra, "reference_stats": reference})
+    return build_tiny_model(folder / "with-reference.onnx", with_ref)
+
+
+def test_drift_low_for_matched_traffic_and_high_for_shifted(server_process, drift_model: Path):
+    server = server_process(MODEL_PATH=str(drift_model), DRIFT_WINDOW="200")
+    server.wait_ready()
+    rng = np.random.default_rng(1)
+    before = httpx.get(f"{server.url}/monitoring/drift").json()
+    assert before["status"] == "insufficient_data"
+    assert before["reference"] is True
+
+    matched = [("/predict", b) for b in _traffic(rng, 200, shifted=False)]
+    assert all(r.status_code == 200 for r in asyncio.run(_post_all(server.url, matched, 8)))
+    low = httpx.get(f"{server.url}/monitoring/drift").json()
+    assert low["window"] == {"size": 200, "capacity": 200}
+    features = {"confidence", "width", "height", "brightness", "predicted_label"}
+    assert set(low["features"]) == features
+    for name, score in low["features"].items():
+        assert score["psi"] < drift.PSI_SIGNIFICANT, (name, score)
+    assert low["status"] in {"none", "moderate"}
+
+    shifted = [("/predict", b) for b in _traffic(rng, 200, shifted=True)]
+    assert all(r.status_code == 200 for r in asyncio.run(_post_all(server.url, shifted, 8)))
+    high = httpx.get(f"{server.url}/monitoring/drift").json()
+    for name in ("confidence", "width", "height", "brightness"):
+        assert high["features"][name]["psi"] > drift.PSI_SIGNIFICANT, (name, high["features"])
+        assert high["features"][name]["ks"] > low["features"][name]["ks"]
+    assert high["status"] == "significant"
+
+    text = httpx.get(f"{server.url}/metrics").text
+    psi_brightness = metric_value(
+        text, 'drift_score{feature="brightness",method="psi",model_version="tiny-1"}'
+    )
+    assert psi_brightness == pytest.approx(high["features"]["brightness"]["psi"], rel=1e-3)
+    assert metric_value(text, "drift_window_size") == 200
+
+
+def test_drift_without_reference_says_so(server_process):
+    server = server_process()
+    server.wait_ready()
+    for _ in range(40):
+        predict(server.url, image_bytes(RED))
+    report = httpx.get(f"{server.url}/monitoring/drift").json()
+    assert report["status"] == "no_reference"
+    assert report["reference"] is False
+    assert report["features"] == {}
+    assert "reference_stats" in report["message"]
+    assert "drift_score{" not in httpx.get(f"{server.url}/metrics").text
