@@ -114,3 +114,31 @@ bench: venv-load venv-serve ## latency per image, HTTP vs in-process -> reports/
 
 clean: ## remove pipeline outputs (not the venvs)
 	rm -rf data models reports mlruns mlflow.db .dvc/tmp
+
+# ---------------------------------------------------------------- monitoring
+# `make evaluate-deployment URL=http://host:port DATA=folder-with-cat-and-dog` judges a running
+# server (CD uses it); `make monitoring-report` turns the prediction log into reports/monitoring/.
+EVAL_DATA = $(or $(DATA),../shared/data/catsdogs/images)
+EVAL_OUT ?= reports/deployment
+MIN_ACCURACY ?= 0.95
+LIMIT ?=
+DB ?= var/predictions.db
+OUT ?= reports/monitoring
+
+.PHONY: evaluate-deployment monitoring-report prometheus dashboard
+
+evaluate-deployment: venv-serve ## send a labelled photo folder to URL, post feedback, gate on accuracy
+	$(SERVE_PY) -m monitoring.evaluate_deployment --url $(URL) --data $(EVAL_DATA) \
+		--out $(EVAL_OUT) --min-accuracy $(MIN_ACCURACY) $(if $(LIMIT),--limit $(LIMIT))
+
+monitoring-report: venv-serve ## drift and performance report from the prediction log (DB=, OUT=)
+	$(SERVE_PY) -m monitoring.report --db $(DB) --out $(OUT) --model $(MODEL)
+
+prometheus: ## Debian's prometheus binary, for the scrape test (the service is never started)
+	bash monitoring/install-prometheus.sh
+
+dashboard: ## regenerate the Grafana dashboard JSON from monitoring/grafana/build_dashboard.py
+	$(SERVE_PY) -m monitoring.grafana.build_dashboard
+
+# the serving suite includes a real Prometheus scraping a real server
+test-serve: prometheus
