@@ -1,0 +1,69 @@
+"""In-process latency: eager PyTorch against onnxruntime, same model, same threads, interleaved."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def compare_latency(
+    torch_model: nn.Module,
+    sessions: dict[str, ort.InferenceSession],
+    images: np.ndarray,
+    *,
+    batch_sizes: tuple[int, ...],
+    threads: int,
+    warmup: int,
+    runs: int,
+) -> dict[str, dict[str, float]]:
+    """Median milliseconds per call for ``torch_eager`` and each named session, per batch size.
+
+    Variants take turns within each run (torch, then each session), so a noisy neighbour on the
+    machine slows them all alike instead of one variant's whole series. ``images`` is a uint8
+    (N, H, W, 3) pool of real preprocessed photos, cycled to fill a batch.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out: dict[str, dict[str, float]] = {}
+        for bs in batch_sizes:
+            idx = np.arange(bs) % len(images)
+            x = np.ascontiguousarray(images[idx])
+            xt = torch.from_numpy(x)
+            calls: dict[str, Callable[[], object]] = {}
+
+            def eager(xt: torch.Tensor = xt) -> object:
+                with torch.inference_mode():
+                    return torch_model(xt)
+
+            calls["torch_eager"] = eager
+            for name, sess in sessions.items():
+                calls[name] = lambda s=sess, x=x: s.run([OUTPUT_PROBABILITIES], {INPUT_NAME: x})
+            for fn in calls.values():
+                for _ in range(warmup):
+                    fn()
+            samples: dict[str, list[float]] = {name: [] for name in calls}
+            for _ in range(runs):
+                for name, fn in calls.items():
+                    samples[name].append(_timed(fn))
+            for name, values in samples.items():
+                med = statistics.median(values)
+                out.setdefault(name, {})[f"batch_{bs}_ms"] = round(med, 3)
+                out[name][f"batch_{bs}_ms_per_image"] = round(med / bs, 3)
+        return out
+    finally:
+        torch.set_num_threads(previous)

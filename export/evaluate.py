@@ -1,0 +1,109 @@
+"""The ``evaluate`` stage: score the file that ships, as the server would run it.
+
+    python -m export.evaluate --model models/model.onnx --manifest data/prepared/manifest.csv \
+        --metrics reports/metrics.json --plots reports/plots
+
+Only the ONNX file and the manifest: class names and preprocessing come from the file's own
+contract, inference from onnxruntime, pixels from ``server.preprocessing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+from export.evaluation import Evaluation, evaluate_session, read_manifest
+from export.params import EvaluateParams, load_evaluate
+from server.registry import load_model_file
+
+log = logging.getLogger("export.evaluate")
+
+
+def evaluate_file(model: Path, manifest: Path, params: EvaluateParams) -> Evaluation:
+    loaded = load_model_file(model)
+    rows = read_manifest(manifest, params.split)
+    c = loaded.contract
+    return evaluate_session(
+        loaded.session, rows, c.preprocessing, c.class_names, chunk=params.batch_size
+    )
+
+
+def write_plots(ev: Evaluation, out_dir: Path) -> dict[str, Path]:
+    """Confusion pairs (CSV, DVC's confusion template), ROC points (JSON), and both as PNG."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = ev.class_names
+    pred = ev.probs.argmax(axis=1)
+    confusion_csv = out_dir / "confusion.csv"
+    with open(confusion_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((names[t], names[p]) for t, p in zip(ev.y_true, pred, strict=True))
+
+    # ROC of the positive class (class_names[1]); one curve for the binary product
+    fpr, tpr, thresholds = skm.roc_curve(ev.y_true == 1, ev.probs[:, 1])
+    roc_json = out_dir / "roc.json"
+    points = [
+        {"fpr": round(float(a), 6), "tpr": round(float(b), 6), "threshold": round(float(t), 6)}
+        for a, b, t in zip(fpr, tpr, np.minimum(thresholds, 1.0), strict=True)
+    ]
+    roc_json.write_text(json.dumps({"roc": points}, indent=1) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = skm.confusion_matrix(ev.y_true, pred, labels=range(len(names)))
+    fig, ax = plt.subplots(figsize=(4, 4))
+    skm.ConfusionMatrixDisplay(cm, display_labels=list(names)).plot(ax=ax, colorbar=False)
+    ax.set_title(f"test, n={len(ev.y_true)}")
+    fig.tight_layout()
+    confusion_png = out_dir / "confusion.png"
+    fig.savefig(confusion_png, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, label=f"AUC {ev.metrics['roc_auc']:.4f}")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel(f"true positive rate ({names[1]})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    roc_png = out_dir / "roc.png"
+    fig.savefig(roc_png, dpi=100)
+    plt.close(fig)
+    return {
+        "confusion_csv": confusion_csv,
+        "roc_json": roc_json,
+        "confusion_png": confusion_png,
+        "roc_png": roc_png,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m export.evaluate", description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+    args = parser.parse_args(argv)
+    params = load_evaluate(args.params)
+    ev = evaluate_file(args.model, args.manifest, params)
+    metrics: dict[str, Any] = ev.metrics
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_plots(ev, args.plots)
+    log.info("%s on %s split: %s", args.model, params.split, metrics)
+
+
+if __name__ == "__main__":
+    main()

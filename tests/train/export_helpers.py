@@ -1,0 +1,88 @@
+"""Tiny models, checkpoints and manifests for the export, evaluate and registry tests."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from server.preprocessing import PreprocessSpec
+from training.models import ImageClassifier, build_model, save_checkpoint
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "catsdogs" / "images"
+CLASS_NAMES = ("cat", "dog")
+SPEC = PreprocessSpec(input_size=32, resize=36)
+
+
+def color_model(spec: PreprocessSpec = SPEC) -> ImageClassifier:
+    """A pixel logistic regression with hand-set weights: red photos are "cat", blue are "dog".
+
+    Its right answer is known without training, so a test can check predictions, not just shapes.
+    """
+    model = build_model("logreg", 2, pretrained=False, spec=spec)
+    linear = model.head[1]
+    side = spec.input_size // 4  # logreg pools by 4: features are (3, side, side) flattened
+    per_channel = side * side
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.weight[0, :per_channel] = 1.0 / per_channel  # red -> cat
+        linear.weight[0, 2 * per_channel :] = -1.0 / per_channel
+        linear.weight[1] = -linear.weight[0]  # blue -> dog
+    return model.eval()
+
+
+def solid_png(rgb: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shared_photos(per_class: int, offset: int = 0) -> list[tuple[Path, str]]:
+    """The first photos of each class from the shared folder (sorted names: deterministic)."""
+    out = []
+    for label in CLASS_NAMES:
+        files = sorted((SHARED / label).iterdir())[offset : offset + per_class]
+        assert len(files) == per_class, f"{SHARED / label} has too few photos"
+        out += [(p, label) for p in files]
+    return out
+
+
+def write_manifest(path: Path, splits: dict[str, list[tuple[Path, str]]]) -> str:
+    """A manifest.csv in the prepare stage's format; returns its sha256 (the data version)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "sha256", "width", "height", "brightness", "split"])
+        for split, rows in splits.items():
+            for photo, label in rows:
+                data = photo.read_bytes()
+                with Image.open(photo) as img:
+                    w, h = img.size
+                digest = hashlib.sha256(data).hexdigest()
+                writer.writerow([str(photo), label, digest, w, h, 128.0, split])
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_checkpoint(path: Path, model: ImageClassifier, data_version: str, spec=SPEC) -> Path:
+    meta = {
+        "model_name": "logreg",
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": spec.to_json(),
+        "mlflow_run_id": "",
+        "data_version": data_version,
+        "git_commit": "0123456789abcdef",
+        "params": {"model": "logreg", "input_size": spec.input_size},
+        "val_metrics": {"accuracy": 0.5},
+    }
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def batch_of(images: list[np.ndarray]) -> np.ndarray:
+    return np.stack(images).astype(np.uint8)

@@ -1,0 +1,358 @@
+"""Export: one ONNX file, symbolic batch, the full contract inside, parity that fails loudly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from export import onnx_export as ox
+from export.evaluation import load_batch
+from export.export import export_verified
+from export.export import main as export_main
+from server.contract import ModelContract
+from server.preprocessing import preprocess_bytes
+from server.registry import ModelFileError, load_model_file
+from tests.train.export_helpers import (
+    CLASS_NAMES,
+    SPEC,
+    color_model,
+    shared_photos,
+    solid_png,
+    write_checkpoint,
+    write_manifest,
+)
+
+pytestmark = pytest.mark.train
+ROOT = Path(__file__).resolve().parents[2]
+SERVE_PY = ROOT / ".venv-serve" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return ox.export_onnx(color_model(), path, input_size=SPEC.input_size, opset=18)
+
+
+def test_export_writes_one_file_with_symbolic_batch(exported: Path) -> None:
+    assert exported.is_file()
+    assert not exported.with_name(exported.name + ".data").exists()
+    model = ox.check_onnx_file(exported)  # full checker + interface
+    image = model.graph.input[0].type.tensor_type
+    assert image.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value for d in image.shape.dim[1:]] == [SPEC.input_size, SPEC.input_size, 3]
+    assert image.shape.dim[0].dim_param  # symbolic, not a number
+
+
+def test_batches_1_7_32_run_and_match_torch(exported: Path) -> None:
+    session = ox.make_session(exported)
+    assert ox.run_batch_checks(session, SPEC.input_size, 2) == [1, 7, 32]
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(7, SPEC.input_size, SPEC.input_size, 3), dtype=np.uint8)
+    logits, probs = ox.onnx_outputs(session, x)
+    np.testing.assert_allclose(logits, ox.torch_logits(color_model(), x), atol=1e-5)
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits), -1), atol=1e-6)
+
+
+def test_fixed_batch_graph_is_rejected(tmp_path: Path) -> None:
+    fixed = tmp_path / "fixed.onnx"
+    wrapped = ox.ClassifierWithProbabilities(color_model()).eval()
+    example = torch.zeros((2, SPEC.input_size, SPEC.input_size, 3), dtype=torch.uint8)
+    torch.onnx.export(
+        wrapped,
+        (example,),
+        str(fixed),
+        input_names=["image"],
+        output_names=["logits", "probabilities"],
+        external_data=False,
+        dynamo=True,
+    )
+    with pytest.raises(ox.ExportError, match="batch dimension is fixed at 2"):
+        ox.check_onnx_file(fixed)
+
+
+def test_parity_on_real_photos_passes(exported: Path) -> None:
+    photos = shared_photos(4)
+    batch = load_batch([p for p, _ in photos], SPEC).images
+    parity = ox.check_parity(color_model(), ox.make_session(exported), batch, atol=1e-4)
+    assert parity.ok
+    assert parity.n == 8
+    assert parity.max_abs_logit_diff <= 1e-4
+    assert parity.label_mismatches == 0
+
+
+class ExportsDifferently(nn.Module):
+    """Eager and exported graphs disagree: what a broken exporter or a bad op would do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = color_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        if torch.compiler.is_exporting():
+            return logits + 0.01  # still within float noise of nothing; far above 1e-4
+        return logits
+
+
+def test_parity_failure_fails_the_export_and_leaves_no_file(tmp_path: Path) -> None:
+    photos = shared_photos(4)
+    batch = load_batch([p for p, _ in photos], SPEC).images
+    out = tmp_path / "model.onnx"
+    bad = ExportsDifferently().eval()
+    with pytest.raises(ox.ExportError, match=r"differs from PyTorch on 8 photos.*0\.01"):
+        export_verified(
+            bad,
+            out,
+            spec=SPEC,
+            n_classes=2,
+            opset=18,
+            parity_images=batch,
+            atol=1e-4,
+        )
+    assert not out.exists()
+
+
+def test_parity_detects_other_weights(exported: Path) -> None:
+    other = color_model()
+    with torch.no_grad():
+        other.head[1].weight.mul_(-1.0)  # swaps the classes
+    batch = load_batch([p for p, _ in shared_photos(2)], SPEC).images
+    with pytest.raises(ox.ExportError, match="different labels"):
+        ox.check_parity(other, ox.make_session(exported), batch, atol=1e-4)
+
+
+def test_metadata_round_trip(exported: Path, tmp_path: Path) -> None:
+    contract = ModelContract(
+        class_names=CLASS_NAMES,
+        input_size=SPEC.input_size,
+        preprocessing=SPEC,
+        model_name="logreg",
+        model_version="v1",
+        mlflow_run_id="r1",
+        git_commit="abc",
+        data_version="d" * 64,
+        exported_at="2026-01-01T00:00:00Z",
+        extra={
+            "metrics": {"accuracy": 1.0},
+            "reference_stats": {"n": 3},
+            "training": {},
+            "quantization": "none",
+        },
+    )
+    dest = ox.embed_metadata(exported, contract.to_metadata(), tmp_path / "with_meta.onnx")
+    ox.check_onnx_file(dest)
+    back = ModelContract.from_metadata(ox.read_metadata(dest))
+    assert back == contract
+    assert back.extra["quantization"] == "none"
+
+
+def test_model_version_names_data_code_and_weights() -> None:
+    v = ox.model_version("2026-11-26T19:00:00Z", "ab" * 32, "1234567890", "ff" * 32)
+    assert v == "20261126-abababab-1234567-ffffff"
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx model at all", "truncated"])
+def test_bad_model_file_error_names_the_file(
+    exported: Path, tmp_path: Path, content: bytes | str
+) -> None:
+    bad = tmp_path / "bad.onnx"
+    data = exported.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if content == "truncated" else content)
+    with pytest.raises(ModelFileError, match=str(bad)):
+        load_model_file(bad)
+
+
+def test_missing_model_file_error_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match=r"nope\.onnx does not exist"):
+        load_model_file(tmp_path / "nope.onnx")
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The export CLI end to end on a tiny model and 20 real photos a class."""
+    tmp = tmp_path_factory.mktemp("stage")
+    photos = shared_photos(10)
+    manifest = tmp / "manifest.csv"
+    data_version = write_manifest(
+        manifest,
+        {"train": shared_photos(6, offset=20), "val": shared_photos(4, offset=30), "test": photos},
+    )
+    checkpoint = write_checkpoint(tmp / "checkpoint.pt", color_model(), data_version)
+    params = tmp / "params.yaml"
+    params.write_text(
+        textwrap.dedent("""
+        export:
+          registered_model: catsdogs
+          opset: 18
+          parity_images: 16
+          parity_atol: 1.0e-4
+          quantize: true
+          calibration_images: 8
+          int8_max_accuracy_drop: 1.0
+          serve: fp32
+          bench_threads: 1
+          bench_warmup: 1
+          bench_runs: 2
+          register: false
+        """)
+    )
+    out = {
+        "out": tmp / "models" / "model.onnx",
+        "int8": tmp / "models" / "int8",
+        "report": tmp / "reports" / "export.json",
+    }
+    export_main(
+        [
+            "--params",
+            str(params),
+            "--checkpoint",
+            str(checkpoint),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out["out"]),
+            "--int8-dir",
+            str(out["int8"]),
+            "--report",
+            str(out["report"]),
+        ]
+    )
+    return {**out, "manifest": manifest, "params": params, "data_version": Path(data_version)}
+
+
+def test_stage_embeds_a_complete_contract(stage: dict[str, Path]) -> None:
+    loaded = load_model_file(stage["out"])
+    c = loaded.contract
+    assert c.class_names == CLASS_NAMES
+    assert c.preprocessing == SPEC
+    assert c.data_version == str(stage["data_version"])
+    assert c.git_commit == "0123456789abcdef"
+    assert c.model_version.split("-")[1] == c.data_version[:8]
+    assert set(c.extra) >= {"metrics", "reference_stats", "training", "quantization"}
+    assert set(c.extra["metrics"]) == {"accuracy", "precision", "recall", "f1", "roc_auc", "n"}
+    assert c.extra["metrics"]["n"] == 20
+    ref = c.extra["reference_stats"]
+    assert ref["class_names"] == list(CLASS_NAMES)
+    assert ref["class_balance"] == {"cat": 0.5, "dog": 0.5}
+    assert sum(ref["confidence"]["counts"]) == 8  # the validation photos
+    assert c.extra["quantization"] == "none"
+
+
+def test_stage_report_has_int8_latency_and_parity(stage: dict[str, Path]) -> None:
+    report = json.loads(stage["report"].read_text())
+    assert report["parity"]["ok"]
+    assert report["parity"]["n"] == 16
+    assert report["int8"]["made"]
+    assert report["int8"]["kept"]
+    assert set(report["accuracy"]) == {"fp32", "int8"}
+    for name in ("torch_eager", "onnxruntime_fp32", "onnxruntime_int8"):
+        assert report["latency_ms"][name]["batch_1_ms"] > 0
+        assert report["latency_ms"][name]["batch_32_ms"] > 0
+    int8 = load_model_file(stage["int8"] / "model.int8.onnx")
+    assert int8.contract.extra["quantization"] == "int8_qdq"
+    assert int8.contract.extra["metrics"]["accuracy"] == report["accuracy"]["int8"]
+    assert report["files"]["served"]["bytes"] == stage["out"].stat().st_size
+
+
+def test_metrics_in_file_equal_evaluate_stage(stage: dict[str, Path], tmp_path: Path) -> None:
+    from export.evaluate import main as evaluate_main
+
+    params = stage["params"]
+    params.write_text(params.read_text() + "\nevaluate:\n  split: test\n  batch_size: 7\n")
+    metrics = tmp_path / "metrics.json"
+    evaluate_main(
+        [
+            "--params",
+            str(params),
+            "--model",
+            str(stage["out"]),
+            "--manifest",
+            str(stage["manifest"]),
+            "--metrics",
+            str(metrics),
+            "--plots",
+            str(tmp_path / "plots"),
+        ]
+    )
+    embedded = load_model_file(stage["out"]).contract.extra["metrics"]
+    assert json.loads(metrics.read_text()) == embedded
+
+
+def test_stage_fails_on_data_version_mismatch(stage: dict[str, Path], tmp_path: Path) -> None:
+    checkpoint = write_checkpoint(tmp_path / "ck.pt", color_model(), "0" * 64)
+    with pytest.raises(SystemExit) as exc:
+        export_main(
+            [
+                "--params",
+                str(stage["params"]),
+                "--checkpoint",
+                str(checkpoint),
+                "--manifest",
+                str(stage["manifest"]),
+                "--out",
+                str(tmp_path / "m.onnx"),
+                "--int8-dir",
+                str(tmp_path / "i8"),
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+    assert exc.value.code == 1
+    assert not (tmp_path / "m.onnx").exists()
+
+
+SERVE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from server.preprocessing import preprocess_bytes
+from server.registry import load_model_file
+try:
+    import torch  # noqa: F401
+    sys.exit("torch is importable in the serving environment")
+except ImportError:
+    pass
+loaded = load_model_file(sys.argv[1])
+spec, names = loaded.contract.preprocessing, loaded.contract.class_names
+out = {}
+for path in sys.argv[2:]:
+    x = preprocess_bytes(Path(path).read_bytes(), spec)[None]
+    probs = loaded.session.run(["probabilities"], {"image": x})[0][0]
+    out[Path(path).name] = [names[int(probs.argmax())], probs.tolist()]
+print(json.dumps(out))
+"""
+
+
+def test_exported_file_alone_predicts_in_serving_env(
+    stage: dict[str, Path], tmp_path: Path
+) -> None:
+    """Nothing but the file, in the torch-free environment: the right label for known inputs."""
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    red.write_bytes(solid_png((230, 20, 20)))
+    blue.write_bytes(solid_png((20, 20, 230)))
+    photo = shared_photos(1)[0][0]
+    proc = subprocess.run(
+        [str(SERVE_PY), "-c", SERVE_SCRIPT, str(stage["out"]), str(red), str(blue), str(photo)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["red.png"][0] == "cat"
+    assert got["blue.png"][0] == "dog"
+    # the same numbers the PyTorch model gives for the same preprocessed photo
+    x = preprocess_bytes(photo.read_bytes(), SPEC)[None]
+    expected = torch.softmax(torch.from_numpy(ox.torch_logits(color_model(), x)), -1)[0]
+    np.testing.assert_allclose(got[photo.name][1], expected.numpy(), atol=1e-5)
+    assert sys.executable != str(SERVE_PY)
