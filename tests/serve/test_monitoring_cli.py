@@ -1,0 +1,183 @@
+"""The monitoring CLIs on a real server: post-deployment evaluation and the log report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import BLUE, RED, ROOT, image_bytes
+
+from server import drift
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+
+def labelled_folder(root: Path, *, swap: bool = False, n: int = 6) -> Path:
+    """cat/ holds red pictures and dog/ blue ones (the tiny model's rule); swapped if asked."""
+    for label, colour in (("cat", BLUE if swap else RED), ("dog", RED if swap else BLUE)):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            (root / label / f"{i}.jpg").write_bytes(image_bytes(colour, (80 + i, 60)))
+    (root / "cat" / "notes.txt").write_text("not an image: ignored")
+    return root
+
+
+def evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monitoring.evaluate_deployment", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_evaluate_deployment_passes_posts_feedback_and_reports(server_process, tmp_path: Path):
+    server = server_process()
+    server.wait_ready()
+    data = labelled_folder(tmp_path / "photos")
+    out = tmp_path / "eval"
+    done = evaluate(
+        "--url",
+        server.url,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--min-accuracy",
+        "0.99",
+        "--concurrency",
+        "3",
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 12
+    assert {r["image"] for r in results} == {
+        f"{c}/{i}.jpg" for c in ("cat", "dog") for i in range(6)
+    }
+    for row in results:
+        assert row["predicted_label"] == row["true_label"]
+        assert 0.5 < row["confidence"] <= 1.0
+        assert row["latency_ms"] > 0
+        assert row["feedback_status"] == 201
+        assert row["error"] is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"] == 1.0
+    assert summary["correct"] == summary["predicted"] == 12
+    assert summary["errors"] == 0
+    assert summary["feedback_stored"] == 12
+    assert summary["passed"] is True
+    assert summary["confusion"] == {"cat": {"cat": 6}, "dog": {"dog": 6}}
+    lat = summary["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+    # the server counted the same feedback: live accuracy 1.0 on 12
+    fig = httpx.get(f"{server.url}/monitoring/summary").json()["model_versions"]
+    assert fig[summary["model_version"]]["feedback"] == 12
+    assert fig[summary["model_version"]]["accuracy"] == 1.0
+
+    limited = evaluate(
+        "--url",
+        server.url,
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "lim"),
+        "--limit",
+        "3",
+        "--no-feedback",
+    )
+    assert limited.returncode == 0, limited.stderr
+    rows = json.loads((tmp_path / "lim" / "results.json").read_text())
+    assert [r["true_label"] for r in rows] == ["cat", "dog", "cat"]  # classes interleaved
+    assert all(r["feedback_status"] is None for r in rows)
+
+
+def test_evaluate_deployment_fails_below_threshold_and_when_unreachable(
+    server_process, tmp_path: Path
+):
+    server = server_process()
+    server.wait_ready()
+    data = labelled_folder(tmp_path / "swapped", swap=True)
+    done = evaluate("--url", server.url, "--data", str(data), "--out", str(tmp_path / "o"))
+    assert done.returncode == 1
+    assert "FAILED" in done.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["accuracy"] == 0.0
+    assert summary["passed"] is False
+
+    server.terminate()
+    gone = evaluate("--url", server.url, "--data", str(data), "--out", str(tmp_path / "g"))
+    assert gone.returncode == 2
+    assert "cannot reach the server" in gone.stderr
+    missing = evaluate("--url", server.url, "--data", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+
+
+def test_report_from_the_prediction_log(server_process, tmp_path: Path):
+    server = server_process()
+    server.wait_ready()
+    data = labelled_folder(tmp_path / "photos", n=20)
+    done = evaluate(
+        "--url",
+        server.url,
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "e"),
+        "--min-accuracy",
+        "0",
+    )
+    assert done.returncode == 0, done.stderr
+    assert server.terminate() == 0
+
+    reference = drift.build_reference_stats(
+        class_names=["cat", "dog"],
+        train_labels=["cat", "dog"],
+        val_probabilities=np.array([[0.99, 0.01], [0.01, 0.99]] * 20),
+        widths=[3000] * 40,
+        heights=[2000] * 40,
+        brightness=[200.0] * 40,
+    )
+    (tmp_path / "ref.json").write_text(json.dumps(reference))
+    out = tmp_path / "report"
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monitoring.report",
+            "--db",
+            str(tmp_path / "predictions.db"),
+            "--reference",
+            str(tmp_path / "ref.json"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    figures = json.loads((out / "report.json").read_text())["versions"]["tiny-1"]
+    perf = figures["performance"]
+    assert perf["predictions"] == 40
+    assert perf["feedback"] == 40
+    assert perf["accuracy"] == 1.0
+    assert perf["confusion"] == {"cat": {"cat": 20, "dog": 0}, "dog": {"cat": 0, "dog": 20}}
+    # the traffic (80 x 60 px pictures) is nothing like the reference (3000 x 2000)
+    assert figures["drift"]["latest"]["width"]["level"] == "significant"
+    markdown = (out / "report.md").read_text()
+    assert "## Model version `tiny-1`" in markdown
+    assert "live accuracy: 1.0000" in markdown
+    charts = sorted(p.name for p in out.glob("*.svg"))
+    assert charts == ["tiny-1-accuracy.svg", "tiny-1-confidence.svg", "tiny-1-drift.svg"]
+    for chart in charts:
+        assert f"]({chart})" in markdown
+        assert ET.parse(out / chart).getroot().tag.endswith("svg")  # well-formed SVG
