@@ -47,9 +47,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from server.app import create_app
+    from server.app import create_app, load_served_model
+    from server.inference import ModelLoadError
+    from server.registry import RegistryError
 
     app = create_app(settings)
+    try:
+        # Loaded here, before uvicorn, so a bad model is one clear line and a non-zero exit.
+        app.state.model = load_served_model(settings)
+    except (ModelLoadError, RegistryError, OSError) as exc:
+        logging.getLogger("server").error("cannot serve: %s", exc)
+        return 1
     config = uvicorn.Config(
         app,
         host=settings.host,

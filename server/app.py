@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 from server import monitoring, openapi, v2
 from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
 from server.errors import ApiError, error_response, v2_error_response
-from server.inference import Batcher, BatchStats, load_model
+from server.inference import Batcher, BatchStats, InferenceModel, load_model
 from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.middleware import RequestContextMiddleware
@@ -308,19 +308,28 @@ def _model_path(settings: Settings) -> Path:
     )
 
 
+def load_served_model(settings: Settings) -> InferenceModel:
+    """Resolve MODEL_URI or MODEL_PATH and open the model; errors name the file."""
+    threads = settings.intra_op_threads or available_cpus()
+    return load_model(_model_path(settings), intra_op_threads=threads)
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     server_metrics: ServerMetrics = app.state.metrics
     cpus = available_cpus()
-    threads = settings.intra_op_threads or cpus
-    try:
-        path = await asyncio.to_thread(_model_path, settings)
-        model = await asyncio.to_thread(load_model, path, intra_op_threads=threads)
-    except Exception as exc:
-        # The process exits non-zero; the message names the file and what is wrong with it.
-        logger.error("cannot serve: %s", exc)
-        raise
+    # ``python -m server`` loads the model before uvicorn starts, to fail with a plain message.
+    model: InferenceModel | None = getattr(app.state, "model", None)
+    if model is None:
+        try:
+            model = await asyncio.to_thread(load_served_model, settings)
+        except Exception as exc:
+            # The process exits non-zero; the message names the file and what is wrong.
+            logger.error("cannot serve: %s", exc)
+            raise
+    path = model.path
+    threads = model.intra_op_threads
     contract = model.contract
 
     def on_batch(stats: BatchStats) -> None:

@@ -113,6 +113,18 @@ def photos(label: str, n: int, folder: str = "images") -> list[Path]:
     return sorted((PHOTOS / folder / label).iterdir())[:n]
 
 
+def prom(text: str, metric: str, /, **labels: str) -> float:
+    """Sum of the samples called ``metric`` whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == metric and labels.items() <= sample.labels.items()
+    )
+
+
 # ---------------------------------------------------------------------- in-process app
 @contextlib.asynccontextmanager
 async def serve(app) -> AsyncIterator[httpx.AsyncClient]:

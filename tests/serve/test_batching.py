@@ -1,0 +1,171 @@
+"""Dynamic batching, the bounded queue, deadlines, and a responsive event loop under load.
+
+The model runs are slowed by wrapping the batcher's run function after startup (a blocking
+sleep in the inference thread, like a big model), so queues really form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest import BLUE, RED, image_bytes, prom, run, serve
+
+pytestmark = pytest.mark.serve
+
+JPEG = {"content-type": "image/jpeg"}
+
+
+def slow_down(app, seconds: float) -> list[int]:
+    """Make every model run take ``seconds`` longer; returns the batch sizes run."""
+    batcher = app.state.batcher
+    inner = batcher.run
+    sizes: list[int] = []
+
+    def slow_run(batch):
+        sizes.append(batch.shape[0])
+        time.sleep(seconds)
+        return inner(batch)
+
+    batcher.run = slow_run
+    return sizes
+
+
+async def _predict(client, color):
+    return await client.post("/predict", content=image_bytes(color), headers=JPEG)
+
+
+def test_concurrent_requests_are_batched(make_app):
+    app = make_app(max_batch_size=8, max_queue_delay_ms=5, max_queue_size=64)
+
+    async def scenario():
+        async with serve(app) as client:
+            sizes = slow_down(app, 0.05)
+            colors = [RED, BLUE] * 8
+            responses = await asyncio.gather(*(_predict(client, c) for c in colors))
+            metrics = (await client.get("/metrics")).text
+            return sizes, responses, metrics
+
+    sizes, responses, metrics = run(scenario())
+    assert [r.status_code for r in responses] == [200] * 16
+    # every answer belongs to its own request, whatever batch it ran in
+    assert [r.json()["label"] for r in responses] == ["cat", "dog"] * 8
+    assert max(sizes) > 1
+    assert max(sizes) <= 8
+    assert sum(sizes) == 16
+    runs = prom(metrics, "inference_batch_size_count")
+    assert prom(metrics, "inference_batch_size_sum") == 16
+    assert runs < 16  # the histogram shows batches above 1
+    assert prom(metrics, "inference_batch_size_bucket", le="1.0") < runs
+
+
+def test_batch_size_one_disables_batching(make_app):
+    app = make_app(max_batch_size=1)
+
+    async def scenario():
+        async with serve(app) as client:
+            sizes = slow_down(app, 0.02)
+            responses = await asyncio.gather(*(_predict(client, RED) for _ in range(6)))
+            return sizes, responses
+
+    sizes, responses = run(scenario())
+    assert all(r.status_code == 200 for r in responses)
+    assert sizes == [1] * 6
+
+
+def test_batch_request_larger_than_a_batch_is_split(make_app):
+    app = make_app(max_batch_size=2, max_batch_files=5)
+
+    async def scenario():
+        async with serve(app) as client:
+            sizes = slow_down(app, 0)
+            files = [("files", (str(i), image_bytes(RED if i % 2 else BLUE))) for i in range(5)]
+            return sizes, await client.post("/predict/batch", files=files)
+
+    sizes, response = run(scenario())
+    assert response.status_code == 200
+    labels = [e["label"] for e in response.json()["predictions"]]
+    assert labels == ["dog", "cat", "dog", "cat", "dog"]
+    assert max(sizes) <= 2
+    assert sum(sizes) == 5
+
+
+def test_lone_request_does_not_wait_for_the_batch_delay(make_app):
+    delay_s = 1.0
+    app = make_app(max_batch_size=8, max_queue_delay_ms=delay_s * 1000)
+
+    async def scenario():
+        async with serve(app) as client:
+            for _ in range(3):
+                assert (await _predict(client, RED)).status_code == 200
+            return (await client.get("/metrics")).text
+
+    metrics = run(scenario())
+    waited = prom(metrics, "inference_queue_wait_seconds_sum")
+    assert prom(metrics, "inference_queue_wait_seconds_count") == 3
+    assert waited < 0.1 * delay_s * 3  # dispatched at once, not after the delay
+
+
+def test_overload_gives_503_while_accepted_requests_succeed(make_app):
+    app = make_app(max_batch_size=2, max_queue_size=4, max_queue_delay_ms=0)
+
+    async def scenario():
+        async with serve(app) as client:
+            slow_down(app, 0.1)
+            responses = await asyncio.gather(*(_predict(client, BLUE) for _ in range(16)))
+            metrics = (await client.get("/metrics")).text
+            ready = await client.get("/health/ready")
+            after = await _predict(client, RED)
+            return responses, metrics, ready, after
+
+    responses, metrics, ready, after = run(scenario())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 503}
+    assert statuses.count(200) >= 4
+    for r in responses:
+        if r.status_code == 200:
+            assert r.json()["label"] == "dog"
+        else:
+            assert r.json()["error"]["code"] == "overloaded"
+            assert int(r.headers["retry-after"]) >= 1
+    assert prom(metrics, "inference_rejected_total") == statuses.count(503)
+    assert ready.status_code == 200
+    assert after.status_code == 200
+    assert app.state.batcher.admitted == 0  # every admitted image was released
+
+
+def test_deadline_gives_504(make_app):
+    app = make_app(request_timeout_s=0.2)
+
+    async def scenario():
+        async with serve(app) as client:
+            slow_down(app, 0.6)
+            response = await _predict(client, RED)
+            return response, (await client.get("/health/ready")).status_code
+
+    response, ready = run(scenario())
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert ready == 200
+
+
+def test_liveness_answers_while_predictions_run(make_app):
+    app = make_app(max_batch_size=2)
+
+    async def scenario():
+        async with serve(app) as client:
+            slow_down(app, 0.3)
+            tasks = [asyncio.create_task(_predict(client, RED)) for _ in range(6)]
+            await asyncio.sleep(0.05)  # they are decoded and queued or running now
+            live = await client.get("/health/live")
+            ready = await client.get("/health/ready")
+            pending = sum(not t.done() for t in tasks)
+            results = await asyncio.gather(*tasks)
+            return live, ready, pending, results
+
+    live, ready, pending, results = run(scenario())
+    assert live.status_code == 200
+    assert ready.status_code == 200
+    assert pending >= 4  # liveness was answered before most predictions finished
+    assert all(r.status_code == 200 for r in results)

@@ -1,0 +1,222 @@
+"""Real server processes: the CLI, uvicorn's factory mode, V2 clients, graceful shutdown.
+
+Each server binds a free port on 127.0.0.1 and is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import BLUE, RED, ROOT, ServerProcess, free_port, image_bytes, photos
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+
+def _raw_request(url: str, head: bytes, body_parts: list[bytes], pause: float = 0.0):
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    sock.sendall(head)
+    return sock
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if b"\r\n\r\n" in data:
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                None,
+            )
+            if length is not None and len(rest) >= length:
+                break
+    status = int(data.split(b" ", 2)[1])
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+def test_cli_serves_and_official_v2_client_works(server_process):
+    import tritonclient.http as httpclient
+
+    server: ServerProcess = server_process()
+    server.wait_ready()
+    response = httpx.post(
+        f"{server.url}/predict", content=image_bytes(RED), headers={"content-type": "image/jpeg"}
+    )
+    assert response.status_code == 200
+    assert response.json()["label"] == "cat"
+
+    client = httpclient.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        assert client.is_model_ready("catsdogs")
+        meta = client.get_model_metadata("catsdogs")
+        assert meta["inputs"][0]["name"] == "image"
+
+        files = [image_bytes(BLUE), image_bytes(RED), photos("dog", 1, "originals")[0].read_bytes()]
+        # Binary tensor extension: the elements are the raw file bytes.
+        binary_in = httpclient.InferInput("image", [len(files)], "BYTES")
+        binary_in.set_data_from_numpy(np.array(files, dtype=np.object_), binary_data=True)
+        outputs = [
+            httpclient.InferRequestedOutput("probabilities", binary_data=True),
+            httpclient.InferRequestedOutput("label", binary_data=True),
+        ]
+        result = client.infer("catsdogs", [binary_in], outputs=outputs)
+        probs = result.as_numpy("probabilities")
+        assert probs.shape == (3, 2)
+        assert probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+        labels = [x.decode() for x in result.as_numpy("label")]
+        assert labels[:2] == ["dog", "cat"]
+
+        # Plain JSON: the elements are base64 strings.
+        encoded = np.array([base64.b64encode(f) for f in files[:2]], dtype=np.object_)
+        json_in = httpclient.InferInput("image", [2], "BYTES")
+        json_in.set_data_from_numpy(encoded, binary_data=False)
+        json_out = [
+            httpclient.InferRequestedOutput(n, binary_data=False)
+            for n in ("probabilities", "label")
+        ]
+        result = client.infer("catsdogs", [json_in], outputs=json_out)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), probs[:2], rtol=1e-6)
+        assert [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label")] == [
+            "dog",
+            "cat",
+        ]
+
+        # No outputs named: the client asks for all of them in binary.
+        result = client.infer("catsdogs", [binary_in])
+        assert result.as_numpy("probabilities").shape == (3, 2)
+
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.infer("other", [binary_in])
+    finally:
+        client.close()
+
+    log = server.output()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("logger") == "server.access"]
+    assert any(a["route"] == "/predict" and a["label"] == "cat" for a in access)
+    assert all({"request_id", "method", "route", "status", "latency_ms"} <= set(a) for a in access)
+    assert "uvicorn.access" not in log
+
+
+def test_oversized_chunked_body_refused_early(server_process):
+    server = server_process(MAX_UPLOAD_BYTES="100000")
+    server.wait_ready()
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head)
+        chunk = b"\0" * 65536
+        sent = 0
+        try:
+            for _ in range(200):  # 12.8 MB if the server read it all
+                sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed: it did not read the rest
+        status, body = _read_response(sock)
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
+def test_sigterm_finishes_in_flight_request_and_exits_zero(server_process):
+    server = server_process(GRACEFUL_TIMEOUT_S="10")
+    server.wait_ready()
+    image = image_bytes(BLUE)
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(image)
+    )
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head + image[:100])  # the request is in flight: half its body is sent
+        time.sleep(0.3)
+        server.proc.send_signal(15)
+        time.sleep(0.5)
+        assert server.proc.poll() is None  # still waiting for the in-flight request
+        sock.sendall(image[100:])
+        status, body = _read_response(sock)
+    assert status == 200
+    assert json.loads(body)["label"] == "dog"
+    assert server.proc.wait(20) == 0
+    assert '"message": "stopped"' in server.output()
+
+
+def _failed_start(tmp_path: Path, model: Path) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--model", str(model), "--port", str(free_port())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PREDICTION_LOG_PATH": str(tmp_path / "p.db")},
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "not_onnx"])
+def test_bad_model_file_fails_with_its_name(tmp_path, tiny_model, kind):
+    model = tmp_path / f"{kind}.onnx"
+    if kind == "empty":
+        model.write_bytes(b"")
+    elif kind == "truncated":
+        data = tiny_model.read_bytes()
+        model.write_bytes(data[: len(data) // 2])
+    elif kind == "not_onnx":
+        model.write_text("this is not a model\n")
+    code, output = _failed_start(tmp_path, model)
+    assert code != 0
+    assert str(model) in output
+    assert "Traceback" not in output
+
+
+def test_uvicorn_factory_mode(tiny_model, tmp_path):
+    port = free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "MODEL_PATH": str(tiny_model),
+        "PREDICTION_LOG_PATH": str(tmp_path / "p.db"),
+    }
+    log = tmp_path / "uvicorn.log"
+    command = [
+        sys.executable, "-m", "uvicorn", "--factory", "server.app:create_app",
+        "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        server.wait_ready()
+        response = httpx.post(
+            f"{server.url}/predict",
+            files={"file": ("b.jpg", image_bytes(BLUE), "image/jpeg")},
+        )
+        assert response.status_code == 200
+        assert response.json()["label"] == "dog"
+    finally:
+        server.terminate()
