@@ -1,0 +1,147 @@
+"""Evaluate: metrics of the exported file, confusion and ROC plots in DVC's formats."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export import onnx_export as ox
+from export.evaluate import evaluate_file, main, write_plots
+from export.evaluation import classification_metrics, evaluate_session, load_batch
+from export.params import EvaluateParams
+from server.contract import ModelContract
+from server.registry import ModelFileError
+from tests.train.export_helpers import (
+    CLASS_NAMES,
+    SPEC,
+    color_model,
+    shared_photos,
+    solid_png,
+    write_manifest,
+)
+
+pytestmark = pytest.mark.train
+
+
+def test_metrics_match_hand_counts() -> None:
+    # 4 cats, 4 dogs; one cat called dog, two dogs called cat (positive class: dog)
+    y_true = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p_dog = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.45, 0.7, 0.9])
+    probs = np.stack([1 - p_dog, p_dog], axis=1)
+    m = classification_metrics(y_true, probs, CLASS_NAMES)
+    assert m["n"] == 8
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["precision"] == pytest.approx(2 / 3)  # predicted dog: 3, of which 2 are dogs
+    assert m["recall"] == pytest.approx(2 / 4)
+    assert m["f1"] == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2), abs=1e-6)
+    # pairs (dog, cat) with the dog scored higher: 14 of 16
+    assert m["roc_auc"] == pytest.approx(14 / 16)
+
+
+@pytest.fixture
+def colored(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny exported model and a manifest of solid photos whose right labels are known."""
+    model = tmp_path / "model.onnx"
+    ox.export_onnx(color_model(), model, input_size=SPEC.input_size, opset=18)
+    contract = ModelContract(
+        class_names=CLASS_NAMES,
+        input_size=SPEC.input_size,
+        preprocessing=SPEC,
+        model_name="logreg",
+        model_version="v",
+        mlflow_run_id="",
+        git_commit="g",
+        data_version="d",
+        exported_at="2026-11-26T00:00:00Z",
+    )
+    ox.embed_metadata(model, contract.to_metadata())
+    photos = []
+    # reds are cats, blues dogs; the last "cat" is blue, so exactly one mistake
+    for i, rgb in enumerate([(200, 10, 10), (180, 40, 30), (220, 90, 20), (10, 10, 200)]):
+        p = tmp_path / f"cat{i}.png"
+        p.write_bytes(solid_png(rgb))
+        photos.append((p, "cat"))
+    for i, rgb in enumerate([(10, 10, 200), (30, 60, 220), (40, 20, 180)]):
+        p = tmp_path / f"dog{i}.png"
+        p.write_bytes(solid_png(rgb))
+        photos.append((p, "dog"))
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(manifest, {"test": photos, "train": photos[:2]})
+    return model, manifest
+
+
+def test_evaluate_stage_writes_metrics_and_plots(
+    colored: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, manifest = colored
+    params = tmp_path / "params.yaml"
+    params.write_text("evaluate:\n  split: test\n  batch_size: 2\n")
+    metrics, plots = tmp_path / "out" / "metrics.json", tmp_path / "out" / "plots"
+    main([
+        "--params", str(params), "--model", str(model), "--manifest", str(manifest),
+        "--metrics", str(metrics), "--plots", str(plots),
+    ])  # fmt: skip
+    m = json.loads(metrics.read_text())
+    assert set(m) == {"accuracy", "precision", "recall", "f1", "roc_auc", "n"}
+    assert m["n"] == 7
+    assert m["accuracy"] == pytest.approx(6 / 7)
+    assert m["recall"] == 1.0
+    assert m["precision"] == pytest.approx(3 / 4)
+    with open(plots / "confusion.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7
+    assert sum(r["actual"] != r["predicted"] for r in rows) == 1
+    assert {"actual": "cat", "predicted": "dog"} in rows
+    roc = json.loads((plots / "roc.json").read_text())["roc"]
+    assert roc[0]["fpr"] == 0.0
+    assert roc[-1]["tpr"] == 1.0
+    assert all(a["fpr"] <= b["fpr"] for a, b in itertools.pairwise(roc))
+    for png in ("confusion.png", "roc.png"):
+        assert (plots / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_uses_the_file_contract_not_params(colored: tuple[Path, Path]) -> None:
+    """Same numbers through evaluate_file (contract from the file) and evaluate_session."""
+    model, manifest = colored
+    ev = evaluate_file(model, manifest, EvaluateParams(split="test", batch_size=3))
+    from export.evaluation import read_manifest
+
+    rows = read_manifest(manifest, "test")
+    direct = evaluate_session(ox.make_session(model), rows, SPEC, CLASS_NAMES)
+    assert ev.metrics == direct.metrics
+    np.testing.assert_allclose(ev.probs, direct.probs, atol=1e-7)
+
+
+def test_evaluate_on_real_photos_runs_server_preprocessing(tmp_path: Path) -> None:
+    photos = shared_photos(3)
+    batch = load_batch([p for p, _ in photos], SPEC)
+    assert batch.images.shape == (6, SPEC.input_size, SPEC.input_size, 3)
+    assert batch.images.dtype == np.uint8
+    assert (batch.widths > 0).all()
+    assert (batch.heights > 0).all()
+
+
+def test_bad_model_file_is_named(colored: tuple[Path, Path], tmp_path: Path) -> None:
+    _, manifest = colored
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ModelFileError, match=r"broken\.onnx"):
+        evaluate_file(bad, manifest, EvaluateParams(split="test", batch_size=2))
+
+
+def test_plots_for_three_classes_still_write_confusion(tmp_path: Path) -> None:
+    from export.evaluation import Batch, Evaluation
+
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    y = np.array([0, 1, 2, 2])
+    names = ("a", "b", "c")
+    empty = Batch(np.zeros((4, 1, 1, 3), np.uint8), np.ones(4), np.ones(4))
+    ev = Evaluation(classification_metrics(y, probs, names), y, probs, names, empty)
+    assert ev.metrics["accuracy"] == 0.75
+    out = write_plots(ev, tmp_path)
+    assert out["confusion_csv"].read_text().splitlines()[-1] == "c,a"
