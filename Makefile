@@ -80,6 +80,17 @@ serve: venv-serve ## serve an existing model
 mlflow-ui: venv-train ## MLflow UI on http://127.0.0.1:5000 over the local store
 	$(TRAIN_VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
+# Model registry: each export registers a version of `catsdogs`; promote points `champion` at one.
+# Serve it with MODEL_URI=models:/catsdogs@champion (needs an MLflow server in MLFLOW_TRACKING_URI).
+.PHONY: promote registry-list
+VERSION ?=
+promote: venv-train ## set the registry alias champion: make promote VERSION=n
+	test -n "$(VERSION)" || { echo "usage: make promote VERSION=<registered version>"; exit 2; }
+	$(TRAIN_PY) -m export.registry promote --version $(VERSION)
+
+registry-list: venv-train ## list registered model versions and their aliases
+	$(TRAIN_PY) -m export.registry list
+
 # ---------------------------------------------------------------- checks
 lint: venv-train ## ruff
 	$(TRAIN_VENV)/bin/ruff check .
