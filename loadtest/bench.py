@@ -164,9 +164,17 @@ def measure_level(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     run = loadgen.closed_loop(server.url, requests, concurrency, args.duration, args.warmup)
+    cpu0, t0 = server.cpu_s(), time.perf_counter()
     summary = asyncio.run(run).summary()
+    # cores the server kept busy over the whole level (warm-up and tail included)
+    cores = (server.cpu_s() - cpu0) / (time.perf_counter() - t0)
     now_mb, _ = rss_mb(server)
-    return {"concurrency": concurrency, **summary, "server_rss_mb": now_mb}
+    return {
+        "concurrency": concurrency,
+        **summary,
+        "server_rss_mb": now_mb,
+        "server_cpu_cores": cores,
+    }
 
 
 def overload(
@@ -194,6 +202,8 @@ def overload(
     return {
         **summary,
         "offered_rps": rate,
+        # time to drain a full queue at the measured capacity: what an accepted request may wait
+        "queue_drain_ms": 1000.0 * args.overload_queue / capacity_rps,
         "offered_factor": args.overload_factor,
         "max_queue_size": args.overload_queue,
         "alive_after": alive,
@@ -275,7 +285,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "model.onnx")
-    parser.add_argument("--int8-model", type=Path, default=ROOT / "models" / "model.int8.onnx")
+    parser.add_argument("--int8-model", type=Path, default=ROOT / "models/int8/model.int8.onnx")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "checkpoint.pt")
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")

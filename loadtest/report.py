@@ -107,11 +107,12 @@ def markdown(result: dict[str, Any]) -> str:
             rows.append(
                 [variant, str(lv["concurrency"]), _f(lat["p50"]), _f(lat["p90"]), _f(lat["p99"]),
                  _f(lv["images_per_s"]), str(lv["errors"]), _f(lv.get("server_rss_mb"), 0),
+                 _f(100 * lv.get("server_cpu_cores", math.nan), 0),
                  _f(100 * lv.get("client_cpu_share", math.nan), 0)]
             )  # fmt: skip
     out += _table(
         ["server", "concurrency", "p50 ms", "p90 ms", "p99 ms", "images/s", "errors",
-         "server RSS MB", "client CPU %"],
+         "server RSS MB", "server CPU %", "client CPU %"],
         rows,
     )  # fmt: skip
     out.append("")
@@ -134,7 +135,9 @@ def markdown(result: dict[str, Any]) -> str:
         out += ["## Overload", ""]
         out.append(
             f"Open loop at {_f(ov['offered_rps'])} requests/s ({_f(ov['offered_factor'])}x the "
-            f"measured capacity) for {_f(ov['window_s'])} s, MAX_QUEUE_SIZE={ov['max_queue_size']}."
+            f"measured capacity) for {_f(ov['window_s'])} s, "
+            f"MAX_QUEUE_SIZE={ov['max_queue_size']}: a full queue drains in about "
+            f"{_f(ov.get('queue_drain_ms'), 0)} ms at that capacity."
         )
         out.append("")
         out += _table(

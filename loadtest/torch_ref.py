@@ -39,7 +39,8 @@ def main() -> None:
 
     @torch.inference_mode()
     def run(x: np.ndarray) -> np.ndarray:
-        return torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+        # writable copy only when needed: decoded arrays may be read-only views of PIL memory
+        return torch.softmax(model(torch.from_numpy(np.require(x, requirements="W"))), 1).numpy()
 
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
     result = {
