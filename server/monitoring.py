@@ -189,6 +189,7 @@ class Monitor:
         self._observed = 0
         self._drift_cache: tuple[int, float, dict[str, Any]] | None = None
         self._observe_failed = False
+        self._reference_failed = False
         self._counts_lock = threading.Lock()
         self.n_write_failures = 0
         self.n_dropped = 0
@@ -291,17 +292,26 @@ class Monitor:
             )
         else:
             conf, width, height, bright, labels = zip(*window, strict=True)
-            result["features"] = drift.drift_scores(
-                self.reference,
-                confidence=conf,
-                width=width,
-                height=height,
-                brightness=bright,
-                labels=labels,
-            )
-            psis = [f["psi"] for f in result["features"].values()]
-            result["max_psi"] = max(psis) if psis else None
-            result["status"] = drift.psi_level(max(psis)) if psis else "no_reference"
+            try:
+                result["features"] = drift.drift_scores(
+                    self.reference,
+                    confidence=conf,
+                    width=width,
+                    height=height,
+                    brightness=bright,
+                    labels=labels,
+                )
+            except (ValueError, TypeError, KeyError, AttributeError):
+                # a garbled reference must not take /metrics down with it
+                if not self._reference_failed:
+                    log.exception("monitoring: the model's reference_stats cannot be used")
+                    self._reference_failed = True
+                result["status"] = "invalid_reference"
+                result["message"] = "the model's reference_stats are malformed"
+            else:
+                psis = [f["psi"] for f in result["features"].values()]
+                result["max_psi"] = max(psis) if psis else None
+                result["status"] = drift.psi_level(max(psis)) if psis else "no_reference"
         self._drift_cache = (observed, now, result)
         return result
 

@@ -150,12 +150,15 @@ def test_full_disk_counts_every_lost_prediction(db_path: Path):
     # a database capped at a few pages behaves like a full disk (SQLITE_FULL)
     store = SqliteStore(db_path, max_page_count=8, batch_size=50, on_write_failure=counts.fail)
     store.start()
-    for i in range(2000):
+    for i in range(5):
+        store.record(_event(i))
+    assert _wait(lambda: store.rows_written == 5)
+    for i in range(5, 2000):
         store.record(_event(i))
     store.stop()
     written = sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
     assert counts.failures > 0
-    assert written > 0  # what fitted before the disk filled up is kept
+    assert written >= 5  # what was stored before the disk filled up is kept
     assert written + counts.failures == 2000  # every prediction is either stored or counted
 
 
@@ -301,3 +304,23 @@ def test_observe_never_raises_and_keeps_working_after_bad_input(db_path: Path):
 
     summary = asyncio.run(run())
     assert summary["model_versions"]["v1"]["predictions"] == 1
+
+
+def test_malformed_reference_is_reported_and_metrics_still_render(db_path: Path):
+    reference = {"confidence": {"edges": "not a list", "counts": [1, 2]}, "width": 3}
+
+    async def run() -> tuple[dict, str]:
+        registry = CollectorRegistry()
+        monitor = Monitor(_Settings(db_path), _contract(reference), registry)
+        await monitor.start()
+        for i in range(40):
+            monitor.observe(_event(i))
+        report = monitor.drift()
+        text = generate_latest(registry).decode()
+        await monitor.stop()
+        return report, text
+
+    report, text = asyncio.run(run())
+    assert report["status"] == "invalid_reference"
+    assert report["features"] == {}
+    assert "drift_window_size 40.0" in text
