@@ -41,13 +41,14 @@ def _fmt(value: float) -> str:
 
 def _legend(names: Sequence[str]) -> list[str]:
     parts = []
+    x = float(LEFT)
     for i, name in enumerate(names):
-        x = LEFT + i * 150
         colour = COLOURS[i % len(COLOURS)]
         parts.append(
-            f'<rect x="{x}" y="{HEIGHT - 14}" width="10" height="10" fill="{colour}"/>'
-            f'<text x="{x + 14}" y="{HEIGHT - 5}">{escape(name)}</text>'
+            f'<rect x="{x:.0f}" y="{HEIGHT - 14}" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{x + 14:.0f}" y="{HEIGHT - 5}">{escape(name)}</text>'
         )
+        x += 14 + 7 * len(name) + 16  # about 7 px a character at font-size 11
     return parts
 
 
@@ -112,7 +113,8 @@ def line_chart(
                 f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}">'
                 f"<title>{escape(name)}</title></circle>"
             )
-    step = max(1, n // 8)
+    # keep labels about 80 px apart so they never overlap
+    step = max(1, math.ceil(n * 80 / plot_w))
     for i, label in enumerate(x_labels):
         if i % step == 0:
             x, _ = xy(i, 0)
