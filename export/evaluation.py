@@ -26,6 +26,7 @@ class ManifestRow(NamedTuple):
     width: int
     height: int
     split: str
+    brightness: float | None  # mean of the preprocessed uint8 input, as prepare measured it
 
 
 def read_manifest(path: Path, split: str | None = None) -> list[ManifestRow]:
@@ -43,6 +44,7 @@ def read_manifest(path: Path, split: str | None = None) -> list[ManifestRow]:
         for rec in reader:
             if split is not None and rec["split"] != split:
                 continue
+            brightness = float(rec["brightness"]) if rec.get("brightness") else None
             rows.append(
                 ManifestRow(
                     Path(rec["path"]),
@@ -50,6 +52,7 @@ def read_manifest(path: Path, split: str | None = None) -> list[ManifestRow]:
                     int(rec["width"]),
                     int(rec["height"]),
                     rec["split"],
+                    brightness,
                 )
             )
     if not rows:

@@ -27,7 +27,13 @@ from torch import nn
 
 from export import onnx_export as ox
 from export.bench import compare_latency
-from export.evaluation import Evaluation, evaluate_session, load_batch, read_manifest
+from export.evaluation import (
+    Evaluation,
+    ManifestRow,
+    evaluate_session,
+    load_batch,
+    read_manifest,
+)
 from export.params import ExportParams, load_export
 from export.tracking import log_and_register
 from server.contract import ModelContract
@@ -85,15 +91,38 @@ def export_verified(
     return parity
 
 
-def reference_from_validation(val: Evaluation, train_labels: list[str]) -> dict[str, Any]:
-    """Drift reference: the validation photos as the server would measure them live."""
+def reference_stats(
+    val: Evaluation, val_rows: list[ManifestRow], train_rows: list[ManifestRow]
+) -> dict[str, Any]:
+    """Drift reference: class balance of training, predictions and confidence on validation,
+    and source size and input brightness of training and validation photos alike.
+
+    The manifest's brightness was measured by prepare with the training sizes; it is used only
+    if it equals what this model's preprocessing gives on the validation photos (else the
+    validation photos alone are the reference, measured here).
+    """
+    measured = val.batch.images.reshape(len(val.batch.images), -1).mean(axis=1)
+    listed = np.array([r.brightness if r.brightness is not None else np.nan for r in val_rows])
+    sizes = [(r.width, r.height) for r in val_rows]
+    consistent = bool(np.allclose(listed, measured, atol=0.01)) and sizes == list(
+        zip(val.batch.widths.tolist(), val.batch.heights.tolist(), strict=True)
+    )
+    rows = train_rows + val_rows
+    if consistent:
+        widths = [r.width for r in rows]
+        heights = [r.height for r in rows]
+        brightness = [float(r.brightness) for r in rows]  # type: ignore[arg-type]
+    else:
+        log.warning("manifest brightness/size differ from this model's input: using val only")
+        widths, heights = val.batch.widths.tolist(), val.batch.heights.tolist()
+        brightness = measured.tolist()
     return build_reference_stats(
         class_names=val.class_names,
-        train_labels=train_labels,
+        train_labels=[r.label for r in train_rows],
         val_probabilities=val.probs,
-        widths=val.batch.widths.tolist(),
-        heights=val.batch.heights.tolist(),
-        brightness=val.batch.images.reshape(len(val.batch.images), -1).mean(axis=1).tolist(),
+        widths=widths,
+        heights=heights,
+        brightness=brightness,
     )
 
 
@@ -142,7 +171,7 @@ def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
     test_fp32 = evaluate_session(fp32, test_rows, spec, class_names, batch=test_batch)
     log.info("fp32 test metrics: %s", test_fp32.metrics)
     val = evaluate_session(fp32, val_rows, spec, class_names)
-    reference = reference_from_validation(val, [r.label for r in train_rows])
+    reference = reference_stats(val, val_rows, train_rows)
 
     exported_at = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     weights = ox.file_sha256(args.checkpoint)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from server.preprocessing import PreprocessSpec
+from server.preprocessing import PreprocessSpec, preprocess_bytes_info
 from training.models import ImageClassifier, build_model, save_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "catsdogs" / "images"
@@ -53,8 +53,13 @@ def shared_photos(per_class: int, offset: int = 0) -> list[tuple[Path, str]]:
     return out
 
 
-def write_manifest(path: Path, splits: dict[str, list[tuple[Path, str]]]) -> str:
-    """A manifest.csv in the prepare stage's format; returns its sha256 (the data version)."""
+def write_manifest(
+    path: Path, splits: dict[str, list[tuple[Path, str]]], spec: PreprocessSpec = SPEC
+) -> str:
+    """A manifest.csv in the prepare stage's format; returns its sha256 (the data version).
+
+    Size and brightness are measured as prepare does: the server's preprocessing with ``spec``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -62,10 +67,10 @@ def write_manifest(path: Path, splits: dict[str, list[tuple[Path, str]]]) -> str
         for split, rows in splits.items():
             for photo, label in rows:
                 data = photo.read_bytes()
-                with Image.open(photo) as img:
-                    w, h = img.size
+                arr, w, h = preprocess_bytes_info(data, spec)
                 digest = hashlib.sha256(data).hexdigest()
-                writer.writerow([str(photo), label, digest, w, h, 128.0, split])
+                bright = round(float(arr.mean()), 4)
+                writer.writerow([str(photo), label, digest, w, h, bright, split])
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -244,7 +244,9 @@ def test_stage_embeds_a_complete_contract(stage: dict[str, Path]) -> None:
     ref = c.extra["reference_stats"]
     assert ref["class_names"] == list(CLASS_NAMES)
     assert ref["class_balance"] == {"cat": 0.5, "dog": 0.5}
-    assert sum(ref["confidence"]["counts"]) == 8  # the validation photos
+    assert sum(ref["confidence"]["counts"]) == 8  # predictions on the validation photos
+    assert ref["n"] == 20  # sizes and brightness of training and validation photos
+    assert sum(ref["brightness"]["counts"]) == 20
     assert c.extra["quantization"] == "none"
 
 
