@@ -153,3 +153,37 @@ dashboard: ## regenerate the Grafana dashboard JSON from monitoring/grafana/buil
 
 # the serving suite includes a real Prometheus scraping a real server
 test-serve: prometheus
+
+# ---------------------------------------------------------------- containers
+# Dockerfile.serve / Dockerfile.train, built with docker where a daemon answers, else podman over
+# a locally made debian:bookworm-slim (scripts/containers.sh says how). IMAGE_SERVE/IMAGE_TRAIN
+# name the tags; MODEL is the model file baked into the serving image.
+TOOLS_VENV := .venv-tools
+IMAGE_SERVE ?= catsdogs-serve:local
+IMAGE_TRAIN ?= catsdogs-train:local
+CONTAINERS := IMAGE_SERVE=$(IMAGE_SERVE) IMAGE_TRAIN=$(IMAGE_TRAIN) MODEL=$(MODEL) bash scripts/containers.sh
+
+.PHONY: images image-serve image-train image-smoke lint-docker venv-tools
+
+venv-tools: $(TOOLS_VENV)/.installed
+$(TOOLS_VENV)/.installed: requirements-tools.txt
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q -r requirements-tools.txt
+	touch $@
+
+images: image-serve image-train ## both container images
+
+image-serve: ## serving image from Dockerfile.serve with $(MODEL) inside
+	$(CONTAINERS) build-serve
+
+image-train: ## training image from Dockerfile.train (torch CUDA build, DVC pipeline)
+	$(CONTAINERS) build-train
+
+image-smoke: image-serve ## run the serving image, check it (no torch, not root, labels, 4xx), stop it
+	$(CONTAINERS) smoke
+
+lint-docker: venv-tools ## hadolint, actionlint, shellcheck, compose file validation
+	$(TOOLS_VENV)/bin/hadolint Dockerfile.serve Dockerfile.train
+	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" actionlint
+	$(TOOLS_VENV)/bin/shellcheck scripts/*.sh .ci/run
+	bash scripts/containers.sh compose-check

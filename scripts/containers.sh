@@ -7,6 +7,7 @@
 #   scripts/containers.sh build-train   Dockerfile.train -> $IMAGE_TRAIN
 #   scripts/containers.sh smoke         run $IMAGE_SERVE on a free 127.0.0.1 port and check it
 #   scripts/containers.sh size          print the serve image's size
+#   scripts/containers.sh compose-check validate compose.yaml with every profile
 #
 # Engine: $CONTAINER_ENGINE, else docker when a Docker daemon answers (GitHub Actions), else podman
 # (installed on demand). With podman on a host without registry access (this project's dev and CI
@@ -241,7 +242,8 @@ cmd_build_serve() {
 
 cmd_build_train() {
     local start=$SECONDS
-    build Dockerfile.train "$IMAGE_TRAIN"
+    local commit=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+    build Dockerfile.train "$IMAGE_TRAIN" --build-arg "GIT_COMMIT=$commit"
     log "built $IMAGE_TRAIN in $((SECONDS - start)) s"
 }
 
@@ -293,6 +295,7 @@ cmd_smoke() {
     log "inside: 'import torch' fails, server uid $uid"
     check_healthcheck "$e" "$name"
 
+    # shellcheck disable=SC2086  # SMOKE_ARGS holds several flags
     python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --data "$SMOKE_DATA" \
         ${SMOKE_ARGS:-} --wait 5 || { "$e" logs --tail 50 "$name" >&2; die "smoke test failed"; }
 
@@ -307,11 +310,11 @@ cmd_smoke() {
 
 # The image's own HEALTHCHECK command must pass once the server is ready.
 check_healthcheck() {
-    local e=$1 name=$2 i status
+    local e=$1 name=$2 status
     if [[ $e == podman ]]; then
         podman healthcheck run "$name" >/dev/null 2>&1 || die "HEALTHCHECK fails on a ready server"
     else
-        for i in $(seq 1 30); do
+        for _ in $(seq 1 30); do
             status=$(docker inspect --format '{{.State.Health.Status}}' "$name")
             [[ $status == healthy ]] && break
             sleep 1
@@ -319,6 +322,23 @@ check_healthcheck() {
         [[ $status == healthy ]] || die "container health is '$status', not healthy"
     fi
     log "HEALTHCHECK passes"
+}
+
+# compose.yaml (and the GPU overlay) must parse and validate with every profile on: Compose v2
+# where installed, else Debian's docker-compose 1.29 (same schema checks, installed on demand).
+cmd_compose_check() {
+    local compose=()
+    if docker compose version >/dev/null 2>&1; then
+        compose=(docker compose)
+    else
+        command -v docker-compose >/dev/null || APT_TOOLS=(docker-compose) cmd_install
+        compose=(docker-compose)
+    fi
+    local profiles=(--profile train --profile monitoring)
+    COMPOSE_PROJECT_NAME=catsdogs "${compose[@]}" -f compose.yaml "${profiles[@]}" config -q
+    COMPOSE_PROJECT_NAME=catsdogs "${compose[@]}" -f compose.yaml -f compose.gpu.yaml \
+        "${profiles[@]}" config -q
+    log "compose.yaml valid (${compose[*]})"
 }
 
 main() {
@@ -331,8 +351,9 @@ main() {
         build-train) cmd_build_train "$@" ;;
         smoke) cmd_smoke ;;
         size) cmd_size ;;
+        compose-check) cmd_compose_check ;;
         engine) engine ;;
-        *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+        *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     esac
 }
 
