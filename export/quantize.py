@@ -67,9 +67,6 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> P
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=keep_float,
-            # merge activation ranges every few batches instead of holding every tensor of
-            # every calibration batch in memory at once
-            extra_options={"CalibMaxIntermediateOutputs": 4},
         )
     log.info("int8 model written to %s", out_path)
     return out_path
