@@ -1,0 +1,109 @@
+"""The serving image's recipe and the smoke test that CI, CD and `make image-smoke` run.
+
+The image itself is built and run by `make image-smoke` (a container engine is not a test
+dependency); here the smoke script is run against a real server process, and the Dockerfile and
+compose file are held to the properties the image relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.serve.conftest import BLUE, RED, ROOT, image_bytes
+
+pytestmark = pytest.mark.serve
+
+SMOKE = ROOT / "scripts" / "smoke_test.py"
+
+
+def photo_folder(root: Path, colours: dict[str, tuple[int, int, int]], n: int = 3) -> Path:
+    """cat/ and dog/ of plain-colour JPEGs; the tiny model calls red "cat" and blue "dog"."""
+    for label, colour in colours.items():
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            shade = tuple(max(0, c - 10 * i) for c in colour)
+            (root / label / f"{label}.{i}.jpg").write_bytes(image_bytes(shade))
+    return root
+
+
+def run_smoke(url: str, data: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(SMOKE), "--url", url, "--data", str(data), "--per-class", "3"]
+    return subprocess.run([*args, *extra], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_smoke_script_passes_on_a_correct_server_and_fails_on_wrong_labels(
+    server_process, tmp_path
+):
+    server = server_process()
+    server.wait_ready()
+    right = photo_folder(tmp_path / "right", {"cat": RED, "dog": BLUE})
+    ok = run_smoke(server.url, right, "--min-accuracy", "1.0")
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stderr.rsplit("passed ", 1)[1])
+    assert summary["predictions"] == 6
+    assert summary["accuracy"] == 1.0
+    # every bad input got a 4xx with an error code, as logged by the script
+    assert len(re.findall(r"-> 4\d\d \w+", ok.stderr)) == 4
+
+    swapped = photo_folder(tmp_path / "swapped", {"cat": BLUE, "dog": RED})
+    bad = run_smoke(server.url, swapped, "--min-accuracy", "0.9")
+    assert bad.returncode == 1
+    assert "accuracy 0.000 < 0.9" in bad.stderr
+
+
+def test_smoke_script_fails_when_nothing_answers(tmp_path):
+    data = photo_folder(tmp_path / "photos", {"cat": RED, "dog": BLUE})
+    result = run_smoke("http://127.0.0.1:9", data, "--wait", "0.5")
+    assert result.returncode == 1
+    assert "/health/ready not 200" in result.stderr
+
+
+def stages(dockerfile: str) -> list[str]:
+    return re.split(r"^FROM ", dockerfile, flags=re.MULTILINE)[1:]
+
+
+def test_serving_image_recipe():
+    text = (ROOT / "Dockerfile.serve").read_text()
+    builder, runtime = stages(text)
+    # the venv comes from requirements-serve.txt alone, and nothing copies the whole tree
+    assert re.findall(r"^COPY (?!--from).*$", builder, re.MULTILINE) == [
+        "COPY requirements-serve.txt /tmp/requirements-serve.txt"
+    ]
+    copies = re.findall(r"^COPY .*$", runtime, re.MULTILINE)
+    assert copies == [
+        "COPY --from=builder /opt/venv /opt/venv",
+        "COPY server/ /app/server/",
+        "COPY ${MODEL} /app/models/model.onnx",
+    ]
+    assert "ARG MODEL=models/model.onnx" in runtime
+    user = re.findall(r"^USER (\S+)$", runtime, re.MULTILINE)
+    assert len(user) == 1
+    assert user[0].split(":")[0] not in ("0", "root")
+    assert re.search(r"^HEALTHCHECK .*\n?.*/health/ready", runtime, re.MULTILINE)
+    entry = re.search(r"^ENTRYPOINT (.*)$", runtime, re.MULTILINE)
+    assert entry
+    assert json.loads(entry.group(1)) == ["python", "-m", "server"]
+    # thread count must follow the container's CPU quota, so the image never pins it
+    assert not re.search(r"^\s*INTRA_OP_THREADS=", runtime, re.MULTILINE)
+
+
+def test_build_context_leaves_out_heavy_and_private_paths():
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv*", "data", "mlruns", "reports", ".dvc/cache"} <= ignored
+    assert "!models/*.onnx" in ignored
+
+
+def test_requirements_serve_has_no_training_stack():
+    names = {
+        re.split(r"[=<>\[ ]", line, maxsplit=1)[0].lower()
+        for line in (ROOT / "requirements-serve.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert not names & {"torch", "torchvision", "mlflow", "dvc", "pytest", "onnx"}
