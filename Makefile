@@ -163,7 +163,7 @@ IMAGE_SERVE ?= catsdogs-serve:local
 IMAGE_TRAIN ?= catsdogs-train:local
 CONTAINERS := IMAGE_SERVE=$(IMAGE_SERVE) IMAGE_TRAIN=$(IMAGE_TRAIN) MODEL=$(MODEL) bash scripts/containers.sh
 
-.PHONY: images image-serve image-train image-smoke lint-docker venv-tools
+.PHONY: images image-serve image-train image-smoke image-load lint-docker venv-tools
 
 venv-tools: $(TOOLS_VENV)/.installed
 $(TOOLS_VENV)/.installed: requirements-tools.txt
@@ -181,6 +181,9 @@ image-train: ## training image from Dockerfile.train (torch CUDA build, DVC pipe
 
 image-smoke: image-serve ## run the serving image, check it (no torch, not root, labels, 4xx), stop it
 	$(CONTAINERS) smoke
+
+image-load: ## locust with thresholds (make load) against the serving image, then stop it
+	$(CONTAINERS) load
 
 lint-docker: venv-tools ## hadolint, actionlint, shellcheck, compose file validation
 	$(TOOLS_VENV)/bin/hadolint Dockerfile.serve Dockerfile.train

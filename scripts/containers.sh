@@ -6,6 +6,7 @@
 #   scripts/containers.sh build-serve   Dockerfile.serve -> $IMAGE_SERVE (needs $MODEL)
 #   scripts/containers.sh build-train   Dockerfile.train -> $IMAGE_TRAIN
 #   scripts/containers.sh smoke         run $IMAGE_SERVE on a free 127.0.0.1 port and check it
+#   scripts/containers.sh load          make load (locust, thresholds) against $IMAGE_SERVE
 #   scripts/containers.sh size          print the serve image's size
 #   scripts/containers.sh compose-check validate compose.yaml with every profile
 #
@@ -24,7 +25,7 @@ BASE_IMAGE=${BASE_IMAGE:-docker.io/library/debian:bookworm-slim}
 CACHE_DIR=${CONTAINERS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/catsdogs-containers}
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-120}
 SMOKE_DATA=${SMOKE_DATA:-../shared/data/catsdogs/images}
-APT_TOOLS=(podman buildah runc debootstrap skopeo uidmap fuse-overlayfs)
+APT_TOOLS=(podman buildah runc debootstrap uidmap fuse-overlayfs)
 
 log() { printf '[containers] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -308,6 +309,22 @@ cmd_smoke() {
     log "image: $(cmd_size); ready in ${ready_s} s"
 }
 
+# Locust with its pass/fail thresholds (make load) against the serving container.
+cmd_load() {
+    need_engine
+    SMOKE_ENGINE=$(engine)
+    SMOKE_NAME=catsdogs-load-$$
+    local port
+    port=${SMOKE_PORT:-$(free_port)}
+    trap smoke_cleanup EXIT
+    # shellcheck disable=SC2046
+    "$SMOKE_ENGINE" run -d --name "$SMOKE_NAME" $(run_flags) --cpus "${SMOKE_CPUS:-2}" \
+        --memory 1g -p "127.0.0.1:$port:8000" "$IMAGE_SERVE" >/dev/null
+    python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --ready-only \
+        --wait "$READY_TIMEOUT_S" || { "$SMOKE_ENGINE" logs --tail 50 "$SMOKE_NAME" >&2; die "never ready"; }
+    make --no-print-directory load URL="http://127.0.0.1:$port"
+}
+
 # The image's own HEALTHCHECK command must pass once the server is ready.
 check_healthcheck() {
     local e=$1 name=$2 status
@@ -350,10 +367,11 @@ main() {
         build-serve) cmd_build_serve "$@" ;;
         build-train) cmd_build_train "$@" ;;
         smoke) cmd_smoke ;;
+        load) cmd_load ;;
         size) cmd_size ;;
         compose-check) cmd_compose_check ;;
         engine) engine ;;
-        *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+        *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     esac
 }
 
