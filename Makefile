@@ -188,5 +188,5 @@ image-load: ## locust with thresholds (make load) against the serving image, the
 lint-docker: venv-tools ## hadolint, actionlint, shellcheck, compose file validation
 	$(TOOLS_VENV)/bin/hadolint Dockerfile.serve Dockerfile.train
 	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" actionlint
-	$(TOOLS_VENV)/bin/shellcheck scripts/*.sh .ci/run
+	$(TOOLS_VENV)/bin/shellcheck scripts/*.sh
 	bash scripts/containers.sh compose-check
