@@ -33,10 +33,12 @@ compose() {
     fi
 }
 
+# Start serve with this image and wait until /health/ready answers 200 (Compose v1 has no --wait).
 up() {
     local image=$1
     log "starting $image"
-    SERVE_IMAGE=$image compose up -d --no-build --wait --wait-timeout "$WAIT_S" serve
+    SERVE_IMAGE=$image compose up -d --no-build serve \
+        && python3 scripts/smoke_test.py --url "$URL" --ready-only --wait "$WAIT_S"
 }
 
 check() {
@@ -51,7 +53,7 @@ cmd_deploy() {
     local previous=""
     [[ -s $STATE_DIR/current ]] && previous=$(<"$STATE_DIR/current")
     log "deploying $image (running now: ${previous:-nothing})"
-    docker pull "$image"
+    docker image inspect "$image" >/dev/null 2>&1 || docker pull "$image"
     if up "$image" && check; then
         [[ -n $previous && $previous != "$image" ]] && echo "$previous" >"$STATE_DIR/previous"
         echo "$image" >"$STATE_DIR/current"
