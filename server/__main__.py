@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _exit_zero_on_sigterm(signum: int, frame: object) -> None:
+def _exit_after_graceful_shutdown(signum: int, frame: object) -> None:
     # uvicorn re-raises the signal it caught once its graceful shutdown is done; by then
     # every in-flight request has been answered, so the process ends normally.
     raise SystemExit(0)
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         server_header=False,
     )
     server = uvicorn.Server(config)
-    signal.signal(signal.SIGTERM, _exit_zero_on_sigterm)
+    signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
+    signal.signal(signal.SIGINT, _exit_after_graceful_shutdown)
     server.run()
     if not server.started:
         logging.getLogger("server").error("startup failed; exiting")

@@ -311,7 +311,11 @@ def _model_path(settings: Settings) -> Path:
 def load_served_model(settings: Settings) -> InferenceModel:
     """Resolve MODEL_URI or MODEL_PATH and open the model; errors name the file."""
     threads = settings.intra_op_threads or available_cpus()
-    return load_model(_model_path(settings), intra_op_threads=threads)
+    return load_model(
+        _model_path(settings),
+        intra_op_threads=threads,
+        spinning=bool(settings.intra_op_spinning),
+    )
 
 
 @asynccontextmanager

@@ -52,7 +52,7 @@ class InferenceModel:
         return probs
 
 
-def load_model(path: Path, *, intra_op_threads: int) -> InferenceModel:
+def load_model(path: Path, *, intra_op_threads: int, spinning: bool = False) -> InferenceModel:
     """Open ``path`` as an ONNX session and read its contract; any failure names the file."""
     import onnxruntime as ort  # heavy: imported when a model is loaded, not with the module
 
@@ -64,6 +64,7 @@ def load_model(path: Path, *, intra_op_threads: int) -> InferenceModel:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # onnxruntime's own warnings are noise in service logs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     try:
         loaded = load_model_file(path, sess_options=options)
     except (ModelFileError, ContractError) as exc:

@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.metrics import UNMATCHED_ROUTE, ServerMetrics
@@ -69,6 +70,8 @@ class RequestContextMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = 499  # the client went away mid-request: nothing to answer, nothing broke
         except Exception:
             status = 500
             error_log.exception("unhandled error", extra={"fields": {"request_id": request_id}})

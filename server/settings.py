@@ -34,6 +34,9 @@ class Settings:
     port: int = 8000
     intra_op_threads: int = 0  # 0 = the CPUs this process may really use
     decode_threads: int = 0  # 0 = the CPUs this process may really use
+    # 0: onnxruntime's pool threads sleep when idle, leaving the cores to decoding and HTTP;
+    # 1: they spin-wait for work (measured here: slower whenever anything else needs a core).
+    intra_op_spinning: int = 0
     max_batch_size: int = 8  # images per session.run; 1 disables dynamic batching
     max_queue_delay_ms: float = 2.0  # longest wait for a batch to fill while requests arrive
     max_queue_size: int = 64  # images admitted and not yet answered; beyond -> 503
@@ -62,6 +65,7 @@ class Settings:
             "port": 0 <= self.port <= 65535,
             "intra_op_threads": self.intra_op_threads >= 0,
             "decode_threads": self.decode_threads >= 0,
+            "intra_op_spinning": self.intra_op_spinning in (0, 1),
             "max_batch_size": self.max_batch_size >= 1,
             "max_queue_delay_ms": 0 <= self.max_queue_delay_ms <= 1000,
             "max_queue_size": self.max_queue_size >= 1,
