@@ -1,0 +1,542 @@
+"""Stage ``train``: fit the model ``train.model`` and write ``models/checkpoint.pt``.
+
+Two regimes, picked by the model:
+
+- frozen backbone (``efficientnet_lite0`` pretrained, ``logreg``): backbone features of every
+  photo are computed once (plus ``augment_views`` augmented views of each training photo) and a
+  linear head is trained on them; optionally the last ``fine_tune_blocks`` are then fine-tuned;
+- from scratch (``mobilenet_v3_small``): the whole network trains on augmented photos.
+
+Validation and test photos go through ``server.preprocessing.preprocess_bytes`` only, so the model
+is selected on exactly the input the server will give it. Early stopping watches validation loss
+and the best epoch is kept.
+
+    python -m training.train
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from server.preprocessing import PreprocessSpec, decode_image, preprocess_bytes
+from training.models import ImageClassifier, build_model, default_spec, save_checkpoint
+from training.params import PARAMS_FILE, TrainParams, load_train, load_yaml
+from training.prepare import read_manifest
+from training.tracking import Tracker
+
+log = logging.getLogger("training.train")
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class EvalImages(Dataset):
+    """Photos exactly as the server preprocesses them: uint8 (H, W, 3) and the class index."""
+
+    def __init__(self, paths: list[str], labels: list[int], spec: PreprocessSpec) -> None:
+        self.paths, self.labels, self.spec = paths, labels, spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        arr = preprocess_bytes(Path(self.paths[i]).read_bytes(), self.spec)
+        return torch.from_numpy(arr.copy()), self.labels[i]  # writable copy for torch
+
+
+class AugmentedImages(Dataset):
+    """Training-only views: the server's decoder, then a random resized crop and a flip."""
+
+    def __init__(self, paths: list[str], labels: list[int], spec: PreprocessSpec, scale_min: float):
+        from torchvision import transforms
+
+        self.paths, self.labels = paths, labels
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(
+                    spec.input_size,
+                    scale=(scale_min, 1.0),
+                    interpolation=transforms.InterpolationMode.BILINEAR,
+                ),
+                transforms.RandomHorizontalFlip(),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = decode_image(Path(self.paths[i]).read_bytes())
+        arr = np.asarray(self.transform(img), dtype=np.uint8)  # (H, W, 3)
+        return torch.from_numpy(np.ascontiguousarray(arr)), self.labels[i]
+
+
+def load_splits(manifest: list[dict[str, Any]]) -> tuple[list[str], dict[str, tuple[list, list]]]:
+    class_names = sorted({r["label"] for r in manifest})
+    index = {name: i for i, name in enumerate(class_names)}
+    splits: dict[str, tuple[list, list]] = {s: ([], []) for s in ("train", "val", "test")}
+    for r in manifest:
+        paths, labels = splits[r["split"]]
+        paths.append(r["path"])
+        labels.append(index[r["label"]])
+    return class_names, splits
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train.device is cuda but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def batches(loader: DataLoader, desc: str) -> Iterable:
+    return tqdm(loader, desc=desc, leave=False, unit="batch", mininterval=2.0)
+
+
+@torch.inference_mode()
+def extract_features(
+    model: ImageClassifier, dataset: Dataset, batch_size: int, device: torch.device, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, F) float32 features of the frozen part and (N,) labels, in dataset order."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    feats, labels = [], []
+    for x, y in batches(loader, desc):
+        feats.append(model.features(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Loss, accuracy and, for two classes, precision/recall/F1/ROC AUC of class index 1."""
+    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    probs = logits.softmax(dim=1).numpy()
+    pred, y = probs.argmax(1), labels.numpy()
+    out = {"loss": loss, "accuracy": float((pred == y).mean()), "n": len(y)}
+    if probs.shape[1] == 2:
+        out["precision"] = float(precision_score(y, pred, zero_division=0))
+        out["recall"] = float(recall_score(y, pred, zero_division=0))
+        out["f1"] = float(f1_score(y, pred, zero_division=0))
+        out["roc_auc"] = float(roc_auc_score(y, probs[:, 1])) if len(set(y)) == 2 else float("nan")
+    return out
+
+
+class EarlyStopping:
+    """Keeps the state of the epoch with the lowest validation loss."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best_loss, self.best_epoch, self.bad = patience, float("inf"), 0, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def step(self, epoch: int, val_loss: float, module: nn.Module) -> bool:
+        """Record an epoch; True means stop."""
+        if val_loss < self.best_loss - 1e-6:
+            self.best_loss, self.best_epoch, self.bad = val_loss, epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+
+# ---------------------------------------------------------------------------- regimes
+
+
+def fit_head(
+    head: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    params: TrainParams,
+    device: torch.device,
+    on_epoch: Any,
+) -> int:
+    """Train ``head`` on cached features with early stopping; returns the best epoch."""
+    xs, ys = train[0].to(device), train[1].to(device)
+    xv, yv = val[0].to(device), val[1]
+    opt = torch.optim.AdamW(head.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+    stopper = EarlyStopping(params.patience)
+    gen = torch.Generator().manual_seed(params.seed)
+    for epoch in range(1, params.epochs + 1):
+        head.train()
+        order = torch.randperm(len(xs), generator=gen).to(device)
+        total, correct, seen = 0.0, 0, 0
+        steps = range(0, len(order), params.batch_size)
+        for start in tqdm(steps, desc=f"head epoch {epoch}", leave=False, mininterval=2.0):
+            idx = order[start : start + params.batch_size]
+            logits = head(xs[idx])
+            loss = loss_fn(logits, ys[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            correct += (logits.argmax(1) == ys[idx]).sum().item()
+            seen += len(idx)
+        head.eval()
+        with torch.inference_mode():
+            val_metrics = classification_metrics(head(xv).float().cpu(), yv)
+        on_epoch(epoch, total / seen, correct / seen, val_metrics)
+        if stopper.step(epoch, val_metrics["loss"], head):
+            break
+    assert stopper.best_state is not None
+    head.load_state_dict(stopper.best_state)
+    return stopper.best_epoch
+
+
+def fit_end_to_end(
+    model: ImageClassifier,
+    trainable: list[nn.Parameter],
+    frozen_modules: list[nn.Module],
+    train_set: Dataset,
+    val_set: Dataset,
+    params: TrainParams,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    on_epoch: Any,
+    first_epoch: int = 1,
+) -> int:
+    """Train ``trainable`` through the whole network on augmented photos; returns the best epoch."""
+    gen = torch.Generator().manual_seed(params.seed)
+    train_loader = DataLoader(
+        train_set, batch_size=params.batch_size, shuffle=True, num_workers=1, generator=gen
+    )
+    val_loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=1)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=params.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(1, epochs * len(train_loader))
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+    stopper = EarlyStopping(params.patience)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        model.train()
+        for m in frozen_modules:  # frozen BatchNorm keeps its ImageNet statistics
+            m.eval()
+        total, correct, seen = 0.0, 0, 0
+        for x, y in tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", mininterval=2.0):
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        logits, labels = predict(model, val_loader, device)
+        val_metrics = classification_metrics(logits, labels)
+        on_epoch(epoch, total / seen, correct / seen, val_metrics)
+        if stopper.step(epoch, val_metrics["loss"], model):
+            break
+    assert stopper.best_state is not None
+    model.load_state_dict(stopper.best_state)
+    return stopper.best_epoch
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    out, labels = [], []
+    for x, y in batches(loader, "predict"):
+        out.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(out), torch.cat(labels)
+
+
+def fine_tune_parts(model: ImageClassifier, blocks: int) -> tuple[list, list]:
+    """Trainable parameters (last ``blocks`` blocks, head conv, head) and the frozen modules."""
+    net = model.backbone.net  # EfficientNetLiteFeatures
+    tail = [*net._blocks[-blocks:], net._conv_head, net._bn1, model.head]
+    frozen = [net._conv_stem, net._bn0, *net._blocks[:-blocks]]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for m in tail:
+        for p in m.parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    return params, frozen
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def write_history(history: list[dict[str, float]], out_dir: Path) -> None:
+    with open(out_dir / "history.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label=f"train {key}")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], label=f"val {key}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(
+    logits: torch.Tensor, labels: torch.Tensor, names: list[str], path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay.from_predictions(
+        labels.numpy(), logits.argmax(1).numpy(), display_labels=names, ax=ax, colorbar=False
+    )
+    ax.set_title("validation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def train(
+    params: TrainParams,
+    manifest_path: Path,
+    model_path: Path,
+    report_dir: Path,
+    all_params: dict[str, Any],
+    data_report: Path | None = None,
+) -> dict[str, Any]:
+    """The whole stage; returns the checkpoint meta."""
+    started = time.monotonic()
+    set_seed(params.seed)
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    device = pick_device(params.device)
+    manifest = read_manifest(manifest_path)
+    class_names, splits = load_splits(manifest)
+    for split in ("train", "val"):
+        if not splits[split][0]:
+            raise SystemExit(f"train: the {split} split is empty; add photos or change fractions")
+    spec = default_spec(
+        params.model, params.input_size, params.resize, interpolation=params.interpolation
+    )
+    options = {"dropout": params.dropout, "logreg_pool": params.logreg_pool}
+    model = build_model(
+        params.model, len(class_names), pretrained=params.pretrained, spec=spec, **options
+    )
+    model.to(device=device, memory_format=torch.channels_last)
+    data_version = sha256_file(manifest_path)
+    commit = git_commit()
+
+    tracker = Tracker()
+    tags = {"git_commit": commit, "data_version": data_version, "model_name": params.model}
+    run_id = tracker.start(run_name=params.model, tags=tags)
+    flat = {
+        f"{s}.{k}": v
+        for s, sec in all_params.items()
+        if isinstance(sec, dict)
+        for k, v in sec.items()
+    }
+    tracker.call("log_params", {k: str(v) for k, v in flat.items()})
+    tracker.call("log_params", {"device": str(device), "n_train": len(splits["train"][0])})
+
+    history: list[dict[str, float]] = []
+
+    def on_epoch(epoch: int, train_loss: float, train_acc: float, val: dict[str, float]) -> None:
+        row = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 6),
+            "train_accuracy": round(train_acc, 6),
+            "val_loss": round(val["loss"], 6),
+            "val_accuracy": round(val["accuracy"], 6),
+        }
+        history.append(row)
+        log.info(
+            "epoch %d  train loss %.4f acc %.4f  val loss %.4f acc %.4f",
+            epoch,
+            train_loss,
+            train_acc,
+            val["loss"],
+            val["accuracy"],
+        )
+        tracker.call("log_metrics", {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+
+    train_paths, train_labels = splits["train"]
+    val_set = EvalImages(*splits["val"], spec)
+    frozen = params.model == "logreg" or (
+        params.model == "efficientnet_lite0" and params.pretrained
+    )
+    if frozen:
+        parts = [EvalImages(train_paths, train_labels, spec)]
+        parts += [
+            AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
+            for _ in range(params.augment_views)
+        ]
+        t0 = time.monotonic()
+        train_feats = [
+            extract_features(model, p, params.batch_size, device, f"features train view {i}")
+            for i, p in enumerate(parts)
+        ]
+        val_feats = extract_features(model, val_set, params.batch_size, device, "features val")
+        feature_s = time.monotonic() - t0
+        log.info(
+            "features of %d images in %.0f s",
+            sum(len(f[0]) for f in train_feats) + len(val_feats[0]),
+            feature_s,
+        )
+        xs = torch.cat([f[0] for f in train_feats])
+        ys = torch.cat([f[1] for f in train_feats])
+        best_epoch = fit_head(model.head, (xs, ys), val_feats, params, device, on_epoch)
+        if params.fine_tune_blocks > 0 and params.fine_tune_epochs > 0:
+            if params.model != "efficientnet_lite0":
+                raise SystemExit("train.fine_tune_blocks applies to efficientnet_lite0 only")
+            trainable, frozen_modules = fine_tune_parts(model, params.fine_tune_blocks)
+            aug = AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
+            best_epoch = fit_end_to_end(
+                model,
+                trainable,
+                frozen_modules,
+                aug,
+                val_set,
+                params,
+                params.fine_tune_epochs,
+                params.fine_tune_lr,
+                device,
+                on_epoch,
+                first_epoch=len(history) + 1,
+            )
+    else:
+        aug = AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
+        best_epoch = fit_end_to_end(
+            model,
+            list(model.parameters()),
+            [],
+            aug,
+            val_set,
+            params,
+            params.epochs,
+            params.lr,
+            device,
+            on_epoch,
+        )
+
+    val_loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=0)
+    logits, labels = predict(model, val_loader, device)
+    val_metrics = classification_metrics(logits, labels)
+    val_metrics["best_epoch"] = best_epoch
+    val_metrics["train_seconds"] = round(time.monotonic() - started, 1)
+    log.info("best epoch %d: val %s", best_epoch, json.dumps(val_metrics))
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "metrics.json").write_text(
+        json.dumps({"model": params.model, "val": val_metrics}, indent=2) + "\n"
+    )
+    write_history(history, report_dir)
+    plot_curves(history, report_dir / "curves.png", f"{params.model} (best epoch {best_epoch})")
+    plot_confusion(logits, labels, class_names, report_dir / "confusion_matrix.png")
+
+    meta = {
+        "model_name": params.model,
+        "class_names": class_names,
+        "preprocessing": spec.to_json(),
+        "mlflow_run_id": run_id,
+        "data_version": data_version,
+        "git_commit": commit,
+        "params": dataclasses.asdict(params),
+        "val_metrics": val_metrics,
+        "model_options": options,
+        "split_counts": {s: len(splits[s][0]) for s in splits},
+    }
+    model.to(device="cpu", memory_format=torch.contiguous_format)
+    save_checkpoint(model_path, model, meta)
+
+    tracker.call("log_metrics", {f"val_{k}": float(v) for k, v in val_metrics.items()})
+    for name in ("metrics.json", "history.csv", "curves.png", "confusion_matrix.png"):
+        tracker.call("log_artifact", str(report_dir / name), artifact_path="train")
+    if data_report is not None and data_report.exists():
+        tracker.call("log_artifact", str(data_report), artifact_path="data")
+    tracker.call("log_artifact", str(model_path), artifact_path="checkpoint")
+    tracker.end()
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=PARAMS_FILE)
+    parser.add_argument("--manifest", default="data/prepared/manifest.csv")
+    parser.add_argument("--model-out", default="models/checkpoint.pt")
+    parser.add_argument("--reports", default="reports/train")
+    parser.add_argument("--data-report", default="reports/data.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    params = load_train(args.params)
+    train(
+        params,
+        Path(args.manifest),
+        Path(args.model_out),
+        Path(args.reports),
+        load_yaml(args.params),
+        Path(args.data_report),
+    )
+
+
+if __name__ == "__main__":
+    main()
