@@ -8,6 +8,7 @@ size and only then reports ready. Run it with ``python -m server`` or
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ from server.inference import Batcher, BatchStats, InferenceModel, load_model
 from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.middleware import RequestContextMiddleware
-from server.service import Predictor
+from server.preprocessing import ImageDecodeError
+from server.service import Predictor, prepare
 from server.settings import Settings, available_cpus
 from server.uploads import MULTIPART, read_body, read_multipart
 
@@ -97,15 +99,17 @@ async def predict(request: Request) -> JSONResponse:
                 data = parts[0].data
             else:
                 data = await read_body(request, settings.max_upload_bytes)
-            prepared = await predictor.prepare(data)
-            probs = await predictor.infer([prepared], ticket)
+            (outcome,) = await predictor.infer([data], ticket)
     except TimeoutError:
         raise _timeout(settings) from None
     finally:
         predictor.release(ticket)
+    if isinstance(outcome, ImageDecodeError):
+        raise ApiError.from_decode(outcome)
+    prepared, probs = outcome
     state = request.scope["state"]
     request_id = state["request_id"]
-    prediction = predictor.describe(probs[0])
+    prediction = predictor.describe(probs)
     latency_ms = _elapsed_ms(request)
     predictor.record(
         prediction, prepared, request_id=request_id, route="/predict", latency_ms=latency_ms
@@ -136,9 +140,7 @@ async def predict_batch(request: Request) -> JSONResponse:
                 raise ApiError(422, "missing_files", "the form has no 'files' field")
             ticket = predictor.admit(len(parts))
             try:
-                results = await predictor.prepare_all([p.data for p in parts])
-                good = [r for r in results if not isinstance(r, ApiError)]
-                probs = await predictor.infer(good, ticket) if good else None
+                outcomes = await predictor.infer([p.data for p in parts], ticket)
             finally:
                 predictor.release(ticket)
     except TimeoutError:
@@ -148,17 +150,18 @@ async def predict_batch(request: Request) -> JSONResponse:
     request_id = state["request_id"]
     latency_ms = _elapsed_ms(request)
     entries: list[dict[str, Any]] = []
-    row = 0
-    for i, (part, result) in enumerate(zip(parts, results, strict=True)):
-        if isinstance(result, ApiError):
-            entry: dict[str, Any] = result.body()
+    good = 0
+    for i, (part, outcome) in enumerate(zip(parts, outcomes, strict=True)):
+        if isinstance(outcome, ImageDecodeError):
+            entry: dict[str, Any] = ApiError.from_decode(outcome).body()
         else:
+            prepared, probs = outcome
+            good += 1
             item_id = image_request_id(request_id, i, len(parts))
-            prediction = predictor.describe(probs[row])
-            row += 1
+            prediction = predictor.describe(probs)
             predictor.record(
                 prediction,
-                result,
+                prepared,
                 request_id=item_id,
                 route="/predict/batch",
                 latency_ms=latency_ms,
@@ -337,22 +340,25 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     contract = model.contract
 
     def on_batch(stats: BatchStats) -> None:
-        server_metrics.batch_size.observe(stats.size)
-        server_metrics.inference.observe(stats.run_s)
+        if stats.size:  # a batch whose images all failed to decode ran nothing
+            server_metrics.batch_size.observe(stats.size)
+            server_metrics.inference.observe(stats.run_s)
         for wait in stats.queue_wait_s:
             server_metrics.queue_wait.observe(wait)
 
+    decode_pool = ThreadPoolExecutor(
+        max_workers=settings.decode_threads or cpus, thread_name_prefix="decode"
+    )
     batcher = Batcher(
         model.run,
+        functools.partial(prepare, spec=contract.preprocessing, max_pixels=settings.max_pixels),
+        decode_pool=decode_pool,
         max_batch_size=settings.max_batch_size,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
         max_queue_size=settings.max_queue_size,
         on_batch=on_batch,
     )
-    await asyncio.to_thread(batcher.warmup)
-    decode_pool = ThreadPoolExecutor(
-        max_workers=settings.decode_threads or cpus, thread_name_prefix="decode"
-    )
+    await asyncio.to_thread(batcher.warmup, contract.input_size)
     monitor = monitoring.Monitor(settings, contract, app.state.registry)
     await monitor.start()
     batcher.start()
@@ -370,9 +376,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     app.state.model_version = contract.model_version
     app.state.batcher = batcher
     app.state.monitor = monitor
-    app.state.predictor = Predictor(
-        settings, contract, batcher, decode_pool, server_metrics, monitor
-    )
+    app.state.predictor = Predictor(settings, contract, batcher, server_metrics, monitor)
     app.state.metadata_json = json.dumps(build_metadata(contract, settings)).encode()
     app.state.openapi_json = json.dumps(openapi.build_spec(app, contract, settings)).encode()
     app.state.ready = True

@@ -1,10 +1,11 @@
 """The model and the dynamic batcher.
 
-One ``onnxruntime.InferenceSession`` per process. ``session.run`` releases the GIL and runs on a
-single dedicated thread, so the event loop never blocks and runs never compete for the cores
-(the session's own intra-op pool uses them all). The batcher groups images that arrive while
-the model is busy into one run; an image that finds the model idle and nothing else on its way
-is run at once, so batching never adds latency to a lone request.
+One ``onnxruntime.InferenceSession`` per process. Decoding and ``session.run`` (both release the
+GIL) run on one dedicated thread (decoding fans out to a small pool), so the event loop never
+blocks and runs never compete for the cores (the session's own intra-op pool uses them all).
+The batcher groups requests that arrive while the model is busy into one batch; a request that
+finds the model idle and nothing else on its way is worked on at once, so batching never adds
+latency to a lone request.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ContractError, ModelContract
+from server.preprocessing import ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -94,47 +97,67 @@ class Ticket:
     pending: int  # not yet handed to ``predict``
 
 
+class Decoded(Protocol):
+    """What ``prepare`` makes of one encoded image: at least the model input."""
+
+    array: np.ndarray  # uint8 (H, W, 3)
+
+
+# Per image: what ``prepare`` made of it with its row of probabilities, or why it failed.
+Outcome = tuple[Any, np.ndarray] | ImageDecodeError
+
+
 @dataclass(eq=False)
 class _Job:
-    images: list[np.ndarray]  # uint8 (H, W, 3) each
-    future: asyncio.Future[np.ndarray]
+    blobs: list[bytes]  # encoded images
+    future: asyncio.Future[list[Outcome]]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True)
 class BatchStats:
     size: int  # images in the run
-    queue_wait_s: list[float]  # per job, from enqueue to the start of its run
+    queue_wait_s: list[float]  # per job, from enqueue to the start of its work
+    decode_s: float
     run_s: float
 
 
 class Batcher:
     """Groups concurrent requests into batches of at most ``max_batch_size`` images.
 
+    A batch is worked on by one thread in two phases: decode all its images (in parallel on the
+    decode pool), then one ``session.run``. Decoding never overlaps a run, so the two never fight
+    over the cores (onnxruntime's parallel sections stall when a decode thread preempts one of its
+    workers), and a lone request costs a single thread hop.
+
     Admission (``admit``/``release``) bounds the images in the system, from the moment a request
-    is accepted until it is answered, so an overloaded server refuses work before decoding it.
+    is accepted until it is answered, so an overloaded server refuses work before reading it.
     """
 
     def __init__(
         self,
         run: Callable[[np.ndarray], np.ndarray],
+        prepare: Callable[[bytes], Decoded],
         *,
+        decode_pool: ThreadPoolExecutor,
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
         self.run = run
+        self.prepare = prepare
+        self.decode_pool = decode_pool
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.on_batch = on_batch
         self.admitted = 0  # images accepted and not yet answered
-        self._incoming = 0  # admitted, still being read or decoded: they will join the queue
+        self._incoming = 0  # admitted, body still arriving: they will join the queue
         self._queue: deque[_Job] = deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -151,7 +174,7 @@ class Batcher:
 
     def release(self, ticket: Ticket) -> None:
         self.admitted -= ticket.images
-        self._incoming -= ticket.pending  # images that never reached the queue (bad input)
+        self._incoming -= ticket.pending  # images that never reached the queue
         ticket.pending = 0
         ticket.images = 0
 
@@ -167,37 +190,32 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    def warmup(self) -> None:
+    def warmup(self, side: int) -> None:
         """One blocking run per batch size the batcher can form, before the server is ready."""
-        size = self._input_side()
         for n in range(1, self.max_batch_size + 1):
-            self.run(np.zeros((n, size, size, 3), dtype=np.uint8))
-
-    def _input_side(self) -> int:
-        model = getattr(self.run, "__self__", None)
-        return model.contract.input_size if isinstance(model, InferenceModel) else 224
+            self.run(np.zeros((n, side, side, 3), dtype=np.uint8))
 
     # ------------------------------------------------------------------ inference
-    async def predict(self, images: list[np.ndarray], ticket: Ticket) -> np.ndarray:
-        """Probabilities (len(images), C) for images admitted under ``ticket``."""
+    async def predict(self, blobs: list[bytes], ticket: Ticket) -> list[Outcome]:
+        """Decode and classify encoded images admitted under ``ticket``; one outcome each."""
         if self._task is None or self._task.done():
             raise ModelStoppedError("the batcher is not running")
-        n = len(images)
+        n = len(blobs)
         ticket.pending -= n
         self._incoming -= n
         loop = asyncio.get_running_loop()
         # A request larger than a batch is split, so no run exceeds the warmed-up sizes.
         futures = []
         for start in range(0, n, self.max_batch_size):
-            chunk = images[start : start + self.max_batch_size]
-            future: asyncio.Future[np.ndarray] = loop.create_future()
+            chunk = blobs[start : start + self.max_batch_size]
+            future: asyncio.Future[list[Outcome]] = loop.create_future()
             self._queue.append(_Job(chunk, future))
             self._queued_images += len(chunk)
             futures.append(future)
         self._wakeup.set()
         if len(futures) == 1:
             return await futures[0]
-        return np.concatenate(await asyncio.gather(*futures))
+        return [o for part in await asyncio.gather(*futures) for o in part]
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -212,34 +230,61 @@ class Batcher:
             jobs = self._take()
             if not jobs:
                 continue
-            images = [img for job in jobs for img in job.images]
-            # A lone image needs no stacking copy: a view with a batch axis is enough.
-            batch = images[0][None] if len(images) == 1 else np.stack(images)
+            blobs = [blob for job in jobs for blob in job.blobs]
             started = time.perf_counter()
             try:
-                probs = await loop.run_in_executor(self._executor, self.run, batch)
+                outcomes, decode_s, run_s = await loop.run_in_executor(
+                    self._executor, self._work, blobs
+                )
             except Exception as exc:  # a failed run fails its requests, never the loop
-                logger.exception("inference failed for a batch of %d", len(images))
+                logger.exception("inference failed for a batch of %d", len(blobs))
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            run_s = time.perf_counter() - started
             offset = 0
             for job in jobs:
-                n = len(job.images)
+                n = len(job.blobs)
                 if not job.future.done():
-                    job.future.set_result(probs[offset : offset + n])
+                    job.future.set_result(outcomes[offset : offset + n])
                 offset += n
             if self.on_batch is not None:
+                size = sum(not isinstance(o, ImageDecodeError) for o in outcomes)
                 waits = [started - job.enqueued for job in jobs]
-                self.on_batch(BatchStats(len(images), waits, run_s))
+                self.on_batch(BatchStats(size, waits, decode_s, run_s))
+
+    def _decode(self, blob: bytes) -> Decoded | ImageDecodeError:
+        try:
+            return self.prepare(blob)
+        except ImageDecodeError as exc:
+            return exc
+
+    def _work(self, blobs: list[bytes]) -> tuple[list[Outcome], float, float]:
+        """Blocking, on the inference thread: decode the batch, then one run."""
+        started = time.perf_counter()
+        if len(blobs) == 1:
+            decoded = [self._decode(blobs[0])]
+        else:
+            decoded = list(self.decode_pool.map(self._decode, blobs))
+        good = [d for d in decoded if not isinstance(d, ImageDecodeError)]
+        decoded_at = time.perf_counter()
+        if not good:
+            return decoded, decoded_at - started, 0.0
+        # A lone image needs no stacking copy: a view with a batch axis is enough.
+        batch = good[0].array[None] if len(good) == 1 else np.stack([d.array for d in good])
+        probs = self.run(batch)
+        run_s = time.perf_counter() - decoded_at
+        rows = iter(probs)
+        outcomes: list[Outcome] = [
+            d if isinstance(d, ImageDecodeError) else (d, next(rows)) for d in decoded
+        ]
+        return outcomes, decoded_at - started, run_s
 
     async def _fill(self) -> None:
         """Wait briefly for more images, but only while others are known to be on their way.
 
-        Requests being decoded right now (admitted, not yet queued) will join within a few
-        milliseconds; with none of them, waiting would only add latency.
+        Requests whose bodies are arriving right now (admitted, not yet queued) join within a
+        few milliseconds; with none of them, waiting would only add latency.
         """
         if self.max_batch_size == 1 or self.max_queue_delay_s <= 0:
             return
@@ -257,19 +302,19 @@ class Batcher:
                 return
 
     def _take(self) -> list[_Job]:
-        """Jobs for the next run: whole requests, up to ``max_batch_size`` images."""
+        """Jobs for the next batch: whole requests, up to ``max_batch_size`` images."""
         jobs: list[_Job] = []
         count = 0
         while self._queue:
             job = self._queue[0]
             if job.future.done():  # its caller gave up (deadline): skip the work
                 self._queue.popleft()
-                self._queued_images -= len(job.images)
+                self._queued_images -= len(job.blobs)
                 continue
-            if jobs and count + len(job.images) > self.max_batch_size:
+            if jobs and count + len(job.blobs) > self.max_batch_size:
                 break
             self._queue.popleft()
-            self._queued_images -= len(job.images)
+            self._queued_images -= len(job.blobs)
             jobs.append(job)
-            count += len(job.images)
+            count += len(job.blobs)
         return jobs

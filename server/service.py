@@ -1,4 +1,4 @@
-"""What every prediction route shares: admission, decoding off the loop, batching, results.
+"""What every prediction route shares: admission, decoding and batching off the loop, results.
 
 The REST routes and the V2 routes differ only in how images come in and how answers go out;
 decoding, the queue, metrics and the monitoring hook are here once.
@@ -6,10 +6,8 @@ decoding, the queue, metrics and the monitoring hook are here once.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +15,10 @@ import numpy as np
 
 from server.contract import ModelContract
 from server.errors import ApiError
-from server.inference import Batcher, ModelStoppedError, QueueFullError, Ticket
+from server.inference import Batcher, ModelStoppedError, Outcome, QueueFullError, Ticket
 from server.metrics import ServerMetrics
 from server.monitoring import Monitor, PredictionEvent
-from server.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
+from server.preprocessing import PreprocessSpec, preprocess_bytes_info
 from server.settings import Settings
 
 
@@ -35,8 +33,8 @@ class Prepared:
     brightness: float
 
 
-def prepare(data: bytes, spec: PreprocessSpec, max_pixels: int) -> Prepared:
-    """Blocking: decode + preprocess + fingerprint. Runs in the decode pool."""
+def prepare(data: bytes, *, spec: PreprocessSpec, max_pixels: int) -> Prepared:
+    """Blocking: decode + preprocess + fingerprint. Runs on the batcher's threads."""
     info = preprocess_bytes_info(data, spec, max_pixels=max_pixels)
     return Prepared(
         info.array,
@@ -60,14 +58,12 @@ class Predictor:
         settings: Settings,
         contract: ModelContract,
         batcher: Batcher,
-        decode_pool: ThreadPoolExecutor,
         metrics: ServerMetrics,
         monitor: Monitor,
     ) -> None:
         self.settings = settings
         self.contract = contract
         self.batcher = batcher
-        self.decode_pool = decode_pool
         self.metrics = metrics
         self.monitor = monitor
         self.class_names = contract.class_names
@@ -89,28 +85,10 @@ class Predictor:
     def release(self, ticket: Ticket) -> None:
         self.batcher.release(ticket)
 
-    async def prepare(self, data: bytes) -> Prepared:
-        """Decode in the pool; a bad image raises :class:`ApiError` with the decoder's code."""
-        loop = asyncio.get_running_loop()
-        spec = self.contract.preprocessing
+    async def infer(self, blobs: list[bytes], ticket: Ticket) -> list[Outcome]:
+        """Decode and classify; per image ``(Prepared, probabilities)`` or its decode error."""
         try:
-            return await loop.run_in_executor(
-                self.decode_pool, prepare, data, spec, self.settings.max_pixels
-            )
-        except ImageDecodeError as exc:
-            raise ApiError.from_decode(exc) from None
-
-    async def prepare_all(self, blobs: list[bytes]) -> list[Prepared | ApiError]:
-        """Decode several images concurrently; each result is the image or its own error."""
-        results = await asyncio.gather(*(self.prepare(b) for b in blobs), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, ApiError):
-                raise r
-        return results
-
-    async def infer(self, images: list[Prepared], ticket: Ticket) -> np.ndarray:
-        try:
-            return await self.batcher.predict([p.array for p in images], ticket)
+            return await self.batcher.predict(blobs, ticket)
         except ModelStoppedError:
             raise ApiError(
                 503, "shutting_down", "the server is shutting down", {"Retry-After": "1"}

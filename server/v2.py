@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES
 from server.errors import ApiError
+from server.preprocessing import ImageDecodeError
 from server.service import Predictor
 from server.settings import Settings
 from server.uploads import read_body
@@ -211,32 +212,33 @@ async def infer(request: Request) -> Response:
             outputs = _requested_outputs(payload)
             ticket = predictor.admit(len(images))
             try:
-                prepared = await predictor.prepare_all(images)
-                for i, item in enumerate(prepared):
-                    if isinstance(item, ApiError):
-                        raise ApiError(item.status, item.code, f"image {i}: {item.message}")
-                probs = await predictor.infer(prepared, ticket)
+                outcomes = await predictor.infer(images, ticket)
             finally:
                 predictor.release(ticket)
     except TimeoutError:
         raise ApiError(504, "timeout", "the request did not finish in time") from None
 
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, ImageDecodeError):  # the protocol has no per-element errors
+            error = ApiError.from_decode(outcome)
+            raise ApiError(error.status, error.code, f"image {i}: {error.message}")
     state = request.scope["state"]
     request_id = state["request_id"]
     latency_ms = (time.perf_counter() - state["started"]) * 1000
     labels = []
-    for i, (row, item) in enumerate(zip(probs, prepared, strict=True)):
+    for i, (prepared, row) in enumerate(outcomes):
         prediction = predictor.describe(row)
         labels.append(prediction.label)
-        item_id = request_id if len(prepared) == 1 else f"{request_id}.{i}"
+        item_id = request_id if len(outcomes) == 1 else f"{request_id}.{i}"
         predictor.record(
             prediction,
-            item,
+            prepared,
             request_id=item_id,
             route="/v2/models/{name}/infer",
             latency_ms=latency_ms,
         )
-    state["images"] = len(prepared)
+    state["images"] = len(outcomes)
+    probs = np.stack([row for _, row in outcomes])
     return _response(payload, settings, predictor, probs, labels, outputs, request_id)
 
 
