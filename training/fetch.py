@@ -80,25 +80,13 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as resp:
-        if resp.status_code == 416 and have:  # the part file already holds every byte
-            resp.close()
-        elif resp.status_code in (200, 206):
-            if resp.status_code == 200 and have:
-                log.info("server ignored the Range request; restarting from byte 0")
-                have = 0
-            total = have + int(resp.headers.get("Content-Length", 0)) or size
-            mode = "ab" if have else "wb"
-            with (
-                open(part, mode) as fh,
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar,
-            ):
-                for block in resp.iter_content(chunk_size=chunk_bytes):
-                    fh.write(block)
-                    bar.update(len(block))
-        else:
-            raise FetchError(f"GET {url} answered HTTP {resp.status_code}")
+    try:
+        _stream(url, part, have, size, timeout_s, chunk_bytes)
+    except requests.RequestException as exc:
+        got = part.stat().st_size if part.exists() else 0
+        raise FetchError(
+            f"download of {url} stopped at {got} bytes ({exc}); rerun to resume"
+        ) from exc
     got = part.stat().st_size
     if size is not None and got != size:
         if got > size:
@@ -110,6 +98,29 @@ def download(
         raise FetchError(f"{dest.name}: sha256 {digest} does not match the pinned {sha256}")
     part.replace(dest)
     return dest
+
+
+def _stream(
+    url: str, part: Path, have: int, size: int | None, timeout_s: float, chunk: int
+) -> None:
+    """Append the rest of ``url`` to ``part`` (or rewrite it when the server ignores Range)."""
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as resp:
+        if resp.status_code == 416 and have:  # the part file already holds every byte
+            return
+        if resp.status_code not in (200, 206):
+            raise FetchError(f"GET {url} answered HTTP {resp.status_code}")
+        if resp.status_code == 200 and have:
+            log.info("the server ignored the Range request; starting again from byte 0")
+            have = 0
+        total = (have + int(resp.headers.get("Content-Length", 0))) or size
+        with (
+            open(part, "ab" if have else "wb") as fh,
+            tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name) as bar,
+        ):
+            for block in resp.iter_content(chunk_size=chunk):
+                fh.write(block)
+                bar.update(len(block))
 
 
 def extract(zip_path: Path, out_dir: Path, stamp: str) -> Path:

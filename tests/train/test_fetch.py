@@ -1,0 +1,216 @@
+"""fetch: data folder layouts, the index, and the download path against a local HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training import fetch
+from training.fetch import FetchError, build_index, download, extract, find_photos, read_index
+
+pytestmark = pytest.mark.train
+
+SERVER = Path(__file__).with_name("range_server.py")
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def petimages_zip(path: Path, n: int = 3) -> bytes:
+    """A small zip laid out like the Microsoft release: PetImages/{Cat,Dog}/N.jpg + Thumbs.db."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for cls_i, cls in enumerate(("Cat", "Dog")):
+            for i in range(n):
+                zf.writestr(f"PetImages/{cls}/{i}.jpg", jpeg_bytes(cls_i * 100 + i))
+            zf.writestr(f"PetImages/{cls}/Thumbs.db", b"\x00" * 64)
+        zf.writestr("readme[1].txt", "photos")
+    return path.read_bytes()
+
+
+@pytest.fixture
+def served_zip(tmp_path: Path) -> Iterator:
+    """Start range_server.py on a free port; yields start(args) -> (url, log path)."""
+    procs: list[subprocess.Popen] = []
+    zip_path = tmp_path / "src" / "kagglecatsanddogs.zip"
+    zip_path.parent.mkdir()
+    data = petimages_zip(zip_path)
+
+    def start(*args: str) -> tuple[str, Path]:
+        log = tmp_path / f"ranges-{len(procs)}.log"
+        proc = subprocess.Popen(
+            [sys.executable, str(SERVER), str(zip_path), "--log", str(log), *args],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        port = int(proc.stdout.readline())
+        return f"http://127.0.0.1:{port}/kagglecatsanddogs.zip", log
+
+    start.data = data  # type: ignore[attr-defined]
+    start.sha256 = hashlib.sha256(data).hexdigest()  # type: ignore[attr-defined]
+    yield start
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def test_download_verifies_and_extracts_petimages(served_zip, tmp_path: Path) -> None:
+    url, _ = served_zip()
+    dest = tmp_path / "dl" / "pets.zip"
+    got = download(url, dest, sha256=served_zip.sha256, size=len(served_zip.data), timeout_s=10)
+    assert got.read_bytes() == served_zip.data
+    assert not dest.with_name("pets.zip.part").exists()
+    root = extract(got, tmp_path / "dl" / "extracted", served_zip.sha256)
+    photos = find_photos(root)
+    labels = sorted({label for _, label in photos})
+    assert labels == ["cat", "dog"]
+    # every file of the class folders is listed (Thumbs.db too: prepare drops it with a reason)
+    assert len(photos) == 8
+    assert {p.name for p, _ in photos} >= {"0.jpg", "Thumbs.db"}
+
+
+def test_download_resumes_with_range_after_a_dropped_connection(served_zip, tmp_path) -> None:
+    half = len(served_zip.data) // 2
+    url, log = served_zip("--drop-after", str(half))
+    dest = tmp_path / "pets.zip"
+    part = tmp_path / "pets.zip.part"
+    kwargs = {"sha256": served_zip.sha256, "size": len(served_zip.data), "timeout_s": 10}
+    with pytest.raises(FetchError, match="rerun to resume"):
+        download(url, dest, chunk_bytes=1024, **kwargs)
+    kept = part.stat().st_size
+    assert 0 < kept <= half  # whole chunks received before the drop stay on disk
+    assert part.read_bytes() == served_zip.data[:kept]
+    download(url, dest, chunk_bytes=1024, **kwargs)
+    assert dest.read_bytes() == served_zip.data
+    assert log.read_text().splitlines() == ["-", f"bytes={kept}-"]
+
+
+def test_download_restarts_when_the_server_ignores_range(served_zip, tmp_path) -> None:
+    url, log = served_zip("--ignore-range")
+    dest = tmp_path / "pets.zip"
+    dest.with_name("pets.zip.part").write_bytes(served_zip.data[:100])
+    download(url, dest, sha256=served_zip.sha256, size=len(served_zip.data), timeout_s=10)
+    assert dest.read_bytes() == served_zip.data
+    assert log.read_text().splitlines() == ["bytes=100-"]
+
+
+def test_download_rejects_a_checksum_mismatch_and_discards_it(served_zip, tmp_path) -> None:
+    url, _ = served_zip()
+    dest = tmp_path / "pets.zip"
+    with pytest.raises(FetchError, match="does not match the pinned"):
+        download(url, dest, sha256="0" * 64, size=len(served_zip.data), timeout_s=10)
+    assert not dest.exists()
+    assert not dest.with_name("pets.zip.part").exists()  # the next run starts clean
+
+
+def test_download_rejects_a_wrong_size(served_zip, tmp_path) -> None:
+    url, _ = served_zip()
+    with pytest.raises(FetchError, match="expected"):
+        download(url, tmp_path / "p.zip", sha256=served_zip.sha256, size=10, timeout_s=10)
+
+
+def test_download_reports_an_unreachable_server(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(FetchError, match="rerun to resume"):
+        download(f"http://127.0.0.1:{port}/x.zip", tmp_path / "x.zip", sha256="0" * 64, timeout_s=5)
+
+
+def test_extract_refuses_paths_outside_the_target(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../outside.txt", "x")
+    with pytest.raises(FetchError, match="unsafe"):
+        extract(evil, tmp_path / "out", "stamp")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_layouts_class_folders_kaggle_flat_and_petimages(tmp_path: Path) -> None:
+    _write(tmp_path / "a" / "cat" / "x.jpg", jpeg_bytes(1))
+    _write(tmp_path / "a" / "dog" / "y.png", jpeg_bytes(2))
+    _write(tmp_path / "a" / "dog" / ".hidden", b"x")
+    assert [(p.name, lbl) for p, lbl in find_photos(tmp_path / "a")] == [
+        ("x.jpg", "cat"),
+        ("y.png", "dog"),
+    ]
+    _write(tmp_path / "b" / "cat.1.jpg", jpeg_bytes(3))
+    _write(tmp_path / "b" / "dog.22.jpg", jpeg_bytes(4))
+    _write(tmp_path / "b" / "notes.txt", b"not a photo name")
+    assert [lbl for _, lbl in find_photos(tmp_path / "b")] == ["cat", "dog"]
+    _write(tmp_path / "c" / "PetImages" / "Cat" / "1.jpg", jpeg_bytes(5))
+    _write(tmp_path / "c" / "PetImages" / "Dog" / "1.jpg", jpeg_bytes(6))
+    assert [lbl for _, lbl in find_photos(tmp_path / "c")] == ["cat", "dog"]
+
+
+def test_a_folder_with_one_class_is_an_error(tmp_path: Path) -> None:
+    _write(tmp_path / "cat" / "x.jpg", jpeg_bytes(1))
+    _write(tmp_path / "cat" / "y.jpg", jpeg_bytes(2))
+    _write(tmp_path / "other.txt", b"x")
+    with pytest.raises(FetchError, match="one subfolder per class"):
+        find_photos(tmp_path)
+    with pytest.raises(FetchError, match="not a folder"):
+        find_photos(tmp_path / "missing")
+
+
+def test_main_indexes_a_local_folder_and_sees_content_changes(tmp_path, monkeypatch) -> None:
+    photos = tmp_path / "photos"
+    _write(photos / "cat" / "a.jpg", jpeg_bytes(1))
+    _write(photos / "dog" / "b.jpg", jpeg_bytes(2))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    Path("params.yaml").write_text(
+        "fetch:\n  url: http://127.0.0.1:1/x.zip\n  sha256: abc\n  size: 1\n"
+        "  download_dir: data/download\n"
+    )
+    Path("data").mkdir()
+    Path("data/source.yaml").write_text(f'source: "{photos}"\n')
+    fetch.main([])
+    first = Path("data/raw/index.csv").read_text()
+    rows = read_index(Path("data/raw/index.csv"))
+    assert [(r.label, r.sha256) for r in rows] == [
+        ("cat", hashlib.sha256(jpeg_bytes(1)).hexdigest()),
+        ("dog", hashlib.sha256(jpeg_bytes(2)).hexdigest()),
+    ]
+    assert rows[0].path == os.path.relpath(photos / "cat" / "a.jpg", repo)
+    fetch.main([])
+    assert Path("data/raw/index.csv").read_text() == first  # same photos, same bytes
+    (photos / "cat" / "a.jpg").write_bytes(jpeg_bytes(9))
+    fetch.main([])
+    assert Path("data/raw/index.csv").read_text() != first
+
+
+def test_index_cache_is_only_a_shortcut(tmp_path: Path) -> None:
+    _write(tmp_path / "cat" / "a.jpg", jpeg_bytes(1))
+    _write(tmp_path / "dog" / "b.jpg", jpeg_bytes(2))
+    photos = find_photos(tmp_path)
+    cache = tmp_path / "cache.json"
+    assert build_index(photos, cache) == build_index(photos, cache) == build_index(photos, None)
+
+
+def test_missing_source_file_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(FetchError, match="make pipeline"):
+        fetch.read_source(tmp_path / "source.yaml")
