@@ -1,0 +1,87 @@
+"""params.yaml: every stage section parses; unknown or wrongly typed keys are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.params import (
+    FetchParams,
+    ParamsError,
+    PrepareParams,
+    TrainParams,
+    load_fetch,
+    load_prepare,
+    load_train,
+    parse_section,
+)
+
+pytestmark = pytest.mark.train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_repository_params_parse() -> None:
+    params = ROOT / "params.yaml"
+    assert len(load_fetch(params).sha256) == 64
+    assert load_prepare(params).val_fraction > 0
+    assert load_train(params).model == "efficientnet_lite0"
+
+
+def test_params_are_frozen() -> None:
+    params = parse_section(TrainParams, "train", {"epochs": 3})
+    with pytest.raises(AttributeError):
+        params.epochs = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("section", "raw", "named"),
+    [
+        ("train", {"epocs": 3}, "train.epocs"),
+        ("train", {"lr": "1e-3"}, "train.lr"),
+        ("train", {"epochs": 2.5}, "train.epochs"),
+        ("train", {"epochs": True}, "train.epochs"),
+        ("train", {"pretrained": "yes"}, "train.pretrained"),
+        ("train", {"model": 3}, "train.model"),
+        ("prepare", {"max_per_class": "all"}, "prepare.max_per_class"),
+        ("prepare", {"workers": None}, "prepare.workers"),
+    ],
+)
+def test_unknown_or_wrongly_typed_key_is_named(section, raw, named) -> None:
+    cls = {"train": TrainParams, "prepare": PrepareParams}[section]
+    with pytest.raises(ParamsError, match=named.replace(".", r"\.")):
+        parse_section(cls, section, raw)
+
+
+def test_ints_are_accepted_for_floats_and_null_for_optional() -> None:
+    params = parse_section(TrainParams, "train", {"lr": 1, "weight_decay": 0})
+    assert params.lr == 1.0
+    assert isinstance(params.lr, float)
+    assert parse_section(PrepareParams, "prepare", {"max_per_class": None}).max_per_class is None
+
+
+def test_missing_required_key_is_named() -> None:
+    with pytest.raises(ParamsError, match=r"fetch\.sha256"):
+        parse_section(FetchParams, "fetch", {"url": "http://x", "size": 1, "download_dir": "d"})
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_value_checks_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"train\.model"):
+        load_train(write(tmp_path, "train:\n  model: resnet9000\n"))
+    with pytest.raises(ParamsError, match=r"train\.device"):
+        load_train(write(tmp_path, "train:\n  device: tpu\n"))
+    with pytest.raises(ParamsError, match=r"prepare\.test_fraction"):
+        load_prepare(write(tmp_path, "prepare:\n  val_fraction: 0.6\n  test_fraction: 0.5\n"))
+    with pytest.raises(ParamsError, match=r"prepare\.max_per_class"):
+        load_prepare(write(tmp_path, "prepare:\n  max_per_class: 0\n"))
+    with pytest.raises(ParamsError, match="train: section missing"):
+        load_train(write(tmp_path, "prepare: {}\n"))
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_train(write(tmp_path, "train: [1, 2]\n"))
