@@ -405,3 +405,19 @@ def test_v2_infer_binary_extension(settings):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert list(probs.argmax(axis=1)) == [1, 0, 1]
     assert outputs["label"]["data"] == ["dog", "cat", "dog"]
+
+
+def test_model_uri_wins_over_model_path(settings, tiny_model):
+    from dataclasses import replace
+
+    changed = replace(settings, model_path="does/not/exist.onnx", model_uri=tiny_model.as_uri())
+
+    async def scenario():
+        app = create_app(changed)
+        async with serve(app) as client:
+            meta = (await client.get("/metadata")).json()
+            return meta, app.state.model.path
+
+    meta, path = run(scenario())
+    assert path == tiny_model
+    assert meta["lineage"]["source"] == tiny_model.as_uri()
