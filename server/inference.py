@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ContractError, ModelContract
-from server.preprocessing import ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +102,9 @@ class Decoded(Protocol):
     array: np.ndarray  # uint8 (H, W, 3)
 
 
-# Per image: what ``prepare`` made of it with its row of probabilities, or why it failed.
-Outcome = tuple[Any, np.ndarray] | ImageDecodeError
+# Per image: what ``prepare`` made of it with its row of probabilities, or why it failed
+# (an ImageDecodeError for bad input; anything else is a server fault).
+Outcome = tuple[Any, np.ndarray] | Exception
 
 
 @dataclass(eq=False)
@@ -249,14 +249,15 @@ class Batcher:
                     job.future.set_result(outcomes[offset : offset + n])
                 offset += n
             if self.on_batch is not None:
-                size = sum(not isinstance(o, ImageDecodeError) for o in outcomes)
+                size = sum(not isinstance(o, Exception) for o in outcomes)
                 waits = [started - job.enqueued for job in jobs]
                 self.on_batch(BatchStats(size, waits, decode_s, run_s))
 
-    def _decode(self, blob: bytes) -> Decoded | ImageDecodeError:
+    def _decode(self, blob: bytes) -> Decoded | Exception:
+        """Any failure stays with its own image, so one odd file never fails a whole batch."""
         try:
             return self.prepare(blob)
-        except ImageDecodeError as exc:
+        except Exception as exc:
             return exc
 
     def _work(self, blobs: list[bytes]) -> tuple[list[Outcome], float, float]:
@@ -266,7 +267,7 @@ class Batcher:
             decoded = [self._decode(blobs[0])]
         else:
             decoded = list(self.decode_pool.map(self._decode, blobs))
-        good = [d for d in decoded if not isinstance(d, ImageDecodeError)]
+        good = [d for d in decoded if not isinstance(d, Exception)]
         decoded_at = time.perf_counter()
         if not good:
             return decoded, decoded_at - started, 0.0
@@ -276,7 +277,7 @@ class Batcher:
         run_s = time.perf_counter() - decoded_at
         rows = iter(probs)
         outcomes: list[Outcome] = [
-            d if isinstance(d, ImageDecodeError) else (d, next(rows)) for d in decoded
+            d if isinstance(d, Exception) else (d, next(rows)) for d in decoded
         ]
         return outcomes, decoded_at - started, run_s
 

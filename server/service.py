@@ -18,7 +18,7 @@ from server.errors import ApiError
 from server.inference import Batcher, ModelStoppedError, Outcome, QueueFullError, Ticket
 from server.metrics import ServerMetrics
 from server.monitoring import Monitor, PredictionEvent
-from server.preprocessing import PreprocessSpec, preprocess_bytes_info
+from server.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
 from server.settings import Settings
 
 
@@ -88,11 +88,15 @@ class Predictor:
     async def infer(self, blobs: list[bytes], ticket: Ticket) -> list[Outcome]:
         """Decode and classify; per image ``(Prepared, probabilities)`` or its decode error."""
         try:
-            return await self.batcher.predict(blobs, ticket)
+            outcomes = await self.batcher.predict(blobs, ticket)
         except ModelStoppedError:
             raise ApiError(
                 503, "shutting_down", "the server is shutting down", {"Retry-After": "1"}
             ) from None
+        for outcome in outcomes:
+            if isinstance(outcome, Exception) and not isinstance(outcome, ImageDecodeError):
+                raise outcome  # a server fault: this request answers 500, the batch goes on
+        return outcomes
 
     def describe(self, probs: np.ndarray) -> Prediction:
         """One row of probabilities -> label, confidence and the per-class dict."""

@@ -169,3 +169,32 @@ def test_liveness_answers_while_predictions_run(make_app):
     assert ready.status_code == 200
     assert pending >= 4  # liveness was answered before most predictions finished
     assert all(r.status_code == 200 for r in results)
+
+
+def test_a_failing_image_fails_only_its_own_request(make_app):
+    app = make_app(max_batch_size=8)
+    poison = image_bytes((1, 2, 3))
+
+    async def scenario():
+        async with serve(app) as client:
+            sizes = slow_down(app, 0.1)
+            batcher = app.state.batcher
+            inner = batcher.prepare
+
+            def prepare(blob):
+                if blob == poison:
+                    raise RuntimeError("a bug in decoding")
+                return inner(blob)
+
+            batcher.prepare = prepare
+            first = asyncio.create_task(_predict(client, RED))  # occupies the model
+            await asyncio.sleep(0.03)
+            bad = client.post("/predict", content=poison, headers=JPEG)
+            rest = [_predict(client, BLUE) for _ in range(4)]
+            responses = await asyncio.gather(first, bad, *rest)
+            return sizes, responses
+
+    sizes, responses = run(scenario())
+    assert [r.status_code for r in responses] == [200, 500, 200, 200, 200, 200]
+    assert responses[1].json()["error"]["code"] == "internal_error"
+    assert max(sizes) == 4  # the failing image shared a batch with the four good ones
