@@ -84,8 +84,8 @@ class AugmentedImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = decode_image(Path(self.paths[i]).read_bytes())
-        arr = np.asarray(self.transform(img), dtype=np.uint8)  # (H, W, 3)
-        return torch.from_numpy(np.ascontiguousarray(arr)), self.labels[i]
+        arr = np.array(self.transform(img), dtype=np.uint8)  # (H, W, 3), a writable copy
+        return torch.from_numpy(arr), self.labels[i]
 
 
 def load_splits(manifest: list[dict[str, Any]]) -> tuple[list[str], dict[str, tuple[list, list]]]:
