@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,34 @@ def test_requirements_serve_has_no_training_stack():
         if line.strip() and not line.startswith("#")
     }
     assert not names & {"torch", "torchvision", "mlflow", "dvc", "pytest", "onnx"}
+
+
+def test_ci_photos_lays_out_images_and_originals_and_skips_broken_files(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import ci_photos
+    finally:
+        sys.path.pop(0)
+    from PIL import Image
+
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (640, 480), RED).save(big, quality=90)
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(big, "PetImages/Cat/1.jpg")
+        zf.write(big, "PetImages/Dog/7.jpg")
+        zf.writestr("PetImages/Dog/8.jpg", b"")  # the public set has empty files
+        zf.writestr("PetImages/Dog/9.jpg", big.read_bytes()[:-400])  # and truncated ones
+    counts = ci_photos.extract(archive, tmp_path / "out", per_class=5, originals=1)
+    assert counts == {"cat": 1, "dog": 1}
+    assert sorted(
+        p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.jpg")
+    ) == [
+        "images/cat/cat.1.jpg",
+        "images/dog/dog.7.jpg",
+        "originals/cat/cat.1.jpg",
+        "originals/dog/dog.7.jpg",
+    ]
+    assert (tmp_path / "out/originals/cat/cat.1.jpg").read_bytes() == big.read_bytes()
+    with Image.open(tmp_path / "out/images/cat/cat.1.jpg") as small:
+        assert max(small.size) == 320
