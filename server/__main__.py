@@ -13,12 +13,17 @@ import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Mapping
 
 from server.settings import Settings, SettingsError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve the cat-or-dog ONNX model over HTTP. Every flag also has an "
+        "environment variable; flags win.",
+    )
     parser.add_argument("--model", dest="model_path", help="ONNX model file (MODEL_PATH)")
     parser.add_argument("--model-uri", help="e.g. models:/catsdogs@champion (MODEL_URI)")
     parser.add_argument("--host", help="bind address (HOST)")
@@ -27,6 +32,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, help="1 disables batching (MAX_BATCH_SIZE)")
     parser.add_argument("--intra-op-threads", type=int, help="0 = usable CPUs (INTRA_OP_THREADS)")
     return parser.parse_args(argv)
+
+
+def build_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """The environment's settings with the flags given on the command line laid over them."""
+    settings = Settings.from_env(environ)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    if args.model_path is not None and args.model_uri is None:
+        overrides["model_uri"] = ""  # an explicit file beats a MODEL_URI from the environment
+    return dataclasses.replace(settings, **overrides)
 
 
 def _exit_after_graceful_shutdown(signum: int, frame: object) -> None:
@@ -38,9 +52,7 @@ def _exit_after_graceful_shutdown(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        settings = Settings.from_env()
-        overrides = {k: v for k, v in vars(args).items() if v is not None}
-        settings = dataclasses.replace(settings, **overrides)
+        settings = build_settings(args)
     except SettingsError as exc:
         print(f"python -m server: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.__main__ import parse_args
+from server.__main__ import build_settings, parse_args
 from server.settings import Settings, SettingsError, _cgroup_cpu_quota, available_cpus
 
 pytestmark = pytest.mark.serve
@@ -68,9 +68,16 @@ def test_bad_values_name_the_variable(name, value):
 
 
 def test_cli_flags_override_environment():
+    env = {"PORT": "9000", "HOST": "10.0.0.1", "MAX_BATCH_SIZE": "4", "MODEL_URI": "models:/a@b"}
     args = parse_args(["--model", "x.onnx", "--host", "0.0.0.0", "--port", "1234"])
-    assert (args.model_path, args.host, args.port) == ("x.onnx", "0.0.0.0", 1234)
-    assert parse_args([]).model_path is None  # unset flags leave the environment alone
+    settings = build_settings(args, env)
+    assert (settings.model_path, settings.host, settings.port) == ("x.onnx", "0.0.0.0", 1234)
+    assert settings.model_uri == ""  # an explicit --model is what gets served
+    assert settings.model_source == "x.onnx"
+    assert settings.max_batch_size == 4  # unset flags leave the environment alone
+    assert build_settings(parse_args([]), env).model_source == "models:/a@b"
+    with pytest.raises(SettingsError, match="PORT"):
+        build_settings(parse_args(["--port", "99999"]), {})
 
 
 def test_cpu_count_respects_cgroup_quota(tmp_path: Path):
