@@ -321,6 +321,16 @@ def load_served_model(settings: Settings) -> InferenceModel:
     )
 
 
+def _sample_jpeg(side: int) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (side, side), (128, 128, 128)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -358,7 +368,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         max_queue_size=settings.max_queue_size,
         on_batch=on_batch,
     )
-    await asyncio.to_thread(batcher.warmup, contract.input_size)
+    await batcher.warmup(contract.input_size, _sample_jpeg(contract.input_size))
     monitor = monitoring.Monitor(settings, contract, app.state.registry)
     await monitor.start()
     batcher.start()

@@ -190,8 +190,16 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    def warmup(self, side: int) -> None:
-        """One blocking run per batch size the batcher can form, before the server is ready."""
+    async def warmup(self, side: int, sample: bytes) -> None:
+        """Before the server is ready: decode ``sample`` once and run every batch size once.
+
+        On the inference thread itself, so the first request finds its thread, the decoder
+        plugins and onnxruntime's buffers for each batch size all in place.
+        """
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._warmup, side, sample)
+
+    def _warmup(self, side: int, sample: bytes) -> None:
+        self.prepare(sample)
         for n in range(1, self.max_batch_size + 1):
             self.run(np.zeros((n, side, side, 3), dtype=np.uint8))
 
