@@ -508,7 +508,8 @@ def train(
     model.to(device="cpu", memory_format=torch.contiguous_format)
     save_checkpoint(model_path, model, meta)
 
-    tracker.call("log_metrics", {f"val_{k}": float(v) for k, v in val_metrics.items()})
+    # the kept (best) epoch's figures; per-epoch curves are train_*/val_* with step=epoch
+    tracker.call("log_metrics", {f"best_val_{k}": float(v) for k, v in val_metrics.items()})
     for name in ("metrics.json", "history.csv", "curves.png", "confusion_matrix.png"):
         tracker.call("log_artifact", str(report_dir / name), artifact_path="train")
     if data_report is not None and data_report.exists():

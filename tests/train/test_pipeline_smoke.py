@@ -1,0 +1,186 @@
+"""The train stage on a handful of photos (MLflow on and off), and the whole DVC pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.models import load_checkpoint
+
+pytestmark = pytest.mark.train
+
+ROOT = Path(__file__).resolve().parents[2]
+PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "images"
+VENV_BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600):
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        PYTHONPATH=str(ROOT),
+        **extra,
+    )
+    return env
+
+
+def tiny_params(tmp: Path, **train: object) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"].update(max_per_class=12, workers=1)
+    params["train"].update(
+        input_size=64, resize=72, epochs=3, patience=2, batch_size=8, augment_views=1, **train
+    )
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def prepared(tmp: Path, env: dict[str, str], params: Path) -> None:
+    (tmp / "data").mkdir(exist_ok=True)
+    (tmp / "data" / "source.yaml").write_text(f'source: "{PHOTOS}"\n')
+    for module in ("training.fetch", "training.prepare"):
+        out = run([sys.executable, "-m", module, "--params", str(params)], tmp, env)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["logreg", "mobilenet_v3_small"])
+def test_train_logs_everything_to_mlflow(tmp_path: Path, model: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = base_env(MLFLOW_TRACKING_URI=uri)
+    params = tiny_params(tmp_path, model=model, pretrained=False)
+    prepared(tmp_path, env, params)
+    out = run([sys.executable, "-m", "training.train", "--params", str(params)], tmp_path, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, meta = load_checkpoint(tmp_path / "models" / "checkpoint.pt")
+    assert meta["model_name"] == model
+    assert meta["class_names"] == ["cat", "dog"]
+    assert meta["mlflow_run_id"]
+    history = (tmp_path / "reports" / "train" / "history.csv").read_text().splitlines()
+    epochs = len(history) - 1
+    assert 1 <= epochs <= 3
+
+    client = MlflowClient(tracking_uri=uri)
+    run_ = client.get_run(meta["mlflow_run_id"])
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["train.model"] == model
+    assert run_.data.params["prepare.max_per_class"] == "12"
+    assert run_.data.tags["data_version"] == meta["data_version"]
+    assert run_.data.tags["git_commit"] == meta["git_commit"]
+    val_curve = client.get_metric_history(run_.info.run_id, "val_accuracy")
+    assert [m.step for m in val_curve] == list(range(1, epochs + 1))
+    assert run_.data.metrics["best_val_accuracy"] == meta["val_metrics"]["accuracy"]
+    artifacts = {
+        f.path
+        for d in ("train", "data", "checkpoint")
+        for f in client.list_artifacts(run_.info.run_id, d)
+    }
+    assert {
+        "train/curves.png",
+        "train/confusion_matrix.png",
+        "train/metrics.json",
+        "data/data.json",
+        "checkpoint/checkpoint.pt",
+    } <= artifacts
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server_only_warns(tmp_path: Path) -> None:
+    env = base_env(
+        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port()}",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+    )
+    params = tiny_params(tmp_path, model="logreg", pretrained=False)
+    prepared(tmp_path, env, params)
+    out = run([sys.executable, "-m", "training.train", "--params", str(params)], tmp_path, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MLflow tracking unavailable" in out.stderr
+    _, meta = load_checkpoint(tmp_path / "models" / "checkpoint.pt")
+    assert meta["mlflow_run_id"] == ""
+    metrics = json.loads((tmp_path / "reports" / "train" / "metrics.json").read_text())
+    assert 0 <= metrics["val"]["accuracy"] <= 1
+
+
+def copy_tracked_tree(dest: Path) -> None:
+    """The repository as a clone would have it: tracked and unignored files only."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, listed.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+@pytest.mark.slow
+def test_whole_pipeline_with_dvc_repro(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_tracked_tree(repo)
+    env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.pop("PYTHONPATH")  # the copy's own code runs (python -m from the repo root)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "copy"]):
+        assert run(cmd, repo, env).returncode == 0
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prepare"].update(max_per_class=20)
+    params["train"].update(input_size=96, resize=110, epochs=5, patience=3, batch_size=16)
+    if "export" in params:
+        params["export"].update(
+            quantize=False, parity_images=8, bench_runs=1, bench_warmup=0, calibration_images=8
+        )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "data").mkdir(exist_ok=True)
+    (repo / "data" / "source.yaml").write_text(f'source: "{PHOTOS}"\n')
+
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    target = [] if "evaluate" in stages else ["train"]
+    first = run(["dvc", "repro", *target], repo, env)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    _, meta = load_checkpoint(repo / "models" / "checkpoint.pt")
+    assert meta["model_name"] == "efficientnet_lite0"
+    assert meta["val_metrics"]["accuracy"] > 0.7  # a pretrained backbone, even on 40 photos
+    report = json.loads((repo / "reports" / "data.json").read_text())
+    assert report["per_class"] == {"cat": 20, "dog": 20}
+    if "evaluate" in stages:
+        metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+        assert metrics["n"] == report["per_split"]["test"]
+
+    second = run(["dvc", "repro", *target], repo, env)
+    assert second.returncode == 0, second.stderr[-4000:]
+    for stage in ("prepare", "train", *(["export", "evaluate"] if target == [] else [])):
+        assert f"Stage '{stage}' didn't change, skipping" in second.stdout, second.stdout
+    status = run(["dvc", "status"], repo, env)
+    assert "changed" not in status.stdout.replace("always changed", ""), status.stdout
+    shown = run(["dvc", "metrics", "show", "--json"], repo, env)
+    assert shown.returncode == 0
+    assert "reports/train/metrics.json" in shown.stdout
