@@ -81,7 +81,7 @@ def test_serving_image_recipe():
     assert copies == [
         "COPY --from=builder /opt/venv /opt/venv",
         "COPY server/ /app/server/",
-        "COPY ${MODEL} /app/models/model.onnx",
+        "COPY --chmod=0444 ${MODEL} /app/models/model.onnx",
     ]
     assert "ARG MODEL=models/model.onnx" in runtime
     user = re.findall(r"^USER (\S+)$", runtime, re.MULTILINE)
