@@ -212,7 +212,7 @@ def main() -> None:
         default=Path("../shared/data/catsdogs/images"),
         help="folder with one subfolder of photos per class",
     )
-    parser.add_argument("--per-class", type=int, default=6)
+    parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument(
         "--min-accuracy",
         type=float,
