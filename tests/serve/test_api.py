@@ -421,3 +421,45 @@ def test_model_uri_wins_over_model_path(settings, tiny_model):
     meta, path = run(scenario())
     assert path == tiny_model
     assert meta["lineage"]["source"] == tiny_model.as_uri()
+
+
+def test_octet_stream_body_is_an_image(settings):
+    async def scenario():
+        async with serve(create_app(settings)) as client:
+            headers = {"content-type": "application/octet-stream"}
+            return await client.post("/predict", content=image_bytes(BLUE), headers=headers)
+
+    response = run(scenario())
+    assert response.status_code == 200
+    assert response.json()["label"] == "dog"
+
+
+def test_uploads_never_touch_the_disk(settings, monkeypatch):
+    """A multi-megabyte multipart upload (Starlette would spool it to a file) stays in memory."""
+    import io
+    import tempfile
+
+    def no_files(*args, **kwargs):
+        raise AssertionError("an upload was written to a temporary file")
+
+    for name in ("SpooledTemporaryFile", "TemporaryFile", "NamedTemporaryFile", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, no_files)
+    noise = np.random.default_rng(0).bytes(1200 * 900 * 3)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (1200, 900), noise).save(buf, format="PNG")
+    noisy = buf.getvalue()
+    assert len(noisy) > 2 * 1024 * 1024
+
+    async def scenario():
+        async with serve(create_app(settings)) as client:
+            one = await client.post("/predict", files={"file": ("n.png", noisy)})
+            files = [("files", ("r.jpg", image_bytes(RED))), ("files", ("n.png", noisy))]
+            many = await client.post("/predict/batch", files=files)
+            return one, many
+
+    one, many = run(scenario())
+    assert one.status_code == 200
+    assert many.status_code == 200
+    labels = [e["label"] for e in many.json()["predictions"]]
+    assert labels[0] == "cat"
+    assert labels[1] in CLASS_NAMES
