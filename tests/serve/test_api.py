@@ -442,8 +442,11 @@ def test_uploads_never_touch_the_disk(settings, monkeypatch):
     def no_files(*args, **kwargs):
         raise AssertionError("an upload was written to a temporary file")
 
+    import starlette.formparsers
+
     for name in ("SpooledTemporaryFile", "TemporaryFile", "NamedTemporaryFile", "mkstemp"):
         monkeypatch.setattr(tempfile, name, no_files)
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", no_files)
     noise = np.random.default_rng(0).bytes(1200 * 900 * 3)
     buf = io.BytesIO()
     Image.frombytes("RGB", (1200, 900), noise).save(buf, format="PNG")
