@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -288,6 +289,12 @@ def test_openapi_describes_every_endpoint(settings):
                 assert method.lower() in spec["paths"][route.path]
     for path in ("/predict", "/predict/batch", "/v2/models/{name}/infer", "/feedback"):
         assert path in spec["paths"]
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(spec)))
+    assert refs
+    assert refs <= set(spec["components"]["schemas"])  # every reference resolves
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            assert operation["responses"], f"{method} {path} documents no response"
 
 
 def test_docs_served_from_local_files(settings):
