@@ -205,6 +205,7 @@ def embed_metadata(path: Path, meta: dict[str, str], dest: Path | None = None) -
     os.close(fd)
     try:
         onnx.save_model(model, tmp, save_as_external_data=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the server may run as another user
         os.replace(tmp, dest)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -108,6 +108,7 @@ def _fetch(url: str, dest: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
             shutil.copyfileobj(resp, out, length=1 << 20)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, dest)
     except urllib.error.HTTPError as exc:
         raise RegistryError(f"download {url} answered {exc.code}") from exc

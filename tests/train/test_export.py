@@ -264,6 +264,8 @@ def test_stage_report_has_int8_latency_and_parity(stage: dict[str, Path]) -> Non
     assert int8.contract.extra["quantization"] == "int8_qdq"
     assert int8.contract.extra["metrics"]["accuracy"] == report["accuracy"]["int8"]
     assert report["files"]["served"]["bytes"] == stage["out"].stat().st_size
+    for path in (stage["out"], stage["int8"] / "model.int8.onnx"):
+        assert path.stat().st_mode & 0o044 == 0o044  # readable by a server running as another user
 
 
 def test_metrics_in_file_equal_evaluate_stage(stage: dict[str, Path], tmp_path: Path) -> None:
