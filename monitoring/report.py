@@ -48,7 +48,10 @@ def load_reference(model: str | None, reference: str | None) -> dict[str, Any] |
 
     meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
     raw = meta.custom_metadata_map.get("reference_stats")
-    return json.loads(raw) if raw else None
+    if not raw:
+        log.warning("model %s carries no reference_stats; drift is not scored", path)
+        return None
+    return json.loads(raw)
 
 
 def read_version(conn: sqlite3.Connection, version: str, since: float | None) -> dict[str, Any]:
