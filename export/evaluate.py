@@ -88,7 +88,11 @@ def write_plots(ev: Evaluation, out_dir: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # our own progress at INFO; libraries (onnxruntime's quantizer logs per weight) at WARNING
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("export").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(prog="python -m export.evaluate", description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--model", type=Path, required=True)

@@ -345,7 +345,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # our own progress at INFO; libraries (onnxruntime's quantizer logs per weight) at WARNING
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("export").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(prog="python -m export.export", description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--checkpoint", type=Path, required=True)
