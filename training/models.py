@@ -156,6 +156,11 @@ def build_model(
         from torchvision.models import mobilenet_v3_small
 
         net = mobilenet_v3_small(weights=None, num_classes=num_classes, dropout=dropout)
+        for m in net.modules():
+            # torchvision's BatchNorm momentum (0.01) suits long ImageNet runs; over a few
+            # hundred steps the running statistics lag so far that eval-mode outputs collapse
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
         backbone = nn.Sequential(net.features, net.avgpool, nn.Flatten(1))  # (N, 576)
         head = net.classifier
     else:

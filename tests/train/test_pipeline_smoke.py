@@ -42,9 +42,8 @@ def base_env(**extra: str) -> dict[str, str]:
 def tiny_params(tmp: Path, **train: object) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare"].update(max_per_class=12, workers=1)
-    params["train"].update(
-        input_size=64, resize=72, epochs=3, patience=2, batch_size=8, augment_views=1, **train
-    )
+    defaults = {"input_size": 64, "resize": 72, "epochs": 3, "patience": 2, "batch_size": 8}
+    params["train"].update({"augment_views": 1, **defaults, **train})
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -184,3 +183,30 @@ def test_whole_pipeline_with_dvc_repro(tmp_path: Path) -> None:
     shown = run(["dvc", "metrics", "show", "--json"], repo, env)
     assert shown.returncode == 0
     assert "reports/train/metrics.json" in shown.stdout
+
+
+@pytest.mark.slow
+def test_fine_tuning_the_last_blocks_changes_them(tmp_path: Path) -> None:
+    import torch
+
+    env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = tiny_params(tmp_path, epochs=2, fine_tune_blocks=1, fine_tune_epochs=1)
+    prepared(tmp_path, env, params)
+    out = run([sys.executable, "-m", "training.train", "--params", str(params)], tmp_path, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    model, meta = load_checkpoint(tmp_path / "models" / "checkpoint.pt")
+    history = (tmp_path / "reports" / "train" / "history.csv").read_text().splitlines()
+    assert len(history) - 1 == 3  # 2 head epochs + 1 fine-tuning epoch
+    from training.models import build_model, default_spec
+
+    fresh = build_model(
+        "efficientnet_lite0", 2, pretrained=True, spec=default_spec("efficientnet_lite0", 64, 72)
+    )
+    tuned = dict(model.backbone.net.named_parameters())
+    start = dict(fresh.backbone.net.named_parameters())
+    n_blocks = len(model.backbone.net._blocks)
+    for name, value in tuned.items():
+        changed = not torch.equal(value, start[name])
+        in_tail = name.startswith((f"_blocks.{n_blocks - 1}.", "_conv_head", "_bn1"))
+        assert changed == in_tail or (in_tail and "bn" in name), name
+    assert meta["params"]["fine_tune_blocks"] == 1
