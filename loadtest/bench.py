@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -24,6 +25,8 @@ import logging
 import math
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,26 +58,27 @@ TARGETS = {  # issue 4's acceptance figures
 }
 
 METHOD = """\
-All figures come from one `make bench` run on the machine above; the variants are interleaved
-(for each concurrency level every server takes its turn) and the HTTP sweep is bracketed by two
-in-process rounds, so drift of the shared machine hits all alike.
-In-process: the server's own `preprocess_bytes` (decode, EXIF, resize, centre crop) and its own
-`load_model` session (same session options and intra-op threads as the server), one photo at a time
-at batch 1 over all photos, then all photos in batches of 8, 16 and 32 (decode included).
-HTTP: the server as users run it (`python -m server`, its default settings but the ones named),
-driven by an asyncio HTTP/1.1 client in a separate process with keep-alive connections and
-prebuilt multipart `POST /predict` requests cycling over the same photos; closed loop (each
-connection sends its next request when the last is answered), a warm-up second discarded, then
-a fixed window. Latency is from the first byte sent to the last byte received; only 200 answers
-whose body is a prediction count as successes; images/s counts successes in the window.
-The client's own CPU share is reported: on 2 cores it competes with the server, so HTTP figures
-include the cost of the client, as a co-located client would.
-Ratios are conservative: HTTP p50 at c=1 is divided by the *lower* in-process p50 of the two
-rounds, HTTP throughput at c=16 by the *highest* in-process batched throughput of any round or size.
-Memory is the server's VmHWM (peak resident set) from /proc after the whole sweep up to c=32.
+All figures come from one `make bench` run on the machine above, which is shared and whose speed
+drifts by tens of percent within minutes; so nothing is compared across time. The servers' variants
+are interleaved (for each concurrency level every server takes its turn), and the two target ratios
+come from pairs measured back to back: in-process, then HTTP, then the other way round, three times;
+each target ratio is the median of its three paired ratios (every pair is in the report).
+In-process: a worker process in the serving environment with the server's own `load_model` session
+(same session options and intra-op threads) and its own `preprocess_bytes` (decode, EXIF, resize,
+centre crop), one photo at a time at batch 1 over all photos, and all photos in batches of 8, 16
+and 32 with decoding included; "best batched" is the fastest of the three sizes in that pair.
+The full in-process table is measured before and after the HTTP part.
+HTTP: the server as users run it (`python -m server`, its defaults but the settings named), driven
+by an asyncio HTTP/1.1 client in a separate process with keep-alive connections and prebuilt
+multipart `POST /predict` requests cycling over the same photos; closed loop (each connection sends
+its next request when the last is answered), a warm-up second discarded, then a fixed window.
+Latency is from the first byte sent to the last byte received; only 200 answers whose body is a
+prediction count as successes; images/s counts successes in the window. The client's CPU share is
+reported: on 2 cores it competes with the server, as a co-located client would.
+Memory is the server's VmHWM (peak resident set) from /proc after the sweep to c=32 and the pairs.
 Time to ready is from spawning the process to the first 200 of `/health/ready` (polled every 20 ms).
-Overload: a fresh server with a small MAX_QUEUE_SIZE gets an open-loop request rate a few times
-its measured capacity; accepted requests must stay bounded and the rest must be refused fast (503).
+Overload: a fresh server with a small MAX_QUEUE_SIZE is offered an open-loop request rate a few
+times its measured capacity; accepted requests must stay bounded and the rest must be refused fast.
 """
 
 
@@ -118,7 +122,7 @@ def model_info(path: Path) -> dict[str, Any]:
         "import json, sys, onnxruntime as ort; "
         "m = ort.InferenceSession(sys.argv[1]).get_modelmeta().custom_metadata_map; "
         "print(json.dumps({k: m.get(k) for k in ('model_name', 'model_version', 'input_size', "
-        "'quantization')}))"
+        "'quantization', 'mlflow_run_id')}))"
     )
     meta = json.loads(subprocess.check_output([str(SERVE_PYTHON), "-c", probe, str(path)]))
     return {"path": str(path), "sha256": sha256(path), "bytes": path.stat().st_size, **meta}
@@ -130,10 +134,44 @@ def run_json(cmd: list[str], out: Path, timeout_s: float) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
-def inprocess(model: Path, photos: Path, threads: int, scratch: Path, tag: str) -> dict[str, Any]:
-    cmd = [str(SERVE_PYTHON), "-m", "loadtest.inprocess", "--model", str(model)]
-    cmd += ["--photos", str(photos), "--threads", str(threads)]
-    return run_json(cmd, scratch / f"inprocess-{tag}.json", timeout_s=180)
+class InprocessWorker:
+    """``loadtest.inprocess --worker`` in .venv-serve: a loaded session that measures on demand."""
+
+    def __init__(self, model: Path, photos: Path, threads: int) -> None:
+        cmd = [str(SERVE_PYTHON), "-m", "loadtest.inprocess", "--worker", "--model", str(model)]
+        cmd += ["--photos", str(photos), "--threads", str(threads)]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.header = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the in-process worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def call(self, op: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.call_quit()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def call_quit(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+        self.proc.stdin.close()
 
 
 def torch_reference(
@@ -219,25 +257,59 @@ def ratio(key: str, value: float) -> dict[str, Any]:
     return {"label": label, "value": value, "op": op, "target": target, "met": bool(met)}
 
 
+def best_batched(run: dict[str, Any]) -> float:
+    return max(b["images_per_s"] for b in run["batched"])
+
+
+def paired(
+    worker: InprocessWorker, server: ServerProcess, photos: list[tuple[str, bytes]],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """In-process and HTTP back to back, alternating which goes first: one ratio per pair."""
+    host = server.url.removeprefix("http://")
+    reqs = [loadgen.predict_request(host, n, d) for n, d in photos]
+    pairs = []
+    for i in range(args.pairs):
+        steps: list[tuple[str, Any]] = [
+            ("inproc_c1", lambda: worker.call("per_image")),
+            ("http_c1", lambda: measure_level(server, reqs, 1, args)),
+            ("inproc_batched", lambda: worker.call("batched")),
+            ("http_c16", lambda: measure_level(server, reqs, 16, args)),
+        ]
+        order = steps if i % 2 == 0 else [steps[1], steps[0], steps[3], steps[2]]
+        got = {name: fn() for name, fn in order}
+        pair = {
+            "inprocess_p50_ms": got["inproc_c1"]["latency_ms"]["p50"],
+            "http_c1_p50_ms": got["http_c1"]["latency_ms"]["p50"],
+            "inprocess_best_batched_ips": best_batched(got["inproc_batched"]),
+            "http_c16_ips": got["http_c16"]["images_per_s"],
+            "http_errors": got["http_c1"]["errors"] + got["http_c16"]["errors"],
+        }
+        pair["latency_ratio"] = pair["http_c1_p50_ms"] / pair["inprocess_p50_ms"]
+        pair["throughput_ratio"] = pair["http_c16_ips"] / pair["inprocess_best_batched_ips"]
+        log.info(
+            "pair %d: p50 %.1f ms HTTP / %.1f ms in-process = %.2f; %.1f img/s HTTP c=16 / "
+            "%.1f img/s batched = %.2f", i + 1, pair["http_c1_p50_ms"], pair["inprocess_p50_ms"],
+            pair["latency_ratio"], pair["http_c16_ips"], pair["inprocess_best_batched_ips"],
+            pair["throughput_ratio"],
+        )  # fmt: skip
+        pairs.append(pair)
+    return pairs
+
+
 def ratios(result: dict[str, Any]) -> dict[str, Any]:
-    base = result["inprocess"]
-    http = result["http"]["fp32 batching"]
-    by_c = {lv["concurrency"]: lv for lv in http}
-    p50_inproc = min(r["per_image"]["latency_ms"]["p50"] for r in base)
-    best_batched = max(b["images_per_s"] for r in base for b in r["batched"])
-    out = {}
-    if 1 in by_c:
-        out["http_p50_c1_over_inprocess_p50"] = ratio(
-            "http_p50_c1_over_inprocess_p50", by_c[1]["latency_ms"]["p50"] / p50_inproc
-        )
-    if 16 in by_c:
-        out["http_c16_over_best_batched"] = ratio(
-            "http_c16_over_best_batched", by_c[16]["images_per_s"] / best_batched
-        )
+    pairs = result["pairs"]
     server = result["servers"]["fp32 batching"]
-    out["server_peak_rss_mb"] = ratio("server_peak_rss_mb", server["peak_rss_mb"])
-    out["time_to_ready_s"] = ratio("time_to_ready_s", server["ready_s"])
-    return out
+    return {
+        "http_p50_c1_over_inprocess_p50": ratio(
+            "http_p50_c1_over_inprocess_p50", statistics.median(p["latency_ratio"] for p in pairs)
+        ),
+        "http_c16_over_best_batched": ratio(
+            "http_c16_over_best_batched", statistics.median(p["throughput_ratio"] for p in pairs)
+        ),
+        "server_peak_rss_mb": ratio("server_peak_rss_mb", server["peak_rss_mb"]),
+        "time_to_ready_s": ratio("time_to_ready_s", server["ready_s"]),
+    }
 
 
 def http_sweep(
@@ -245,6 +317,7 @@ def http_sweep(
     photos: list[tuple[str, bytes]],
     args: argparse.Namespace,
     result: dict[str, Any],
+    worker: InprocessWorker,
 ) -> None:
     servers: dict[str, ServerProcess] = {}
     try:
@@ -264,6 +337,7 @@ def http_sweep(
                     name, c, level["latency_ms"]["p50"], level["latency_ms"]["p99"],
                     level["images_per_s"], level["errors"],
                 )  # fmt: skip
+        result["pairs"] = paired(worker, servers["fp32 batching"], photos, args)
         host = servers["fp32 batching"].url
         ceiling = asyncio.run(
             loadgen.closed_loop(host, [loadgen.get_request(host[7:], "/health/live")], 16, 2.0, 0.5)
@@ -279,6 +353,29 @@ def http_sweep(
                 "ready_s": server.ready_s, "peak_rss_mb": peak, "alive_at_end": alive,
                 "exit_code": code, "env": variants[name][1],
             }  # fmt: skip
+
+
+def measured(
+    worker: InprocessWorker, model: Path, int8: Path | None, photos: list[tuple[str, bytes]],
+    args: argparse.Namespace, result: dict[str, Any], scratch: Path, threads: int,
+) -> None:  # fmt: skip
+    """The HTTP part: the servers' sweep with the in-process pairs, then the overload run."""
+    base_env = {"INTRA_OP_THREADS": str(threads)}
+    variants = {
+        "fp32 batching": (model, {**base_env, "PREDICTION_LOG_PATH": str(scratch / "a.db")}),
+        "fp32 no batching": (
+            model,
+            {**base_env, "MAX_BATCH_SIZE": "1", "PREDICTION_LOG_PATH": str(scratch / "b.db")},
+        ),
+    }
+    if int8:
+        variants["int8 batching"] = (
+            int8, {**base_env, "PREDICTION_LOG_PATH": str(scratch / "c.db")}
+        )  # fmt: skip
+    http_sweep(variants, photos, args, result, worker)
+    by_c = {lv["concurrency"]: lv for lv in result["http"]["fp32 batching"]}
+    capacity = max(lv["requests_per_s"] for lv in by_c.values())
+    result["overload"] = overload(model, photos, capacity, args, scratch, threads)
 
 
 def main() -> None:
@@ -297,6 +394,7 @@ def main() -> None:
     parser.add_argument("--overload-queue", type=int, default=8)
     parser.add_argument("--overload-duration", type=float, default=8.0)
     parser.add_argument("--torch-photos", type=int, default=100)
+    parser.add_argument("--pairs", type=int, default=3, help="in-process/HTTP pairs for the ratios")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
@@ -313,8 +411,6 @@ def main() -> None:
     result: dict[str, Any] = {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "model": model_info(model),
-        "int8_model": model_info(int8) if int8 else None,
         "settings": {
             "intra_op_threads": threads,
             "photos": len(photos),
@@ -328,30 +424,34 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         scratch = Path(tmp)
-        result["inprocess"] = [inprocess(model, args.photos, threads, scratch, "fp32-1")]
+        # every stage of the run uses one snapshot, even if the pipeline rewrites models/ meanwhile
+        model = Path(shutil.copy2(model, scratch / "model.onnx"))
+        int8 = Path(shutil.copy2(int8, scratch / "model.int8.onnx")) if int8 else None
+        result["model"] = {**model_info(model), "path": str(args.model)}
+        result["int8_model"] = {**model_info(int8), "path": str(args.int8_model)} if int8 else None
         if int8:
-            result["inprocess_int8"] = inprocess(int8, args.photos, threads, scratch, "int8")
-        base_env = {"INTRA_OP_THREADS": str(threads)}
-        variants = {
-            "fp32 batching": (model, {**base_env, "PREDICTION_LOG_PATH": str(scratch / "a.db")}),
-            "fp32 no batching": (
-                model,
-                {**base_env, "MAX_BATCH_SIZE": "1", "PREDICTION_LOG_PATH": str(scratch / "b.db")},
-            ),
-        }
-        if int8:
-            variants["int8 batching"] = (
-                int8, {**base_env, "PREDICTION_LOG_PATH": str(scratch / "c.db")}
-            )  # fmt: skip
-        http_sweep(variants, photos, args, result)
-        by_c = {lv["concurrency"]: lv for lv in result["http"]["fp32 batching"]}
-        capacity = max(lv["requests_per_s"] for lv in by_c.values())
-        result["overload"] = overload(model, photos, capacity, args, scratch, threads)
-        result["inprocess"].append(inprocess(model, args.photos, threads, scratch, "fp32-2"))
+            int8_worker = InprocessWorker(int8, args.photos, threads)
+            try:
+                result["inprocess_int8"] = int8_worker.call("full")
+            finally:
+                int8_worker.close()
+        worker = InprocessWorker(model, args.photos, threads)
+        try:
+            result["inprocess"] = [worker.call("full")]
+            measured(worker, model, int8, photos, args, result, scratch, threads)
+            result["inprocess"].append(worker.call("full"))
+        finally:
+            worker.close()
         if not args.no_torch:
-            result["torch_eager"] = torch_reference(
-                args.checkpoint.resolve(), args.photos, threads, args.torch_photos, scratch
-            )
+            checkpoint = args.checkpoint.resolve()
+            if checkpoint.is_file():
+                checkpoint = Path(shutil.copy2(checkpoint, scratch / "checkpoint.pt"))
+            ref = torch_reference(checkpoint, args.photos, threads, args.torch_photos, scratch)
+            if "mlflow_run_id" in ref:
+                ref["same_run_as_onnx"] = ref["mlflow_run_id"] == result["model"].get(
+                    "mlflow_run_id"
+                )
+            result["torch_eager"] = ref
     result["ratios"] = ratios(result)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["elapsed_s"] = time.perf_counter() - started

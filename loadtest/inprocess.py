@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,6 +89,33 @@ def measure(
     }
 
 
+def serve_commands(
+    run: RunFn, photos: Sequence[bytes], spec: PreprocessSpec, sizes: Sequence[int], header: dict
+) -> None:
+    """Worker mode: one JSON command per stdin line, one JSON answer per stdout line.
+
+    The benchmark keeps this process (and its loaded session) alive for the whole run, so it can
+    interleave in-process measurements with HTTP ones at no start-up cost:
+    ops ``full``, ``per_image``, ``batched`` (all sizes) and ``quit``, as ``{"op": "..."}``.
+    """
+    for size in (1, *sizes):  # warm every shape once, as the server does before ready
+        run(np.stack([preprocess_bytes(photos[0], spec)] * size))
+    print(json.dumps({"ready": True, **header}), flush=True)
+    for line in sys.stdin:
+        op = json.loads(line).get("op")
+        if op == "quit":
+            break
+        if op == "full":
+            answer = {**header, **measure(run, photos, spec, sizes)}
+        elif op == "per_image":
+            answer = per_image(run, photos, spec)
+        elif op == "batched":
+            answer = {"batched": [batched(run, photos, spec, size) for size in sizes]}
+        else:
+            answer = {"error": f"unknown op {op!r}"}
+        print(json.dumps(answer), flush=True)
+
+
 def main() -> None:
     from server.inference import load_model
     from server.settings import available_cpus
@@ -97,19 +125,20 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
     parser.add_argument("--threads", type=int, default=0, help="0 = as the server: usable CPUs")
     parser.add_argument("--batch-sizes", default="8,16,32")
-    parser.add_argument("--out", type=Path, required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="measure once, write JSON here")
+    target.add_argument("--worker", action="store_true", help="answer commands on stdin")
     args = parser.parse_args()
     threads = args.threads or available_cpus()
     model = load_model(args.model, intra_op_threads=threads)
     photos = load_photos(args.photos)
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
-    result = {
-        "runtime": "onnxruntime",
-        "threads": threads,
-        "photos": len(photos),
-        **measure(model.run, photos, model.contract.preprocessing, sizes),
-    }
-    args.out.write_text(json.dumps(result, indent=2))
+    header = {"runtime": "onnxruntime", "threads": threads, "photos": len(photos)}
+    spec = model.contract.preprocessing
+    if args.worker:
+        serve_commands(model.run, photos, spec, sizes, header)
+        return
+    args.out.write_text(json.dumps({**header, **measure(model.run, photos, spec, sizes)}, indent=2))
 
 
 if __name__ == "__main__":

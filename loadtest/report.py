@@ -40,7 +40,10 @@ def inprocess_rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         rows.append(("onnxruntime int8", result["inprocess_int8"]))
     torch = result.get("torch_eager") or {}
     if "per_image" in torch:
-        rows.append((torch.get("runtime", "torch eager"), torch))
+        label = torch.get("runtime", "torch eager")
+        if torch.get("same_run_as_onnx") is False:
+            label += " (checkpoint of another training run)"
+        rows.append((label, torch))
     return rows
 
 
@@ -77,6 +80,22 @@ def markdown(result: dict[str, Any]) -> str:
             for r in ratios.values()
         ]  # fmt: skip
         out += _table(["measure", "value", "target", "met"], rows)
+        out.append("")
+
+    pairs = result.get("pairs", [])
+    if pairs:
+        out += ["## Paired measurements (the target ratios are their medians)", ""]
+        rows = [
+            [str(i), _f(p["inprocess_p50_ms"]), _f(p["http_c1_p50_ms"]), _f(p["latency_ratio"], 3),
+             _f(p["inprocess_best_batched_ips"]), _f(p["http_c16_ips"]),
+             _f(p["throughput_ratio"], 3), str(p["http_errors"])]
+            for i, p in enumerate(pairs, 1)
+        ]  # fmt: skip
+        out += _table(
+            ["pair", "in-process p50 ms", "HTTP c=1 p50 ms", "ratio",
+             "in-process best batched img/s", "HTTP c=16 img/s", "ratio", "HTTP errors"],
+            rows,
+        )  # fmt: skip
         out.append("")
 
     rows = []
@@ -159,6 +178,9 @@ def markdown(result: dict[str, Any]) -> str:
             "(same client, same server)."
         )
         out.append("")
+    torch = result.get("torch_eager") or {}
+    if "skipped" in torch:
+        out += [f"PyTorch eager reference skipped: {torch['skipped']}.", ""]
     if result.get("method"):
         out += ["## Method", "", result["method"], ""]
     return "\n".join(out)
@@ -188,6 +210,7 @@ def plot_concurrency(result: dict[str, Any], path: Path) -> None:
     ax_lat.set_yscale("log")
     ax_lat.set_ylabel("latency per request, ms")
     ax_tput.set_ylabel("images / s")
+    ax_tput.set_ylim(bottom=0)  # differences of a few percent must not look like a cliff
     ax_lat.legend(fontsize=7)
     ax_tput.legend(fontsize=7)
     fig.suptitle("HTTP server: latency and throughput vs concurrency")

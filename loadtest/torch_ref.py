@@ -47,6 +47,7 @@ def main() -> None:
         "runtime": f"torch {torch.__version__} eager",
         "threads": args.threads,
         "photos": len(photos),
+        "mlflow_run_id": meta.get("mlflow_run_id"),  # to check it is the ONNX file's own run
         **measure(run, photos, spec, sizes),
     }
     args.out.write_text(json.dumps(result, indent=2))
