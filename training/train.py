@@ -379,9 +379,9 @@ def train(
         params.model, params.input_size, params.resize, interpolation=params.interpolation
     )
     options = {"dropout": params.dropout, "logreg_pool": params.logreg_pool}
-    model = build_model(
-        params.model, len(class_names), pretrained=params.pretrained, spec=spec, **options
-    )
+    # only EfficientNet-Lite0 has offline weights; the others always start from scratch
+    pretrained = params.pretrained and params.model == "efficientnet_lite0"
+    model = build_model(params.model, len(class_names), pretrained=pretrained, spec=spec, **options)
     model.to(device=device, memory_format=torch.channels_last)
     data_version = sha256_file(manifest_path)
     commit = git_commit()
@@ -421,9 +421,7 @@ def train(
 
     train_paths, train_labels = splits["train"]
     val_set = EvalImages(*splits["val"], spec)
-    frozen = params.model == "logreg" or (
-        params.model == "efficientnet_lite0" and params.pretrained
-    )
+    frozen = params.model == "logreg" or pretrained  # nothing to learn in the backbone
     if frozen:
         parts = [EvalImages(train_paths, train_labels, spec)]
         parts += [

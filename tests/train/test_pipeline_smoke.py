@@ -113,7 +113,7 @@ def test_unreachable_tracking_server_only_warns(tmp_path: Path) -> None:
         MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
         MLFLOW_HTTP_REQUEST_TIMEOUT="5",
     )
-    params = tiny_params(tmp_path, model="logreg", pretrained=False)
+    params = tiny_params(tmp_path, model="logreg")  # train.pretrained: EfficientNet only
     prepared(tmp_path, env, params)
     out = run([sys.executable, "-m", "training.train", "--params", str(params)], tmp_path, env)
     assert out.returncode == 0, out.stderr[-3000:]
