@@ -427,6 +427,9 @@ def main() -> None:
         # every stage of the run uses one snapshot, even if the pipeline rewrites models/ meanwhile
         model = Path(shutil.copy2(model, scratch / "model.onnx"))
         int8 = Path(shutil.copy2(int8, scratch / "model.int8.onnx")) if int8 else None
+        checkpoint = args.checkpoint.resolve()
+        if checkpoint.is_file():
+            checkpoint = Path(shutil.copy2(checkpoint, scratch / "checkpoint.pt"))
         result["model"] = {**model_info(model), "path": str(args.model)}
         result["int8_model"] = {**model_info(int8), "path": str(args.int8_model)} if int8 else None
         if int8:
@@ -443,9 +446,6 @@ def main() -> None:
         finally:
             worker.close()
         if not args.no_torch:
-            checkpoint = args.checkpoint.resolve()
-            if checkpoint.is_file():
-                checkpoint = Path(shutil.copy2(checkpoint, scratch / "checkpoint.pt"))
             ref = torch_reference(checkpoint, args.photos, threads, args.torch_photos, scratch)
             if "mlflow_run_id" in ref:
                 ref["same_run_as_onnx"] = ref["mlflow_run_id"] == result["model"].get(

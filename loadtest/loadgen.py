@@ -50,6 +50,7 @@ class Sample:
     status: int  # HTTP status, or one of the STATUS_* codes above
     ok: bool  # status 200 and a body that parses as a prediction
     images: int
+    detail: str = ""  # for STATUS_CONN_ERROR: the exception's class name
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RunResult:
             "ok": len(ok),
             "errors": len(self.samples) - len(ok),
             "statuses": dict(sorted(statuses.items())),
+            "connection_errors": dict(Counter(s.detail for s in self.samples if s.detail)),
             "latency_ms": summarize_ms([s.latency for s in ok]),
             "rejected_latency_ms": summarize_ms(rejected),
             "requests_per_s": len(ok) / window,
@@ -171,6 +173,10 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def send(self, req: Request) -> Sample:
+        if self.reader is not None and self.reader.at_eof():
+            # the server closed this idle keep-alive connection (uvicorn: after 5 s idle); like
+            # urllib3, check before reuse instead of counting the server's normal close as an error
+            await self.close()
         start = time.perf_counter()
         try:
             if self.writer is None:
@@ -183,9 +189,11 @@ class Connection:
         except TimeoutError:
             await self.close()
             return Sample(start, time.perf_counter() - start, STATUS_TIMEOUT, False, req.images)
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
             await self.close()
-            return Sample(start, time.perf_counter() - start, STATUS_CONN_ERROR, False, req.images)
+            latency = time.perf_counter() - start
+            detail = type(exc).__name__
+            return Sample(start, latency, STATUS_CONN_ERROR, False, req.images, detail)
         latency = time.perf_counter() - start
         if not keep:
             await self.close()

@@ -170,6 +170,8 @@ def markdown(result: dict[str, Any]) -> str:
         )  # fmt: skip
         out.append("")
 
+    if ov and ov.get("connection_errors"):
+        out += [f"Connection errors in the overload run: {ov['connection_errors']}.", ""]
     ceiling = result.get("client_ceiling")
     if ceiling:
         out.append(
