@@ -214,3 +214,24 @@ def test_index_cache_is_only_a_shortcut(tmp_path: Path) -> None:
 def test_missing_source_file_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="make pipeline"):
         fetch.read_source(tmp_path / "source.yaml")
+
+
+def test_main_downloads_extracts_and_indexes(served_zip, tmp_path, monkeypatch) -> None:
+    url, _ = served_zip()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    Path("params.yaml").write_text(
+        f"fetch:\n  url: {url}\n  sha256: {served_zip.sha256}\n  size: {len(served_zip.data)}\n"
+        "  download_dir: data/download\n  timeout_s: 10.0\n"
+    )
+    Path("data").mkdir()
+    Path("data/source.yaml").write_text('source: "download"\n')
+    fetch.main([])
+    rows = read_index(Path("data/raw/index.csv"))
+    assert len(rows) == 8
+    assert {r.label for r in rows} == {"cat", "dog"}
+    assert all(r.path.startswith("data/download/extracted/PetImages/") for r in rows)
+    assert Path("data/download/kagglecatsanddogs.zip").read_bytes() == served_zip.data
+    fetch.main([])  # verified zip and extraction are reused
+    assert read_index(Path("data/raw/index.csv")) == rows
