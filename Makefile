@@ -63,9 +63,10 @@ venvs: venv-train venv-serve venv-serve-tools venv-load
 # ---------------------------------------------------------------- pipeline
 # DATA=/path/to/folder picks a local photo folder; empty means "download the public set".
 # The choice is written to data/source.yaml only when it changes, and DVC tracks it as a param.
+# A relative DATA stays relative to the repo root, so dvc.lock reads the same in every clone.
 data-source:
 	mkdir -p data
-	printf 'source: "%s"\n' "$(if $(DATA),$(abspath $(DATA)),download)" > data/source.yaml.new
+	printf 'source: "%s"\n' "$(if $(DATA),$(DATA),download)" > data/source.yaml.new
 	cmp -s data/source.yaml.new data/source.yaml && rm data/source.yaml.new || mv data/source.yaml.new data/source.yaml
 
 pipeline: venv-train data-source ## run the DVC pipeline (fetch, prepare, train, export, evaluate)
@@ -99,7 +100,7 @@ lint: venv-train ## ruff
 test-serve: venv-serve-tools ## serving suite, on .venv-serve (import torch fails there)
 	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) -m pytest tests/serve -q
 
-test-train: venv-train ## training, export and pipeline suite
+test-train: venv-train venv-serve ## training, export and pipeline suite
 	$(TRAIN_PY) -m pytest tests/train -q
 
 test-load: venv-load ## load tooling suite
