@@ -90,6 +90,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def shown(path: Path) -> str:
+    """A path as the report shows it: relative to the project when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def machine_info() -> dict[str, Any]:
     cpu_model = "unknown"
     with open("/proc/cpuinfo") as fh:
@@ -430,8 +436,10 @@ def main() -> None:
         checkpoint = args.checkpoint.resolve()
         if checkpoint.is_file():
             checkpoint = Path(shutil.copy2(checkpoint, scratch / "checkpoint.pt"))
-        result["model"] = {**model_info(model), "path": str(args.model)}
-        result["int8_model"] = {**model_info(int8), "path": str(args.int8_model)} if int8 else None
+        result["model"] = {**model_info(model), "path": shown(args.model)}
+        result["int8_model"] = (
+            {**model_info(int8), "path": shown(args.int8_model)} if int8 else None
+        )
         if int8:
             int8_worker = InprocessWorker(int8, args.photos, threads)
             try:
