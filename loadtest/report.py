@@ -217,7 +217,13 @@ def plot_concurrency(result: dict[str, Any], path: Path) -> None:
     ax_tput.legend(fontsize=7)
     fig.suptitle("HTTP server: latency and throughput vs concurrency")
     fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """PNG for the report, and an SVG twin: vector, diffable, fit to commit beside the docs."""
     fig.savefig(path, dpi=110)
+    fig.savefig(path.with_suffix(".svg"))
     plt.close(fig)
 
 
@@ -243,8 +249,7 @@ def plot_baseline(result: dict[str, Any], path: Path) -> None:
     ax.legend()
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -133,3 +133,11 @@ def test_report_without_optional_sections(tmp_path: Path) -> None:
     md = (tmp_path / "latency.md").read_text()
     assert "| fp32 batching | 1 | 17.0 |" in md
     assert (tmp_path / "latency_concurrency.png").stat().st_size > 0
+
+
+def test_plots_have_svg_twins(tmp_path):
+    write_report(SYNTHETIC, tmp_path)
+    for name in ("latency_concurrency.svg", "latency_baseline.svg"):
+        text = (tmp_path / name).read_text()
+        assert text.lstrip().startswith("<?xml")
+        assert "<svg" in text
