@@ -62,14 +62,20 @@ venvs: venv-train venv-serve venv-serve-tools venv-load
 
 # ---------------------------------------------------------------- pipeline
 # DATA=/path/to/folder picks a local photo folder; empty means "download the public set".
-# The choice is written to data/source.yaml only when it changes, and DVC tracks it as a param.
+# The choice is written to data/source.yaml only when it changes: `source` (a DVC param) and
+# `source_dir`, the folder dvc.yaml's fetch stage depends on (DATA itself, or the download stage's
+# output folder, params.yaml's fetch.download_dir), so DVC reruns fetch exactly when a photo is
+# added, removed or changed or DATA points elsewhere. dvc.yaml loads the file (vars), so plain
+# `dvc` commands need it: run this target (or `make pipeline`) once after a clone.
 # A relative DATA stays relative to the repo root, so dvc.lock reads the same in every clone.
+DOWNLOAD_DIR := data/download
 data-source:
 	mkdir -p data
-	printf 'source: "%s"\n' "$(if $(DATA),$(DATA),download)" > data/source.yaml.new
+	printf 'source: "%s"\nsource_dir: "%s"\n' "$(if $(DATA),$(DATA),download)" \
+		"$(if $(DATA),$(DATA),$(DOWNLOAD_DIR))" > data/source.yaml.new
 	cmp -s data/source.yaml.new data/source.yaml && rm data/source.yaml.new || mv data/source.yaml.new data/source.yaml
 
-pipeline: venv-train data-source ## run the DVC pipeline (fetch, prepare, train, export, evaluate)
+pipeline: venv-train data-source ## run the DVC pipeline (download, fetch, prepare, train, export, evaluate)
 	PATH="$(CURDIR)/$(TRAIN_VENV)/bin:$$PATH" dvc repro
 
 run: pipeline venv-serve ## the whole job: pipeline, then the server on $(URL)

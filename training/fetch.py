@@ -1,11 +1,17 @@
 """Stage ``fetch``: find the photos and write ``data/raw/index.csv`` (path, label, sha256, size).
 
-The source comes from ``data/source.yaml``: ``download`` fetches the public Microsoft PetImages
-zip (streamed, resumable, sha256-checked, then extracted under ``fetch.download_dir``), an
-absolute folder is used where it is. Photos are never copied: the index lists paths (relative to
-the repository root) with content hashes, so DVC sees any change to the photos through it.
+The source comes from ``data/source.yaml`` (written by ``make data-source``): ``source`` is
+``download`` or a photo folder, ``source_dir`` the folder DVC hashes as the fetch stage's
+dependency (the photo folder itself, or ``fetch.download_dir`` for a download). Two steps, two
+DVC stages:
 
-    python -m training.fetch
+    python -m training.fetch --download   # stage download: zip -> fetch.download_dir
+    python -m training.fetch              # stage fetch: photos -> data/raw/index.csv
+
+``--download`` streams the public Microsoft PetImages zip (resumable, sha256-checked) and extracts
+it under ``fetch.download_dir``; for a local folder it only writes a small state file there, so
+nothing touches the network. Photos are never copied: the index lists paths (relative to the
+repository root) with content hashes.
 """
 
 from __future__ import annotations
@@ -146,7 +152,12 @@ def extract(zip_path: Path, out_dir: Path, stamp: str) -> Path:
 
 
 def fetch_download(params: FetchParams) -> Path:
+    """The extracted photos of the pinned zip, downloading and extracting only what is missing."""
     root = Path(params.download_dir)
+    extracted = root / "extracted"
+    marker = extracted / ".extracted"
+    if marker.exists() and marker.read_text().strip() == params.sha256:
+        return extracted  # extracted from the verified zip: no need to hash 800 MB again
     name = params.url.rsplit("/", 1)[-1] or "download.zip"
     zip_path = download(
         params.url,
@@ -156,7 +167,7 @@ def fetch_download(params: FetchParams) -> Path:
         timeout_s=params.timeout_s,
         chunk_bytes=params.chunk_bytes,
     )
-    return extract(zip_path, root / "extracted", params.sha256)
+    return extract(zip_path, extracted, params.sha256)
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -254,14 +265,47 @@ def read_index(path: Path) -> list[IndexRow]:
         ]
 
 
-def read_source(path: Path) -> str:
+class Source(NamedTuple):
+    source: str  # "download" or a photo folder
+    source_dir: str | None  # the folder DVC hashes for the fetch stage (None: not given)
+
+
+def read_source(path: Path) -> Source:
     if not path.exists():
         raise FetchError(f"{path} is missing: run `make pipeline DATA=/folder` or `make pipeline`")
     data = yaml.safe_load(path.read_text()) or {}
     source = data.get("source") if isinstance(data, dict) else None
     if not isinstance(source, str) or not source:
         raise FetchError(f'{path}: expected `source: "download"` or `source: "/abs/folder"`')
-    return source
+    source_dir = data.get("source_dir")
+    if source_dir is not None and (not isinstance(source_dir, str) or not source_dir):
+        raise FetchError(f"{path}: source_dir must be a folder path, got {source_dir!r}")
+    return Source(source, source_dir)
+
+
+def check_source_dir(src: Source, params: FetchParams, source_file: Path) -> None:
+    """DVC hashes ``source_dir``: it must be the folder this stage reads, or changes go unseen."""
+    if src.source_dir is None:
+        return
+    expected = params.download_dir if src.source == "download" else src.source
+    if Path(src.source_dir).resolve() != Path(expected).resolve():
+        raise FetchError(
+            f"{source_file}: source_dir is {src.source_dir!r} but source {src.source!r} reads "
+            f"{expected!r}; rewrite it with `make pipeline DATA=...` (or `make data-source`)"
+        )
+
+
+def write_state(params: FetchParams, source: str) -> None:
+    """The download folder's state file: the download stage's output always holds something."""
+    root = Path(params.download_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    if source == "download":
+        text = f"source: download\nurl: {params.url}\nsha256: {params.sha256}\n"
+    else:  # a local folder: the stage exists for downloads only, so it writes this and stops
+        text = f"source: {source}\nnothing downloaded: the photos are read in place\n"
+    state = root / "state.txt"
+    if not state.exists() or state.read_text() != text:
+        state.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,14 +313,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=PARAMS_FILE)
     parser.add_argument("--source-file", default="data/source.yaml")
     parser.add_argument("--out", default="data/raw/index.csv")
+    parser.add_argument("--download", action="store_true", help="only fill fetch.download_dir")
+    parser.add_argument(
+        "--cache",
+        default="data/index-cache.json",
+        help="hash cache, outside every DVC output (keyed by path, size and mtime)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     params = load_fetch(args.params)
-    source = read_source(Path(args.source_file))
-    root = fetch_download(params) if source == "download" else Path(source)
+    source_file = Path(args.source_file)
+    src = read_source(source_file)
+    check_source_dir(src, params, source_file)
+    if args.download:
+        if src.source == "download":
+            fetch_download(params)
+        write_state(params, src.source)
+        return
+    root = fetch_download(params) if src.source == "download" else Path(src.source)
     photos = find_photos(root)
-    rows = build_index(photos, Path(params.download_dir) / "index-cache.json")
+    rows = build_index(photos, Path(args.cache))
     write_index(rows, Path(args.out))
     counts = {
         label: sum(r.label == label for r in rows) for label in sorted({r.label for r in rows})

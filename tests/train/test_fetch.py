@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -187,7 +188,7 @@ def test_main_indexes_a_local_folder_and_sees_content_changes(tmp_path, monkeypa
         "  download_dir: data/download\n"
     )
     Path("data").mkdir()
-    Path("data/source.yaml").write_text(f'source: "{photos}"\n')
+    Path("data/source.yaml").write_text(f'source: "{photos}"\nsource_dir: "{photos}"\n')
     fetch.main([])
     first = Path("data/raw/index.csv").read_text()
     rows = read_index(Path("data/raw/index.csv"))
@@ -217,7 +218,7 @@ def test_missing_source_file_says_what_to_run(tmp_path: Path) -> None:
 
 
 def test_main_downloads_extracts_and_indexes(served_zip, tmp_path, monkeypatch) -> None:
-    url, _ = served_zip()
+    url, log = served_zip()
     repo = tmp_path / "repo"
     repo.mkdir()
     monkeypatch.chdir(repo)
@@ -226,12 +227,132 @@ def test_main_downloads_extracts_and_indexes(served_zip, tmp_path, monkeypatch) 
         "  download_dir: data/download\n  timeout_s: 10.0\n"
     )
     Path("data").mkdir()
-    Path("data/source.yaml").write_text('source: "download"\n')
-    fetch.main([])
+    Path("data/source.yaml").write_text('source: "download"\nsource_dir: "data/download"\n')
+    fetch.main(["--download"])  # the download stage
+    assert Path("data/download/kagglecatsanddogs.zip").read_bytes() == served_zip.data
+    assert "sha256: " + served_zip.sha256 in Path("data/download/state.txt").read_text()
+    assert not Path("data/raw").exists()
+    fetch.main([])  # the fetch stage: indexes the extracted photos without fetching again
     rows = read_index(Path("data/raw/index.csv"))
     assert len(rows) == 8
     assert {r.label for r in rows} == {"cat", "dog"}
     assert all(r.path.startswith("data/download/extracted/PetImages/") for r in rows)
-    assert Path("data/download/kagglecatsanddogs.zip").read_bytes() == served_zip.data
-    fetch.main([])  # verified zip and extraction are reused
+    fetch.main(["--download"])  # verified zip and extraction are reused
+    fetch.main([])
     assert read_index(Path("data/raw/index.csv")) == rows
+    assert log.read_text().splitlines() == ["-"]  # one GET in all
+
+
+def test_download_step_for_a_local_folder_never_touches_the_network(
+    served_zip, tmp_path, monkeypatch
+) -> None:
+    url, log = served_zip()
+    photos = tmp_path / "photos"
+    _write(photos / "cat" / "a.jpg", jpeg_bytes(1))
+    _write(photos / "dog" / "b.jpg", jpeg_bytes(2))
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(
+        f"fetch:\n  url: {url}\n  sha256: {served_zip.sha256}\n  size: 1\n"
+        "  download_dir: data/download\n"
+    )
+    Path("data").mkdir()
+    Path("data/source.yaml").write_text(f'source: "{photos}"\nsource_dir: "{photos}"\n')
+    fetch.main(["--download"])
+    assert [p.name for p in Path("data/download").iterdir()] == ["state.txt"]
+    fetch.main([])
+    assert len(read_index(Path("data/raw/index.csv"))) == 2
+    assert not log.exists() or log.read_text() == ""
+
+
+def test_source_dir_must_be_the_folder_the_stage_reads(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(
+        "fetch:\n  url: http://127.0.0.1:1/x.zip\n  sha256: abc\n  size: 1\n"
+        "  download_dir: data/download\n"
+    )
+    Path("data").mkdir()
+    Path("data/source.yaml").write_text('source: "photos"\nsource_dir: "other"\n')
+    with pytest.raises(FetchError, match="make pipeline DATA="):
+        fetch.main([])
+    Path("data/source.yaml").write_text('source: "download"\nsource_dir: "photos"\n')
+    with pytest.raises(FetchError, match="reads 'data/download'"):
+        fetch.main(["--download"])
+    Path("data/source.yaml").write_text('source: "download"\nsource_dir: 3\n')
+    with pytest.raises(FetchError, match="source_dir"):
+        fetch.main([])
+
+
+def dvc_copy(repo: Path) -> dict[str, str]:
+    """dvc.yaml, params.yaml, the Makefile and the fetch code in a fresh git repo; returns env."""
+    root = Path(__file__).resolve().parents[2]
+    for rel in ("dvc.yaml", "params.yaml", "Makefile", ".dvc/config", ".dvcignore"):
+        _write(repo / rel, (root / rel).read_bytes())
+    for rel in ("__init__.py", "fetch.py", "params.py"):
+        _write(repo / "training" / rel, (root / "training" / rel).read_bytes())
+    (repo / ".gitignore").write_text("/data/\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "PYTHONPATH"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    return env
+
+
+def sh(cmd: list[str], repo: Path, env: dict[str, str]) -> str:
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def ran(stdout: str) -> list[str]:
+    return sorted(ln.split("'")[1] for ln in stdout.splitlines() if ln.startswith("Running stage"))
+
+
+@pytest.mark.slow
+def test_dvc_reruns_fetch_only_when_the_photos_change(served_zip, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    env = dvc_copy(repo)
+    url, log = served_zip()
+    params = (repo / "params.yaml").read_text()
+    params = re.sub(r"(?m)^  url: .*$", f"  url: {url}", params)
+    params = re.sub(r"(?m)^  sha256: .*$", f"  sha256: {served_zip.sha256}", params)
+    params = re.sub(r"(?m)^  size: \d+", f"  size: {len(served_zip.data)}", params)
+    (repo / "params.yaml").write_text(params)
+    photos, other = tmp_path / "photos", tmp_path / "other"
+    for folder in (photos, other):
+        _write(folder / "cat" / "a.jpg", jpeg_bytes(1))
+        _write(folder / "dog" / "b.jpg", jpeg_bytes(2))
+    # local mode: fetch does not depend on download (a state file only), so name both
+    repro = ["dvc", "repro", "download", "fetch"]
+    status = ["dvc", "status", "--with-deps", "download", "fetch"]
+    index = repo / "data" / "raw" / "index.csv"
+
+    sh(["make", "-s", "data-source", f"DATA={photos}"], repo, env)
+    assert ran(sh(repro, repo, env)) == ["download", "fetch"]
+    assert len(read_index(index)) == 2
+    again = sh(repro, repo, env)  # nothing changed: no stage runs, fetch included
+    assert ran(again) == [], again
+    assert "Stage 'fetch' didn't change, skipping" in again
+    assert "Data and pipelines are up to date." in sh(status, repo, env)
+
+    _write(photos / "dog" / "c.jpg", jpeg_bytes(3))  # a new photo
+    assert "fetch:" in sh(status, repo, env)
+    assert ran(sh(repro, repo, env)) == ["fetch"]
+    assert len(read_index(index)) == 3
+    (photos / "dog" / "b.jpg").unlink()  # a removed photo (DVC may restore from its run cache)
+    assert "fetch" in sh(repro, repo, env)
+    assert [r.path.split("/")[-1] for r in read_index(index)] == ["a.jpg", "c.jpg"]
+    sh(["make", "-s", "data-source", f"DATA={other}"], repo, env)  # DATA points elsewhere
+    assert ran(sh(repro, repo, env)) == ["download", "fetch"]
+    assert all("/other/" in f"/{r.path}" for r in read_index(index))
+    assert ran(sh(repro, repo, env)) == []
+    assert not log.exists() or log.read_text() == ""  # local folders never touch the network
+
+    sh(["make", "-s", "data-source"], repo, env)  # the download
+    assert ran(sh(repro, repo, env)) == ["download", "fetch"]
+    rows = read_index(index)
+    assert len(rows) == 8
+    assert all(r.path.startswith("data/download/extracted/") for r in rows)
+    assert ran(sh(repro, repo, env)) == []
+    assert "Data and pipelines are up to date." in sh(status, repo, env)
+    assert log.read_text().splitlines() == ["-"]  # downloaded once, never again
