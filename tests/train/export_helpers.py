@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import export.onnx_export as ox
+from server.contract import ModelContract
 from server.preprocessing import PreprocessSpec, preprocess_bytes_info
 from training.models import ImageClassifier, build_model, save_checkpoint
 
@@ -35,6 +37,29 @@ def color_model(spec: PreprocessSpec = SPEC) -> ImageClassifier:
         linear.weight[0, 2 * per_channel :] = -1.0 / per_channel
         linear.weight[1] = -linear.weight[0]  # blue -> dog
     return model.eval()
+
+
+def color_contract(**overrides: object) -> ModelContract:
+    """A complete contract for :func:`color_model`; ``overrides`` replace any field."""
+    fields: dict[str, object] = {
+        "class_names": CLASS_NAMES,
+        "input_size": SPEC.input_size,
+        "preprocessing": SPEC,
+        "model_name": "logreg",
+        "model_version": "v1",
+        "mlflow_run_id": "",
+        "git_commit": "g",
+        "data_version": "d" * 64,
+        "exported_at": "2026-11-26T00:00:00Z",
+    }
+    fields.update(overrides)
+    return ModelContract(**fields)  # type: ignore[arg-type]
+
+
+def export_color_model(path: Path, **contract_overrides: object) -> Path:
+    """:func:`color_model` exported to ``path`` with its contract embedded."""
+    ox.export_onnx(color_model(), path, input_size=SPEC.input_size, opset=18)
+    return ox.embed_metadata(path, color_contract(**contract_overrides).to_metadata())
 
 
 def solid_png(rgb: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> bytes:

@@ -14,12 +14,11 @@ from export import onnx_export as ox
 from export.evaluate import evaluate_file, main, write_plots
 from export.evaluation import classification_metrics, evaluate_session, load_batch
 from export.params import EvaluateParams
-from server.contract import ModelContract
 from server.registry import ModelFileError
 from tests.train.export_helpers import (
     CLASS_NAMES,
     SPEC,
-    color_model,
+    export_color_model,
     shared_photos,
     solid_png,
     write_manifest,
@@ -47,19 +46,7 @@ def test_metrics_match_hand_counts() -> None:
 def colored(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny exported model and a manifest of solid photos whose right labels are known."""
     model = tmp_path / "model.onnx"
-    ox.export_onnx(color_model(), model, input_size=SPEC.input_size, opset=18)
-    contract = ModelContract(
-        class_names=CLASS_NAMES,
-        input_size=SPEC.input_size,
-        preprocessing=SPEC,
-        model_name="logreg",
-        model_version="v",
-        mlflow_run_id="",
-        git_commit="g",
-        data_version="d",
-        exported_at="2026-11-26T00:00:00Z",
-    )
-    ox.embed_metadata(model, contract.to_metadata())
+    export_color_model(model, model_version="v", data_version="d")
     photos = []
     # reds are cats, blues dogs; the last "cat" is blue, so exactly one mistake
     for i, rgb in enumerate([(200, 10, 10), (180, 40, 30), (220, 90, 20), (10, 10, 200)]):

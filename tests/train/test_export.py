@@ -25,6 +25,7 @@ from server.registry import ModelFileError, load_model_file
 from tests.train.export_helpers import (
     CLASS_NAMES,
     SPEC,
+    color_contract,
     color_model,
     shared_photos,
     solid_png,
@@ -132,15 +133,10 @@ def test_parity_detects_other_weights(exported: Path) -> None:
 
 
 def test_metadata_round_trip(exported: Path, tmp_path: Path) -> None:
-    contract = ModelContract(
-        class_names=CLASS_NAMES,
-        input_size=SPEC.input_size,
-        preprocessing=SPEC,
-        model_name="logreg",
+    contract = color_contract(
         model_version="v1",
         mlflow_run_id="r1",
         git_commit="abc",
-        data_version="d" * 64,
         exported_at="2026-01-01T00:00:00Z",
         extra={
             "metrics": {"accuracy": 1.0},

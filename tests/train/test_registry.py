@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from export import onnx_export as ox
 from export.registry import promote
 from export.tracking import log_and_register
 from server.registry import RegistryError, load_model_file, resolve_model_uri
-from tests.train.export_helpers import CLASS_NAMES, SPEC, color_model
+from tests.train.export_helpers import CLASS_NAMES, export_color_model
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,22 +86,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from server.contract import ModelContract
-
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    ox.export_onnx(color_model(), path, input_size=SPEC.input_size, opset=18)
-    contract = ModelContract(
-        class_names=CLASS_NAMES,
-        input_size=SPEC.input_size,
-        preprocessing=SPEC,
-        model_name="logreg",
+    return export_color_model(
+        path,
         model_version="20261126-aaaaaaaa-bbbbbbb-cccccc",
-        mlflow_run_id="",
         git_commit="bbbbbbb",
         data_version="a" * 64,
-        exported_at="2026-11-26T00:00:00Z",
     )
-    return ox.embed_metadata(path, contract.to_metadata())
 
 
 @pytest.fixture(scope="module")
