@@ -143,7 +143,7 @@ LIMIT ?=
 DB ?= var/predictions.db
 OUT ?= reports/monitoring
 
-.PHONY: evaluate-deployment monitoring-report prometheus dashboard
+.PHONY: evaluate-deployment monitoring-report prometheus alertmanager dashboard
 
 evaluate-deployment: venv-serve ## send a labelled photo folder to URL, post feedback, gate on accuracy
 	$(SERVE_PY) -m monitoring.evaluate_deployment --url $(URL) --data $(EVAL_DATA) \
@@ -152,14 +152,18 @@ evaluate-deployment: venv-serve ## send a labelled photo folder to URL, post fee
 monitoring-report: venv-serve ## drift and performance report from the prediction log (DB=, OUT=)
 	$(SERVE_PY) -m monitoring.report --db $(DB) --out $(OUT) --model $(MODEL)
 
-prometheus: ## Debian's prometheus binary, for the scrape test (the service is never started)
+prometheus: ## Debian's prometheus + promtool, for the scrape and alert tests (service never started)
 	bash monitoring/install-prometheus.sh
+
+alertmanager: ## Debian's prometheus-alertmanager + amtool, for the alert delivery test
+	bash monitoring/install-prometheus.sh prometheus-alertmanager
 
 dashboard: ## regenerate the Grafana dashboard JSON from monitoring/grafana/build_dashboard.py
 	$(SERVE_PY) -m monitoring.grafana.build_dashboard
 
-# the serving suite includes a real Prometheus scraping a real server
-test-serve: prometheus
+# the serving suite includes a real Prometheus scraping a real server, promtool's alert unit
+# tests and an alert delivered through a real Alertmanager (tests/serve/test_alerts.py)
+test-serve: prometheus alertmanager
 
 # ---------------------------------------------------------------- containers
 # Dockerfile.serve / Dockerfile.train, built with docker where a daemon answers, else podman over

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Install Debian's prometheus package (the binary only: the packaged service is never started;
-# tests run the binary themselves with a temporary config and data dir on 127.0.0.1).
+# Install Debian's prometheus packages (the binaries only: the packaged services are never
+# started; tests run the binaries themselves with temporary configs and data dirs on 127.0.0.1).
+#   install-prometheus.sh                           # prometheus + promtool
+#   install-prometheus.sh prometheus-alertmanager   # prometheus-alertmanager + amtool
+# Each package's main binary has the package's name, so an installed one is skipped.
 set -euo pipefail
-if command -v prometheus >/dev/null 2>&1; then
+packages=("${@:-prometheus}")
+missing=()
+for package in "${packages[@]}"; do
+    command -v "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi
 sudo=""
@@ -11,7 +19,7 @@ if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         sudo="sudo -n"
     else
-        echo "prometheus is missing; install it as root: apt-get install -y prometheus" >&2
+        echo "${missing[*]} missing; install as root: apt-get install -y ${missing[*]}" >&2
         exit 1
     fi
 fi
@@ -26,7 +34,9 @@ fi
 trap '[ "$created" = 1 ] && $sudo rm -f "$policy"' EXIT
 install() {
     $sudo env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -q --no-install-recommends prometheus >/dev/null
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 }
 install || { $sudo apt-get update -q >/dev/null && install; }
-prometheus --version 2>&1 | head -1
+for package in "${missing[@]}"; do
+    "$package" --version 2>&1 | head -1
+done

@@ -348,7 +348,10 @@ cmd_compose_check() {
     if docker compose version >/dev/null 2>&1; then
         compose=(docker compose)
     else
-        command -v docker-compose >/dev/null || APT_TOOLS=(docker-compose) cmd_install
+        if ! command -v docker-compose >/dev/null; then
+            local APT_TOOLS=(docker-compose)  # bash scoping: cmd_install sees this list
+            cmd_install
+        fi
         compose=(docker-compose)
     fi
     local profiles=(--profile train --profile monitoring)
