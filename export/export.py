@@ -268,6 +268,8 @@ def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
                 "data_version": data_version,
                 "git_commit": str(meta.get("git_commit") or ""),
                 "quantization": "int8_qdq" if served == "int8" else "none",
+                # the server checks the downloaded file against it (server/registry.py)
+                "sha256": report["files"]["served"]["sha256"],
             },
             metrics={k: v for k, v in served_metrics.items() if k != "n"},
         )

@@ -1,13 +1,35 @@
-"""JSON log lines: one object per line, so log shippers need no parsing rules."""
+"""JSON log lines: one object per line, so log shippers need no parsing rules.
+
+Everything the process reports goes through the JSON handler: records of the ``logging`` tree,
+``warnings`` (``logging.captureWarnings``), and exceptions nobody caught, in the main thread, in
+other threads and in finalizers (``sys.excepthook``, ``threading.excepthook``,
+``sys.unraisablehook``). C libraries that write to file descriptor 2 themselves bypass all of
+that: libtiff's error handler (Pillow silences libtiff's warnings while decoding, not its errors,
+so a corrupt TIFF prints ``ZIPDecode: Decoding error ...``), onnxruntime's logger, the
+interpreter's own fatal messages. ``capture_native_stderr`` points fd 2 at a pipe and wraps each
+plain line it reads in a JSON object; ``python -m server`` calls it, a library never should.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import faulthandler
 import json
 import logging
+import os
 import sys
+import threading
 import time
+from types import TracebackType
+from typing import Any
 
 _CONFIGURED = "_catsdogs_json"
+_MAX_LINE = 64 * 1024  # a native "line" longer than this is cut into several records
+_PIPE_BYTES = 1 << 20  # room for a burst of native output while the reader thread waits
+_REPR_CHARS = 200  # an unraisable exception's object, as shown in its record
+
+log = logging.getLogger("server.exceptions")
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,7 +39,8 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            # warnings.formatwarning ends its text with a newline; a record needs none
+            "message": record.getMessage().rstrip("\n"),
         }
         fields = getattr(record, "fields", None)
         if fields:
@@ -28,13 +51,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _FdWriter:
+    """A text stream onto a file descriptor that writes each ``write()`` whole, under a lock.
+
+    The JSON handler and the stderr pump both write here; a long record (a trace) is never
+    split by the other's line.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "backslashreplace")
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # nothing is buffered
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+_direct: _FdWriter | None = None  # the real stderr, once capture_native_stderr has run
+
+
 def configure_logging(level: str) -> None:
-    """Send the root logger's records to stderr as JSON lines; idempotent."""
+    """Send the root logger's records to stderr as JSON lines, with the hooks; idempotent."""
     root = logging.getLogger()
     root.setLevel(level.upper())
     if any(getattr(h, _CONFIGURED, False) for h in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_direct or sys.stderr)
     handler.setFormatter(JsonFormatter())
     setattr(handler, _CONFIGURED, True)
     root.addHandler(handler)
@@ -43,3 +95,166 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings" -> JSON
+    _install_exception_hooks()
+
+
+# ---------------------------------------------------------------- exception hooks
+
+# The hooks found at install time. Python's defaults print plain text, so they are replaced;
+# a hook someone else installed (pytest's, which turns these into test failures) is still called
+# after the record is logged.
+_previous: dict[str, Any] = {}
+
+
+def _install_exception_hooks() -> None:
+    if _previous:
+        return
+    _previous.update(
+        excepthook=sys.excepthook,
+        threading=threading.excepthook,
+        unraisable=sys.unraisablehook,
+    )
+    sys.excepthook = _uncaught
+    threading.excepthook = _thread_exception
+    sys.unraisablehook = _unraisable
+
+
+def _chain(key: str, default: Any, *args: Any) -> None:
+    previous = _previous.get(key)
+    if previous is not None and previous is not default:
+        previous(*args)
+
+
+def _uncaught(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    log.critical(
+        "uncaught exception: %s",
+        exc_type.__name__,
+        exc_info=(exc_type, exc, tb),
+        extra={"fields": {"thread": threading.current_thread().name, "exc_type": _name(exc_type)}},
+    )
+    _chain("excepthook", sys.__excepthook__, exc_type, exc, tb)
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # a thread ending itself this way is no error (same as Python's default hook)
+    name = args.thread.name if args.thread is not None else "unknown"
+    log.error(
+        "exception in thread %s: %s",
+        name,
+        _name(args.exc_type),
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+        extra={"fields": {"thread": name, "exc_type": _name(args.exc_type)}},
+    )
+    _chain("threading", threading.__excepthook__, args)
+
+
+def _unraisable(unraisable: Any) -> None:
+    # Raised where nobody can catch it: __del__, a weakref callback, a generator's close.
+    exc_type = unraisable.exc_type
+    exc_info = None
+    if exc_type is not None:
+        exc_info = (exc_type, unraisable.exc_value, unraisable.exc_traceback)
+    log.error(
+        "%s: %s",
+        unraisable.err_msg or "Exception ignored in",
+        _safe_repr(unraisable.object),
+        exc_info=exc_info,
+        extra={
+            "fields": {
+                "thread": threading.current_thread().name,
+                "exc_type": _name(exc_type) if exc_type is not None else None,
+            }
+        },
+    )
+    _chain("unraisable", sys.__unraisablehook__, unraisable)
+
+
+def _name(exc_type: type[BaseException] | None) -> str:
+    return getattr(exc_type, "__qualname__", str(exc_type))
+
+
+def _safe_repr(obj: object) -> str:
+    try:
+        text = repr(obj)
+    except Exception:  # a broken __repr__ must not break the report of another error
+        text = f"<{type(obj).__qualname__} object>"
+    return text if len(text) <= _REPR_CHARS else text[:_REPR_CHARS] + "..."
+
+
+# ---------------------------------------------------------------- native stderr
+
+_pump: threading.Thread | None = None
+
+
+def capture_native_stderr() -> None:
+    """Make every line written to fd 2 a JSON object, whoever writes it; idempotent.
+
+    fd 2 becomes a pipe; a thread reads it and writes to the real stderr: JSON object lines as
+    they are, any other line wrapped as ``{"level": "warning", "logger": "stderr", ...}``. The
+    JSON handler writes to the real stderr directly, so normal records skip the detour. At exit
+    fd 2 is restored and what is left in the pipe is drained. A fatal crash can lose the last
+    native lines still in the pipe, so faulthandler (when enabled) writes to the real stderr.
+    """
+    global _direct, _pump
+    if _pump is not None:
+        return
+    sys.stderr.flush()
+    _direct = _FdWriter(os.dup(2))
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(AttributeError, OSError):
+        import fcntl
+
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, _CONFIGURED, False) and isinstance(handler, logging.StreamHandler):
+            handler.setStream(_direct)  # type: ignore[arg-type]
+    if faulthandler.is_enabled():
+        faulthandler.enable(file=_direct)  # type: ignore[arg-type]
+    _pump = threading.Thread(
+        target=_pump_lines, args=(read_fd, _direct), name="stderr-json", daemon=True
+    )
+    _pump.start()
+    atexit.register(_restore_stderr, _direct.fileno(), _pump)
+
+
+def _pump_lines(read_fd: int, out: _FdWriter) -> None:
+    pending = b""
+    with open(read_fd, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            while len(pending) > _MAX_LINE:
+                lines.append(pending[:_MAX_LINE])
+                pending = pending[_MAX_LINE:]
+            for line in lines:
+                _emit(out, line)
+    if pending:
+        _emit(out, pending)
+
+
+_wrapper = JsonFormatter()
+
+
+def _emit(out: _FdWriter, line: bytes) -> None:
+    text = line.decode("utf-8", "replace").rstrip("\r")
+    if not text.strip():
+        return
+    if text.startswith("{"):
+        with contextlib.suppress(ValueError):
+            if isinstance(json.loads(text), dict):
+                out.write(text + "\n")
+                return
+    record = logging.LogRecord("stderr", logging.WARNING, "", 0, text, None, None)
+    out.write(_wrapper.format(record) + "\n")
+
+
+def _restore_stderr(original_fd: int, pump: threading.Thread) -> None:
+    """Give fd 2 back to the real stderr; the pipe's last writer closes, the pump drains it."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os.dup2(original_fd, 2)
+    pump.join(timeout=2.0)  # a child holding the pipe open would keep it from ending

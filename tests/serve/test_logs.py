@@ -1,0 +1,155 @@
+"""Every line the server process writes to stderr is one JSON object.
+
+Python's own reports (an exception in a thread, one raised in ``__del__``, a warning, an uncaught
+exception) go through hooks; C libraries writing to fd 2 (libtiff's errors on a corrupt TIFF)
+go through the capture pipe of ``python -m server``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+
+import httpx
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+pytestmark = pytest.mark.serve
+
+
+def corrupt_tiff() -> bytes:
+    """A deflate TIFF whose compressed strip is broken: libtiff reports it on fd 2 itself."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(
+        buf, format="TIFF", compression="tiff_adobe_deflate"
+    )
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        tag, _type, _count, value = struct.unpack_from("<HHII", data, ifd + 2 + 12 * k)
+        if tag == 273:  # StripOffsets: the zlib header of the only strip
+            data[value : value + 2] = b"\xff\xff"
+    return bytes(data)
+
+
+def json_lines(text: str) -> list[dict]:
+    """Each line parsed; the assertion names the first line that is not a JSON object."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        assert isinstance(record, dict), f"not a JSON object: {line!r}\n---\n{text[-3000:]}"
+        records.append(record)
+    return records
+
+
+SCRIPT = r"""
+import gc, io, os, sys, threading, warnings
+from PIL import Image
+from server.logs import capture_native_stderr, configure_logging
+
+if sys.argv[1] == "capture":
+    capture_native_stderr()
+configure_logging("info")
+
+def work():
+    raise ZeroDivisionError("in a thread")
+thread = threading.Thread(target=work, name="worker-7")
+thread.start()
+thread.join()
+
+class Finalizer:
+    def __del__(self):
+        raise ValueError("in __del__")
+Finalizer()
+gc.collect()
+
+warnings.warn("careful: a plain warning", UserWarning)
+Image.MAX_IMAGE_PIXELS = 1000  # 40x40 is over it but under twice it: a warning
+Image.open(io.BytesIO(sys.stdin.buffer.read(2000))).size
+Image.MAX_IMAGE_PIXELS = None
+
+if sys.argv[1] == "capture":
+    try:
+        Image.open(io.BytesIO(sys.stdin.buffer.read())).load()
+    except OSError:
+        pass
+    os.write(2, b"a native line without newline at first")
+    os.write(2, b", then the rest\n{not json}\n")
+    print("print to sys.stderr", file=sys.stderr)
+raise RuntimeError("uncaught in main")
+"""
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue().ljust(2000, b"\0")  # the script reads exactly 2000 bytes first
+
+
+@pytest.mark.parametrize("mode", ["hooks", "capture"])
+def test_hooks_and_capture_make_every_line_json(mode: str):
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode],
+        input=_png() + corrupt_tiff(),
+        capture_output=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1  # the uncaught exception still ends the process as an error
+    assert proc.stdout == b""
+    records = json_lines(proc.stderr.decode())
+    by_logger: dict[str, list[dict]] = {}
+    for record in records:
+        by_logger.setdefault(record["logger"], []).append(record)
+
+    errors = by_logger["server.exceptions"]
+    thread = next(r for r in errors if r.get("thread") == "worker-7")
+    assert thread["level"] == "error"
+    assert thread["exc_type"] == "ZeroDivisionError"
+    assert "in a thread" in thread["exc_info"]
+    unraisable = next(r for r in errors if r.get("exc_type") == "ValueError")
+    assert "Finalizer" in unraisable["message"]
+    assert "in __del__" in unraisable["exc_info"]
+    uncaught = next(r for r in errors if r["level"] == "critical")
+    assert uncaught["exc_type"] == "RuntimeError"
+    assert "uncaught in main" in uncaught["exc_info"]
+
+    warned = " ".join(r["message"] for r in by_logger["py.warnings"])
+    assert "careful: a plain warning" in warned
+    assert "DecompressionBombWarning" in warned
+
+    if mode == "capture":
+        native = [r["message"] for r in by_logger["stderr"]]
+        assert all(r["level"] == "warning" for r in by_logger["stderr"])
+        assert any("ZIPDecode" in m for m in native), native  # libtiff, straight to fd 2
+        assert "a native line without newline at first, then the rest" in native
+        assert "{not json}" in native
+        assert "print to sys.stderr" in native
+    else:
+        assert "stderr" not in by_logger
+
+
+def test_server_process_logs_only_json(server_process):
+    server = server_process()
+    server.wait_ready()
+    tiff = corrupt_tiff()
+    refused = httpx.post(
+        f"{server.url}/predict", content=tiff, headers={"content-type": "image/tiff"}, timeout=10
+    )
+    assert 400 <= refused.status_code < 500
+    assert "error" in refused.json()
+    as_file = httpx.post(
+        f"{server.url}/predict", files={"file": ("x.tif", tiff, "image/tiff")}, timeout=10
+    )
+    assert 400 <= as_file.status_code < 500
+    assert server.terminate() == 0
+    records = json_lines(server.log.read_text(errors="replace"))
+    assert any(r.get("message") == "stopped" for r in records)
