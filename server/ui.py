@@ -1,0 +1,59 @@
+"""The page for people: ``GET /`` and its static files under ``/ui/``.
+
+Plain HTML, CSS and JS from ``server/static`` (nothing from a CDN, no build step). Every answer of
+the page carries a strict Content-Security-Policy (own origin only, no inline script or style) so
+that even a text from the server that ends up in the page cannot run as code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
+
+STATIC_DIR = Path(__file__).resolve().with_name("static")
+
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' blob:",  # blob: for the preview of the chosen photo
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",  # for browsers that ignore frame-ancestors
+    # revalidate (ETag, Last-Modified): a new release's page never runs with old scripts
+    "Cache-Control": "no-cache",
+}
+
+
+async def index(request: Request) -> Response:
+    """The classifier page (HTML): drop a photo, see the answer, say whether it was right."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+
+class PageFiles(StaticFiles):
+    """StaticFiles whose answers carry the page's security headers too."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
+routes: list[BaseRoute] = [
+    Route("/", index, methods=["GET"], name="ui_index"),
+    Mount("/ui", PageFiles(directory=STATIC_DIR), name="ui"),
+]
