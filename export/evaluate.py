@@ -4,7 +4,8 @@
         --metrics reports/metrics.json --plots reports/plots
 
 Only the ONNX file and the manifest: class names and preprocessing come from the file's own
-contract, inference from onnxruntime, pixels from ``server.preprocessing``.
+contract, inference from onnxruntime, pixels from ``server.preprocessing``. The metrics and plots
+are also logged to the MLflow run that trained the model (the file's ``mlflow_run_id``).
 """
 
 from __future__ import annotations
@@ -21,17 +22,26 @@ from sklearn import metrics as skm
 
 from export.evaluation import Evaluation, evaluate_session, read_manifest
 from export.params import EvaluateParams, load_evaluate
-from server.registry import load_model_file
+from export.tracking import log_evaluation
+from server.registry import LoadedModel, load_model_file
 
 log = logging.getLogger("export.evaluate")
 
 
 def evaluate_file(model: Path, manifest: Path, params: EvaluateParams) -> Evaluation:
-    loaded = load_model_file(model)
+    return evaluate_loaded(load_model_file(model), manifest, params)
+
+
+def evaluate_loaded(loaded: LoadedModel, manifest: Path, params: EvaluateParams) -> Evaluation:
     rows = read_manifest(manifest, params.split)
     c = loaded.contract
     return evaluate_session(
-        loaded.session, rows, c.preprocessing, c.class_names, chunk=params.batch_size
+        loaded.session,
+        rows,
+        c.preprocessing,
+        c.class_names,
+        chunk=params.batch_size,
+        desc=params.split,
     )
 
 
@@ -101,12 +111,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
     params = load_evaluate(args.params)
-    ev = evaluate_file(args.model, args.manifest, params)
+    loaded = load_model_file(args.model)
+    ev = evaluate_loaded(loaded, args.manifest, params)
     metrics: dict[str, Any] = ev.metrics
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
-    write_plots(ev, args.plots)
+    plots = write_plots(ev, args.plots)
     log.info("%s on %s split: %s", args.model, params.split, metrics)
+    log_evaluation(
+        run_id=loaded.contract.mlflow_run_id,
+        split=params.split,
+        metrics=metrics,
+        files=[args.metrics, *plots.values()],  # the PNGs and the data to redraw them
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ the file) and by the evaluate stage (``reports/metrics.json``), so the two alway
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -15,9 +16,19 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 from sklearn import metrics as skm
+from tqdm import tqdm
 
 from export.onnx_export import onnx_outputs
 from server.preprocessing import PreprocessSpec, preprocess_bytes_info
+
+
+def progress(
+    items: Iterable[Any] | None = None, *, desc: str, total: int | None = None, unit: str = "photo"
+) -> tqdm:
+    """A progress bar on stderr, drawn only when stderr is a terminal (CI logs stay clean)."""
+    return tqdm(
+        items, desc=desc, total=total, unit=unit, leave=False, disable=None, file=sys.stderr
+    )
 
 
 class ManifestRow(NamedTuple):
@@ -66,10 +77,10 @@ class Batch(NamedTuple):
     heights: np.ndarray
 
 
-def load_batch(paths: Sequence[Path], spec: PreprocessSpec) -> Batch:
+def load_batch(paths: Sequence[Path], spec: PreprocessSpec, desc: str = "photos") -> Batch:
     """Read and preprocess photos exactly as the server does (bytes -> uint8 HWC)."""
     arrays, widths, heights = [], [], []
-    for p in paths:
+    for p in progress(paths, desc=f"{desc}: preprocess"):
         info = preprocess_bytes_info(Path(p).read_bytes(), spec)
         arrays.append(info.array)
         widths.append(info.width)
@@ -125,6 +136,7 @@ def evaluate_session(
     *,
     batch: Batch | None = None,
     chunk: int = 32,
+    desc: str = "evaluate",
 ) -> Evaluation:
     """Run the ONNX model on ``rows`` through the server's preprocessing and score it.
 
@@ -136,6 +148,12 @@ def evaluate_session(
     if unknown:
         raise ValueError(f"labels {unknown} are not among the model's classes {list(names)}")
     y_true = np.asarray([names.index(r.label) for r in rows])
-    batch = batch if batch is not None else load_batch([r.path for r in rows], spec)
-    _, probs = onnx_outputs(session, batch.images, chunk=chunk)
+    batch = batch if batch is not None else load_batch([r.path for r in rows], spec, desc)
+    n = len(batch.images)
+    with progress(desc=f"{desc}: infer", total=n) as bar:
+        parts = []
+        for i in range(0, n, chunk):
+            parts.append(onnx_outputs(session, batch.images[i : i + chunk], chunk=chunk)[1])
+            bar.update(len(parts[-1]))
+    probs = np.concatenate(parts)
     return Evaluation(classification_metrics(y_true, probs, names), y_true, probs, names, batch)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from torch import nn
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from export import onnx_export as ox
 from export.bench import compare_latency
@@ -32,6 +33,7 @@ from export.evaluation import (
     ManifestRow,
     evaluate_session,
     load_batch,
+    progress,
     read_manifest,
 )
 from export.params import ExportParams, load_export
@@ -126,11 +128,39 @@ def reference_stats(
     )
 
 
+class Steps:
+    """The stage's overall progress bar: one tick per finished step, the current one named."""
+
+    NAMES = ("preprocess", "export + parity", "metrics", "reference", "int8", "latency", "register")
+
+    def __init__(self) -> None:
+        self.bar = progress(desc="export", total=len(self.NAMES), unit="step")
+        self.current: str | None = None
+
+    def next(self, name: str) -> None:
+        if self.current is not None:
+            self.bar.update()
+        self.current = name
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
 def file_info(path: Path) -> dict[str, Any]:
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": ox.file_sha256(path)}
 
 
 def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
+    steps = Steps()
+    try:
+        return run_steps(args, params, steps)
+    finally:
+        steps.close()
+
+
+def run_steps(args: argparse.Namespace, params: ExportParams, steps: Steps) -> dict[str, Any]:
     from training.models import load_checkpoint
 
     model, meta = load_checkpoint(args.checkpoint)
@@ -146,8 +176,9 @@ def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
     val_rows = read_manifest(args.manifest, "val")
     train_rows = read_manifest(args.manifest, "train")
 
+    steps.next("preprocess")
     log.info("preprocessing %d test photos through server.preprocessing", len(test_rows))
-    test_batch = load_batch([r.path for r in test_rows], spec)
+    test_batch = load_batch([r.path for r in test_rows], spec, desc="test")
     if len(test_rows) < params.parity_images:
         raise ox.ExportError(
             f"parity needs {params.parity_images} test photos, the manifest has {len(test_rows)}"
@@ -156,6 +187,7 @@ def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.unlink(missing_ok=True)  # a failed stage must not leave the previous file behind
+    steps.next("export + parity")
     parity = export_verified(
         model,
         args.out,
@@ -168,9 +200,13 @@ def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
     log.info("parity on %d photos: max |logit diff| %.2e", parity.n, parity.max_abs_logit_diff)
 
     fp32 = ox.make_session(args.out)
-    test_fp32 = evaluate_session(fp32, test_rows, spec, class_names, batch=test_batch)
+    steps.next("metrics")
+    test_fp32 = evaluate_session(
+        fp32, test_rows, spec, class_names, batch=test_batch, desc="fp32 test"
+    )
     log.info("fp32 test metrics: %s", test_fp32.metrics)
-    val = evaluate_session(fp32, val_rows, spec, class_names)
+    steps.next("reference")
+    val = evaluate_session(fp32, val_rows, spec, class_names, desc="val")
     reference = reference_stats(val, val_rows, train_rows)
 
     exported_at = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
@@ -205,6 +241,7 @@ def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
         "accuracy": {"fp32": test_fp32.metrics["accuracy"]},
     }
     sessions = {"onnxruntime_fp32": ox.make_session(args.out, params.bench_threads)}
+    steps.next("int8")
     int8_decision = quantize_stage(
         args,
         params,
@@ -225,6 +262,7 @@ def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
         served = "int8"
     report["served"] = served
 
+    steps.next("latency")
     log.info("latency: torch eager vs onnxruntime, %d threads", params.bench_threads)
     latency = compare_latency(
         model,
@@ -256,6 +294,7 @@ def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
     write_json(args.report, report)
 
     if params.register:
+        steps.next("register")
         served_metrics = report["metrics"][served]
         registered = log_and_register(
             run_id=str(meta.get("mlflow_run_id") or ""),
@@ -301,12 +340,14 @@ def quantize_stage(
         # evenly spread over the (hash-ordered) training split, both classes alike
         step = max(1, len(train_rows) // params.calibration_images)
         calib_rows = train_rows[::step][: params.calibration_images]
-        calibration = load_batch([r.path for r in calib_rows], spec).images
+        calibration = load_batch([r.path for r in calib_rows], spec, desc="calibration").images
         int8_path = args.int8_dir / INT8_FILE
         quantize_int8(args.out, int8_path, calibration)
         int8 = ox.make_session(int8_path)
         ox.run_batch_checks(int8, spec.input_size, len(test_fp32.class_names))
-        test_int8 = evaluate_session(int8, test_rows, spec, test_fp32.class_names, batch=test_batch)
+        test_int8 = evaluate_session(
+            int8, test_rows, spec, test_fp32.class_names, batch=test_batch, desc="int8 test"
+        )
         drop = test_fp32.metrics["accuracy"] - test_int8.metrics["accuracy"]
         kept = drop <= params.int8_max_accuracy_drop + 1e-9
         decision = {
@@ -362,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_export(args.params)
     try:
-        report = run(args, params)
+        with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
+            report = run(args, params)
     except ox.ExportError as exc:
         args.out.unlink(missing_ok=True)
         log.error("export failed: %s", exc)

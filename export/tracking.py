@@ -1,4 +1,5 @@
-"""MLflow: attach the exported file and its reports to the training run, register a version.
+"""MLflow: attach the exported file and its reports to the training run, register a version;
+attach the evaluate stage's test metrics and plots to the same run.
 
 The tracking store comes only from ``MLFLOW_TRACKING_URI`` (default: the local sqlite store).
 MLflow being unreachable is a warning, never a failed export: the file on disk is the product.
@@ -103,3 +104,44 @@ def log_and_register(
         return None
     log.info("registered %s version %s from run %s", registered_model, mv.version, run)
     return {"run_id": run, "name": registered_model, "version": str(mv.version), "source": source}
+
+
+EVALUATE_ARTIFACT_DIR = "evaluate"  # the evaluate stage's metrics and plots in the training run
+
+
+def log_evaluation(
+    *, run_id: str, split: str, metrics: dict[str, float], files: Sequence[Path]
+) -> bool:
+    """Log ``metrics`` as ``{split}_{name}`` and ``files`` under ``evaluate/`` to the training run.
+
+    Only to the run the model file names (its ``mlflow_run_id``): with no run id, or a run this
+    store does not know, nothing is logged (a warning, never a failed stage). True when logged.
+    """
+    if not run_id:
+        log.info("the model names no MLflow run: %s metrics and plots stay on disk", split)
+        return False
+    uri = tracking_uri()
+    if not reachable(uri):
+        log.warning("MLflow at %s is unreachable: %s metrics and plots not logged", uri, split)
+        return False
+    try:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        client = MlflowClient(uri)
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            log.warning("training run %s is not in %s: %s plots not logged", run_id, uri, split)
+            return False
+        for key, value in metrics.items():
+            client.log_metric(run_id, f"{split}_{key}", float(value))
+        for path in files:
+            client.log_artifact(run_id, str(path), EVALUATE_ARTIFACT_DIR)
+    except Exception as exc:  # any MLflow failure leaves the stage's files valid
+        log.warning(
+            "MLflow logging of the %s evaluation failed (%s): %s", split, type(exc).__name__, exc
+        )
+        return False
+    log.info("%s metrics and plots logged to MLflow run %s", split, run_id)
+    return True

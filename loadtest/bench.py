@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from loadtest import loadgen
 from loadtest.report import write_report
 from loadtest.serverproc import (
@@ -269,7 +272,7 @@ def best_batched(run: dict[str, Any]) -> float:
 
 def paired(
     worker: InprocessWorker, server: ServerProcess, photos: list[tuple[str, bytes]],
-    args: argparse.Namespace,
+    args: argparse.Namespace, bar: tqdm,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """In-process and HTTP back to back, alternating which goes first: one ratio per pair."""
     host = server.url.removeprefix("http://")
@@ -283,7 +286,11 @@ def paired(
             ("http_c16", lambda: measure_level(server, reqs, 16, args)),
         ]
         order = steps if i % 2 == 0 else [steps[1], steps[0], steps[3], steps[2]]
-        got = {name: fn() for name, fn in order}
+        got = {}
+        for name, fn in order:
+            bar.set_postfix_str(f"pair {i + 1} {name}")
+            got[name] = fn()
+            bar.update()
         pair = {
             "inprocess_p50_ms": got["inproc_c1"]["latency_ms"]["p50"],
             "http_c1_p50_ms": got["http_c1"]["latency_ms"]["p50"],
@@ -324,6 +331,7 @@ def http_sweep(
     args: argparse.Namespace,
     result: dict[str, Any],
     worker: InprocessWorker,
+    bar: tqdm,
 ) -> None:
     servers: dict[str, ServerProcess] = {}
     try:
@@ -336,18 +344,22 @@ def http_sweep(
             for name, server in servers.items():
                 host = server.url.removeprefix("http://")
                 reqs = [loadgen.predict_request(host, n, d) for n, d in photos]
+                bar.set_postfix_str(f"{name} c={c}")
                 level = measure_level(server, reqs, c, args)
+                bar.update()
                 result["http"][name].append(level)
                 log.info(
                     "%-16s c=%-3d p50 %7.1f ms  p99 %7.1f ms  %6.1f img/s  errors %d",
                     name, c, level["latency_ms"]["p50"], level["latency_ms"]["p99"],
                     level["images_per_s"], level["errors"],
                 )  # fmt: skip
-        result["pairs"] = paired(worker, servers["fp32 batching"], photos, args)
+        result["pairs"] = paired(worker, servers["fp32 batching"], photos, args, bar)
         host = servers["fp32 batching"].url
+        bar.set_postfix_str("client ceiling")
         ceiling = asyncio.run(
             loadgen.closed_loop(host, [loadgen.get_request(host[7:], "/health/live")], 16, 2.0, 0.5)
         ).summary()
+        bar.update()
         result["client_ceiling"] = {"path": "/health/live", "concurrency": 16, **ceiling}
     finally:
         result["servers"] = {}
@@ -363,7 +375,7 @@ def http_sweep(
 
 def measured(
     worker: InprocessWorker, model: Path, int8: Path | None, photos: list[tuple[str, bytes]],
-    args: argparse.Namespace, result: dict[str, Any], scratch: Path, threads: int,
+    args: argparse.Namespace, result: dict[str, Any], scratch: Path, threads: int, bar: tqdm,
 ) -> None:  # fmt: skip
     """The HTTP part: the servers' sweep with the in-process pairs, then the overload run."""
     base_env = {"INTRA_OP_THREADS": str(threads)}
@@ -378,10 +390,21 @@ def measured(
         variants["int8 batching"] = (
             int8, {**base_env, "PREDICTION_LOG_PATH": str(scratch / "c.db")}
         )  # fmt: skip
-    http_sweep(variants, photos, args, result, worker)
+    http_sweep(variants, photos, args, result, worker, bar)
     by_c = {lv["concurrency"]: lv for lv in result["http"]["fp32 batching"]}
     capacity = max(lv["requests_per_s"] for lv in by_c.values())
+    bar.set_postfix_str("overload")
     result["overload"] = overload(model, photos, capacity, args, scratch, threads)
+    bar.update()
+
+
+def planned_steps(args: argparse.Namespace, int8: bool) -> int:
+    """Measurements main() will make, for the progress bar: in-process tables, the HTTP levels
+    of every server variant, the pairs' four halves, the client ceiling, overload, PyTorch."""
+    variants = 3 if int8 else 2
+    inprocess = 2 + int(int8)
+    http = variants * len(args.concurrency) + 4 * args.pairs + 1 + 1
+    return inprocess + http + int(not args.no_torch)
 
 
 def main() -> None:
@@ -428,7 +451,9 @@ def main() -> None:
         },
         "method": METHOD.replace("\n", " ").replace("  ", " ").strip(),
     }
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+    # on a terminal, one bar over every planned measurement; log lines print above it
+    bar = tqdm(total=planned_steps(args, int8 is not None), desc="bench", unit="step", disable=None)
+    with logging_redirect_tqdm(), bar, tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         scratch = Path(tmp)
         # every stage of the run uses one snapshot, even if the pipeline rewrites models/ meanwhile
         model = Path(shutil.copy2(model, scratch / "model.onnx"))
@@ -443,18 +468,26 @@ def main() -> None:
         if int8:
             int8_worker = InprocessWorker(int8, args.photos, threads)
             try:
+                bar.set_postfix_str("in-process int8")
                 result["inprocess_int8"] = int8_worker.call("full")
+                bar.update()
             finally:
                 int8_worker.close()
         worker = InprocessWorker(model, args.photos, threads)
         try:
+            bar.set_postfix_str("in-process")
             result["inprocess"] = [worker.call("full")]
-            measured(worker, model, int8, photos, args, result, scratch, threads)
+            bar.update()
+            measured(worker, model, int8, photos, args, result, scratch, threads, bar)
+            bar.set_postfix_str("in-process again")
             result["inprocess"].append(worker.call("full"))
+            bar.update()
         finally:
             worker.close()
         if not args.no_torch:
+            bar.set_postfix_str("PyTorch eager")
             ref = torch_reference(checkpoint, args.photos, threads, args.torch_photos, scratch)
+            bar.update()
             if "mlflow_run_id" in ref:
                 ref["same_run_as_onnx"] = ref["mlflow_run_id"] == result["model"].get(
                     "mlflow_run_id"

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import itertools
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +139,106 @@ def test_plots_for_three_classes_still_write_confusion(tmp_path: Path) -> None:
     assert ev.metrics["accuracy"] == 0.75
     out = write_plots(ev, tmp_path)
     assert out["confusion_csv"].read_text().splitlines()[-1] == "c,a"
+
+
+def evaluate_args(model: Path, manifest: Path, out: Path) -> list[str]:
+    params = out / "params.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    params.write_text("evaluate:\n  split: test\n  batch_size: 2\n")
+    return [
+        "--params", str(params), "--model", str(model), "--manifest", str(manifest),
+        "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots"),
+    ]  # fmt: skip
+
+
+def test_evaluate_logs_test_metrics_and_plots_to_the_training_run(
+    colored: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The run named by the file's mlflow_run_id gets test_* metrics and the plots as artifacts."""
+    from mlflow import MlflowClient
+
+    _, manifest = colored
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("catsdogs", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp, run_name="training").info.run_id
+    client.set_terminated(run_id)
+    model = export_color_model(
+        tmp_path / "model.onnx", model_version="v", data_version="d", mlflow_run_id=run_id
+    )
+    out = tmp_path / "out"
+    main(evaluate_args(model, manifest, out))
+
+    logged = client.get_run(run_id).data.metrics
+    assert logged["test_accuracy"] == pytest.approx(6 / 7)
+    assert logged["test_recall"] == 1.0
+    assert logged["test_n"] == 7
+    names = {a.path for a in client.list_artifacts(run_id, "evaluate")}
+    assert names == {
+        "evaluate/metrics.json",
+        "evaluate/confusion.png",
+        "evaluate/roc.png",
+        "evaluate/confusion.csv",
+        "evaluate/roc.json",
+    }
+    fetched = Path(client.download_artifacts(run_id, "evaluate/confusion.png", str(tmp_path)))
+    assert fetched.read_bytes() == (out / "plots" / "confusion.png").read_bytes()
+    assert fetched.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a run this store does not know: the stage still succeeds, with a warning, and logs nothing
+    stranger = export_color_model(
+        tmp_path / "other.onnx", model_version="v", data_version="d", mlflow_run_id="f" * 32
+    )
+    main(evaluate_args(stranger, manifest, tmp_path / "out2"))
+    assert json.loads((tmp_path / "out2" / "metrics.json").read_text())["n"] == 7
+    assert f"training run {'f' * 32} is not in" in caplog.text
+    assert len(client.search_runs([exp])) == 1  # no run was made up for it
+
+
+def run_evaluate(args: list[str], stderr_tty: bool) -> tuple[int, str]:
+    """``python -m export.evaluate`` with stderr on a pipe or on a pseudo-terminal."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "export.evaluate", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    if not stderr_tty:
+        proc = subprocess.run(
+            cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        return proc.returncode, proc.stderr
+    master, slave = pty.openpty()
+    # a terminal 100 columns wide (a fresh pty has 0 columns, where tqdm draws nothing)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=slave) as p:
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        os.close(master)
+        code = p.wait(timeout=120)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_only_on_a_terminal_and_outputs_unchanged(
+    colored: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, manifest = colored
+    code, piped = run_evaluate(evaluate_args(model, manifest, tmp_path / "piped"), False)
+    assert code == 0, piped
+    assert "test: preprocess" not in piped  # CI logs stay clean
+    assert "\r" not in piped
+    code, tty = run_evaluate(evaluate_args(model, manifest, tmp_path / "tty"), True)
+    assert code == 0, tty
+    assert "test: preprocess" in tty
+    assert "test: infer" in tty
+    for name in ("metrics.json", "plots/confusion.csv", "plots/roc.json"):
+        assert (tmp_path / "tty" / name).read_bytes() == (tmp_path / "piped" / name).read_bytes()

@@ -173,6 +173,15 @@ def test_whole_pipeline_with_dvc_repro(tmp_path: Path) -> None:
     if "evaluate" in stages:
         metrics = json.loads((repo / "reports" / "metrics.json").read_text())
         assert metrics["n"] == report["per_split"]["test"]
+        # the test split's figures and plots land in the run that trained the model
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        run_ = client.get_run(meta["mlflow_run_id"])
+        assert run_.data.metrics["test_accuracy"] == metrics["accuracy"]
+        assert run_.data.metrics["test_roc_auc"] == metrics["roc_auc"]
+        evaluated = {f.path for f in client.list_artifacts(run_.info.run_id, "evaluate")}
+        assert {"evaluate/confusion.png", "evaluate/roc.png", "evaluate/metrics.json"} <= evaluated
 
     # a strict no-op: the photo folder is a real dependency, so not even fetch runs again
     second = run(["dvc", "repro", *target], repo, env)
