@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import mimetypes
+import os
 import sys
 import time
 import urllib.error
@@ -43,6 +44,7 @@ class Result:
     latency_ms: float | None = None  # client-side: request sent -> response read
     server_latency_ms: float | None = None  # what the server reports for the same request
     request_id: str | None = None
+    prediction_id: str | None = None
     feedback_status: int | None = None
     error: str | None = None
 
@@ -84,7 +86,13 @@ def list_images(data: Path, limit: int | None) -> list[tuple[Path, str]]:
 
 
 def evaluate_one(
-    url: str, path: Path, true_label: str, root: Path, timeout: float, feedback: bool
+    url: str,
+    path: Path,
+    true_label: str,
+    root: Path,
+    timeout: float,
+    feedback: bool,
+    token: str = "",
 ) -> Result:
     result = Result(image=str(path.relative_to(root)), true_label=true_label)
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -99,15 +107,23 @@ def evaluate_one(
         result.confidence = float(body["confidence"])
         result.server_latency_ms = body.get("latency_ms")
         result.request_id = str(body.get("request_id") or request_id)
+        result.prediction_id = body.get("prediction_id")
     except (OSError, HttpError, ValueError, KeyError, TypeError) as exc:
         result.error = f"predict: {exc}"
         return result
     if feedback:
-        payload = json.dumps({"request_id": result.request_id, "label": true_label}).encode()
+        # by the image's own id where the server gives one (servers before it: the request's)
+        key = (
+            {"prediction_id": result.prediction_id}
+            if result.prediction_id
+            else {"request_id": result.request_id}
+        )
+        payload = json.dumps({**key, "label": true_label}).encode()
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         try:
-            status, _ = http(
-                "POST", f"{url}/feedback", payload, {"Content-Type": "application/json"}, timeout
-            )
+            status, _ = http("POST", f"{url}/feedback", payload, headers, timeout)
             result.feedback_status = status
         except HttpError as exc:
             result.feedback_status = exc.status
@@ -196,7 +212,16 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         futures = [
-            pool.submit(evaluate_one, url, path, label, data, args.timeout, not args.no_feedback)
+            pool.submit(
+                evaluate_one,
+                url,
+                path,
+                label,
+                data,
+                args.timeout,
+                not args.no_feedback,
+                os.environ.get("API_TOKEN", ""),
+            )
             for path, label in items
         ]
         results = [f.result() for f in futures]
@@ -251,7 +276,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--limit", type=int, default=None, help="at most this many photos")
-    p.add_argument("--no-feedback", action="store_true", help="do not post true labels")
+    p.add_argument(
+        "--no-feedback",
+        action="store_true",
+        help="do not post true labels (posting uses the bearer token in API_TOKEN, if set)",
+    )
     args = p.parse_args(argv)
     if args.concurrency < 1 or (args.limit is not None and args.limit < 1):
         p.error("--concurrency and --limit must be >= 1")

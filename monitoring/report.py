@@ -54,10 +54,18 @@ def load_reference(model: str | None, reference: str | None) -> dict[str, Any] |
     return json.loads(raw)
 
 
+def _feedback_key(conn: sqlite3.Connection) -> str:
+    """The column feedback refers to: prediction_id since schema 1, request_id before (a log
+    no server has opened since it was written still has the old schema; the report is read-only)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    return "prediction_id" if version >= 1 else "request_id"
+
+
 def read_version(conn: sqlite3.Connection, version: str, since: float | None) -> dict[str, Any]:
+    key = _feedback_key(conn)
     rows = conn.execute(
         "SELECT p.ts, p.label, p.confidence, p.width, p.height, p.brightness, p.latency_ms, "
-        "f.true_label FROM predictions p LEFT JOIN feedback f ON f.request_id = p.request_id "
+        f"f.true_label FROM predictions p LEFT JOIN feedback f ON f.{key} = p.{key} "
         "WHERE p.model_version = ? AND p.ts >= ? ORDER BY p.ts",
         (version, since or 0.0),
     ).fetchall()

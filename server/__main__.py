@@ -2,8 +2,9 @@
 
 Flags override the environment (MODEL_PATH, HOST, PORT, ...), which overrides the defaults.
 One uvicorn worker with uvloop and httptools; the app writes its own JSON request log, so
-uvicorn's access log is off. SIGTERM: stop accepting, finish in-flight requests within
-GRACEFUL_TIMEOUT_S, run the shutdown (flush monitoring), exit 0.
+uvicorn's access log is off. SIGTERM: turn /health/ready to 503 and keep serving for
+DRAIN_DELAY_S (0 by default; see server/drain.py), stop accepting, finish in-flight requests
+within GRACEFUL_TIMEOUT_S, run the shutdown (flush monitoring), exit 0.
 """
 
 from __future__ import annotations
@@ -13,34 +14,100 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
-from server.settings import Settings, SettingsError
+from server import __version__
+from server.settings import _PARSERS, Settings, SettingsError
+from server.settings_docs import SettingDoc, help_line, setting_docs
+
+
+def _typed(doc: SettingDoc) -> Callable[[str], Any]:
+    """The parser the setting's environment variable goes through ("1_000" is an integer, "nan"
+    is refused), named for argparse's error: "argument --port: invalid integer value: 'x'"."""
+    parse = _PARSERS[doc.name]
+
+    def parser(text: str) -> Any:
+        return parse(text)
+
+    parser.__name__ = {"int": "integer", "float": "number"}.get(doc.kind, "string")
+    return parser
+
+
+class _RefuseSecret(argparse.Action):
+    """``--api-token``: a usage error that names the variable and never echoes the value."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        env = self.dest.upper()
+        parser.error(f"{self.option_strings[0]}: set {env} in the environment instead (a command "
+                     "line is visible to every local user)")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """One flag per setting (``--kebab-case`` of the field), generated from :class:`Settings`."""
     parser = argparse.ArgumentParser(
         prog="python -m server",
-        description="Serve the cat-or-dog ONNX model over HTTP. Every flag also has an "
-        "environment variable; flags win.",
+        usage="%(prog)s [-h] [--version] [--SETTING VALUE ...]",
+        description="Serve the cat-or-dog ONNX model over HTTP. Every setting is an environment "
+        "variable; its flag, when given, wins.",
+        epilog="Environment only: "
+        + ", ".join(d.env for d in setting_docs() if not d.flags)
+        + " (secrets stay off the command line, where every local user can read them).",
+        allow_abbrev=False,  # a misspelt flag in a manifest fails instead of matching another
     )
-    parser.add_argument("--model", dest="model_path", help="ONNX model file (MODEL_PATH)")
-    parser.add_argument("--model-uri", help="e.g. models:/catsdogs@champion (MODEL_URI)")
-    parser.add_argument("--host", help="bind address (HOST)")
-    parser.add_argument("--port", type=int, help="bind port (PORT)")
-    parser.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL)")
-    parser.add_argument("--max-batch-size", type=int, help="1 disables batching (MAX_BATCH_SIZE)")
-    parser.add_argument("--intra-op-threads", type=int, help="0 = usable CPUs (INTRA_OP_THREADS)")
+    parser.add_argument(
+        "--version", action="store_true", help="print the server and model versions and exit"
+    )
+    for doc in setting_docs():
+        if not doc.flags:  # a secret: refused by name, so the value is never echoed back
+            flag = "--" + doc.name.replace("_", "-")
+            parser.add_argument(
+                flag, dest=doc.name, nargs="?", action=_RefuseSecret, help=argparse.SUPPRESS
+            )
+        else:
+            parser.add_argument(
+                *doc.flags,
+                dest=doc.name,
+                type=_typed(doc),
+                metavar=doc.env,
+                help=help_line(doc).replace("%", "%%"),  # argparse formats help with %
+            )
     return parser.parse_args(argv)
 
 
 def build_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """The environment's settings with the flags given on the command line laid over them."""
     settings = Settings.from_env(environ)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    if args.model_path is not None and args.model_uri is None:
+    given = vars(args)
+    overrides = {
+        f.name: given[f.name] for f in dataclasses.fields(Settings) if given.get(f.name) is not None
+    }
+    if given.get("model_path") is not None and given.get("model_uri") is None:
         overrides["model_uri"] = ""  # an explicit file beats a MODEL_URI from the environment
     return dataclasses.replace(settings, **overrides)
+
+
+def version_line(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str:
+    """``server X; model NAME VERSION (PATH)``, or why no model could be read; never raises."""
+    head = f"server {__version__}"
+    try:
+        settings = build_settings(args, environ)
+    except SettingsError as exc:
+        return f"{head}; model: not read ({exc})"
+    source = settings.model_source
+    if source.startswith("models:"):
+        # resolving a registry URI means network calls; --version stays local
+        return f"{head}; model: {source} is resolved at start, not read by --version"
+    from server.contract import ContractError
+    from server.registry import ModelFileError, RegistryError, load_model_file, resolve_model_uri
+
+    try:
+        path = resolve_model_uri(source, tracking_uri="", cache_dir=Path(settings.model_cache_dir))
+        contract = load_model_file(path).contract
+    except (ModelFileError, ContractError, RegistryError, OSError) as exc:
+        return f"{head}; model: none readable at {source} ({exc})"
+    return f"{head}; model {contract.model_name} {contract.model_version} ({path})"
 
 
 def _exit_after_graceful_shutdown(signum: int, frame: object) -> None:
@@ -49,8 +116,31 @@ def _exit_after_graceful_shutdown(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _raise_open_files_limit(connections: int) -> None:
+    """Room for MAX_CONNECTIONS sockets plus the server's own files, within the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        if new_soft < wanted:
+            logging.getLogger("server").warning(
+                "open files limited to %d; MAX_CONNECTIONS=%d may not all be accepted",
+                new_soft,
+                connections,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
+    from server.logs import capture_native_stderr
+
+    capture_native_stderr()  # C libraries' plain-text stderr lines become JSON lines too
     args = parse_args(argv)
+    if args.version:
+        print(version_line(args))
+        return 0
     try:
         settings = build_settings(args)
     except SettingsError as exc:
@@ -60,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from server.app import create_app, load_served_model
+    from server.drain import DrainingServer
     from server.inference import ModelLoadError
+    from server.protocol import GuardedHttpToolsProtocol
     from server.registry import RegistryError
 
     app = create_app(settings)
@@ -70,20 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, RegistryError, OSError) as exc:
         logging.getLogger("server").error("cannot serve: %s", exc)
         return 1
+    _raise_open_files_limit(settings.max_connections)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpToolsProtocol.configure(settings),  # httptools + head size and deadline
         lifespan="on",
         access_log=False,
         log_config=None,  # keep the JSON logging create_app configured
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=settings.graceful_timeout_s,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        limit_concurrency=settings.max_connections,  # beyond: 503 at once
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app, settings.drain_delay_s)  # DRAIN_DELAY_S, see drain.py
     signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
     signal.signal(signal.SIGINT, _exit_after_graceful_shutdown)
     server.run()

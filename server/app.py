@@ -29,15 +29,15 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from server import monitoring, openapi, v2
+from server import monitoring, openapi, ui, v2
 from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
-from server.errors import ApiError, error_response, v2_error_response
+from server.errors import RETRY_SOON, ApiError, error_response, v2_error_response
 from server.inference import Batcher, BatchStats, InferenceModel, load_model
+from server.limits import Budget, Reservation
 from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.middleware import RequestContextMiddleware
-from server.preprocessing import ImageDecodeError
-from server.service import Predictor, prepare
+from server.service import Predictor, Upload, prepare
 from server.settings import Settings, available_cpus
 from server.uploads import MULTIPART, read_body, read_multipart
 
@@ -58,8 +58,16 @@ async def live(request: Request) -> JSONResponse:
 
 
 async def ready(request: Request) -> Response:
-    if request.app.state.ready:
-        return JSONResponse({"status": "ready", "model_version": request.app.state.model_version})
+    """200 while predictions work. The prediction log's state rides along for operators; a log
+    that is stuck or dead does NOT make this 503, as predictions are still answered and taking
+    the replica out of rotation would turn a logging problem into an outage."""
+    state = request.app.state
+    if state.ready:
+        body = {"status": "ready", "model_version": state.model_version}
+        monitor = getattr(state, "monitor", None)
+        if monitor is not None:
+            body["prediction_log"] = monitor.log_status()
+        return JSONResponse(body)
     return error_response(503, "not_ready", "the model is not loaded yet or is shutting down")
 
 
@@ -83,40 +91,27 @@ async def predict(request: Request) -> JSONResponse:
             "unsupported_media_type",
             "send multipart/form-data with a 'file' field, or the image itself as image/*",
         )
-    ticket = predictor.admit(1)
-    try:
-        async with asyncio.timeout(settings.request_timeout_s):
-            if media == MULTIPART:
-                parts = await read_multipart(
-                    request,
-                    field_name="file",
-                    max_parts=1,
-                    max_part_bytes=settings.max_upload_bytes,
-                    max_body_bytes=settings.max_upload_bytes + _MULTIPART_OVERHEAD,
-                )
-                if not parts:
-                    raise ApiError(422, "missing_file", "the form has no 'file' field")
-                data = parts[0].data
-            else:
-                data = await read_body(request, settings.max_upload_bytes)
-            (outcome,) = await predictor.infer([data], ticket)
-    except TimeoutError:
-        raise _timeout(settings) from None
-    finally:
-        predictor.release(ticket)
-    if isinstance(outcome, ImageDecodeError):
-        raise ApiError.from_decode(outcome)
-    prepared, probs = outcome
-    state = request.scope["state"]
-    request_id = state["request_id"]
-    prediction = predictor.describe(probs)
-    latency_ms = _elapsed_ms(request)
-    predictor.record(
-        prediction, prepared, request_id=request_id, route="/predict", latency_ms=latency_ms
-    )
-    state["label"] = prediction.label
-    state["confidence"] = prediction.confidence
-    return JSONResponse(predictor.as_json(prediction, request_id, latency_ms))
+
+    async def read(reservation: Reservation) -> list[Upload]:
+        if media != MULTIPART:
+            return [Upload(await read_body(request, settings.max_upload_bytes, reservation))]
+        parts = await read_multipart(
+            request,
+            field_name="file",
+            max_parts=1,
+            max_part_bytes=settings.max_upload_bytes,
+            max_body_bytes=settings.max_upload_bytes + _MULTIPART_OVERHEAD,
+            reservation=reservation,
+        )
+        if not parts:
+            raise ApiError(422, "missing_file", "the form has no 'file' field")
+        return [Upload(parts[0].data, parts[0].filename)]
+
+    (result,) = await predictor.run(request, "/predict", read)
+    if result.error is not None:
+        raise result.error
+    request_id = request.scope["state"]["request_id"]
+    return JSONResponse(predictor.as_json(result, request_id, _elapsed_ms(request)))
 
 
 async def predict_batch(request: Request) -> JSONResponse:
@@ -127,66 +122,34 @@ async def predict_batch(request: Request) -> JSONResponse:
         raise ApiError(
             415, "unsupported_media_type", "send multipart/form-data with one 'files' field each"
         )
-    try:
-        async with asyncio.timeout(settings.request_timeout_s):
-            parts = await read_multipart(
-                request,
-                field_name="files",
-                max_parts=settings.max_batch_files,
-                max_part_bytes=settings.max_upload_bytes,
-                max_body_bytes=settings.max_request_bytes,
-            )
-            if not parts:
-                raise ApiError(422, "missing_files", "the form has no 'files' field")
-            ticket = predictor.admit(len(parts))
-            try:
-                outcomes = await predictor.infer([p.data for p in parts], ticket)
-            finally:
-                predictor.release(ticket)
-    except TimeoutError:
-        raise _timeout(settings) from None
 
-    state = request.scope["state"]
-    request_id = state["request_id"]
+    async def read(reservation: Reservation) -> list[Upload]:
+        parts = await read_multipart(
+            request,
+            field_name="files",
+            max_parts=settings.max_batch_files,
+            max_part_bytes=settings.max_upload_bytes,
+            max_body_bytes=settings.max_request_bytes,
+            reservation=reservation,
+        )
+        if not parts:
+            raise ApiError(422, "missing_files", "the form has no 'files' field")
+        return [Upload(p.data, p.filename) for p in parts]
+
+    results = await predictor.run(request, "/predict/batch", read)
+    request_id = request.scope["state"]["request_id"]
     latency_ms = _elapsed_ms(request)
-    entries: list[dict[str, Any]] = []
-    good = 0
-    for i, (part, outcome) in enumerate(zip(parts, outcomes, strict=True)):
-        if isinstance(outcome, ImageDecodeError):
-            entry: dict[str, Any] = ApiError.from_decode(outcome).body()
-        else:
-            prepared, probs = outcome
-            good += 1
-            item_id = image_request_id(request_id, i, len(parts))
-            prediction = predictor.describe(probs)
-            predictor.record(
-                prediction,
-                prepared,
-                request_id=item_id,
-                route="/predict/batch",
-                latency_ms=latency_ms,
-            )
-            entry = predictor.as_json(prediction, item_id, latency_ms)
-        if part.filename is not None:
-            entry["filename"] = part.filename
-        entries.append(entry)
-    state["images"] = len(parts)
-    body = {"predictions": entries, "model_version": predictor.model_version}
-    if not good:
-        body["error"] = {"code": "no_valid_image", "message": "no image in the request decoded"}
-        return JSONResponse(body, status_code=422)
-    return JSONResponse(body)
-
-
-def image_request_id(request_id: str, index: int, count: int) -> str:
-    """The id an image is logged under: the request's own, suffixed when it holds several."""
-    return request_id if count == 1 else f"{request_id}.{index}"
-
-
-def _timeout(settings: Settings) -> ApiError:
-    return ApiError(
-        504, "timeout", f"the request did not finish within {settings.request_timeout_s:g} s"
-    )
+    entries = [predictor.as_json(r, request_id, latency_ms) for r in results]
+    body: dict[str, Any] = {"predictions": entries, "model_version": predictor.model_version}
+    errors = [r.error for r in results if r.error is not None]
+    if len(errors) < len(results):
+        return JSONResponse(body)
+    # No image succeeded: the status says why (all refused for load -> 503, else the client's).
+    statuses = {e.status for e in errors}
+    status = statuses.pop() if len(statuses) == 1 else 422
+    body["error"] = {"code": "no_valid_image", "message": "no image in the request could be used"}
+    headers = RETRY_SOON if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # ---------------------------------------------------------------------- model facts
@@ -307,7 +270,11 @@ def _model_path(settings: Settings) -> Path:
 
     tracking = settings.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     return resolve_model_uri(
-        settings.model_uri, tracking_uri=tracking, cache_dir=Path(settings.model_cache_dir)
+        settings.model_uri,
+        tracking_uri=tracking,
+        cache_dir=Path(settings.model_cache_dir),
+        max_bytes=settings.model_max_bytes,
+        allow_local_source=bool(settings.model_allow_local_source),
     )
 
 
@@ -349,19 +316,31 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     threads = model.intra_op_threads
     contract = model.contract
 
+    stage = server_metrics.stage
+
     def on_batch(stats: BatchStats) -> None:
         if stats.size:  # a batch whose images all failed to decode ran nothing
             server_metrics.batch_size.observe(stats.size)
             server_metrics.inference.observe(stats.run_s)
+            stage.labels("inference").observe(stats.run_s)
         for wait in stats.queue_wait_s:
             server_metrics.queue_wait.observe(wait)
+            stage.labels("queue").observe(wait)
+        for prepared in stats.decoded:
+            stage.labels("decode").observe(prepared.decode_s)
+            stage.labels("preprocess").observe(prepared.preprocess_s)
 
     decode_pool = ThreadPoolExecutor(
         max_workers=settings.decode_threads or cpus, thread_name_prefix="decode"
     )
     batcher = Batcher(
         model.run,
-        functools.partial(prepare, spec=contract.preprocessing, max_pixels=settings.max_pixels),
+        functools.partial(
+            prepare,
+            spec=contract.preprocessing,
+            max_pixels=settings.max_pixels,
+            pixels=Budget(settings.max_inflight_pixels, "decoded pixels"),
+        ),
         decode_pool=decode_pool,
         max_batch_size=settings.max_batch_size,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
@@ -386,7 +365,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     app.state.model_version = contract.model_version
     app.state.batcher = batcher
     app.state.monitor = monitor
-    app.state.predictor = Predictor(settings, contract, batcher, server_metrics, monitor)
+    body_bytes = Budget(settings.max_inflight_bytes, "request bytes")
+    app.state.predictor = Predictor(
+        settings, contract, batcher, server_metrics, monitor, body_bytes
+    )
     app.state.metadata_json = json.dumps(build_metadata(contract, settings)).encode()
     app.state.openapi_json = json.dumps(openapi.build_spec(app, contract, settings)).encode()
     app.state.ready = True
@@ -430,6 +412,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Mount("/docs/static", StaticFiles(directory=_swagger_ui_dir()), name="swagger_ui"),
         *v2.routes,
         *monitoring.routes,
+        *ui.routes,  # the page for people: GET / and /ui/*
     ]
     app = Starlette(
         routes=routes,

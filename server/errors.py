@@ -10,8 +10,14 @@ from starlette.responses import JSONResponse
 
 from server.preprocessing import ImageDecodeError
 
-# A decode failure is the client's bytes, not the server: 413 for a decompression bomb, else 422.
-_DECODE_STATUS = {"too_many_pixels": 413}
+# A decode failure is the client's bytes, not the server: 413 for a decompression bomb, 415 for an
+# image format the API does not take, else 422.
+_DECODE_STATUS = {"too_many_pixels": 413, "unsupported_format": 415}
+
+
+# Load refusals (503) say when to come back: the queue and the budgets drain within a second
+# at this model's speed.
+RETRY_SOON = {"Retry-After": "1"}
 
 
 class ApiError(Exception):

@@ -93,7 +93,6 @@ class Ticket:
     """Room reserved in the queue for one request's images."""
 
     images: int
-    pending: int  # not yet handed to ``predict``
 
 
 class Decoded(Protocol):
@@ -118,8 +117,9 @@ class _Job:
 class BatchStats:
     size: int  # images in the run
     queue_wait_s: list[float]  # per job, from enqueue to the start of its work
-    decode_s: float
+    decode_s: float  # the batch's decode phase, wall time
     run_s: float
+    decoded: list[Any]  # what ``prepare`` made of each image that decoded
 
 
 class Batcher:
@@ -130,8 +130,9 @@ class Batcher:
     over the cores (onnxruntime's parallel sections stall when a decode thread preempts one of its
     workers), and a lone request costs a single thread hop.
 
-    Admission (``admit``/``release``) bounds the images in the system, from the moment a request
-    is accepted until it is answered, so an overloaded server refuses work before reading it.
+    Admission (``admit``/``release``) bounds the images in the system, from the moment a request's
+    body is in until it is answered. Bodies still arriving hold no queue slot (a slow client
+    cannot starve others); they only tell ``_fill`` that more work is on its way.
     """
 
     def __init__(
@@ -153,7 +154,7 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.on_batch = on_batch
         self.admitted = 0  # images accepted and not yet answered
-        self._incoming = 0  # admitted, body still arriving: they will join the queue
+        self._incoming = 0  # prediction requests whose body is arriving: they may join soon
         self._queue: deque[_Job] = deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
@@ -169,14 +170,18 @@ class Batcher:
         if self.admitted + n > self.max_queue_size:
             raise QueueFullError(f"{self.admitted} images queued, limit {self.max_queue_size}")
         self.admitted += n
-        self._incoming += n
-        return Ticket(n, n)
+        return Ticket(n)
 
     def release(self, ticket: Ticket) -> None:
         self.admitted -= ticket.images
-        self._incoming -= ticket.pending  # images that never reached the queue
-        ticket.pending = 0
-        ticket.images = 0
+        ticket.images = 0  # released once, even if called again
+
+    def body_started(self) -> None:
+        """A prediction request started receiving its body (a hint for ``_fill``)."""
+        self._incoming += 1
+
+    def body_finished(self) -> None:
+        self._incoming -= 1
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -209,8 +214,6 @@ class Batcher:
         if self._task is None or self._task.done():
             raise ModelStoppedError("the batcher is not running")
         n = len(blobs)
-        ticket.pending -= n
-        self._incoming -= n
         loop = asyncio.get_running_loop()
         # A request larger than a batch is split, so no run exceeds the warmed-up sizes.
         futures = []
@@ -257,9 +260,9 @@ class Batcher:
                     job.future.set_result(outcomes[offset : offset + n])
                 offset += n
             if self.on_batch is not None:
-                size = sum(not isinstance(o, Exception) for o in outcomes)
+                good = [o[0] for o in outcomes if not isinstance(o, Exception)]
                 waits = [started - job.enqueued for job in jobs]
-                self.on_batch(BatchStats(size, waits, decode_s, run_s))
+                self.on_batch(BatchStats(len(good), waits, decode_s, run_s, good))
 
     def _decode(self, blob: bytes) -> Decoded | Exception:
         """Any failure stays with its own image, so one odd file never fails a whole batch."""
@@ -292,8 +295,8 @@ class Batcher:
     async def _fill(self) -> None:
         """Wait briefly for more images, but only while others are known to be on their way.
 
-        Requests whose bodies are arriving right now (admitted, not yet queued) join within a
-        few milliseconds; with none of them, waiting would only add latency.
+        Requests whose bodies are arriving right now join within a few milliseconds; with none
+        of them, waiting would only add latency (a lone request never waits).
         """
         if self.max_batch_size == 1 or self.max_queue_delay_s <= 0:
             return

@@ -12,6 +12,10 @@ UNMATCHED_ROUTE = "<unmatched>"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_STAGE_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
+    0.256, 1.0,
+)  # fmt: skip
 _CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -67,3 +71,13 @@ class ServerMetrics:
             registry=registry,
         )
         self.model_info = Info("model", "The served model.", registry=registry)
+        # Where a request's time goes, stage by stage (README, "Where the time goes"):
+        # head (first byte to app), body, queue, decode, preprocess, inference (per batch),
+        # respond (answer built and sent), log (metrics and the access log, after the answer).
+        self.stage = Histogram(
+            "request_stage_seconds",
+            "Time spent in each stage of a prediction request.",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=registry,
+        )

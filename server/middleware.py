@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-import uuid
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.ids import is_valid_id_bytes, new_id
 from server.metrics import UNMATCHED_ROUTE, ServerMetrics
 
 access_log = logging.getLogger("server.access")
 error_log = logging.getLogger("server.error")
 
 REQUEST_ID_HEADER = b"x-request-id"
-_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 
 def route_template(scope: Scope) -> str:
@@ -35,10 +33,10 @@ def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == REQUEST_ID_HEADER:
             # A client id is echoed only if it is short and plain: it ends up in logs and headers.
-            if _SAFE_REQUEST_ID.fullmatch(value):
+            if is_valid_id_bytes(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return new_id()
 
 
 class RequestContextMiddleware:
@@ -66,6 +64,8 @@ class RequestContextMiddleware:
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                state["sent_at"] = time.perf_counter()
 
         self.metrics.in_flight.inc()
         try:
@@ -80,10 +80,15 @@ class RequestContextMiddleware:
                 await _send_internal_error(send_with_id, _V2_INTERNAL if v2 else _INTERNAL)
         finally:
             self.metrics.in_flight.dec()
-            elapsed = time.perf_counter() - started
+            done = time.perf_counter()
+            elapsed = done - started
             route = route_template(scope)
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(elapsed)
+            if "handled_at" in state:  # a prediction: where its time went around the model
+                stages = self.metrics.stage
+                stages.labels("head").observe(started - state.get("received_at", started))
+                stages.labels("respond").observe(state.get("sent_at", done) - state["handled_at"])
             if access_log.isEnabledFor(logging.INFO):
                 fields = {
                     "request_id": request_id,
@@ -98,6 +103,8 @@ class RequestContextMiddleware:
                 if "images" in state:
                     fields["images"] = state["images"]
                 access_log.info("request", extra={"fields": fields})
+            if "handled_at" in state:
+                self.metrics.stage.labels("log").observe(time.perf_counter() - done)
 
 
 _MESSAGE = "an unexpected error occurred"

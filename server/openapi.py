@@ -13,9 +13,15 @@ from starlette.routing import Route
 
 from server import __version__
 from server.contract import ModelContract
+from server.ids import ID_PATTERN
 from server.settings import Settings
 
 JSON = "application/json"
+# An 8 x 8 red PNG, base64: the V2 example request is one a client can send as it is.
+_EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8oaHBgA0w"
+    "MeAAg1MCAOA4ASjhBhuDAAAAAElFTkSuQmCC"
+)
 
 
 def _error_schema() -> dict[str, Any]:
@@ -43,7 +49,11 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int, v2: bool = False) -> dict[str, Any]:
     text = {
         400: "Malformed request",
-        404: "Unknown model",
+        401: "API_TOKEN is set and no bearer token was sent",
+        403: "The bearer token is not the server's",
+        404: "Unknown model, or no logged prediction with this id",
+        408: "The body did not arrive within BODY_TIMEOUT_S",
+        409: "The request_id names several logged images; send their prediction_id",
         413: "Body, file, pixel count or number of images over the limit",
         415: "Unsupported Content-Type",
         422: "Not a decodable image, or a required field is missing",
@@ -60,6 +70,8 @@ def _components(classes: list[str]) -> dict[str, Any]:
         "properties": {c: {"type": "number"} for c in classes},
         "additionalProperties": {"type": "number"},
     }
+    an_id = {"type": "string", "pattern": f"^{ID_PATTERN}$"}
+    label = {"type": "string", "enum": classes}
     return {
         "schemas": {
             "Error": _error_schema(),
@@ -78,6 +90,25 @@ def _components(classes: list[str]) -> dict[str, Any]:
                 },
             },
             "BatchEntry": {"oneOf": [_ref("Prediction"), _ref("Error")]},
+            "FeedbackRequest": {
+                "type": "object",
+                "required": ["label"],
+                "properties": {"prediction_id": an_id, "request_id": an_id, "label": label},
+                # exactly one of the two ids
+                "oneOf": [{"required": ["prediction_id"]}, {"required": ["request_id"]}],
+            },
+            "FeedbackResult": {
+                "type": "object",
+                "required": ["label", "predicted_label", "correct", "model_version"],
+                "properties": {
+                    "prediction_id": {"type": "string"},
+                    "request_id": {"type": "string"},
+                    "label": label,
+                    "predicted_label": label,
+                    "correct": {"type": "boolean"},
+                    "model_version": {"type": "string"},
+                },
+            },
             "V2Tensor": {
                 "type": "object",
                 "required": ["name", "shape", "datatype"],
@@ -92,11 +123,22 @@ def _components(classes: list[str]) -> dict[str, Any]:
             "V2InferRequest": {
                 "type": "object",
                 "required": ["inputs"],
+                # null "id" or "outputs" is taken as absent: the request's id, every output
                 "properties": {
-                    "id": {"type": "string"},
+                    "id": {"type": "string", "nullable": True},
                     "parameters": {"type": "object"},
                     "inputs": {"type": "array", "items": _ref("V2Tensor")},
-                    "outputs": {"type": "array", "items": {"type": "object"}},
+                    "outputs": {"type": "array", "items": {"type": "object"}, "nullable": True},
+                },
+                "example": {
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "datatype": "BYTES",
+                            "shape": [1],
+                            "data": [_EXAMPLE_PNG],
+                        }
+                    ]
                 },
             },
             "V2InferResponse": {
@@ -130,7 +172,9 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }
-    name_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    # The one model this server serves; any other name is a 404.
+    name_schema = {"type": "string", "enum": [settings.served_model_name]}
+    name_param = [{"name": "name", "in": "path", "required": True, "schema": name_schema}]
     return {
         "/health": {
             "get": {
@@ -212,6 +256,25 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 },
             }
         },
+        "/feedback": {
+            "post": {
+                "summary": "The true label of a logged prediction",
+                "description": (
+                    "JSON only. Name the prediction by exactly one of `prediction_id` "
+                    "(preferred) or `request_id` (while that request logged one image). With "
+                    "`API_TOKEN` set, send `Authorization: Bearer <token>`."
+                ),
+                "tags": ["monitoring"],
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": _ref("FeedbackRequest")}},
+                },
+                "responses": {
+                    "201": _json(_ref("FeedbackResult"), "Stored"),
+                    **_errors(400, 401, 403, 404, 408, 409, 413, 415, 422, 503),
+                },
+            }
+        },
         "/metadata": {
             "get": {
                 "summary": "The model's contract: classes, input, preprocessing, lineage, metrics",
@@ -236,6 +299,18 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 "summary": "This document",
                 "tags": ["operations"],
                 "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0 document")},
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "The classifier page for people (HTML; its files are under /ui/)",
+                "tags": ["operations"],
+                "responses": {
+                    "200": {
+                        "description": "HTML page",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
             }
         },
         "/docs": {

@@ -1,25 +1,38 @@
-"""What every prediction route shares: admission, decoding and batching off the loop, results.
+"""The one request path every prediction route shares (the data plane).
 
-The REST routes and the V2 routes differ only in how images come in and how answers go out;
-decoding, the queue, metrics and the monitoring hook are here once.
+``Predictor.run`` does, in this order and in this one place: read the body within its size
+limit, its deadline and the server-wide byte budget; admit the images into the queue (only once
+the body is in, so slow clients never hold queue slots); decode and classify them off the event
+loop (a bad image fails only its own slot); give each good image a unique ``prediction_id``,
+count it and log it; answer. The REST and V2 routes only translate their wire formats into
+:class:`Upload` lists and the :class:`ImageResult` list back out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from starlette.requests import Request
 
 from server.contract import ModelContract
-from server.errors import ApiError
+from server.errors import RETRY_SOON, ApiError
+from server.ids import new_id
 from server.inference import Batcher, ModelStoppedError, Outcome, QueueFullError, Ticket
+from server.limits import Budget, OverBudgetError, Reservation
 from server.metrics import ServerMetrics
 from server.monitoring import Monitor, PredictionEvent
 from server.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
 from server.settings import Settings
+from server.uploads import Body, as_bytes, overloaded
+
+log = logging.getLogger("server.service")
 
 
 @dataclass(frozen=True)
@@ -31,17 +44,29 @@ class Prepared:
     height: int
     sha256: str
     brightness: float
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
 
 
-def prepare(data: bytes, *, spec: PreprocessSpec, max_pixels: int) -> Prepared:
-    """Blocking: decode + preprocess + fingerprint. Runs on the batcher's threads."""
-    info = preprocess_bytes_info(data, spec, max_pixels=max_pixels)
+def prepare(
+    blob: bytes | Body, *, spec: PreprocessSpec, max_pixels: int, pixels: Budget | None = None
+) -> Prepared:
+    """Blocking: decode + preprocess + fingerprint. Runs on the batcher's threads.
+
+    ``pixels``: the server-wide budget of pixels being decoded; an image that does not fit
+    raises :class:`OverBudgetError` before its pixels are decoded.
+    """
+    data = as_bytes(blob)
+    reserve = pixels.hold if pixels is not None else None
+    info = preprocess_bytes_info(data, spec, max_pixels=max_pixels, reserve=reserve)
     return Prepared(
         info.array,
         info.width,
         info.height,
         hashlib.sha256(data).hexdigest(),
         float(info.array.mean()),
+        info.decode_s,
+        info.preprocess_s,
     )
 
 
@@ -52,6 +77,29 @@ class Prediction:
     probabilities: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Upload:
+    """One encoded image as it came in, with the client's file name where it had one."""
+
+    data: bytes | Body
+    filename: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The answer for one image: a prediction with its id, or the error of that image alone."""
+
+    filename: str | None
+    prediction: Prediction | None = None
+    prediction_id: str | None = None
+    error: ApiError | None = None
+
+
+# A route's reader: the request body (within the byte budget held by the reservation) as
+# uploads. It raises ApiError for a malformed body; nothing is admitted before it returns.
+Reader = Callable[[Reservation], Awaitable[list[Upload]]]
+
+
 class Predictor:
     def __init__(
         self,
@@ -60,44 +108,117 @@ class Predictor:
         batcher: Batcher,
         metrics: ServerMetrics,
         monitor: Monitor,
+        body_bytes: Budget,
     ) -> None:
         self.settings = settings
         self.contract = contract
         self.batcher = batcher
         self.metrics = metrics
         self.monitor = monitor
+        self.body_bytes = body_bytes
         self.class_names = contract.class_names
         self.model_version = contract.model_version
 
-    def admit(self, n: int) -> Ticket:
+    # ------------------------------------------------------------------ the request path
+    async def run(
+        self, request: Request, route: str, read: Reader, *, atomic: bool = False
+    ) -> list[ImageResult]:
+        """Read, admit, infer, record: the whole life of a prediction request.
+
+        ``atomic``: the wire format has no per-image errors (V2), so one failed image fails
+        the request, with its index, and nothing of it is logged.
+        """
+        reservation = Reservation(self.body_bytes)
+        try:
+            uploads = await self._read(read, reservation)
+            outcomes = await self._infer([u.data for u in uploads])
+        finally:
+            reservation.release()
+        errors = [self._error(outcome) for outcome in outcomes]
+        if atomic:
+            for i, error in enumerate(errors):
+                if error is not None:
+                    raise ApiError(
+                        error.status, error.code, f"image {i}: {error.message}", error.headers
+                    )
+        state = request.scope["state"]
+        latency_ms = (time.perf_counter() - state["started"]) * 1000
+        results = [
+            ImageResult(upload.filename, error=error)
+            if error is not None
+            else self._predicted(upload, outcome, state["request_id"], route, latency_ms)
+            for upload, outcome, error in zip(uploads, outcomes, errors, strict=True)
+        ]
+        state["images"] = len(results)
+        state["handled_at"] = time.perf_counter()  # the rest is building and sending the answer
+        if len(results) == 1 and results[0].prediction is not None:
+            state["label"] = results[0].prediction.label
+            state["confidence"] = results[0].prediction.confidence
+        return results
+
+    async def _read(self, read: Reader, reservation: Reservation) -> list[Upload]:
+        deadline = self.settings.body_timeout_s
+        self.batcher.body_started()
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(deadline):
+                uploads = await read(reservation)
+            self.metrics.stage.labels("body").observe(time.perf_counter() - started)
+            return uploads
+        except TimeoutError:
+            raise ApiError(
+                408, "request_timeout", f"the request body did not arrive within {deadline:g} s"
+            ) from None
+        finally:
+            self.batcher.body_finished()
+
+    async def _infer(self, blobs: list[bytes]) -> list[Outcome]:
+        ticket = self._admit(len(blobs))
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                return await self.batcher.predict(blobs, ticket)
+        except TimeoutError:
+            seconds = self.settings.request_timeout_s
+            raise ApiError(
+                504, "timeout", f"the request did not finish within {seconds:g} s"
+            ) from None
+        except ModelStoppedError:
+            raise _shutting_down() from None
+        finally:
+            self.batcher.release(ticket)
+
+    def _admit(self, n: int) -> Ticket:
         try:
             return self.batcher.admit(n)
         except QueueFullError:
             self.metrics.rejected.inc()
             raise ApiError(
-                503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"}
+                503, "overloaded", "the server is at capacity; retry shortly", RETRY_SOON
             ) from None
         except ModelStoppedError:
-            raise ApiError(
-                503, "shutting_down", "the server is shutting down", {"Retry-After": "1"}
-            ) from None
+            raise _shutting_down() from None
 
-    def release(self, ticket: Ticket) -> None:
-        self.batcher.release(ticket)
+    def _error(self, outcome: Outcome) -> ApiError | None:
+        """The client-facing error of one image's outcome; None when it was predicted."""
+        if isinstance(outcome, ImageDecodeError):
+            return ApiError.from_decode(outcome)
+        if isinstance(outcome, OverBudgetError):
+            self.metrics.rejected.inc()
+            return overloaded(outcome)
+        if isinstance(outcome, Exception):
+            raise outcome  # a server fault: this request answers 500, the batch goes on
+        return None
 
-    async def infer(self, blobs: list[bytes], ticket: Ticket) -> list[Outcome]:
-        """Decode and classify; per image ``(Prepared, probabilities)`` or its decode error."""
-        try:
-            outcomes = await self.batcher.predict(blobs, ticket)
-        except ModelStoppedError:
-            raise ApiError(
-                503, "shutting_down", "the server is shutting down", {"Retry-After": "1"}
-            ) from None
-        for outcome in outcomes:
-            if isinstance(outcome, Exception) and not isinstance(outcome, ImageDecodeError):
-                raise outcome  # a server fault: this request answers 500, the batch goes on
-        return outcomes
+    def _predicted(
+        self, upload: Upload, outcome: Outcome, request_id: str, route: str, latency_ms: float
+    ) -> ImageResult:
+        prepared, probs = outcome
+        prediction = self.describe(probs)
+        prediction_id = new_id()
+        self.record(prediction, prepared, prediction_id, request_id, route, latency_ms)
+        return ImageResult(upload.filename, prediction, prediction_id)
 
+    # ------------------------------------------------------------------ results
     def describe(self, probs: np.ndarray) -> Prediction:
         """One row of probabilities -> label, confidence and the per-class dict."""
         values = probs.tolist()
@@ -112,7 +233,7 @@ class Predictor:
         self,
         prediction: Prediction,
         prepared: Prepared,
-        *,
+        prediction_id: str,
         request_id: str,
         route: str,
         latency_ms: float,
@@ -122,6 +243,7 @@ class Predictor:
         self.metrics.confidence.observe(prediction.confidence)
         self.monitor.observe(
             PredictionEvent(
+                prediction_id=prediction_id,
                 request_id=request_id,
                 timestamp=time.time(),
                 model_version=self.model_version,
@@ -137,12 +259,25 @@ class Predictor:
             )
         )
 
-    def as_json(self, prediction: Prediction, request_id: str, latency_ms: float) -> dict[str, Any]:
-        return {
-            "label": prediction.label,
-            "confidence": prediction.confidence,
-            "probabilities": prediction.probabilities,
-            "model_version": self.model_version,
-            "request_id": request_id,
-            "latency_ms": round(latency_ms, 3),
-        }
+    def as_json(self, result: ImageResult, request_id: str, latency_ms: float) -> dict[str, Any]:
+        """One image's REST answer: its prediction, or its error object."""
+        if result.prediction is None:
+            assert result.error is not None
+            entry: dict[str, Any] = result.error.body()
+        else:
+            entry = {
+                "label": result.prediction.label,
+                "confidence": result.prediction.confidence,
+                "probabilities": result.prediction.probabilities,
+                "model_version": self.model_version,
+                "request_id": request_id,
+                "prediction_id": result.prediction_id,
+                "latency_ms": round(latency_ms, 3),
+            }
+        if result.filename is not None:
+            entry["filename"] = result.filename
+        return entry
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "shutting_down", "the server is shutting down", RETRY_SOON)

@@ -9,48 +9,147 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from server.preprocessing import DEFAULT_MAX_PIXELS
 
 MIB = 1024 * 1024
+T = TypeVar("T")
 
 
 class SettingsError(ValueError):
     """A setting has a missing or wrong value; the message names the environment variable."""
 
 
+def setting(default: T, description: str) -> T:
+    """A field with its one-line description: ``--help`` and the README's table show it."""
+    return field(default=default, metadata={"help": description})
+
+
 @dataclass(frozen=True)
 class Settings:
     # The field name in upper case is the environment variable (model_path -> MODEL_PATH).
-    model_path: str = "models/model.onnx"
-    model_uri: str = ""  # e.g. models:/catsdogs@champion; when set it wins over model_path
-    mlflow_tracking_uri: str = ""  # where MODEL_URI is resolved; empty = MLflow's default
-    model_cache_dir: str = "var/models"  # where a resolved MODEL_URI is downloaded to
-    served_model_name: str = "catsdogs"  # the name of the model in the V2 protocol's URLs
-    host: str = "127.0.0.1"
-    port: int = 8000
-    intra_op_threads: int = 0  # 0 = the CPUs this process may really use
-    decode_threads: int = 0  # 0 = the CPUs this process may really use
-    # 0: onnxruntime's pool threads sleep when idle, leaving the cores to decoding and HTTP;
-    # 1: they spin-wait for work (measured here: slower whenever anything else needs a core).
-    intra_op_spinning: int = 0
-    # Images per batch; 1 disables dynamic batching. On 2 cores EfficientNet-Lite0 gains
-    # nothing per image beyond 4 and measured slower at 8.
-    max_batch_size: int = 4
-    max_queue_delay_ms: float = 2.0  # longest wait for a batch to fill while requests arrive
-    max_queue_size: int = 64  # images admitted and not yet answered; beyond -> 503
-    request_timeout_s: float = 30.0  # per-request deadline -> 504
-    max_upload_bytes: int = 10 * MIB  # one image
-    max_request_bytes: int = 64 * MIB  # a whole batch or V2 request body
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
-    max_batch_files: int = 32  # images in one batch request
-    graceful_timeout_s: float = 10.0  # SIGTERM: time in-flight requests get to finish
-    log_level: str = "info"
-    prediction_log_path: str = "var/predictions.db"
-    drift_window: int = 500
+    model_path: str = setting("models/model.onnx", "ONNX model file to serve")
+    model_uri: str = setting(
+        "",
+        "registry model to serve instead of MODEL_PATH: models:/NAME@ALIAS or models:/NAME/VERSION",
+    )
+    mlflow_tracking_uri: str = setting(
+        "", "MLflow tracking server (http://...) that resolves MODEL_URI"
+    )
+    model_cache_dir: str = setting(
+        "var/models", "folder a model resolved from MODEL_URI is downloaded to"
+    )
+    model_max_bytes: int = setting(
+        1024 * MIB, "largest model download accepted from the registry, bytes; the model is ~15 MB"
+    )
+    # local sources are for tests and local development; see server/registry.py
+    model_allow_local_source: int = setting(
+        0, "1: a registry version whose source is a local path may be served; 0: proxied only"
+    )
+    served_model_name: str = setting("catsdogs", "the model's name in the V2 protocol's URLs")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = setting(8000, "TCP port to listen on")
+    intra_op_threads: int = setting(
+        0, "onnxruntime threads per run; 0 = the CPUs this process may use"
+    )
+    decode_threads: int = setting(0, "threads decoding images; 0 = the CPUs this process may use")
+    # spinning measured slower here whenever anything else (decoding, HTTP) needs a core
+    intra_op_spinning: int = setting(
+        0, "1: onnxruntime's idle pool threads spin-wait for work; 0: they sleep"
+    )
+    # On 2 cores EfficientNet-Lite0 gains nothing per image beyond 4 and measured slower at 8.
+    max_batch_size: int = setting(4, "images per model run; 1 disables dynamic batching")
+    max_queue_delay_ms: float = setting(
+        2.0, "longest wait for a batch to fill while requests arrive, ms"
+    )
+    max_queue_size: int = setting(64, "images admitted and not yet answered; beyond: 503")
+    request_timeout_s: float = setting(30.0, "deadline of one request, s; beyond: 504")
+    max_upload_bytes: int = setting(10 * MIB, "largest image file, bytes; beyond: 413")
+    max_request_bytes: int = setting(
+        64 * MIB, "largest request body (a batch or a V2 request), bytes; beyond: 413"
+    )
+    max_json_bytes: int = setting(
+        8 * MIB, "largest JSON part of a V2 request (images in base64), bytes; beyond: 413"
+    )
+    max_pixels: int = setting(
+        DEFAULT_MAX_PIXELS, "largest image, pixels, checked before decoding; beyond: 413"
+    )
+    max_batch_files: int = setting(32, "most images in one batch request; beyond: 413")
+    graceful_timeout_s: float = setting(
+        10.0, "on SIGTERM, how long requests in flight get to finish, s"
+    )
+    # behind a load balancer: long enough for its health checks to see the 503 (interval x fall)
+    drain_delay_s: float = setting(
+        0.0, "on SIGTERM, /health/ready answers 503 this long while requests are still served, s"
+    )
+    log_level: str = setting("info", "critical, error, warning, info or debug")
+    prediction_log_path: str = setting(
+        "var/predictions.db",
+        "SQLite file of the prediction and feedback log, used while PREDICTION_LOG_URL is empty",
+    )
+    prediction_log_queue: int = setting(
+        10_000, "predictions waiting for the log writer; beyond, new ones are dropped (counted)"
+    )
+    prediction_log_retention_days: float = setting(
+        90.0, "predictions older than this many days are deleted; 0 keeps them forever"
+    )
+    prediction_log_max_rows: int = setting(
+        0, "only the newest this many predictions are kept; 0 = no limit"
+    )
+    store_timeout_s: float = setting(
+        5.0, "longest wait for the log writer (feedback), s; beyond: 503"
+    )
+    drift_window: int = setting(
+        500, "recent predictions compared with the training reference for drift"
+    )
+    # a secret: never shown (repr, errors, --help, docs); no command-line flag either
+    api_token: str = field(
+        default="",
+        repr=False,
+        metadata={"help": "bearer token for /feedback and other write endpoints; empty = no auth"},
+    )
+    # The shared store (README: Running at scale). A secret too: a PostgreSQL URL may carry a
+    # password, so it is read from the environment only and never shown.
+    prediction_log_url: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "log URL: sqlite:///PATH or postgresql://USER@HOST/DB (replicas share it); "
+            "empty: PREDICTION_LOG_PATH"
+        },
+    )
+    prediction_log_pool_size: int = setting(
+        2, "PostgreSQL connections per process (the log writer and the figures refresher)"
+    )
+    prediction_log_refresh_s: float = setting(
+        1.0, "PostgreSQL: how often live figures and drift are read again from the database, s"
+    )
+    prediction_log_reconnect_min_s: float = setting(
+        0.1, "PostgreSQL unreachable: first wait before the writer retries, s (then doubled)"
+    )
+    prediction_log_reconnect_max_s: float = setting(
+        2.0, "PostgreSQL unreachable: longest wait between the writer's retries, s"
+    )
+    max_inflight_bytes: int = setting(
+        128 * MIB, "request bytes buffered across all requests in flight; beyond: 503"
+    )
+    max_inflight_pixels: int = setting(
+        80_000_000, "decoded pixels across all requests in flight; beyond: 503"
+    )
+    max_header_bytes: int = setting(
+        32 * 1024, "largest request head (request line and headers), bytes; beyond: 431"
+    )
+    header_timeout_s: float = setting(
+        10.0, "deadline for a request's head to arrive, s; beyond: 408"
+    )
+    body_timeout_s: float = setting(30.0, "deadline for a request's body to arrive, s; beyond: 408")
+    keep_alive_timeout_s: float = setting(
+        5.0, "an idle keep-alive connection is closed after this, s"
+    )
+    max_connections: int = setting(4096, "open connections; beyond, new requests get 503")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -65,6 +164,8 @@ class Settings:
     def __post_init__(self) -> None:
         checks = {
             "port": 0 <= self.port <= 65535,
+            "model_max_bytes": self.model_max_bytes >= 1,
+            "model_allow_local_source": self.model_allow_local_source in (0, 1),
             "intra_op_threads": self.intra_op_threads >= 0,
             "decode_threads": self.decode_threads >= 0,
             "intra_op_spinning": self.intra_op_spinning in (0, 1),
@@ -74,18 +175,52 @@ class Settings:
             "request_timeout_s": self.request_timeout_s > 0,
             "max_upload_bytes": self.max_upload_bytes >= 1,
             "max_request_bytes": self.max_request_bytes >= self.max_upload_bytes,
+            "max_json_bytes": 1024 <= self.max_json_bytes <= self.max_request_bytes,
             "max_pixels": self.max_pixels >= 64,
             "max_batch_files": self.max_batch_files >= 1,
             "graceful_timeout_s": self.graceful_timeout_s >= 0,
+            "drain_delay_s": 0 <= self.drain_delay_s <= 600,
             "log_level": self.log_level.lower() in _LOG_LEVELS,
             "drift_window": self.drift_window >= 1,
+            "prediction_log_queue": self.prediction_log_queue >= 1,
+            "prediction_log_retention_days": self.prediction_log_retention_days >= 0,
+            "prediction_log_max_rows": self.prediction_log_max_rows >= 0,
+            "store_timeout_s": self.store_timeout_s > 0,
+            "prediction_log_url": _store_url_ok(self.prediction_log_url),
+            "prediction_log_pool_size": 1 <= self.prediction_log_pool_size <= 100,
+            "prediction_log_refresh_s": 0 < self.prediction_log_refresh_s <= 3600,
+            "prediction_log_reconnect_min_s": 0 < self.prediction_log_reconnect_min_s <= 60,
+            "prediction_log_reconnect_max_s": self.prediction_log_reconnect_min_s
+            <= self.prediction_log_reconnect_max_s
+            <= 60,
+            "api_token": self.api_token == self.api_token.strip()
+            and all(33 <= ord(c) <= 126 for c in self.api_token),
+            "max_inflight_bytes": self.max_inflight_bytes >= self.max_request_bytes,
+            "max_inflight_pixels": self.max_inflight_pixels >= self.max_pixels,
+            "max_header_bytes": self.max_header_bytes >= 1024,
+            "header_timeout_s": self.header_timeout_s > 0,
+            "body_timeout_s": self.body_timeout_s > 0,
+            "keep_alive_timeout_s": self.keep_alive_timeout_s > 0,
+            "max_connections": self.max_connections >= 1,
             "served_model_name": bool(self.served_model_name)
             and all(c.isalnum() or c in "-_." for c in self.served_model_name),
             "model_path": bool(self.model_path or self.model_uri),
         }
         for key, ok in checks.items():
             if not ok:
-                raise SettingsError(f"{key.upper()}: invalid value {getattr(self, key)!r}")
+                shown = "(hidden)" if key in _SECRETS else repr(getattr(self, key))
+                raise SettingsError(f"{key.upper()}: invalid value {shown}")
+
+    @property
+    def prediction_log(self) -> tuple[str, str]:
+        """("sqlite", path) or ("postgresql", url): PREDICTION_LOG_URL when set, else the SQLite
+        file PREDICTION_LOG_PATH (the one rule; the path is ignored once a URL is set)."""
+        url = self.prediction_log_url
+        if not url:
+            return "sqlite", self.prediction_log_path
+        if url.startswith(_SQLITE_PREFIX):
+            return "sqlite", url[len(_SQLITE_PREFIX) :]
+        return "postgresql", url
 
     @property
     def model_source(self) -> str:
@@ -93,6 +228,21 @@ class Settings:
 
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_SECRETS = frozenset({"api_token", "prediction_log_url"})
+# SQLAlchemy's spelling, as MLflow's: sqlite:///relative/path, sqlite:////absolute/path
+_SQLITE_PREFIX = "sqlite:///"
+_POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+
+
+def _store_url_ok(url: str) -> bool:
+    """Empty, ``sqlite:///PATH`` or a ``postgresql://`` URL, on one line without spaces."""
+    if not url:
+        return True
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return False
+    if url.startswith(_SQLITE_PREFIX):
+        return len(url) > len(_SQLITE_PREFIX)
+    return url.startswith(_POSTGRES_PREFIXES)
 
 
 def _parse_int(text: str) -> int:

@@ -1,13 +1,28 @@
 """The prediction log: every prediction and every piece of feedback, stored durably.
 
-:class:`PredictionStore` is the interface the server talks to; :class:`SqliteStore` is the
-default implementation (a server database can replace it behind the same methods).
+:class:`PredictionStore` is the interface the server talks to. :func:`open_store` picks the
+backend from the settings: :class:`SqliteStore` (the default, one file, one process) or
+``server.store_postgres.PostgresStore`` (a database shared by every replica; psycopg is
+imported only then). Both share :class:`WriterStore`, so they behave alike:
 
 Writes never touch the event loop: ``record`` appends to a bounded in-memory queue and returns
 at once (when the queue is full the prediction is dropped and counted, so memory stays bounded
-when the disk is slow); ONE writer thread drains the queue in batches, one transaction per batch.
-Feedback goes through the same queue, behind every prediction recorded before it, so feedback
-for a request still waiting to be written finds it; its future resolves only after the commit.
+when the database is slow or away); ONE writer thread drains the queue in batches, one
+transaction per batch. Feedback goes through the same queue, behind every prediction recorded
+before it, so feedback for a prediction still waiting to be written finds it; its future
+resolves only after the commit.
+
+The writer survives anything a row can do: a batch that fails for a reason other than the
+database is retried row by row, so one bad row costs only itself (counted as a failed write).
+A database that cannot be reached (a PostgreSQL restart) costs nothing but time: the writer
+keeps its batch and retries with backoff while the queue absorbs new predictions. Should the
+thread die all the same (a bug), the next ``record``/``submit_feedback``/``status`` call restarts
+it. ``status()`` says whether the writer is keeping up, and the same thread prunes rows older
+than the retention period (or beyond a row limit) in small chunks between writes.
+
+Schema versions are migrated in place when the log opens (SQLite: ``PRAGMA user_version``):
+version 0 keyed predictions and feedback by the HTTP request id; version 1 keys both by a
+server-made ``prediction_id`` (one per image) and keeps ``request_id`` as an indexed column.
 """
 
 from __future__ import annotations
@@ -16,19 +31,24 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 log = logging.getLogger("server.store")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    request_id    TEXT PRIMARY KEY,
+SCHEMA_VERSION = 1
+_SCHEMA_V1 = (
+    """CREATE TABLE predictions (
+    prediction_id TEXT PRIMARY KEY,
+    request_id    TEXT NOT NULL,
     ts            REAL NOT NULL,
     model_version TEXT NOT NULL,
     label         TEXT NOT NULL,
@@ -40,15 +60,18 @@ CREATE TABLE IF NOT EXISTS predictions (
     brightness    REAL NOT NULL,
     latency_ms    REAL NOT NULL,
     route         TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS predictions_version_ts ON predictions (model_version, ts);
-CREATE TABLE IF NOT EXISTS feedback (
-    request_id TEXT PRIMARY KEY,
-    true_label TEXT NOT NULL,
-    ts         REAL NOT NULL
-);
-"""
+)""",
+    "CREATE INDEX predictions_request_id ON predictions (request_id)",
+    "CREATE INDEX predictions_version_ts ON predictions (model_version, ts)",
+    "CREATE INDEX predictions_ts ON predictions (ts)",  # retention deletes the oldest first
+    """CREATE TABLE feedback (
+    prediction_id TEXT PRIMARY KEY,
+    true_label    TEXT NOT NULL,
+    ts            REAL NOT NULL
+)""",
+)
 PREDICTION_COLUMNS = (
+    "prediction_id",
     "request_id",
     "ts",
     "model_version",
@@ -62,17 +85,38 @@ PREDICTION_COLUMNS = (
     "latency_ms",
     "route",
 )
+_INSERT = (
+    f"INSERT INTO predictions ({','.join(PREDICTION_COLUMNS)}) "
+    f"VALUES ({','.join('?' * len(PREDICTION_COLUMNS))})"
+)
+
+BEHIND_QUEUE_FRACTION = 0.8  # a queue fuller than this is "behind" (drops are near)
+STUCK_FACTOR = 2.0  # no progress for this many store timeouts is "stuck"
+RESTART_MIN_INTERVAL_S = 1.0  # a writer that dies at once is not restarted in a busy loop
 
 
 class StoreUnavailableError(RuntimeError):
     """The store cannot be written (it failed to open, or the disk refused the write)."""
 
 
+class StoreTimeoutError(StoreUnavailableError):
+    """The writer did not answer within the store timeout (it is stuck or far behind)."""
+
+
+class AmbiguousRequestIdError(LookupError):
+    """Several logged images share the request id: feedback must name a prediction_id."""
+
+
+class SchemaVersionError(RuntimeError):
+    """The log was written by a newer server with a schema this one does not know."""
+
+
 @dataclass(frozen=True)
 class PredictionEvent:
     """One successfully predicted image, as the server saw it (re-exported by monitoring)."""
 
-    request_id: str
+    prediction_id: str  # unique per image, made by the server: the key feedback refers to
+    request_id: str  # the HTTP request's id (X-Request-ID, the client's or made): not unique
     timestamp: float
     model_version: str
     label: str
@@ -87,6 +131,7 @@ class PredictionEvent:
 
     def as_tuple(self) -> tuple[Any, ...]:
         return (
+            self.prediction_id,
             self.request_id,
             self.timestamp,
             self.model_version,
@@ -104,8 +149,9 @@ class PredictionEvent:
 
 @dataclass(frozen=True)
 class FeedbackResult:
-    """What the store knew about a request id when feedback for it was committed."""
+    """What the store knew about a prediction when feedback for it was committed."""
 
+    prediction_id: str
     request_id: str
     true_label: str
     model_version: str
@@ -113,18 +159,33 @@ class FeedbackResult:
     previous_label: str | None  # the true label this feedback replaced, if any
 
 
+@dataclass(frozen=True)
+class PrunedPrediction:
+    """A prediction retention deleted, with what the cached figures counted for it."""
+
+    model_version: str
+    label: str
+    confidence: float
+    true_label: str | None
+
+
 @dataclass
 class _Feedback:
-    request_id: str
+    prediction_id: str | None
+    request_id: str | None
     true_label: str
     ts: float
     future: Future[FeedbackResult | None]
 
 
+_Item = PredictionEvent | _Feedback
+_Outcome = FeedbackResult | AmbiguousRequestIdError | None
+
 # Hooks the writer calls after each commit, so the owner can update cached figures without
 # ever querying the database on the event loop.
 OnPredictions = Callable[[list[PredictionEvent]], None]
 OnFeedback = Callable[[list[FeedbackResult]], None]
+OnPruned = Callable[[list[PrunedPrediction]], None]
 
 
 class PredictionStore(Protocol):
@@ -137,16 +198,51 @@ class PredictionStore(Protocol):
         """Queue a prediction without blocking. False when it was dropped or cannot be stored."""
 
     def submit_feedback(
-        self, request_id: str, true_label: str, ts: float
+        self,
+        true_label: str,
+        ts: float,
+        *,
+        prediction_id: str | None = None,
+        request_id: str | None = None,
     ) -> Future[FeedbackResult | None]:
-        """Queue feedback; the future gives None for an unknown request id, or raises
-        :class:`StoreUnavailableError`."""
+        """Queue feedback for one prediction, named by exactly one of the two ids. The future
+        gives None for an unknown id, or raises :class:`AmbiguousRequestIdError` or
+        :class:`StoreUnavailableError`; it always resolves."""
+
+    def status(self) -> str:
+        """ok, behind, stuck, failing, dead or unavailable (see :meth:`WriterStore.status`)."""
 
     def stop(self, timeout: float = 10.0) -> None:
         """Write everything queued, then close."""
 
+    # what the monitor reports about the writer (see WriterStore)
+    backend: str  # "sqlite" or "postgresql"
+    shared: bool  # other processes write the same store: figures must be read from it
+    restarts: int
+    rows_pruned: int
+
+    def describe(self) -> str:
+        """Where the store is, safe to log and show (never a password)."""
+
+    def writer_alive(self) -> bool: ...
+
+    def writer_stuck(self) -> bool: ...
+
+    def queued(self) -> int: ...
+
+    def oldest_queued_s(self) -> float: ...
+
     @property
-    def healthy(self) -> bool: ...
+    def open_error(self) -> str | None: ...
+
+
+def _settle(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a future that its waiter may have cancelled (a timed-out feedback request)."""
+    with contextlib.suppress(InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 class _WriteQueue:
@@ -154,12 +250,12 @@ class _WriteQueue:
 
     Feedback is never refused (each feedback request waits for its own future, so their
     number is bounded by the requests in flight), and it keeps its place behind every
-    prediction recorded before it.
+    prediction recorded before it. Each item remembers when it was queued.
     """
 
     def __init__(self, max_predictions: int) -> None:
         self.max_predictions = max_predictions
-        self._items: collections.deque[PredictionEvent | _Feedback] = collections.deque()
+        self._items: collections.deque[tuple[float, _Item]] = collections.deque()
         self._predictions = 0
         self._cond = threading.Condition()
 
@@ -167,23 +263,23 @@ class _WriteQueue:
         with self._cond:
             if self._predictions >= self.max_predictions:
                 return False
-            self._items.append(row)
+            self._items.append((time.monotonic(), row))
             self._predictions += 1
             self._cond.notify()
             return True
 
     def put_feedback(self, item: _Feedback) -> None:
         with self._cond:
-            self._items.append(item)
+            self._items.append((time.monotonic(), item))
             self._cond.notify()
 
-    def get_batch(self, max_items: int, timeout: float) -> list[PredictionEvent | _Feedback]:
+    def get_batch(self, max_items: int, timeout: float) -> list[_Item]:
         with self._cond:
-            if not self._items:
+            if not self._items and timeout > 0:
                 self._cond.wait(timeout)
-            batch = []
+            batch: list[_Item] = []
             while self._items and len(batch) < max_items:
-                item = self._items.popleft()
+                _, item = self._items.popleft()
                 if isinstance(item, PredictionEvent):
                     self._predictions -= 1
                 batch.append(item)
@@ -193,17 +289,30 @@ class _WriteQueue:
         with self._cond:
             self._cond.notify_all()
 
+    def predictions(self) -> int:
+        with self._cond:
+            return self._predictions
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest queued item has waited (0 when the queue is empty)."""
+        with self._cond:
+            return time.monotonic() - self._items[0][0] if self._items else 0.0
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+def connect(
+    path: Path, *, readonly: bool = False, check_same_thread: bool = True
+) -> sqlite3.Connection:
     """A connection with the pragmas the log relies on (WAL: readers never block the writer)."""
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
     else:
-        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        conn = sqlite3.connect(
+            path, timeout=10.0, isolation_level=None, check_same_thread=check_same_thread
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a process crash; only power loss can cost the last commits
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -211,56 +320,243 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-class SqliteStore:
-    """:class:`PredictionStore` on one SQLite file in WAL mode, written by one thread."""
+def redact_url(url: str) -> str:
+    """``scheme://host:port/database`` of a store URL, without user, password or query, so
+    it can be logged and shown."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return f"{url.split(':', 1)[0]}://(unparsable)"
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+# ---------------------------------------------------------------------- schema
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return row.fetchone() is not None
+
+
+def _create_v1(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V1:
+        conn.execute(statement)
+
+
+def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
+    """Key predictions and feedback by prediction_id; old rows keep their request id as it."""
+    conn.execute("ALTER TABLE predictions RENAME TO predictions_v0")
+    conn.execute("DROP INDEX IF EXISTS predictions_version_ts")  # moved with the old table
+    if _has_table(conn, "feedback"):
+        conn.execute("ALTER TABLE feedback RENAME TO feedback_v0")
+    else:
+        conn.execute("CREATE TABLE feedback_v0 (request_id TEXT, true_label TEXT, ts REAL)")
+    _create_v1(conn)
+    kept = ",".join(PREDICTION_COLUMNS[2:])
+    conn.execute(
+        f"INSERT INTO predictions (prediction_id, request_id, {kept}) "
+        f"SELECT request_id, request_id, {kept} FROM predictions_v0"
+    )
+    conn.execute(
+        "INSERT INTO feedback (prediction_id, true_label, ts) "
+        "SELECT request_id, true_label, ts FROM feedback_v0"
+    )
+    conn.execute("DROP TABLE predictions_v0")
+    conn.execute("DROP TABLE feedback_v0")
+
+
+# target version -> the step that brings the version before it there
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_0_to_1}
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the log to :data:`SCHEMA_VERSION` in one transaction; returns the version found."""
+    conn.execute("BEGIN IMMEDIATE")  # two processes opening one file migrate it once
+    try:
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"schema version {found} is newer than this server's {SCHEMA_VERSION}"
+            )
+        version = found
+        if version == 0 and not _has_table(conn, "predictions"):
+            _create_v1(conn)  # a new log starts at the current version
+            version = SCHEMA_VERSION
+        for target in sorted(MIGRATIONS):
+            if version < target:
+                MIGRATIONS[target](conn)
+                log.info("prediction log: schema migrated from version %d to %d", version, target)
+                version = target
+        conn.execute(f"PRAGMA user_version = {int(version)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return found
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """The database itself failed (full disk, I/O, lock): retrying row by row cannot help.
+
+    Anything else (a value SQLite cannot bind, a duplicate key, a bug) is about one row.
+    """
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: first line of the message``: why a database could not be reached (libpq's
+    messages name the host and user, never the password)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------- the writer
+class WriterStore:
+    """The writer every backend shares: the bounded queue, ONE writer thread, feedback futures,
+    status, restarts of a dead writer, row-by-row retry of a bad batch, retention.
+
+    A backend supplies the database side (``_open_backend``, ``_commit``, ``_rollback``,
+    ``_prune_chunk``, ...) and sorts its errors with ``_error_kind``: ``row`` (this row is
+    bad: the others are written one by one), ``storage`` (the database refused the write:
+    the batch is counted lost) or ``outage`` (the database cannot be reached: the writer keeps
+    the batch and retries it with a backoff from ``reconnect_min_s`` to ``reconnect_max_s``,
+    while the bounded queue keeps predictions flowing and counts what it drops).
+
+    ``timeout_s`` is how long a waiter on the writer may wait; it also sets when the writer
+    counts as behind (oldest queued item older than it) and stuck (no progress for twice it).
+    ``retention_days`` (0 = forever) and ``max_rows`` (0 = no limit) bound the log; the
+    writer prunes at start, then every ``prune_interval_s`` and after ``prune_every_rows``
+    inserts, ``prune_chunk`` rows per short transaction.
+    """
+
+    backend = "none"
+    shared = False  # True when other processes write the same store (figures come from it)
+    refresh_s: float | None = None  # a shared store re-reads its figures this often
 
     def __init__(
         self,
-        path: str | Path,
         *,
-        max_queue: int = 10_000,
+        max_queue: int,
+        timeout_s: float,
+        retention_days: float = 0.0,
+        max_rows: int = 0,
         batch_size: int = 500,
+        prune_interval_s: float = 60.0,
+        prune_every_rows: int = 10_000,
+        prune_chunk: int = 500,
+        reconnect_min_s: float = 0.1,
+        reconnect_max_s: float = 5.0,
         on_predictions: OnPredictions | None = None,
         on_feedback: OnFeedback | None = None,
+        on_pruned: OnPruned | None = None,
         on_write_failure: Callable[[int], None] | None = None,
         on_drop: Callable[[int], None] | None = None,
-        on_open: Callable[[sqlite3.Connection], None] | None = None,
-        max_page_count: int | None = None,  # caps the file size (tests use it as a full disk)
+        on_restart: Callable[[], None] | None = None,
+        on_open: Callable[[Any], None] | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self.retention_s = retention_days * 86_400.0
+        self.max_rows = max_rows
         self.batch_size = batch_size
-        self.max_page_count = max_page_count
+        self.prune_interval_s = prune_interval_s
+        self.prune_every_rows = prune_every_rows
+        self.prune_chunk = prune_chunk
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = max(reconnect_max_s, reconnect_min_s)
         self._queue = _WriteQueue(max_queue)
         self._on_predictions = on_predictions
         self._on_feedback = on_feedback
+        self._on_pruned = on_pruned
         self._on_write_failure = on_write_failure or (lambda n: None)
         self._on_drop = on_drop or (lambda n: None)
+        self._on_restart = on_restart or (lambda: None)
         self._on_open = on_open
-        self._conn: sqlite3.Connection | None = None
+        self._is_open = False
         self._open_error: str | None = None
         self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
+        self._last_start = 0.0
         self._stopping = threading.Event()
         self._opened = threading.Event()
         self._failing = False  # True between a failed write and the next good one
+        self._outage = False  # True while the database cannot be reached
+        self._backoff = reconnect_min_s
+        self._logged: set[str] = set()  # error kinds already logged (once each, not per row)
+        # progress marks read by status(): monotonic seconds
+        self._busy_since: float | None = None  # a write or prune in progress since
+        self._last_progress = time.monotonic()
+        self._inflight: list[_Item] = []  # the batch being written, lost if the thread dies
+        self._last_prune = -math.inf
+        self._inserts_since_prune = 0
         self.rows_written = 0
+        self.rows_pruned = 0
+        self.restarts = 0
+        self.outages = 0  # times the database became unreachable (writes waited, then resumed)
+        # Tests only: called by the writer before each batch, outside every guard, so raising
+        # kills the thread and blocking stalls it.
+        self.fault_hook: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------ the backend's part
+    def describe(self) -> str:
+        """Where the store is, safe to log (never a password)."""
+        raise NotImplementedError
+
+    def _open_backend(self) -> None:
+        """Connect, migrate, call ``on_open``; raises when the store cannot be opened."""
+        raise NotImplementedError
+
+    def _recover(self) -> None:
+        """A restarted writer: undo what its predecessor left half done."""
+
+    def _close(self) -> None:
+        """Close the database (called by the writer thread once it has written everything)."""
+
+    def _commit(self, items: list[_Item]) -> list[tuple[_Item, _Outcome]]:
+        """One transaction; raises (rolled back by ``_rollback``) if any item fails."""
+        raise NotImplementedError
+
+    def _rollback(self) -> None:
+        """Undo a failed transaction, if the failure left one open."""
+
+    def _error_kind(self, exc: BaseException) -> str:
+        """``row``, ``storage`` or ``outage`` (see the class docstring)."""
+        raise NotImplementedError
+
+    def _prune_chunk(self, cutoff: float | None, limit: int) -> list[PrunedPrediction]:
+        """Delete up to ``limit`` of the oldest predictions (older than ``cutoff`` when given)
+        and their feedback, in one transaction; returns what was deleted."""
+        raise NotImplementedError
+
+    def _count_predictions(self) -> int:
+        raise NotImplementedError
+
+    def refreshed_s_ago(self) -> float | None:
+        """A shared store: seconds since its figures were last read (None: never, or local)."""
+        return None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
-        self._thread.start()
+        self._start_thread()
         self._opened.wait(30.0)
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._ensure_writer()  # a dead writer is brought back to flush what is queued
         self._stopping.set()
         self._queue.wake()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("prediction log: writer did not finish within %.1f s", timeout)
+        # whatever is still queued (a stuck or dead writer) is lost, but every waiter hears so
+        leftover = self._queue.get_batch(len(self._queue) + 1, timeout=0)
+        self._abandon(leftover)
 
     @property
     def healthy(self) -> bool:
-        return self._conn is not None and not self._failing
+        return self.status() == "ok"
 
     @property
     def open_error(self) -> str | None:
@@ -269,97 +565,265 @@ class SqliteStore:
     def queued(self) -> int:
         return len(self._queue)
 
+    def oldest_queued_s(self) -> float:
+        return self._queue.oldest_age()
+
+    # ------------------------------------------------------------------ health
+    def writer_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def writer_stuck(self) -> bool:
+        """A batch in progress, or queued work untouched, for longer than twice the timeout."""
+        limit = STUCK_FACTOR * self.timeout_s
+        now = time.monotonic()
+        busy = self._busy_since
+        if busy is not None and now - busy > limit:
+            return True
+        return len(self._queue) > 0 and now - self._last_progress > limit
+
+    def status(self) -> str:
+        """The writer's state, worst first.
+
+        ``unavailable``: the log has not opened (it failed to, or the database has not been
+        reachable yet). ``dead``: the writer thread is not running and could not be restarted.
+        ``stuck``: no progress for twice ``timeout_s``. ``failing``: the last write was refused
+        by the database (full disk, I/O error) or the database cannot be reached (writes wait
+        and retry). ``behind``: the queue is over 80% full or its oldest item has waited longer
+        than ``timeout_s``.
+        """
+        if not self._is_open:
+            return "unavailable"
+        if not self._ensure_writer():
+            return "dead"
+        if self.writer_stuck():
+            return "stuck"
+        if self._failing:
+            return "failing"
+        full = self._queue.predictions() > BEHIND_QUEUE_FRACTION * self._queue.max_predictions
+        if full or self._queue.oldest_age() > self.timeout_s:
+            return "behind"
+        return "ok"
+
     # ------------------------------------------------------------------ producers
     def record(self, row: PredictionEvent) -> bool:
         if self._open_error is not None:
             self._on_write_failure(1)  # the store never opened: this row is lost
             return False
+        self._ensure_writer()
         if not self._queue.put_prediction(row):
             self._on_drop(1)
             return False
         return True
 
     def submit_feedback(
-        self, request_id: str, true_label: str, ts: float
+        self,
+        true_label: str,
+        ts: float,
+        *,
+        prediction_id: str | None = None,
+        request_id: str | None = None,
     ) -> Future[FeedbackResult | None]:
+        if (prediction_id is None) == (request_id is None):
+            raise ValueError("name the prediction by exactly one of prediction_id, request_id")
         fut: Future[FeedbackResult | None] = Future()
-        if self._open_error is not None or self._stopping.is_set():
+        if self._open_error is not None or self._stopping.is_set() or not self._ensure_writer():
             fut.set_exception(StoreUnavailableError("the prediction log is not available"))
             return fut
-        self._queue.put_feedback(_Feedback(request_id, true_label, ts, fut))
+        self._queue.put_feedback(_Feedback(prediction_id, request_id, true_label, ts, fut))
         return fut
 
-    # ------------------------------------------------------------------ writer thread
-    def _open(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.path)
-            if self.max_page_count is not None:
-                conn.execute(f"PRAGMA max_page_count={int(self.max_page_count)}")
-            conn.executescript(SCHEMA)
-            if self._on_open is not None:
-                # before the first write, so cached figures never count a row twice
-                self._on_open(conn)
-            self._conn = conn
-            log.info("prediction log: %s (SQLite, WAL)", self.path)
-        except (OSError, sqlite3.Error) as exc:
-            self._open_error = f"{type(exc).__name__}: {exc}"
-            # logged once; every prediction after this is counted as a failed write
-            log.error(
-                "prediction log: cannot open %s (%s); predictions will not be stored",
-                self.path,
-                self._open_error,
-            )
+    # ------------------------------------------------------------------ the writer thread
+    def _start_thread(self) -> None:
+        self._last_start = time.monotonic()
+        thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
+        self._thread = thread
+        thread.start()
+
+    def _ensure_writer(self) -> bool:
+        """True when the writer runs; restarts a writer that died (counted and logged)."""
+        thread = self._thread
+        if thread is None or thread.is_alive():
+            return thread is not None
+        if not self._is_open or self._stopping.is_set():
+            return False
+        with self._thread_lock:
+            if self._thread is not None and self._thread.is_alive():
+                return True
+            if time.monotonic() - self._last_start < RESTART_MIN_INTERVAL_S:
+                return False  # it died at once: wait a little rather than spin
+            self._abandon(self._inflight)
+            self._inflight = []
+            self._busy_since = None
+            try:
+                self._start_thread()
+            except RuntimeError:  # no thread can be started (resource limits)
+                self._log_once("restart", "prediction log: the writer thread cannot be restarted")
+                return False
+            self.restarts += 1
+            log.error("prediction log: the writer thread had stopped; restarted it")
+            with contextlib.suppress(Exception):
+                self._on_restart()
+            return True
 
     def _run(self) -> None:
-        self._open()
-        self._opened.set()
-        if self._conn is None:
-            return
         try:
-            while True:
-                batch = self._queue.get_batch(self.batch_size, timeout=0.5)
-                if batch:
-                    self._write(batch)
-                elif self._stopping.is_set():
-                    break
+            if not self._is_open:
+                self._open()
+                self._opened.set()
+                if not self._is_open:
+                    return
+            else:
+                self._recover()
+            self._loop()
+        except BaseException:
+            # only a bug (or a test's fault hook) gets here; the store restarts the thread
+            log.exception("prediction log: the writer thread died")
         finally:
-            self._close()
+            self._opened.set()
+            if self._stopping.is_set() and self._is_open:
+                self._close()
 
-    def _close(self) -> None:
-        if self._conn is None:
-            return
-        # a checkpoint is an optimisation; the WAL is replayed on the next open anyway
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._conn.close()
-
-    def _write(self, batch: list[PredictionEvent | _Feedback]) -> None:
-        assert self._conn is not None
-        conn = self._conn
-        rows: list[PredictionEvent] = []
-        pending: list[PredictionEvent] = []  # rows not yet sent to executemany
-        answers: list[tuple[_Feedback, FeedbackResult | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for item in batch:
-                if isinstance(item, PredictionEvent):
-                    pending.append(item)
+    def _open(self) -> None:
+        """Open the store; an unreachable database is retried with backoff until it answers
+        (``start`` returns after the first try: predictions queue meanwhile)."""
+        delay = self.reconnect_min_s
+        while True:
+            try:
+                self._open_backend()
+            except Exception as exc:
+                if self._error_kind(exc) == "outage":
+                    if self._stopping.is_set():
+                        return  # stopped before the database ever answered: nothing to close
+                    self._log_once(
+                        "open-outage",
+                        "prediction log: %s cannot be reached yet (%s); retrying",
+                        self.describe(),
+                        _reason(exc),
+                    )
+                    self._opened.set()  # the server starts; the writer keeps trying
+                    self._stopping.wait(delay)
+                    delay = min(delay * 2, self.reconnect_max_s)
                     continue
-                # predictions queued before this feedback must be visible to its lookup
-                self._insert(conn, pending)
-                rows.extend(pending)
-                pending = []
-                answers.append((item, self._apply_feedback(conn, item)))
-            self._insert(conn, pending)
-            rows.extend(pending)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # the failed statement may already have rolled the transaction back
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            n_rows = sum(1 for item in batch if isinstance(item, PredictionEvent))
+                self._open_error = f"{type(exc).__name__}: {exc}"
+                # logged once; every prediction after this is counted as a failed write
+                log.error(
+                    "prediction log: cannot open %s (%s); predictions will not be stored",
+                    self.describe(),
+                    self._open_error,
+                )
+                return
+            self._is_open = True
+            return
+
+    def _loop(self) -> None:
+        while True:
+            self._last_progress = time.monotonic()
+            hook = self.fault_hook
+            if hook is not None:
+                hook()
+            if not self._stopping.is_set() and self._prune_due():
+                self._prune_guarded()  # at start, then every interval or N inserts
+            batch = self._queue.get_batch(self.batch_size, timeout=0.5)
+            if batch:
+                self._write_guarded(batch)
+            elif self._stopping.is_set():
+                return
+
+    def _log_once(self, kind: str, message: str, *args: object) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.error(message + " (logged once for this kind of error)", *args)
+
+    # ------------------------------------------------------------------ writing
+    def _write_guarded(self, batch: list[_Item]) -> None:
+        """Write one batch; nothing it raises reaches the loop."""
+        self._inflight = batch
+        self._busy_since = time.monotonic()
+        try:
+            # a feedback whose waiter gave up (timeout) is not applied
+            live = [i for i in batch if isinstance(i, PredictionEvent) or self._claim(i.future)]
+            self._write(live)
+        except Exception as exc:  # a bug past the per-row guards: the batch is lost, counted
+            self._log_once(f"batch:{type(exc).__name__}", "prediction log: batch lost (%r)", exc)
+            self._abandon(batch)
+        finally:
+            self._inflight = []
+            self._busy_since = None
+
+    @staticmethod
+    def _claim(future: Future[Any]) -> bool:
+        return future.set_running_or_notify_cancel()
+
+    def _write(self, batch: list[_Item]) -> None:
+        """Write every item, or count it lost; during an outage, wait and retry what is left."""
+        pending = batch
+        while pending:
+            pending = self._write_pass(pending)
+            if pending:
+                self._wait_for_database()
+
+    def _write_pass(self, items: list[_Item]) -> list[_Item]:
+        """One attempt at ``items``; returns those to retry once the database is back."""
+        try:
+            done = self._commit(items)
+        except Exception as exc:
+            self._rollback()
+            kind = self._error_kind(exc)
+            if kind == "outage" and not self._stopping.is_set():
+                self._outage_began(exc)
+                return items
+            if kind != "row":
+                self._failed(items, exc)
+                return []
+            # one row is bad: keep every other row by writing them one by one
+            done = []
+            for i, item in enumerate(items):
+                try:
+                    done += self._commit([item])
+                except Exception as row_exc:
+                    self._rollback()
+                    if self._error_kind(row_exc) == "outage" and not self._stopping.is_set():
+                        self._outage_began(row_exc)
+                        if done:
+                            self._succeeded(done)
+                        return items[i:]
+                    self._failed([item], row_exc)
+        if done:
+            self._succeeded(done)
+        return []
+
+    def _outage_began(self, exc: BaseException) -> None:
+        if not self._outage:
+            self._outage = True
+            self.outages += 1
+            log.error(
+                "prediction log: %s cannot be reached (%s); writes wait and retry, "
+                "the server keeps serving",
+                self.describe(),
+                type(exc).__name__,
+            )
+        self._failing = True
+
+    def _wait_for_database(self) -> None:
+        """Back off before the next try; waiting is progress, not a stuck writer."""
+        self._busy_since = None
+        self._stopping.wait(self._backoff)
+        self._backoff = min(self._backoff * 2, self.reconnect_max_s)
+        self._last_progress = time.monotonic()
+        self._busy_since = time.monotonic()
+
+    def _failed(self, items: list[_Item], exc: BaseException) -> None:
+        n_rows = sum(1 for item in items if isinstance(item, PredictionEvent))
+        if n_rows:
             self._on_write_failure(n_rows)
+        if self._error_kind(exc) == "row":
+            self._log_once(
+                f"row:{type(exc).__name__}",
+                "prediction log: a row cannot be stored (%s: %s); it counts as a failed write",
+                type(exc).__name__,
+                exc,
+            )
+        else:
             if not self._failing:
                 log.error(
                     "prediction log: write failed (%s: %s); %d predictions lost, "
@@ -369,52 +833,253 @@ class SqliteStore:
                     n_rows,
                 )
             self._failing = True
-            for item in batch:
-                if isinstance(item, _Feedback):
-                    item.future.set_exception(StoreUnavailableError("the feedback was not stored"))
-            return
+        for item in items:
+            if isinstance(item, _Feedback):
+                _settle(item.future, error=StoreUnavailableError("the feedback was not stored"))
+
+    def _succeeded(self, done: list[tuple[_Item, _Outcome]]) -> None:
         if self._failing:
-            log.info("prediction log: writes succeed again")
+            if self._outage:
+                log.info("prediction log: %s reachable again; writes resumed", self.describe())
+            else:
+                log.info("prediction log: writes succeed again")
             self._failing = False
+        self._outage = False
+        self._backoff = self.reconnect_min_s
+        rows = [item for item, _ in done if isinstance(item, PredictionEvent)]
+        results = [o for _, o in done if isinstance(o, FeedbackResult)]
         self.rows_written += len(rows)
-        results = [r for _, r in answers if r is not None]
+        self._inserts_since_prune += len(rows)
         try:
             if rows and self._on_predictions is not None:
                 self._on_predictions(rows)
             if results and self._on_feedback is not None:
                 self._on_feedback(results)
-        except Exception:  # a bug in a hook must not stop the writer
-            log.exception("prediction log: after-commit hook failed")
-        for item, result in answers:
-            item.future.set_result(result)
+        except Exception as exc:  # a bug in a hook must not stop the writer
+            self._log_once(f"hook:{type(exc).__name__}", "prediction log: after-commit hook failed")
+        for item, outcome in done:
+            if isinstance(item, _Feedback):
+                if isinstance(outcome, AmbiguousRequestIdError):
+                    _settle(item.future, error=outcome)
+                else:
+                    _settle(item.future, outcome)
+
+    def _abandon(self, items: list[_Item]) -> None:
+        """Items that will never be written: predictions counted lost, waiters told."""
+        with contextlib.suppress(Exception):
+            n_rows = sum(1 for item in items if isinstance(item, PredictionEvent))
+            if n_rows:
+                self._on_write_failure(n_rows)
+        for item in items:
+            if isinstance(item, _Feedback):
+                _settle(item.future, error=StoreUnavailableError("the feedback was not stored"))
+
+    # ------------------------------------------------------------------ retention
+    def _prune_due(self) -> bool:
+        if self.retention_s <= 0 and self.max_rows <= 0:
+            return False
+        if self._inserts_since_prune >= self.prune_every_rows:
+            return True
+        return time.monotonic() - self._last_prune >= self.prune_interval_s
+
+    def _prune_guarded(self) -> None:
+        self._last_prune = time.monotonic()
+        self._inserts_since_prune = 0
+        try:
+            pruned = self._prune()
+        except Exception as exc:
+            self._rollback()
+            kind = f"prune:{type(exc).__name__}"
+            self._log_once(kind, "prediction log: pruning failed (%r)", exc)
+            return
+        if pruned:
+            log.info("prediction log: pruned %d predictions past retention", pruned)
+
+    def _prune(self) -> int:
+        """Delete expired rows, oldest first, one small transaction at a time; writes queued
+        meanwhile go in between chunks, so pruning never holds the log for long."""
+        total = 0
+        if self.retention_s > 0:
+            cutoff = time.time() - self.retention_s
+            while not self._stopping.is_set():
+                n = self._prune_step(cutoff, self.prune_chunk)
+                total += n
+                if n < self.prune_chunk:
+                    break
+                self._write_waiting()
+        if self.max_rows > 0:
+            excess = self._count_predictions() - self.max_rows
+            while excess > 0 and not self._stopping.is_set():
+                n = self._prune_step(None, min(excess, self.prune_chunk))
+                if n == 0:
+                    break
+                total += n
+                excess -= n
+                self._write_waiting()
+        return total
+
+    def _write_waiting(self) -> None:
+        self._last_progress = time.monotonic()
+        batch = self._queue.get_batch(self.batch_size, timeout=0)
+        if batch:
+            self._write_guarded(batch)
+
+    def _prune_step(self, cutoff: float | None, limit: int) -> int:
+        self._busy_since = time.monotonic()
+        try:
+            rows = self._prune_chunk(cutoff, limit)
+        finally:
+            self._busy_since = None
+        self.rows_pruned += len(rows)
+        if rows and self._on_pruned is not None:
+            try:
+                self._on_pruned(rows)
+            except Exception as exc:
+                self._log_once(f"hook:{type(exc).__name__}", "prediction log: prune hook failed")
+        return len(rows)
+
+
+class SqliteStore(WriterStore):
+    """:class:`PredictionStore` on one SQLite file in WAL mode, written by one thread.
+
+    One process per file: the figures the owner caches from the after-commit hooks are the
+    whole truth (see :class:`WriterStore` for the writer's behaviour).
+    """
+
+    backend = "sqlite"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_page_count: int | None = None,  # caps the file size (tests use it as a full disk)
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self.path = Path(path)
+        self.max_page_count = max_page_count
+        self._conn: sqlite3.Connection | None = None
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def _open_backend(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(self.path, check_same_thread=False)  # a restarted writer reuses it
+        try:
+            if self.max_page_count is not None:
+                conn.execute(f"PRAGMA max_page_count={int(self.max_page_count)}")
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        if self._on_open is not None:
+            try:  # before the first write, so cached figures never count a row twice
+                self._on_open(conn)
+            except Exception:
+                log.exception("prediction log: could not read past figures; counting from zero")
+        self._conn = conn
+        log.info("prediction log: %s (SQLite, WAL, schema version %d)", self.path, SCHEMA_VERSION)
+
+    def _error_kind(self, exc: BaseException) -> str:
+        return "storage" if _is_storage_error(exc) else "row"
+
+    def _recover(self) -> None:
+        assert self._conn is not None
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def _close(self) -> None:
+        assert self._conn is not None
+        # a checkpoint is an optimisation; the WAL is replayed on the next open anyway
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+
+    def _commit(self, items: list[_Item]) -> list[tuple[_Item, _Outcome]]:
+        conn = self._conn
+        assert conn is not None
+        done: list[tuple[_Item, _Outcome]] = []
+        pending: list[PredictionEvent] = []  # rows not yet sent to executemany
+        conn.execute("BEGIN IMMEDIATE")
+        for item in items:
+            if isinstance(item, PredictionEvent):
+                pending.append(item)
+                continue
+            # predictions queued before this feedback must be visible to its lookup
+            self._insert(conn, pending)
+            done += [(row, None) for row in pending]
+            pending = []
+            done.append((item, self._apply_feedback(conn, item)))
+        self._insert(conn, pending)
+        done += [(row, None) for row in pending]
+        conn.execute("COMMIT")
+        return done
+
+    def _rollback(self) -> None:
+        # the failed statement may already have rolled the transaction back
+        if self._conn is not None and self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, rows: list[PredictionEvent]) -> None:
-        if not rows:
-            return
-        marks = ",".join("?" * len(PREDICTION_COLUMNS))
-        # OR IGNORE: a client-chosen X-Request-ID reused twice keeps its first prediction
-        conn.executemany(
-            f"INSERT OR IGNORE INTO predictions ({','.join(PREDICTION_COLUMNS)}) VALUES ({marks})",
-            [r.as_tuple() for r in rows],
-        )
+        if rows:
+            # plain INSERT: a duplicate prediction_id fails (and is counted), never hides
+            conn.executemany(_INSERT, [r.as_tuple() for r in rows])
 
     @staticmethod
-    def _apply_feedback(conn: sqlite3.Connection, item: _Feedback) -> FeedbackResult | None:
-        found = conn.execute(
-            "SELECT p.model_version, p.label, f.true_label FROM predictions p "
-            "LEFT JOIN feedback f ON f.request_id = p.request_id WHERE p.request_id = ?",
-            (item.request_id,),
-        ).fetchone()
-        if found is None:
-            return None
-        conn.execute(
-            "INSERT INTO feedback (request_id, true_label, ts) VALUES (?, ?, ?) "
-            "ON CONFLICT(request_id) DO UPDATE SET true_label = excluded.true_label, "
-            "ts = excluded.ts",
-            (item.request_id, item.true_label, item.ts),
+    def _apply_feedback(conn: sqlite3.Connection, item: _Feedback) -> _Outcome:
+        select = (
+            "SELECT p.prediction_id, p.request_id, p.model_version, p.label, f.true_label "
+            "FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.prediction_id "
         )
-        return FeedbackResult(item.request_id, item.true_label, found[0], found[1], found[2])
+        if item.prediction_id is not None:
+            found = conn.execute(select + "WHERE p.prediction_id = ?", (item.prediction_id,))
+        else:
+            found = conn.execute(select + "WHERE p.request_id = ? LIMIT 2", (item.request_id,))
+        rows = found.fetchall()
+        if not rows:
+            return None
+        if len(rows) > 1:
+            return AmbiguousRequestIdError("several logged images share this request_id")
+        prediction_id, request_id, version, predicted, previous = rows[0]
+        conn.execute(
+            "INSERT INTO feedback (prediction_id, true_label, ts) VALUES (?, ?, ?) "
+            "ON CONFLICT(prediction_id) DO UPDATE SET true_label = excluded.true_label, "
+            "ts = excluded.ts",
+            (prediction_id, item.true_label, item.ts),
+        )
+        return FeedbackResult(
+            prediction_id, request_id, item.true_label, version, predicted, previous
+        )
+
+    def _count_predictions(self) -> int:
+        assert self._conn is not None
+        return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    def _prune_chunk(self, cutoff: float | None, limit: int) -> list[PrunedPrediction]:
+        conn = self._conn
+        assert conn is not None
+        where, params = ("WHERE p.ts < ?", (cutoff,)) if cutoff is not None else ("", ())
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute(
+            "SELECT p.rowid, p.prediction_id, p.model_version, p.label, p.confidence, "
+            "f.true_label FROM predictions p "
+            f"LEFT JOIN feedback f ON f.prediction_id = p.prediction_id {where} "
+            "ORDER BY p.ts, p.rowid LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        if rows:
+            marks = ",".join("?" * len(rows))
+            ids = [r[1] for r in rows]
+            rowids = [r[0] for r in rows]
+            conn.execute(f"DELETE FROM feedback WHERE prediction_id IN ({marks})", ids)
+            conn.execute(f"DELETE FROM predictions WHERE rowid IN ({marks})", rowids)
+        conn.execute("COMMIT")
+        return [PrunedPrediction(r[2], r[3], r[4], r[5]) for r in rows]
 
 
 # ---------------------------------------------------------------------- reading
@@ -436,7 +1101,7 @@ def iter_aggregates(
     ).fetchall()
     feedback = conn.execute(
         "SELECT p.model_version, f.true_label, p.label, COUNT(*) FROM feedback f "
-        "JOIN predictions p ON p.request_id = f.request_id "
+        "JOIN predictions p ON p.prediction_id = f.prediction_id "
         "GROUP BY p.model_version, f.true_label, p.label"
     ).fetchall()
     return predictions, feedback

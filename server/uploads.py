@@ -1,52 +1,115 @@
 """Request bodies read under limits, in memory, counted as they arrive.
 
 An oversized body is refused as soon as it is known to be too big: at once from its
-Content-Length, or at the chunk that crosses the limit, never after reading it whole. Multipart
-parts are collected in memory by python-multipart's streaming parser (Starlette's form parser
-would spool files over 1 MiB to disk; uploads never touch the disk here).
+Content-Length, or at the chunk that crosses the limit, never after reading it whole. Every byte
+held is reserved from the server-wide byte budget (``server.limits``) first, so many large
+bodies at once get 503 instead of growing memory. Multipart parts are collected in memory by
+python-multipart's streaming parser (Starlette's form parser would spool files over 1 MiB to
+disk; uploads never touch the disk here).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from server.errors import ApiError
+from server.errors import RETRY_SOON, ApiError
+from server.limits import OverBudgetError, Reservation
 
 MULTIPART = "multipart/form-data"
 _MAX_PART_HEADER_BYTES = 8 * 1024
+# RFC 2046: 1 to 70 characters from a small alphabet; anything else is refused up front.
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+
+
+class Body:
+    """Bytes as they arrived, in pieces, joined once by whoever needs them whole.
+
+    Joining a 10 MB upload holds the GIL for milliseconds; the pieces travel to the decode
+    threads and are joined there, so the event loop never does it.
+    """
+
+    __slots__ = ("_pieces", "size")
+
+    def __init__(self, pieces: list[bytes | memoryview]) -> None:
+        self._pieces = pieces
+        self.size = sum(len(p) for p in pieces)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> bytes:
+        if len(self._pieces) != 1 or not isinstance(self._pieces[0], bytes):
+            self._pieces = [b"".join(self._pieces)]
+        return self._pieces[0]
+
+
+def as_bytes(data: bytes | Body) -> bytes:
+    return data.join() if isinstance(data, Body) else data
 
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
 
 
-def check_content_length(request: Request, limit: int) -> None:
+def overloaded(exc: OverBudgetError) -> ApiError:
+    return ApiError(503, "overloaded", f"{exc}; retry shortly", RETRY_SOON)
+
+
+def content_length(request: Request) -> int | None:
+    """The declared body size, or None; a malformed value is a 400, never a 500."""
     value = request.headers.get("content-length")
     if value is None:
-        return
-    if not value.isdigit():
+        return None
+    value = value.strip()
+    # ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise ApiError(400, "bad_content_length", "the Content-Length header is not a number")
-    if int(value) > limit:
+    return int(value)
+
+
+def _reserve_declared(request: Request, limit: int, reservation: Reservation | None) -> int:
+    """Check Content-Length against ``limit`` and reserve it at once; returns the bytes held."""
+    declared = content_length(request)
+    if declared is None:
+        return 0
+    if declared > limit:
         raise _too_large(limit)
+    if reservation is not None:
+        try:
+            reservation.grow(declared)
+        except OverBudgetError as exc:
+            raise overloaded(exc) from None
+    return declared
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, at most ``limit`` bytes."""
-    check_content_length(request, limit)
-    chunks: list[bytes] = []
+def _count(size: int, held: int, limit: int, reservation: Reservation | None) -> int:
+    """Account for a body that has grown to ``size`` bytes; returns the bytes now held."""
+    if size > limit:
+        raise _too_large(limit)
+    if size > held and reservation is not None:
+        try:
+            reservation.grow(size - held)
+        except OverBudgetError as exc:
+            raise overloaded(exc) from None
+        return size
+    return max(held, size)
+
+
+async def read_body(request: Request, limit: int, reservation: Reservation | None = None) -> Body:
+    """The whole body, at most ``limit`` bytes, reserved from the byte budget as it arrives."""
+    held = _reserve_declared(request, limit, reservation)
+    chunks: list[bytes | memoryview] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
+        held = _count(size, held, limit, reservation)
         if chunk:
             chunks.append(chunk)
-    # The common case is a single chunk: hand it over without a copy.
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return Body(chunks)
 
 
 @dataclass
@@ -54,12 +117,13 @@ class Part:
     name: str
     filename: str | None
     content_type: str
-    chunks: list[bytes] = field(default_factory=list)
+    # views into the body's chunks: no copy while parsing (joined later, off the event loop)
+    chunks: list[memoryview | bytes] = field(default_factory=list)
     size: int = 0
 
     @property
-    def data(self) -> bytes:
-        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+    def data(self) -> Body:
+        return Body(self.chunks)
 
 
 class _Collector:
@@ -145,7 +209,7 @@ class _Collector:
             raise ApiError(
                 413, "file_too_large", f"{label!r} is larger than {self.max_part_bytes} bytes"
             )
-        part.chunks.append(data[start:end])
+        part.chunks.append(memoryview(data)[start:end])
 
 
 async def read_multipart(
@@ -155,23 +219,37 @@ async def read_multipart(
     max_parts: int,
     max_part_bytes: int,
     max_body_bytes: int,
+    reservation: Reservation | None = None,
 ) -> list[Part]:
     """The parts named ``field_name`` of a multipart/form-data body, in order."""
     _, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")
     if not boundary:
         raise ApiError(400, "bad_multipart", "the multipart Content-Type has no boundary")
-    check_content_length(request, max_body_bytes)
+    if not _BOUNDARY.fullmatch(boundary):
+        raise ApiError(
+            400, "bad_multipart", "the multipart boundary must be 1 to 70 plain characters"
+        )
+    held = _reserve_declared(request, max_body_bytes, reservation)
     collector = _Collector(field_name, max_parts, max_part_bytes)
     parser = MultipartParser(boundary, collector.callbacks())
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise _too_large(max_body_bytes)
-            parser.write(chunk)
-        parser.finalize()
-    except MultipartParseError:
-        raise ApiError(400, "bad_multipart", "the multipart body is malformed") from None
+    async for chunk in request.stream():
+        size += len(chunk)
+        held = _count(size, held, max_body_bytes, reservation)
+        _feed(parser, chunk)
+    _feed(parser, None)
     return collector.parts
+
+
+def _feed(parser: MultipartParser, chunk: bytes | None) -> None:
+    """One step of the parser (None finalizes); its errors on client bytes are a 400."""
+    try:
+        if chunk is None:
+            parser.finalize()
+        else:
+            parser.write(chunk)
+    except ApiError:
+        raise
+    except Exception:  # python-multipart raises several kinds on malformed input
+        raise ApiError(400, "bad_multipart", "the multipart body is malformed") from None

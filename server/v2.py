@@ -11,9 +11,8 @@ import asyncio
 import base64
 import binascii
 import json
-import math
 import struct
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,8 +22,8 @@ from starlette.routing import Route
 
 from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES
 from server.errors import ApiError
-from server.preprocessing import ImageDecodeError
-from server.service import Predictor
+from server.limits import Reservation
+from server.service import Predictor, Upload
 from server.settings import Settings
 from server.uploads import read_body
 
@@ -93,44 +92,121 @@ async def model_ready(request: Request) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------- request parsing
+# Every count and size is bounded before the work that depends on it, so no request can make
+# the parser (which holds the GIL) stall the event loop or grow memory past its body.
+MAX_DIMS = 8  # dimensions of the input's shape ([n] or [n, 1] in practice)
+MAX_JSON_TOKENS = 20_000  # '[', '{' and ',' in the JSON part: bounds elements and nesting
+MAX_INT_DIGITS = 18  # any integer in the request (shapes, sizes) fits in an int64
+MAX_OUTPUTS = 16  # entries in "outputs" before de-duplication
+MAX_ID_CHARS = 256
+OUTPUT_NAMES = (OUTPUT_PROBABILITIES, OUTPUT_LABEL)
+_PARSE_IN_THREAD_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed inference request: the encoded images, the outputs asked for, the client's id."""
+
+    images: list[bytes]
+    outputs: list[tuple[str, bool]]  # (output name, binary?) in the order asked for
+    id: str | None
+
+
+def parse_infer_request(
+    body: bytes,
+    header_length: str | None,
+    *,
+    max_images: int,
+    max_image_bytes: int = 2**62,
+    max_json_bytes: int = 2**62,
+) -> InferRequest:
+    """Parse a V2 inference request; any bad input raises :class:`ApiError` with a 4xx."""
+    raw_header, binary = _split(body, header_length)
+    if len(raw_header) > max_json_bytes:
+        raise _bad(
+            f"the JSON part is larger than {max_json_bytes} bytes; send large images with the "
+            "binary tensor extension",
+            status=413,
+        )
+    payload = _parse_json(raw_header)
+    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+        raise _bad("the inference request needs an 'inputs' list")
+    return InferRequest(
+        images=_images(payload, binary, max_images, max_image_bytes),
+        outputs=_requested_outputs(payload),
+        id=_request_id(payload),
+    )
+
+
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """Binary tensor extension: a JSON header of the given length, then the tensor bytes."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.isdigit() or int(header_length) > len(body):
-        raise _bad(f"Inference-Header-Content-Length {header_length!r} does not fit the body")
-    n = int(header_length)
+    value = header_length.strip()
+    # ASCII digits only: str.isdigit() accepts '²', which int() refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > MAX_INT_DIGITS:
+        raise _bad("Inference-Header-Content-Length must be a number of bytes")
+    n = int(value)
+    if n > len(body):
+        raise _bad(f"Inference-Header-Content-Length {n} is larger than the body")
     return body[:n], memoryview(body)[n:]
 
 
-def _parse_header(raw: bytes) -> dict[str, Any]:
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError("integer too large")
+    return int(text)
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not valid JSON")
+
+
+def _parse_json(raw: bytes) -> Any:
+    tokens = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+    if tokens > MAX_JSON_TOKENS:
+        raise _bad(f"the inference request has more than {MAX_JSON_TOKENS} JSON elements")
     try:
-        request = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _bad("the inference request is not valid JSON") from None
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise _bad("the inference request needs an 'inputs' list")
-    return request
+        return json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant)
+    except RecursionError:
+        raise _bad("the inference request is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        raise _bad(
+            f"the inference request is not valid JSON (integers of at most {MAX_INT_DIGITS} digits)"
+        ) from None
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
+def _flatten(data: Any, limit: int) -> list[Any]:
+    """The leaves of nested lists, in order; stops past ``limit`` (the caller then refuses)."""
     out: list[Any] = []
-    for item in data:
-        out.extend(_flatten(item))
+    stack = [iter([data])]
+    while stack and len(out) <= limit:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            out.append(item)
     return out
 
 
-def _deserialize_bytes(buffer: memoryview) -> list[bytes]:
+_END = object()
+
+
+def _deserialize_bytes(buffer: memoryview, count: int, max_bytes: int) -> list[bytes]:
     """V2 binary BYTES tensor: each element is a 4-byte little-endian length, then the bytes."""
     elements: list[bytes] = []
     offset = 0
     while offset < len(buffer):
+        if len(elements) == count:
+            raise _bad(f"binary BYTES data holds more than the {count} elements of the shape")
         if offset + 4 > len(buffer):
             raise _bad("binary BYTES data ends inside an element's length")
         (length,) = struct.unpack_from("<I", buffer, offset)
         offset += 4
+        if length > max_bytes:
+            raise _bad(f"image {len(elements)} is larger than {max_bytes} bytes", status=413)
         if offset + length > len(buffer):
             raise _bad("binary BYTES data ends inside an element")
         elements.append(bytes(buffer[offset : offset + length]))
@@ -138,108 +214,141 @@ def _deserialize_bytes(buffer: memoryview) -> list[bytes]:
     return elements
 
 
-def _images(request: dict[str, Any], binary: memoryview, max_files: int) -> list[bytes]:
+def _shape_count(shape: Any, max_images: int) -> int:
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS:
+        raise _bad(f"input {INPUT_NAME!r} needs a shape: a list of 1 to {MAX_DIMS} integers")
+    count = 1
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise _bad(f"input {INPUT_NAME!r}: shape dimensions are non-negative integers")
+        if dim > max_images:  # checked one by one: the product never grows past the limit
+            raise _bad(f"{dim} images in one request; the limit is {max_images}", status=413)
+        count *= dim
+        if count > max_images:
+            raise _bad(f"{count} images in one request; the limit is {max_images}", status=413)
+    if count == 0:
+        raise _bad(f"input {INPUT_NAME!r} holds no image")
+    return count
+
+
+def _images(
+    request: dict[str, Any], binary: memoryview, max_images: int, max_bytes: int
+) -> list[bytes]:
     inputs = request["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise _bad(f"expected exactly one input, {INPUT_NAME!r}")
     tensor = inputs[0]
     if tensor.get("name") != INPUT_NAME:
-        raise _bad(f"unknown input {tensor.get('name')!r}; the model's input is {INPUT_NAME!r}")
+        raise _bad(f"unknown input; the model's input is {INPUT_NAME!r}")
     if tensor.get("datatype") != "BYTES":
         raise _bad(f"input {INPUT_NAME!r} must be BYTES (encoded image files)")
-    shape = tensor.get("shape")
-    if not (
-        isinstance(shape, list) and shape and all(isinstance(d, int) and d >= 0 for d in shape)
-    ):
-        raise _bad(f"input {INPUT_NAME!r} needs a shape, a list of non-negative integers")
-    count = math.prod(shape)
-    if count > max_files:
-        raise _bad(f"{count} images in one request; the limit is {max_files}", status=413)
-    if count == 0:
-        raise _bad(f"input {INPUT_NAME!r} holds no image")
-    parameters = tensor.get("parameters") or {}
-    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    count = _shape_count(tensor.get("shape"), max_images)
+    parameters = tensor.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise _bad("'parameters' must be an object")
+    size = parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or size > len(binary):
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):
             raise _bad("binary_data_size does not fit the binary data sent")
-        images = _deserialize_bytes(binary[:size])
+        images = _deserialize_bytes(binary[:size], count, max_bytes)
     else:
         if "data" not in tensor:
             raise _bad(f"input {INPUT_NAME!r} has neither 'data' nor binary_data_size")
-        images = []
-        for element in _flatten(tensor["data"]):
-            if not isinstance(element, str):
-                raise _bad("in JSON, each BYTES element is a base64 string of an image file")
-            try:
-                images.append(base64.b64decode(element, validate=True))
-            except (binascii.Error, ValueError):
-                raise _bad("an element of 'data' is not valid base64") from None
+        images = [
+            _b64_image(e, i, max_bytes) for i, e in enumerate(_flatten(tensor["data"], count))
+        ]
     if len(images) != count:
-        raise _bad(f"shape {shape} says {count} elements, the data holds {len(images)}")
+        raise _bad(f"the shape says {count} elements, the data holds a different number")
     return images
 
 
+def _b64_image(element: Any, index: int, max_bytes: int) -> bytes:
+    if not isinstance(element, str):
+        raise _bad("in JSON, each BYTES element is a base64 string of an image file")
+    if len(element) // 4 * 3 > max_bytes + 3:
+        raise _bad(f"image {index} is larger than {max_bytes} bytes", status=413)
+    try:
+        return base64.b64decode(element, validate=True)
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
+        raise _bad(f"element {index} of 'data' is not valid base64") from None
+
+
 def _requested_outputs(request: dict[str, Any]) -> list[tuple[str, bool]]:
-    """(output name, binary?) in the order the client asked for them."""
-    defaults = request.get("parameters") or {}
-    binary_default = bool(isinstance(defaults, dict) and defaults.get("binary_data_output"))
+    """(output name, binary?) in the order the client asked for them, each name once."""
+    defaults = request.get("parameters", {})
+    if not isinstance(defaults, dict):
+        raise _bad("'parameters' must be an object")
+    binary_default = defaults.get("binary_data_output", False) is True
     outputs = request.get("outputs")
     if outputs is None:
-        return [(OUTPUT_PROBABILITIES, binary_default), (OUTPUT_LABEL, binary_default)]
-    if not isinstance(outputs, list):
-        raise _bad("'outputs' must be a list")
-    chosen = []
+        return [(name, binary_default) for name in OUTPUT_NAMES]
+    if not isinstance(outputs, list) or len(outputs) > MAX_OUTPUTS:
+        raise _bad(f"'outputs' must be a list of at most {MAX_OUTPUTS} entries")
+    chosen: dict[str, bool] = {}
     for item in outputs:
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in (OUTPUT_PROBABILITIES, OUTPUT_LABEL):
-            raise _bad(f"unknown output {name!r}")
-        params = item.get("parameters") or {}
-        binary = params.get("binary_data", binary_default) if isinstance(params, dict) else False
-        chosen.append((name, bool(binary)))
-    return chosen
+        if name not in OUTPUT_NAMES:
+            raise _bad(f"unknown output; the model's outputs are {', '.join(OUTPUT_NAMES)}")
+        params = item.get("parameters", {})
+        if not isinstance(params, dict):
+            raise _bad("an output's 'parameters' must be an object")
+        chosen.setdefault(name, params.get("binary_data", binary_default) is True)
+    return list(chosen.items())
+
+
+def _request_id(request: dict[str, Any]) -> str | None:
+    """The client's id, echoed in the answer: a short string of valid text, or absent."""
+    value = request.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        raise _bad(f"'id' must be a string of at most {MAX_ID_CHARS} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        raise _bad("'id' is not valid Unicode text") from None
+    return value
 
 
 # ---------------------------------------------------------------------- inference
 async def infer(request: Request) -> Response:
     settings = _check_model(request)
     predictor: Predictor = request.app.state.predictor
-    try:
-        async with asyncio.timeout(settings.request_timeout_s):
-            body = await read_body(request, settings.max_request_bytes)
-            raw_header, binary = _split(body, request.headers.get(BINARY_HEADER))
-            payload = _parse_header(raw_header)
-            images = _images(payload, binary, settings.max_batch_files)
-            outputs = _requested_outputs(payload)
-            ticket = predictor.admit(len(images))
-            try:
-                outcomes = await predictor.infer(images, ticket)
-            finally:
-                predictor.release(ticket)
-    except TimeoutError:
-        raise ApiError(504, "timeout", "the request did not finish in time") from None
+    parsed: list[InferRequest] = []
 
-    for i, outcome in enumerate(outcomes):
-        if isinstance(outcome, ImageDecodeError):  # the protocol has no per-element errors
-            error = ApiError.from_decode(outcome)
-            raise ApiError(error.status, error.code, f"image {i}: {error.message}")
-    state = request.scope["state"]
-    request_id = state["request_id"]
-    latency_ms = (time.perf_counter() - state["started"]) * 1000
-    labels = []
-    for i, (prepared, row) in enumerate(outcomes):
-        prediction = predictor.describe(row)
-        labels.append(prediction.label)
-        item_id = request_id if len(outcomes) == 1 else f"{request_id}.{i}"
-        predictor.record(
-            prediction,
-            prepared,
-            request_id=item_id,
-            route="/v2/models/{name}/infer",
-            latency_ms=latency_ms,
-        )
-    state["images"] = len(outcomes)
-    probs = np.stack([row for _, row in outcomes])
-    return _response(payload, settings, predictor, probs, labels, outputs, request_id)
+    async def read(reservation: Reservation) -> list[Upload]:
+        body = await read_body(request, settings.max_request_bytes, reservation)
+        header_length = request.headers.get(BINARY_HEADER)
+
+        def parse() -> InferRequest:
+            return parse_infer_request(
+                body.join(),
+                header_length,
+                max_images=settings.max_batch_files,
+                max_image_bytes=settings.max_upload_bytes,
+                max_json_bytes=settings.max_json_bytes,
+            )
+
+        # joining, json and base64 hold the GIL; a large body is parsed on a thread so the
+        # loop gets its turn between the steps instead of waiting for the whole parse
+        big = len(body) > _PARSE_IN_THREAD_BYTES
+        request_ = await asyncio.to_thread(parse) if big else parse()
+        parsed.append(request_)
+        return [Upload(image) for image in request_.images]
+
+    results = await predictor.run(request, "/v2/models/{name}/infer", read, atomic=True)
+    (request_,) = parsed
+    labels = [r.prediction.label for r in results if r.prediction is not None]
+    probs = np.array(
+        [
+            [r.prediction.probabilities[c] for c in predictor.class_names]
+            for r in results
+            if r.prediction is not None
+        ],
+        dtype=np.float32,
+    )
+    request_id = request.scope["state"]["request_id"]
+    return _response(request_, settings, predictor, probs, labels, request_id)
 
 
 def _serialize_bytes(values: list[str]) -> bytes:
@@ -252,18 +361,17 @@ def _serialize_bytes(values: list[str]) -> bytes:
 
 
 def _response(
-    payload: dict[str, Any],
+    request_: InferRequest,
     settings: Settings,
     predictor: Predictor,
     probs: np.ndarray,
     labels: list[str],
-    outputs: list[tuple[str, bool]],
     request_id: str,
 ) -> Response:
     n, classes = probs.shape
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for name, binary in outputs:
+    for name, binary in request_.outputs:
         if name == OUTPUT_PROBABILITIES:
             tensor = {"name": name, "datatype": "FP32", "shape": [n, classes]}
             data: Any = probs.astype("<f4", copy=False)
@@ -282,7 +390,7 @@ def _response(
     body = {
         "model_name": settings.served_model_name,
         "model_version": predictor.model_version,
-        "id": str(payload.get("id", request_id)),
+        "id": request_.id if request_.id is not None else request_id,
         "outputs": tensors,
     }
     if not blobs:

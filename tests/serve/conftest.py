@@ -190,7 +190,26 @@ class ServerProcess:
             return self.proc.wait(5)
 
 
-def start_server(env_extra: dict[str, str], log: Path, args: list[str] | None = None):
+def _memory_ceiling(limit: int):
+    """preexec_fn: cap the child's address space, so a runaway allocation fails in the server
+    (MemoryError, or the kernel's refusal) instead of taking the machine down."""
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def start_server(
+    env_extra: dict[str, str],
+    log: Path,
+    args: list[str] | None = None,
+    *,
+    memory_limit: int | None = None,
+):
+    """``python -m server`` on a free port; ``memory_limit`` caps its address space (bytes)."""
     port = free_port()
     env = {
         **os.environ,
@@ -206,6 +225,7 @@ def start_server(env_extra: dict[str, str], log: Path, args: list[str] | None = 
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
+        preexec_fn=_memory_ceiling(memory_limit) if memory_limit else None,
     )
     return ServerProcess(proc, f"http://127.0.0.1:{port}", log)
 
@@ -227,3 +247,14 @@ def server_process(tiny_model: Path, tmp_path: Path) -> Iterator:
     yield factory
     for server in started:
         server.terminate()
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+@pytest.fixture(scope="session")
+def postgres() -> Iterator:
+    """One throwaway PostgreSQL server for the session (tests/serve/pg_server.py); each test
+    that needs a database creates its own with ``create_database``."""
+    from pg_server import PostgresServer
+
+    with PostgresServer() as server:
+        yield server

@@ -25,6 +25,8 @@ def _assert_prediction(body: dict, label: str) -> None:
     assert 0.5 < body["confidence"] < 1.0  # the tiny model is not saturated: real softmax
     assert body["model_version"] == TINY_VERSION
     assert body["latency_ms"] > 0
+    assert len(body["prediction_id"]) == 32
+    assert body["prediction_id"] != body["request_id"]
 
 
 def test_health_endpoints(settings):
@@ -111,8 +113,9 @@ def test_batch_in_order_with_per_image_errors(settings):
             assert "label" not in entries[1]
             _assert_prediction(entries[2], "dog")
             rid = response.headers["x-request-id"]
-            assert entries[0]["request_id"] == f"{rid}.0"
-            assert entries[2]["request_id"] == f"{rid}.2"
+            # every entry carries the request's id and its own unique prediction id
+            assert entries[0]["request_id"] == entries[2]["request_id"] == rid
+            assert len({entries[0]["prediction_id"], entries[2]["prediction_id"], rid}) == 3
 
     run(scenario())
 

@@ -31,6 +31,20 @@ def _noise(n: int) -> bytes:
     return bytes(range(256)) * (n // 256 + 1)
 
 
+def _saved(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, RED if mode == "RGB" else 90).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _dds_unknown_fourcc() -> bytes:
+    """Pillow recognises the DDS header, then cannot decode it (it raised NotImplementedError)."""
+    data = bytearray(_saved("DDS", (8, 8)))
+    data[80:84] = (0x4).to_bytes(4, "little")  # pixel format flags: a FourCC follows
+    data[84:88] = b"ZZZZ"
+    return bytes(data)
+
+
 def _v2(tensor: dict, name: str = "catsdogs") -> tuple[str, dict]:
     return f"/v2/models/{name}/infer", {"json": {"inputs": [tensor]}}
 
@@ -83,6 +97,34 @@ CASES = [
         {"content": _big_png(), "headers": {"content-type": "image/png"}},
         413,
         "too_many_pixels",
+    ),
+    (
+        "tga, a format pillow reads",
+        "/predict",
+        {"content": _saved("TGA"), "headers": {"content-type": "image/x-tga"}},
+        415,
+        "unsupported_format",
+    ),
+    (
+        "tiff in multipart",
+        "/predict",
+        {"files": {"file": ("x.tif", _saved("TIFF"), "image/tiff")}},
+        415,
+        "unsupported_format",
+    ),
+    (
+        "dds pillow cannot decode",
+        "/predict",
+        {"content": _dds_unknown_fourcc(), "headers": {"content-type": "image/vnd-ms.dds"}},
+        415,
+        "unsupported_format",
+    ),
+    (
+        "png 100 times wider than high",
+        "/predict",
+        {"content": _saved("PNG", (800, 8), "L"), "headers": {"content-type": "image/png"}},
+        422,
+        "bad_aspect_ratio",
     ),
     (
         "text/plain",
@@ -201,6 +243,12 @@ CASES = [
         None,
     ),
     (
+        "v2 unsupported format",
+        *_v2({"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(_saved("PCX"))]}),
+        415,
+        None,
+    ),
+    (
         "v2 too many images",
         *_v2(
             {
@@ -255,6 +303,24 @@ def test_bad_input(strict_app, path, kwargs, status, code):
     assert ready.status_code == 200
     assert good.status_code == 200
     assert good.json()["label"] == "cat"
+
+
+@pytest.mark.parametrize("bad", [_saved("TIFF"), _dds_unknown_fourcc()], ids=["tiff", "dds"])
+def test_an_undecodable_image_fails_only_its_batch_slot(strict_app, bad):
+    async def scenario():
+        async with serve(strict_app) as client:
+            files = [
+                ("files", ("red.jpg", image_bytes(RED), "image/jpeg")),
+                ("files", ("bad", bad, "application/octet-stream")),
+            ]
+            return await client.post("/predict/batch", files=files)
+
+    response = run(scenario())
+    assert response.status_code == 200, response.text
+    good, failed = response.json()["predictions"]
+    assert good["label"] == "cat"
+    assert failed["error"]["code"] == "unsupported_format"
+    assert "label" not in failed
 
 
 def test_oversized_stream_without_length_is_cut_short(strict_app):

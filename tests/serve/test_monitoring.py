@@ -65,6 +65,7 @@ def test_feedback_survives_a_restart(server_process, tmp_path: Path):
     )
     assert r.status_code == 201, r.text
     assert r.json() == {
+        "prediction_id": answer["prediction_id"],
         "request_id": answer["request_id"],
         "label": "dog",
         "predicted_label": "cat",
@@ -95,25 +96,42 @@ def test_feedback_errors(server_process):
             "invalid_label",
         ),
         (httpx.post(url, json={"request_id": answer["request_id"]}), 422, "invalid_label"),
-        (httpx.post(url, json={"label": "cat"}), 422, "invalid_request_id"),
+        (httpx.post(url, json={"label": "cat"}), 422, "missing_id"),
+        (httpx.post(url, json={"request_id": "a b", "label": "cat"}), 422, "invalid_request_id"),
+        (
+            httpx.post(url, json={"prediction_id": "never-seen", "label": "cat"}),
+            404,
+            "unknown_prediction_id",
+        ),
         (
             httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}),
             400,
             "invalid_json",
         ),
         (httpx.post(url, json=["a", "list"]), 400, "invalid_json"),
-        (httpx.post(url, content=b"x" * 100_000), 413, "payload_too_large"),
+        (
+            httpx.post(url, content=b"x" * 100_000, headers={"Content-Type": "application/json"}),
+            413,
+            "payload_too_large",
+        ),
+        (httpx.post(url, content=b"x" * 100_000), 415, "unsupported_media_type"),
     ]
     for response, status, code in cases:
         assert response.status_code == status, response.text
         assert response.json()["error"]["code"] == code
         assert response.headers["x-request-id"]
-    # a feedback for the batch route's per-image id works as well
+    # feedback names one image of a batch by its prediction_id
     files = [("files", ("a.jpg", image_bytes(RED), "image/jpeg"))] * 2
     batch = httpx.post(f"{server.url}/predict/batch", files=files).json()["predictions"]
+    image_id = batch[1]["prediction_id"]
+    # by the batch's request id the image is ambiguous: 409, and nothing is graded
     r = httpx.post(url, json={"request_id": batch[1]["request_id"], "label": "cat"})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "ambiguous_request_id"
+    r = httpx.post(url, json={"prediction_id": image_id, "label": "cat"})
     assert r.status_code == 201, r.text
     assert r.json()["correct"] is True
+    assert r.json()["prediction_id"] == image_id
     assert httpx.get(f"{server.url}/health/ready").status_code == 200
 
 
@@ -140,7 +158,7 @@ def test_many_parallel_feedback_posts_all_land(server_process, tmp_path: Path):
     assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == n
     assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == n
     joined = conn.execute(
-        "SELECT COUNT(*) FROM feedback f JOIN predictions p USING (request_id)"
+        "SELECT COUNT(*) FROM feedback f JOIN predictions p USING (prediction_id)"
     ).fetchone()[0]
     assert joined == n
 
@@ -196,10 +214,14 @@ def test_unwritable_log_keeps_predictions_working(server_process, tmp_path: Path
     )
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "store_unavailable"
+    assert int(r.headers["retry-after"]) >= 1
     store = httpx.get(f"{server.url}/monitoring/summary").json()["store"]
     assert store["healthy"] is False
+    assert store["status"] == "unavailable"
     assert store["write_failures"] == 5
-    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+    ready = httpx.get(f"{server.url}/health/ready")
+    assert ready.status_code == 200  # predictions work: a broken log does not stop serving
+    assert ready.json()["prediction_log"] == "unavailable"
     assert server.terminate() == 0
     assert server.output().count("prediction log: cannot open") == 1  # logged once, not per row
 

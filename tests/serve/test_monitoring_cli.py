@@ -181,3 +181,24 @@ def test_report_from_the_prediction_log(server_process, tmp_path: Path):
     for chart in charts:
         assert f"]({chart})" in markdown
         assert ET.parse(out / chart).getroot().tag.endswith("svg")  # well-formed SVG
+
+
+def test_report_reads_the_log_before_and_after_its_schema_migration(tmp_path: Path):
+    from test_store import write_v0_log
+
+    from monitoring import report
+    from server.store import SqliteStore
+
+    db = tmp_path / "old.db"
+    write_v0_log(db, 6)  # feedback: old-0 cat (predicted cat), old-1 cat (predicted dog)
+
+    def performance(out: Path) -> dict:
+        assert report.main(["--db", str(db), "--out", str(out)]) == 0
+        return json.loads((out / "report.json").read_text())["versions"]["v0"]["performance"]
+
+    before = performance(tmp_path / "before")
+    assert (before["predictions"], before["feedback"], before["accuracy"]) == (6, 2, 0.5)
+    store = SqliteStore(db, max_queue=10, timeout_s=5.0)
+    store.start()  # migrates to the current schema
+    store.stop()
+    assert performance(tmp_path / "after") == before

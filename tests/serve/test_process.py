@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import BLUE, RED, ROOT, ServerProcess, free_port, image_bytes, photos
+from conftest import BLUE, RED, ROOT, ServerProcess, free_port, image_bytes, photos, prom
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -206,6 +206,7 @@ def test_uvicorn_factory_mode(tiny_model, tmp_path):
     command = [
         sys.executable, "-m", "uvicorn", "--factory", "server.app:create_app",
         "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+        "--http", "server.protocol:GuardedHttpToolsProtocol",
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -218,5 +219,31 @@ def test_uvicorn_factory_mode(tiny_model, tmp_path):
         )
         assert response.status_code == 200
         assert response.json()["label"] == "dog"
+        # the guarded protocol read its limits from the environment: an oversized head -> 431
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000)
+            assert sock.recv(200).startswith(b"HTTP/1.1 431")
     finally:
         server.terminate()
+
+
+def test_stage_breakdown_of_real_requests_is_exported(server_process):
+    """Every stage of a prediction is timed from real requests and exported per stage."""
+    server = server_process()
+    server.wait_ready()
+    for _ in range(3):
+        r = httpx.post(
+            f"{server.url}/predict",
+            content=image_bytes(RED),
+            headers={"Content-Type": "image/jpeg"},
+        )
+        assert r.status_code == 200
+    text = httpx.get(f"{server.url}/metrics").text
+    stages = ("head", "body", "queue", "decode", "preprocess", "inference", "respond", "log")
+    for stage in stages:
+        assert prom(text, "request_stage_seconds_count", stage=stage) == 3, stage
+        total = prom(text, "request_stage_seconds_sum", stage=stage)
+        assert 0 <= total < 30, (stage, total)
+    # the head is parsed by the guarded protocol: its first-byte timestamp reached the app
+    assert prom(text, "request_stage_seconds_sum", stage="head") > 0
+    assert prom(text, "request_stage_seconds_sum", stage="inference") > 0

@@ -1,32 +1,46 @@
-"""The SQLite prediction log (server.store) and the Monitor's figures, in-process."""
+"""What only the SQLite prediction log does: one WAL file, a full disk, the v0 -> v1 migration.
 
-import asyncio
-import json
+Everything both backends promise (queue, feedback, retry, restarts, retention, the Monitor)
+is tested on both in test_store_contract.py.
+"""
+
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 
-from server import drift
-from server.contract import ModelContract
-from server.monitoring import Monitor, PredictionEvent
-from server.preprocessing import PreprocessSpec
-from server.store import SqliteStore, StoreUnavailableError, connect, iter_aggregates
+from server import store
+from server.monitoring import LiveFigures, PredictionEvent
+from server.store import (
+    SqliteStore,
+    StoreUnavailableError,
+)
 
 pytestmark = pytest.mark.serve
 
+DAY = 86_400.0
 
-def _event(i: int, label: str = "cat", confidence: float = 0.9, version: str = "v1"):
+
+def _event(
+    i: int,
+    label: str = "cat",
+    confidence: float = 0.9,
+    version: str = "v1",
+    *,
+    request_id: str | None = None,
+    ts: float | None = None,
+    **changes,
+) -> PredictionEvent:
     other = 1.0 - confidence
     probs = (
         {"cat": confidence, "dog": other} if label == "cat" else {"cat": other, "dog": confidence}
     )
-    return PredictionEvent(
-        request_id=f"req-{i}",
-        timestamp=time.time(),
+    event = PredictionEvent(
+        prediction_id=f"req-{i}",
+        request_id=request_id or f"req-{i}",
+        timestamp=time.time() if ts is None else ts,
         model_version=version,
         label=label,
         confidence=confidence,
@@ -38,6 +52,7 @@ def _event(i: int, label: str = "cat", confidence: float = 0.9, version: str = "
         latency_ms=3.5,
         route="/predict",
     )
+    return replace(event, **changes)
 
 
 def _wait(predicate, timeout: float = 10.0) -> bool:
@@ -61,266 +76,154 @@ class Counts:
         self.drops += n
 
 
+def _store(path: Path, **changes) -> SqliteStore:
+    options = {"max_queue": 10_000, "timeout_s": 5.0, **changes}
+    return SqliteStore(path, **options)
+
+
+def _count(path: Path, table: str = "predictions") -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "nested" / "dir" / "predictions.db"  # parents are created by the store
 
 
-def test_predictions_and_feedback_are_written_in_wal_mode(db_path: Path):
-    store = SqliteStore(db_path)
-    store.start()
-    assert store.healthy
-    for i in range(50):
-        assert store.record(_event(i))
-    result = store.submit_feedback("req-7", "dog", time.time()).result(10)
-    assert result is not None
-    assert (result.predicted_label, result.true_label, result.model_version) == ("cat", "dog", "v1")
-    assert store.submit_feedback("no-such-id", "dog", time.time()).result(10) is None
-    store.stop()
+def test_the_log_is_one_sqlite_file_in_wal_mode_at_the_current_schema(db_path: Path):
+    s = _store(db_path)
+    s.start()
+    assert (s.backend, s.shared, s.describe()) == ("sqlite", False, str(db_path))
+    s.record(_event(1))
+    s.stop()
     conn = sqlite3.connect(db_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 50
-    row = conn.execute(
-        "SELECT label, confidence, probabilities, width, height, route FROM predictions "
-        "WHERE request_id = 'req-3'"
-    ).fetchone()
-    assert row[0] == "cat"
-    assert row[1] == pytest.approx(0.9)
-    assert json.loads(row[2]) == pytest.approx({"cat": 0.9, "dog": 0.1})
-    assert row[3:] == (320, 240, "/predict")
-    assert conn.execute("SELECT request_id, true_label FROM feedback").fetchall() == [
-        ("req-7", "dog")
-    ]
-
-
-def test_feedback_finds_a_prediction_still_waiting_in_the_queue(db_path: Path):
-    store = SqliteStore(db_path)
-    store.start()
-    # another writer holds the database, so the writer thread cannot commit anything yet
-    blocker = connect(db_path)
-    blocker.execute("BEGIN IMMEDIATE")
-    store.record(_event(1))
-    future = store.submit_feedback("req-1", "cat", time.time())
-    time.sleep(0.3)
-    assert not future.done()  # the prediction has not been written
-    blocker.execute("ROLLBACK")
-    result = future.result(15)
-    assert result is not None
-    assert result.predicted_label == "cat"
-    store.stop()
-
-
-def test_full_queue_drops_and_counts_instead_of_blocking(db_path: Path):
-    counts = Counts()
-    store = SqliteStore(db_path, max_queue=5, on_drop=counts.drop)
-    store.start()
-    blocker = connect(db_path)
-    blocker.execute("BEGIN IMMEDIATE")
-    store.record(_event(0))
-    assert _wait(lambda: store.queued() == 0)  # the writer holds it, waiting for the lock
-    started = time.monotonic()
-    accepted = [store.record(_event(i)) for i in range(1, 11)]
-    assert time.monotonic() - started < 1.0  # never waits for the disk
-    assert accepted == [True] * 5 + [False] * 5
-    assert counts.drops == 5
-    blocker.execute("ROLLBACK")
-    store.stop()
-    conn = sqlite3.connect(db_path)
-    assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
+    assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 1
 
 
 def test_unopenable_location_counts_every_prediction_as_failed(tmp_path: Path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("a file where a directory should be")
     counts = Counts()
-    store = SqliteStore(not_a_dir / "predictions.db", on_write_failure=counts.fail)
-    store.start()  # does not raise
-    assert not store.healthy
-    assert store.open_error is not None
-    assert not store.record(_event(1))
-    assert not store.record(_event(2))
+    s = _store(not_a_dir / "predictions.db", on_write_failure=counts.fail)
+    s.start()  # does not raise
+    assert s.status() == "unavailable"
+    assert not s.healthy
+    assert s.open_error is not None
+    assert not s.record(_event(1))
+    assert not s.record(_event(2))
     assert counts.failures == 2
     with pytest.raises(StoreUnavailableError):
-        store.submit_feedback("req-1", "cat", time.time()).result(5)
-    store.stop()
+        s.submit_feedback("cat", time.time(), request_id="req-1").result(5)
+    s.stop()
 
 
 def test_full_disk_counts_every_lost_prediction(db_path: Path):
     counts = Counts()
     # a database capped at a few pages behaves like a full disk (SQLITE_FULL)
-    store = SqliteStore(db_path, max_page_count=8, batch_size=50, on_write_failure=counts.fail)
-    store.start()
+    s = _store(db_path, max_page_count=12, batch_size=50, on_write_failure=counts.fail)
+    s.start()
     for i in range(5):
-        store.record(_event(i))
-    assert _wait(lambda: store.rows_written == 5)
+        s.record(_event(i))
+    assert _wait(lambda: s.rows_written == 5)
     for i in range(5, 2000):
-        store.record(_event(i))
-    store.stop()
-    written = sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+        s.record(_event(i))
+    assert _wait(lambda: s.status() == "failing")
+    s.stop()
+    written = _count(db_path)
     assert counts.failures > 0
     assert written >= 5  # what was stored before the disk filled up is kept
     assert written + counts.failures == 2000  # every prediction is either stored or counted
 
 
-def test_sql_aggregates_bin_confidence_exactly_like_drift(db_path: Path):
-    store = SqliteStore(db_path)
-    store.start()
-    values = [0.5, 0.6, 0.8999, 0.9, 0.95, 0.999, 1.0, 0.73]
-    for i, c in enumerate(values):
-        store.record(_event(i, confidence=c))
-    store.stop()
-    predictions, _ = iter_aggregates(sqlite3.connect(db_path), drift.CONFIDENCE_EDGES)
-    counts = [0] * (len(drift.CONFIDENCE_EDGES) - 1)
-    for _version, _label, b, n, _sum in predictions:
-        counts[b] += n
-    assert counts == drift.bin_counts(values, drift.CONFIDENCE_EDGES).tolist()
+# ---------------------------------------------------------------------- schema migration
+# The schema of version 0, as servers before prediction ids wrote it (kept verbatim).
+SCHEMA_V0 = """
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id    TEXT PRIMARY KEY,
+    ts            REAL NOT NULL,
+    model_version TEXT NOT NULL,
+    label         TEXT NOT NULL,
+    confidence    REAL NOT NULL,
+    probabilities TEXT NOT NULL,
+    input_sha256  TEXT NOT NULL,
+    width         INTEGER NOT NULL,
+    height        INTEGER NOT NULL,
+    brightness    REAL NOT NULL,
+    latency_ms    REAL NOT NULL,
+    route         TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predictions_version_ts ON predictions (model_version, ts);
+CREATE TABLE IF NOT EXISTS feedback (
+    request_id TEXT PRIMARY KEY,
+    true_label TEXT NOT NULL,
+    ts         REAL NOT NULL
+);
+"""
 
 
-def _contract(reference: dict | None = None) -> ModelContract:
-    extra = {"reference_stats": reference} if reference is not None else {}
-    return ModelContract(
-        class_names=("cat", "dog"),
-        input_size=32,
-        preprocessing=PreprocessSpec(32, 36),
-        model_name="tiny",
-        model_version="v1",
-        mlflow_run_id="",
-        git_commit="",
-        data_version="",
-        exported_at="",
-        extra=extra,
+def write_v0_log(path: Path, n: int) -> None:
+    """A log as the previous server left it: request_id keys, user_version 0."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_V0)
+    now = time.time()
+    for i in range(n):
+        label = "cat" if i % 2 == 0 else "dog"
+        conn.execute(
+            "INSERT INTO predictions VALUES (?, ?, 'v0', ?, 0.8, '{}', ?, 100, 80, 90.0, 2.0, "
+            "'/predict')",
+            (f"old-{i}", now - 60 + i, label, "a" * 64),
+        )
+    conn.execute("INSERT INTO feedback VALUES ('old-0', 'cat', ?)", (now,))
+    conn.execute("INSERT INTO feedback VALUES ('old-1', 'cat', ?)", (now,))
+    conn.commit()
+    conn.close()
+
+
+def test_a_log_with_the_previous_schema_is_migrated_in_place(db_path: Path):
+    write_v0_log(db_path, 6)
+    figures = LiveFigures()
+    s = _store(db_path, on_open=figures.load)
+    s.start()
+    assert s.status() == "ok"
+    # feedback by the old request id finds its row, and new rows sit beside the old ones
+    again = s.submit_feedback("dog", time.time(), request_id="old-0").result(10)
+    assert (again.prediction_id, again.previous_label, again.predicted_label) == (
+        "old-0",
+        "cat",
+        "cat",
     )
+    s.record(_event(1))
+    s.stop()
+    fig = figures.snapshot()["v0"]
+    assert fig["predictions"] == 6
+    assert fig["confusion"] == {"cat": {"cat": 1, "dog": 1}}  # loaded from the migrated rows
 
-
-class _Settings:
-    def __init__(self, path: Path, window: int = 500) -> None:
-        self.prediction_log_path = str(path)
-        self.drift_window = window
-
-
-def test_monitor_summary_metrics_and_restart(db_path: Path):
-    async def first_run() -> dict:
-        registry = CollectorRegistry()
-        monitor = Monitor(_Settings(db_path), _contract(), registry)
-        await monitor.start()
-        for i in range(6):
-            monitor.observe(_event(i, "cat", 0.97))
-        for i in range(6, 10):
-            monitor.observe(_event(i, "dog", 0.62))
-        # truth: 0-4 cat, 5 dog (wrong), 6-8 dog, 9 cat (wrong)
-        truth = {
-            0: "cat",
-            1: "cat",
-            2: "cat",
-            3: "cat",
-            4: "cat",
-            5: "dog",
-            6: "dog",
-            7: "dog",
-            8: "dog",
-            9: "cat",
-        }
-        for i, label in truth.items():
-            assert await monitor.add_feedback(f"req-{i}", label) is not None
-        # a correction replaces the earlier label instead of counting twice
-        assert await monitor.add_feedback("req-9", "dog") is not None
-        assert await monitor.add_feedback("req-9", "cat") is not None
-        summary = monitor.summary()
-        text = generate_latest(registry).decode()
-        await monitor.stop()
-        return {"summary": summary, "metrics": text}
-
-    out = asyncio.run(first_run())
-    fig = out["summary"]["model_versions"]["v1"]
-    assert fig["predictions"] == 10
-    assert fig["labels"] == {"cat": 6, "dog": 4}
-    assert fig["feedback"] == 10
-    assert fig["correct"] == 8
-    assert fig["accuracy"] == pytest.approx(0.8)
-    assert fig["confusion"] == {"cat": {"cat": 5, "dog": 1}, "dog": {"cat": 1, "dog": 3}}
-    expected_bins = drift.bin_counts([0.97] * 6 + [0.62] * 4, drift.CONFIDENCE_EDGES).tolist()
-    assert fig["confidence"]["counts"] == expected_bins
-    text = out["metrics"]
-    assert 'monitor_live_accuracy{model_version="v1"} 0.8' in text
-    assert 'monitor_logged_predictions{label="cat",model_version="v1"} 6.0' in text
-    assert (
-        'monitor_confusion{model_version="v1",predicted_label="dog",true_label="cat"} 1.0' in text
-    )
-    assert 'monitor_confidence_count{model_version="v1"} 10.0' in text
-    assert "prediction_log_write_failures_total 0.0" in text
-
-    async def second_run() -> dict:
-        monitor = Monitor(_Settings(db_path), _contract(), CollectorRegistry())
-        await monitor.start()
-        known = await monitor.add_feedback("req-3", "cat")
-        summary = monitor.summary()
-        await monitor.stop()
-        return {"known": known, "summary": summary}
-
-    again = asyncio.run(second_run())
-    assert again["known"] is not None  # a request id answered before the restart
-    assert again["summary"]["model_versions"]["v1"] == fig  # figures are rebuilt from disk
-
-
-def test_monitor_drift_reports_missing_reference_and_scores_with_one(db_path: Path):
-    async def scores(reference: dict | None, n: int) -> dict:
-        monitor = Monitor(_Settings(db_path, window=100), _contract(reference), CollectorRegistry())
-        await monitor.start()
-        for i in range(n):
-            monitor.observe(_event(i, "cat", 0.55))
-        report = monitor.drift()
-        await monitor.stop()
-        return report
-
-    no_ref = asyncio.run(scores(None, 50))
-    assert no_ref["status"] == "no_reference"
-    assert no_ref["reference"] is False
-    assert no_ref["features"] == {}
-    ref = drift.build_reference_stats(
-        class_names=["cat", "dog"],
-        train_labels=["cat", "dog"],
-        val_probabilities=np.array([[0.99, 0.01], [0.02, 0.98]] * 50),
-        widths=[320] * 100,
-        heights=[240] * 100,
-        brightness=[120.0] * 100,
-    )
-    few = asyncio.run(scores(ref, 5))
-    assert few["status"] == "insufficient_data"
-    report = asyncio.run(scores(ref, 300))
-    assert report["window"] == {"size": 100, "capacity": 100}
-    assert report["features"]["confidence"]["level"] == "significant"
-    assert report["features"]["width"]["psi"] == pytest.approx(0.0)  # same sizes as reference
-    assert report["status"] == "significant"
-
-
-def test_observe_never_raises_and_keeps_working_after_bad_input(db_path: Path):
-    async def run() -> dict:
-        monitor = Monitor(_Settings(db_path), _contract(), CollectorRegistry())
-        await monitor.start()
-        monitor.observe(object())  # type: ignore[arg-type]  # garbage in: logged once, no raise
-        monitor.observe(_event(1))
-        await monitor.stop()
-        return monitor.summary()
-
-    summary = asyncio.run(run())
-    assert summary["model_versions"]["v1"]["predictions"] == 1
-
-
-def test_malformed_reference_is_reported_and_metrics_still_render(db_path: Path):
-    reference = {"confidence": {"edges": "not a list", "counts": [1, 2]}, "width": 3}
-
-    async def run() -> tuple[dict, str]:
-        registry = CollectorRegistry()
-        monitor = Monitor(_Settings(db_path), _contract(reference), registry)
-        await monitor.start()
-        for i in range(40):
-            monitor.observe(_event(i))
-        report = monitor.drift()
-        text = generate_latest(registry).decode()
-        await monitor.stop()
-        return report, text
-
-    report, text = asyncio.run(run())
-    assert report["status"] == "invalid_reference"
-    assert report["features"] == {}
-    assert "drift_window_size 40.0" in text
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(predictions)")]
+    assert columns[:2] == ["prediction_id", "request_id"]
+    key = [r[1] for r in conn.execute("PRAGMA table_info(predictions)") if r[5]]
+    assert key == ["prediction_id"]
+    indexes = {r[1] for r in conn.execute("PRAGMA index_list(predictions)")}
+    assert {"predictions_request_id", "predictions_version_ts", "predictions_ts"} <= indexes
+    old = conn.execute(
+        "SELECT prediction_id, request_id, label, width FROM predictions "
+        "WHERE model_version = 'v0' ORDER BY ts"
+    ).fetchall()
+    assert old == [(f"old-{i}", f"old-{i}", "cat" if i % 2 == 0 else "dog", 100) for i in range(6)]
+    assert conn.execute("SELECT prediction_id, true_label FROM feedback ORDER BY 1").fetchall() == [
+        ("old-0", "dog"),
+        ("old-1", "cat"),
+    ]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"predictions", "feedback"}
+    conn.close()
+    # a second open finds version 1 and changes nothing
+    s = _store(db_path)
+    s.start()
+    s.stop()
+    assert _count(db_path) == 7

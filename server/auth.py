@@ -1,0 +1,37 @@
+"""Bearer-token check for the endpoints that write (``/feedback``) or administer the server.
+
+With ``API_TOKEN`` unset, nothing is required (a private network, a trusted proxy). With it set,
+such an endpoint needs ``Authorization: Bearer <API_TOKEN>``: no usable header -> 401 with
+``WWW-Authenticate: Bearer``, a wrong token -> 403. Prediction and monitoring GET endpoints stay
+open. The token is compared in constant time and never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.requests import Request
+
+from server.errors import ApiError
+from server.settings import Settings
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="catsdogs"'}
+
+
+def require_token(request: Request, settings: Settings) -> None:
+    """Raise :class:`ApiError` (401 or 403) unless the request carries the API token."""
+    expected = settings.api_token
+    if not expected:
+        return
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "this endpoint needs an 'Authorization: Bearer <token>' header",
+            headers=dict(_CHALLENGE),
+        )
+    # Starlette decodes headers as latin-1, so this gives back the bytes the client sent
+    if not hmac.compare_digest(presented.encode("latin-1"), expected.encode("ascii")):
+        raise ApiError(403, "forbidden", "the bearer token is not valid for this endpoint")

@@ -1,0 +1,416 @@
+"""Tools of the hostile-input suite: crasher payloads, raw HTTP, a liveness probe, /proc figures.
+
+The payloads live as files in ``crashers/`` (gzipped when large, so the repository stays small);
+``python tests/serve/hostile.py`` writes them again from the builders below.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import os
+import resource
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+CRASHERS = Path(__file__).resolve().parent / "crashers"
+MIB = 1 << 20
+GIB = 1 << 30
+V2_INFER = "/v2/models/catsdogs/infer"
+
+
+# ---------------------------------------------------------------------- crasher files
+def load_crasher(name: str) -> bytes:
+    """A payload from ``crashers/``; ``.gz`` files come back decompressed."""
+    data = (CRASHERS / name).read_bytes()
+    return gzip.decompress(data) if name.endswith(".gz") else data
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=9)
+    return buf.getvalue()
+
+
+def tiny_png(color: tuple[int, int, int] = (220, 30, 30)) -> bytes:
+    return _png_bytes(Image.new("RGB", (16, 16), color))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def thin_png(width: int, height: int) -> bytes:
+    """A black 8-bit grey PNG of any size, written by hand: a 2,000,000 x 8 one is a few KB."""
+    row = b"\x00" + b"\x00" * width  # filter byte, then one byte per pixel
+    raw = zlib.compress(row * height, 9)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", raw)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _dds_header(fourcc: bytes, width: int = 8, height: int = 8) -> bytes:
+    """A DDS header (magic, 124-byte header) whose pixel format is the FourCC given."""
+    flags = 0x1 | 0x2 | 0x4 | 0x1000  # caps, height, width, pixel format
+    header = struct.pack("<3I", flags, height, width) + struct.pack("<3I", 0, 0, 0)
+    header += b"\x00" * 44  # reserved
+    header += struct.pack("<2I4s5I", 32, 0x4, fourcc, 0, 0, 0, 0, 0)  # pixel format: FourCC
+    header += struct.pack("<5I", 0x1000, 0, 0, 0, 0)  # caps: texture
+    return b"DDS " + struct.pack("<I", 124) + header
+
+
+def _saved(fmt: str, **options: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (220, 30, 30)).save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _raw_request(method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: 127.0.0.1"]
+    lines += [name + b": " + value for name, value in headers]
+    lines += [b"Content-Length: " + str(len(body)).encode(), b"Connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def v2_body(**tensor: Any) -> dict[str, Any]:
+    """A V2 request with one ``image`` BYTES input; ``tensor`` overrides its fields."""
+    base = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(tiny_png())]}
+    return {"inputs": [{**base, **tensor}]}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _nested(depth: int, inner: bytes = b"") -> bytes:
+    return b"[" * depth + inner + b"]" * depth
+
+
+def _huge_shape(dims: int, digits: int) -> bytes:
+    number = b"9" * digits
+    shape = b'"shape":[' + b",".join([number] * dims) + b"]"
+    return _json(v2_body(shape=[0])).replace(b'"shape":[0]', shape)
+
+
+def _multipart_long_boundary() -> bytes:
+    boundary = b"b" * 5000
+    body = b"--" + boundary + b"\r\n"
+    body += b'Content-Disposition: form-data; name="file"; filename="a.png"\r\n'
+    body += b"Content-Type: image/png\r\n\r\n" + tiny_png() + b"\r\n--" + boundary + b"--\r\n"
+    return _raw_request(
+        "POST", "/predict", [(b"Content-Type", b"multipart/form-data; boundary=" + boundary)], body
+    )
+
+
+def build_crashers() -> dict[str, bytes]:
+    """Every payload of the suite, by file name (``.gz`` names are stored compressed)."""
+    arr16 = np.zeros((6300, 6300), dtype=np.uint16)
+    arr16[::97, :] = 40000  # a little structure, still a few KB compressed
+    rgba = Image.new("RGBA", (6300, 6300), (200, 40, 40, 128))
+    return {
+        # class 1: the id that killed the log writer
+        "http-feedback-surrogate-id.json": b'{"request_id": "\\ud800", "label": "cat"}',
+        # class 2: memory amplification in decoding
+        "http-png-20000x8.png": thin_png(20000, 8),
+        "http-png-2000000x8.png": thin_png(2_000_000, 8),
+        "http-png16-6300x6300.png": _png_bytes(Image.fromarray(arr16)),
+        "http-png-rgba-6300x6300.png": _png_bytes(rgba),
+        # class 3: parsing work before any bound
+        "v2-shape-250x4300-digits.json.gz": _huge_shape(250, 4300),
+        "v2-empty-strings-8mb.json.gz": _json(v2_body(shape=[1])).replace(
+            b'"data":[', b'"data":[' + b'"",' * (8 * MIB // 3)
+        ),
+        "v2-outputs-20000.json.gz": _json(
+            {**v2_body(), "outputs": [{"name": "probabilities"}] * 20000}
+        ),
+        # class 4: client mistakes that gave 500s
+        "v2-shape-4301-digits.json": _huge_shape(1, 4301),
+        "v2-nested-100000.json.gz": b'{"inputs":' + _nested(100_000) + b"}",
+        "http-feedback-nested-100000.json.gz": _nested(100_000),
+        "http-feedback-nested-8000.json": _nested(8000),
+        "v2-id-surrogate.json": _json(v2_body()).replace(b"{", b'{"id":"\\ud800",', 1),
+        "v2-header-length-superscript.http": _raw_request(
+            "POST",
+            V2_INFER,
+            [
+                (b"Content-Type", b"application/octet-stream"),
+                (b"Inference-Header-Content-Length", b"\xb2"),
+            ],
+            _json(v2_body()),
+        ),
+        "http-multipart-boundary-5000.http": _multipart_long_boundary(),
+        "http-dds-unknown-fourcc.dds": _dds_header(b"ABCD") + b"\x00" * 256,
+        "http-dds-dxt1.dds": _saved("DDS", pixel_format="DXT1"),
+        "http-tga.tga": _saved("TGA"),
+        "http-tiff.tif": _saved("TIFF"),
+        # class 5: a 32 MB header value
+        "http-header-32mb.http.gz": _raw_request(
+            "GET", "/health/live", [(b"X-Big", b"a" * (32 * MIB))], b""
+        ),
+        # class 6: feedback that is not JSON
+        "http-feedback-text-plain.http": _raw_request(
+            "POST",
+            "/feedback",
+            [(b"Content-Type", b"text/plain")],
+            b'{"request_id": "abc", "label": "cat"}',
+        ),
+    }
+
+
+def write_crashers(folder: Path = CRASHERS) -> None:
+    folder.mkdir(exist_ok=True)
+    for name, data in build_crashers().items():
+        stored = gzip.compress(data, 9, mtime=0) if name.endswith(".gz") else data
+        (folder / name).write_bytes(stored)
+
+
+# ---------------------------------------------------------------------- raw HTTP
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    elapsed_s: float = 0.0
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def connect(url: str, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(_host_port(url), timeout=timeout)
+
+
+def read_reply(sock: socket.socket) -> Reply | None:
+    """One HTTP/1.1 response from ``sock``; None when the server closed without answering."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            return None
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "-1"))
+    while length < 0 or len(rest) < length:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            break
+        rest += chunk
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        rest = _dechunk(rest)
+    return Reply(int(status_line.split(" ", 2)[1]), headers, rest)
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, pos = b"", 0
+    while True:
+        end = data.find(b"\r\n", pos)
+        size = int(data[pos:end].split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += data[end + 2 : end + 2 + size]
+        pos = end + 4 + size
+
+
+def send_raw(url: str, request: bytes, timeout: float = 30.0) -> Reply | None:
+    """Send bytes as they are; the reply, or None when the server closed the connection.
+
+    A server may answer and close before reading everything (a refused header): a broken pipe
+    while sending is then normal, and what it answered is still read.
+    """
+    start = time.perf_counter()
+    with connect(url, timeout) as sock:
+        with suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)
+        reply = read_reply(sock)
+    if reply is not None:
+        reply.elapsed_s = time.perf_counter() - start
+    return reply
+
+
+def multipart(field: str, files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body with one ``field`` part per (filename, data)."""
+    boundary = "hostile-" + os.urandom(8).hex()
+    parts = []
+    for filename, data in files:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def post_request(path: str, body: bytes, content_type: str) -> bytes:
+    """A complete POST request as bytes (for sockets that send it slowly or in parallel)."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+# ---------------------------------------------------------------------- the server process
+def proc_status(pid: int) -> dict[str, int]:
+    """The ``Vm*`` figures of /proc/PID/status, in bytes, and ``Threads``."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name.startswith("Vm"):
+            values[name] = int(value.split()[0]) * 1024
+        elif name == "Threads":
+            values[name] = int(value)
+    return values
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start VmHWM afresh (Linux >= 4.0), so each attack's peak is its own."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def set_memory_ceiling(pid: int, limit: int) -> None:
+    """Cap a running process's address space (what start_server's memory_limit does at exec)."""
+    resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
+
+
+def raise_open_files(wanted: int) -> None:
+    """Let this test process hold ``wanted`` sockets (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+# ---------------------------------------------------------------------- liveness probe
+# Runs in its own process, so the test's own work (building payloads, the GIL) cannot delay it:
+# what it measures is the server's event loop.
+_PROBE = r"""
+import http.client, json, select, sys, time
+host, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+times, failures, conn = [], 0, None
+while not select.select([sys.stdin], [], [], 0)[0]:
+    start = time.perf_counter()
+    ok = False
+    try:
+        if conn is None:
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn.request("GET", "/health/live")
+        response = conn.getresponse()
+        response.read()
+        ok = response.status == 200
+        if response.getheader("connection", "").lower() == "close":
+            conn.close()
+            conn = None
+    except (OSError, http.client.HTTPException):
+        if conn is not None:
+            conn.close()
+        conn = None
+    elapsed = time.perf_counter() - start
+    times.append(elapsed * 1000)
+    failures += not ok
+    if len(times) == 1:
+        print("started", flush=True)
+    time.sleep(max(0.0, interval - elapsed))
+print(json.dumps({"n": len(times), "max_ms": max(times), "failures": failures,
+                  "p50_ms": sorted(times)[len(times) // 2]}), flush=True)
+"""
+
+
+@dataclass
+class ProbeResult:
+    n: int = 0
+    max_ms: float = 0.0
+    p50_ms: float = 0.0
+    failures: int = 0
+
+
+@contextmanager
+def liveness_probe(url: str, interval_s: float = 0.02) -> Iterator[ProbeResult]:
+    """Poll ``GET /health/live`` every ``interval_s`` on one keep-alive connection, from another
+    process, while the block runs; the result holds the slowest answer and the failures."""
+    host, port = _host_port(url)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, host, str(port), str(interval_s)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    result = ProbeResult()
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "started":
+            raise RuntimeError("the liveness probe did not start")
+        yield result
+    finally:
+        out, _ = proc.communicate("stop\n", timeout=30)
+    figures = json.loads(out.strip().splitlines()[-1])
+    result.n = figures["n"]
+    result.max_ms = figures["max_ms"]
+    result.p50_ms = figures["p50_ms"]
+    result.failures = figures["failures"]
+
+
+# ---------------------------------------------------------------------- small checks
+def error_code(reply_json: Any) -> str | None:
+    """The ``code`` of a REST error body, or None when the body does not have that shape."""
+    if isinstance(reply_json, dict) and isinstance(reply_json.get("error"), dict):
+        error = reply_json["error"]
+        if isinstance(error.get("code"), str) and isinstance(error.get("message"), str):
+            return error["code"]
+    return None
+
+
+def is_v2_error(reply_json: Any) -> bool:
+    return isinstance(reply_json, dict) and isinstance(reply_json.get("error"), str)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    write_crashers()

@@ -1,0 +1,625 @@
+"""Hostile input against a real ``python -m server`` process, attack class by attack class.
+
+Each attack runs while another process polls ``GET /health/live`` every 20 ms; afterwards the
+test asserts the status the attack must get, that no liveness answer took over 100 ms, the
+server's peak RSS (VmHWM, reset before each attack) and that a valid prediction is answered and
+still reaches the prediction log (feedback on its request id is stored: 201).
+
+The servers run the tiny colour model at the production input size (224, resize 256), so
+decoding and resizing cost what they cost in production, with DEFAULT settings except the short
+deadlines a test names. Each server's address space is capped at its idle size + 1.5 GiB, so a
+runaway allocation fails inside the server instead of taking the machine down. The payloads are
+files in ``crashers/`` (see hostile.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import RED, ServerProcess, build_tiny_model, image_bytes, start_server, tiny_contract
+from hostile import (
+    GIB,
+    MIB,
+    V2_INFER,
+    ProbeResult,
+    connect,
+    error_code,
+    is_v2_error,
+    liveness_probe,
+    load_crasher,
+    multipart,
+    open_fds,
+    post_request,
+    proc_status,
+    raise_open_files,
+    read_reply,
+    reset_peak_rss,
+    send_raw,
+    set_memory_ceiling,
+)
+from PIL import Image
+
+from server.preprocessing import PreprocessSpec
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+LIVE_LIMIT_MS = 100.0  # no request of any kind may delay /health/live more than this
+RSS_LIMIT = GIB  # peak RSS under any mix of hostile uploads at the default settings
+CEILING_HEADROOM = GIB + GIB // 2  # address space allowed above the idle server's
+VALID_LIMIT_S = 1.0  # a valid client is answered within this, attack or not
+TOKEN = "hostile-token-1"
+# An idle server holding this much more RSS than when it started is restarted between tests.
+RESTART_ABOVE = 256 * MIB
+
+log = logging.getLogger("hostile")
+
+
+# ---------------------------------------------------------------------- servers
+@pytest.fixture(scope="module")
+def model224(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny colour model with the real model's input size and resize rule."""
+    contract = replace(
+        tiny_contract(),
+        input_size=224,
+        preprocessing=PreprocessSpec(input_size=224, resize=256),
+    )
+    return build_tiny_model(tmp_path_factory.mktemp("model224") / "tiny224.onnx", contract)
+
+
+@dataclass
+class Target:
+    server: ServerProcess
+    token: str = ""
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def pid(self) -> int:
+        return self.server.proc.pid
+
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def assert_serves(self) -> str:
+        """A valid /predict is answered 200 in time and its prediction reaches the log."""
+        assert self.server.proc.poll() is None, f"server died: {self.server.output()}"
+        request_id = f"valid-{uuid.uuid4().hex}"
+        start = time.perf_counter()
+        response = httpx.post(
+            f"{self.url}/predict",
+            content=image_bytes(RED, (320, 240)),
+            headers={"content-type": "image/jpeg", "x-request-id": request_id},
+            timeout=10,
+        )
+        elapsed = time.perf_counter() - start
+        assert response.status_code == 200, response.text
+        assert response.json()["label"] == "cat"
+        assert elapsed < VALID_LIMIT_S, f"a valid /predict took {elapsed:.2f} s"
+        feedback = httpx.post(
+            f"{self.url}/feedback",
+            json={"request_id": request_id, "label": "cat"},
+            headers=self.auth(),
+            timeout=10,
+        )
+        assert feedback.status_code == 201, f"prediction log lost {request_id}: {feedback.text}"
+        return request_id
+
+
+@dataclass
+class Servers:
+    model: Path
+    root: Path
+    ceiling: int = 0
+    idle_rss: int = 0
+    started: list[ServerProcess] = field(default_factory=list)
+
+    def start(self, name: str, **env: str) -> ServerProcess:
+        base = {
+            "MODEL_PATH": str(self.model),
+            "PREDICTION_LOG_PATH": str(self.root / f"{name}.db"),
+            "LOG_LEVEL": "info",
+        }
+        log_file = self.root / f"{name}-{len(self.started)}.log"
+        server = start_server({**base, **env}, log_file, memory_limit=self.ceiling or None)
+        self.started.append(server)
+        server.wait_ready(60)
+        return server
+
+
+@pytest.fixture(scope="module")
+def servers(model224: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    pool = Servers(model224, tmp_path_factory.mktemp("hostile"))
+    yield pool
+    for server in pool.started:
+        server.terminate()
+
+
+@pytest.fixture(scope="module")
+def default_target(servers: Servers) -> Target:
+    """DEFAULT settings. Its idle address space, measured once, sets every server's ceiling."""
+    main = Target(servers.start("default"))
+    main.assert_serves()
+    status = proc_status(main.pid)
+    servers.idle_rss = status["VmRSS"]
+    servers.ceiling = status["VmSize"] + CEILING_HEADROOM
+    set_memory_ceiling(main.pid, servers.ceiling)
+    return main
+
+
+@pytest.fixture
+def target(servers: Servers, default_target: Target) -> Target:
+    """The default server, restarted when an earlier test left it dead or holding memory, so
+    each test's figures are its own (the earlier test has already failed for it)."""
+    proc = default_target.server.proc
+    held = proc_status(proc.pid)["VmRSS"] if proc.poll() is None else None
+    if held is None or held > servers.idle_rss + RESTART_ABOVE:
+        shown = "dead" if held is None else f"holding {held / MIB:.0f} MiB"
+        log.warning("default server %s after the previous test: restarting it", shown)
+        default_target.server.terminate()
+        default_target.server = servers.start("default")
+    return default_target
+
+
+@pytest.fixture(scope="module")
+def slow_target(servers: Servers, default_target: Target) -> Target:
+    """Short request-head deadline, everything else default (body deadline 30 s)."""
+    return Target(servers.start("slow", HEADER_TIMEOUT_S="2"))
+
+
+@pytest.fixture(scope="module")
+def deadline_target(servers: Servers, default_target: Target) -> Target:
+    """Short head and body deadlines, and a bearer token on the write endpoints."""
+    server = servers.start("deadline", HEADER_TIMEOUT_S="2", BODY_TIMEOUT_S="2", API_TOKEN=TOKEN)
+    return Target(server, token=TOKEN)
+
+
+# ---------------------------------------------------------------------- the watch
+@dataclass
+class Watch:
+    probe: ProbeResult
+    peak_rss: int = 0
+
+
+@contextlib.contextmanager
+def attack(target: Target, *, rss_limit: int = RSS_LIMIT) -> Iterator[Watch]:
+    """Run the block as an attack: liveness polled throughout, then RSS and service checked."""
+    reset_peak_rss(target.pid)
+    before = proc_status(target.pid)["VmRSS"]
+    with liveness_probe(target.url) as probe:
+        watch = Watch(probe)
+        yield watch
+    watch.peak_rss = proc_status(target.pid)["VmHWM"]
+    log.info(
+        "liveness max %.1f ms over %d polls; RSS %.0f -> peak %.0f MiB",
+        probe.max_ms,
+        probe.n,
+        before / MIB,
+        watch.peak_rss / MIB,
+    )
+    assert probe.n > 0, "the liveness probe made no request"
+    assert probe.failures == 0, f"/health/live failed during the attack: {probe}"
+    assert probe.max_ms < LIVE_LIMIT_MS, (
+        f"/health/live took {probe.max_ms:.0f} ms during the attack (limit {LIVE_LIMIT_MS:.0f})"
+    )
+    assert watch.peak_rss < rss_limit, (
+        f"peak RSS {watch.peak_rss / MIB:.0f} MiB (RSS before the attack {before / MIB:.0f} MiB)"
+    )
+    target.assert_serves()
+
+
+def post(
+    target: Target, path: str, body: bytes, content_type: str, **headers: str
+) -> httpx.Response:
+    return httpx.post(
+        f"{target.url}{path}",
+        content=body,
+        headers={"content-type": content_type, **headers},
+        timeout=60,
+    )
+
+
+def assert_rest_error(
+    response: httpx.Response, statuses: set[int], code: str | None = None
+) -> None:
+    status = response.status_code
+    assert status in statuses, (
+        f"status {status}, expected {sorted(statuses)}: {response.text[:300]}"
+    )
+    got = error_code(response.json())
+    assert got is not None, f"not the API's error shape: {response.text[:300]}"
+    if code is not None:
+        assert got == code, response.text[:300]
+
+
+def assert_v2_error(response: httpx.Response, statuses: set[int]) -> None:
+    assert response.status_code in statuses, (
+        f"status {response.status_code}, expected {sorted(statuses)}: {response.text[:300]}"
+    )
+    assert is_v2_error(response.json()), f"not the V2 error shape: {response.text[:300]}"
+
+
+def jpeg() -> bytes:
+    return image_bytes(RED, (320, 240))
+
+
+# ---------------------------------------------------------------------- 1. the log writer
+def test_surrogate_feedback_id_is_refused_and_the_log_keeps_writing(target: Target) -> None:
+    with attack(target):
+        response = post(
+            target, "/feedback", load_crasher("http-feedback-surrogate-id.json"), "application/json"
+        )
+    assert_rest_error(response, {422})
+    # attack() proved a prediction made afterwards still reaches the log; once more for luck
+    target.assert_serves()
+
+
+@pytest.mark.parametrize("request_id", ["a b", "x" * 129, "ü", "", "a\nb", "\u202e"])
+def test_feedback_ids_outside_the_id_rule_are_422(target: Target, request_id: str) -> None:
+    response = httpx.post(
+        f"{target.url}/feedback", json={"request_id": request_id, "label": "cat"}, timeout=10
+    )
+    assert_rest_error(response, {422})
+
+
+# ---------------------------------------------------------------------- 2. memory
+def _label_or_aspect(response: httpx.Response | dict) -> None:
+    """A thin image is either classified or refused as ``bad_aspect_ratio``; both are fine."""
+    body = response if isinstance(response, dict) else response.json()
+    if isinstance(response, httpx.Response) and response.status_code != 200:
+        assert response.status_code == 422, response.text[:300]
+    if "label" in body:
+        assert body["label"] in ("cat", "dog")
+    else:
+        assert error_code(body) == "bad_aspect_ratio", str(body)[:300]
+
+
+def test_thin_png_one_and_a_batch_of_two(target: Target) -> None:
+    png = load_crasher("http-png-20000x8.png")
+    with attack(target):
+        single = post(target, "/predict", png, "image/png")
+        body, ctype = multipart("files", [("a.png", png), ("b.png", png)])
+        batch = post(target, "/predict/batch", body, ctype)
+    _label_or_aspect(single)
+    assert batch.status_code in (200, 422), batch.text[:300]
+    for entry in batch.json()["predictions"]:
+        _label_or_aspect(entry)
+
+
+def test_png_two_million_pixels_wide_is_4xx(target: Target) -> None:
+    png = load_crasher("http-png-2000000x8.png")
+    with attack(target):
+        response = post(target, "/predict", png, "image/png")
+    assert_rest_error(response, set(range(400, 500)))
+
+
+@pytest.mark.parametrize("name", ["http-png16-6300x6300.png", "http-png-rgba-6300x6300.png"])
+def test_largest_allowed_png_is_classified_within_the_memory_budget(
+    target: Target, name: str
+) -> None:
+    with attack(target) as watch:
+        response = post(target, "/predict", load_crasher(name), "image/png")
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["label"] in ("cat", "dog")
+    assert watch.peak_rss < RSS_LIMIT
+
+
+def _noise_png(side: int = 1800) -> bytes:
+    """About 9.7 MB of incompressible pixels: under the 10 MiB file limit, 3.2 MP to decode."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=0
+    )
+    return buf.getvalue()
+
+
+def test_six_concurrent_60mb_batches(target: Target) -> None:
+    png = _noise_png()
+    body, ctype = multipart("files", [(f"{i}.png", png) for i in range(6)])
+    assert 55 * MIB < len(body) < 64 * MIB
+    request = post_request("/predict/batch", body, ctype)
+    replies: list[object] = [None] * 6
+
+    def send(i: int) -> None:
+        replies[i] = send_raw(target.url, request, timeout=120)
+
+    with attack(target) as watch:
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        statuses = [getattr(r, "status", None) for r in replies]
+        log.info("six 60 MB batches: %s", statuses)
+    for reply in replies:
+        assert reply is not None, f"a connection was closed without an answer: {statuses}"
+        assert reply.status in (200, 413, 503), statuses
+        if reply.status == 503:
+            assert "retry-after" in reply.headers, reply.headers
+        if reply.status == 200:
+            assert len(reply.json()["predictions"]) == 6
+    assert watch.peak_rss < RSS_LIMIT
+
+
+# ---------------------------------------------------------------------- 3. parsing cost
+@pytest.mark.parametrize(
+    ("name", "statuses"),
+    [
+        ("v2-shape-250x4300-digits.json.gz", {400}),
+        ("v2-empty-strings-8mb.json.gz", set(range(400, 500))),
+    ],
+)
+def test_v2_parse_bombs_are_refused_fast(target: Target, name: str, statuses: set[int]) -> None:
+    body = load_crasher(name)
+    with attack(target):
+        start = time.perf_counter()
+        response = post(target, V2_INFER, body, "application/json")
+        elapsed = time.perf_counter() - start
+    assert_v2_error(response, statuses)
+    assert elapsed < 1.0, f"{name} took {elapsed:.2f} s to refuse"
+
+
+def test_v2_outputs_repeated_20000_times(target: Target) -> None:
+    with attack(target):
+        response = post(
+            target, V2_INFER, load_crasher("v2-outputs-20000.json.gz"), "application/json"
+        )
+    if response.status_code == 200:  # deduplicated: one tensor, a small answer
+        assert len(response.content) < 64 * 1024, len(response.content)
+        assert len(response.json()["outputs"]) <= 2
+    else:
+        assert_v2_error(response, {400})
+
+
+# ---------------------------------------------------------------------- 4. client mistakes
+@pytest.mark.parametrize(
+    ("name", "statuses"),
+    [
+        ("v2-shape-4301-digits.json", {400}),
+        ("v2-nested-100000.json.gz", {400}),
+    ],
+)
+def test_v2_malformed_json_is_400(target: Target, name: str, statuses: set[int]) -> None:
+    with attack(target):
+        response = post(target, V2_INFER, load_crasher(name), "application/json")
+    assert_v2_error(response, statuses)
+
+
+@pytest.mark.parametrize(
+    ("name", "statuses"),
+    [
+        ("http-feedback-nested-8000.json", {400}),
+        # 200 KB is over the feedback body limit: refusing it for its size is right too
+        ("http-feedback-nested-100000.json.gz", {400, 413}),
+    ],
+)
+def test_feedback_deeply_nested_json(target: Target, name: str, statuses: set[int]) -> None:
+    with attack(target):
+        response = post(target, "/feedback", load_crasher(name), "application/json")
+    assert_rest_error(response, statuses)
+
+
+def test_v2_header_length_that_is_a_digit_but_not_a_number(target: Target) -> None:
+    with attack(target):
+        reply = send_raw(target.url, load_crasher("v2-header-length-superscript.http"))
+    assert reply is not None
+    assert reply.status == 400, reply
+    assert is_v2_error(reply.json())
+
+
+def test_v2_id_with_a_lone_surrogate_is_400_and_not_logged(target: Target) -> None:
+    request_id = f"surrogate-{uuid.uuid4().hex}"
+    with attack(target):
+        response = post(
+            target,
+            V2_INFER,
+            load_crasher("v2-id-surrogate.json"),
+            "application/json",
+            **{"x-request-id": request_id},
+        )
+    assert_v2_error(response, {400})
+    feedback = httpx.post(
+        f"{target.url}/feedback", json={"request_id": request_id, "label": "cat"}, timeout=10
+    )
+    assert feedback.status_code == 404, f"the refused request was logged: {feedback.text}"
+
+
+def test_multipart_boundary_of_5000_characters_is_400(target: Target) -> None:
+    with attack(target):
+        reply = send_raw(target.url, load_crasher("http-multipart-boundary-5000.http"))
+    assert reply is not None
+    assert reply.status == 400, reply
+    assert error_code(reply.json()) is not None
+
+
+UNSUPPORTED = [
+    "http-dds-unknown-fourcc.dds",
+    "http-dds-dxt1.dds",
+    "http-tga.tga",
+    "http-tiff.tif",
+]
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED)
+def test_undocumented_format_alone_is_415(target: Target, name: str) -> None:
+    body, ctype = multipart("file", [(name, load_crasher(name))])
+    with attack(target):
+        response = post(target, "/predict", body, ctype)
+    assert_rest_error(response, {415}, "unsupported_format")
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED)
+def test_undocumented_format_in_a_batch_fails_only_its_slot(target: Target, name: str) -> None:
+    body, ctype = multipart("files", [("good.jpg", jpeg()), (name, load_crasher(name))])
+    with attack(target):
+        response = post(target, "/predict/batch", body, ctype)
+    assert response.status_code == 200, response.text[:300]
+    good, bad = response.json()["predictions"]
+    assert good["label"] == "cat"
+    assert error_code(bad) == "unsupported_format", bad
+
+
+# ---------------------------------------------------------------------- 5. slow clients
+def _slow_bodies(url: str, n: int) -> list[socket.socket]:
+    """``n`` /predict requests that promise 100000 bytes of body and send 2."""
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: 100000\r\n\r\n\xff\xd8"
+    )
+    socks = []
+    for _ in range(n):
+        sock = connect(url)
+        sock.sendall(head)
+        socks.append(sock)
+    return socks
+
+
+def _idle(url: str, n: int) -> list[socket.socket]:
+    """``n`` connections: half send nothing, half half a request line."""
+    socks = []
+    for i in range(n):
+        sock = connect(url)
+        if i % 2:
+            sock.sendall(b"POST /pre")
+        socks.append(sock)
+    return socks
+
+
+def _close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def _timed_valid_requests(target: Target) -> list[tuple[str, int, float]]:
+    results = []
+    with httpx.Client(base_url=target.url, timeout=10) as client:
+        for _ in range(5):
+            start = time.perf_counter()
+            r = client.post("/predict", content=jpeg(), headers={"content-type": "image/jpeg"})
+            results.append(("/predict", r.status_code, time.perf_counter() - start))
+        body, ctype = multipart("files", [("a.jpg", jpeg()), ("b.jpg", jpeg())])
+        for _ in range(2):
+            start = time.perf_counter()
+            r = client.post("/predict/batch", content=body, headers={"content-type": ctype})
+            results.append(("/predict/batch", r.status_code, time.perf_counter() - start))
+    return results
+
+
+def test_slow_bodies_and_idle_connections_do_not_starve_valid_clients(slow_target: Target) -> None:
+    raise_open_files(4096)
+    target = slow_target
+    baseline = open_fds(target.pid)
+    slow: list[socket.socket] = []
+    idle: list[socket.socket] = []
+    try:
+        with attack(target):
+            slow = _slow_bodies(target.url, 64)
+            opened = time.perf_counter()
+            idle = _idle(target.url, 1000)
+            time.sleep(0.3)  # let the server accept them all
+            held = open_fds(target.pid)
+            results = _timed_valid_requests(target)
+            # HEADER_TIMEOUT_S=2: the idle connections are closed by the server
+            while open_fds(target.pid) > baseline + 64 + 16 and time.perf_counter() - opened < 6:
+                time.sleep(0.1)
+            closed_after = time.perf_counter() - opened
+            after = open_fds(target.pid)
+    finally:
+        _close_all(slow)
+        _close_all(idle)
+    log.info(
+        "fds: baseline %d, holding %d, %d after %.1f s; valid requests: %s",
+        baseline,
+        held,
+        after,
+        closed_after,
+        [(route, status, round(elapsed, 3)) for route, status, elapsed in results],
+    )
+    assert held >= baseline + 1000, f"the server did not hold the connections: {held} fds"
+    for _route, status, elapsed in results:
+        assert status == 200, results
+        assert elapsed < VALID_LIMIT_S, results
+    assert after <= baseline + 64 + 16, (
+        f"{after} fds open {closed_after:.1f} s after 1000 idle connections (baseline {baseline})"
+    )
+    assert closed_after < 3.5, f"idle connections closed only after {closed_after:.1f} s"
+
+
+def test_32mb_header_is_refused_without_buffering_it(deadline_target: Target) -> None:
+    target = deadline_target
+    request = load_crasher("http-header-32mb.http.gz")
+    before = proc_status(target.pid)["VmRSS"]
+    with attack(target) as watch:
+        reply = send_raw(target.url, request)
+    log.info("32 MB header: %s", "connection closed" if reply is None else reply.status)
+    assert reply is None or reply.status == 431, reply
+    grown = watch.peak_rss - before
+    assert grown < 50 * MIB, f"RSS grew by {grown / MIB:.0f} MiB for one header"
+
+
+def test_stalled_feedback_body_gets_408(deadline_target: Target) -> None:
+    target = deadline_target
+    head = (
+        "POST /feedback HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    with attack(target), connect(target.url, timeout=15) as sock:
+        start = time.perf_counter()
+        sock.sendall(head + b'{"request_')
+        reply = read_reply(sock)
+        elapsed = time.perf_counter() - start
+    assert reply is not None, f"closed without an answer after {elapsed:.1f} s"
+    assert reply.status == 408, reply
+    assert error_code(reply.json()) is not None, reply.body[:300]
+    assert 1.5 < elapsed < 5.0, f"408 after {elapsed:.1f} s with BODY_TIMEOUT_S=2"
+
+
+# ---------------------------------------------------------------------- 6. forged feedback
+def test_feedback_must_be_json(target: Target) -> None:
+    with attack(target):
+        reply = send_raw(target.url, load_crasher("http-feedback-text-plain.http"))
+    assert reply is not None
+    assert reply.status == 415, reply
+    assert error_code(reply.json()) is not None
+
+
+def test_feedback_needs_the_bearer_token_when_one_is_set(deadline_target: Target) -> None:
+    target = deadline_target
+    request_id = target.assert_serves()  # with the token: 201
+    refusals = [
+        ({}, {401}),  # no token: authenticate first
+        ({"authorization": TOKEN}, {401}),  # not a bearer credential
+        ({"authorization": "Bearer wrong"}, {401, 403}),  # a token, not the server's
+    ]
+    for headers, statuses in refusals:
+        response = httpx.post(
+            f"{target.url}/feedback",
+            json={"request_id": request_id, "label": "dog"},
+            headers=headers,
+            timeout=10,
+        )
+        assert_rest_error(response, statuses)
+
+
+# ---------------------------------------------------------------------- afterwards
+def test_no_tracebacks_in_the_server_logs(servers: Servers, default_target: Target) -> None:
+    """Client mistakes are 4xx answers, never logged exceptions (checked in every server's log,
+    restarted ones included)."""
+    for server in servers.started:
+        log_text = server.log.read_text(errors="replace")
+        at = log_text.find("Traceback")
+        assert at < 0, f"{server.log.name}: {log_text[max(0, at - 300) : at + 3000]}"
