@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES
+from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES
 
 
 def _timed(fn: Callable[[], object]) -> float:

@@ -4,7 +4,7 @@
         --metrics reports/metrics.json --plots reports/plots
 
 Only the ONNX file and the manifest: class names and preprocessing come from the file's own
-contract, inference from onnxruntime, pixels from ``server.preprocessing``. The metrics and plots
+contract, inference from onnxruntime, pixels from ``catsdogs.preprocessing``. The metrics and plots
 are also logged to the MLflow run that trained the model (the file's ``mlflow_run_id``).
 """
 
@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from export.evaluation import Evaluation, evaluate_session, read_manifest
+from catsdogs.manifest import read_manifest
+from catsdogs.modelfile import LoadedModel, load_model_file
+from export.evaluation import Evaluation, evaluate_session
 from export.params import EvaluateParams, load_evaluate
 from export.tracking import log_evaluation
-from server.registry import LoadedModel, load_model_file
 
 log = logging.getLogger("export.evaluate")
 

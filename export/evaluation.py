@@ -6,7 +6,6 @@ the file) and by the evaluate stage (``reports/metrics.json``), so the two alway
 
 from __future__ import annotations
 
-import csv
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,11 +14,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
-from sklearn import metrics as skm
 from tqdm import tqdm
 
+from catsdogs.manifest import ManifestRow
+from catsdogs.metrics import classification_metrics
+from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes_info
 from export.onnx_export import onnx_outputs
-from server.preprocessing import PreprocessSpec, preprocess_bytes_info
 
 
 def progress(
@@ -29,46 +29,6 @@ def progress(
     return tqdm(
         items, desc=desc, total=total, unit=unit, leave=False, disable=None, file=sys.stderr
     )
-
-
-class ManifestRow(NamedTuple):
-    path: Path
-    label: str
-    width: int
-    height: int
-    split: str
-    brightness: float | None  # mean of the preprocessed uint8 input, as prepare measured it
-
-
-def read_manifest(path: Path, split: str | None = None) -> list[ManifestRow]:
-    """Rows of ``data/prepared/manifest.csv`` (optionally one split), in file order.
-
-    Relative image paths are taken from the current directory (the repository root, where DVC
-    runs every stage).
-    """
-    rows = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "label", "split", "width", "height"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
-        for rec in reader:
-            if split is not None and rec["split"] != split:
-                continue
-            brightness = float(rec["brightness"]) if rec.get("brightness") else None
-            rows.append(
-                ManifestRow(
-                    Path(rec["path"]),
-                    rec["label"],
-                    int(rec["width"]),
-                    int(rec["height"]),
-                    rec["split"],
-                    brightness,
-                )
-            )
-    if not rows:
-        raise ValueError(f"{path}: no rows for split {split!r}")
-    return rows
 
 
 class Batch(NamedTuple):
@@ -88,34 +48,11 @@ def load_batch(paths: Sequence[Path], spec: PreprocessSpec, desc: str = "photos"
     return Batch(np.stack(arrays), np.asarray(widths), np.asarray(heights))
 
 
-def classification_metrics(
-    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
-) -> dict[str, Any]:
-    """accuracy, precision, recall, f1, roc_auc, n.
-
-    Two classes: precision/recall/f1 of the positive class ``class_names[1]`` (``dog``) and the
-    ROC AUC of its probability. More classes: macro averages and one-vs-rest AUC.
-    """
-    y_true = np.asarray(y_true)
-    y_pred = probs.argmax(axis=1)
-    binary = len(class_names) == 2
-    average = "binary" if binary else "macro"
-    prec, rec, f1, _ = skm.precision_recall_fscore_support(
-        y_true, y_pred, average=average, pos_label=1, zero_division=0
-    )
-    if len(np.unique(y_true)) < 2:
-        auc = float("nan")  # undefined with one class present
-    elif binary:
-        auc = skm.roc_auc_score(y_true, probs[:, 1])
-    else:
-        auc = skm.roc_auc_score(y_true, probs, multi_class="ovr", labels=range(len(class_names)))
+def rounded_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """:func:`catsdogs.metrics.classification_metrics`, rounded as reports/metrics.json shows it."""
     return {
-        "accuracy": round(float(skm.accuracy_score(y_true, y_pred)), 6),
-        "precision": round(float(prec), 6),
-        "recall": round(float(rec), 6),
-        "f1": round(float(f1), 6),
-        "roc_auc": round(float(auc), 6),
-        "n": len(y_true),
+        k: v if k == "n" else round(float(v), 6)
+        for k, v in classification_metrics(y_true, probs).items()
     }
 
 
@@ -156,4 +93,4 @@ def evaluate_session(
             parts.append(onnx_outputs(session, batch.images[i : i + chunk], chunk=chunk)[1])
             bar.update(len(parts[-1]))
     probs = np.concatenate(parts)
-    return Evaluation(classification_metrics(y_true, probs, names), y_true, probs, names, batch)
+    return Evaluation(rounded_metrics(y_true, probs), y_true, probs, names, batch)

@@ -26,21 +26,16 @@ import numpy as np
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from catsdogs.contract import ModelContract
+from catsdogs.drift import build_reference_stats
+from catsdogs.hashing import file_sha256
+from catsdogs.manifest import ManifestRow, read_manifest
+from catsdogs.preprocessing import PreprocessSpec
 from export import onnx_export as ox
 from export.bench import compare_latency
-from export.evaluation import (
-    Evaluation,
-    ManifestRow,
-    evaluate_session,
-    load_batch,
-    progress,
-    read_manifest,
-)
+from export.evaluation import Evaluation, evaluate_session, load_batch, progress
 from export.params import ExportParams, load_export
 from export.tracking import log_and_register
-from server.contract import ModelContract
-from server.drift import build_reference_stats
-from server.preprocessing import PreprocessSpec
 
 log = logging.getLogger("export")
 
@@ -149,7 +144,7 @@ class Steps:
 
 
 def file_info(path: Path) -> dict[str, Any]:
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": ox.file_sha256(path)}
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
@@ -177,7 +172,7 @@ def run_steps(args: argparse.Namespace, params: ExportParams, steps: Steps) -> d
     train_rows = read_manifest(args.manifest, "train")
 
     steps.next("preprocess")
-    log.info("preprocessing %d test photos through server.preprocessing", len(test_rows))
+    log.info("preprocessing %d test photos through catsdogs.preprocessing", len(test_rows))
     test_batch = load_batch([r.path for r in test_rows], spec, desc="test")
     if len(test_rows) < params.parity_images:
         raise ox.ExportError(
@@ -210,7 +205,7 @@ def run_steps(args: argparse.Namespace, params: ExportParams, steps: Steps) -> d
     reference = reference_stats(val, val_rows, train_rows)
 
     exported_at = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    weights = ox.file_sha256(args.checkpoint)
+    weights = file_sha256(args.checkpoint)
     version = ox.model_version(exported_at, data_version, meta.get("git_commit") or "", weights)
     training = {
         "params": meta.get("params", {}),
@@ -307,7 +302,7 @@ def run_steps(args: argparse.Namespace, params: ExportParams, steps: Steps) -> d
                 "data_version": data_version,
                 "git_commit": str(meta.get("git_commit") or ""),
                 "quantization": "int8_qdq" if served == "int8" else "none",
-                # the server checks the downloaded file against it (server/registry.py)
+                # the server checks the downloaded file against it (server/model_uri.py)
                 "sha256": report["files"]["served"]["sha256"],
             },
             metrics={k: v for k, v in served_metrics.items() if k != "n"},

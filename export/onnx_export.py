@@ -1,6 +1,6 @@
 """PyTorch classifier -> one self-describing ONNX file, proven equal to the model it came from.
 
-The exported graph takes the uint8 NHWC batch that ``server.preprocessing`` makes (input
+The exported graph takes the uint8 NHWC batch that ``catsdogs.preprocessing`` makes (input
 ``image``, symbolic batch) and returns ``logits`` and ``probabilities``; normalisation is inside
 the graph. The contract (class names, preprocessing, lineage, metrics, drift reference) goes into
 ``metadata_props`` so the server needs nothing but the file.
@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from server.contract import INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES
+from catsdogs.contract import INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES
 
 log = logging.getLogger(__name__)
 
@@ -225,16 +225,6 @@ def model_version(exported_at: str, data_version: str, git_commit: str, weights:
     day = exported_at[:10].replace("-", "")
     git = (git_commit or "nogit")[:7]
     return f"{day}-{data_version[:8]}-{git}-{weights[:6]}"
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def json_meta(values: dict[str, Any]) -> dict[str, str]:

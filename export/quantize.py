@@ -17,7 +17,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from server.contract import INPUT_NAME
+from catsdogs.contract import INPUT_NAME
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -37,6 +36,8 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from catsdogs.hashing import file_sha256
+from catsdogs.photos import load_photos
 from loadtest import loadgen
 from loadtest.report import write_report
 from loadtest.serverproc import (
@@ -85,14 +86,6 @@ times its measured capacity; accepted requests must stay bounded and the rest mu
 """
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shown(path: Path) -> str:
     """A path as the report shows it: relative to the project when inside it."""
     resolved = path.resolve()
@@ -134,7 +127,7 @@ def model_info(path: Path) -> dict[str, Any]:
         "'quantization', 'mlflow_run_id')}))"
     )
     meta = json.loads(subprocess.check_output([str(SERVE_PYTHON), "-c", probe, str(path)]))
-    return {"path": str(path), "sha256": sha256(path), "bytes": path.stat().st_size, **meta}
+    return {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size, **meta}
 
 
 def run_json(cmd: list[str], out: Path, timeout_s: float) -> dict[str, Any]:
@@ -434,7 +427,7 @@ def main() -> None:
     int8 = args.int8_model.resolve() if args.int8_model.is_file() and not args.no_int8 else None
     threads = args.threads or len(os.sched_getaffinity(0))
     args.out.mkdir(parents=True, exist_ok=True)
-    photos = loadgen.load_photos(args.photos)
+    photos = load_photos(args.photos)
     started = time.perf_counter()
 
     result: dict[str, Any] = {

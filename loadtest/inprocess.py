@@ -1,10 +1,13 @@
-"""In-process baseline: what the model costs with no HTTP, no queue and no event loop.
+"""The bare floor: what decoding, preprocessing and the model cost with nothing around them.
 
-Decode + preprocess with the server's own ``server.preprocessing.preprocess_bytes``, then the
-server's own ``server.inference.load_model`` session (same options, same intra-op threads),
-per image at batch 1 and in batches. Runs in the serving environment:
+One process, no HTTP, no queue, no event loop and no threads beyond onnxruntime's own: the
+project's preprocessing (``catsdogs.preprocessing.preprocess_bytes``) and a plain onnxruntime
+session (``catsdogs.modelfile``). onnxruntime's pool threads can spin-wait for work or sleep
+when idle; which is faster depends on the case (a lone image pays for waking sleeping threads),
+so every case is measured under both policies, interleaved, and the faster one is the floor.
+Runs in the serving environment:
 
-    .venv-serve/bin/python -m loadtest.inprocess --model models/model.onnx --out base.json
+    .venv-serve/bin/python -m loadtest.inprocess --model models/model.onnx --out floor.json
 """
 
 from __future__ import annotations
@@ -19,126 +22,174 @@ from typing import Any
 
 import numpy as np
 
+from catsdogs.contract import OUTPUT_PROBABILITIES
+from catsdogs.cpus import available_cpus
+from catsdogs.modelfile import load_model_file
+from catsdogs.photos import load_photos
+from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes
 from loadtest.stats import summarize_ms
-from server.preprocessing import PreprocessSpec, preprocess_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "originals"
+POLICIES = ("spin", "sleep")  # onnxruntime's intra-op threads when idle
 
 RunFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> probabilities (N, C)
 
 
-def load_photos(folder: Path) -> list[bytes]:
-    files = sorted(p for p in folder.rglob("*.jpg"))
-    if not files:
-        raise RuntimeError(f"no .jpg photos under {folder}")
-    return [p.read_bytes() for p in files]
+def open_runs(path: Path, threads: int) -> tuple[dict[str, RunFn], PreprocessSpec]:
+    """One session per thread policy, with the same threads and graph optimisations."""
+    import onnxruntime as ort
+
+    runs: dict[str, RunFn] = {}
+    spec = None
+    for policy in POLICIES:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if policy == "spin" else "0"
+        )
+        loaded = load_model_file(path, sess_options=options)
+        spec = loaded.contract.preprocessing
+        session = loaded.session
+
+        def run(batch: np.ndarray, session: Any = session) -> np.ndarray:
+            (probs,) = session.run([OUTPUT_PROBABILITIES], {"image": batch})
+            return probs
+
+        runs[policy] = run
+    assert spec is not None
+    return runs, spec
 
 
-def per_image(run: RunFn, photos: Sequence[bytes], spec: PreprocessSpec) -> dict[str, Any]:
-    """Each photo alone: decode + preprocess + a batch-1 run, timed end to end and by part."""
-    total, prep, infer = [], [], []
-    for data in photos:
-        t0 = time.perf_counter()
-        arr = preprocess_bytes(data, spec)
-        t1 = time.perf_counter()
-        run(arr[None])
-        t2 = time.perf_counter()
-        total.append(t2 - t0)
-        prep.append(t1 - t0)
-        infer.append(t2 - t1)
-    return {
-        "latency_ms": summarize_ms(total),
-        "preprocess_ms": summarize_ms(prep),
-        "inference_ms": summarize_ms(infer),
-        "images_per_s": len(total) / sum(total),
+def per_image(
+    runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec
+) -> dict[str, Any]:
+    """Each photo alone: decode + preprocess + a batch-1 run, under each policy in turn."""
+    times: dict[str, dict[str, list[float]]] = {
+        p: {"total": [], "prep": [], "infer": []} for p in runs
     }
+    names = list(runs)
+    for i, data in enumerate(photos):
+        order = names if i % 2 == 0 else names[::-1]  # neither policy always goes first
+        for policy in order:
+            t0 = time.perf_counter()
+            arr = preprocess_bytes(data, spec)
+            t1 = time.perf_counter()
+            runs[policy](arr[None])
+            t2 = time.perf_counter()
+            times[policy]["total"].append(t2 - t0)
+            times[policy]["prep"].append(t1 - t0)
+            times[policy]["infer"].append(t2 - t1)
+    by_policy = {
+        policy: {
+            "latency_ms": summarize_ms(t["total"]),
+            "preprocess_ms": summarize_ms(t["prep"]),
+            "inference_ms": summarize_ms(t["infer"]),
+            "images_per_s": len(t["total"]) / sum(t["total"]),
+        }
+        for policy, t in times.items()
+    }
+    best = min(by_policy, key=lambda p: by_policy[p]["latency_ms"]["p50"])
+    return {**by_policy[best], "policy": best, "policies": by_policy}
 
 
-def batched(run: RunFn, photos: Sequence[bytes], spec: PreprocessSpec, size: int) -> dict[str, Any]:
-    """All photos in batches of ``size`` (the last one wraps around): decode all, run once."""
+def batched(
+    runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec, size: int
+) -> dict[str, Any]:
+    """All photos in batches of ``size`` (the last wraps around): decode all, run once."""
     n_batches = -(-len(photos) // size)
-    batch_s, infer_s = [], []
+    batch_s: dict[str, list[float]] = {p: [] for p in runs}
+    infer_s: dict[str, list[float]] = {p: [] for p in runs}
+    names = list(runs)
     for b in range(n_batches):
         chunk = [photos[(b * size + i) % len(photos)] for i in range(size)]
-        t0 = time.perf_counter()
-        x = np.stack([preprocess_bytes(d, spec) for d in chunk])
-        t1 = time.perf_counter()
-        run(x)
-        t2 = time.perf_counter()
-        batch_s.append(t2 - t0)
-        infer_s.append(t2 - t1)
+        order = names if b % 2 == 0 else names[::-1]
+        for policy in order:
+            t0 = time.perf_counter()
+            x = np.stack([preprocess_bytes(d, spec) for d in chunk])
+            t1 = time.perf_counter()
+            runs[policy](x)
+            t2 = time.perf_counter()
+            batch_s[policy].append(t2 - t0)
+            infer_s[policy].append(t2 - t1)
     images = n_batches * size
-    return {
-        "batch_size": size,
-        "images": images,
-        "batch_latency_ms": summarize_ms(batch_s),
-        "images_per_s": images / sum(batch_s),
-        "inference_only_images_per_s": images / sum(infer_s),
+    by_policy = {
+        p: {
+            "batch_latency_ms": summarize_ms(batch_s[p]),
+            "images_per_s": images / sum(batch_s[p]),
+            "inference_only_images_per_s": images / sum(infer_s[p]),
+        }
+        for p in runs
     }
+    best = max(by_policy, key=lambda p: by_policy[p]["images_per_s"])
+    return {"batch_size": size, "images": images, **by_policy[best], "policy": best,
+            "policies": by_policy}  # fmt: skip
+
+
+def warm(runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec, sizes) -> None:
+    for run in runs.values():  # every shape once, as the server does before it is ready
+        for size in (1, *sizes):
+            run(np.stack([preprocess_bytes(photos[0], spec)] * size))
 
 
 def measure(
-    run: RunFn, photos: Sequence[bytes], spec: PreprocessSpec, batch_sizes: Sequence[int]
+    runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec, sizes: Sequence[int]
 ) -> dict[str, Any]:
-    for size in (1, *batch_sizes):  # warm every shape first, as the server does before ready
-        run(np.stack([preprocess_bytes(photos[0], spec)] * size))
     return {
-        "per_image": per_image(run, photos, spec),
-        "batched": [batched(run, photos, spec, size) for size in batch_sizes],
+        "per_image": per_image(runs, photos, spec),
+        "batched": [batched(runs, photos, spec, size) for size in sizes],
     }
 
 
 def serve_commands(
-    run: RunFn, photos: Sequence[bytes], spec: PreprocessSpec, sizes: Sequence[int], header: dict
-) -> None:
+    runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec,
+    sizes: Sequence[int], header: dict[str, Any],
+) -> None:  # fmt: skip
     """Worker mode: one JSON command per stdin line, one JSON answer per stdout line.
 
-    The benchmark keeps this process (and its loaded session) alive for the whole run, so it can
-    interleave in-process measurements with HTTP ones at no start-up cost:
+    The benchmark keeps this process (and its loaded sessions) alive for the whole run, so it
+    can interleave floor measurements with HTTP ones at no start-up cost:
     ops ``full``, ``per_image``, ``batched`` (all sizes) and ``quit``, as ``{"op": "..."}``.
     """
-    for size in (1, *sizes):  # warm every shape once, as the server does before ready
-        run(np.stack([preprocess_bytes(photos[0], spec)] * size))
+    warm(runs, photos, spec, sizes)
     print(json.dumps({"ready": True, **header}), flush=True)
     for line in sys.stdin:
         op = json.loads(line).get("op")
         if op == "quit":
             break
         if op == "full":
-            answer = {**header, **measure(run, photos, spec, sizes)}
+            answer = {**header, **measure(runs, photos, spec, sizes)}
         elif op == "per_image":
-            answer = per_image(run, photos, spec)
+            answer = per_image(runs, photos, spec)
         elif op == "batched":
-            answer = {"batched": [batched(run, photos, spec, size) for size in sizes]}
+            answer = {"batched": [batched(runs, photos, spec, size) for size in sizes]}
         else:
             answer = {"error": f"unknown op {op!r}"}
         print(json.dumps(answer), flush=True)
 
 
 def main() -> None:
-    from server.inference import load_model
-    from server.settings import available_cpus
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
     parser.add_argument("--threads", type=int, default=0, help="0 = as the server: usable CPUs")
-    parser.add_argument("--batch-sizes", default="8,16,32")
+    parser.add_argument("--batch-sizes", default="4,8,16,32")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, help="measure once, write JSON here")
     target.add_argument("--worker", action="store_true", help="answer commands on stdin")
     args = parser.parse_args()
     threads = args.threads or available_cpus()
-    model = load_model(args.model, intra_op_threads=threads)
-    photos = load_photos(args.photos)
+    runs, spec = open_runs(args.model, threads)
+    photos = [data for _, data in load_photos(args.photos)]
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
-    header = {"runtime": "onnxruntime", "threads": threads, "photos": len(photos)}
-    spec = model.contract.preprocessing
+    header = {"runtime": "onnxruntime", "threads": threads, "photos": len(photos),
+              "policies": list(POLICIES)}  # fmt: skip
     if args.worker:
-        serve_commands(model.run, photos, spec, sizes, header)
+        serve_commands(runs, photos, spec, sizes, header)
         return
-    args.out.write_text(json.dumps({**header, **measure(model.run, photos, spec, sizes)}, indent=2))
+    warm(runs, photos, spec, sizes)
+    args.out.write_text(json.dumps({**header, **measure(runs, photos, spec, sizes)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catsdogs.photos import load_photos
 from loadtest.stats import summarize_ms
 
 REQUEST_TIMEOUT_S = 60.0
@@ -117,13 +118,6 @@ def batch_request(host: str, files: Sequence[tuple[str, bytes]]) -> Request:
 
 def get_request(host: str, path: str) -> Request:
     return Request(_head("GET", host, path, {}, b""), 0)
-
-
-def load_photos(folder: Path) -> list[tuple[str, bytes]]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() == ".jpg")
-    if not files:
-        raise RuntimeError(f"no .jpg photos under {folder}")
-    return [(p.name, p.read_bytes()) for p in files]
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:

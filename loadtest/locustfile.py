@@ -20,22 +20,15 @@ from typing import Any
 from locust import HttpUser, between, events, task
 from locust.env import Environment
 
+from catsdogs.photos import load_photos
 from loadtest.thresholds import DEFAULT_PATH, check, load_thresholds, report, stats_from_locust
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "originals"
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 PROB_TOLERANCE = 1e-3
 BATCH_SIZES = (2, 3, 4)
-
-
-def load_photos(folder: Path) -> list[tuple[str, bytes]]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)
-    if not files:
-        raise RuntimeError(f"no photos under {folder}")
-    return [(p.name, p.read_bytes()) for p in files]
 
 
 PHOTOS = load_photos(Path(os.environ.get("LOAD_PHOTOS", DEFAULT_PHOTOS)))

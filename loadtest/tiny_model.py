@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.contract import INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES, ModelContract
-from server.preprocessing import PreprocessSpec
+from catsdogs.contract import INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES, ModelContract
+from catsdogs.preprocessing import PreprocessSpec
 
 
 def tiny_contract(

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loadtest.inprocess import DEFAULT_PHOTOS, load_photos, measure
-from server.preprocessing import PreprocessSpec
+from catsdogs.photos import load_photos
+from catsdogs.preprocessing import PreprocessSpec
+from loadtest.inprocess import DEFAULT_PHOTOS, measure
 from training.models import load_checkpoint
 
 
@@ -32,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, meta = load_checkpoint(args.checkpoint)
     spec = PreprocessSpec.from_json(meta["preprocessing"])
-    photos = load_photos(args.photos)
+    photos = [data for _, data in load_photos(args.photos)]
     if args.limit:
         # a spread of cats and dogs, not the first N of one class
         photos = photos[:: max(1, len(photos) // args.limit)][: args.limit]
@@ -48,7 +49,7 @@ def main() -> None:
         "threads": args.threads,
         "photos": len(photos),
         "mlflow_run_id": meta.get("mlflow_run_id"),  # to check it is the ONNX file's own run
-        **measure(run, photos, spec, sizes),
+        **measure({"eager": run}, photos, spec, sizes),
     }
     args.out.write_text(json.dumps(result, indent=2))
 

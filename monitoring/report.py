@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from catsdogs import drift
 from monitoring import svg
-from server import drift
 
 log = logging.getLogger("monitoring.report")
 

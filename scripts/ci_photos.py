@@ -12,7 +12,6 @@ installed, as in the shared folder, else the source bytes too.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import logging
 import re
@@ -20,6 +19,8 @@ import shutil
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from catsdogs.hashing import file_sha256
 
 log = logging.getLogger("ci_photos")
 
@@ -36,23 +37,15 @@ def fetch_params(path: Path) -> tuple[str, str]:
     return url.group(1), sha.group(1)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(url: str, sha256: str, dest: Path) -> Path:
-    if dest.exists() and sha256_file(dest) == sha256:
+    if dest.exists() and file_sha256(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(".part")
     log.info("downloading %s", url)
     with urllib.request.urlopen(url, timeout=60) as resp, part.open("wb") as out:
         shutil.copyfileobj(resp, out, 1 << 20)
-    if sha256_file(part) != sha256:
+    if file_sha256(part) != sha256:
         raise SystemExit(f"{url}: sha256 mismatch")
     part.replace(dest)
     return dest

@@ -99,8 +99,9 @@ def version_line(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     if source.startswith("models:"):
         # resolving a registry URI means network calls; --version stays local
         return f"{head}; model: {source} is resolved at start, not read by --version"
-    from server.contract import ContractError
-    from server.registry import ModelFileError, RegistryError, load_model_file, resolve_model_uri
+    from catsdogs.contract import ContractError
+    from catsdogs.modelfile import ModelFileError, load_model_file
+    from server.model_uri import RegistryError, resolve_model_uri
 
     try:
         path = resolve_model_uri(source, tracking_uri="", cache_dir=Path(settings.model_cache_dir))
@@ -152,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import create_app, load_served_model
     from server.drain import DrainingServer
     from server.inference import ModelLoadError
+    from server.model_uri import RegistryError
     from server.protocol import GuardedHttpToolsProtocol
-    from server.registry import RegistryError
 
     app = create_app(settings)
     try:

@@ -29,8 +29,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
+from catsdogs.cpus import available_cpus
 from server import monitoring, openapi, ui, v2
-from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
 from server.errors import RETRY_SOON, ApiError, error_response, v2_error_response
 from server.inference import Batcher, BatchStats, InferenceModel, load_model
 from server.limits import Budget, Reservation
@@ -38,7 +39,7 @@ from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.service import Predictor, Upload, prepare
-from server.settings import Settings, available_cpus
+from server.settings import Settings
 from server.uploads import MULTIPART, read_body, read_multipart
 
 logger = logging.getLogger("server")
@@ -266,7 +267,7 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 def _model_path(settings: Settings) -> Path:
     if not settings.model_uri:
         return Path(settings.model_path)
-    from server.registry import resolve_model_uri
+    from server.model_uri import resolve_model_uri
 
     tracking = settings.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     return resolve_model_uri(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from server.preprocessing import ImageDecodeError
+from catsdogs.preprocessing import ImageDecodeError
 
 # A decode failure is the client's bytes, not the server: 413 for a decompression bomb, 415 for an
 # image format the API does not take, else 422.

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ContractError, ModelContract
+from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ContractError, ModelContract
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def load_model(path: Path, *, intra_op_threads: int, spinning: bool = False) -> 
     """Open ``path`` as an ONNX session and read its contract; any failure names the file."""
     import onnxruntime as ort  # heavy: imported when a model is loaded, not with the module
 
-    from server.registry import ModelFileError, load_model_file
+    from catsdogs.modelfile import ModelFileError, load_model_file
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads

@@ -34,9 +34,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from server import drift
+from catsdogs import drift
+from catsdogs.contract import ModelContract
 from server.auth import require_token
-from server.contract import ModelContract
 from server.errors import ApiError, error_response
 from server.ids import is_valid_id
 from server.settings import Settings

@@ -11,8 +11,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from catsdogs.contract import ModelContract
 from server import __version__
-from server.contract import ModelContract
 from server.ids import ID_PATTERN
 from server.settings import Settings
 

@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 from starlette.requests import Request
 
-from server.contract import ModelContract
+from catsdogs.contract import ModelContract
+from catsdogs.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
 from server.errors import RETRY_SOON, ApiError
 from server.ids import new_id
 from server.inference import Batcher, ModelStoppedError, Outcome, QueueFullError, Ticket
 from server.limits import Budget, OverBudgetError, Reservation
 from server.metrics import ServerMetrics
 from server.monitoring import Monitor, PredictionEvent
-from server.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
 from server.settings import Settings
 from server.uploads import Body, as_bytes, overloaded
 

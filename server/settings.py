@@ -10,10 +10,9 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, TypeVar
 
-from server.preprocessing import DEFAULT_MAX_PIXELS
+from catsdogs.preprocessing import DEFAULT_MAX_PIXELS
 
 MIB = 1024 * 1024
 T = TypeVar("T")
@@ -45,7 +44,7 @@ class Settings:
     model_max_bytes: int = setting(
         1024 * MIB, "largest model download accepted from the registry, bytes; the model is ~15 MB"
     )
-    # local sources are for tests and local development; see server/registry.py
+    # local sources are for tests and local development; see server/model_uri.py
     model_allow_local_source: int = setting(
         0, "1: a registry version whose source is a local path may be served; 0: proxied only"
     )
@@ -268,34 +267,3 @@ def _parse(name: str, text: str, parser: Callable[[str], Any]) -> Any:
     except ValueError:
         kind = {_parse_int: "an integer", _parse_float: "a number"}.get(parser, "a string")
         raise SettingsError(f"{name}: expected {kind}, got {text!r}") from None
-
-
-def available_cpus() -> int:
-    """CPUs this process may really use: affinity mask and cgroup quota, not the host's count.
-
-    onnxruntime sizes its pools from the host's cores, which oversubscribes a container
-    limited to fewer CPUs, so the server sizes them itself.
-    """
-    try:
-        count = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        count = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        count = min(count, max(1, math.ceil(quota)))
-    return max(1, count)
-
-
-def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPU quota in CPUs from cgroup v2 ``cpu.max`` or v1 ``cfs_quota_us``; None = unlimited."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None

@@ -1092,7 +1092,7 @@ def iter_aggregates(
     confidence_sum) and of (model_version, true_label, predicted_label, count).
     """
     inner = list(confidence_edges)[1:-1]
-    # the same binning as server.drift.bin_counts: a value equal to an edge goes up
+    # the same binning as catsdogs.drift.bin_counts: a value equal to an edge goes up
     case = " ".join(f"WHEN confidence < {float(e)!r} THEN {i}" for i, e in enumerate(inner))
     bin_expr = f"CASE {case} ELSE {len(inner)} END"
     predictions = conn.execute(

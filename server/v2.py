@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.contract import INPUT_NAME, OUTPUT_PROBABILITIES
+from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES
 from server.errors import ApiError
 from server.limits import Reservation
 from server.service import Predictor, Upload

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import requests
 import yaml
 from tqdm import tqdm
 
+from catsdogs.hashing import file_sha256
 from training.params import PARAMS_FILE, FetchParams, load_fetch
 
 log = logging.getLogger("training.fetch")
@@ -55,14 +55,6 @@ class IndexRow(NamedTuple):
 # ---------------------------------------------------------------------------- download
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(
     url: str,
     dest: Path,
@@ -78,7 +70,7 @@ def download(
     run starts clean instead of resuming garbage.
     """
     if dest.exists():
-        if sha256_file(dest) == sha256:
+        if file_sha256(dest) == sha256:
             log.info("%s already downloaded and verified", dest)
             return dest
         log.warning("%s does not match the pinned sha256; downloading again", dest)
@@ -98,7 +90,7 @@ def download(
         if got > size:
             part.unlink()
         raise FetchError(f"{dest.name}: got {got} bytes, expected {size}; rerun to resume")
-    digest = sha256_file(part)
+    digest = file_sha256(part)
     if digest != sha256:
         part.unlink()
         raise FetchError(f"{dest.name}: sha256 {digest} does not match the pinned {sha256}")
@@ -240,7 +232,7 @@ def build_index(photos: list[tuple[Path, str]], cache_path: Path | None = None) 
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             digest = hit[2]
         else:
-            digest = sha256_file(path)
+            digest = file_sha256(path)
         fresh[key] = [st.st_size, st.st_mtime_ns, digest]
         rows.append(IndexRow(_rel(path), label, digest, st.st_size))
     if cache_path:

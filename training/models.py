@@ -1,7 +1,7 @@
 """Model zoo: every model takes the uint8 NHWC batch the server builds and returns logits.
 
 Normalisation lives inside the module (cast, /255, mean/std, NHWC -> NCHW), so the exported ONNX
-graph consumes exactly what ``server.preprocessing`` produces and nothing is normalised twice.
+graph consumes exactly what ``catsdogs.preprocessing`` produces and nothing is normalised twice.
 
 Each model is ``ImageClassifier(normalize, backbone, head)``: ``features()`` runs the frozen part
 (cached once during training), ``head`` is what a linear probe trains.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from server.preprocessing import PreprocessSpec
+from catsdogs.preprocessing import PreprocessSpec
 from training.params import MODEL_NAMES
 
 # The EfficientNet-Lite weights were converted from the TensorFlow Lite checkpoints, which were

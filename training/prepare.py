@@ -16,7 +16,6 @@ never moves an existing one to another split, and a duplicate can never straddle
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
@@ -30,7 +29,8 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from server.preprocessing import (
+from catsdogs.manifest import SPLITS, ManifestRow, write_manifest
+from catsdogs.preprocessing import (
     ImageDecodeError,
     PreprocessSpec,
     decode_image,
@@ -40,9 +40,6 @@ from training.fetch import IndexRow, read_index
 from training.params import PARAMS_FILE, PrepareParams, load_prepare, load_train
 
 log = logging.getLogger("training.prepare")
-
-MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "brightness", "split")
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -90,7 +87,8 @@ def check_file(row: IndexRow, spec: PreprocessSpec, min_side: int, max_pixels: i
     try:
         decode_image(data, max_pixels=max_pixels)  # full decode: truncation shows up here
         # what the model will see (the server's path, JPEG draft included), and the stored size
-        arr, width, height = preprocess_bytes_info(data, spec, max_pixels=max_pixels)
+        info = preprocess_bytes_info(data, spec, max_pixels=max_pixels)
+        arr, width, height = info.array, info.width, info.height
     except ImageDecodeError as exc:
         return Checked(row.path, row.label, digest, exc.code, exc.message, mode=mode)
     if min(width, height) < min_side:
@@ -165,22 +163,11 @@ def select(
     return kept, dropped
 
 
-def write_manifest(kept: list[tuple[Checked, str]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
-        for c, split in kept:
-            writer.writerow([c.path, c.label, c.sha256, c.width, c.height, c.brightness, split])
-
-
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        r["width"], r["height"] = int(r["width"]), int(r["height"])
-        r["brightness"] = float(r["brightness"])
-    return rows
+def manifest_rows(kept: list[tuple[Checked, str]]) -> list[ManifestRow]:
+    return [
+        ManifestRow(Path(c.path), c.label, c.sha256, c.width, c.height, c.brightness, split)
+        for c, split in kept
+    ]
 
 
 def data_report(
@@ -226,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     kept, dropped = select(checked, params)
     if len({c.label for c, _ in kept}) < 2:
         raise SystemExit("prepare: fewer than two classes left after dropping bad files")
-    write_manifest(kept, Path(args.manifest))
+    write_manifest(manifest_rows(kept), Path(args.manifest))
     report = data_report(len(rows), checked, kept, dropped)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=2) + "\n")

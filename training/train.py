@@ -7,7 +7,7 @@ Two regimes, picked by the model:
   linear head is trained on them; optionally the last ``fine_tune_blocks`` are then fine-tuned;
 - from scratch (``mobilenet_v3_small``): the whole network trains on augmented photos.
 
-Validation and test photos go through ``server.preprocessing.preprocess_bytes`` only, so the model
+Validation and test photos go through ``catsdogs.preprocessing.preprocess_bytes`` only, so the model
 is selected on exactly the input the server will give it. Early stopping watches validation loss
 and the best epoch is kept.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -35,10 +34,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from server.preprocessing import PreprocessSpec, decode_image, preprocess_bytes
+from catsdogs.hashing import file_sha256
+from catsdogs.manifest import SPLITS, ManifestRow, read_manifest
+from catsdogs.metrics import classification_metrics
+from catsdogs.preprocessing import PreprocessSpec, decode_image, preprocess_bytes
 from training.models import ImageClassifier, build_model, default_spec, save_checkpoint
 from training.params import PARAMS_FILE, TrainParams, load_train, load_yaml
-from training.prepare import read_manifest
 from training.tracking import Tracker
 
 log = logging.getLogger("training.train")
@@ -88,14 +89,14 @@ class AugmentedImages(Dataset):
         return torch.from_numpy(arr), self.labels[i]
 
 
-def load_splits(manifest: list[dict[str, Any]]) -> tuple[list[str], dict[str, tuple[list, list]]]:
-    class_names = sorted({r["label"] for r in manifest})
+def load_splits(manifest: list[ManifestRow]) -> tuple[list[str], dict[str, tuple[list, list]]]:
+    class_names = sorted({r.label for r in manifest})
     index = {name: i for i, name in enumerate(class_names)}
-    splits: dict[str, tuple[list, list]] = {s: ([], []) for s in ("train", "val", "test")}
+    splits: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}
     for r in manifest:
-        paths, labels = splits[r["split"]]
-        paths.append(r["path"])
-        labels.append(index[r["label"]])
+        paths, labels = splits[r.split]
+        paths.append(str(r.path))
+        labels.append(index[r.label])
     return class_names, splits
 
 
@@ -126,10 +127,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def batches(loader: DataLoader, desc: str) -> Iterable:
     return tqdm(loader, desc=desc, leave=False, unit="batch", mininterval=2.0)
 
@@ -148,20 +145,11 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Loss, accuracy and, for two classes, precision/recall/F1/ROC AUC of class index 1."""
-    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
-
+def scored(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Loss plus the project's classification metrics (catsdogs.metrics) of a set of logits."""
     loss = nn.functional.cross_entropy(logits, labels).item()
     probs = logits.softmax(dim=1).numpy()
-    pred, y = probs.argmax(1), labels.numpy()
-    out = {"loss": loss, "accuracy": float((pred == y).mean()), "n": len(y)}
-    if probs.shape[1] == 2:
-        out["precision"] = float(precision_score(y, pred, zero_division=0))
-        out["recall"] = float(recall_score(y, pred, zero_division=0))
-        out["f1"] = float(f1_score(y, pred, zero_division=0))
-        out["roc_auc"] = float(roc_auc_score(y, probs[:, 1])) if len(set(y)) == 2 else float("nan")
-    return out
+    return {"loss": loss, **classification_metrics(labels.numpy(), probs)}
 
 
 class EarlyStopping:
@@ -216,7 +204,7 @@ def fit_head(
             seen += len(idx)
         head.eval()
         with torch.inference_mode():
-            val_metrics = classification_metrics(head(xv).float().cpu(), yv)
+            val_metrics = scored(head(xv).float().cpu(), yv)
         on_epoch(epoch, total / seen, correct / seen, val_metrics)
         if stopper.step(epoch, val_metrics["loss"], head):
             break
@@ -267,7 +255,7 @@ def fit_end_to_end(
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
         logits, labels = predict(model, val_loader, device)
-        val_metrics = classification_metrics(logits, labels)
+        val_metrics = scored(logits, labels)
         on_epoch(epoch, total / seen, correct / seen, val_metrics)
         if stopper.step(epoch, val_metrics["loss"], model):
             break
@@ -383,7 +371,7 @@ def train(
     pretrained = params.pretrained and params.model == "efficientnet_lite0"
     model = build_model(params.model, len(class_names), pretrained=pretrained, spec=spec, **options)
     model.to(device=device, memory_format=torch.channels_last)
-    data_version = sha256_file(manifest_path)
+    data_version = file_sha256(manifest_path)
     commit = git_commit()
 
     tracker = Tracker()
@@ -478,7 +466,7 @@ def train(
 
     val_loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=0)
     logits, labels = predict(model, val_loader, device)
-    val_metrics = classification_metrics(logits, labels)
+    val_metrics = scored(logits, labels)
     val_metrics["best_epoch"] = best_epoch
     val_metrics["train_seconds"] = round(time.monotonic() - started, 1)
     log.info("best epoch %d: val %s", best_epoch, json.dumps(val_metrics))

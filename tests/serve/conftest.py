@@ -27,9 +27,9 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from catsdogs.contract import ModelContract
+from catsdogs.preprocessing import PreprocessSpec
 from server.app import create_app
-from server.contract import ModelContract
-from server.preprocessing import PreprocessSpec
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

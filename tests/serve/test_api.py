@@ -78,7 +78,7 @@ def test_predict_matches_direct_onnxruntime(settings):
     """The server's answer is the model's own softmax on the shared preprocessing's input."""
     import onnxruntime as ort
 
-    from server.preprocessing import preprocess_bytes
+    from catsdogs.preprocessing import preprocess_bytes
 
     data = photos("cat", 1, "originals")[0].read_bytes()
 

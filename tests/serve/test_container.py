@@ -72,18 +72,23 @@ def stages(dockerfile: str) -> list[str]:
 
 def test_serving_image_recipe():
     text = (ROOT / "Dockerfile.serve").read_text()
-    builder, runtime = stages(text)
+    builder, model, runtime = stages(text)
     # the venv comes from requirements-serve.txt alone, and nothing copies the whole tree
     assert re.findall(r"^COPY (?!--from).*$", builder, re.MULTILINE) == [
         "COPY requirements-serve.txt /tmp/requirements-serve.txt"
     ]
+    # the model stage holds MODEL (default: the exported file) or, with MODEL empty, nothing
+    assert re.findall(r"^COPY .*$", model, re.MULTILINE) == [
+        "COPY requirements-serve.txt ${MODEL} /staging/"
+    ]
+    assert "ARG MODEL=models/model.onnx" in model
     copies = re.findall(r"^COPY .*$", runtime, re.MULTILINE)
     assert copies == [
         "COPY --from=builder /opt/venv /opt/venv",
+        "COPY catsdogs/ /app/catsdogs/",
         "COPY server/ /app/server/",
-        "COPY --chmod=0444 ${MODEL} /app/models/model.onnx",
+        "COPY --from=model /model/ /app/models/",
     ]
-    assert "ARG MODEL=models/model.onnx" in runtime
     user = re.findall(r"^USER (\S+)$", runtime, re.MULTILINE)
     assert len(user) == 1
     assert user[0].split(":")[0] not in ("0", "root")

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from server.preprocessing import (
+from catsdogs.preprocessing import (
     MIN_SIDE,
     ImageDecodeError,
     PreprocessSpec,

@@ -1,4 +1,4 @@
-"""Decoding limits of ``server.preprocessing``: formats, shapes, modes, memory and the budget hook.
+"""Decoding limits of ``catsdogs.preprocessing``: formats, shapes, modes, memory, budget hook.
 
 The model input must be what it always was: the whole-image path below (:func:`reference`:
 orientation, every pixel converted to RGB, Pillow's ``resize`` of the whole picture, the centre
@@ -22,8 +22,8 @@ import pytest
 from conftest import ROOT
 from PIL import Image, ImageOps
 
-from server import preprocessing
-from server.preprocessing import (
+from catsdogs import preprocessing
+from catsdogs.preprocessing import (
     ALLOWED_FORMATS,
     DEFAULT_MAX_PIXELS,
     MAX_ASPECT_RATIO,
@@ -462,7 +462,7 @@ _CHILD = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a regression fails here, not the box
 sys.path.insert(0, sys.argv[1])
-from server.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
+from catsdogs.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
 data = open(sys.argv[2], "rb").read()
 spec = PreprocessSpec()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

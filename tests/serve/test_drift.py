@@ -1,11 +1,11 @@
-"""Drift reference statistics and scores (server.drift), numpy only."""
+"""Drift reference statistics and scores (catsdogs.drift), numpy only."""
 
 import json
 
 import numpy as np
 import pytest
 
-from server import drift
+from catsdogs import drift
 
 pytestmark = pytest.mark.serve
 

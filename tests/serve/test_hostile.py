@@ -51,7 +51,7 @@ from hostile import (
 )
 from PIL import Image
 
-from server.preprocessing import PreprocessSpec
+from catsdogs.preprocessing import PreprocessSpec
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import BLUE, RED, build_tiny_model, image_bytes, tiny_contract
 
-from server import drift
-from server.preprocessing import preprocess_bytes_info
+from catsdogs import drift
+from catsdogs.preprocessing import preprocess_bytes_info
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import BLUE, RED, ROOT, image_bytes
 
-from server import drift
+from catsdogs import drift
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 

@@ -21,12 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_VERSION
 
-from server.registry import (
-    DEFAULT_MAX_BYTES,
-    RegistryError,
-    load_model_file,
-    resolve_model_uri,
-)
+from catsdogs.modelfile import load_model_file
+from server.model_uri import DEFAULT_MAX_BYTES, RegistryError, resolve_model_uri
 from server.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.serve

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from catsdogs.cpus import available_cpus, cgroup_cpu_quota
 from server import __version__
 from server.__main__ import build_settings, parse_args
-from server.settings import _SECRETS, Settings, SettingsError, _cgroup_cpu_quota, available_cpus
+from server.settings import _SECRETS, Settings, SettingsError
 from server.settings_docs import END, START, help_line, markdown_table, replace_block, setting_docs
 from server.settings_docs import main as settings_docs_main
 from tests.serve.conftest import TINY_VERSION
@@ -91,14 +92,14 @@ def test_cli_flags_override_environment():
 
 def test_cpu_count_respects_cgroup_quota(tmp_path: Path):
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert _cgroup_cpu_quota(tmp_path) == 1.5
+    assert cgroup_cpu_quota(tmp_path) == 1.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert _cgroup_cpu_quota(tmp_path) is None
+    assert cgroup_cpu_quota(tmp_path) is None
     v1 = tmp_path / "v1"
     (v1 / "cpu").mkdir(parents=True)
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000")
     (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
-    assert _cgroup_cpu_quota(v1) == 2.0
+    assert cgroup_cpu_quota(v1) == 2.0
     assert 1 <= available_cpus() <= len(__import__("os").sched_getaffinity(0))
 
 

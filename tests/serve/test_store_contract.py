@@ -23,10 +23,11 @@ from conftest import prom
 from prometheus_client import CollectorRegistry, generate_latest
 from store_backends import BACKENDS, Backend, make_backend
 
-from server import drift, store
-from server.contract import ModelContract
+from catsdogs import drift
+from catsdogs.contract import ModelContract
+from catsdogs.preprocessing import PreprocessSpec
+from server import store
 from server.monitoring import LiveFigures, Monitor, PredictionEvent
-from server.preprocessing import PreprocessSpec
 from server.store import (
     AmbiguousRequestIdError,
     StoreTimeoutError,

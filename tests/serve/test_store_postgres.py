@@ -22,10 +22,10 @@ from conftest import ROOT, TINY_VERSION, image_bytes, prom, serve
 from pg_server import PostgresServer
 from prometheus_client import CollectorRegistry, generate_latest
 
+from catsdogs.contract import ModelContract
+from catsdogs.preprocessing import PreprocessSpec
 from server.app import create_app
-from server.contract import ModelContract
 from server.monitoring import Monitor, PredictionEvent
-from server.preprocessing import PreprocessSpec
 from server.settings import Settings, SettingsError
 from server.store import redact_url
 from server.store_postgres import PostgresStore

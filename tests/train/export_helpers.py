@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import export.onnx_export as ox
-from server.contract import ModelContract
-from server.preprocessing import PreprocessSpec, preprocess_bytes_info
+from catsdogs.contract import ModelContract
+from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes_info
 from training.models import ImageClassifier, build_model, save_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "catsdogs" / "images"
@@ -92,7 +92,8 @@ def write_manifest(
         for split, rows in splits.items():
             for photo, label in rows:
                 data = photo.read_bytes()
-                arr, w, h = preprocess_bytes_info(data, spec)
+                info = preprocess_bytes_info(data, spec)
+                arr, w, h = info.array, info.width, info.height
                 digest = hashlib.sha256(data).hexdigest()
                 bright = round(float(arr.mean()), 4)
                 writer.writerow([str(photo), label, digest, w, h, bright, split])

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catsdogs.metrics import classification_metrics
+from catsdogs.modelfile import ModelFileError
 from export import onnx_export as ox
 from export.evaluate import evaluate_file, main, write_plots
-from export.evaluation import classification_metrics, evaluate_session, load_batch
+from export.evaluation import evaluate_session, load_batch
 from export.params import EvaluateParams
-from server.registry import ModelFileError
 from tests.train.export_helpers import (
     CLASS_NAMES,
     SPEC,
@@ -39,7 +40,7 @@ def test_metrics_match_hand_counts() -> None:
     y_true = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p_dog = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.45, 0.7, 0.9])
     probs = np.stack([1 - p_dog, p_dog], axis=1)
-    m = classification_metrics(y_true, probs, CLASS_NAMES)
+    m = classification_metrics(y_true, probs)
     assert m["n"] == 8
     assert m["accuracy"] == pytest.approx(5 / 8)
     assert m["precision"] == pytest.approx(2 / 3)  # predicted dog: 3, of which 2 are dogs
@@ -103,7 +104,7 @@ def test_evaluate_uses_the_file_contract_not_params(colored: tuple[Path, Path]) 
     """Same numbers through evaluate_file (contract from the file) and evaluate_session."""
     model, manifest = colored
     ev = evaluate_file(model, manifest, EvaluateParams(split="test", batch_size=3))
-    from export.evaluation import read_manifest
+    from catsdogs.manifest import read_manifest
 
     rows = read_manifest(manifest, "test")
     direct = evaluate_session(ox.make_session(model), rows, SPEC, CLASS_NAMES)
@@ -135,7 +136,7 @@ def test_plots_for_three_classes_still_write_confusion(tmp_path: Path) -> None:
     y = np.array([0, 1, 2, 2])
     names = ("a", "b", "c")
     empty = Batch(np.zeros((4, 1, 1, 3), np.uint8), np.ones(4), np.ones(4))
-    ev = Evaluation(classification_metrics(y, probs, names), y, probs, names, empty)
+    ev = Evaluation(classification_metrics(y, probs), y, probs, names, empty)
     assert ev.metrics["accuracy"] == 0.75
     out = write_plots(ev, tmp_path)
     assert out["confusion_csv"].read_text().splitlines()[-1] == "c,a"

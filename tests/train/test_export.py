@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
+from catsdogs.contract import ModelContract
+from catsdogs.modelfile import ModelFileError, load_model_file
+from catsdogs.preprocessing import preprocess_bytes
 from export import onnx_export as ox
 from export.evaluation import load_batch
 from export.export import export_verified
 from export.export import main as export_main
-from server.contract import ModelContract
-from server.preprocessing import preprocess_bytes
-from server.registry import ModelFileError, load_model_file
 from tests.train.export_helpers import (
     CLASS_NAMES,
     SPEC,
@@ -314,8 +314,8 @@ def test_stage_fails_on_data_version_mismatch(stage: dict[str, Path], tmp_path: 
 SERVE_SCRIPT = """
 import json, sys
 from pathlib import Path
-from server.preprocessing import preprocess_bytes
-from server.registry import load_model_file
+from catsdogs.preprocessing import preprocess_bytes
+from catsdogs.modelfile import load_model_file
 try:
     import torch  # noqa: F401
     sys.exit("torch is importable in the serving environment")

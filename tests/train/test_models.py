@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.preprocessing import PreprocessSpec
+from catsdogs.preprocessing import PreprocessSpec
 from training.models import (
     LITE_MEAN,
     LITE_STD,

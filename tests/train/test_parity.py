@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from server.preprocessing import preprocess_bytes, stack_batch
+from catsdogs.manifest import read_manifest
+from catsdogs.preprocessing import preprocess_bytes, stack_batch
 from training.models import build_model, default_spec
-from training.prepare import read_manifest
 from training.train import AugmentedImages, EvalImages, extract_features, load_splits
 
 pytestmark = pytest.mark.train

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.preprocessing import PreprocessSpec, preprocess_bytes
+from catsdogs.manifest import MANIFEST_COLUMNS
+from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes
 from training import prepare
 from training.fetch import IndexRow
 from training.params import PrepareParams
-from training.prepare import MANIFEST_COLUMNS, check_all, select, split_of
+from training.prepare import check_all, select, split_of
 
 pytestmark = pytest.mark.train
 

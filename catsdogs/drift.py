@@ -152,7 +152,7 @@ def build_reference_stats(
     heights: Sequence[int],
     brightness: Sequence[float],
 ) -> dict[str, Any]:
-    """The ``reference_stats`` JSON stored in the model's metadata (see server/contract.py).
+    """The ``reference_stats`` JSON stored in the model's metadata (see catsdogs/contract.py).
 
     ``train_labels``: class name of every training image (class balance).
     ``val_probabilities``: (n_val, n_classes) model probabilities on validation, columns in

@@ -2,8 +2,7 @@
 
 ``resolve_model_uri`` turns ``models:/catsdogs@champion`` or ``models:/catsdogs/3`` into a local
 file through MLflow's REST API, with nothing but the standard library (the serving environment
-has no mlflow). ``load_model_file`` opens a file as an onnxruntime session and reads its contract,
-failing with an error that names the file when it is missing, truncated or not ONNX at all.
+has no mlflow). Opening the file is ``catsdogs.modelfile.load_model_file``'s job.
 
 Registry layout written by ``export``: each version's ``source`` is an artifact folder holding
 ``model.onnx`` (or a path that ends in ``.onnx`` itself).
@@ -30,7 +29,6 @@ The registry is not trusted. What it answers is checked before it touches the di
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -42,12 +40,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
-from server.contract import INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES, ModelContract
-
-if TYPE_CHECKING:
-    import onnxruntime as ort
+from catsdogs.hashing import file_sha256
 
 MODEL_FILE_NAME = "model.onnx"  # the file inside a registered version's artifact folder
 SHA256_TAG = "sha256"  # a model-version tag holding the hex sha256 of the ONNX file
@@ -66,16 +61,6 @@ _SHOWN_CHARS = 200  # registry text quoted in an error is cut to this
 
 class RegistryError(RuntimeError):
     """A ``models:/`` URI could not be turned into a local model file."""
-
-
-class ModelFileError(ValueError):
-    """A model file is missing, unreadable or not a usable ONNX model. The message names it."""
-
-
-class LoadedModel(NamedTuple):
-    session: ort.InferenceSession
-    contract: ModelContract
-    path: Path
 
 
 @dataclass(frozen=True)
@@ -323,21 +308,13 @@ def _cache_path(cache_dir: Path, name: str, version: str) -> Path:
     return dest
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify_file(path: Path, expected: _Expected, max_bytes: int, what: str) -> None:
     size = path.stat().st_size
     if size > max_bytes:
         raise RegistryError(f"{what} is {size} bytes, over the limit of {max_bytes}")
     if expected.size is not None and size != expected.size:
         raise RegistryError(f"{what} is {size} bytes; the registry lists {expected.size}")
-    if expected.sha256 is not None and _file_sha256(path) != expected.sha256:
+    if expected.sha256 is not None and file_sha256(path) != expected.sha256:
         raise RegistryError(f"{what}: sha256 differs from the version's {SHA256_TAG!r} tag")
 
 
@@ -450,38 +427,3 @@ def resolve_model_uri(
             dest.unlink()  # damaged or stale: fetch it again
     _download(client, target.url, dest, expected, max_bytes)
     return dest
-
-
-# ---------------------------------------------------------------- model file
-
-
-def load_model_file(
-    path: str | Path, *, sess_options: ort.SessionOptions | None = None
-) -> LoadedModel:
-    """Open an ONNX file as a CPU session and read its contract, or fail naming the file."""
-    import onnxruntime as ort  # here, so that resolving a URI needs only the standard library
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise ModelFileError(f"model file {path} is empty (0 bytes)")
-    try:
-        session = ort.InferenceSession(
-            str(path), sess_options=sess_options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ModelFileError(
-            f"model file {path} is not a valid ONNX model (truncated or another format?): {reason}"
-        ) from exc
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    if inputs != [INPUT_NAME] or not {OUTPUT_LOGITS, OUTPUT_PROBABILITIES} <= set(outputs):
-        raise ModelFileError(
-            f"model file {path}: expected input [{INPUT_NAME!r}] and outputs "
-            f"{OUTPUT_LOGITS!r}, {OUTPUT_PROBABILITIES!r}; found {inputs} -> {outputs}"
-        )
-    meta = session.get_modelmeta().custom_metadata_map
-    contract = ModelContract.from_metadata(dict(meta), source=str(path))
-    return LoadedModel(session, contract, path)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.preprocessing import PreprocessSpec
+from catsdogs.preprocessing import PreprocessSpec
 
 INPUT_NAME = "image"  # uint8 (batch, H, W, 3)
 OUTPUT_LOGITS = "logits"  # float32 (batch, n_classes)
