@@ -75,8 +75,29 @@ data-source:
 		"$(if $(DATA),$(DATA),$(DOWNLOAD_DIR))" > data/source.yaml.new
 	cmp -s data/source.yaml.new data/source.yaml && rm data/source.yaml.new || mv data/source.yaml.new data/source.yaml
 
+# Remote storage: .dvc/config's default remote is a folder in ~/.cache (outside every clone, no
+# setup); README "Remote storage" switches it to S3 or MinIO. The pipeline pulls first what the
+# remote holds for this dvc.lock, so a clone of a pushed run restores it and `dvc repro` trains
+# nothing; a remote without it (empty, or a new dvc.lock) is a warning and the pipeline builds it.
+# A finished run is pushed; a failed push only warns, as the outputs here are complete (`make push`
+# fails instead). The download folder is never pushed (it may hold the 787 MB zip).
+.PHONY: pull push
+DVC = PATH="$(abspath $(TRAIN_VENV))/bin:$$PATH" dvc
+
 pipeline: venv-train data-source ## run the DVC pipeline (download, fetch, prepare, train, export, evaluate)
-	PATH="$(CURDIR)/$(TRAIN_VENV)/bin:$$PATH" dvc repro
+	$(DVC) pull --allow-missing || echo "WARNING: dvc pull failed: dvc repro builds what is missing" >&2
+	$(DVC) repro
+	$(DVC) push || echo "WARNING: dvc push failed: the outputs are here; retry: make push" >&2
+
+# pull and push use data/source.yaml as it is (one is written for DATA when there is none)
+data/source.yaml:
+	$(MAKE) --no-print-directory data-source
+
+pull: venv-train data/source.yaml ## restore the outputs dvc.lock names from the DVC remote
+	$(DVC) pull
+
+push: venv-train data/source.yaml ## send the pipeline's outputs to the DVC remote
+	$(DVC) push
 
 run: pipeline venv-serve ## the whole job: pipeline, then the server on $(URL)
 	$(SERVE_PY) -m server --model $(MODEL) --host $(HOST) --port $(PORT)
@@ -87,13 +108,18 @@ serve: venv-serve ## serve an existing model
 mlflow-ui: venv-train ## MLflow UI on http://127.0.0.1:5000 over the local store
 	$(TRAIN_VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
-# Model registry: each export registers a version of `catsdogs`; promote points `champion` at one.
-# Serve it with MODEL_URI=models:/catsdogs@champion (needs an MLflow server in MLFLOW_TRACKING_URI).
+# Model registry: each export registers a version of `catsdogs`; promote points `champion` at one,
+# gated: a server on models:/catsdogs/$(VERSION) (free 127.0.0.1 port, stopped afterwards) must pass
+# the post-deployment evaluation (DATA=, LIMIT=, MIN_ACCURACY= as for evaluate-deployment) first;
+# else it exits 1 and champion stays. Results: tags on the version and reports/promotion/v$(VERSION).
+# Servers, compose and Kubernetes serve MODEL_URI=models:/catsdogs@champion (an MLflow server).
 .PHONY: promote registry-list
 VERSION ?=
-promote: venv-train ## set the registry alias champion: make promote VERSION=n
+promote: venv-train venv-serve ## evaluate version VERSION on a live server, then move champion to it
 	test -n "$(VERSION)" || { echo "usage: make promote VERSION=<registered version>"; exit 2; }
-	$(TRAIN_PY) -m export.registry promote --version $(VERSION)
+	$(TRAIN_PY) -m export.registry promote --version $(VERSION) --serve-python $(SERVE_PY) \
+		--data $(EVAL_DATA) --min-accuracy $(MIN_ACCURACY) $(if $(LIMIT),--limit $(LIMIT)) \
+		--out reports/promotion/v$(VERSION)
 
 registry-list: venv-train ## list registered model versions and their aliases
 	$(TRAIN_PY) -m export.registry list
@@ -106,13 +132,27 @@ lint: venv-train ## ruff
 test-serve: venv-serve-tools ## serving suite, on .venv-serve (import torch fails there)
 	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) -m pytest tests/serve -q
 
+# The fuzz tests run in `make test` with a few examples each; this runs them long.
+.PHONY: fuzz
+FUZZ_EXAMPLES ?= 2000
+fuzz: venv-serve-tools ## long fuzz: image decoding, V2 parser, schemathesis (FUZZ_EXAMPLES=2000)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) -m pytest -q \
+		tests/serve/test_decode_fuzz.py tests/serve/test_v2_fuzz.py tests/serve/test_schemathesis.py
+
 test-train: venv-train venv-serve ## training, export and pipeline suite
 	$(TRAIN_PY) -m pytest tests/train -q
 
 test-load: venv-load ## load tooling suite
 	$(LOAD_PY) -m pytest tests/load -q
 
-test: lint test-serve test-train test-load ## the whole suite (CI runs this)
+# Kubernetes manifests (deploy/k8s), offline: each kustomization rendered with kubectl kustomize,
+# validated against Kubernetes 1.32's schemas and the vendored CRD schemas, checked against the
+# code (settings, flags, ports, probe paths); promtool checks the PrometheusRule's alerts.
+.PHONY: test-deploy
+test-deploy: venv-serve-tools prometheus ## Kubernetes manifests: render, validate, agree with the code
+	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) -m pytest tests/deploy -q
+
+test: lint test-serve test-train test-load test-deploy ## the whole suite (CI runs this)
 
 # ---------------------------------------------------------------- load tests and benchmarks
 # `make load` starts a server on $(MODEL) on a free port (stopped by PID afterwards, even on
@@ -161,9 +201,28 @@ alertmanager: ## Debian's prometheus-alertmanager + amtool, for the alert delive
 dashboard: ## regenerate the Grafana dashboard JSON from monitoring/grafana/build_dashboard.py
 	$(SERVE_PY) -m monitoring.grafana.build_dashboard
 
+# the README's settings table is generated from server/settings.py (a serving test checks it)
+.PHONY: docs-settings
+docs-settings: venv-serve ## rewrite the README's settings table from server/settings.py
+	$(SERVE_PY) -m server.settings_docs --write README.md
+
 # the serving suite includes a real Prometheus scraping a real server, promtool's alert unit
 # tests and an alert delivered through a real Alertmanager (tests/serve/test_alerts.py)
 test-serve: prometheus alertmanager
+
+# ---------------------------------------------------------------- web page
+# GET / is a page for people (server/static): the serving suite drives it, and Swagger UI, in
+# Debian's headless Chromium through Playwright (tests/serve/test_ui.py); `make screenshots`
+# renders docs/ui/ with the real model ($(MODEL)) and real photos.
+.PHONY: chromium screenshots
+
+chromium: ## Debian's chromium for the browser tests of the page (tests/serve/test_ui.py)
+	bash scripts/install-chromium.sh
+
+screenshots: venv-serve-tools chromium ## the README's screenshots of the page -> docs/ui/
+	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) scripts/screenshot_ui.py --model $(MODEL) --out docs/ui
+
+test-serve: chromium
 
 # ---------------------------------------------------------------- containers
 # Dockerfile.serve / Dockerfile.train, built with docker where a daemon answers, else podman over
@@ -184,7 +243,7 @@ $(TOOLS_VENV)/.installed: requirements-tools.txt
 
 images: image-serve image-train ## both container images
 
-image-serve: ## serving image from Dockerfile.serve with $(MODEL) inside
+image-serve: ## serving image from Dockerfile.serve with $(MODEL) inside (MODEL= : none, for MODEL_URI)
 	$(CONTAINERS) build-serve
 
 image-train: ## training image from Dockerfile.train (torch CUDA build, DVC pipeline)
@@ -201,3 +260,22 @@ lint-docker: venv-tools ## hadolint, actionlint, shellcheck, compose file valida
 	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" actionlint
 	$(TOOLS_VENV)/bin/shellcheck scripts/*.sh
 	bash scripts/containers.sh compose-check
+
+# ---------------------------------------------------------------- scale-out
+# PREDICTION_LOG_URL=postgresql://... makes replicas stateless (one shared prediction store).
+# The serving suite runs the store suite on SQLite and on a throwaway PostgreSQL (Debian's
+# package, started by the tests as a non-root user); `make cluster-test` runs three replicas on
+# PostgreSQL behind HAProxy (deploy/haproxy/haproxy.cfg) under load through a rolling restart,
+# a kill -9 and a PostgreSQL restart, and writes its figures to reports/cluster/summary.json.
+.PHONY: postgresql haproxy cluster-test
+
+postgresql: ## Debian's postgresql, for the store suite on PostgreSQL (service never started)
+	bash scripts/install-cluster-tools.sh postgresql
+
+haproxy: ## Debian's haproxy, for make cluster-test (service never started)
+	bash scripts/install-cluster-tools.sh haproxy
+
+cluster-test: venv-serve-tools postgresql haproxy ## 3 replicas + PostgreSQL + HAProxy under load -> reports/cluster/
+	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) -m pytest tests/cluster -q -s -p no:cacheprovider
+
+test-serve: postgresql

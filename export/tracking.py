@@ -1,22 +1,33 @@
 """MLflow: attach the exported file and its reports to the training run, register a version;
 attach the evaluate stage's test metrics and plots to the same run.
 
+The registered folder (``onnx/`` of the run) is a real MLflow Model with the ``onnx`` and
+``python_function`` flavors, a tensor signature and an input example, so ``mlflow.pyfunc`` and
+``mlflow.onnx`` load a version as they load any other; its ``model.onnx`` is the exported file
+byte for byte (the ``sha256`` tag the server checks), never a re-serialised copy.
+
 The tracking store comes only from ``MLFLOW_TRACKING_URI`` (default: the local sqlite store).
 MLflow being unreachable is a warning, never a failed export: the file on disk is the product.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from catsdogs.hashing import file_sha256
+
 log = logging.getLogger(__name__)
 
-ONNX_ARTIFACT_DIR = "onnx"  # a registered version's source folder; holds model.onnx
+ONNX_ARTIFACT_DIR = "onnx"  # a registered version's source folder: MLmodel + model.onnx
+MODEL_FILE = "model.onnx"  # the name server/model_uri.py looks for in that folder
 EXPORT_EXPERIMENT = "catsdogs-export"  # used only when the training run is unknown here
 
 
@@ -54,6 +65,82 @@ def _run_id(client: Any, run_id: str, model_version: str) -> str:
     return run.info.run_id
 
 
+def onnx_signature(model: Any) -> Any:
+    """The graph's inputs and outputs as an MLflow tensor signature; a symbolic dim is -1.
+
+    Read from the file, so it can never disagree with it: ``image`` uint8 ``[-1, H, W, 3]`` ->
+    ``logits``, ``probabilities`` float32 ``[-1, C]`` for an exported model.
+    """
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    def specs(values: Any) -> Schema:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            out.append(TensorSpec(np.dtype(tensor_dtype_to_np_dtype(t.elem_type)), shape, v.name))
+        return Schema(out)
+
+    return ModelSignature(inputs=specs(model.graph.input), outputs=specs(model.graph.output))
+
+
+def input_example(signature: Any) -> Any:
+    """One mid-grey image in the input's own shape and dtype (batch 1): valid for the model."""
+    import numpy as np
+
+    spec = signature.inputs.inputs[0]
+    shape = tuple(1 if d == -1 else d for d in spec.shape)
+    return np.full(shape, 128, dtype=spec.type)
+
+
+def save_mlflow_model(model_path: Path, dest: Path, metadata: dict[str, str]) -> Path:
+    """Write ``dest`` as an MLflow Model (onnx flavor) around the very bytes of ``model_path``.
+
+    ``mlflow.onnx.save_model`` serialises the proto again, which need not give the same bytes;
+    the contract (and the ``sha256`` tag) are about the exported file, so it replaces the
+    flavor's data file afterwards and the result is checked. Returns ``dest``.
+    """
+    import mlflow.onnx
+    import onnx
+    from mlflow.models import Model
+
+    proto = onnx.load(str(model_path))
+    signature = onnx_signature(proto)
+    mlflow.onnx.save_model(
+        proto,
+        str(dest),
+        signature=signature,
+        input_example=input_example(signature),
+        metadata=metadata,
+        # the served file is one file (contract); external data would split it
+        save_as_external_data=False,
+        # the server runs it on CPU; pinned requirements skip MLflow's slow inference of them
+        onnx_execution_providers=["CPUExecutionProvider"],
+        pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+    )
+    # MLflow pretty-prints the serving example, one number a line: 3.3 MB for one 224 px image;
+    # compact JSON is the same document in a quarter of the bytes
+    serving_example = dest / "serving_input_example.json"
+    if serving_example.is_file():
+        serving_example.write_text(json.dumps(json.loads(serving_example.read_text())))
+    mlmodel = Model.load(str(dest / "MLmodel"))
+    data = mlmodel.flavors["onnx"]["data"]
+    if data != MODEL_FILE or mlmodel.flavors["python_function"]["data"] != MODEL_FILE:
+        raise RuntimeError(f"MLflow's onnx flavor stores {data!r}, the server expects {MODEL_FILE}")
+    shutil.copyfile(model_path, dest / MODEL_FILE)
+    digest = file_sha256(dest / MODEL_FILE)
+    if digest != metadata.get("sha256", digest):
+        raise RuntimeError(f"{model_path} does not have the sha256 its tags give")
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    if mlmodel.model_size_bytes != size:  # what MLflow measured before the two rewrites
+        mlmodel.model_size_bytes = size
+        mlmodel.save(str(dest / "MLmodel"))
+    return dest
+
+
 def log_and_register(
     *,
     run_id: str,
@@ -63,7 +150,8 @@ def log_and_register(
     tags: dict[str, str],
     metrics: dict[str, float],
 ) -> dict[str, str] | None:
-    """Log ``model_path`` (as ``onnx/model.onnx``) and ``reports`` to the run, register a version.
+    """Log ``model_path`` as an MLflow Model under ``onnx/`` and ``reports`` to the run, register
+    a version whose source is that folder.
 
     Returns ``{"run_id", "name", "version", "source"}``, or None when MLflow is unreachable or
     refuses (with a warning).
@@ -80,7 +168,11 @@ def log_and_register(
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         run = _run_id(client, run_id, tags.get("model_version", ""))
-        client.log_artifact(run, str(model_path), ONNX_ARTIFACT_DIR)
+        # the server checks a download against this tag (server/model_uri.py)
+        tags = {**tags, "sha256": tags.get("sha256") or file_sha256(model_path)}
+        with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
+            folder = save_mlflow_model(model_path, Path(tmp) / ONNX_ARTIFACT_DIR, tags)
+            client.log_artifacts(run, str(folder), ONNX_ARTIFACT_DIR)
         for report in reports:
             client.log_artifact(run, str(report), "export")
         for key, value in metrics.items():

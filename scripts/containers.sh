@@ -3,7 +3,7 @@
 #
 #   scripts/containers.sh install       container tools from apt (podman, buildah, runc, debootstrap)
 #   scripts/containers.sh base          local debian:bookworm-slim stand-in when no registry is reachable
-#   scripts/containers.sh build-serve   Dockerfile.serve -> $IMAGE_SERVE (needs $MODEL)
+#   scripts/containers.sh build-serve   Dockerfile.serve -> $IMAGE_SERVE, $MODEL baked in (MODEL=: none)
 #   scripts/containers.sh build-train   Dockerfile.train -> $IMAGE_TRAIN
 #   scripts/containers.sh smoke         run $IMAGE_SERVE on a free 127.0.0.1 port and check it
 #   scripts/containers.sh load          make load (locust, thresholds) against $IMAGE_SERVE
@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 
 IMAGE_SERVE=${IMAGE_SERVE:-catsdogs-serve:local}
 IMAGE_TRAIN=${IMAGE_TRAIN:-catsdogs-train:local}
-MODEL=${MODEL:-models/model.onnx}
+# unset: the exported model; set but empty: an image without a model, which serves MODEL_URI
+MODEL=${MODEL-models/model.onnx}
 BASE_IMAGE=${BASE_IMAGE:-docker.io/library/debian:bookworm-slim}
 CACHE_DIR=${CONTAINERS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/catsdogs-containers}
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-120}
@@ -235,10 +236,12 @@ build() {
 }
 
 cmd_build_serve() {
-    [[ -f $MODEL ]] || die "$MODEL not found: run 'make pipeline' first or pass MODEL=path/to/model.onnx"
+    if [[ -n $MODEL ]]; then
+        [[ -f $MODEL ]] || die "$MODEL not found: run 'make pipeline' first, pass MODEL=path/to/model.onnx, or MODEL= for an image without a model"
+    fi
     local start=$SECONDS
     build Dockerfile.serve "$IMAGE_SERVE" --build-arg "MODEL=$MODEL"
-    log "built $IMAGE_SERVE in $((SECONDS - start)) s, $(cmd_size)"
+    log "built $IMAGE_SERVE (model: ${MODEL:-none, set MODEL_URI to serve}) in $((SECONDS - start)) s, $(cmd_size)"
 }
 
 cmd_build_train() {
@@ -354,7 +357,7 @@ cmd_compose_check() {
         fi
         compose=(docker-compose)
     fi
-    local profiles=(--profile train --profile monitoring)
+    local profiles=(--profile train --profile monitoring --profile scale)
     COMPOSE_PROJECT_NAME=catsdogs "${compose[@]}" -f compose.yaml "${profiles[@]}" config -q
     COMPOSE_PROJECT_NAME=catsdogs "${compose[@]}" -f compose.yaml -f compose.gpu.yaml \
         "${profiles[@]}" config -q
