@@ -189,14 +189,14 @@ evaluate-deployment: venv-serve ## send a labelled photo folder to URL, post fee
 	$(SERVE_PY) -m monitoring.evaluate_deployment --url $(URL) --data $(EVAL_DATA) \
 		--out $(EVAL_OUT) --min-accuracy $(MIN_ACCURACY) $(if $(LIMIT),--limit $(LIMIT))
 
-monitoring-report: venv-serve ## drift and performance report from the prediction log (DB=, OUT=)
-	$(SERVE_PY) -m monitoring.report --db $(DB) --out $(OUT) --model $(MODEL)
+monitoring-report: venv-load ## drift and performance report from the prediction log (DB=, OUT=)
+	$(LOAD_PY) -m monitoring.drift_report --db $(DB) --out $(OUT) --model $(MODEL)
 
 prometheus: ## Debian's prometheus + promtool, for the scrape and alert tests (service never started)
-	bash monitoring/install-prometheus.sh
+	bash scripts/apt-install.sh prometheus
 
 alertmanager: ## Debian's prometheus-alertmanager + amtool, for the alert delivery test
-	bash monitoring/install-prometheus.sh prometheus-alertmanager
+	bash scripts/apt-install.sh prometheus-alertmanager
 
 dashboard: ## regenerate the Grafana dashboard JSON from monitoring/grafana/build_dashboard.py
 	$(SERVE_PY) -m monitoring.grafana.build_dashboard
@@ -217,7 +217,7 @@ test-serve: prometheus alertmanager
 .PHONY: chromium screenshots
 
 chromium: ## Debian's chromium for the browser tests of the page (tests/serve/test_ui.py)
-	bash scripts/install-chromium.sh
+	bash scripts/apt-install.sh chromium
 
 screenshots: venv-serve-tools chromium ## the README's screenshots of the page -> docs/ui/
 	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) scripts/screenshot_ui.py --model $(MODEL) --out docs/ui
@@ -270,10 +270,10 @@ lint-docker: venv-tools ## hadolint, actionlint, shellcheck, compose file valida
 .PHONY: postgresql haproxy cluster-test
 
 postgresql: ## Debian's postgresql, for the store suite on PostgreSQL (service never started)
-	bash scripts/install-cluster-tools.sh postgresql
+	bash scripts/apt-install.sh postgresql
 
 haproxy: ## Debian's haproxy, for make cluster-test (service never started)
-	bash scripts/install-cluster-tools.sh haproxy
+	bash scripts/apt-install.sh haproxy
 
 cluster-test: venv-serve-tools postgresql haproxy ## 3 replicas + PostgreSQL + HAProxy under load -> reports/cluster/
 	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) -m pytest tests/cluster -q -s -p no:cacheprovider

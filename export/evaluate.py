@@ -22,8 +22,8 @@ from sklearn import metrics as skm
 
 from catsdogs.manifest import read_manifest
 from catsdogs.modelfile import LoadedModel, load_model_file
-from export.evaluation import Evaluation, evaluate_session
 from export.params import EvaluateParams, load_evaluate
+from export.scoring import Evaluation, evaluate_session
 from export.tracking import log_evaluation
 
 log = logging.getLogger("export.evaluate")

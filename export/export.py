@@ -18,6 +18,8 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,16 +33,19 @@ from catsdogs.drift import build_reference_stats
 from catsdogs.hashing import file_sha256
 from catsdogs.manifest import ManifestRow, read_manifest
 from catsdogs.preprocessing import PreprocessSpec
-from export import onnx_export as ox
-from export.bench import compare_latency
-from export.evaluation import Evaluation, evaluate_session, load_batch, progress
+from export import onnx_tools as ox
+from export.latency import compare_latency
 from export.params import ExportParams, load_export
+from export.scoring import Batch, Evaluation, evaluate_session, load_batch, progress
 from export.tracking import log_and_register
 
 log = logging.getLogger("export")
 
 INT8_FILE = "model.int8.onnx"
 INT8_DECISION_FILE = "quantization.json"
+
+# (test metrics, quantization) -> the contract embedded in that file
+ContractFor = Callable[[dict[str, Any], str], ModelContract]
 
 
 def manifest_version(path: Path) -> str:
@@ -147,70 +152,99 @@ def file_info(path: Path) -> dict[str, Any]:
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def run(args: argparse.Namespace, params: ExportParams) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ExportPaths:
+    """Where the stage reads and writes (its ``dvc.yaml`` arguments)."""
+
+    checkpoint: Path
+    manifest: Path
+    out: Path  # the served ONNX file
+    int8_dir: Path  # the int8 model (when kept) and its decision
+    report: Path
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[ManifestRow]
+    val: list[ManifestRow]
+    test: list[ManifestRow]
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """What the int8 step needs: the fp32 file, its test scores and the decision rule."""
+
+    enabled: bool
+    fp32_model: Path
+    int8_dir: Path
+    spec: PreprocessSpec
+    train_rows: list[ManifestRow]  # calibration photos are drawn from them
+    test_rows: list[ManifestRow]
+    test_batch: Batch
+    test_fp32: Evaluation
+    calibration_images: int
+    max_accuracy_drop: float
+    bench_threads: int
+    contract_for: ContractFor
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    decision: dict[str, Any]  # written to int8_dir/quantization.json and into the report
+    metrics: dict[str, Any] | None = None  # int8 test metrics, when a model was made
+    session: Any | None = None  # an onnxruntime session of it for the latency comparison
+
+
+def run(paths: ExportPaths, params: ExportParams) -> dict[str, Any]:
     steps = Steps()
     try:
-        return run_steps(args, params, steps)
+        return run_steps(paths, params, steps)
     finally:
         steps.close()
 
 
-def run_steps(args: argparse.Namespace, params: ExportParams, steps: Steps) -> dict[str, Any]:
-    from training.models import load_checkpoint
-
-    model, meta = load_checkpoint(args.checkpoint)
-    data_version = manifest_version(args.manifest)
+def check_data_version(paths: ExportPaths, meta: dict[str, Any]) -> str:
+    """The manifest's version; the checkpoint must have been trained on exactly this data."""
+    data_version = manifest_version(paths.manifest)
     if meta["data_version"] != data_version:
         raise ox.ExportError(
-            f"{args.checkpoint} was trained on data {meta['data_version'][:12]} but "
-            f"{args.manifest} is {data_version[:12]}: retrain (dvc repro) before exporting"
+            f"{paths.checkpoint} was trained on data {meta['data_version'][:12]} but "
+            f"{paths.manifest} is {data_version[:12]}: retrain (dvc repro) before exporting"
         )
-    spec = PreprocessSpec.from_json(meta["preprocessing"])
-    class_names = list(meta["class_names"])
-    test_rows = read_manifest(args.manifest, "test")
-    val_rows = read_manifest(args.manifest, "val")
-    train_rows = read_manifest(args.manifest, "train")
+    return data_version
 
-    steps.next("preprocess")
-    log.info("preprocessing %d test photos through catsdogs.preprocessing", len(test_rows))
-    test_batch = load_batch([r.path for r in test_rows], spec, desc="test")
-    if len(test_rows) < params.parity_images:
+
+def read_splits(manifest: Path) -> Splits:
+    return Splits(
+        train=read_manifest(manifest, "train"),
+        val=read_manifest(manifest, "val"),
+        test=read_manifest(manifest, "test"),
+    )
+
+
+def load_test_batch(rows: list[ManifestRow], spec: PreprocessSpec, parity_images: int) -> Batch:
+    log.info("preprocessing %d test photos through catsdogs.preprocessing", len(rows))
+    batch = load_batch([r.path for r in rows], spec, desc="test")
+    if len(rows) < parity_images:
         raise ox.ExportError(
-            f"parity needs {params.parity_images} test photos, the manifest has {len(test_rows)}"
+            f"parity needs {parity_images} test photos, the manifest has {len(rows)}"
         )
-    parity_images = test_batch.images[: params.parity_images]
+    return batch
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.unlink(missing_ok=True)  # a failed stage must not leave the previous file behind
-    steps.next("export + parity")
-    parity = export_verified(
-        model,
-        args.out,
-        spec=spec,
-        n_classes=len(class_names),
-        opset=params.opset,
-        parity_images=parity_images,
-        atol=params.parity_atol,
-    )
-    log.info("parity on %d photos: max |logit diff| %.2e", parity.n, parity.max_abs_logit_diff)
 
-    fp32 = ox.make_session(args.out)
-    steps.next("metrics")
-    test_fp32 = evaluate_session(
-        fp32, test_rows, spec, class_names, batch=test_batch, desc="fp32 test"
-    )
-    log.info("fp32 test metrics: %s", test_fp32.metrics)
-    steps.next("reference")
-    val = evaluate_session(fp32, val_rows, spec, class_names, desc="val")
-    reference = reference_stats(val, val_rows, train_rows)
-
-    exported_at = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    weights = file_sha256(args.checkpoint)
-    version = ox.model_version(exported_at, data_version, meta.get("git_commit") or "", weights)
+def contract_maker(
+    meta: dict[str, Any],
+    reference: dict[str, Any],
+    *,
+    exported_at: str,
+    version: str,
+    checkpoint_sha256: str,
+) -> ContractFor:
+    """The contract of the fp32 or int8 file: the same lineage, its own metrics and quantization."""
     training = {
         "params": meta.get("params", {}),
         "val_metrics": meta.get("val_metrics", {}),
-        "checkpoint_sha256": weights,
+        "checkpoint_sha256": checkpoint_sha256,
     }
 
     def contract_for(metrics: dict[str, Any], quantization: str) -> ModelContract:
@@ -222,9 +256,37 @@ def run_steps(args: argparse.Namespace, params: ExportParams, steps: Steps) -> d
         }
         return build_contract(meta, exported_at=exported_at, version=version, extra=extra)
 
-    fp32_contract = contract_for(test_fp32.metrics, "none")
-    ox.embed_metadata(args.out, fp32_contract.to_metadata())
-    ox.check_onnx_file(args.out)
+    return contract_for
+
+
+def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[str, Any]:
+    from training.models import load_checkpoint
+
+    model, meta = load_checkpoint(paths.checkpoint)
+    data_version = check_data_version(paths, meta)
+    spec = PreprocessSpec.from_json(meta["preprocessing"])
+    class_names = list(meta["class_names"])
+    splits = read_splits(paths.manifest)
+
+    steps.next("preprocess")
+    test_batch = load_test_batch(splits.test, spec, params.parity_images)
+    parity_images = test_batch.images[: params.parity_images]
+
+    paths.out.parent.mkdir(parents=True, exist_ok=True)
+    paths.out.unlink(missing_ok=True)  # a failed stage must not leave the previous file behind
+    steps.next("export + parity")
+    parity = export_verified(
+        model,
+        paths.out,
+        spec=spec,
+        n_classes=len(class_names),
+        opset=params.opset,
+        parity_images=parity_images,
+        atol=params.parity_atol,
+    )
+    log.info("parity on %d photos: max |logit diff| %.2e", parity.n, parity.max_abs_logit_diff)
+    test_fp32, reference = score_fp32(paths.out, splits, spec, class_names, test_batch, steps)
+    version, contract_for = stamp_contract(paths, meta, reference, data_version, test_fp32)
 
     report: dict[str, Any] = {
         "model_name": meta["model_name"],
@@ -235,47 +297,120 @@ def run_steps(args: argparse.Namespace, params: ExportParams, steps: Steps) -> d
         "metrics": {"fp32": test_fp32.metrics},
         "accuracy": {"fp32": test_fp32.metrics["accuracy"]},
     }
-    sessions = {"onnxruntime_fp32": ox.make_session(args.out, params.bench_threads)}
+    sessions = {"onnxruntime_fp32": ox.make_session(paths.out, params.bench_threads)}
     steps.next("int8")
-    int8_decision = quantize_stage(
-        args,
-        params,
-        spec,
-        train_rows,
-        test_rows,
-        test_batch,
-        test_fp32,
-        contract_for,
-        report,
-        sessions,
-    )
-    served = "fp32"
-    if params.serve == "int8":
-        if not int8_decision.get("kept"):
-            raise ox.ExportError("export.serve is 'int8' but no int8 model was kept")
-        shutil.copyfile(args.int8_dir / INT8_FILE, args.out)
-        served = "int8"
-    report["served"] = served
+    config = int8_config(paths, params, spec, splits, test_batch, test_fp32, contract_for)
+    int8 = quantize_stage(config)
+    if int8.metrics is not None:
+        report["metrics"]["int8"] = int8.metrics
+        report["accuracy"]["int8"] = int8.metrics["accuracy"]
+        sessions["onnxruntime_int8"] = int8.session
+    report["int8"] = int8.decision
+    report["served"] = choose_served(params, int8.decision, paths)
 
     steps.next("latency")
+    report.update(latency_report(model, sessions, parity_images, params))
+    report["files"] = {"served": file_info(paths.out), "checkpoint": file_info(paths.checkpoint)}
+    if int8.decision.get("kept"):
+        report["files"]["int8"] = file_info(paths.int8_dir / INT8_FILE)
+    write_json(paths.report, report)
+
+    if params.register:
+        steps.next("register")
+        report["registry"] = register(paths, params, meta, report, data_version)
+        write_json(paths.report, report)
+    return report
+
+
+def score_fp32(
+    model_path: Path,
+    splits: Splits,
+    spec: PreprocessSpec,
+    class_names: list[str],
+    test_batch: Batch,
+    steps: Steps,
+) -> tuple[Evaluation, dict[str, Any]]:
+    """Test metrics of the exported file, and the drift reference from validation."""
+    fp32 = ox.make_session(model_path)
+    steps.next("metrics")
+    test_fp32 = evaluate_session(
+        fp32, splits.test, spec, class_names, batch=test_batch, desc="fp32 test"
+    )
+    log.info("fp32 test metrics: %s", test_fp32.metrics)
+    steps.next("reference")
+    val = evaluate_session(fp32, splits.val, spec, class_names, desc="val")
+    return test_fp32, reference_stats(val, splits.val, splits.train)
+
+
+def stamp_contract(
+    paths: ExportPaths,
+    meta: dict[str, Any],
+    reference: dict[str, Any],
+    data_version: str,
+    test_fp32: Evaluation,
+) -> tuple[str, ContractFor]:
+    """Name the version, embed the fp32 file's contract and check the file again."""
+    exported_at = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    weights = file_sha256(paths.checkpoint)
+    version = ox.model_version(exported_at, data_version, meta.get("git_commit") or "", weights)
+    contract_for = contract_maker(
+        meta, reference, exported_at=exported_at, version=version, checkpoint_sha256=weights
+    )
+    ox.embed_metadata(paths.out, contract_for(test_fp32.metrics, "none").to_metadata())
+    ox.check_onnx_file(paths.out)
+    return version, contract_for
+
+
+def int8_config(
+    paths: ExportPaths,
+    params: ExportParams,
+    spec: PreprocessSpec,
+    splits: Splits,
+    test_batch: Batch,
+    test_fp32: Evaluation,
+    contract_for: ContractFor,
+) -> Int8Config:
+    return Int8Config(
+        enabled=params.quantize,
+        fp32_model=paths.out,
+        int8_dir=paths.int8_dir,
+        spec=spec,
+        train_rows=splits.train,
+        test_rows=splits.test,
+        test_batch=test_batch,
+        test_fp32=test_fp32,
+        calibration_images=params.calibration_images,
+        max_accuracy_drop=params.int8_max_accuracy_drop,
+        bench_threads=params.bench_threads,
+        contract_for=contract_for,
+    )
+
+
+def choose_served(params: ExportParams, decision: dict[str, Any], paths: ExportPaths) -> str:
+    """``export.serve``: keep the fp32 file, or put the kept int8 model in its place."""
+    if params.serve != "int8":
+        return "fp32"
+    if not decision.get("kept"):
+        raise ox.ExportError("export.serve is 'int8' but no int8 model was kept")
+    shutil.copyfile(paths.int8_dir / INT8_FILE, paths.out)
+    return "int8"
+
+
+def latency_report(
+    model: nn.Module, sessions: dict[str, Any], images: np.ndarray, params: ExportParams
+) -> dict[str, Any]:
+    """Median latency of torch eager and each onnxruntime session, and the speedups."""
     log.info("latency: torch eager vs onnxruntime, %d threads", params.bench_threads)
     latency = compare_latency(
         model,
         sessions,
-        parity_images,
+        images,
         batch_sizes=(1, 32),
         threads=params.bench_threads,
         warmup=params.bench_warmup,
         runs=params.bench_runs,
     )
-    report["latency_ms"] = {
-        "threads": params.bench_threads,
-        "warmup": params.bench_warmup,
-        "runs": params.bench_runs,
-        "statistic": "median",
-        **latency,
-    }
-    report["speedup_vs_torch_eager"] = {
+    speedup = {
         name: {
             f"batch_{bs}": round(latency["torch_eager"][f"batch_{bs}_ms"] / v[f"batch_{bs}_ms"], 3)
             for bs in (1, 32)
@@ -283,98 +418,108 @@ def run_steps(args: argparse.Namespace, params: ExportParams, steps: Steps) -> d
         for name, v in latency.items()
         if name != "torch_eager"
     }
-    report["files"] = {"served": file_info(args.out), "checkpoint": file_info(args.checkpoint)}
-    if int8_decision.get("kept"):
-        report["files"]["int8"] = file_info(args.int8_dir / INT8_FILE)
-    write_json(args.report, report)
-
-    if params.register:
-        steps.next("register")
-        served_metrics = report["metrics"][served]
-        registered = log_and_register(
-            run_id=str(meta.get("mlflow_run_id") or ""),
-            model_path=args.out,
-            reports=[args.report, args.int8_dir / INT8_DECISION_FILE],
-            registered_model=params.registered_model,
-            tags={
-                "model_name": meta["model_name"],
-                "model_version": version,
-                "data_version": data_version,
-                "git_commit": str(meta.get("git_commit") or ""),
-                "quantization": "int8_qdq" if served == "int8" else "none",
-                # the server checks the downloaded file against it (server/model_uri.py)
-                "sha256": report["files"]["served"]["sha256"],
-            },
-            metrics={k: v for k, v in served_metrics.items() if k != "n"},
-        )
-        report["registry"] = registered
-        write_json(args.report, report)
-    return report
+    return {
+        "latency_ms": {
+            "threads": params.bench_threads,
+            "warmup": params.bench_warmup,
+            "runs": params.bench_runs,
+            "statistic": "median",
+            **latency,
+        },
+        "speedup_vs_torch_eager": speedup,
+    }
 
 
-def quantize_stage(
-    args: argparse.Namespace,
+def register(
+    paths: ExportPaths,
     params: ExportParams,
-    spec: PreprocessSpec,
-    train_rows: list,
-    test_rows: list,
-    test_batch: Any,
-    test_fp32: Evaluation,
-    contract_for: Any,
+    meta: dict[str, Any],
     report: dict[str, Any],
-    sessions: dict[str, Any],
+    data_version: str,
 ) -> dict[str, Any]:
-    """Optional int8: calibrate on training photos, keep only within the allowed accuracy drop."""
-    if args.int8_dir.exists():
-        shutil.rmtree(args.int8_dir)
-    args.int8_dir.mkdir(parents=True)
-    decision: dict[str, Any] = {"made": False, "kept": False}
-    if params.quantize:
-        from export.quantize import quantize_int8
+    """Log the served file to the training run and register it as a new model version."""
+    served = report["served"]
+    return log_and_register(
+        run_id=str(meta.get("mlflow_run_id") or ""),
+        model_path=paths.out,
+        reports=[paths.report, paths.int8_dir / INT8_DECISION_FILE],
+        registered_model=params.registered_model,
+        tags={
+            "model_name": meta["model_name"],
+            "model_version": report["model_version"],
+            "data_version": data_version,
+            "git_commit": str(meta.get("git_commit") or ""),
+            "quantization": "int8_qdq" if served == "int8" else "none",
+            # the server checks the downloaded file against it (server/model_uri.py)
+            "sha256": report["files"]["served"]["sha256"],
+        },
+        metrics={k: v for k, v in report["metrics"][served].items() if k != "n"},
+    )
 
-        # evenly spread over the (hash-ordered) training split, both classes alike
-        step = max(1, len(train_rows) // params.calibration_images)
-        calib_rows = train_rows[::step][: params.calibration_images]
-        calibration = load_batch([r.path for r in calib_rows], spec, desc="calibration").images
-        int8_path = args.int8_dir / INT8_FILE
-        quantize_int8(args.out, int8_path, calibration)
-        int8 = ox.make_session(int8_path)
-        ox.run_batch_checks(int8, spec.input_size, len(test_fp32.class_names))
-        test_int8 = evaluate_session(
-            int8, test_rows, spec, test_fp32.class_names, batch=test_batch, desc="int8 test"
+
+def quantize_stage(config: Int8Config) -> Int8Result:
+    """Optional int8: calibrate on training photos, keep only within the allowed accuracy drop.
+
+    The decision is written to ``int8_dir`` whether or not a model was made or kept.
+    """
+    if config.int8_dir.exists():
+        shutil.rmtree(config.int8_dir)
+    config.int8_dir.mkdir(parents=True)
+    result = (
+        quantize_and_score(config) if config.enabled else Int8Result({"made": False, "kept": False})
+    )
+    write_json(config.int8_dir / INT8_DECISION_FILE, result.decision)
+    return result
+
+
+def quantize_and_score(config: Int8Config) -> Int8Result:
+    from export.quantize import quantize_int8
+
+    fp32 = config.test_fp32
+    # evenly spread over the (hash-ordered) training split, both classes alike
+    step = max(1, len(config.train_rows) // config.calibration_images)
+    calib_rows = config.train_rows[::step][: config.calibration_images]
+    calibration = load_batch([r.path for r in calib_rows], config.spec, desc="calibration").images
+    int8_path = config.int8_dir / INT8_FILE
+    quantize_int8(config.fp32_model, int8_path, calibration)
+    int8 = ox.make_session(int8_path)
+    ox.run_batch_checks(int8, config.spec.input_size, len(fp32.class_names))
+    test_int8 = evaluate_session(
+        int8,
+        config.test_rows,
+        config.spec,
+        fp32.class_names,
+        batch=config.test_batch,
+        desc="int8 test",
+    )
+    drop = fp32.metrics["accuracy"] - test_int8.metrics["accuracy"]
+    kept = drop <= config.max_accuracy_drop + 1e-9
+    decision = {
+        "made": True,
+        "kept": kept,
+        "calibration_images": len(calib_rows),
+        "accuracy_fp32": fp32.metrics["accuracy"],
+        "accuracy_int8": test_int8.metrics["accuracy"],
+        "accuracy_drop": round(drop, 6),
+        "max_accuracy_drop": config.max_accuracy_drop,
+        "bytes_int8": int8_path.stat().st_size,
+    }
+    # the latency comparison times the int8 model whether or not it is kept
+    session = ox.make_session(int8_path, config.bench_threads)
+    if kept:
+        contract = config.contract_for(test_int8.metrics, "int8_qdq")
+        ox.embed_metadata(int8_path, contract.to_metadata())
+        ox.check_onnx_file(int8_path)
+        log.info(
+            "int8 kept: accuracy %.4f (fp32 %.4f)",
+            decision["accuracy_int8"],
+            decision["accuracy_fp32"],
         )
-        drop = test_fp32.metrics["accuracy"] - test_int8.metrics["accuracy"]
-        kept = drop <= params.int8_max_accuracy_drop + 1e-9
-        decision = {
-            "made": True,
-            "kept": kept,
-            "calibration_images": len(calib_rows),
-            "accuracy_fp32": test_fp32.metrics["accuracy"],
-            "accuracy_int8": test_int8.metrics["accuracy"],
-            "accuracy_drop": round(drop, 6),
-            "max_accuracy_drop": params.int8_max_accuracy_drop,
-            "bytes_int8": int8_path.stat().st_size,
-        }
-        report["metrics"]["int8"] = test_int8.metrics
-        report["accuracy"]["int8"] = test_int8.metrics["accuracy"]
-        sessions["onnxruntime_int8"] = ox.make_session(int8_path, params.bench_threads)
-        if kept:
-            ox.embed_metadata(int8_path, contract_for(test_int8.metrics, "int8_qdq").to_metadata())
-            ox.check_onnx_file(int8_path)
-            log.info(
-                "int8 kept: accuracy %.4f (fp32 %.4f)",
-                decision["accuracy_int8"],
-                decision["accuracy_fp32"],
-            )
-        else:
-            decision["bytes_int8_discarded"] = decision.pop("bytes_int8")
-            int8_path.unlink()
-            log.warning(
-                "int8 discarded: accuracy drop %.4f > %.4f", drop, params.int8_max_accuracy_drop
-            )
-    report["int8"] = decision
-    write_json(args.int8_dir / INT8_DECISION_FILE, decision)
-    return decision
+    else:
+        decision["bytes_int8_discarded"] = decision.pop("bytes_int8")
+        int8_path.unlink()
+        log.warning("int8 discarded: accuracy drop %.4f > %.4f", drop, config.max_accuracy_drop)
+    return Int8Result(decision, test_int8.metrics, session)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -397,16 +542,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, required=True, help="export report JSON")
     args = parser.parse_args(argv)
     params = load_export(args.params)
+    paths = ExportPaths(args.checkpoint, args.manifest, args.out, args.int8_dir, args.report)
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
-            report = run(args, params)
+            report = run(paths, params)
     except ox.ExportError as exc:
-        args.out.unlink(missing_ok=True)
+        paths.out.unlink(missing_ok=True)
         log.error("export failed: %s", exc)
         sys.exit(1)
     log.info(
         "exported %s (%s): accuracy %s, %d bytes",
-        args.out,
+        paths.out,
         report["model_version"],
         report["accuracy"],
         report["files"]["served"]["bytes"],

@@ -39,7 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from catsdogs.hashing import file_sha256
 from catsdogs.photos import load_photos
 from loadtest import loadgen
-from loadtest.report import write_report
+from loadtest.bench_report import write_report
 from loadtest.serverproc import (
     ROOT,
     SERVE_PYTHON,

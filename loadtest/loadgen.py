@@ -22,13 +22,13 @@ import json
 import math
 import time
 import urllib.parse
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catsdogs.multipart import multipart_body
 from catsdogs.photos import load_photos
 from loadtest.stats import summarize_ms
 
@@ -89,30 +89,15 @@ def _head(method: str, host: str, path: str, headers: dict[str, str], body: byte
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def multipart_body(field_name: str, files: Sequence[tuple[str, bytes]]) -> tuple[bytes, str]:
-    """(body, content type) for ``files`` under one form field name."""
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, data in files:
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; '
-            f'filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
-            + data
-            + b"\r\n"
-        )
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 def predict_request(host: str, name: str, data: bytes, *, raw: bool = False) -> Request:
     if raw:
         return Request(_head("POST", host, "/predict", {"Content-Type": "image/jpeg"}, data), 1)
-    body, ctype = multipart_body("file", [(name, data)])
+    body, ctype = multipart_body("file", [(name, data)], content_type="image/jpeg")
     return Request(_head("POST", host, "/predict", {"Content-Type": ctype}, body), 1)
 
 
 def batch_request(host: str, files: Sequence[tuple[str, bytes]]) -> Request:
-    body, ctype = multipart_body("files", files)
+    body, ctype = multipart_body("files", files, content_type="image/jpeg")
     return Request(_head("POST", host, "/predict/batch", {"Content-Type": ctype}, body), len(files))
 
 

@@ -1,7 +1,8 @@
 """Start the real server as a subprocess on a free loopback port, and always stop it.
 
-Used by ``make load``, ``make bench`` and the slow tests. The server runs in the serving
-environment (``.venv-serve``), in its own process group, and is stopped by that group's id.
+Used by ``make load``, ``make bench`` and the test suites (tests/serve/conftest.py). The server
+runs in the serving environment (``.venv-serve``), in its own process group, and is stopped by
+that group's id. Standard library only, so every environment can import it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,37 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def log(self) -> Path:
+        return self.log_path
+
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def output(self, tail: int = 4000) -> str:
+        """The end of the server's log (stdout and stderr), for error messages."""
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def wait_ready(self, timeout: float = 30.0, started: float | None = None) -> float:
+        """Poll ``/health/ready`` until 200; seconds since ``started`` (default: now)."""
+        started = time.perf_counter() if started is None else started
+        deadline = started + timeout
+        while time.perf_counter() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"the server exited with {self.proc.returncode} before it was ready "
+                    f"({self.log_path}): {self.output()}"
+                )
+            if http_status(self.url + "/health/ready", timeout=1.0) == 200:
+                self.ready_s = time.perf_counter() - started
+                return self.ready_s
+            time.sleep(0.02)
+        raise TimeoutError(
+            f"the server was not ready within {timeout} s ({self.log_path}): {self.output()}"
+        )
+
+    def terminate(self, timeout: float = 20.0) -> int | None:
+        return stop_server(self, timeout)
 
     def memory_kb(self) -> dict[str, int]:
         """VmRSS (now) and VmHWM (peak) of the server process, in kB, from /proc."""
@@ -72,19 +102,47 @@ def http_status(url: str, timeout: float = 2.0) -> int:
         return 0
 
 
-def wait_ready(server: ServerProcess, started: float, timeout_s: float) -> None:
-    deadline = started + timeout_s
-    while time.perf_counter() < deadline:
-        if not server.alive():
-            raise RuntimeError(
-                f"the server exited with {server.proc.returncode} before it was ready; "
-                f"see {server.log_path}"
-            )
-        if http_status(server.url + "/health/ready", timeout=1.0) == 200:
-            server.ready_s = time.perf_counter() - started
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"the server was not ready within {timeout_s} s; see {server.log_path}")
+def _memory_ceiling(limit: int) -> Callable[[], None]:
+    """preexec_fn: cap the child's address space, so a runaway allocation fails in the server
+    (MemoryError, or the kernel's refusal) instead of taking the machine down."""
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def spawn_server(
+    log_path: Path,
+    args: Sequence[str] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    python: Path = SERVE_PYTHON,
+    memory_limit: int | None = None,
+) -> ServerProcess:
+    """Spawn ``python -m server ARGS`` on a free port without waiting for it to be ready.
+
+    ``env`` is added to this process's environment; ``memory_limit`` caps the child's address
+    space (bytes)."""
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # the address by environment, so ARGS stay exactly the caller's (flags would override it)
+    child_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **(env or {})}
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [str(python), "-m", "server", *args],
+            cwd=ROOT,
+            env=child_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, stopped as a whole
+            preexec_fn=_memory_ceiling(memory_limit) if memory_limit else None,
+        )
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    log.info("server pid %d on %s (log %s)", proc.pid, server.url, log_path)
+    return server
 
 
 def start_server(
@@ -95,43 +153,35 @@ def start_server(
     python: Path = SERVE_PYTHON,
     ready_timeout_s: float = 60.0,
 ) -> ServerProcess:
-    """Spawn ``python -m server`` on a free port and wait for ``/health/ready``."""
-    port = free_port()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, **(env or {})}
-    cmd = [str(python), "-m", "server", "--model", str(model), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port)]
-    with log_path.open("wb") as log_file:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=child_env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, stopped as a whole
-        )
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
-    log.info("server pid %d on %s (log %s)", proc.pid, server.url, log_path)
+    """Spawn ``python -m server --model MODEL`` on a free port and wait for ``/health/ready``."""
+    started = time.perf_counter()
+    server = spawn_server(log_path, ["--model", str(model)], env=env, python=python)
     try:
-        wait_ready(server, started, ready_timeout_s)
+        server.wait_ready(ready_timeout_s, started)
     except BaseException:
         stop_server(server)
         raise
     return server
 
 
+def _signal(server: ServerProcess, sig: signal.Signals) -> None:
+    """The server's process group when it leads one (spawn_server), else the process alone."""
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(server.pid) == server.pid:
+            os.killpg(server.pid, sig)
+        else:
+            server.proc.send_signal(sig)
+
+
 def stop_server(server: ServerProcess, grace_s: float = 15.0) -> int | None:
     """SIGTERM the server's process group, SIGKILL it after ``grace_s``; the exit code."""
     if server.alive():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
+        _signal(server, signal.SIGTERM)
         try:
             server.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             log.warning("server pid %d ignored SIGTERM for %.0f s; killing", server.pid, grace_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
+            _signal(server, signal.SIGKILL)
             server.proc.wait(timeout=10)
     return server.proc.returncode
 

@@ -5,23 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between closest ranks.
+    """The q-th percentile (0..100) by ``numpy.percentile`` (method "linear").
 
-    Same definition as ``numpy.percentile(values, q)`` (method "linear"), so figures agree with
-    any tool that uses numpy. NaN for an empty sequence: no requests means no latency, not zero.
+    NaN for an empty sequence: no requests means no latency, not zero.
     """
     if not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile q must be in [0, 100], got {q}")
     if not values:
         return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    frac = rank - low
-    return ordered[low] + (ordered[high] - ordered[low]) * frac
+    return float(np.percentile(values, q))
 
 
 def summarize_ms(latencies_s: Sequence[float]) -> dict[str, float]:

@@ -6,8 +6,8 @@
 Each photo of ``DATA/<class>/`` is posted to ``/predict``; the true label then goes to
 ``/feedback`` so the server's live accuracy counts it too. Writes ``results.json`` (one row per
 image) and ``summary.json`` (accuracy, latency percentiles) and exits non-zero when accuracy is
-below ``--min-accuracy`` or any request failed, so CD can roll back. Standard library only: it runs
-wherever Python does (CD runners, the serving image, any venv).
+below ``--min-accuracy`` or any request failed, so CD can roll back. Needs numpy (percentiles)
+besides the standard library: it runs in any of the project's environments and the serving image.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger("evaluate_deployment")
 
@@ -133,16 +135,6 @@ def evaluate_one(
     return result
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default method), q in 0..100."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def summarise(results: list[Result], *, wall_s: float, min_accuracy: float) -> dict[str, Any]:
     ok = [r for r in results if r.predicted_label is not None]
     correct = sum(1 for r in ok if r.predicted_label == r.true_label)
@@ -168,10 +160,10 @@ def summarise(results: list[Result], *, wall_s: float, min_accuracy: float) -> d
         "error_examples": [{"image": r.image, "error": r.error} for r in errors[:10]],
         "feedback_stored": sum(1 for r in results if r.feedback_status == 201),
         "latency_ms": {
-            "p50": percentile(latencies, 50),
-            "p90": percentile(latencies, 90),
-            "p95": percentile(latencies, 95),
-            "p99": percentile(latencies, 99),
+            **{
+                f"p{q}": float(np.percentile(latencies, q)) if latencies else None
+                for q in (50, 90, 95, 99)
+            },
             "mean": sum(latencies) / len(latencies) if latencies else None,
             "max": max(latencies) if latencies else None,
         },

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -22,22 +22,22 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
 from catsdogs.cpus import available_cpus
-from server import monitoring, openapi, ui, v2
-from server.errors import RETRY_SOON, ApiError, error_response, v2_error_response
+from server import docs, monitor_routes, openapi, ui, v2
+from server.error_handlers import EXCEPTION_HANDLERS
+from server.errors import RETRY_SOON, ApiError, error_response
 from server.inference import Batcher, BatchStats, InferenceModel, load_model
 from server.limits import Budget, Reservation
 from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.middleware import RequestContextMiddleware
+from server.monitor import Monitor
 from server.service import Predictor, Upload, prepare
 from server.settings import Settings
 from server.uploads import MULTIPART, read_body, read_multipart
@@ -203,66 +203,6 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-# ---------------------------------------------------------------------- docs
-_DOCS_HTML = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>Cats and dogs classifier: API</title>
-<link rel="stylesheet" href="/docs/static/swagger-ui.css">
-</head>
-<body>
-<div id="swagger-ui"></div>
-<script src="/docs/static/swagger-ui-bundle.js"></script>
-<script>
-window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});
-</script>
-</body>
-</html>
-"""
-
-
-async def docs(request: Request) -> HTMLResponse:
-    return HTMLResponse(_DOCS_HTML)
-
-
-async def openapi_json(request: Request) -> Response:
-    return Response(request.app.state.openapi_json, media_type="application/json")
-
-
-def _swagger_ui_dir() -> Path:
-    from swagger_ui_bundle import swagger_ui_path  # only a path: no Jinja2 import
-
-    return Path(str(swagger_ui_path))
-
-
-# ---------------------------------------------------------------------- errors
-def _is_v2(request: Request) -> bool:
-    return request.url.path.startswith("/v2")
-
-
-async def api_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    if _is_v2(request):
-        return v2_error_response(exc.status, exc.message, exc.headers)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-
-
-async def http_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
-    message = {
-        404: f"no endpoint at {request.url.path}",
-        405: f"{request.method} is not allowed on {request.url.path}",
-    }.get(exc.status_code, "the request could not be handled")
-    if _is_v2(request):
-        return v2_error_response(exc.status_code, message, exc.headers)
-    return error_response(exc.status_code, code, message, exc.headers)
-
-
 # ---------------------------------------------------------------------- lifespan
 def _model_path(settings: Settings) -> Path:
     if not settings.model_uri:
@@ -285,7 +225,7 @@ def load_served_model(settings: Settings) -> InferenceModel:
     return load_model(
         _model_path(settings),
         intra_op_threads=threads,
-        spinning=bool(settings.intra_op_spinning),
+        spinning=settings.intra_op_spinning,
     )
 
 
@@ -299,24 +239,21 @@ def _sample_jpeg(side: int) -> bytes:
     return buffer.getvalue()
 
 
-@asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    server_metrics: ServerMetrics = app.state.metrics
-    cpus = available_cpus()
+async def _open_model(app: Starlette, settings: Settings) -> InferenceModel:
     # ``python -m server`` loads the model before uvicorn starts, to fail with a plain message.
     model: InferenceModel | None = getattr(app.state, "model", None)
-    if model is None:
-        try:
-            model = await asyncio.to_thread(load_served_model, settings)
-        except Exception as exc:
-            # The process exits non-zero; the message names the file and what is wrong.
-            logger.error("cannot serve: %s", exc)
-            raise
-    path = model.path
-    threads = model.intra_op_threads
-    contract = model.contract
+    if model is not None:
+        return model
+    try:
+        return await asyncio.to_thread(load_served_model, settings)
+    except Exception as exc:
+        # The process exits non-zero; the message names the file and what is wrong.
+        logger.error("cannot serve: %s", exc)
+        raise
 
+
+def _batch_observer(server_metrics: ServerMetrics) -> Callable[[BatchStats], None]:
+    """Per batch: its size, the model run, and each image's queue wait, decode and preprocess."""
     stage = server_metrics.stage
 
     def on_batch(stats: BatchStats) -> None:
@@ -331,14 +268,20 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             stage.labels("decode").observe(prepared.decode_s)
             stage.labels("preprocess").observe(prepared.preprocess_s)
 
-    decode_pool = ThreadPoolExecutor(
-        max_workers=settings.decode_threads or cpus, thread_name_prefix="decode"
-    )
-    batcher = Batcher(
+    return on_batch
+
+
+def _new_batcher(
+    model: InferenceModel,
+    settings: Settings,
+    server_metrics: ServerMetrics,
+    decode_pool: ThreadPoolExecutor,
+) -> Batcher:
+    return Batcher(
         model.run,
         functools.partial(
             prepare,
-            spec=contract.preprocessing,
+            spec=model.contract.preprocessing,
             max_pixels=settings.max_pixels,
             pixels=Budget(settings.max_inflight_pixels, "decoded pixels"),
         ),
@@ -346,19 +289,22 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         max_batch_size=settings.max_batch_size,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
         max_queue_size=settings.max_queue_size,
-        on_batch=on_batch,
+        on_batch=_batch_observer(server_metrics),
     )
-    await batcher.warmup(contract.input_size, _sample_jpeg(contract.input_size))
-    monitor = monitoring.Monitor(settings, contract, app.state.registry)
-    await monitor.start()
-    batcher.start()
+
+
+def _publish(app: Starlette, model: InferenceModel, batcher: Batcher, monitor: Monitor) -> None:
+    """Hand the opened resources to the routes through ``app.state`` and the metrics."""
+    settings: Settings = app.state.settings
+    server_metrics: ServerMetrics = app.state.metrics
+    contract = model.contract
     server_metrics.queue_images.set_function(lambda: batcher.admitted)
     server_metrics.model_info.info(
         {
             "name": contract.model_name,
             "version": contract.model_version,
             "served_name": settings.served_model_name,
-            "intra_op_threads": str(threads),
+            "intra_op_threads": str(model.intra_op_threads),
         }
     )
     app.state.model = model
@@ -372,14 +318,30 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     )
     app.state.metadata_json = json.dumps(build_metadata(contract, settings)).encode()
     app.state.openapi_json = json.dumps(openapi.build_spec(app, contract, settings)).encode()
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    model = await _open_model(app, settings)
+    contract = model.contract
+    decode_pool = ThreadPoolExecutor(
+        max_workers=settings.decode_threads or available_cpus(), thread_name_prefix="decode"
+    )
+    batcher = _new_batcher(model, settings, app.state.metrics, decode_pool)
+    await batcher.warmup(contract.input_size, _sample_jpeg(contract.input_size))
+    monitor = Monitor(settings, contract, app.state.registry)
+    await monitor.start()
+    batcher.start()
+    _publish(app, model, batcher, monitor)
     app.state.ready = True
     logger.info(
         "ready",
         extra={
             "fields": {
-                "model": str(path),
+                "model": str(model.path),
                 "model_version": contract.model_version,
-                "intra_op_threads": threads,
+                "intra_op_threads": model.intra_op_threads,
                 "max_batch_size": settings.max_batch_size,
             }
         },
@@ -408,17 +370,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/predict/batch", predict_batch, methods=["POST"]),
         Route("/metadata", metadata, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-        Mount("/docs/static", StaticFiles(directory=_swagger_ui_dir()), name="swagger_ui"),
+        *docs.routes(),
         *v2.routes,
-        *monitoring.routes,
+        *monitor_routes.routes,
         *ui.routes,  # the page for people: GET / and /ui/*
     ]
     app = Starlette(
         routes=routes,
         middleware=[Middleware(RequestContextMiddleware, metrics=server_metrics)],
-        exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler},
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.settings = settings

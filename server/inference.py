@@ -47,21 +47,39 @@ class InferenceModel:
     contract: ModelContract
     path: Path
     intra_op_threads: int
+    # INTRA_OP_SPINNING=2: a second session whose pool threads spin, for lone images only
+    lone_session: object | None = None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 probabilities (N, C)."""
-        (probs,) = self.session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+        lone = self.lone_session is not None and len(batch) == 1
+        session = self.lone_session if lone else self.session
+        (probs,) = session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
         return probs
 
 
-def load_model(path: Path, *, intra_op_threads: int, spinning: bool = False) -> InferenceModel:
-    """Open ``path`` as an ONNX session and read its contract; any failure names the file."""
+SLEEP, SPIN, ADAPTIVE = 0, 1, 2  # INTRA_OP_SPINNING: what onnxruntime's idle pool threads do
+
+
+def load_model(path: Path, *, intra_op_threads: int, spinning: int = SLEEP) -> InferenceModel:
+    """Open ``path`` as an ONNX session and read its contract; any failure names the file.
+
+    ``spinning``: SLEEP (idle pool threads block: they never take a core from decoding), SPIN
+    (they spin-wait: a lone image starts sooner, busy cores suffer) or ADAPTIVE (two sessions:
+    lone images run on a spinning one, batches on a sleeping one).
+    """
+    session, contract = _open_session(path, intra_op_threads, spinning == SPIN)
+    lone = _open_session(path, intra_op_threads, True)[0] if spinning == ADAPTIVE else None
+    return InferenceModel(session, contract, path, intra_op_threads, lone)
+
+
+def _open_session(path: Path, threads: int, spinning: bool) -> tuple[object, ModelContract]:
     import onnxruntime as ort  # heavy: imported when a model is loaded, not with the module
 
     from catsdogs.modelfile import ModelFileError, load_model_file
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -72,7 +90,7 @@ def load_model(path: Path, *, intra_op_threads: int, spinning: bool = False) -> 
     except (ModelFileError, ContractError) as exc:
         raise ModelLoadError(str(exc)) from exc
     _check_signature(loaded.session, loaded.contract, path)
-    return InferenceModel(loaded.session, loaded.contract, path, intra_op_threads)
+    return loaded.session, loaded.contract
 
 
 def _check_signature(session: object, contract: ModelContract, path: Path) -> None:

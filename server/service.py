@@ -28,7 +28,7 @@ from server.ids import new_id
 from server.inference import Batcher, ModelStoppedError, Outcome, QueueFullError, Ticket
 from server.limits import Budget, OverBudgetError, Reservation
 from server.metrics import ServerMetrics
-from server.monitoring import Monitor, PredictionEvent
+from server.monitor import Monitor, PredictionEvent
 from server.settings import Settings
 from server.uploads import Body, as_bytes, overloaded
 

@@ -55,9 +55,10 @@ class Settings:
         0, "onnxruntime threads per run; 0 = the CPUs this process may use"
     )
     decode_threads: int = setting(0, "threads decoding images; 0 = the CPUs this process may use")
-    # spinning measured slower here whenever anything else (decoding, HTTP) needs a core
+    # spinning alone measured slower here whenever anything else (decoding, HTTP) needs a core
     intra_op_spinning: int = setting(
-        0, "1: onnxruntime's idle pool threads spin-wait for work; 0: they sleep"
+        0,
+        "onnxruntime's idle pool threads: 0 sleep, 1 spin-wait, 2 spin for lone images only",
     )
     # On 2 cores EfficientNet-Lite0 gains nothing per image beyond 4 and measured slower at 8.
     max_batch_size: int = setting(4, "images per model run; 1 disables dynamic batching")
@@ -167,7 +168,7 @@ class Settings:
             "model_allow_local_source": self.model_allow_local_source in (0, 1),
             "intra_op_threads": self.intra_op_threads >= 0,
             "decode_threads": self.decode_threads >= 0,
-            "intra_op_spinning": self.intra_op_spinning in (0, 1),
+            "intra_op_spinning": self.intra_op_spinning in (0, 1, 2),
             "max_batch_size": self.max_batch_size >= 1,
             "max_queue_delay_ms": 0 <= self.max_queue_delay_ms <= 1000,
             "max_queue_size": self.max_queue_size >= 1,

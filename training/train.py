@@ -40,7 +40,7 @@ from catsdogs.metrics import classification_metrics
 from catsdogs.preprocessing import PreprocessSpec, decode_image, preprocess_bytes
 from training.models import ImageClassifier, build_model, default_spec, save_checkpoint
 from training.params import PARAMS_FILE, TrainParams, load_train, load_yaml
-from training.tracking import Tracker
+from training.run_tracking import Tracker
 
 log = logging.getLogger("training.train")
 
@@ -344,6 +344,171 @@ def plot_confusion(
 # ---------------------------------------------------------------------------- main
 
 
+class EpochLog:
+    """Per epoch: one history row (reports/train/history.csv), a log line and MLflow metrics."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self.history: list[dict[str, float]] = []
+
+    def __call__(
+        self, epoch: int, train_loss: float, train_acc: float, val: dict[str, float]
+    ) -> None:
+        row = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 6),
+            "train_accuracy": round(train_acc, 6),
+            "val_loss": round(val["loss"], 6),
+            "val_accuracy": round(val["accuracy"], 6),
+        }
+        self.history.append(row)
+        log.info(
+            "epoch %d  train loss %.4f acc %.4f  val loss %.4f acc %.4f",
+            epoch,
+            train_loss,
+            train_acc,
+            val["loss"],
+            val["accuracy"],
+        )
+        metrics = {k: v for k, v in row.items() if k != "epoch"}
+        self.tracker.call("log_metrics", metrics, step=epoch)
+
+
+def start_tracking(
+    params: TrainParams,
+    all_params: dict[str, Any],
+    tags: dict[str, str],
+    device: torch.device,
+    n_train: int,
+) -> tuple[Tracker, str]:
+    """Open the MLflow run (or nothing, when no store answers) and log every parameter."""
+    tracker = Tracker()
+    run_id = tracker.start(run_name=params.model, tags=tags)
+    flat = {
+        f"{s}.{k}": v
+        for s, sec in all_params.items()
+        if isinstance(sec, dict)
+        for k, v in sec.items()
+    }
+    tracker.call("log_params", {k: str(v) for k, v in flat.items()})
+    tracker.call("log_params", {"device": str(device), "n_train": n_train})
+    return tracker, run_id
+
+
+def fit_frozen_backbone(
+    model: ImageClassifier,
+    splits: dict[str, tuple[list, list]],
+    spec: PreprocessSpec,
+    params: TrainParams,
+    device: torch.device,
+    epochs: EpochLog,
+) -> int:
+    """Features once (plus augmented views), a linear head on them, then optional fine-tuning.
+
+    Returns the best epoch."""
+    train_paths, train_labels = splits["train"]
+    val_set = EvalImages(*splits["val"], spec)
+    parts = [EvalImages(train_paths, train_labels, spec)]
+    parts += [
+        AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
+        for _ in range(params.augment_views)
+    ]
+    t0 = time.monotonic()
+    train_feats = [
+        extract_features(model, p, params.batch_size, device, f"features train view {i}")
+        for i, p in enumerate(parts)
+    ]
+    val_feats = extract_features(model, val_set, params.batch_size, device, "features val")
+    log.info(
+        "features of %d images in %.0f s",
+        sum(len(f[0]) for f in train_feats) + len(val_feats[0]),
+        time.monotonic() - t0,
+    )
+    xs = torch.cat([f[0] for f in train_feats])
+    ys = torch.cat([f[1] for f in train_feats])
+    best_epoch = fit_head(model.head, (xs, ys), val_feats, params, device, epochs)
+    if params.fine_tune_blocks <= 0 or params.fine_tune_epochs <= 0:
+        return best_epoch
+    if params.model != "efficientnet_lite0":
+        raise SystemExit("train.fine_tune_blocks applies to efficientnet_lite0 only")
+    trainable, frozen_modules = fine_tune_parts(model, params.fine_tune_blocks)
+    aug = AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
+    return fit_end_to_end(
+        model,
+        trainable,
+        frozen_modules,
+        aug,
+        val_set,
+        params,
+        params.fine_tune_epochs,
+        params.fine_tune_lr,
+        device,
+        epochs,
+        first_epoch=len(epochs.history) + 1,
+    )
+
+
+def fit_from_scratch(
+    model: ImageClassifier,
+    splits: dict[str, tuple[list, list]],
+    spec: PreprocessSpec,
+    params: TrainParams,
+    device: torch.device,
+    epochs: EpochLog,
+) -> int:
+    """Every weight trained on augmented photos; returns the best epoch."""
+    val_set = EvalImages(*splits["val"], spec)
+    aug = AugmentedImages(*splits["train"], spec, params.crop_scale_min)
+    return fit_end_to_end(
+        model,
+        list(model.parameters()),
+        [],
+        aug,
+        val_set,
+        params,
+        params.epochs,
+        params.lr,
+        device,
+        epochs,
+    )
+
+
+def write_reports(
+    report_dir: Path,
+    params: TrainParams,
+    history: list[dict[str, float]],
+    val_metrics: dict[str, Any],
+    figures: tuple[torch.Tensor, torch.Tensor, list[str]],
+) -> None:
+    """metrics.json, history.csv, the curves and the validation confusion matrix."""
+    logits, labels, class_names = figures
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "metrics.json").write_text(
+        json.dumps({"model": params.model, "val": val_metrics}, indent=2) + "\n"
+    )
+    write_history(history, report_dir)
+    best = val_metrics["best_epoch"]
+    plot_curves(history, report_dir / "curves.png", f"{params.model} (best epoch {best})")
+    plot_confusion(logits, labels, class_names, report_dir / "confusion_matrix.png")
+
+
+def log_outputs(
+    tracker: Tracker,
+    val_metrics: dict[str, Any],
+    report_dir: Path,
+    model_path: Path,
+    data_report: Path | None,
+) -> None:
+    # the kept (best) epoch's figures; per-epoch curves are train_*/val_* with step=epoch
+    tracker.call("log_metrics", {f"best_val_{k}": float(v) for k, v in val_metrics.items()})
+    for name in ("metrics.json", "history.csv", "curves.png", "confusion_matrix.png"):
+        tracker.call("log_artifact", str(report_dir / name), artifact_path="train")
+    if data_report is not None and data_report.exists():
+        tracker.call("log_artifact", str(data_report), artifact_path="data")
+    tracker.call("log_artifact", str(model_path), artifact_path="checkpoint")
+    tracker.end()
+
+
 def train(
     params: TrainParams,
     manifest_path: Path,
@@ -358,8 +523,7 @@ def train(
     if params.threads:
         torch.set_num_threads(params.threads)
     device = pick_device(params.device)
-    manifest = read_manifest(manifest_path)
-    class_names, splits = load_splits(manifest)
+    class_names, splits = load_splits(read_manifest(manifest_path))
     for split in ("train", "val"):
         if not splits[split][0]:
             raise SystemExit(f"train: the {split} split is empty; add photos or change fractions")
@@ -373,111 +537,22 @@ def train(
     model.to(device=device, memory_format=torch.channels_last)
     data_version = file_sha256(manifest_path)
     commit = git_commit()
-
-    tracker = Tracker()
     tags = {"git_commit": commit, "data_version": data_version, "model_name": params.model}
-    run_id = tracker.start(run_name=params.model, tags=tags)
-    flat = {
-        f"{s}.{k}": v
-        for s, sec in all_params.items()
-        if isinstance(sec, dict)
-        for k, v in sec.items()
-    }
-    tracker.call("log_params", {k: str(v) for k, v in flat.items()})
-    tracker.call("log_params", {"device": str(device), "n_train": len(splits["train"][0])})
+    tracker, run_id = start_tracking(params, all_params, tags, device, len(splits["train"][0]))
 
-    history: list[dict[str, float]] = []
-
-    def on_epoch(epoch: int, train_loss: float, train_acc: float, val: dict[str, float]) -> None:
-        row = {
-            "epoch": epoch,
-            "train_loss": round(train_loss, 6),
-            "train_accuracy": round(train_acc, 6),
-            "val_loss": round(val["loss"], 6),
-            "val_accuracy": round(val["accuracy"], 6),
-        }
-        history.append(row)
-        log.info(
-            "epoch %d  train loss %.4f acc %.4f  val loss %.4f acc %.4f",
-            epoch,
-            train_loss,
-            train_acc,
-            val["loss"],
-            val["accuracy"],
-        )
-        tracker.call("log_metrics", {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-
-    train_paths, train_labels = splits["train"]
-    val_set = EvalImages(*splits["val"], spec)
+    epochs = EpochLog(tracker)
     frozen = params.model == "logreg" or pretrained  # nothing to learn in the backbone
-    if frozen:
-        parts = [EvalImages(train_paths, train_labels, spec)]
-        parts += [
-            AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
-            for _ in range(params.augment_views)
-        ]
-        t0 = time.monotonic()
-        train_feats = [
-            extract_features(model, p, params.batch_size, device, f"features train view {i}")
-            for i, p in enumerate(parts)
-        ]
-        val_feats = extract_features(model, val_set, params.batch_size, device, "features val")
-        feature_s = time.monotonic() - t0
-        log.info(
-            "features of %d images in %.0f s",
-            sum(len(f[0]) for f in train_feats) + len(val_feats[0]),
-            feature_s,
-        )
-        xs = torch.cat([f[0] for f in train_feats])
-        ys = torch.cat([f[1] for f in train_feats])
-        best_epoch = fit_head(model.head, (xs, ys), val_feats, params, device, on_epoch)
-        if params.fine_tune_blocks > 0 and params.fine_tune_epochs > 0:
-            if params.model != "efficientnet_lite0":
-                raise SystemExit("train.fine_tune_blocks applies to efficientnet_lite0 only")
-            trainable, frozen_modules = fine_tune_parts(model, params.fine_tune_blocks)
-            aug = AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
-            best_epoch = fit_end_to_end(
-                model,
-                trainable,
-                frozen_modules,
-                aug,
-                val_set,
-                params,
-                params.fine_tune_epochs,
-                params.fine_tune_lr,
-                device,
-                on_epoch,
-                first_epoch=len(history) + 1,
-            )
-    else:
-        aug = AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
-        best_epoch = fit_end_to_end(
-            model,
-            list(model.parameters()),
-            [],
-            aug,
-            val_set,
-            params,
-            params.epochs,
-            params.lr,
-            device,
-            on_epoch,
-        )
+    fit = fit_frozen_backbone if frozen else fit_from_scratch
+    best_epoch = fit(model, splits, spec, params, device, epochs)
 
+    val_set = EvalImages(*splits["val"], spec)
     val_loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=0)
     logits, labels = predict(model, val_loader, device)
-    val_metrics = scored(logits, labels)
+    val_metrics: dict[str, Any] = scored(logits, labels)
     val_metrics["best_epoch"] = best_epoch
     val_metrics["train_seconds"] = round(time.monotonic() - started, 1)
     log.info("best epoch %d: val %s", best_epoch, json.dumps(val_metrics))
-
-    report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / "metrics.json").write_text(
-        json.dumps({"model": params.model, "val": val_metrics}, indent=2) + "\n"
-    )
-    write_history(history, report_dir)
-    plot_curves(history, report_dir / "curves.png", f"{params.model} (best epoch {best_epoch})")
-    plot_confusion(logits, labels, class_names, report_dir / "confusion_matrix.png")
+    write_reports(report_dir, params, epochs.history, val_metrics, (logits, labels, class_names))
 
     meta = {
         "model_name": params.model,
@@ -493,15 +568,7 @@ def train(
     }
     model.to(device="cpu", memory_format=torch.contiguous_format)
     save_checkpoint(model_path, model, meta)
-
-    # the kept (best) epoch's figures; per-epoch curves are train_*/val_* with step=epoch
-    tracker.call("log_metrics", {f"best_val_{k}": float(v) for k, v in val_metrics.items()})
-    for name in ("metrics.json", "history.csv", "curves.png", "confusion_matrix.png"):
-        tracker.call("log_artifact", str(report_dir / name), artifact_path="train")
-    if data_report is not None and data_report.exists():
-        tracker.call("log_artifact", str(data_report), artifact_path="data")
-    tracker.call("log_artifact", str(model_path), artifact_path="checkpoint")
-    tracker.end()
+    log_outputs(tracker, val_metrics, report_dir, model_path, data_report)
     return meta
 
 

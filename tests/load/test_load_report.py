@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.report import write_report
+from loadtest.bench_report import write_report
 
 pytestmark = pytest.mark.load
 

@@ -10,25 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 from PIL import Image
 
 from catsdogs.contract import ModelContract
 from catsdogs.preprocessing import PreprocessSpec
+from loadtest.serverproc import ServerProcess, spawn_server
+from loadtest.serverproc import free_port as free_port  # re-exported for the suites
+from loadtest.tiny_model import write_tiny_model
 from server.app import create_app
 from server.settings import Settings
 
@@ -55,32 +50,8 @@ def tiny_contract() -> ModelContract:
 
 
 def build_tiny_model(path: Path, contract: ModelContract | None = None) -> Path:
-    """uint8 (N, H, W, 3) -> mean colour -> logits (cat: red - blue, dog: blue - red)."""
-    contract = contract or tiny_contract()
-    size = contract.input_size
-    weights = np.array([[0.005, -0.005], [0.0, 0.0], [-0.005, 0.005]], dtype=np.float32)  # (3, C)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
-            helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[1, 2], keepdims=0),
-            helper.make_node("MatMul", ["mean", "weights"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
-        "tiny_color",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", size, size, 3])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2]),
-        ],
-        initializer=[helper.make_tensor("weights", TensorProto.FLOAT, [3, 2], weights.ravel())],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    for key, value in contract.to_metadata().items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    """The shared tiny model (loadtest.tiny_model) with this suite's contract: red -> cat."""
+    return write_tiny_model(path, contract=contract or tiny_contract())
 
 
 @pytest.fixture(scope="session")
@@ -152,82 +123,22 @@ def make_app(settings: Settings):
 
 
 # ---------------------------------------------------------------------- real processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
-        self.proc = proc
-        self.url = url
-        self.log = log
-
-    def wait_ready(self, timeout: float = 30.0) -> float:
-        start = time.perf_counter()
-        while time.perf_counter() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server not ready within {timeout} s: {self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-
-
-def _memory_ceiling(limit: int):
-    """preexec_fn: cap the child's address space, so a runaway allocation fails in the server
-    (MemoryError, or the kernel's refusal) instead of taking the machine down."""
-
-    def apply() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    return apply
-
-
 def start_server(
     env_extra: dict[str, str],
     log: Path,
     args: list[str] | None = None,
     *,
     memory_limit: int | None = None,
-):
-    """``python -m server`` on a free port; ``memory_limit`` caps its address space (bytes)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_LEVEL": "info",
-        **env_extra,
-    }
-    out = log.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", *(args or [])],
-        cwd=ROOT,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        preexec_fn=_memory_ceiling(memory_limit) if memory_limit else None,
+) -> ServerProcess:
+    """``python -m server`` of this environment on a free port, not yet ready; ``memory_limit``
+    caps its address space (bytes)."""
+    return spawn_server(
+        log,
+        args or [],
+        env={"LOG_LEVEL": "info", **env_extra},
+        python=Path(sys.executable),
+        memory_limit=memory_limit,
     )
-    return ServerProcess(proc, f"http://127.0.0.1:{port}", log)
 
 
 @pytest.fixture

@@ -265,21 +265,6 @@ def send_raw(url: str, request: bytes, timeout: float = 30.0) -> Reply | None:
     return reply
 
 
-def multipart(field: str, files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
-    """A multipart/form-data body with one ``field`` part per (filename, data)."""
-    boundary = "hostile-" + os.urandom(8).hex()
-    parts = []
-    for filename, data in files:
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
-            + data
-            + b"\r\n"
-        )
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 def post_request(path: str, body: bytes, content_type: str) -> bytes:
     """A complete POST request as bytes (for sockets that send it slowly or in parallel)."""
     head = (

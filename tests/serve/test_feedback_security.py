@@ -19,7 +19,7 @@ import pytest
 from conftest import BLUE, RED, TINY_VERSION, image_bytes, prom, serve
 
 from server.ids import is_valid_id
-from server.monitoring import Monitor, PredictionEvent
+from server.monitor import Monitor, PredictionEvent
 
 pytestmark = pytest.mark.serve
 

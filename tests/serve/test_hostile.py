@@ -39,7 +39,6 @@ from hostile import (
     is_v2_error,
     liveness_probe,
     load_crasher,
-    multipart,
     open_fds,
     post_request,
     proc_status,
@@ -51,6 +50,7 @@ from hostile import (
 )
 from PIL import Image
 
+from catsdogs.multipart import multipart_body
 from catsdogs.preprocessing import PreprocessSpec
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -291,7 +291,7 @@ def test_thin_png_one_and_a_batch_of_two(target: Target) -> None:
     png = load_crasher("http-png-20000x8.png")
     with attack(target):
         single = post(target, "/predict", png, "image/png")
-        body, ctype = multipart("files", [("a.png", png), ("b.png", png)])
+        body, ctype = multipart_body("files", [("a.png", png), ("b.png", png)])
         batch = post(target, "/predict/batch", body, ctype)
     _label_or_aspect(single)
     assert batch.status_code in (200, 422), batch.text[:300]
@@ -329,7 +329,7 @@ def _noise_png(side: int = 1800) -> bytes:
 
 def test_six_concurrent_60mb_batches(target: Target) -> None:
     png = _noise_png()
-    body, ctype = multipart("files", [(f"{i}.png", png) for i in range(6)])
+    body, ctype = multipart_body("files", [(f"{i}.png", png) for i in range(6)])
     assert 55 * MIB < len(body) < 64 * MIB
     request = post_request("/predict/batch", body, ctype)
     replies: list[object] = [None] * 6
@@ -456,7 +456,7 @@ UNSUPPORTED = [
 
 @pytest.mark.parametrize("name", UNSUPPORTED)
 def test_undocumented_format_alone_is_415(target: Target, name: str) -> None:
-    body, ctype = multipart("file", [(name, load_crasher(name))])
+    body, ctype = multipart_body("file", [(name, load_crasher(name))])
     with attack(target):
         response = post(target, "/predict", body, ctype)
     assert_rest_error(response, {415}, "unsupported_format")
@@ -464,7 +464,7 @@ def test_undocumented_format_alone_is_415(target: Target, name: str) -> None:
 
 @pytest.mark.parametrize("name", UNSUPPORTED)
 def test_undocumented_format_in_a_batch_fails_only_its_slot(target: Target, name: str) -> None:
-    body, ctype = multipart("files", [("good.jpg", jpeg()), (name, load_crasher(name))])
+    body, ctype = multipart_body("files", [("good.jpg", jpeg()), (name, load_crasher(name))])
     with attack(target):
         response = post(target, "/predict/batch", body, ctype)
     assert response.status_code == 200, response.text[:300]
@@ -511,7 +511,7 @@ def _timed_valid_requests(target: Target) -> list[tuple[str, int, float]]:
             start = time.perf_counter()
             r = client.post("/predict", content=jpeg(), headers={"content-type": "image/jpeg"})
             results.append(("/predict", r.status_code, time.perf_counter() - start))
-        body, ctype = multipart("files", [("a.jpg", jpeg()), ("b.jpg", jpeg())])
+        body, ctype = multipart_body("files", [("a.jpg", jpeg()), ("b.jpg", jpeg())])
         for _ in range(2):
             start = time.perf_counter()
             r = client.post("/predict/batch", content=body, headers={"content-type": ctype})

@@ -17,6 +17,9 @@ from catsdogs import drift
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
+# the drift report draws with matplotlib, which only the load environment has (make venv-load)
+LOAD_PYTHON = ROOT / ".venv-load" / "bin" / "python"
+
 
 def labelled_folder(root: Path, *, swap: bool = False, n: int = 6) -> Path:
     """cat/ holds red pictures and dog/ blue ones (the tiny model's rule); swapped if asked."""
@@ -149,9 +152,9 @@ def test_report_from_the_prediction_log(server_process, tmp_path: Path):
     out = tmp_path / "report"
     report = subprocess.run(
         [
-            sys.executable,
+            str(LOAD_PYTHON),
             "-m",
-            "monitoring.report",
+            "monitoring.drift_report",
             "--db",
             str(tmp_path / "predictions.db"),
             "--reference",
@@ -183,17 +186,28 @@ def test_report_from_the_prediction_log(server_process, tmp_path: Path):
         assert ET.parse(out / chart).getroot().tag.endswith("svg")  # well-formed SVG
 
 
+def drift_report(*args: str) -> subprocess.CompletedProcess:
+    """The report CLI in the load environment, where matplotlib draws its charts."""
+    return subprocess.run(
+        [str(LOAD_PYTHON), "-m", "monitoring.drift_report", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_report_reads_the_log_before_and_after_its_schema_migration(tmp_path: Path):
     from test_store import write_v0_log
 
-    from monitoring import report
     from server.store import SqliteStore
 
     db = tmp_path / "old.db"
     write_v0_log(db, 6)  # feedback: old-0 cat (predicted cat), old-1 cat (predicted dog)
 
     def performance(out: Path) -> dict:
-        assert report.main(["--db", str(db), "--out", str(out)]) == 0
+        done = drift_report("--db", str(db), "--out", str(out))
+        assert done.returncode == 0, done.stderr
         return json.loads((out / "report.json").read_text())["versions"]["v0"]["performance"]
 
     before = performance(tmp_path / "before")

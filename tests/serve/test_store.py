@@ -6,13 +6,15 @@ is tested on both in test_store_contract.py.
 
 import sqlite3
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from store_helpers import Counts
+from store_helpers import event as _event
+from store_helpers import wait_for as _wait
 
 from server import store
-from server.monitoring import LiveFigures, PredictionEvent
+from server.live_figures import LiveFigures
 from server.store import (
     SqliteStore,
     StoreUnavailableError,
@@ -21,59 +23,6 @@ from server.store import (
 pytestmark = pytest.mark.serve
 
 DAY = 86_400.0
-
-
-def _event(
-    i: int,
-    label: str = "cat",
-    confidence: float = 0.9,
-    version: str = "v1",
-    *,
-    request_id: str | None = None,
-    ts: float | None = None,
-    **changes,
-) -> PredictionEvent:
-    other = 1.0 - confidence
-    probs = (
-        {"cat": confidence, "dog": other} if label == "cat" else {"cat": other, "dog": confidence}
-    )
-    event = PredictionEvent(
-        prediction_id=f"req-{i}",
-        request_id=request_id or f"req-{i}",
-        timestamp=time.time() if ts is None else ts,
-        model_version=version,
-        label=label,
-        confidence=confidence,
-        probabilities=probs,
-        input_sha256="0" * 64,
-        width=320,
-        height=240,
-        brightness=120.0,
-        latency_ms=3.5,
-        route="/predict",
-    )
-    return replace(event, **changes)
-
-
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-class Counts:
-    def __init__(self) -> None:
-        self.failures = 0
-        self.drops = 0
-
-    def fail(self, n: int) -> None:
-        self.failures += n
-
-    def drop(self, n: int) -> None:
-        self.drops += n
 
 
 def _store(path: Path, **changes) -> SqliteStore:

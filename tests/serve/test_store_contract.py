@@ -14,7 +14,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,16 @@ import pytest
 from conftest import prom
 from prometheus_client import CollectorRegistry, generate_latest
 from store_backends import BACKENDS, Backend, make_backend
+from store_helpers import Counts
+from store_helpers import event as _event
+from store_helpers import wait_for as _wait
 
 from catsdogs import drift
 from catsdogs.contract import ModelContract
 from catsdogs.preprocessing import PreprocessSpec
 from server import store
-from server.monitoring import LiveFigures, Monitor, PredictionEvent
+from server.live_figures import LiveFigures
+from server.monitor import Monitor, PredictionEvent
 from server.store import (
     AmbiguousRequestIdError,
     StoreTimeoutError,
@@ -44,59 +47,6 @@ DAY = 86_400.0
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return make_backend(request.param, tmp_path, lambda: request.getfixturevalue("postgres"))
-
-
-def _event(
-    i: int,
-    label: str = "cat",
-    confidence: float = 0.9,
-    version: str = "v1",
-    *,
-    request_id: str | None = None,
-    ts: float | None = None,
-    **changes,
-) -> PredictionEvent:
-    other = 1.0 - confidence
-    probs = (
-        {"cat": confidence, "dog": other} if label == "cat" else {"cat": other, "dog": confidence}
-    )
-    event = PredictionEvent(
-        prediction_id=f"req-{i}",
-        request_id=request_id or f"req-{i}",
-        timestamp=time.time() if ts is None else ts,
-        model_version=version,
-        label=label,
-        confidence=confidence,
-        probabilities=probs,
-        input_sha256="0" * 64,
-        width=320,
-        height=240,
-        brightness=120.0,
-        latency_ms=3.5,
-        route="/predict",
-    )
-    return replace(event, **changes)
-
-
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-class Counts:
-    def __init__(self) -> None:
-        self.failures = 0
-        self.drops = 0
-
-    def fail(self, n: int) -> None:
-        self.failures += n
-
-    def drop(self, n: int) -> None:
-        self.drops += n
 
 
 class Gate:

@@ -21,11 +21,12 @@ import pytest
 from conftest import ROOT, TINY_VERSION, image_bytes, prom, serve
 from pg_server import PostgresServer
 from prometheus_client import CollectorRegistry, generate_latest
+from store_helpers import Counts, event, wait_for
 
 from catsdogs.contract import ModelContract
 from catsdogs.preprocessing import PreprocessSpec
 from server.app import create_app
-from server.monitoring import Monitor, PredictionEvent
+from server.monitor import Monitor, PredictionEvent
 from server.settings import Settings, SettingsError
 from server.store import redact_url
 from server.store_postgres import PostgresStore
@@ -34,43 +35,11 @@ pytestmark = pytest.mark.serve
 
 
 def _event(i: int, label: str = "cat", confidence: float = 0.9) -> PredictionEvent:
-    other = 1.0 - confidence
-    return PredictionEvent(
-        prediction_id=f"req-{i}",
-        request_id=f"req-{i}",
-        timestamp=time.time(),
-        model_version="v1",
-        label=label,
-        confidence=confidence,
-        probabilities={label: confidence, "dog" if label == "cat" else "cat": other},
-        input_sha256="0" * 64,
-        width=320,
-        height=240 + i % 7,
-        brightness=120.0,
-        latency_ms=3.5,
-        route="/predict",
-    )
+    return event(i, label, confidence, height=240 + i % 7)
 
 
 def _wait(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-class Counts:
-    def __init__(self) -> None:
-        self.failures = 0
-        self.drops = 0
-
-    def fail(self, n: int) -> None:
-        self.failures += n
-
-    def drop(self, n: int) -> None:
-        self.drops += n
+    return wait_for(predicate, timeout, interval=0.02)
 
 
 def _store(url: str, **changes) -> PostgresStore:
@@ -397,7 +366,7 @@ def test_a_server_on_sqlite_never_imports_psycopg(tmp_path):
     code = (
         "import asyncio, sys\n"
         "from prometheus_client import CollectorRegistry\n"
-        "import server.app, server.__main__, server.monitoring as m\n"
+        "import server.app, server.__main__, server.monitor as m\n"
         "from server.settings import Settings\n"
         "from conftest import tiny_contract\n"
         f"s = Settings(prediction_log_path={str(tmp_path / 'p.db')!r})\n"

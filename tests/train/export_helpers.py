@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import export.onnx_export as ox
+import export.onnx_tools as ox
 from catsdogs.contract import ModelContract
 from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes_info
 from training.models import ImageClassifier, build_model, save_checkpoint

@@ -19,10 +19,10 @@ import pytest
 
 from catsdogs.metrics import classification_metrics
 from catsdogs.modelfile import ModelFileError
-from export import onnx_export as ox
+from export import onnx_tools as ox
 from export.evaluate import evaluate_file, main, write_plots
-from export.evaluation import evaluate_session, load_batch
 from export.params import EvaluateParams
+from export.scoring import evaluate_session, load_batch
 from tests.train.export_helpers import (
     CLASS_NAMES,
     SPEC,
@@ -130,7 +130,7 @@ def test_bad_model_file_is_named(colored: tuple[Path, Path], tmp_path: Path) -> 
 
 
 def test_plots_for_three_classes_still_write_confusion(tmp_path: Path) -> None:
-    from export.evaluation import Batch, Evaluation
+    from export.scoring import Batch, Evaluation
 
     probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
     y = np.array([0, 1, 2, 2])

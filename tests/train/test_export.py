@@ -18,10 +18,10 @@ from torch import nn
 from catsdogs.contract import ModelContract
 from catsdogs.modelfile import ModelFileError, load_model_file
 from catsdogs.preprocessing import preprocess_bytes
-from export import onnx_export as ox
-from export.evaluation import load_batch
+from export import onnx_tools as ox
 from export.export import export_verified
 from export.export import main as export_main
+from export.scoring import load_batch
 from tests.train.export_helpers import (
     CLASS_NAMES,
     SPEC,

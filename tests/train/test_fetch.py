@@ -287,8 +287,10 @@ def dvc_copy(repo: Path) -> dict[str, str]:
     root = Path(__file__).resolve().parents[2]
     for rel in ("dvc.yaml", "params.yaml", "Makefile", ".dvc/config", ".dvcignore"):
         _write(repo / rel, (root / rel).read_bytes())
-    for rel in ("__init__.py", "fetch.py", "params.py"):
-        _write(repo / "training" / rel, (root / "training" / rel).read_bytes())
+    for rel in ("training/__init__.py", "training/fetch.py", "training/params.py"):
+        _write(repo / rel, (root / rel).read_bytes())
+    for rel in ("catsdogs/__init__.py", "catsdogs/hashing.py"):  # what fetch imports
+        _write(repo / rel, (root / rel).read_bytes())
     (repo / ".gitignore").write_text("/data/\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "PYTHONPATH"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1")

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-import export.onnx_export as ox
+import export.onnx_tools as ox
 from catsdogs.hashing import file_sha256
 from catsdogs.modelfile import load_model_file
 from catsdogs.preprocessing import preprocess_bytes

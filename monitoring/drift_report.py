@@ -1,13 +1,13 @@
 """Drift and performance report from the prediction log, per model version.
 
-    python -m monitoring.report --db var/predictions.db --model models/model.onnx \
+    python -m monitoring.drift_report --db var/predictions.db --model models/model.onnx \
         --out reports/monitoring
 
 Writes ``report.md`` (Markdown with SVG charts beside it) and ``report.json`` (the same figures).
 For each model version: volume, live accuracy on the feedback received, confusion and per-class
 precision/recall, label and confidence distributions, latency percentiles, and drift (PSI and KS)
 of the latest window and over time against the reference statistics carried by the model.
-Runs in the serving environment (numpy; onnxruntime only to read the model's metadata).
+Runs in the load environment (numpy and matplotlib; onnx only to read the model's metadata).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from catsdogs import drift
-from monitoring import svg
+from monitoring import charts
 
-log = logging.getLogger("monitoring.report")
+log = logging.getLogger("monitoring.drift_report")
 
 TIME_BUCKETS = 12  # points on the over-time charts
 MIN_BUCKET_ROWS = 30  # a time bucket with fewer predictions is not scored for drift
@@ -44,10 +44,10 @@ def load_reference(model: str | None, reference: str | None) -> dict[str, Any] |
     if not path.is_file():
         log.warning("model %s not found; drift is not scored", path)
         return None
-    import onnxruntime as ort  # only here: the report also runs without a model
+    import onnx  # only here: the report also runs without a model
 
-    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
-    raw = meta.custom_metadata_map.get("reference_stats")
+    props = onnx.load(str(path), load_external_data=False).metadata_props
+    raw = {p.key: p.value for p in props}.get("reference_stats")
     if not raw:
         log.warning("model %s carries no reference_stats; drift is not scored", path)
         return None
@@ -184,19 +184,18 @@ def write_charts(out: Path, version: str, fig: dict[str, Any], ref: dict | None)
         ref_total = max(1, sum(ref["confidence"]["counts"]))
         series["reference (validation)"] = [c / ref_total for c in ref["confidence"]["counts"]]
     name = f"{slug}-confidence.svg"
-    (out / name).write_text(svg.bar_chart(f"Confidence, {version}", cats, series, "share"))
+    charts.bar_chart(out / name, f"Confidence, {version}", cats, series, "share")
     names.append(name)
 
     over = fig["over_time"]
     x = [b["start"][5:16].replace("T", " ") for b in over]
     name = f"{slug}-accuracy.svg"
-    (out / name).write_text(
-        svg.line_chart(
-            f"Live accuracy on feedback, {version}",
-            x,
-            {"accuracy": [b["accuracy"] for b in over]},
-            "accuracy",
-        )
+    charts.line_chart(
+        out / name,
+        f"Live accuracy on feedback, {version}",
+        x,
+        {"accuracy": [b["accuracy"] for b in over]},
+        "accuracy",
     )
     names.append(name)
     if fig.get("drift"):
@@ -204,9 +203,7 @@ def write_charts(out: Path, version: str, fig: dict[str, Any], ref: dict | None)
         features = sorted({k for b in buckets for k in b["psi"]})
         series_psi = {f: [b["psi"].get(f) for b in buckets] for f in features}
         name = f"{slug}-drift.svg"
-        (out / name).write_text(
-            svg.line_chart(f"Drift (PSI) over time, {version}", x, series_psi, "PSI")
-        )
+        charts.line_chart(out / name, f"Drift (PSI) over time, {version}", x, series_psi, "PSI")
         names.append(name)
     return names
 

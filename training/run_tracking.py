@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger("training.tracking")
+log = logging.getLogger("training.run_tracking")
 
 EXPERIMENT = "catsdogs"
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from catsdogs.manifest import ManifestRow
 from catsdogs.metrics import classification_metrics
 from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes_info
-from export.onnx_export import onnx_outputs
+from export.onnx_tools import onnx_outputs
 
 
 def progress(
