@@ -129,7 +129,8 @@ lint: venv-train ## ruff
 	$(TRAIN_VENV)/bin/ruff check .
 	$(TRAIN_VENV)/bin/ruff format --check .
 
-test-serve: venv-serve-tools ## serving suite, on .venv-serve (import torch fails there)
+# the drift report's tests run the report in .venv-load (matplotlib), as `make monitoring-report` does
+test-serve: venv-serve-tools venv-load ## serving suite, on .venv-serve (import torch fails there)
 	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) -m pytest tests/serve -q
 
 # The fuzz tests run in `make test` with a few examples each; this runs them long.

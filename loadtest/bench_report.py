@@ -47,11 +47,44 @@ def inprocess_rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+STAGE_NAMES = {
+    "head": "accept and parse the request head",
+    "body": "read the body",
+    "queue": "wait in the batch queue",
+    "decode": "decode the image",
+    "preprocess": "orient, convert, resize, crop",
+    "inference": "onnxruntime run (per batch)",
+    "respond": "build and send the answer",
+    "log": "metrics and access log (after the answer)",
+}
+
+
+def stage_section(result: dict[str, Any]) -> list[str]:
+    """Where a request's time goes at concurrency 1: the server's own per-stage means."""
+    levels = {lv["concurrency"]: lv for lv in result.get("http", {}).get("fp32 batching", [])}
+    level = levels.get(1)
+    if not level or not level.get("stages_ms"):
+        return []
+    stages = level["stages_ms"]
+    rows = [[name, STAGE_NAMES.get(name, ""), _f(ms, 3)] for name, ms in stages.items()]
+    inside = sum(v for k, v in stages.items() if k != "log" and not math.isnan(v))
+    out = ["## Where the time goes at concurrency 1 (server's own stage timings)", ""]
+    out += _table(["stage", "what", "mean ms per request"], rows)
+    out.append("")
+    out.append(
+        f"Stages before the answer add up to {_f(inside, 2)} ms; the client saw "
+        f"{_f(level['latency_ms']['p50'], 2)} ms at the median (the rest is the loopback, the "
+        "client and the event loop between stages)."
+    )
+    out.append("")
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
     model = result.get("model", {})
     s = result.get("settings", {})
-    out = ["# Latency per image: HTTP server vs in-process", ""]
+    out = ["# Latency per image: HTTP server vs the bare floor", ""]
     out.append(f"Generated {result.get('generated_at', '?')} by `make bench`.")
     out.append("")
     out.append(
@@ -98,6 +131,8 @@ def markdown(result: dict[str, Any]) -> str:
         )  # fmt: skip
         out.append("")
 
+    out += stage_section(result)
+
     rows = []
     for label, run in inprocess_rows(result):
         pi = run["per_image"]
@@ -110,7 +145,7 @@ def markdown(result: dict[str, Any]) -> str:
              ", ".join(f"b{k}: {_f(v)}" for k, v in sorted(by_size.items())) or "-", _f(best)]
         )  # fmt: skip
     if rows:
-        out += ["## In-process (decode + preprocess + model, no HTTP)", ""]
+        out += ["## Bare floor (decode + preprocess + model in one process, no HTTP)", ""]
         out += _table(
             ["runtime", "p50 ms", "p90 ms", "p99 ms", "of which preprocess p50 ms",
              "img/s at batch 1", "img/s batched", "best img/s"],
