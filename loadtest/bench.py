@@ -414,6 +414,11 @@ def measured(
             model,
             {**base_env, "MAX_BATCH_SIZE": "1", "PREDICTION_LOG_PATH": str(scratch / "b.db")},
         ),
+        # lone images on a session whose idle threads spin (faster on dedicated cores only)
+        "fp32 adaptive spin": (
+            model,
+            {**base_env, "INTRA_OP_SPINNING": "2", "PREDICTION_LOG_PATH": str(scratch / "d.db")},
+        ),
     }
     if int8:
         variants["int8 batching"] = (
@@ -430,14 +435,13 @@ def measured(
 def planned_steps(args: argparse.Namespace, int8: bool) -> int:
     """Measurements main() will make, for the progress bar: in-process tables, the HTTP levels
     of every server variant, the pairs' four halves, the client ceiling, overload, PyTorch."""
-    variants = 3 if int8 else 2
+    variants = 4 if int8 else 3
     inprocess = 2 + int(int8)
     http = variants * len(args.concurrency) + 4 * args.pairs + 1 + 1
     return inprocess + http + int(not args.no_torch)
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "model.onnx")
     parser.add_argument("--int8-model", type=Path, default=ROOT / "models/int8/model.int8.onnx")
@@ -455,10 +459,16 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="in-process/HTTP pairs for the ratios")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if not args.model.is_file():
         parser.error(f"--model {args.model}: no such file (run `make pipeline` first)")
+    return args
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args()
     model = args.model.resolve()
     int8 = args.int8_model.resolve() if args.int8_model.is_file() and not args.no_int8 else None
     threads = args.threads or len(os.sched_getaffinity(0))

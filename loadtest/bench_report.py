@@ -80,7 +80,8 @@ def stage_section(result: dict[str, Any]) -> list[str]:
     return out
 
 
-def markdown(result: dict[str, Any]) -> str:
+def _header(result: dict[str, Any]) -> list[str]:
+    """Title, machine, model and settings."""
     m = result.get("machine", {})
     model = result.get("model", {})
     s = result.get("settings", {})
@@ -104,6 +105,12 @@ def markdown(result: dict[str, Any]) -> str:
     out.append(f"- Settings: {json.dumps(s, sort_keys=True)}")
     out.append("")
 
+    return out
+
+
+def _targets(result: dict[str, Any]) -> list[str]:
+    """The serving targets and whether they are met."""
+    out: list[str] = []
     ratios = result.get("ratios", {})
     if ratios:
         out += ["## Targets", ""]
@@ -115,6 +122,12 @@ def markdown(result: dict[str, Any]) -> str:
         out += _table(["measure", "value", "target", "met"], rows)
         out.append("")
 
+    return out
+
+
+def _pairs(result: dict[str, Any]) -> list[str]:
+    """The back-to-back pairs the target ratios come from."""
+    out: list[str] = []
     pairs = result.get("pairs", [])
     if pairs:
         out += ["## Paired measurements (the target ratios are their medians)", ""]
@@ -131,8 +144,12 @@ def markdown(result: dict[str, Any]) -> str:
         )  # fmt: skip
         out.append("")
 
-    out += stage_section(result)
+    return out
 
+
+def _floor(result: dict[str, Any]) -> list[str]:
+    """The bare floor: decode, preprocess and model in one process."""
+    out: list[str] = []
     rows = []
     for label, run in inprocess_rows(result):
         pi = run["per_image"]
@@ -153,6 +170,12 @@ def markdown(result: dict[str, Any]) -> str:
         )  # fmt: skip
         out.append("")
 
+    return out
+
+
+def _http(result: dict[str, Any]) -> list[str]:
+    """Every server variant at every concurrency level."""
+    out: list[str] = []
     out += ["## HTTP server (closed loop, one image per request, multipart)", ""]
     rows = []
     for variant, levels in result.get("http", {}).items():
@@ -171,6 +194,12 @@ def markdown(result: dict[str, Any]) -> str:
     )  # fmt: skip
     out.append("")
 
+    return out
+
+
+def _servers(result: dict[str, Any]) -> list[str]:
+    """Start-up time, peak memory and exit code of each server process."""
+    out: list[str] = []
     servers = result.get("servers", {})
     if servers:
         out += ["## Server processes", ""]
@@ -183,6 +212,12 @@ def markdown(result: dict[str, Any]) -> str:
         )
         out.append("")
 
+    return out
+
+
+def _overload(result: dict[str, Any]) -> list[str]:
+    """The overload run and the load generator's own ceiling."""
+    out: list[str] = []
     ov = result.get("overload")
     if ov:
         acc, rej = ov["latency_ms"], ov["rejected_latency_ms"]
@@ -215,12 +250,23 @@ def markdown(result: dict[str, Any]) -> str:
             "(same client, same server)."
         )
         out.append("")
+    return out
+
+
+def _tail(result: dict[str, Any]) -> list[str]:
+    """Skipped references and the method."""
+    out: list[str] = []
     torch = result.get("torch_eager") or {}
     if "skipped" in torch:
         out += [f"PyTorch eager reference skipped: {torch['skipped']}.", ""]
     if result.get("method"):
         out += ["## Method", "", result["method"], ""]
-    return "\n".join(out)
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    sections = (_header, _targets, _pairs, stage_section, _floor, _http, _servers, _overload, _tail)
+    return "\n".join(line for section in sections for line in section(result))
 
 
 def plot_concurrency(result: dict[str, Any], path: Path) -> None:
