@@ -29,36 +29,80 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 24
 
 # ---------------------------------------------------------------- environments
-# Each venv is rebuilt only when its requirements file changes (a stamp file records the install).
+# Each venv is rebuilt only when its lock file changes (a stamp file records the install). The
+# requirements-*.txt files are lock files (`make lock`, README "Dependencies"): every package with
+# the hashes of its files, and pip installs nothing else (--require-hashes).
+PIP_INSTALL = -m pip install -q --require-hashes
+# linters, pip-compile and cyclonedx-py (requirements-tools.txt)
+TOOLS_VENV := .venv-tools
+
 venv-train: $(TRAIN_VENV)/.installed ## training env: torch, dvc, mlflow, onnx
 $(TRAIN_VENV)/.installed: requirements-train.txt requirements-dev.txt
 	test -x $(TRAIN_PY) || $(PYTHON) -m venv $(TRAIN_VENV)
-	$(TRAIN_PY) -m pip install -q -r requirements-train.txt -r requirements-dev.txt
+	$(TRAIN_PY) $(PIP_INSTALL) -r requirements-train.txt -r requirements-dev.txt
 	touch $@
 
 venv-serve: $(SERVE_VENV)/.installed ## serving env: onnxruntime + starlette, no torch
 $(SERVE_VENV)/.installed: requirements-serve.txt
 	test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV)
-	$(SERVE_PY) -m pip install -q -r requirements-serve.txt
+	$(SERVE_PY) $(PIP_INSTALL) -r requirements-serve.txt
 	touch $@
 
 # Test-only tools for the serving suite live beside .venv-serve, not in it, so the runtime env
 # stays exactly requirements-serve.txt; the suite runs on .venv-serve's interpreter with these on
-# PYTHONPATH (the .pth makes pip see the runtime packages instead of installing them twice).
+# PYTHONPATH (the .pth makes pip see the runtime packages instead of installing them twice: the
+# serve-test lock is resolved against the serving lock, so a shared package is already there).
 venv-serve-tools: $(SERVE_TOOLS)/.installed
 $(SERVE_TOOLS)/.installed: requirements-serve-test.txt $(SERVE_VENV)/.installed
 	test -x $(SERVE_TOOLS)/bin/python || $(PYTHON) -m venv $(SERVE_TOOLS)
 	echo "$(CURDIR)/$(SERVE_VENV)/lib/python3.11/site-packages" > $(SERVE_TOOLS_SITE)/_serve_runtime.pth
-	$(SERVE_TOOLS)/bin/python -m pip install -q -r requirements-serve-test.txt
+	$(SERVE_TOOLS)/bin/python $(PIP_INSTALL) -r requirements-serve-test.txt
 	touch $@
 
 venv-load: $(LOAD_VENV)/.installed ## load-test env: locust (kept out of serving)
 $(LOAD_VENV)/.installed: requirements-load.txt
 	test -x $(LOAD_PY) || $(PYTHON) -m venv $(LOAD_VENV)
-	$(LOAD_PY) -m pip install -q -r requirements-load.txt
+	$(LOAD_PY) $(PIP_INSTALL) -r requirements-load.txt
 	touch $@
 
 venvs: venv-train venv-serve venv-serve-tools venv-load
+
+# ---------------------------------------------------------------- dependencies
+# requirements/<env>.in name each environment's packages, requirements/pins.in holds every
+# version (one place); `make lock` resolves them with pip-compile into the hashed lock files
+# requirements-<env>.txt. The serve-test and dev locks are resolved against the serve and train
+# locks (their .in files say so), hence the order. pip-compile keeps the versions a lock already
+# has unless asked: LOCK_ARGS=--upgrade (everything the pins allow) or --upgrade-package NAME.
+# It needs the package indexes (PyPI and this machine's local ones, through pip's configuration).
+.PHONY: lock sbom
+LOCK_ARGS ?=
+PIP_COMPILE = $(TOOLS_VENV)/bin/pip-compile --quiet --allow-unsafe --generate-hashes --strip-extras \
+	--no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
+LOCKED_ENVS := serve serve-test train dev load tools
+
+lock: venv-tools ## resolve requirements/*.in into the hashed lock files requirements-*.txt
+	for env in $(LOCKED_ENVS); do \
+		echo "pip-compile requirements/$$env.in -> requirements-$$env.txt"; \
+		$(PIP_COMPILE) --output-file=requirements-$$env.txt requirements/$$env.in; \
+	done
+
+# The serving image's Python environment as a CycloneDX SBOM: a venv made exactly as
+# Dockerfile.serve makes /opt/venv (the serve lock, then pip and setuptools removed), described by
+# cyclonedx-py (the root component, catsdogs, from pyproject.toml, which lists no dependencies:
+# hence the silenced warning about its empty dependency graph). `make image-smoke` checks that the
+# image holds exactly these packages.
+SBOM_FILE := reports/sbom/serve.cdx.json
+SBOM_VENV := .tmp/sbom-serve-venv
+sbom: $(SBOM_FILE) ## CycloneDX SBOM of the serving image's Python packages -> reports/sbom/
+$(SBOM_FILE): requirements-serve.txt pyproject.toml $(TOOLS_VENV)/.installed
+	rm -rf $(SBOM_VENV)
+	$(PYTHON) -m venv $(SBOM_VENV)
+	$(SBOM_VENV)/bin/python $(PIP_INSTALL) -r requirements-serve.txt
+	$(SBOM_VENV)/bin/python -m pip uninstall -q -y pip setuptools
+	mkdir -p $(@D)
+	PYTHONWARNINGS=ignore::UserWarning:cyclonedx.model.bom $(TOOLS_VENV)/bin/cyclonedx-py \
+		environment --pyproject pyproject.toml --output-reproducible --of JSON -o $@ $(SBOM_VENV)
+	rm -rf $(SBOM_VENV)
 
 # ---------------------------------------------------------------- pipeline
 # DATA=/path/to/folder picks a local photo folder; empty means "download the public set".
@@ -149,8 +193,9 @@ test-load: venv-load ## load tooling suite
 # Kubernetes manifests (deploy/k8s), offline: each kustomization rendered with kubectl kustomize,
 # validated against Kubernetes 1.32's schemas and the vendored CRD schemas, checked against the
 # code (settings, flags, ports, probe paths); promtool checks the PrometheusRule's alerts.
+# tests/deploy/test_supply_chain.py checks the locks, pins, workflows, Dockerfiles and the SBOM.
 .PHONY: test-deploy
-test-deploy: venv-serve-tools prometheus ## Kubernetes manifests: render, validate, agree with the code
+test-deploy: venv-serve-tools prometheus sbom ## Kubernetes manifests, supply chain: render, validate, agree
 	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) -m pytest tests/deploy -q
 
 test: lint test-serve test-train test-load test-deploy ## the whole suite (CI runs this)
@@ -229,7 +274,6 @@ test-serve: chromium
 # Dockerfile.serve / Dockerfile.train, built with docker where a daemon answers, else podman over
 # a locally made debian:bookworm-slim (scripts/containers.sh says how). IMAGE_SERVE/IMAGE_TRAIN
 # name the tags; MODEL is the model file baked into the serving image.
-TOOLS_VENV := .venv-tools
 IMAGE_SERVE ?= catsdogs-serve:local
 IMAGE_TRAIN ?= catsdogs-train:local
 CONTAINERS := IMAGE_SERVE=$(IMAGE_SERVE) IMAGE_TRAIN=$(IMAGE_TRAIN) MODEL=$(MODEL) bash scripts/containers.sh
@@ -239,7 +283,7 @@ CONTAINERS := IMAGE_SERVE=$(IMAGE_SERVE) IMAGE_TRAIN=$(IMAGE_TRAIN) MODEL=$(MODE
 venv-tools: $(TOOLS_VENV)/.installed
 $(TOOLS_VENV)/.installed: requirements-tools.txt
 	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/python -m pip install -q -r requirements-tools.txt
+	$(TOOLS_VENV)/bin/python $(PIP_INSTALL) -r requirements-tools.txt
 	touch $@
 
 images: image-serve image-train ## both container images
@@ -250,7 +294,7 @@ image-serve: ## serving image from Dockerfile.serve with $(MODEL) inside (MODEL=
 image-train: ## training image from Dockerfile.train (torch CUDA build, DVC pipeline)
 	$(CONTAINERS) build-train
 
-image-smoke: image-serve ## run the serving image, check it (no torch, not root, labels, 4xx), stop it
+image-smoke: image-serve sbom ## run the serving image, check it (no torch, not root, labels, SBOM, 4xx), stop it
 	$(CONTAINERS) smoke
 
 image-load: ## locust with thresholds (make load) against the serving image, then stop it

@@ -2,19 +2,23 @@
 # Build, run and smoke-test the project's images with whatever engine this host has.
 #
 #   scripts/containers.sh install       container tools from apt (podman, buildah, runc, debootstrap)
-#   scripts/containers.sh base          local debian:bookworm-slim stand-in when no registry is reachable
+#   scripts/containers.sh base          the pinned base image, or a local stand-in when no registry answers
 #   scripts/containers.sh build-serve   Dockerfile.serve -> $IMAGE_SERVE, $MODEL baked in (MODEL=: none)
 #   scripts/containers.sh build-train   Dockerfile.train -> $IMAGE_TRAIN
 #   scripts/containers.sh smoke         run $IMAGE_SERVE on a free 127.0.0.1 port and check it
+#   scripts/containers.sh labels        check $IMAGE_SERVE's OCI labels and its packages against the SBOM
 #   scripts/containers.sh load          make load (locust, thresholds) against $IMAGE_SERVE
 #   scripts/containers.sh size          print the serve image's size
 #   scripts/containers.sh compose-check validate compose.yaml with every profile
 #
 # Engine: $CONTAINER_ENGINE, else docker when a Docker daemon answers (GitHub Actions), else podman
 # (installed on demand). With podman on a host without registry access (this project's dev and CI
-# machines) the base image is made locally with debootstrap, and the build sees the host's pip
-# configuration, CA bundle and local package indexes through read-only build volumes: nothing of
-# that lands in an image layer and the Dockerfiles stay the ones a normal Docker host builds.
+# machines) the base image is made locally with debootstrap and stands in for the Dockerfiles'
+# digest-pinned reference (--build-context), and the build sees the host's pip configuration, CA
+# bundle and local package indexes through read-only build volumes: nothing of that lands in an
+# image layer and the Dockerfiles stay the ones a normal Docker host builds.
+# Both images get OCI labels: source (IMAGE_SOURCE, else the GitHub repository or git remote),
+# revision (GIT_COMMIT, else git rev-parse HEAD) and version (IMAGE_VERSION, else pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +26,11 @@ IMAGE_SERVE=${IMAGE_SERVE:-catsdogs-serve:local}
 IMAGE_TRAIN=${IMAGE_TRAIN:-catsdogs-train:local}
 # unset: the exported model; set but empty: an image without a model, which serves MODEL_URI
 MODEL=${MODEL-models/model.onnx}
-BASE_IMAGE=${BASE_IMAGE:-docker.io/library/debian:bookworm-slim}
+# The base image both Dockerfiles pin (FROM name:tag@sha256:digest), and the local image that
+# stands in for it where no registry is reachable (never under the official name: it is not it).
+BASE_REF=$(grep -m1 -oE '^FROM [^ ]+@sha256:[0-9a-f]{64}' Dockerfile.serve | cut -d' ' -f2)
+STANDIN_IMAGE=${STANDIN_IMAGE:-localhost/debian-standin:bookworm-slim}
+SBOM=${SBOM:-reports/sbom/serve.cdx.json}
 CACHE_DIR=${CONTAINERS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/catsdogs-containers}
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-120}
 SMOKE_DATA=${SMOKE_DATA:-../shared/data/catsdogs/images}
@@ -90,18 +98,24 @@ image_exists() {
     if [[ $e == podman ]]; then podman image exists "$1"; else docker image inspect "$1" >/dev/null 2>&1; fi
 }
 
-# A faithful stand-in for debian:bookworm-slim: debootstrap minbase plus the slimming the official
-# image applies (dpkg path excludes, apt's docker-* config, no apt lists), imported under the
-# official name so `FROM debian:bookworm-slim` resolves to it without a pull.
+# The pinned base image itself when a registry answers; else a faithful stand-in for
+# debian:bookworm-slim: debootstrap minbase plus the slimming the official image applies (dpkg path
+# excludes, apt's docker-* config, no apt lists), imported as $STANDIN_IMAGE. The build then maps
+# the Dockerfiles' pinned reference to it (base_build_flags), so no Dockerfile changes.
 cmd_base() {
     need_engine
-    if image_exists "$BASE_IMAGE"; then
-        log "base image $BASE_IMAGE present"
+    [[ -n $BASE_REF ]] || die "no digest-pinned FROM line in Dockerfile.serve"
+    if image_exists "$BASE_REF"; then
+        log "base image $BASE_REF present"
         return
     fi
     if docker_hub_reachable; then
-        log "pulling $BASE_IMAGE"
-        "$(engine)" pull "$BASE_IMAGE" && return
+        log "pulling $BASE_REF"
+        "$(engine)" pull "$BASE_REF" && return
+    fi
+    if image_exists "$STANDIN_IMAGE"; then
+        log "stand-in $STANDIN_IMAGE present (for $BASE_REF)"
+        return
     fi
     local tarball=$CACHE_DIR/debian-bookworm-slim.tar
     if [[ ! -s $tarball ]]; then
@@ -120,8 +134,16 @@ cmd_base() {
         mv "$tarball.tmp" "$tarball"
         rm -rf "$rootfs" "$rootfs.log"
     fi
-    log "importing $tarball as $BASE_IMAGE"
-    "$(engine)" import --change 'CMD ["bash"]' "$tarball" "$BASE_IMAGE" >/dev/null
+    log "importing $tarball as $STANDIN_IMAGE (stands in for $BASE_REF)"
+    "$(engine)" import --change 'CMD ["bash"]' "$tarball" "$STANDIN_IMAGE" >/dev/null
+}
+
+# Nothing when the pinned base image is here; else the flag that builds FROM the stand-in.
+base_build_flags() {
+    if ! image_exists "$BASE_REF"; then
+        log "building FROM $STANDIN_IMAGE in place of $BASE_REF (no registry)"
+        echo "--build-context $BASE_REF=docker-image://$STANDIN_IMAGE"
+    fi
 }
 
 docker_hub_reachable() {
@@ -221,18 +243,48 @@ build() {
     e=$(engine)
     if [[ $e == podman ]]; then
         cmd_base
-        local conf_dir volumes rc=0
+        local conf_dir volumes base_flags rc=0
         conf_dir=$(mktemp -d)
         volumes=$(pip_build_volumes "$conf_dir")
-        # shellcheck disable=SC2086  # word splitting of the volume flags is intended
+        base_flags=$(base_build_flags)
+        # shellcheck disable=SC2046,SC2086  # word splitting of the flags is intended
         podman build --isolation chroot --pull=never --layers --format docker \
-            $volumes --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+            $volumes $base_flags $(label_build_args) \
             -f "$dockerfile" -t "$tag" "$@" . || rc=$?
         rm -rf "$conf_dir"
         return $rc
     else
-        docker build -f "$dockerfile" -t "$tag" "$@" .
+        # shellcheck disable=SC2046  # label_build_args prints several flags
+        docker build $(label_build_args) -f "$dockerfile" -t "$tag" "$@" .
     fi
+}
+
+# ---------------------------------------------------------------- OCI labels
+# What the labels say. Every value is one word (no spaces), so the flags split safely.
+git_commit() {
+    echo "${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+}
+
+image_version() {
+    echo "${IMAGE_VERSION:-$(sed -nE 's/^version = "([^"]+)"$/\1/p' pyproject.toml | head -n 1)}"
+}
+
+# IMAGE_SOURCE, else the repository GitHub Actions builds, else the git remote as an https URL.
+image_source() {
+    local url=${IMAGE_SOURCE:-}
+    if [[ -z $url && -n ${GITHUB_SERVER_URL:-} && -n ${GITHUB_REPOSITORY:-} ]]; then
+        url=$GITHUB_SERVER_URL/$GITHUB_REPOSITORY
+    fi
+    if [[ -z $url ]]; then
+        url=$(git remote get-url origin 2>/dev/null || true)
+        url=$(sed -E 's#^git@([^:]+):#https://\1/#; s#^ssh://git@#https://#; s#\.git$##' <<<"$url")
+    fi
+    echo "${url:-unknown}"
+}
+
+label_build_args() {
+    echo "--build-arg IMAGE_SOURCE=$(image_source) --build-arg GIT_COMMIT=$(git_commit)" \
+        "--build-arg IMAGE_VERSION=$(image_version)"
 }
 
 cmd_build_serve() {
@@ -246,8 +298,7 @@ cmd_build_serve() {
 
 cmd_build_train() {
     local start=$SECONDS
-    local commit=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-    build Dockerfile.train "$IMAGE_TRAIN" --build-arg "GIT_COMMIT=$commit"
+    build Dockerfile.train "$IMAGE_TRAIN"
     log "built $IMAGE_TRAIN in $((SECONDS - start)) s"
 }
 
@@ -298,6 +349,7 @@ cmd_smoke() {
     [[ $uid != 0 ]] || die "the server (PID 1) runs as root"
     log "inside: 'import torch' fails, server uid $uid"
     check_healthcheck "$e" "$name"
+    cmd_labels
 
     # shellcheck disable=SC2086  # SMOKE_ARGS holds several flags
     python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --data "$SMOKE_DATA" \
@@ -326,6 +378,53 @@ cmd_load() {
     python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --ready-only \
         --wait "$READY_TIMEOUT_S" || { "$SMOKE_ENGINE" logs --tail 50 "$SMOKE_NAME" >&2; die "never ready"; }
     make --no-print-directory load URL="http://127.0.0.1:$port"
+}
+
+# The serving image's OCI labels name this checkout (revision, version, a source), and its Python
+# packages are exactly the SBOM's components (make sbom), name and version.
+cmd_labels() {
+    need_engine
+    local e labels packages
+    e=$(engine)
+    labels=$("$e" image inspect --format '{{json .Config.Labels}}' "$IMAGE_SERVE")
+    [[ -f $SBOM ]] || die "$SBOM not found: run 'make sbom' first"
+    # shellcheck disable=SC2046
+    packages=$("$e" run --rm $(run_flags) --entrypoint python "$IMAGE_SERVE" -c \
+        'import importlib.metadata as m; print("\n".join(d.name + "==" + d.version for d in m.distributions()))')
+    python3 - "$labels" "$(git_commit)" "$(image_version)" "$SBOM" "$packages" <<'PY' || die "labels or SBOM check failed"
+import json
+import re
+import sys
+
+labels_json, revision, version, sbom_path, packages = sys.argv[1:]
+labels = json.loads(labels_json) or {}
+oci = "org.opencontainers.image."
+want = {"revision": revision, "version": version, "title": "catsdogs-serve"}
+bad = [f"{oci}{k}={labels.get(oci + k)!r}, expected {v!r}" for k, v in want.items()
+       if labels.get(oci + k) != v]
+if not labels.get(oci + "source"):
+    bad.append(f"{oci}source is missing")
+
+
+def norm(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+in_image = {norm(n): v for n, v in (line.split("==", 1) for line in packages.split())}
+sbom = json.load(open(sbom_path))
+in_sbom = {norm(c["name"]): c["version"] for c in sbom.get("components", [])}
+if in_image != in_sbom:
+    only_image = sorted(set(in_image.items()) - set(in_sbom.items()))
+    only_sbom = sorted(set(in_sbom.items()) - set(in_image.items()))
+    bad.append(f"image and SBOM differ: only in the image {only_image}, only in the SBOM {only_sbom}")
+for line in bad:
+    print(f"[containers] {line}", file=sys.stderr)
+if bad:
+    sys.exit(1)
+print(f"[containers] OCI labels: revision {revision}, version {version}, source "
+      f"{labels[oci + 'source']}; {len(in_image)} Python packages, as in {sbom_path}",
+      file=sys.stderr)
+PY
 }
 
 # The image's own HEALTHCHECK command must pass once the server is ready.
@@ -373,11 +472,12 @@ main() {
         build-serve) cmd_build_serve "$@" ;;
         build-train) cmd_build_train "$@" ;;
         smoke) cmd_smoke ;;
+        labels) cmd_labels ;;
         load) cmd_load ;;
         size) cmd_size ;;
         compose-check) cmd_compose_check ;;
         engine) engine ;;
-        *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+        *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     esac
 }
 
