@@ -23,12 +23,14 @@ installed() {
     esac
 }
 
+# sed reads the whole output: `head -1` would exit first and, under pipefail, the SIGPIPE of
+# the version command (haproxy -v prints several lines) would fail the install (exit 141).
 show_version() {
     case $1 in
         postgresql) "$(compgen -G '/usr/lib/postgresql/*/bin/postgres' | sort -V | tail -1)" --version ;;
-        haproxy) haproxy -v | head -1 ;;
-        chromium) /usr/bin/chromium --version 2>/dev/null | head -1 ;;
-        *) "$1" --version 2>&1 | head -1 ;;
+        haproxy) haproxy -v | sed -n 1p ;;
+        chromium) /usr/bin/chromium --version 2>/dev/null | sed -n 1p ;;
+        *) "$1" --version 2>&1 | sed -n 1p ;;
     esac
 }
 

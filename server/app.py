@@ -252,12 +252,15 @@ async def _open_model(app: Starlette, settings: Settings) -> InferenceModel:
         raise
 
 
-def _batch_observer(server_metrics: ServerMetrics) -> Callable[[BatchStats], None]:
+def _batch_observer(
+    server_metrics: ServerMetrics, model: InferenceModel
+) -> Callable[[BatchStats], None]:
     """Per batch: its size, the model run, and each image's queue wait, decode and preprocess."""
     stage = server_metrics.stage
 
     def on_batch(stats: BatchStats) -> None:
         if stats.size:  # a batch whose images all failed to decode ran nothing
+            server_metrics.policy_runs.labels(model.last_policy).inc()
             server_metrics.batch_size.observe(stats.size)
             server_metrics.inference.observe(stats.run_s)
             stage.labels("inference").observe(stats.run_s)
@@ -289,7 +292,9 @@ def _new_batcher(
         max_batch_size=settings.max_batch_size,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
         max_queue_size=settings.max_queue_size,
-        on_batch=_batch_observer(server_metrics),
+        on_batch=_batch_observer(server_metrics, model),
+        warm=model.warm,
+        adaptive=bool(settings.adaptive_batch),
     )
 
 
@@ -299,6 +304,9 @@ def _publish(app: Starlette, model: InferenceModel, batcher: Batcher, monitor: M
     server_metrics: ServerMetrics = app.state.metrics
     contract = model.contract
     server_metrics.queue_images.set_function(lambda: batcher.admitted)
+    server_metrics.batch_limit.set(batcher.batch_limit)
+    for n, seconds in batcher.curve.items():
+        server_metrics.seconds_per_image.labels(str(n)).set(seconds)
     server_metrics.model_info.info(
         {
             "name": contract.model_name,
@@ -343,6 +351,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 "model_version": contract.model_version,
                 "intra_op_threads": model.intra_op_threads,
                 "max_batch_size": settings.max_batch_size,
+                "batch_limit": batcher.batch_limit,
+                "seconds_per_image": {n: round(t, 6) for n, t in batcher.curve.items()},
             }
         },
     )

@@ -39,38 +39,112 @@ class ModelStoppedError(RuntimeError):
     """The batcher is shutting down and takes no new work."""
 
 
+SLEEP, SPIN, AUTO = 0, 1, 2  # INTRA_OP_SPINNING: what onnxruntime's pool threads do between ops
+
+# AUTO keeps this many recent lone-image run times per policy, and tries the policy it is not
+# using once every EXPLORE_EVERY runs, so a change in the machine's load (another process
+# taking a core) flips the choice within a few dozen runs.
+WINDOW = 16
+EXPLORE_EVERY = 16
+
+
+class PolicyChooser:
+    """Picks, for lone images, the faster of two thread policies, by measuring both.
+
+    Spinning pool threads start each parallel section sooner (a lone image gains about a
+    millisecond on a quiet machine) but lose badly when another process wants the cores;
+    sleeping threads are the safe choice under contention. Which one wins is a property of the
+    machine at the moment, so it is measured: each lone run's time is recorded, the policy with
+    the lower median of its last ``WINDOW`` runs is used, and the other one is tried once every
+    ``EXPLORE_EVERY`` runs, so the choice follows the machine's load.
+    """
+
+    def __init__(self, policies: tuple[str, ...]) -> None:
+        self.policies = policies
+        self._times: dict[str, deque[float]] = {p: deque(maxlen=WINDOW) for p in policies}
+        self._runs = 0
+
+    def choose(self) -> str:
+        if len(self.policies) == 1:
+            return self.policies[0]
+        self._runs += 1
+        for policy in self.policies:  # every policy gets a few runs before medians count
+            if len(self._times[policy]) < 3:
+                return policy
+        ranked = sorted(self.policies, key=self._median)
+        return ranked[1] if self._runs % EXPLORE_EVERY == 0 else ranked[0]
+
+    def record(self, policy: str, seconds: float) -> None:
+        self._times[policy].append(seconds)
+
+    def preferred(self) -> str | None:
+        """The policy lone images use now; None while still measuring."""
+        if any(len(self._times[p]) < 3 for p in self.policies):
+            return None
+        return min(self.policies, key=self._median)
+
+    def _median(self, policy: str) -> float:
+        return float(np.median(self._times[policy]))
+
+
 @dataclass
 class InferenceModel:
-    """The loaded session with its contract. ``run`` is blocking: call it from a worker thread."""
+    """The loaded session(s) with the contract. ``run`` is blocking: call it from one thread.
 
-    session: object  # onnxruntime.InferenceSession
+    One session per thread policy in use (``sessions``: policy name -> session). With two
+    (INTRA_OP_SPINNING=2), ``chooser`` picks one for each lone image, and batches run on the
+    sleeping one: a batch's parallel sections are long enough that waking threads costs little,
+    and the spinning session then needs buffers for one image only (about 40 MB less).
+    """
+
+    sessions: dict[str, object]  # onnxruntime.InferenceSession per policy ("sleep", "spin")
     contract: ModelContract
     path: Path
     intra_op_threads: int
-    # INTRA_OP_SPINNING=2: a second session whose pool threads spin, for lone images only
-    lone_session: object | None = None
+    chooser: PolicyChooser
+    last_policy: str = ""
+
+    @property
+    def batch_policy(self) -> str:
+        return "sleep" if "sleep" in self.sessions else next(iter(self.sessions))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 probabilities (N, C)."""
-        lone = self.lone_session is not None and len(batch) == 1
-        session = self.lone_session if lone else self.session
-        (probs,) = session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+        lone = len(batch) == 1
+        policy = self.chooser.choose() if lone else self.batch_policy
+        started = time.perf_counter()
+        (probs,) = self.sessions[policy].run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+        if lone:
+            self.chooser.record(policy, time.perf_counter() - started)
+        self.last_policy = policy
         return probs
 
+    def warm(self, batch: np.ndarray) -> None:
+        """Run ``batch`` once on each session that will see its size, before any traffic."""
+        for policy, session in self.sessions.items():
+            if len(batch) == 1 or policy == self.batch_policy:
+                session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
 
-SLEEP, SPIN, ADAPTIVE = 0, 1, 2  # INTRA_OP_SPINNING: what onnxruntime's idle pool threads do
+
+POLICIES = {SLEEP: ("sleep",), SPIN: ("spin",), AUTO: ("sleep", "spin")}
 
 
-def load_model(path: Path, *, intra_op_threads: int, spinning: int = SLEEP) -> InferenceModel:
+def load_model(path: Path, *, intra_op_threads: int, spinning: int = AUTO) -> InferenceModel:
     """Open ``path`` as an ONNX session and read its contract; any failure names the file.
 
-    ``spinning``: SLEEP (idle pool threads block: they never take a core from decoding), SPIN
-    (they spin-wait: a lone image starts sooner, busy cores suffer) or ADAPTIVE (two sessions:
-    lone images run on a spinning one, batches on a sleeping one).
+    ``spinning``: SLEEP (idle pool threads block: they never take a core from anything else),
+    SPIN (they spin-wait between the operators of a run, and stop when the run ends) or AUTO
+    (one session of each; :class:`PolicyChooser` measures which is faster for lone images).
     """
-    session, contract = _open_session(path, intra_op_threads, spinning == SPIN)
-    lone = _open_session(path, intra_op_threads, True)[0] if spinning == ADAPTIVE else None
-    return InferenceModel(session, contract, path, intra_op_threads, lone)
+    if spinning not in POLICIES:
+        raise ValueError(f"spinning must be one of {sorted(POLICIES)}, not {spinning!r}")
+    sessions: dict[str, object] = {}
+    contract = None
+    for policy in POLICIES[spinning]:
+        sessions[policy], contract = _open_session(path, intra_op_threads, policy == "spin")
+    assert contract is not None
+    chooser = PolicyChooser(POLICIES[spinning])
+    return InferenceModel(sessions, contract, path, intra_op_threads, chooser)
 
 
 def _open_session(path: Path, threads: int, spinning: bool) -> tuple[object, ModelContract]:
@@ -85,6 +159,8 @@ def _open_session(path: Path, threads: int, spinning: bool) -> tuple[object, Mod
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # onnxruntime's own warnings are noise in service logs
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # spin only while a run is active: between requests the threads sleep and cost nothing
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         loaded = load_model_file(path, sess_options=options)
     except (ModelFileError, ContractError) as exc:
@@ -104,6 +180,20 @@ def _check_signature(session: object, contract: ModelContract, path: Path) -> No
         raise ModelLoadError(f"{path}: input shape {spec.shape} does not match input_size {size}")
     if OUTPUT_PROBABILITIES not in outputs:
         raise ModelLoadError(f"{path}: no {OUTPUT_PROBABILITIES!r} output")
+
+
+# A larger batch must save at least this share of the best time per image to be worth its wait.
+BATCH_TOLERANCE = 0.05
+
+
+def batch_limit(curve: dict[int, float]) -> int:
+    """The smallest batch size whose time per image is within BATCH_TOLERANCE of the best.
+
+    Past that size a batch only makes its images wait longer: on 2 cores EfficientNet-Lite0's
+    time per image stops falling at 2-4 images.
+    """
+    best = min(curve.values())
+    return min(n for n, seconds in curve.items() if seconds <= best * (1 + BATCH_TOLERANCE))
 
 
 @dataclass(eq=False)
@@ -163,8 +253,16 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        warm: Callable[[np.ndarray], object] | None = None,
+        adaptive: bool = False,
     ) -> None:
         self.run = run
+        self.warm = warm or run  # warm-up runs: not timed as traffic (see InferenceModel.warm)
+        # adaptive: batches stop growing where the warm-up's measured time per image stops
+        # falling (see calibrate); otherwise max_batch_size is the limit
+        self.adaptive = adaptive
+        self.batch_limit = max_batch_size
+        self.curve: dict[int, float] = {}  # batch size -> measured seconds per image
         self.prepare = prepare
         self.decode_pool = decode_pool
         self.max_batch_size = max_batch_size
@@ -224,7 +322,22 @@ class Batcher:
     def _warmup(self, side: int, sample: bytes) -> None:
         self.prepare(sample)
         for n in range(1, self.max_batch_size + 1):
-            self.run(np.zeros((n, side, side, 3), dtype=np.uint8))
+            self.warm(np.zeros((n, side, side, 3), dtype=np.uint8))
+        if self.adaptive and self.max_batch_size > 1:
+            self.curve = self._measure_curve(side)
+            self.batch_limit = batch_limit(self.curve)
+
+    def _measure_curve(self, side: int, rounds: int = 3) -> dict[int, float]:
+        """Seconds per image of a run at each batch size up to ``max_batch_size``: the best of
+        ``rounds`` runs, sizes interleaved so a passing load spike hits all of them alike."""
+        best = dict.fromkeys(range(1, self.max_batch_size + 1), float("inf"))
+        batches = {n: np.zeros((n, side, side, 3), dtype=np.uint8) for n in best}
+        for _ in range(rounds):
+            for n, batch in batches.items():
+                started = time.perf_counter()
+                self.run(batch)
+                best[n] = min(best[n], (time.perf_counter() - started) / n)
+        return best
 
     # ------------------------------------------------------------------ inference
     async def predict(self, blobs: list[bytes], ticket: Ticket) -> list[Outcome]:
@@ -235,8 +348,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         # A request larger than a batch is split, so no run exceeds the warmed-up sizes.
         futures = []
-        for start in range(0, n, self.max_batch_size):
-            chunk = blobs[start : start + self.max_batch_size]
+        for start in range(0, n, self.batch_limit):
+            chunk = blobs[start : start + self.batch_limit]
             future: asyncio.Future[list[Outcome]] = loop.create_future()
             self._queue.append(_Job(chunk, future))
             self._queued_images += len(chunk)
@@ -316,12 +429,10 @@ class Batcher:
         Requests whose bodies are arriving right now join within a few milliseconds; with none
         of them, waiting would only add latency (a lone request never waits).
         """
-        if self.max_batch_size == 1 or self.max_queue_delay_s <= 0:
+        if self.batch_limit == 1 or self.max_queue_delay_s <= 0:
             return
         deadline = self._queue[0].enqueued + self.max_queue_delay_s
-        while (
-            self._queued_images < self.max_batch_size and self._incoming > 0 and not self._stopping
-        ):
+        while self._queued_images < self.batch_limit and self._incoming > 0 and not self._stopping:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -332,7 +443,7 @@ class Batcher:
                 return
 
     def _take(self) -> list[_Job]:
-        """Jobs for the next batch: whole requests, up to ``max_batch_size`` images."""
+        """Jobs for the next batch: whole requests, up to ``batch_limit`` images."""
         jobs: list[_Job] = []
         count = 0
         while self._queue:
@@ -341,7 +452,7 @@ class Batcher:
                 self._queue.popleft()
                 self._queued_images -= len(job.blobs)
                 continue
-            if jobs and count + len(job.blobs) > self.max_batch_size:
+            if jobs and count + len(job.blobs) > self.batch_limit:
                 break
             self._queue.popleft()
             self._queued_images -= len(job.blobs)

@@ -17,7 +17,9 @@ import contextlib
 import faulthandler
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 import threading
 import time
@@ -28,6 +30,10 @@ _CONFIGURED = "_catsdogs_json"
 _MAX_LINE = 64 * 1024  # a native "line" longer than this is cut into several records
 _PIPE_BYTES = 1 << 20  # room for a burst of native output while the reader thread waits
 _REPR_CHARS = 200  # an unraisable exception's object, as shown in its record
+# Access lines waiting for the writer thread; past this (a stuck stderr) new ones are dropped
+# and counted rather than held in memory or written on the event loop.
+ACCESS_QUEUE_LINES = 10_000
+ACCESS_LOGGER = "server.access"
 
 log = logging.getLogger("server.exceptions")
 
@@ -96,7 +102,41 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
     logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings" -> JSON
+    _queue_access_log(handler)
     _install_exception_hooks()
+
+
+class _AccessQueueHandler(logging.handlers.QueueHandler):
+    """Hands access records to the writer thread as they are: formatting and the write to
+    stderr happen there, off the event loop (one line per request is on every request's path)."""
+
+    dropped = 0  # lines dropped because the queue was full
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record  # access records carry plain values: nothing to freeze before the hop
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            type(self).dropped += 1
+
+
+def access_lines_dropped() -> int:
+    return _AccessQueueHandler.dropped
+
+
+def _queue_access_log(handler: logging.Handler) -> None:
+    """``server.access`` records go through a queue to a thread that writes them with
+    ``handler`` (the same JSON handler, so the same stream); other records stay synchronous, so
+    a warning or an error is written before the code that logged it goes on."""
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(ACCESS_QUEUE_LINES)
+    listener = logging.handlers.QueueListener(lines, handler)
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.handlers[:] = [_AccessQueueHandler(lines)]
+    access.propagate = False
+    listener.start()
+    atexit.register(listener.stop)  # drains what is queued
 
 
 # ---------------------------------------------------------------- exception hooks

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from server.logs import access_lines_dropped
+
 UNMATCHED_ROUTE = "<unmatched>"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -49,6 +51,24 @@ class ServerMetrics:
             buckets=_FAST_BUCKETS,
             registry=registry,
         )
+        self.batch_limit = Gauge(
+            "inference_batch_limit",
+            "Most images per run now: MAX_BATCH_SIZE, or less where the warm-up measured no gain.",
+            registry=registry,
+        )
+        self.seconds_per_image = Gauge(
+            "inference_warmup_seconds_per_image",
+            "The warm-up's time per image of a run, by batch size (ADAPTIVE_BATCH=1).",
+            ["batch_size"],
+            registry=registry,
+        )
+        self.policy_runs = Counter(
+            "inference_policy_runs",
+            "onnxruntime runs by the pool threads' policy (sleep or spin), as INTRA_OP_SPINNING=2 "
+            "chose it for each run.",
+            ["policy"],
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "inference_batch_size",
             "Images per onnxruntime run.",
@@ -70,6 +90,12 @@ class ServerMetrics:
             buckets=_CONFIDENCE_BUCKETS,
             registry=registry,
         )
+        self.access_log_dropped = Gauge(
+            "access_log_dropped_lines",
+            "Access log lines dropped because the log writer thread fell behind.",
+            registry=registry,
+        )
+        self.access_log_dropped.set_function(access_lines_dropped)
         self.model_info = Info("model", "The served model.", registry=registry)
         # Where a request's time goes, stage by stage (README, "Where the time goes"):
         # head (first byte to app), body, queue, decode, preprocess, inference (per batch),

@@ -55,13 +55,17 @@ class Settings:
         0, "onnxruntime threads per run; 0 = the CPUs this process may use"
     )
     decode_threads: int = setting(0, "threads decoding images; 0 = the CPUs this process may use")
-    # spinning alone measured slower here whenever anything else (decoding, HTTP) needs a core
+    # spinning wins on a quiet machine and loses badly when another process wants the cores:
+    # 2 measures both while serving and uses the faster (server/inference.py, PolicyChooser)
     intra_op_spinning: int = setting(
-        0,
-        "onnxruntime's idle pool threads: 0 sleep, 1 spin-wait, 2 spin for lone images only",
+        2,
+        "onnxruntime's pool threads between ops: 0 sleep, 1 spin (during runs), 2 the faster",
     )
-    # On 2 cores EfficientNet-Lite0 gains nothing per image beyond 4 and measured slower at 8.
-    max_batch_size: int = setting(4, "images per model run; 1 disables dynamic batching")
+    # the cap; ADAPTIVE_BATCH lowers the limit to where the measured time per image stops falling
+    max_batch_size: int = setting(8, "most images per model run; 1 disables dynamic batching")
+    adaptive_batch: int = setting(
+        1, "1: batches stop at the size the warm-up measured fastest per image; 0: at the cap"
+    )
     max_queue_delay_ms: float = setting(
         2.0, "longest wait for a batch to fill while requests arrive, ms"
     )
@@ -169,6 +173,7 @@ class Settings:
             "intra_op_threads": self.intra_op_threads >= 0,
             "decode_threads": self.decode_threads >= 0,
             "intra_op_spinning": self.intra_op_spinning in (0, 1, 2),
+            "adaptive_batch": self.adaptive_batch in (0, 1),
             "max_batch_size": self.max_batch_size >= 1,
             "max_queue_delay_ms": 0 <= self.max_queue_delay_ms <= 1000,
             "max_queue_size": self.max_queue_size >= 1,

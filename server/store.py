@@ -258,6 +258,7 @@ class _WriteQueue:
         self._items: collections.deque[tuple[float, _Item]] = collections.deque()
         self._predictions = 0
         self._cond = threading.Condition()
+        self._closing = False
 
     def put_prediction(self, row: PredictionEvent) -> bool:
         with self._cond:
@@ -273,10 +274,22 @@ class _WriteQueue:
             self._items.append((time.monotonic(), item))
             self._cond.notify()
 
-    def get_batch(self, max_items: int, timeout: float) -> list[_Item]:
+    def get_batch(self, max_items: int, timeout: float, linger: float = 0.0) -> list[_Item]:
+        """Up to ``max_items``, waiting up to ``timeout`` for the first one.
+
+        ``linger``: then let a batch of predictions gather until its oldest has waited that
+        long (or the batch is full), so the writer commits a few times a second instead of
+        once per request and keeps off the cores the model runs on. Queued feedback (a client
+        waits for it) and ``wake`` (stopping) end the wait at once.
+        """
         with self._cond:
             if not self._items and timeout > 0:
                 self._cond.wait(timeout)
+            while self._items and len(self._items) < max_items and not self._closing:
+                remaining = self._items[0][0] + linger - time.monotonic()
+                if remaining <= 0 or self._predictions < len(self._items):  # feedback queued
+                    break
+                self._cond.wait(remaining)
             batch: list[_Item] = []
             while self._items and len(batch) < max_items:
                 _, item = self._items.popleft()
@@ -286,7 +299,9 @@ class _WriteQueue:
             return batch
 
     def wake(self) -> None:
+        """Wake the writer and end every linger from now on (the store is stopping)."""
         with self._cond:
+            self._closing = True
             self._cond.notify_all()
 
     def predictions(self) -> int:
@@ -444,6 +459,7 @@ class WriterStore:
         retention_days: float = 0.0,
         max_rows: int = 0,
         batch_size: int = 500,
+        linger_s: float = 0.05,
         prune_interval_s: float = 60.0,
         prune_every_rows: int = 10_000,
         prune_chunk: int = 500,
@@ -461,6 +477,7 @@ class WriterStore:
         self.retention_s = retention_days * 86_400.0
         self.max_rows = max_rows
         self.batch_size = batch_size
+        self.linger_s = linger_s  # a batch of predictions gathers this long (see get_batch)
         self.prune_interval_s = prune_interval_s
         self.prune_every_rows = prune_every_rows
         self.prune_chunk = prune_chunk
@@ -723,7 +740,7 @@ class WriterStore:
                 hook()
             if not self._stopping.is_set() and self._prune_due():
                 self._prune_guarded()  # at start, then every interval or N inserts
-            batch = self._queue.get_batch(self.batch_size, timeout=0.5)
+            batch = self._queue.get_batch(self.batch_size, timeout=0.5, linger=self.linger_s)
             if batch:
                 self._write_guarded(batch)
             elif self._stopping.is_set():

@@ -67,6 +67,9 @@ def settings(tiny_model: Path, tmp_path: Path) -> Settings:
         intra_op_threads=1,
         decode_threads=2,
         log_level="warning",
+        # batches grow to exactly the MAX_BATCH_SIZE a test sets (test_batching.py tests the
+        # measured limit of ADAPTIVE_BATCH=1, the server's default)
+        adaptive_batch=0,
     )
 
 

@@ -200,3 +200,35 @@ def test_a_failing_image_fails_only_its_own_request(make_app):
     assert [r.status_code for r in responses] == [200, 500, 200, 200, 200, 200]
     assert responses[1].json()["error"]["code"] == "internal_error"
     assert max(sizes) >= 4  # the failing image shared a batch with the good ones
+
+
+def test_batch_limit_is_where_time_per_image_stops_falling():
+    from server.inference import batch_limit
+
+    # seconds per image by batch size: 4 is within 5% of the best (8), so 4 is the limit
+    assert batch_limit({1: 0.005, 2: 0.0042, 3: 0.0039, 4: 0.00375, 8: 0.0036}) == 4
+    assert batch_limit({1: 0.004, 2: 0.0041, 4: 0.0045}) == 1  # batching buys nothing
+    assert batch_limit({1: 0.01, 2: 0.005, 4: 0.0025}) == 4
+
+
+def test_adaptive_batch_measures_the_curve_at_warmup_and_publishes_it(make_app):
+    app = make_app(max_batch_size=6, adaptive_batch=1, max_queue_delay_ms=5)
+
+    async def scenario():
+        async with serve(app) as client:
+            batcher = app.state.batcher
+            sizes = slow_down(app, 0.05)
+            responses = await asyncio.gather(*(_predict(client, c) for c in [RED, BLUE] * 6))
+            return batcher, sizes, responses, (await client.get("/metrics")).text
+
+    batcher, sizes, responses, metrics = run(scenario())
+    assert [r.status_code for r in responses] == [200] * 12
+    assert sorted(batcher.curve) == [1, 2, 3, 4, 5, 6]
+    assert all(0 < t < 1 for t in batcher.curve.values())
+    from server.inference import batch_limit
+
+    assert batcher.batch_limit == batch_limit(batcher.curve)
+    assert max(sizes) <= batcher.batch_limit  # no run larger than the measured limit
+    assert prom(metrics, "inference_batch_limit") == batcher.batch_limit
+    for n, seconds in batcher.curve.items():
+        assert prom(metrics, "inference_warmup_seconds_per_image", batch_size=str(n)) == seconds

@@ -153,3 +153,19 @@ def test_server_process_logs_only_json(server_process):
     assert server.terminate() == 0
     records = json_lines(server.log.read_text(errors="replace"))
     assert any(r.get("message") == "stopped" for r in records)
+
+
+def test_access_lines_leave_the_event_loop_through_a_bounded_queue():
+    """Access records are queued for the writer thread; a full queue drops and counts them."""
+    import logging
+    import queue
+
+    from server.logs import _AccessQueueHandler, access_lines_dropped
+
+    lines: queue.Queue = queue.Queue(2)
+    handler = _AccessQueueHandler(lines)
+    before = access_lines_dropped()
+    for i in range(5):
+        handler.handle(logging.LogRecord("server.access", logging.INFO, "", 0, f"r{i}", None, None))
+    assert [lines.get_nowait().getMessage() for _ in range(2)] == ["r0", "r1"]
+    assert access_lines_dropped() - before == 3

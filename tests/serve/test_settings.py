@@ -113,9 +113,13 @@ def other_value(f: dataclasses.Field) -> object:
     """A valid value different from the field's default."""
     if f.name == "log_level":
         return "debug"
+    if f.name == "intra_op_spinning":
+        return 0  # 0, 1 or 2; the default is the largest
+    if f.name == "adaptive_batch":
+        return 0  # a switch, on by default
     if isinstance(f.default, str):
         return f.default + "x"
-    return f.default + 1  # every numeric setting accepts one more than its default
+    return f.default + 1  # every other numeric setting accepts one more than its default
 
 
 def test_every_setting_has_a_one_line_description():
@@ -160,7 +164,7 @@ def test_help_lists_every_setting_with_its_variable_and_default(capsys: pytest.C
         if d.flags:
             assert " ".join(help_line(d).split()) in text, d.name
             assert all(flag in text for flag in d.flags)
-    assert "--max-batch-size MAX_BATCH_SIZE images per model run" in text
+    assert "--max-batch-size MAX_BATCH_SIZE most images per model run" in text
     assert "(env MAX_UPLOAD_BYTES, default 10485760 = 10 MiB)" in text
     assert "(env MODEL_URI, default empty)" in text
 

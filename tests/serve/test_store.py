@@ -176,3 +176,24 @@ def test_a_log_with_the_previous_schema_is_migrated_in_place(db_path: Path):
     s.start()
     s.stop()
     assert _count(db_path) == 7
+
+
+def test_predictions_are_committed_in_groups_and_feedback_ends_the_wait(db_path: Path):
+    """The writer lets predictions gather for ``linger_s`` (a few commits a second, not one per
+    request), but queued feedback, which a client is waiting for, is written at once."""
+    batches: list[int] = []
+    s = _store(db_path, linger_s=0.5, on_predictions=lambda rows: batches.append(len(rows)))
+    s.start()
+    try:
+        for i in range(5):
+            assert s.record(_event(i))
+        assert _wait(lambda: sum(batches) == 5, timeout=5.0)
+        assert batches == [5]  # one commit for the five
+        assert s.record(_event(5))
+        started = time.monotonic()
+        result = s.submit_feedback("cat", time.time(), prediction_id=_event(5).prediction_id)
+        assert result.result(timeout=5.0) is not None  # the prediction queued before it is there
+        assert time.monotonic() - started < 0.4  # feedback did not wait out the linger
+    finally:
+        s.stop()
+    assert _count(db_path) == 6
