@@ -252,15 +252,13 @@ async def _open_model(app: Starlette, settings: Settings) -> InferenceModel:
         raise
 
 
-def _batch_observer(
-    server_metrics: ServerMetrics, model: InferenceModel
-) -> Callable[[BatchStats], None]:
+def _batch_observer(server_metrics: ServerMetrics) -> Callable[[BatchStats], None]:
     """Per batch: its size, the model run, and each image's queue wait, decode and preprocess."""
     stage = server_metrics.stage
 
     def on_batch(stats: BatchStats) -> None:
         if stats.size:  # a batch whose images all failed to decode ran nothing
-            server_metrics.policy_runs.labels(model.last_policy).inc()
+            server_metrics.policy_runs.labels(stats.label).inc()
             server_metrics.batch_size.observe(stats.size)
             server_metrics.inference.observe(stats.run_s)
             stage.labels("inference").observe(stats.run_s)
@@ -292,9 +290,10 @@ def _new_batcher(
         max_batch_size=settings.max_batch_size,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
         max_queue_size=settings.max_queue_size,
-        on_batch=_batch_observer(server_metrics, model),
+        on_batch=_batch_observer(server_metrics),
         warm=model.warm,
         adaptive=bool(settings.adaptive_batch),
+        run_label=lambda: model.last_policy,
     )
 
 

@@ -228,6 +228,7 @@ class BatchStats:
     decode_s: float  # the batch's decode phase, wall time
     run_s: float
     decoded: list[Any]  # what ``prepare`` made of each image that decoded
+    label: str = ""  # ``run_label()`` right after the run (the thread policy it ran on)
 
 
 class Batcher:
@@ -255,8 +256,10 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         warm: Callable[[np.ndarray], object] | None = None,
         adaptive: bool = False,
+        run_label: Callable[[], str] | None = None,
     ) -> None:
         self.run = run
+        self.run_label = run_label
         self.warm = warm or run  # warm-up runs: not timed as traffic (see InferenceModel.warm)
         # adaptive: batches stop growing where the warm-up's measured time per image stops
         # falling (see calibrate); otherwise max_batch_size is the limit
@@ -277,6 +280,9 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # batches handed to the inference thread and not yet answered: at most two, the one
+        # running and the next, so the thread never waits for the event loop between batches
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ admission
     def admit(self, n: int = 1) -> Ticket:
@@ -309,6 +315,8 @@ class Batcher:
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight)
         self._executor.shutdown(wait=True)
 
     async def warmup(self, side: int, sample: bytes) -> None:
@@ -360,40 +368,62 @@ class Batcher:
         return [o for part in await asyncio.gather(*futures) for o in part]
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
-                if self._stopping:
+            if not self._queue or not self._may_take():
+                if self._stopping and not self._queue:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._fill()
+            if not self._in_flight:
+                await self._fill()
             jobs = self._take()
             if not jobs:
                 continue
-            blobs = [blob for job in jobs for blob in job.blobs]
-            started = time.perf_counter()
-            try:
-                outcomes, decode_s, run_s = await loop.run_in_executor(
-                    self._executor, self._work, blobs
-                )
-            except Exception as exc:  # a failed run fails its requests, never the loop
-                logger.exception("inference failed for a batch of %d", len(blobs))
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            offset = 0
+            task = asyncio.create_task(self._process(jobs), name="batch")
+            self._in_flight.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _may_take(self) -> bool:
+        """Whether the next batch may be formed now.
+
+        With the model idle, at once (``_fill`` then decides how long to wait). With a batch
+        running, only a full batch goes next, queued on the inference thread behind it, so the
+        thread starts it without waiting for the event loop; a partial one keeps gathering
+        images until the running batch ends. Never more than two batches in flight.
+        """
+        if not self._in_flight:
+            return True
+        return len(self._in_flight) < 2 and self._queued_images >= self.batch_limit
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wakeup.set()
+
+    async def _process(self, jobs: list[_Job]) -> None:
+        """One batch: its work on the inference thread, then each request's share of it."""
+        blobs = [blob for job in jobs for blob in job.blobs]
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes, started, decode_s, run_s, label = await loop.run_in_executor(
+                self._executor, self._work, blobs
+            )
+        except Exception as exc:  # a failed run fails its requests, never the loop
+            logger.exception("inference failed for a batch of %d", len(blobs))
             for job in jobs:
-                n = len(job.blobs)
                 if not job.future.done():
-                    job.future.set_result(outcomes[offset : offset + n])
-                offset += n
-            if self.on_batch is not None:
-                good = [o[0] for o in outcomes if not isinstance(o, Exception)]
-                waits = [started - job.enqueued for job in jobs]
-                self.on_batch(BatchStats(len(good), waits, decode_s, run_s, good))
+                    job.future.set_exception(exc)
+            return
+        offset = 0
+        for job in jobs:
+            n = len(job.blobs)
+            if not job.future.done():
+                job.future.set_result(outcomes[offset : offset + n])
+            offset += n
+        if self.on_batch is not None:
+            good = [o[0] for o in outcomes if not isinstance(o, Exception)]
+            waits = [max(0.0, started - job.enqueued) for job in jobs]
+            self.on_batch(BatchStats(len(good), waits, decode_s, run_s, good, label))
 
     def _decode(self, blob: bytes) -> Decoded | Exception:
         """Any failure stays with its own image, so one odd file never fails a whole batch."""
@@ -402,8 +432,11 @@ class Batcher:
         except Exception as exc:
             return exc
 
-    def _work(self, blobs: list[bytes]) -> tuple[list[Outcome], float, float]:
-        """Blocking, on the inference thread: decode the batch, then one run."""
+    def _work(self, blobs: list[bytes]) -> tuple[list[Outcome], float, float, float, str]:
+        """Blocking, on the inference thread: decode the batch, then one run.
+
+        Returns the outcomes, when the work started, the decode and run seconds and the run's
+        label."""
         started = time.perf_counter()
         if len(blobs) == 1:
             decoded = [self._decode(blobs[0])]
@@ -412,16 +445,17 @@ class Batcher:
         good = [d for d in decoded if not isinstance(d, Exception)]
         decoded_at = time.perf_counter()
         if not good:
-            return decoded, decoded_at - started, 0.0
+            return decoded, started, decoded_at - started, 0.0, ""
         # A lone image needs no stacking copy: a view with a batch axis is enough.
         batch = good[0].array[None] if len(good) == 1 else np.stack([d.array for d in good])
         probs = self.run(batch)
         run_s = time.perf_counter() - decoded_at
+        label = self.run_label() if self.run_label is not None else ""
         rows = iter(probs)
         outcomes: list[Outcome] = [
             d if isinstance(d, Exception) else (d, next(rows)) for d in decoded
         ]
-        return outcomes, decoded_at - started, run_s
+        return outcomes, started, decoded_at - started, run_s, label
 
     async def _fill(self) -> None:
         """Wait briefly for more images, but only while others are known to be on their way.

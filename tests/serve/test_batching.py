@@ -232,3 +232,38 @@ def test_adaptive_batch_measures_the_curve_at_warmup_and_publishes_it(make_app):
     assert prom(metrics, "inference_batch_limit") == batcher.batch_limit
     for n, seconds in batcher.curve.items():
         assert prom(metrics, "inference_warmup_seconds_per_image", batch_size=str(n)) == seconds
+
+
+def test_next_full_batch_waits_on_the_inference_thread_not_on_the_event_loop(make_app):
+    """With a batch running, the next full batch is handed to the inference thread at once, so
+    it starts when the first ends even while the event loop is busy (here: blocked 0.3 s)."""
+    app = make_app(max_batch_size=2, max_queue_delay_ms=0)
+
+    async def scenario():
+        async with serve(app) as client:
+            batcher = app.state.batcher
+            inner = batcher.run
+            starts: list[float] = []
+
+            def slow_run(batch):
+                starts.append(time.perf_counter())
+                time.sleep(0.05)
+                return inner(batch)
+
+            batcher.run = slow_run
+            tasks = [asyncio.create_task(_predict(client, c)) for c in [RED, BLUE] * 3]
+            deadline = time.perf_counter() + 5.0
+            # the first batch is running and the second is queued behind it on the thread
+            while not (starts and len(batcher._in_flight) >= 2):
+                assert time.perf_counter() < deadline, "the next batch was never handed over"
+                await asyncio.sleep(0.001)
+            time.sleep(0.3)  # the event loop does something long and blocking
+            blocked_until = time.perf_counter()
+            responses = await asyncio.gather(*tasks)
+            return starts, blocked_until, responses
+
+    starts, blocked_until, responses = run(scenario())
+    assert [r.status_code for r in responses] == [200] * 6
+    assert len(starts) == 3
+    assert starts[1] < blocked_until  # the second batch did not wait for the event loop
+    assert starts[1] - starts[0] < 0.2
