@@ -398,8 +398,24 @@ def http_sweep(
             code = stop_server(server)
             result["servers"][name] = {
                 "ready_s": server.ready_s, "peak_rss_mb": peak, "alive_at_end": alive,
-                "exit_code": code, "env": variants[name][1],
+                "exit_code": code, "env": variants[name][1], **batch_curve(server.log),
             }  # fmt: skip
+
+
+def batch_curve(log_path: Path) -> dict[str, Any]:
+    """The batch limit and the warm-up's seconds per image by batch size, as the server's
+    ``ready`` log line reports them (ADAPTIVE_BATCH); empty when the line is not there."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"ready"' not in line:
+            continue
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            continue
+        if fields.get("message") == "ready":
+            curve = fields.get("seconds_per_image") or {}
+            return {"batch_limit": fields.get("batch_limit"), "batch_curve": curve}
+    return {}
 
 
 def measured(

@@ -215,6 +215,29 @@ def _servers(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def _batch_curves(result: dict[str, Any]) -> list[str]:
+    """Each server's warm-up curve (ms per image by batch size) and the limit it chose."""
+    curves = {name: sv for name, sv in result.get("servers", {}).items() if sv.get("batch_curve")}
+    if not curves:
+        return []
+    sizes = sorted({int(n) for sv in curves.values() for n in sv["batch_curve"]})
+    out = [
+        "## Batch size: the curve each server measured at warm-up (ADAPTIVE_BATCH=1)",
+        "",
+        "Milliseconds per image of one onnxruntime run (best of 3) by batch size; batches stop",
+        "at the smallest size within 5% of the best (the limit).",
+        "",
+    ]
+    rows = [
+        [name, *[_f(sv["batch_curve"].get(str(n), float("nan")) * 1000, 2) for n in sizes],
+         str(sv.get("batch_limit"))]
+        for name, sv in curves.items()
+    ]  # fmt: skip
+    out += _table(["server", *[f"b{n}" for n in sizes], "limit"], rows)
+    out.append("")
+    return out
+
+
 def _overload(result: dict[str, Any]) -> list[str]:
     """The overload run and the load generator's own ceiling."""
     out: list[str] = []
@@ -265,7 +288,10 @@ def _tail(result: dict[str, Any]) -> list[str]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    sections = (_header, _targets, _pairs, stage_section, _floor, _http, _servers, _overload, _tail)
+    sections = (
+        _header, _targets, _pairs, stage_section, _floor, _http, _servers, _batch_curves,
+        _overload, _tail,
+    )  # fmt: skip
     return "\n".join(line for section in sections for line in section(result))
 
 

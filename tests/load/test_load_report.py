@@ -147,3 +147,19 @@ def test_plots_have_svg_twins(tmp_path):
         text = (tmp_path / name).read_text()
         assert text.lstrip().startswith("<?xml")
         assert "<svg" in text
+
+
+def test_batch_curve_is_read_from_the_ready_line_and_reported(tmp_path: Path) -> None:
+    from loadtest.bench import batch_curve
+    from loadtest.bench_report import markdown
+
+    log = tmp_path / "server.log"
+    ready = {"message": "ready", "batch_limit": 2, "seconds_per_image": {"1": 0.005, "2": 0.004}}
+    log.write_text("not json\n" + json.dumps({"message": "starting"}) + "\n" + json.dumps(ready))
+    assert batch_curve(log) == {"batch_limit": 2, "batch_curve": {"1": 0.005, "2": 0.004}}
+    silent = tmp_path / "silent.log"  # a server that never got ready
+    silent.write_text(json.dumps({"message": "cannot serve"}) + "\n")
+    assert batch_curve(silent) == {}
+    result = {"servers": {"fp32 batching": {"ready_s": 1.0, **batch_curve(log)}}}
+    text = markdown(result)
+    assert "| fp32 batching | 5.00 | 4.00 | 2 |" in text
