@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 
 JSON_NAME, MD_NAME = "latency.json", "latency.md"
 PLOT_CONCURRENCY, PLOT_BASELINE = "latency_concurrency.png", "latency_baseline.png"
+PLOT_STAGES = "latency_stages.png"
 
 
 def _f(value: Any, digits: int = 1) -> str:
@@ -359,6 +360,58 @@ def plot_baseline(result: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def stage_bars(result: dict[str, Any]) -> dict[str, list[tuple[str, float]]]:
+    """Mean ms per image by part: the bare floor's and the HTTP server's at c=1 (its stages,
+    then what the client saw beyond them); empty where the run lacks either."""
+    levels = {lv["concurrency"]: lv for lv in result.get("http", {}).get("fp32 batching", [])}
+    level = levels.get(1)
+    floor = result.get("inprocess") or []
+    if not level or not level.get("stages_ms") or not floor:
+        return {}
+    per_image = floor[0]["per_image"]
+    if "inference_ms" not in per_image:
+        return {}
+    infer = per_image["inference_ms"]["mean"]
+    bars = {"bare floor": [("decode + preprocess", per_image["latency_ms"]["mean"] - infer)]}
+    bars["bare floor"].append(("inference", infer))
+    measured = level["stages_ms"]
+    stages = [  # in the order a request goes through them; "log" comes after the answer
+        (k, measured[k])
+        for k in STAGE_NAMES
+        if k != "log" and not math.isnan(measured.get(k, math.nan))
+    ]
+    rest = level["latency_ms"]["p50"] - sum(v for _, v in stages)
+    bars["HTTP server, c=1"] = [*stages, ("loopback, client, event loop", max(rest, 0.0))]
+    return bars
+
+
+def plot_stages(result: dict[str, Any], path: Path) -> bool:
+    """Stacked bars of where a lone image's time goes, floor against server; False if no data."""
+    bars = stage_bars(result)
+    if not bars:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 2.6))
+    colours: dict[str, Any] = {}
+    cmap = plt.get_cmap("tab10")
+    for row, parts in enumerate(bars.values()):
+        left = 0.0
+        for name, ms in parts:
+            colour = colours.setdefault(name, cmap(len(colours) % 10))
+            ax.barh(row, ms, left=left, color=colour, label=name)
+            left += ms
+    handles, names = ax.get_legend_handles_labels()
+    unique = dict(zip(names, handles, strict=True))  # one legend entry per part
+    ax.legend(unique.values(), unique.keys(), fontsize=7, ncol=5, loc="upper center",
+              bbox_to_anchor=(0.5, -0.3))  # fmt: skip
+    ax.set_yticks(range(len(bars)), list(bars), fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per image, one at a time (the server's last part: client p50 minus stages)")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [
@@ -371,4 +424,6 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     paths[1].write_text(markdown(result))
     plot_concurrency(result, paths[2])
     plot_baseline(result, paths[3])
+    if plot_stages(result, out_dir / PLOT_STAGES):
+        paths.append(out_dir / PLOT_STAGES)
     return paths

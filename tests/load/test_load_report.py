@@ -163,3 +163,26 @@ def test_batch_curve_is_read_from_the_ready_line_and_reported(tmp_path: Path) ->
     result = {"servers": {"fp32 batching": {"ready_s": 1.0, **batch_curve(log)}}}
     text = markdown(result)
     assert "| fp32 batching | 5.00 | 4.00 | 2 |" in text
+
+
+def test_stage_plot_sets_the_floor_against_the_server(tmp_path: Path) -> None:
+    from loadtest.bench_report import stage_bars
+
+    c1 = level(1, 8.0, 9.0)
+    c1["stages_ms"] = {"head": 0.1, "body": 0.1, "queue": 0.0, "decode": 0.8,
+                       "preprocess": 0.9, "inference": 4.0, "respond": 0.2, "log": 0.3}  # fmt: skip
+    floor_run = inproc(5.5, 180.0)
+    floor_run["per_image"]["inference_ms"] = lat(3.8)
+    result = {"http": {"fp32 batching": [c1]}, "inprocess": [floor_run]}
+    bars = stage_bars(result)
+    floor = dict(bars["bare floor"])
+    assert floor == {"decode + preprocess": pytest.approx(1.7), "inference": 3.8}
+    server = bars["HTTP server, c=1"]
+    assert [name for name, _ in server][:7] == [
+        "head", "body", "queue", "decode", "preprocess", "inference", "respond"
+    ]  # fmt: skip
+    assert "log" not in dict(server)  # after the answer: not part of what the client waits for
+    assert sum(ms for _, ms in server) == pytest.approx(c1["latency_ms"]["p50"])
+    paths = write_report(result, tmp_path)
+    assert tmp_path / "latency_stages.png" in paths
+    assert (tmp_path / "latency_stages.svg").read_text().lstrip().startswith("<?xml")
