@@ -16,7 +16,13 @@ from typing import Any, TypeVar
 import yaml
 
 PARAMS_FILE = "params.yaml"
-MODEL_NAMES = ("efficientnet_lite0", "mobilenet_v3_small", "logreg")
+MODEL_NAMES = (
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+    "mobilenet_v3_small",
+    "logreg",
+)
 
 
 class ParamsError(ValueError):
@@ -67,6 +73,25 @@ class TrainParams:
     fine_tune_epochs: int = 0
     fine_tune_lr: float = 0.0001
     logreg_pool: int = 4  # logreg sees the input average-pooled by this factor
+    # distillation: a linear probe on each teacher's frozen features (EfficientNet-Lite, at its
+    # own input size) labels every training view; the head learns from those soft targets
+    distill_teacher: str | None = None  # a model name, or an ensemble "name+name"; None: off
+    distill_alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha: the true labels
+    distill_temperature: float = 2.0  # softens teacher and student alike
+
+
+@dataclass(frozen=True)
+class CvParams:
+    folds: int = 5
+    salt: str = "catsdogs-cv-v1"  # fold = sha256(salt, photo bytes) -> [0, 1) -> one of `folds`
+    stop_fraction: float = 0.15  # of the training folds (by hash) held out for early stopping
+    baseline: str = ""  # the configuration the others are compared with photo by photo
+    cache_dir: str = "data/cv-cache"  # frozen-backbone features, per backbone and view
+    sheet_columns: int = 8  # contact sheet of the mistakes: thumbnails a row
+    thumb_px: int = 112
+    latency_batch: int = 8  # the cost stage times batch 1 and this batch through onnxruntime
+    latency_runs: int = 30  # median of this many calls per model and batch, interleaved
+    configs: dict = dataclasses.field(default_factory=dict)  # name -> overrides of `train`
 
 
 T = TypeVar("T")
@@ -86,6 +111,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
+    if annotation is dict:
+        return isinstance(value, dict)
     raise TypeError(f"unsupported params annotation {annotation!r}")
 
 
@@ -156,13 +183,50 @@ def load_prepare(path: str | Path = PARAMS_FILE) -> PrepareParams:
 
 
 def load_train(path: str | Path = PARAMS_FILE) -> TrainParams:
-    params = load_section(TrainParams, "train", path)
+    return check_train(load_section(TrainParams, "train", path))
+
+
+def load_cv(path: str | Path = PARAMS_FILE) -> tuple[CvParams, dict[str, TrainParams]]:
+    """The ``cv`` section and each named configuration: ``train`` with the config's overrides.
+
+    Every configuration is checked like the train section itself (unknown key, wrong type)."""
+    cv = load_section(CvParams, "cv", path)
+    if cv.folds < 2:
+        raise ParamsError("cv.folds: must be >= 2")
+    if not 0 < cv.stop_fraction < 1:
+        raise ParamsError("cv.stop_fraction: must be within (0, 1)")
+    if not cv.configs:
+        raise ParamsError("cv.configs: name at least one configuration")
+    train = load_yaml(path).get("train") or {}
+    configs = {}
+    for name, overrides in cv.configs.items():
+        section = f"cv.configs.{name}"
+        if not isinstance(overrides, dict | None):
+            raise ParamsError(f"{section}: expected a mapping of train keys")
+        params = parse_section(TrainParams, section, {**train, **(overrides or {})})
+        configs[str(name)] = check_train(params, section)
+    if cv.baseline and cv.baseline not in configs:
+        raise ParamsError(f"cv.baseline: {cv.baseline!r} is not one of cv.configs")
+    return cv, configs
+
+
+def check_train(params: TrainParams, section: str = "train") -> TrainParams:
+    """The rules a train section (or a cross-validation configuration) must follow."""
     if params.device not in ("auto", "cpu", "cuda"):
-        raise ParamsError(f"train.device: expected auto, cpu or cuda, got {params.device!r}")
+        raise ParamsError(f"{section}.device: expected auto, cpu or cuda, got {params.device!r}")
     if params.model not in MODEL_NAMES:
         raise ParamsError(
-            f"train.model: unknown {params.model!r}; choose one of {list(MODEL_NAMES)}"
+            f"{section}.model: unknown {params.model!r}; choose one of {list(MODEL_NAMES)}"
         )
     if params.epochs < 1:
-        raise ParamsError("train.epochs: must be >= 1")
+        raise ParamsError(f"{section}.epochs: must be >= 1")
+    for name in params.distill_teacher.split("+") if params.distill_teacher else []:
+        if not name.startswith("efficientnet_lite") or name not in MODEL_NAMES:
+            raise ParamsError(
+                f"{section}.distill_teacher: {name!r} is not a pretrained EfficientNet-Lite model"
+            )
+    if not 0.0 <= params.distill_alpha <= 1.0:
+        raise ParamsError(f"{section}.distill_alpha: must be within [0, 1]")
+    if params.distill_temperature <= 0:
+        raise ParamsError(f"{section}.distill_temperature: must be > 0")
     return params

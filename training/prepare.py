@@ -59,7 +59,7 @@ class Checked:
 
 def split_of(sha256: str, val_fraction: float, test_fraction: float, salt: str) -> str:
     """train/val/test from the content hash alone: stable when photos are added or removed."""
-    bucket = _unit(f"{salt}:split:{sha256}")
+    bucket = hash_unit(f"{salt}:split:{sha256}")
     if bucket < test_fraction:
         return "test"
     if bucket < test_fraction + val_fraction:
@@ -67,7 +67,7 @@ def split_of(sha256: str, val_fraction: float, test_fraction: float, salt: str) 
     return "train"
 
 
-def _unit(text: str) -> float:
+def hash_unit(text: str) -> float:
     """A deterministic number in [0, 1) from a string."""
     return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / float(1 << 64)
 
@@ -146,7 +146,7 @@ def select(
             )
     if params.max_per_class is not None:
         # a hash order, not the file order, so the cap samples every part of the folder
-        unique.sort(key=lambda c: _unit(f"{params.split_salt}:subset:{c.sha256}"))
+        unique.sort(key=lambda c: hash_unit(f"{params.split_salt}:subset:{c.sha256}"))
         seen: Counter[str] = Counter()
         capped = []
         for c in unique:

@@ -23,7 +23,7 @@ class Tracker:
         self.run_id = ""
         self._mlflow: Any = None
 
-    def start(self, run_name: str, tags: dict[str, str]) -> str:
+    def start(self, run_name: str, tags: dict[str, str], experiment: str = EXPERIMENT) -> str:
         # An unreachable server should cost seconds, not MLflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -31,7 +31,7 @@ class Tracker:
             import mlflow
 
             self._mlflow = mlflow
-            mlflow.set_experiment(EXPERIMENT)
+            mlflow.set_experiment(experiment)
             run = mlflow.start_run(run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
             self.active = True

@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
+import math
 import random
 import subprocess
 import time
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -38,7 +41,17 @@ from catsdogs.hashing import file_sha256
 from catsdogs.manifest import SPLITS, ManifestRow, read_manifest
 from catsdogs.metrics import classification_metrics
 from catsdogs.preprocessing import PreprocessSpec, decode_image, preprocess_bytes
-from training.models import ImageClassifier, build_model, default_spec, save_checkpoint
+from training.models import (
+    LITE_VARIANTS,
+    ORT_BATCH,
+    EfficientNetLiteFeatures,
+    ImageClassifier,
+    build_model,
+    default_spec,
+    linear_head,
+    onnx_features_session,
+    save_checkpoint,
+)
 from training.params import PARAMS_FILE, TrainParams, load_train, load_yaml
 from training.run_tracking import Tracker
 
@@ -63,30 +76,70 @@ class EvalImages(Dataset):
 
 
 class AugmentedImages(Dataset):
-    """Training-only views: the server's decoder, then a random resized crop and a flip."""
+    """Training-only views: the server's decoder, then a random resized crop and a flip.
 
-    def __init__(self, paths: list[str], labels: list[int], spec: PreprocessSpec, scale_min: float):
-        from torchvision import transforms
+    The crop box and the flip of a photo in view ``view`` follow from (seed, view, path) alone:
+    the same view is the same picture at any output size (a distillation teacher labels exactly
+    what the student sees), and features cached per photo stay valid in any order or subset.
+    """
 
-        self.paths, self.labels = paths, labels
-        self.transform = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(
-                    spec.input_size,
-                    scale=(scale_min, 1.0),
-                    interpolation=transforms.InterpolationMode.BILINEAR,
-                ),
-                transforms.RandomHorizontalFlip(),
-            ]
-        )
+    def __init__(
+        self,
+        paths: list[str],
+        labels: list[int],
+        spec: PreprocessSpec,
+        scale_min: float,
+        *,
+        seed: int,
+        view: int,
+    ) -> None:
+        self.paths, self.labels, self.spec = paths, labels, spec
+        self.scale_min, self.seed, self.view = scale_min, seed, view
+        self.resample = Image.Resampling[spec.interpolation.upper()]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = decode_image(Path(self.paths[i]).read_bytes())
-        arr = np.array(self.transform(img), dtype=np.uint8)  # (H, W, 3), a writable copy
+        key = f"{self.seed}:{self.view}:{self.paths[i]}".encode()
+        rng = np.random.default_rng(int(hashlib.sha256(key).hexdigest()[:16], 16))
+        box = crop_box(img.width, img.height, (self.scale_min, 1.0), rng)
+        size = (self.spec.input_size, self.spec.input_size)
+        img = img.resize(size, self.resample, box=box)  # crop, then an antialiased resize
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.array(img, dtype=np.uint8)  # (H, W, 3), a writable copy
         return torch.from_numpy(arr), self.labels[i]
+
+
+def crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    rng: np.random.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from ``rng``."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    # no box fitted in 10 draws: the largest centred box within the ratio range
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
 def load_splits(manifest: list[ManifestRow]) -> tuple[list[str], dict[str, tuple[list, list]]]:
@@ -135,14 +188,33 @@ def batches(loader: DataLoader, desc: str) -> Iterable:
 def extract_features(
     model: ImageClassifier, dataset: Dataset, batch_size: int, device: torch.device, desc: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, F) float32 features of the frozen part and (N,) labels, in dataset order."""
+    """(N, F) float32 features of the frozen part and (N,) labels, in dataset order.
+
+    On the CPU an EfficientNet-Lite backbone runs through onnxruntime (the serving runtime, several
+    times faster than eager PyTorch here); elsewhere, and for other models, PyTorch computes them.
+    """
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    run = features_fn(model, dataset, device)
     feats, labels = [], []
     for x, y in batches(loader, desc):
-        feats.append(model.features(x.to(device)).float().cpu())
+        feats.append(run(x))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+def features_fn(model: ImageClassifier, dataset: Dataset, device: torch.device) -> Any:
+    """uint8 (N, H, W, 3) batch -> (N, F) float32 CPU features, by the fastest engine at hand."""
+    if device.type == "cpu" and isinstance(model.backbone, EfficientNetLiteFeatures):
+        size = dataset[0][0].shape[0]
+        session = onnx_features_session(model, size, torch.get_num_threads())
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            parts = [session.run(None, {"image": c.numpy()})[0] for c in x.split(ORT_BATCH)]
+            return torch.from_numpy(np.concatenate(parts))
+
+        return run
+    return lambda x: model.features(x.to(device)).float().cpu()
 
 
 def scored(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -172,6 +244,28 @@ class EarlyStopping:
 # ---------------------------------------------------------------------------- regimes
 
 
+def distillation_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    soft_targets: torch.Tensor | None,
+    *,
+    alpha: float,
+    temperature: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T)`` (Hinton et al.).
+
+    ``soft_targets``: (N, C) teacher probabilities at temperature T; None gives plain CE. The T^2
+    keeps the soft term's gradients on the scale of the hard one whatever T is.
+    """
+    ce = nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if soft_targets is None or alpha == 0:
+        return ce
+    log_p = nn.functional.log_softmax(logits / temperature, dim=1)
+    kl = nn.functional.kl_div(log_p, soft_targets, reduction="batchmean")
+    return alpha * temperature**2 * kl + (1 - alpha) * ce
+
+
 def fit_head(
     head: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -179,12 +273,19 @@ def fit_head(
     params: TrainParams,
     device: torch.device,
     on_epoch: Any,
+    soft_targets: torch.Tensor | None = None,
 ) -> int:
-    """Train ``head`` on cached features with early stopping; returns the best epoch."""
+    """Train ``head`` on cached features with early stopping; returns the best epoch.
+
+    ``on_epoch(epoch, train_loss, train_acc, val_metrics)`` logs each epoch; None: quiet.
+    ``soft_targets`` (N, C), row for row with ``train``: a teacher's probabilities at
+    ``params.distill_temperature``, mixed in with ``params.distill_alpha``. Early stopping always
+    watches the plain cross-entropy on the true labels of ``val``.
+    """
     xs, ys = train[0].to(device), train[1].to(device)
+    soft = soft_targets.to(device) if soft_targets is not None else None
     xv, yv = val[0].to(device), val[1]
     opt = torch.optim.AdamW(head.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
     stopper = EarlyStopping(params.patience)
     gen = torch.Generator().manual_seed(params.seed)
     for epoch in range(1, params.epochs + 1):
@@ -192,10 +293,19 @@ def fit_head(
         order = torch.randperm(len(xs), generator=gen).to(device)
         total, correct, seen = 0.0, 0, 0
         steps = range(0, len(order), params.batch_size)
-        for start in tqdm(steps, desc=f"head epoch {epoch}", leave=False, mininterval=2.0):
+        quiet = on_epoch is None  # probes (teachers, cross-validation folds) log nothing per epoch
+        bar = tqdm(steps, f"head epoch {epoch}", leave=False, mininterval=2.0, disable=quiet)
+        for start in bar:
             idx = order[start : start + params.batch_size]
             logits = head(xs[idx])
-            loss = loss_fn(logits, ys[idx])
+            loss = distillation_loss(
+                logits,
+                ys[idx],
+                soft[idx] if soft is not None else None,
+                alpha=params.distill_alpha,
+                temperature=params.distill_temperature,
+                label_smoothing=params.label_smoothing,
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -205,12 +315,42 @@ def fit_head(
         head.eval()
         with torch.inference_mode():
             val_metrics = scored(head(xv).float().cpu(), yv)
-        on_epoch(epoch, total / seen, correct / seen, val_metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, total / seen, correct / seen, val_metrics)
         if stopper.step(epoch, val_metrics["loss"], head):
             break
     assert stopper.best_state is not None
     head.load_state_dict(stopper.best_state)
     return stopper.best_epoch
+
+
+Features = tuple[torch.Tensor, torch.Tensor]  # (N, F) float32 features, (N,) class indices
+
+
+def teacher_soft_targets(
+    teachers: list[tuple[Features, Features]],
+    params: TrainParams,
+    device: torch.device,
+    n_classes: int,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """A linear probe per teacher (its (train, val) features), then the mean of their
+    probabilities at ``params.distill_temperature`` on the training rows: (N, C) soft targets.
+
+    Also returns each teacher probe's validation metrics. The probes train on the same rows and
+    with the same head settings as the student, without distillation.
+    """
+    probe_params = dataclasses.replace(params, distill_teacher=None)
+    probs, scores = [], []
+    for train_feats, val_feats in teachers:
+        head = linear_head(train_feats[0].shape[1], n_classes, params.dropout).to(device)
+        fit_head(head, train_feats, val_feats, probe_params, device, None)
+        head.eval()
+        with torch.inference_mode():
+            logits = head(train_feats[0].to(device)).float().cpu()
+            val_scores = scored(head(val_feats[0].to(device)).float().cpu(), val_feats[1])
+        probs.append((logits / params.distill_temperature).softmax(dim=1))
+        scores.append({k: float(v) for k, v in val_scores.items()})
+    return torch.stack(probs).mean(dim=0), scores
 
 
 def fit_end_to_end(
@@ -239,6 +379,8 @@ def fit_end_to_end(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
     stopper = EarlyStopping(params.patience)
     for epoch in range(first_epoch, first_epoch + epochs):
+        if isinstance(train_set, AugmentedImages):
+            train_set.view = epoch  # new crops every epoch (workers copy the dataset per epoch)
         model.train()
         for m in frozen_modules:  # frozen BatchNorm keeps its ImageNet statistics
             m.eval()
@@ -395,6 +537,79 @@ def start_tracking(
     return tracker, run_id
 
 
+def view_sets(
+    paths: list[str], labels: list[int], spec: PreprocessSpec, params: TrainParams
+) -> list[Dataset]:
+    """The training views of a split: the server's view, then ``augment_views`` augmented ones."""
+    return [EvalImages(paths, labels, spec)] + [
+        AugmentedImages(paths, labels, spec, params.crop_scale_min, seed=params.seed, view=view)
+        for view in range(1, params.augment_views + 1)
+    ]
+
+
+def split_features(
+    model: ImageClassifier,
+    splits: dict[str, tuple[list, list]],
+    spec: PreprocessSpec,
+    params: TrainParams,
+    device: torch.device,
+) -> tuple[Features, Features]:
+    """Features of every training view (concatenated, view by view) and of validation."""
+    t0 = time.monotonic()
+    parts = view_sets(*splits["train"], spec, params)
+    train_feats = [
+        extract_features(model, p, params.batch_size, device, f"{spec.input_size}px view {i}")
+        for i, p in enumerate(parts)
+    ]
+    val_set = EvalImages(*splits["val"], spec)
+    val_feats = extract_features(model, val_set, params.batch_size, device, "features val")
+    log.info(
+        "features of %d images at %d px in %.0f s",
+        sum(len(f[0]) for f in train_feats) + len(val_feats[0]),
+        spec.input_size,
+        time.monotonic() - t0,
+    )
+    xs = torch.cat([f[0] for f in train_feats])
+    ys = torch.cat([f[1] for f in train_feats])
+    return (xs, ys), val_feats
+
+
+def teacher_names(params: TrainParams) -> list[str]:
+    """``train.distill_teacher``: none, one model name, or an ensemble joined with ``+``."""
+    return params.distill_teacher.split("+") if params.distill_teacher else []
+
+
+def teacher_spec(name: str, interpolation: str) -> PreprocessSpec:
+    """A teacher sees the photos at the input size its ImageNet weights were trained at."""
+    size, resize = LITE_VARIANTS[name]
+    return default_spec(name, size, resize, interpolation=interpolation)
+
+
+def distill_from_teachers(
+    splits: dict[str, tuple[list, list]],
+    params: TrainParams,
+    device: torch.device,
+    n_classes: int,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Soft targets for every training view from ``train.distill_teacher``; and what to record."""
+    teachers = []
+    for name in teacher_names(params):
+        spec = teacher_spec(name, params.interpolation)
+        teacher = build_model(name, n_classes, pretrained=True, spec=spec)
+        teacher.to(device=device, memory_format=torch.channels_last)
+        teachers.append(split_features(teacher, splits, spec, params, device))
+        del teacher
+    soft, scores = teacher_soft_targets(teachers, params, device, n_classes)
+    record = {
+        "teacher": params.distill_teacher,
+        "alpha": params.distill_alpha,
+        "temperature": params.distill_temperature,
+        "teacher_val_accuracy": [round(s["accuracy"], 6) for s in scores],
+    }
+    log.info("distillation: %s", json.dumps(record))
+    return soft, record
+
+
 def fit_frozen_backbone(
     model: ImageClassifier,
     splits: dict[str, tuple[list, list]],
@@ -402,38 +617,28 @@ def fit_frozen_backbone(
     params: TrainParams,
     device: torch.device,
     epochs: EpochLog,
-) -> int:
-    """Features once (plus augmented views), a linear head on them, then optional fine-tuning.
+) -> tuple[int, dict[str, Any] | None]:
+    """Features once (plus augmented views), a linear head on them (taught by the teachers'
+    soft targets when ``train.distill_teacher`` is set), then optional fine-tuning.
 
-    Returns the best epoch."""
+    Returns the best epoch and the distillation record (None without a teacher)."""
     train_paths, train_labels = splits["train"]
-    val_set = EvalImages(*splits["val"], spec)
-    parts = [EvalImages(train_paths, train_labels, spec)]
-    parts += [
-        AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
-        for _ in range(params.augment_views)
-    ]
-    t0 = time.monotonic()
-    train_feats = [
-        extract_features(model, p, params.batch_size, device, f"features train view {i}")
-        for i, p in enumerate(parts)
-    ]
-    val_feats = extract_features(model, val_set, params.batch_size, device, "features val")
-    log.info(
-        "features of %d images in %.0f s",
-        sum(len(f[0]) for f in train_feats) + len(val_feats[0]),
-        time.monotonic() - t0,
-    )
-    xs = torch.cat([f[0] for f in train_feats])
-    ys = torch.cat([f[1] for f in train_feats])
-    best_epoch = fit_head(model.head, (xs, ys), val_feats, params, device, epochs)
+    train_feats, val_feats = split_features(model, splits, spec, params, device)
+    soft, distillation = None, None
+    if teacher_names(params):
+        n_classes = model.head[-1].out_features
+        soft, distillation = distill_from_teachers(splits, params, device, n_classes)
+    best_epoch = fit_head(model.head, train_feats, val_feats, params, device, epochs, soft)
     if params.fine_tune_blocks <= 0 or params.fine_tune_epochs <= 0:
-        return best_epoch
-    if params.model != "efficientnet_lite0":
-        raise SystemExit("train.fine_tune_blocks applies to efficientnet_lite0 only")
+        return best_epoch, distillation
+    if params.model not in LITE_VARIANTS:
+        raise SystemExit("train.fine_tune_blocks applies to the EfficientNet-Lite models only")
     trainable, frozen_modules = fine_tune_parts(model, params.fine_tune_blocks)
-    aug = AugmentedImages(train_paths, train_labels, spec, params.crop_scale_min)
-    return fit_end_to_end(
+    aug = AugmentedImages(
+        train_paths, train_labels, spec, params.crop_scale_min, seed=params.seed, view=1
+    )
+    val_set = EvalImages(*splits["val"], spec)
+    best_epoch = fit_end_to_end(
         model,
         trainable,
         frozen_modules,
@@ -446,6 +651,7 @@ def fit_frozen_backbone(
         epochs,
         first_epoch=len(epochs.history) + 1,
     )
+    return best_epoch, distillation
 
 
 def fit_from_scratch(
@@ -455,11 +661,13 @@ def fit_from_scratch(
     params: TrainParams,
     device: torch.device,
     epochs: EpochLog,
-) -> int:
-    """Every weight trained on augmented photos; returns the best epoch."""
+) -> tuple[int, None]:
+    """Every weight trained on augmented photos; returns the best epoch (and no distillation)."""
+    if teacher_names(params):
+        raise SystemExit("train.distill_teacher needs a frozen backbone (pretrained or logreg)")
     val_set = EvalImages(*splits["val"], spec)
-    aug = AugmentedImages(*splits["train"], spec, params.crop_scale_min)
-    return fit_end_to_end(
+    aug = AugmentedImages(*splits["train"], spec, params.crop_scale_min, seed=params.seed, view=1)
+    best_epoch = fit_end_to_end(
         model,
         list(model.parameters()),
         [],
@@ -471,6 +679,7 @@ def fit_from_scratch(
         device,
         epochs,
     )
+    return best_epoch, None
 
 
 def write_reports(
@@ -531,19 +740,21 @@ def train(
         params.model, params.input_size, params.resize, interpolation=params.interpolation
     )
     options = {"dropout": params.dropout, "logreg_pool": params.logreg_pool}
-    # only EfficientNet-Lite0 has offline weights; the others always start from scratch
-    pretrained = params.pretrained and params.model == "efficientnet_lite0"
+    # only the EfficientNet-Lite models have offline weights; the others start from scratch
+    pretrained = params.pretrained and params.model in LITE_VARIANTS
     model = build_model(params.model, len(class_names), pretrained=pretrained, spec=spec, **options)
     model.to(device=device, memory_format=torch.channels_last)
     data_version = file_sha256(manifest_path)
     commit = git_commit()
     tags = {"git_commit": commit, "data_version": data_version, "model_name": params.model}
+    if params.distill_teacher:
+        tags["distill_teacher"] = params.distill_teacher
     tracker, run_id = start_tracking(params, all_params, tags, device, len(splits["train"][0]))
 
     epochs = EpochLog(tracker)
     frozen = params.model == "logreg" or pretrained  # nothing to learn in the backbone
     fit = fit_frozen_backbone if frozen else fit_from_scratch
-    best_epoch = fit(model, splits, spec, params, device, epochs)
+    best_epoch, distillation = fit(model, splits, spec, params, device, epochs)
 
     val_set = EvalImages(*splits["val"], spec)
     val_loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=0)
@@ -565,6 +776,7 @@ def train(
         "val_metrics": val_metrics,
         "model_options": options,
         "split_counts": {s: len(splits[s][0]) for s in splits},
+        "distillation": distillation,  # teacher, alpha, temperature; None without one
     }
     model.to(device="cpu", memory_format=torch.contiguous_format)
     save_checkpoint(model_path, model, meta)

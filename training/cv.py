@@ -1,0 +1,537 @@
+"""Stage ``cv``: k-fold cross-validation of named training configurations over every photo.
+
+Each configuration of ``params.yaml``'s ``cv.configs`` is the ``train`` section with a few keys
+overridden. Folds come from the photo's content hash (as the train/val/test split does), so a
+photo always lands in the same fold and duplicates can never straddle two. Per configuration and
+fold, a head trains on the other folds (early stopping on a hash-chosen slice of them) and
+predicts the held-out fold; the out-of-fold predictions of all photos give the accuracy, its
+Wilson 95% interval, the photos it gets wrong and a contact sheet of them. The same head is also
+fitted once on the standard split (train, early stopping on val) and scored on test.
+
+Frozen-backbone features are computed once per backbone, input size and view, for every photo,
+and cached under ``cv.cache_dir``, so adding a configuration costs only its head fits (and the
+features of a backbone or view not seen before).
+
+    python -m training.cv --manifest data/prepared/manifest.csv --out reports/cv
+
+Writes ``summary.json`` (every figure, per configuration), ``table.md``, and per configuration
+``<name>/mistakes.csv``, ``<name>/mistakes.jpg`` and ``<name>/predictions.csv`` (out-of-fold
+probability of every photo). One MLflow run per configuration in the experiment ``catsdogs-cv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from catsdogs.hashing import file_sha256
+from catsdogs.manifest import ManifestRow, read_manifest
+from catsdogs.preprocessing import PreprocessSpec, decode_image
+from training.models import LITE_VARIANTS, build_model, default_spec, linear_head
+from training.params import PARAMS_FILE, CvParams, TrainParams, load_cv, load_train
+from training.prepare import hash_unit
+from training.run_tracking import Tracker
+from training.train import (
+    AugmentedImages,
+    EvalImages,
+    Features,
+    extract_features,
+    fit_head,
+    git_commit,
+    pick_device,
+    set_seed,
+    teacher_names,
+    teacher_soft_targets,
+    teacher_spec,
+)
+
+log = logging.getLogger("training.cv")
+
+EXPERIMENT = "catsdogs-cv"
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+# ---------------------------------------------------------------------------- folds and figures
+
+
+def fold_of(sha256: str, folds: int, salt: str) -> int:
+    """The fold of a photo, from its content hash alone (the split's mapping, another salt)."""
+    return min(folds - 1, int(hash_unit(f"{salt}:fold:{sha256}") * folds))
+
+
+def stops_early(sha256: str, fraction: float, salt: str) -> bool:
+    """Whether a photo of the training folds is in the early-stopping slice."""
+    return hash_unit(f"{salt}:stop:{sha256}") < fraction
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (good near 0 and 1, unlike Wald's)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value: photos right for A only vs right for B only."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2 * tail)
+
+
+# ---------------------------------------------------------------------------- feature cache
+
+
+@dataclass(frozen=True)
+class Photos:
+    """Every photo of the manifest, in manifest order."""
+
+    paths: list[str]
+    labels: np.ndarray  # (N,) class index
+    sha256: list[str]
+    split: np.ndarray  # (N,) "train" | "val" | "test"
+    class_names: list[str]
+
+    @classmethod
+    def from_rows(cls, rows: list[ManifestRow]) -> Photos:
+        names = sorted({r.label for r in rows})
+        return cls(
+            paths=[str(r.path) for r in rows],
+            labels=np.array([names.index(r.label) for r in rows], dtype=np.int64),
+            sha256=[r.sha256 for r in rows],
+            split=np.array([r.split for r in rows]),
+            class_names=names,
+        )
+
+
+class FeatureCache:
+    """``(N, F)`` features of every photo for a backbone at a size and one view, on disk.
+
+    One ``.npz`` per (backbone, spec, view) holds the sha256 of each photo next to its features,
+    so a photo is computed once whatever subset or order is asked for later.
+    """
+
+    def __init__(self, root: Path, batch_size: int, device: torch.device) -> None:
+        self.root, self.batch_size, self.device = root, batch_size, device
+
+    def get(
+        self, model_name: str, spec: PreprocessSpec, params: TrainParams, view: int, photos: Photos
+    ) -> np.ndarray:
+        key = f"{model_name}-{spec.input_size}-{spec.resize}-{spec.interpolation}"
+        if model_name == "logreg":
+            key += f"-pool{params.logreg_pool}"
+        if view:
+            key_view = f"view{view}-seed{params.seed}-scale{params.crop_scale_min:g}"
+        else:
+            key_view = "eval"
+        path = self.root / key / f"{key_view}.npz"
+        cached: dict[str, np.ndarray] = {}
+        if path.exists():
+            with np.load(path) as npz:
+                cached = dict(zip(npz["sha256"].tolist(), npz["features"], strict=True))
+        missing = [i for i, h in enumerate(photos.sha256) if h not in cached]
+        if missing:
+            feats = self._compute(model_name, spec, params, view, photos, missing)
+            cached.update(zip([photos.sha256[i] for i in missing], feats, strict=True))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(
+                tmp,
+                sha256=np.array(list(cached)),
+                features=np.stack(list(cached.values())).astype(np.float32),
+            )
+            tmp.replace(path)
+        return np.stack([cached[h] for h in photos.sha256])
+
+    def _compute(
+        self,
+        model_name: str,
+        spec: PreprocessSpec,
+        params: TrainParams,
+        view: int,
+        photos: Photos,
+        index: list[int],
+    ) -> np.ndarray:
+        paths = [photos.paths[i] for i in index]
+        labels = photos.labels[index].tolist()
+        dataset = (
+            AugmentedImages(paths, labels, spec, params.crop_scale_min, seed=params.seed, view=view)
+            if view
+            else EvalImages(paths, labels, spec)
+        )
+        model = build_model(
+            model_name,
+            len(photos.class_names),
+            pretrained=model_name in LITE_VARIANTS,
+            spec=spec,
+            logreg_pool=params.logreg_pool,
+        )
+        model.to(device=self.device, memory_format=torch.channels_last)
+        t0 = time.monotonic()
+        desc = f"{model_name} {spec.input_size}px view {view}"
+        feats, _ = extract_features(model, dataset, self.batch_size, self.device, desc)
+        rate = (time.monotonic() - t0) / len(index)
+        log.info("%s: %d photos, %.1f ms each", desc, len(index), rate * 1000)
+        return feats.numpy()
+
+
+def frozen_backbone(params: TrainParams) -> bool:
+    """Models whose features never change in training: pretrained EfficientNet-Lite, logreg."""
+    return params.model == "logreg" or (params.model in LITE_VARIANTS and params.pretrained)
+
+
+def view_features(
+    cache: FeatureCache, model_name: str, spec: PreprocessSpec, params: TrainParams, p: Photos
+) -> list[np.ndarray]:
+    """Features of every photo in the server's view, then in each augmented view."""
+    return [cache.get(model_name, spec, params, v, p) for v in range(params.augment_views + 1)]
+
+
+# ---------------------------------------------------------------------------- one configuration
+
+
+def stack(views: list[np.ndarray], rows: np.ndarray, labels: np.ndarray) -> Features:
+    """Rows ``rows`` of every view, view after view: (len(views) * len(rows), F) and labels."""
+    x = np.concatenate([v[rows] for v in views])
+    y = np.tile(labels[rows], len(views))
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def fit_predict(
+    student: list[np.ndarray],
+    teachers: list[list[np.ndarray]],
+    labels: np.ndarray,
+    fit_rows: np.ndarray,
+    stop_rows: np.ndarray,
+    predict_rows: np.ndarray,
+    params: TrainParams,
+    device: torch.device,
+) -> np.ndarray:
+    """Train a head on ``fit_rows`` (every view), stop early on ``stop_rows`` (server's view),
+    return class probabilities of ``predict_rows`` (server's view): (len(predict_rows), C)."""
+    set_seed(params.seed)
+    n_classes = int(labels.max()) + 1
+    train = stack(student, fit_rows, labels)
+    stop = stack(student[:1], stop_rows, labels)
+    soft = None
+    if teachers:
+        sets = [(stack(t, fit_rows, labels), stack(t[:1], stop_rows, labels)) for t in teachers]
+        soft, _ = teacher_soft_targets(sets, params, device, n_classes)
+    head = linear_head(train[0].shape[1], n_classes, params.dropout).to(device)
+    fit_head(head, train, stop, params, device, None, soft)
+    head.eval()
+    with torch.inference_mode():
+        x = torch.from_numpy(student[0][predict_rows]).to(device)
+        return head(x).float().softmax(dim=1).cpu().numpy()
+
+
+def evaluate_config(
+    name: str,
+    params: TrainParams,
+    photos: Photos,
+    cache: FeatureCache,
+    cv: CvParams,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Out-of-fold probabilities of every photo, and the standard split's test accuracy."""
+    if params.fine_tune_blocks > 0 and params.fine_tune_epochs > 0:
+        raise SystemExit(f"cv.configs.{name}: fine-tuning is measured on the standard split only")
+    if not frozen_backbone(params):
+        raise SystemExit(f"cv.configs.{name}: cross-validation needs a frozen backbone")
+    spec = default_spec(
+        params.model, params.input_size, params.resize, interpolation=params.interpolation
+    )
+    student = view_features(cache, params.model, spec, params, photos)
+    teachers = [
+        view_features(cache, t, teacher_spec(t, params.interpolation), params, photos)
+        for t in teacher_names(params)
+    ]
+    folds = np.array([fold_of(h, cv.folds, cv.salt) for h in photos.sha256])
+    stop = np.array([stops_early(h, cv.stop_fraction, cv.salt) for h in photos.sha256])
+    probs = np.zeros((len(photos.paths), len(photos.class_names)), dtype=np.float64)
+    t0 = time.monotonic()
+    for k in range(cv.folds):
+        held = np.flatnonzero(folds == k)
+        fit_rows = np.flatnonzero((folds != k) & ~stop)
+        stop_rows = np.flatnonzero((folds != k) & stop)
+        probs[held] = fit_predict(
+            student, teachers, photos.labels, fit_rows, stop_rows, held, params, device
+        )
+    cv_seconds = time.monotonic() - t0
+    t0 = time.monotonic()
+    test_rows = np.flatnonzero(photos.split == "test")
+    test_probs = fit_predict(
+        student,
+        teachers,
+        photos.labels,
+        np.flatnonzero(photos.split == "train"),
+        np.flatnonzero(photos.split == "val"),
+        test_rows,
+        params,
+        device,
+    )
+    head_seconds = time.monotonic() - t0
+    test_correct = int((test_probs.argmax(1) == photos.labels[test_rows]).sum())
+    return {
+        "probs": probs,
+        "folds": folds,
+        "test": {"n": len(test_rows), "correct": test_correct},
+        "cv_head_seconds": round(cv_seconds, 1),
+        "split_head_seconds": round(head_seconds, 1),
+    }
+
+
+def summarise(result: dict[str, Any], photos: Photos, cv: CvParams) -> dict[str, Any]:
+    probs, folds = result["probs"], result["folds"]
+    predicted = probs.argmax(1)
+    right = predicted == photos.labels
+    n, correct = len(right), int(right.sum())
+    low, high = wilson_interval(correct, n)
+    p_true = probs[np.arange(n), photos.labels]
+    test = result["test"]
+    return {
+        "n": n,
+        "correct": correct,
+        "mistakes": n - correct,
+        "accuracy": round(correct / n, 6),
+        "ci95": [round(low, 6), round(high, 6)],
+        "log_loss": round(float(-np.log(np.clip(p_true, 1e-12, 1)).mean()), 6),
+        "fold_accuracy": [round(float(right[folds == k].mean()), 6) for k in range(cv.folds)],
+        "test_n": test["n"],
+        "test_accuracy": round(test["correct"] / test["n"], 6) if test["n"] else None,
+        "cv_head_seconds": result["cv_head_seconds"],
+        "split_head_seconds": result["split_head_seconds"],
+    }
+
+
+def train_images(params: TrainParams, photos: Photos) -> dict[str, int]:
+    """Images the train stage passes through each backbone for this configuration: every
+    training photo in every view, and validation once; the same again for each teacher."""
+    n_train = int((photos.split == "train").sum())
+    n_val = int((photos.split == "val").sum())
+    n = n_train * (1 + params.augment_views) + n_val
+    images = {f"{params.model}@{params.input_size}": n}
+    for t in teacher_names(params):
+        images[f"{t}@{LITE_VARIANTS[t][0]}"] = images.get(f"{t}@{LITE_VARIANTS[t][0]}", 0) + n
+    return images
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def write_predictions(
+    out: Path, probs: np.ndarray, folds: np.ndarray, photos: Photos
+) -> list[dict[str, Any]]:
+    """predictions.csv (every photo) and mistakes.csv; returns the mistakes, surest first."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = photos.class_names
+    rows, mistakes = [], []
+    for i, path in enumerate(photos.paths):
+        pred = int(probs[i].argmax())
+        row = {
+            "path": path,
+            "label": names[photos.labels[i]],
+            "predicted": names[pred],
+            "p": round(float(probs[i, pred]), 6),
+            "fold": int(folds[i]),
+        }
+        rows.append(row)
+        if pred != photos.labels[i]:
+            mistakes.append(row)
+    mistakes.sort(key=lambda r: (-r["p"], r["path"]))
+    for name, data in (("predictions.csv", rows), ("mistakes.csv", mistakes)):
+        with open(out / name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(data)
+    return mistakes
+
+
+def contact_sheet(
+    mistakes: list[dict[str, Any]], path: Path, columns: int, thumb: int, title: str
+) -> None:
+    """A grid of the mistaken photos, each captioned ``label -> predicted p``."""
+    font = ImageFont.load_default()
+    caption, header = 26, 20
+    rows = max(1, math.ceil(len(mistakes) / columns))
+    width = columns * (thumb + 4) + 4
+    sheet = Image.new("RGB", (width, header + rows * (thumb + caption + 4) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), title, fill="black", font=font)
+    if not mistakes:
+        draw.text((4, header + 4), "no mistakes", fill="black", font=font)
+    for i, m in enumerate(mistakes):
+        img = decode_image(Path(m["path"]).read_bytes())
+        img.thumbnail((thumb, thumb))
+        x = 4 + (i % columns) * (thumb + 4)
+        y = header + (i // columns) * (thumb + caption + 4)
+        sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
+        text = f"{m['label']}->{m['predicted']} {m['p']:.2f}"
+        draw.text((x, y + thumb + 1), Path(m["path"]).stem[:18], fill="black", font=font)
+        draw.text((x, y + thumb + 13), text, fill="firebrick", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, quality=85, optimize=True)
+
+
+def compare(summary: dict[str, Any], right: dict[str, np.ndarray], baseline: str) -> None:
+    """Paired with the baseline, photo by photo: who fixes what (exact McNemar test)."""
+    if not baseline:
+        return
+    for name, s in summary.items():
+        if name == baseline:
+            continue
+        fixed = int((right[name] & ~right[baseline]).sum())
+        broken = int((~right[name] & right[baseline]).sum())
+        s["vs_baseline"] = {
+            "baseline": baseline,
+            "fixed": fixed,
+            "broken": broken,
+            "mcnemar_p": round(mcnemar_p(fixed, broken), 6),
+        }
+
+
+def markdown_table(summary: dict[str, Any], default: str | None) -> str:
+    lines = [
+        "| configuration | CV accuracy (95% CI) | mistakes | vs baseline (fixed/broken, p) "
+        "| test accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        mark = " (default)" if name == default else ""
+        vs = s.get("vs_baseline")
+        vs_text = f"+{vs['fixed']}/-{vs['broken']}, p={vs['mcnemar_p']:.3g}" if vs else "baseline"
+        lines.append(
+            f"| `{name}`{mark} | {s['accuracy']:.4f} ({s['ci95'][0]:.4f}-{s['ci95'][1]:.4f}) "
+            f"| {s['mistakes']} / {s['n']} | {vs_text} | {s['test_accuracy']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def track(
+    name: str,
+    params: TrainParams,
+    cv: CvParams,
+    s: dict[str, Any],
+    out: Path,
+    tags: dict[str, str],
+) -> str:
+    """One MLflow run per configuration, so the UI lines them up; returns its id."""
+    tracker = Tracker()
+    run_id = tracker.start(run_name=name, tags={**tags, "cv_config": name}, experiment=EXPERIMENT)
+    flat = {f"train.{k}": str(v) for k, v in dataclasses.asdict(params).items()}
+    flat.update({f"cv.{k}": str(v) for k, v in dataclasses.asdict(cv).items() if k != "configs"})
+    tracker.call("log_params", flat)
+    metrics = {
+        "cv_accuracy": s["accuracy"],
+        "cv_ci95_low": s["ci95"][0],
+        "cv_ci95_high": s["ci95"][1],
+        "cv_mistakes": s["mistakes"],
+        "cv_log_loss": s["log_loss"],
+        "test_accuracy": s["test_accuracy"],
+        **{f"fold_{k}_accuracy": a for k, a in enumerate(s["fold_accuracy"])},
+    }
+    if "vs_baseline" in s:
+        metrics.update({f"vs_baseline_{k}": s["vs_baseline"][k] for k in ("fixed", "broken")})
+    tracker.call("log_metrics", metrics)
+    for artifact in ("mistakes.csv", "mistakes.jpg", "predictions.csv"):
+        tracker.call("log_artifact", str(out / name / artifact), artifact_path="cv")
+    tracker.end()
+    return run_id
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def cross_validate(
+    manifest: Path,
+    out: Path,
+    cv: CvParams,
+    configs: dict[str, TrainParams],
+    default: TrainParams,
+) -> dict[str, Any]:
+    """The whole stage; returns what ``summary.json`` holds."""
+    started = time.monotonic()
+    first = next(iter(configs.values()))
+    if first.threads:
+        torch.set_num_threads(first.threads)
+    device = pick_device(first.device)
+    photos = Photos.from_rows(read_manifest(manifest))
+    cache = FeatureCache(Path(cv.cache_dir), first.batch_size, device)
+    data_version = file_sha256(manifest)
+    tags = {"data_version": data_version, "git_commit": git_commit(), "kind": "cross-validation"}
+    default_name = next((n for n, p in configs.items() if p == default), None)
+    summary: dict[str, dict[str, Any]] = {}
+    right: dict[str, np.ndarray] = {}
+    for name, params in configs.items():
+        log.info("configuration %s", name)
+        result = evaluate_config(name, params, photos, cache, cv, device)
+        s = summarise(result, photos, cv)
+        s["train_images"] = train_images(params, photos)
+        s["params"] = {
+            k: v for k, v in dataclasses.asdict(params).items() if v != getattr(default, k)
+        }
+        s["overrides"] = cv.configs[name] or {}
+        s["served"] = {"model": params.model, "input_size": params.input_size}
+        mistakes = write_predictions(out / name, result["probs"], result["folds"], photos)
+        title = f"{name}: {s['mistakes']} of {s['n']} wrong ({cv.folds}-fold, true->predicted p)"
+        contact_sheet(mistakes, out / name / "mistakes.jpg", cv.sheet_columns, cv.thumb_px, title)
+        right[name] = result["probs"].argmax(1) == photos.labels
+        summary[name] = s
+        log.info(
+            "%s: accuracy %.4f (%.4f-%.4f), %d mistakes, test %.4f",
+            name,
+            s["accuracy"],
+            *s["ci95"],
+            s["mistakes"],
+            s["test_accuracy"],
+        )
+    compare(summary, right, cv.baseline)
+    for name, params in configs.items():
+        summary[name]["mlflow_run_id"] = track(name, params, cv, summary[name], out, tags)
+    report = {
+        "folds": cv.folds,
+        "n": len(photos.paths),
+        "data_version": data_version,
+        "default": default_name,
+        "baseline": cv.baseline or None,
+        "seconds": round(time.monotonic() - started, 1),
+        "configs": summary,
+    }
+    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "table.md").write_text(markdown_table(summary, default_name))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=PARAMS_FILE)
+    parser.add_argument("--manifest", type=Path, default=Path("data/prepared/manifest.csv"))
+    parser.add_argument("--out", type=Path, default=Path("reports/cv"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cv, configs = load_cv(args.params)
+    default = load_train(args.params)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cross_validate(args.manifest, args.out, cv, configs, default)
+
+
+if __name__ == "__main__":
+    main()
