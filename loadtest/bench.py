@@ -336,6 +336,32 @@ def paired(
     return pairs
 
 
+def label_agreement(
+    worker: InprocessWorker, server: ServerProcess, photos: list[tuple[str, bytes]]
+) -> dict[str, Any]:
+    """Every photo once through the server and once in-process: same label, and how far apart
+    the probabilities are (the server must give the floor's answers, not only its speed)."""
+    import urllib.request
+
+    expected = worker.call("labels")["labels"]
+    metadata = json.loads(urllib.request.urlopen(f"{server.url}/metadata", timeout=30).read())
+    classes = metadata["class_names"]
+    same, worst, differ = 0, 0.0, []
+    for (name, data), (index, probs) in zip(photos, expected, strict=True):
+        request = urllib.request.Request(
+            f"{server.url}/predict", data=data, headers={"Content-Type": "image/jpeg"}
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        got = [answer["probabilities"][c] for c in classes]
+        worst = max(worst, *(abs(a - b) for a, b in zip(got, probs, strict=True)))
+        if answer["label"] == classes[index]:
+            same += 1
+        else:
+            differ.append(name)
+    return {"photos": len(photos), "same_label": same, "max_abs_prob_diff": worst,
+            "differing": differ}  # fmt: skip
+
+
 def ratios(result: dict[str, Any]) -> dict[str, Any]:
     pairs = result["pairs"]
     server = result["servers"]["fp32 batching"]
@@ -383,6 +409,7 @@ def http_sweep(
                     level["images_per_s"], level["errors"],
                 )  # fmt: skip
         result["pairs"] = paired(worker, servers["fp32 batching"], photos, args, bar)
+        result["labels"] = label_agreement(worker, servers["fp32 batching"], photos)
         host = servers["fp32 batching"].url
         bar.set_postfix_str("client ceiling")
         ceiling = asyncio.run(

@@ -122,7 +122,15 @@ def _targets(result: dict[str, Any]) -> list[str]:
         ]  # fmt: skip
         out += _table(["measure", "value", "target", "met"], rows)
         out.append("")
-
+    agree = result.get("labels")
+    if agree:
+        out.append(
+            f"Correctness: the default server gave the in-process label on {agree['same_label']} "
+            f"of {agree['photos']} photos (largest probability difference "
+            f"{agree['max_abs_prob_diff']:.2g})"
+            + (f"; different on {', '.join(agree['differing'])}." if agree["differing"] else ".")
+        )
+        out.append("")
     return out
 
 

@@ -142,6 +142,16 @@ def measure(
     }
 
 
+def labels(runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec) -> list:
+    """Per photo, in order: [class index, probabilities] from the plain in-process path."""
+    run = next(iter(runs.values()))
+    out = []
+    for data in photos:
+        probs = run(preprocess_bytes(data, spec)[None])[0]
+        out.append([int(np.argmax(probs)), [float(p) for p in probs]])
+    return out
+
+
 def serve_commands(
     runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec,
     sizes: Sequence[int], header: dict[str, Any],
@@ -150,7 +160,9 @@ def serve_commands(
 
     The benchmark keeps this process (and its loaded sessions) alive for the whole run, so it
     can interleave floor measurements with HTTP ones at no start-up cost:
-    ops ``full``, ``per_image``, ``batched`` (all sizes) and ``quit``, as ``{"op": "..."}``.
+    ops ``full``, ``per_image``, ``batched`` (all sizes), ``labels`` (each photo's class index
+    and probabilities, for the HTTP answers to be compared with) and ``quit``, as
+    ``{"op": "..."}``.
     """
     warm(runs, photos, spec, sizes)
     print(json.dumps({"ready": True, **header}), flush=True)
@@ -164,6 +176,8 @@ def serve_commands(
             answer = per_image(runs, photos, spec)
         elif op == "batched":
             answer = {"batched": [batched(runs, photos, spec, size) for size in sizes]}
+        elif op == "labels":
+            answer = {"labels": labels(runs, photos, spec)}
         else:
             answer = {"error": f"unknown op {op!r}"}
         print(json.dumps(answer), flush=True)

@@ -186,3 +186,13 @@ def test_stage_plot_sets_the_floor_against_the_server(tmp_path: Path) -> None:
     paths = write_report(result, tmp_path)
     assert tmp_path / "latency_stages.png" in paths
     assert (tmp_path / "latency_stages.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_label_agreement_is_reported_with_the_targets(tmp_path: Path) -> None:
+    from loadtest.bench_report import markdown
+
+    agreement = {"photos": 200, "same_label": 199, "max_abs_prob_diff": 0.4}
+    result = {**SYNTHETIC, "labels": {**agreement, "differing": ["dog/7.jpg"]}}
+    text = markdown(result)
+    assert "in-process label on 199 of 200 photos" in text
+    assert "different on dog/7.jpg" in text
