@@ -282,9 +282,17 @@ image_source() {
     echo "${url:-unknown}"
 }
 
+# The build args fill the Dockerfile's LABEL (a plain `docker build` gets them too); the --label
+# flags set the same three again on the final image, because buildah's layer cache reuses a
+# LABEL step whose ARG values changed (seen: a rebuild at a new commit kept the old revision).
 label_build_args() {
-    echo "--build-arg IMAGE_SOURCE=$(image_source) --build-arg GIT_COMMIT=$(git_commit)" \
-        "--build-arg IMAGE_VERSION=$(image_version)"
+    local source commit version
+    source=$(image_source) commit=$(git_commit) version=$(image_version)
+    echo "--build-arg IMAGE_SOURCE=$source --build-arg GIT_COMMIT=$commit" \
+        "--build-arg IMAGE_VERSION=$version" \
+        "--label org.opencontainers.image.source=$source" \
+        "--label org.opencontainers.image.revision=$commit" \
+        "--label org.opencontainers.image.version=$version"
 }
 
 cmd_build_serve() {
