@@ -124,7 +124,7 @@ def test_feedback_errors(server_process):
     files = [("files", ("a.jpg", image_bytes(RED), "image/jpeg"))] * 2
     batch = httpx.post(f"{server.url}/predict/batch", files=files).json()["predictions"]
     image_id = batch[1]["prediction_id"]
-    # by the batch's request id the image is ambiguous: 409, and nothing is graded
+    # by the batch's request id the image is ambiguous: 409, and no prediction gets the label
     r = httpx.post(url, json={"request_id": batch[1]["request_id"], "label": "cat"})
     assert r.status_code == 409, r.text
     assert r.json()["error"]["code"] == "ambiguous_request_id"
