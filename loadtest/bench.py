@@ -70,8 +70,9 @@ METHOD = """\
 All figures come from one `make bench` run on the machine above, which is shared and whose speed
 drifts by tens of percent within minutes; so nothing is compared across time. The servers' variants
 are interleaved (for each concurrency level every server takes its turn), and the two target ratios
-come from pairs measured back to back: in-process, then HTTP, then the other way round, three times;
-each target ratio is the median of its three paired ratios (every pair is in the report).
+come from pairs measured back to back, in-process then HTTP or the other way round, alternating,
+five times (`--pairs`); each target ratio is the median of its paired ratios (every pair is in
+the report).
 The bare floor ("in-process"): a worker process in the serving environment with the project's
 preprocessing (`catsdogs.preprocessing.preprocess_bytes`: decode, EXIF, resize, centre crop) and
 plain onnxruntime sessions (no queue, no event loop, no threads beyond onnxruntime's), one photo
@@ -441,7 +442,13 @@ def batch_curve(log_path: Path) -> dict[str, Any]:
             continue
         if fields.get("message") == "ready":
             curve = fields.get("seconds_per_image") or {}
-            return {"batch_limit": fields.get("batch_limit"), "batch_curve": curve}
+            return {
+                "batch_limit": fields.get("batch_limit"),
+                "batch_curve": curve,
+                "parallel_runs": fields.get("parallel_runs"),
+                "parallel_batch_limit": fields.get("parallel_batch_limit"),
+                "parallel_batch_curve": fields.get("parallel_seconds_per_image") or {},
+            }
     return {}
 
 
@@ -464,6 +471,11 @@ def measured(
             {**base_env, "INTRA_OP_SPINNING": "0", "PREDICTION_LOG_PATH": str(scratch / "d.db")},
         ),
     }
+    # the default runs batches side by side under load (PARALLEL_RUNS, one core each); this
+    # variant runs one batch at a time on every core, to show what parallel runs are worth
+    variants["fp32 one run at a time"] = (
+        model, {**base_env, "PARALLEL_RUNS": "1", "PREDICTION_LOG_PATH": str(scratch / "e.db")}
+    )  # fmt: skip
     if int8:
         variants["int8 batching"] = (
             int8, {**base_env, "PREDICTION_LOG_PATH": str(scratch / "c.db")}
@@ -500,7 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overload-queue", type=int, default=8)
     parser.add_argument("--overload-duration", type=float, default=8.0)
     parser.add_argument("--torch-photos", type=int, default=100)
-    parser.add_argument("--pairs", type=int, default=3, help="in-process/HTTP pairs for the ratios")
+    parser.add_argument("--pairs", type=int, default=5, help="in-process/HTTP pairs for the ratios")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args(argv)

@@ -234,14 +234,19 @@ def _batch_curves(result: dict[str, Any]) -> list[str]:
         "## Batch size: the curve each server measured at warm-up (ADAPTIVE_BATCH=1)",
         "",
         "Milliseconds per image of one onnxruntime run (best of 3) by batch size; batches stop",
-        "at the smallest size within 5% of the best (the limit).",
+        'at the smallest size within 5% of the best (the limit). "parallel": the one-thread',
+        "session that runs batches side by side under load (PARALLEL_RUNS), timed alone.",
         "",
     ]
-    rows = [
-        [name, *[_f(sv["batch_curve"].get(str(n), float("nan")) * 1000, 2) for n in sizes],
-         str(sv.get("batch_limit"))]
-        for name, sv in curves.items()
-    ]  # fmt: skip
+    rows = []
+    for name, sv in curves.items():
+        for label, curve, limit in (
+            (name, sv["batch_curve"], sv.get("batch_limit")),
+            (f"{name}, parallel", sv.get("parallel_batch_curve"), sv.get("parallel_batch_limit")),
+        ):
+            if curve:
+                ms = [_f(curve.get(str(n), float("nan")) * 1000, 2) for n in sizes]
+                rows.append([label, *ms, str(limit)])
     out += _table(["server", *[f"b{n}" for n in sizes], "limit"], rows)
     out.append("")
     return out

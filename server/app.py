@@ -226,7 +226,12 @@ def load_served_model(settings: Settings) -> InferenceModel:
         _model_path(settings),
         intra_op_threads=threads,
         spinning=settings.intra_op_spinning,
+        parallel_runs=parallel_runs(settings),
     )
+
+
+def parallel_runs(settings: Settings) -> int:
+    return settings.parallel_runs or available_cpus()
 
 
 def _sample_jpeg(side: int) -> bytes:
@@ -294,6 +299,8 @@ def _new_batcher(
         warm=model.warm,
         adaptive=bool(settings.adaptive_batch),
         run_label=lambda: model.last_policy,
+        run_parallel=model.run_parallel if model.parallel is not None else None,
+        parallel_runs=parallel_runs(settings),
     )
 
 
@@ -306,6 +313,10 @@ def _publish(app: Starlette, model: InferenceModel, batcher: Batcher, monitor: M
     server_metrics.batch_limit.set(batcher.batch_limit)
     for n, seconds in batcher.curve.items():
         server_metrics.seconds_per_image.labels(str(n)).set(seconds)
+    server_metrics.parallel_runs.set(batcher.parallel_runs)
+    server_metrics.parallel_batch_limit.set(batcher.parallel_limit)
+    for n, seconds in batcher.parallel_curve.items():
+        server_metrics.parallel_seconds_per_image.labels(str(n)).set(seconds)
     server_metrics.model_info.info(
         {
             "name": contract.model_name,
@@ -352,6 +363,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 "max_batch_size": settings.max_batch_size,
                 "batch_limit": batcher.batch_limit,
                 "seconds_per_image": {n: round(t, 6) for n, t in batcher.curve.items()},
+                "parallel_runs": batcher.parallel_runs,
+                "parallel_batch_limit": batcher.parallel_limit,
+                "parallel_seconds_per_image": {
+                    n: round(t, 6) for n, t in batcher.parallel_curve.items()
+                },
             }
         },
     )

@@ -1,9 +1,19 @@
 """The model and the dynamic batcher.
 
-One ``onnxruntime.InferenceSession`` per process. Decoding and ``session.run`` (both release the
-GIL) run on one dedicated thread (decoding fans out to a small pool), so the event loop never
-blocks and runs never compete for the cores (the session's own intra-op pool uses them all).
-The batcher groups requests that arrive while the model is busy into one batch; a request that
+The model's sessions are opened once per process. Decoding and ``session.run`` (both release
+the GIL) run off the event loop, in one of two modes:
+
+- alone: a request that finds the server idle runs on one dedicated thread, its model run using
+  every core (the session's intra-op pool), so a lone image is answered as fast as the machine
+  allows;
+- parallel (``parallel_runs`` > 1): while several requests are in the server, up to
+  ``parallel_runs`` batches run at once, each decoding its own images and running them on a
+  one-thread session, one core each. No core waits for another inside a run (an intra-op pool
+  synchronises at every operator, and a decode or the event loop preempting one of its threads
+  stalls the run), so under load the cores do more images per second (README, "Load tests
+  and benchmarks").
+
+The batcher groups requests that arrive while the model is busy into batches; a request that
 finds the model idle and nothing else on its way is worked on at once, so batching never adds
 latency to a lone request.
 """
@@ -12,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -103,6 +114,8 @@ class InferenceModel:
     intra_op_threads: int
     chooser: PolicyChooser
     last_policy: str = ""
+    # a one-thread session for parallel runs (``run_parallel``); None with parallel_runs <= 1
+    parallel: object | None = None
 
     @property
     def batch_policy(self) -> str:
@@ -119,22 +132,33 @@ class InferenceModel:
         self.last_policy = policy
         return probs
 
+    def run_parallel(self, batch: np.ndarray) -> np.ndarray:
+        """Like ``run``, on the one-thread session: safe to call from several threads at once."""
+        assert self.parallel is not None, "opened without parallel runs"
+        (probs,) = self.parallel.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+        return probs
+
     def warm(self, batch: np.ndarray) -> None:
         """Run ``batch`` once on each session that will see its size, before any traffic."""
         for policy, session in self.sessions.items():
             if len(batch) == 1 or policy == self.batch_policy:
                 session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+        if self.parallel is not None:
+            self.parallel.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
 
 
 POLICIES = {SLEEP: ("sleep",), SPIN: ("spin",), AUTO: ("sleep", "spin")}
 
 
-def load_model(path: Path, *, intra_op_threads: int, spinning: int = AUTO) -> InferenceModel:
+def load_model(
+    path: Path, *, intra_op_threads: int, spinning: int = AUTO, parallel_runs: int = 1
+) -> InferenceModel:
     """Open ``path`` as an ONNX session and read its contract; any failure names the file.
 
     ``spinning``: SLEEP (idle pool threads block: they never take a core from anything else),
     SPIN (they spin-wait between the operators of a run, and stop when the run ends) or AUTO
     (one session of each; :class:`PolicyChooser` measures which is faster for lone images).
+    ``parallel_runs`` > 1 also opens a one-thread session that several threads run at once.
     """
     if spinning not in POLICIES:
         raise ValueError(f"spinning must be one of {sorted(POLICIES)}, not {spinning!r}")
@@ -144,7 +168,29 @@ def load_model(path: Path, *, intra_op_threads: int, spinning: int = AUTO) -> In
         sessions[policy], contract = _open_session(path, intra_op_threads, policy == "spin")
     assert contract is not None
     chooser = PolicyChooser(POLICIES[spinning])
-    return InferenceModel(sessions, contract, path, intra_op_threads, chooser)
+    parallel = _open_session(path, 1, False)[0] if parallel_runs > 1 else None
+    return InferenceModel(sessions, contract, path, intra_op_threads, chooser, parallel=parallel)
+
+
+_shared_arena = False
+_arena_lock = threading.Lock()
+
+
+def _share_arena(ort: Any) -> None:
+    """Register one CPU arena for the whole process, once; sessions opt in to it.
+
+    Each session otherwise keeps its own arena, sized by the largest batch it ever ran: with a
+    latency session, a sleeping one and a one-thread session for parallel runs, that was about
+    90 MB of RSS more than one shared arena (measured on Lite0, batches 1-4).
+    """
+    global _shared_arena
+    with _arena_lock:
+        if _shared_arena:
+            return
+        cpu = ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR
+        info = ort.OrtMemoryInfo("Cpu", cpu, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _shared_arena = True
 
 
 def _open_session(path: Path, threads: int, spinning: bool) -> tuple[object, ModelContract]:
@@ -152,7 +198,9 @@ def _open_session(path: Path, threads: int, spinning: bool) -> tuple[object, Mod
 
     from catsdogs.modelfile import ModelFileError, load_model_file
 
+    _share_arena(ort)
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.use_env_allocators", "1")
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -228,16 +276,22 @@ class BatchStats:
     decode_s: float  # the batch's decode phase, wall time
     run_s: float
     decoded: list[Any]  # what ``prepare`` made of each image that decoded
-    label: str = ""  # ``run_label()`` right after the run (the thread policy it ran on)
+    label: str = ""  # the thread policy it ran on ("spin", "sleep" or "parallel")
 
 
 class Batcher:
     """Groups concurrent requests into batches of at most ``max_batch_size`` images.
 
-    A batch is worked on by one thread in two phases: decode all its images (in parallel on the
-    decode pool), then one ``session.run``. Decoding never overlaps a run, so the two never fight
-    over the cores (onnxruntime's parallel sections stall when a decode thread preempts one of its
+    Alone (the default mode, and the only one with ``parallel_runs`` 1), a batch is worked on by
+    one thread in two phases: decode all its images (in parallel on the decode pool), then one
+    ``session.run`` on every core. Decoding never overlaps a run, so the two never fight over
+    the cores (onnxruntime's parallel sections stall when a decode thread preempts one of its
     workers), and a lone request costs a single thread hop.
+
+    Parallel: from the moment a request arrives while another is in the server until the server
+    is idle again, up to ``parallel_runs`` batches run at once, each on its own thread, decoding
+    its images and running them on ``run_parallel`` (one core). A lone request never runs in
+    parallel mode, and the modes never overlap: the one running finishes first.
 
     Admission (``admit``/``release``) bounds the images in the system, from the moment a request's
     body is in until it is answered. Bodies still arriving hold no queue slot (a slow client
@@ -257,9 +311,16 @@ class Batcher:
         warm: Callable[[np.ndarray], object] | None = None,
         adaptive: bool = False,
         run_label: Callable[[], str] | None = None,
+        run_parallel: Callable[[np.ndarray], np.ndarray] | None = None,
+        parallel_runs: int = 1,
     ) -> None:
         self.run = run
         self.run_label = run_label
+        self.run_parallel = run_parallel
+        self.parallel_runs = parallel_runs if run_parallel is not None else 1
+        self.parallel_limit = max_batch_size  # parallel mode's batch limit (see calibrate)
+        self.parallel_curve: dict[int, float] = {}
+        self._parallel = False  # the mode of the next batch (see predict)
         self.warm = warm or run  # warm-up runs: not timed as traffic (see InferenceModel.warm)
         # adaptive: batches stop growing where the warm-up's measured time per image stops
         # falling (see calibrate); otherwise max_batch_size is the limit
@@ -278,11 +339,17 @@ class Batcher:
         self._queued_images = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._parallel_pool = (
+            ThreadPoolExecutor(max_workers=self.parallel_runs, thread_name_prefix="parallel")
+            if self.parallel_runs > 1
+            else None
+        )
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        # batches handed to the inference thread and not yet answered: at most two, the one
-        # running and the next, so the thread never waits for the event loop between batches
-        self._in_flight: set[asyncio.Task[None]] = set()
+        # batches handed to a thread and not yet done, each with its mode (True: parallel).
+        # At most two per thread, the one running and the next, so a thread never waits for
+        # the event loop between batches.
+        self._in_flight: dict[asyncio.Task[None], bool] = {}
 
     # ------------------------------------------------------------------ admission
     def admit(self, n: int = 1) -> Ticket:
@@ -318,6 +385,8 @@ class Batcher:
         if self._in_flight:
             await asyncio.gather(*self._in_flight)
         self._executor.shutdown(wait=True)
+        if self._parallel_pool is not None:
+            self._parallel_pool.shutdown(wait=True)
 
     async def warmup(self, side: int, sample: bytes) -> None:
         """Before the server is ready: decode ``sample`` once and run every batch size once.
@@ -332,18 +401,25 @@ class Batcher:
         for n in range(1, self.max_batch_size + 1):
             self.warm(np.zeros((n, side, side, 3), dtype=np.uint8))
         if self.adaptive and self.max_batch_size > 1:
-            self.curve = self._measure_curve(side)
+            self.curve = self._measure_curve(self.run, side)
             self.batch_limit = batch_limit(self.curve)
+            if self.run_parallel is not None and self._parallel_pool is not None:
+                # timed alone, two rounds: timing the threads at once sized the shared arena
+                # for two concurrent batches of every size (+30 MB RSS) and saved no time
+                self.parallel_curve = self._measure_curve(self.run_parallel, side, rounds=2)
+                self.parallel_limit = batch_limit(self.parallel_curve)
 
-    def _measure_curve(self, side: int, rounds: int = 3) -> dict[int, float]:
-        """Seconds per image of a run at each batch size up to ``max_batch_size``: the best of
+    def _measure_curve(
+        self, run: Callable[[np.ndarray], np.ndarray], side: int, rounds: int = 3
+    ) -> dict[int, float]:
+        """Seconds per image of ``run`` at each batch size up to ``max_batch_size``: the best of
         ``rounds`` runs, sizes interleaved so a passing load spike hits all of them alike."""
         best = dict.fromkeys(range(1, self.max_batch_size + 1), float("inf"))
         batches = {n: np.zeros((n, side, side, 3), dtype=np.uint8) for n in best}
         for _ in range(rounds):
             for n, batch in batches.items():
                 started = time.perf_counter()
-                self.run(batch)
+                run(batch)
                 best[n] = min(best[n], (time.perf_counter() - started) / n)
         return best
 
@@ -354,6 +430,11 @@ class Batcher:
             raise ModelStoppedError("the batcher is not running")
         n = len(blobs)
         loop = asyncio.get_running_loop()
+        # The mode follows who else is here: a request that finds nothing queued or running
+        # (a lone client) runs alone on every core; one that finds company, or brings more
+        # images than one batch holds, switches the server to parallel runs until it is idle.
+        company = bool(self._in_flight or self._queue) or n > self.batch_limit
+        self._parallel = self.parallel_runs > 1 and company
         # A request larger than a batch is split, so no run exceeds the warmed-up sizes.
         futures = []
         for start in range(0, n, self.batch_limit):
@@ -362,7 +443,10 @@ class Batcher:
             self._queue.append(_Job(chunk, future))
             self._queued_images += len(chunk)
             futures.append(future)
-        self._wakeup.set()
+        if self._idle_for(futures):
+            self._dispatch(parallel=False)  # what _loop would do, a few loop turns sooner
+        else:
+            self._wakeup.set()
         if len(futures) == 1:
             return await futures[0]
         return [o for part in await asyncio.gather(*futures) for o in part]
@@ -375,45 +459,81 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if not self._in_flight:
+            parallel = self._parallel
+            if not self._in_flight and not parallel:
                 await self._fill()
-            jobs = self._take()
-            if not jobs:
-                continue
-            task = asyncio.create_task(self._process(jobs), name="batch")
-            self._in_flight.add(task)
-            task.add_done_callback(self._batch_done)
+            self._dispatch(parallel)
+
+    def _idle_for(self, futures: list[asyncio.Future[list[Outcome]]]) -> bool:
+        """Whether a request just queued is all there is: one batch, nothing running, queued
+        or arriving. Then ``_loop`` would take it at once without waiting to fill a batch."""
+        return (
+            len(futures) == 1
+            and len(self._queue) == 1
+            and not self._in_flight
+            and not self._parallel
+            and self._incoming == 0
+        )
+
+    def _dispatch(self, parallel: bool) -> None:
+        """Form the next batch and hand it to its thread now; a task answers its requests."""
+        jobs = self._take(self.parallel_limit if parallel else self.batch_limit)
+        if not jobs:
+            return
+        blobs = [blob for job in jobs for blob in job.blobs]
+        pool = self._parallel_pool if parallel else self._executor
+        work = asyncio.get_running_loop().run_in_executor(pool, self._work, blobs, parallel)
+        task = asyncio.create_task(self._process(jobs, blobs, work), name="batch")
+        self._in_flight[task] = parallel
+        task.add_done_callback(self._batch_done)
 
     def _may_take(self) -> bool:
         """Whether the next batch may be formed now.
 
-        With the model idle, at once (``_fill`` then decides how long to wait). With a batch
-        running, only a full batch goes next, queued on the inference thread behind it, so the
-        thread starts it without waiting for the event loop; a partial one keeps gathering
-        images until the running batch ends. Never more than two batches in flight.
+        Parallel mode: while fewer than ``parallel_runs`` parallel batches run, plus one queued
+        behind each (a thread that finishes one starts the next without waiting for the event
+        loop), and no batch that runs alone (it has every core: it finishes first).
+
+        Alone: with the model idle, at once (``_fill`` then decides how long to wait). With a
+        batch running, only a full batch goes next, queued on the inference thread behind it,
+        so the thread starts it without waiting for the event loop; a partial one keeps
+        gathering images until the running batch ends. Never more than two batches in flight,
+        and none while parallel ones run.
         """
         if not self._in_flight:
             return True
+        modes = self._in_flight.values()
+        if self._parallel:
+            return all(modes) and len(self._in_flight) < 2 * self.parallel_runs
+        if any(modes):
+            return False
         return len(self._in_flight) < 2 and self._queued_images >= self.batch_limit
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
+        self._in_flight.pop(task, None)
         self._wakeup.set()
 
-    async def _process(self, jobs: list[_Job]) -> None:
-        """One batch: its work on the inference thread, then each request's share of it."""
-        blobs = [blob for job in jobs for blob in job.blobs]
-        loop = asyncio.get_running_loop()
+    def _ran(self) -> None:
+        """The current batch's work is done: it no longer counts as in flight, before its
+        answers go out (the next request its client sends must find the server idle)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._batch_done(task)
+
+    async def _process(
+        self, jobs: list[_Job], blobs: list[bytes], work: asyncio.Future[Any]
+    ) -> None:
+        """One batch: wait for its ``work`` on a thread, then give each request its share."""
         try:
-            outcomes, started, decode_s, run_s, label = await loop.run_in_executor(
-                self._executor, self._work, blobs
-            )
+            outcomes, started, decode_s, run_s, label = await work
         except Exception as exc:  # a failed run fails its requests, never the loop
+            self._ran()
             logger.exception("inference failed for a batch of %d", len(blobs))
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(exc)
             return
+        self._ran()
         offset = 0
         for job in jobs:
             n = len(job.blobs)
@@ -432,14 +552,17 @@ class Batcher:
         except Exception as exc:
             return exc
 
-    def _work(self, blobs: list[bytes]) -> tuple[list[Outcome], float, float, float, str]:
-        """Blocking, on the inference thread: decode the batch, then one run.
+    def _work(
+        self, blobs: list[bytes], parallel: bool = False
+    ) -> tuple[list[Outcome], float, float, float, str]:
+        """Blocking, on a batch's thread: decode the batch, then one run.
 
-        Returns the outcomes, when the work started, the decode and run seconds and the run's
-        label."""
+        Alone, the images decode on the decode pool; in parallel mode, one after the other on
+        this thread (the other runs keep the other cores busy). Returns the outcomes, when the
+        work started, the decode and run seconds and the run's label."""
         started = time.perf_counter()
-        if len(blobs) == 1:
-            decoded = [self._decode(blobs[0])]
+        if len(blobs) == 1 or parallel:
+            decoded = [self._decode(blob) for blob in blobs]
         else:
             decoded = list(self.decode_pool.map(self._decode, blobs))
         good = [d for d in decoded if not isinstance(d, Exception)]
@@ -448,9 +571,14 @@ class Batcher:
             return decoded, started, decoded_at - started, 0.0, ""
         # A lone image needs no stacking copy: a view with a batch axis is enough.
         batch = good[0].array[None] if len(good) == 1 else np.stack([d.array for d in good])
-        probs = self.run(batch)
+        if parallel:
+            assert self.run_parallel is not None
+            probs = self.run_parallel(batch)
+            label = "parallel"
+        else:
+            probs = self.run(batch)
+            label = self.run_label() if self.run_label is not None else ""
         run_s = time.perf_counter() - decoded_at
-        label = self.run_label() if self.run_label is not None else ""
         rows = iter(probs)
         outcomes: list[Outcome] = [
             d if isinstance(d, Exception) else (d, next(rows)) for d in decoded
@@ -476,8 +604,8 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _take(self) -> list[_Job]:
-        """Jobs for the next batch: whole requests, up to ``batch_limit`` images."""
+    def _take(self, limit: int) -> list[_Job]:
+        """Jobs for the next batch: whole requests, up to ``limit`` images."""
         jobs: list[_Job] = []
         count = 0
         while self._queue:
@@ -486,7 +614,7 @@ class Batcher:
                 self._queue.popleft()
                 self._queued_images -= len(job.blobs)
                 continue
-            if jobs and count + len(job.blobs) > self.batch_limit:
+            if jobs and count + len(job.blobs) > limit:
                 break
             self._queue.popleft()
             self._queued_images -= len(job.blobs)

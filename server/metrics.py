@@ -62,10 +62,26 @@ class ServerMetrics:
             ["batch_size"],
             registry=registry,
         )
+        self.parallel_runs = Gauge(
+            "inference_parallel_runs",
+            "Runs side by side under load, one core each (PARALLEL_RUNS); 1: one run at a time.",
+            registry=registry,
+        )
+        self.parallel_batch_limit = Gauge(
+            "inference_parallel_batch_limit",
+            "Most images per parallel run, as the warm-up measured on the one-thread session.",
+            registry=registry,
+        )
+        self.parallel_seconds_per_image = Gauge(
+            "inference_warmup_parallel_seconds_per_image",
+            "The warm-up's time per image of a one-thread (parallel) run, by batch size.",
+            ["batch_size"],
+            registry=registry,
+        )
         self.policy_runs = Counter(
             "inference_policy_runs",
             "onnxruntime runs by the pool threads' policy (sleep or spin), as INTRA_OP_SPINNING=2 "
-            "chose it for each run.",
+            "chose it for each run, or parallel (one-thread runs side by side under load).",
             ["policy"],
             registry=registry,
         )

@@ -154,15 +154,29 @@ def test_batch_curve_is_read_from_the_ready_line_and_reported(tmp_path: Path) ->
     from loadtest.bench_report import markdown
 
     log = tmp_path / "server.log"
-    ready = {"message": "ready", "batch_limit": 2, "seconds_per_image": {"1": 0.005, "2": 0.004}}
+    ready = {
+        "message": "ready",
+        "batch_limit": 2,
+        "seconds_per_image": {"1": 0.005, "2": 0.004},
+        "parallel_runs": 2,
+        "parallel_batch_limit": 1,
+        "parallel_seconds_per_image": {"1": 0.009, "2": 0.0095},
+    }
     log.write_text("not json\n" + json.dumps({"message": "starting"}) + "\n" + json.dumps(ready))
-    assert batch_curve(log) == {"batch_limit": 2, "batch_curve": {"1": 0.005, "2": 0.004}}
+    assert batch_curve(log) == {
+        "batch_limit": 2,
+        "batch_curve": {"1": 0.005, "2": 0.004},
+        "parallel_runs": 2,
+        "parallel_batch_limit": 1,
+        "parallel_batch_curve": {"1": 0.009, "2": 0.0095},
+    }
     silent = tmp_path / "silent.log"  # a server that never got ready
     silent.write_text(json.dumps({"message": "cannot serve"}) + "\n")
     assert batch_curve(silent) == {}
     result = {"servers": {"fp32 batching": {"ready_s": 1.0, **batch_curve(log)}}}
     text = markdown(result)
     assert "| fp32 batching | 5.00 | 4.00 | 2 |" in text
+    assert "| fp32 batching, parallel | 9.00 | 9.50 | 1 |" in text
 
 
 def test_stage_plot_sets_the_floor_against_the_server(tmp_path: Path) -> None:

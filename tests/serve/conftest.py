@@ -70,6 +70,9 @@ def settings(tiny_model: Path, tmp_path: Path) -> Settings:
         # batches grow to exactly the MAX_BATCH_SIZE a test sets (test_batching.py tests the
         # measured limit of ADAPTIVE_BATCH=1, the server's default)
         adaptive_batch=0,
+        # one batch at a time, so batches form as the tests expect (test_parallel_runs.py tests
+        # PARALLEL_RUNS, the server's default of one run per CPU under load)
+        parallel_runs=1,
     )
 
 
