@@ -216,7 +216,7 @@ def stack(views: list[np.ndarray], rows: np.ndarray, labels: np.ndarray) -> Feat
 
 
 def fit_predict(
-    student: list[np.ndarray],
+    served: list[np.ndarray],
     teachers: list[list[np.ndarray]],
     labels: np.ndarray,
     fit_rows: np.ndarray,
@@ -229,8 +229,8 @@ def fit_predict(
     return class probabilities of ``predict_rows`` (server's view): (len(predict_rows), C)."""
     set_seed(params.seed)
     n_classes = int(labels.max()) + 1
-    train = stack(student, fit_rows, labels)
-    stop = stack(student[:1], stop_rows, labels)
+    train = stack(served, fit_rows, labels)
+    stop = stack(served[:1], stop_rows, labels)
     soft = None
     if teachers:
         sets = [(stack(t, fit_rows, labels), stack(t[:1], stop_rows, labels)) for t in teachers]
@@ -239,7 +239,7 @@ def fit_predict(
     fit_head(head, train, stop, params, device, None, soft)
     head.eval()
     with torch.inference_mode():
-        x = torch.from_numpy(student[0][predict_rows]).to(device)
+        x = torch.from_numpy(served[0][predict_rows]).to(device)
         return head(x).float().softmax(dim=1).cpu().numpy()
 
 
@@ -259,7 +259,7 @@ def evaluate_config(
     spec = default_spec(
         params.model, params.input_size, params.resize, interpolation=params.interpolation
     )
-    student = view_features(cache, params.model, spec, params, photos)
+    served = view_features(cache, params.model, spec, params, photos)
     teachers = [
         view_features(cache, t, teacher_spec(t, params.interpolation), params, photos)
         for t in teacher_names(params)
@@ -273,13 +273,13 @@ def evaluate_config(
         fit_rows = np.flatnonzero((folds != k) & ~stop)
         stop_rows = np.flatnonzero((folds != k) & stop)
         probs[held] = fit_predict(
-            student, teachers, photos.labels, fit_rows, stop_rows, held, params, device
+            served, teachers, photos.labels, fit_rows, stop_rows, held, params, device
         )
     cv_seconds = time.monotonic() - t0
     t0 = time.monotonic()
     test_rows = np.flatnonzero(photos.split == "test")
     test_probs = fit_predict(
-        student,
+        served,
         teachers,
         photos.labels,
         np.flatnonzero(photos.split == "train"),

@@ -77,7 +77,7 @@ class TrainParams:
     # own input size) labels every training view; the head learns from those soft targets
     distill_teacher: str | None = None  # a model name, or an ensemble "name+name"; None: off
     distill_alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha: the true labels
-    distill_temperature: float = 2.0  # softens teacher and student alike
+    distill_temperature: float = 2.0  # softens the teacher's logits and the served model's alike
 
 
 @dataclass(frozen=True)

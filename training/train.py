@@ -80,7 +80,7 @@ class AugmentedImages(Dataset):
 
     The crop box and the flip of a photo in view ``view`` follow from (seed, view, path) alone:
     the same view is the same picture at any output size (a distillation teacher labels exactly
-    what the student sees), and features cached per photo stay valid in any order or subset.
+    what the served model sees), and features cached per photo stay valid in any order or subset.
     """
 
     def __init__(
@@ -253,7 +253,7 @@ def distillation_loss(
     temperature: float,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """``(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T)`` (Hinton et al.).
+    """``(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || model_T)`` (Hinton et al.).
 
     ``soft_targets``: (N, C) teacher probabilities at temperature T; None gives plain CE. The T^2
     keeps the soft term's gradients on the scale of the hard one whatever T is.
@@ -337,7 +337,7 @@ def teacher_soft_targets(
     probabilities at ``params.distill_temperature`` on the training rows: (N, C) soft targets.
 
     Also returns each teacher probe's validation metrics. The probes train on the same rows and
-    with the same head settings as the student, without distillation.
+    with the same head settings as the served model, without distillation.
     """
     probe_params = dataclasses.replace(params, distill_teacher=None)
     probs, scores = [], []

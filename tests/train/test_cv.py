@@ -91,7 +91,7 @@ def test_distillation_loss_mixes_soft_and_hard_terms() -> None:
     ce = torch.nn.functional.cross_entropy(logits, labels)
     plain = distillation_loss(logits, labels, None, alpha=0.7, temperature=2.0)
     assert torch.allclose(plain, ce)
-    own = (logits.detach() / 3.0).softmax(1)  # a teacher that agrees with the student exactly
+    own = (logits.detach() / 3.0).softmax(1)  # a teacher that agrees with the served model exactly
     mixed = distillation_loss(logits, labels, own, alpha=0.25, temperature=3.0)
     assert torch.allclose(mixed, 0.75 * ce, atol=1e-6)  # KL = 0
     teacher = torch.tensor([[0.9, 0.1]] * 6)  # all "class 0", whatever the labels say
@@ -403,7 +403,7 @@ def test_train_stage_distils_and_records_the_teacher(tmp_path: Path) -> None:
     out = run([sys.executable, "-m", "training.train", "--params", str(params)], tmp_path, env)
     assert out.returncode == 0, out.stderr[-3000:]
     _, meta = load_checkpoint(tmp_path / "models" / "checkpoint.pt")
-    assert meta["model_name"] == "efficientnet_lite0"  # the served model is the student
+    assert meta["model_name"] == "efficientnet_lite0"  # the served model is the distilled Lite0
     assert meta["distillation"]["teacher"] == "efficientnet_lite1"
     assert meta["distillation"]["alpha"] == 0.7
     assert len(meta["distillation"]["teacher_val_accuracy"]) == 1
