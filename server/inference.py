@@ -443,10 +443,7 @@ class Batcher:
             self._queue.append(_Job(chunk, future))
             self._queued_images += len(chunk)
             futures.append(future)
-        if self._idle_for(futures):
-            self._dispatch(parallel=False)  # what _loop would do, a few loop turns sooner
-        else:
-            self._wakeup.set()
+        self._wakeup.set()
         if len(futures) == 1:
             return await futures[0]
         return [o for part in await asyncio.gather(*futures) for o in part]
@@ -463,17 +460,6 @@ class Batcher:
             if not self._in_flight and not parallel:
                 await self._fill()
             self._dispatch(parallel)
-
-    def _idle_for(self, futures: list[asyncio.Future[list[Outcome]]]) -> bool:
-        """Whether a request just queued is all there is: one batch, nothing running, queued
-        or arriving. Then ``_loop`` would take it at once without waiting to fill a batch."""
-        return (
-            len(futures) == 1
-            and len(self._queue) == 1
-            and not self._in_flight
-            and not self._parallel
-            and self._incoming == 0
-        )
 
     def _dispatch(self, parallel: bool) -> None:
         """Form the next batch and hand it to its thread now; a task answers its requests."""
