@@ -139,7 +139,9 @@ class FeatureCache:
         if model_name == "logreg":
             key += f"-pool{params.logreg_pool}"
         if view:
-            key_view = f"view{view}-seed{params.seed}-scale{params.crop_scale_min:g}"
+            # "bycontent": the crop follows the photo's bytes (caches from before, when it
+            # followed the manifest path, hold other crops and are never read)
+            key_view = f"view{view}-seed{params.seed}-scale{params.crop_scale_min:g}-bycontent"
         else:
             key_view = "eval"
         path = self.root / key / f"{key_view}.npz"

@@ -78,9 +78,10 @@ class EvalImages(Dataset):
 class AugmentedImages(Dataset):
     """Training-only views: the server's decoder, then a random resized crop and a flip.
 
-    The crop box and the flip of a photo in view ``view`` follow from (seed, view, path) alone:
-    the same view is the same picture at any output size (a distillation teacher labels exactly
-    what the served model sees), and features cached per photo stay valid in any order or subset.
+    The crop box and the flip of a photo in view ``view`` follow from (seed, view, the photo's
+    bytes) alone: the same view is the same picture at any output size (a distillation teacher
+    labels exactly what the served model sees), features cached per photo stay valid in any order
+    or subset, and the data folder's path (which differs between clones) changes nothing.
     """
 
     def __init__(
@@ -101,8 +102,9 @@ class AugmentedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = decode_image(Path(self.paths[i]).read_bytes())
-        key = f"{self.seed}:{self.view}:{self.paths[i]}".encode()
+        data = Path(self.paths[i]).read_bytes()
+        img = decode_image(data)
+        key = f"{self.seed}:{self.view}:{hashlib.sha256(data).hexdigest()}".encode()
         rng = np.random.default_rng(int(hashlib.sha256(key).hexdigest()[:16], 16))
         box = crop_box(img.width, img.height, (self.scale_min, 1.0), rng)
         size = (self.spec.input_size, self.spec.input_size)

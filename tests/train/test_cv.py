@@ -209,6 +209,21 @@ def test_a_lite2_checkpoint_exports_with_parity_and_its_contract(tmp_path: Path)
 
 
 # ---------------------------------------------------------------------- params
+def test_augmented_view_follows_the_photo_not_its_path(tmp_path: Path) -> None:
+    # a clone with its data elsewhere (another manifest path) must train on the same views
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8).repeat(20, 0).repeat(20, 1)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.png").write_bytes((tmp_path / "a.png").read_bytes())
+    spec = default_spec("logreg", 64, 72)
+    paths = [str(tmp_path / "a.png"), str(tmp_path / "elsewhere" / "b.png")]
+    views = AugmentedImages(paths, [0, 0], spec, 0.3, seed=3, view=1)
+    assert torch.equal(views[0][0], views[1][0])
+    reseeded = AugmentedImages(paths, [0, 0], spec, 0.3, seed=4, view=1)
+    assert not torch.equal(views[0][0], reseeded[0][0])  # the seed still draws another view
+
+
 
 
 def test_the_repository_cv_section_parses() -> None:
