@@ -113,16 +113,19 @@ def cost_table(
 ) -> str:
     ref = cost[reference]["batch_1_ms"]
     lines = [
-        f"| configuration | CV accuracy (95% CI) | CV mistakes | test accuracy | batch 1 (ms) "
-        f"| batch {batch} (ms/image) | ONNX (MB) | train time (s, est.) | reproduce |",
+        "| configuration | CV accuracy (95% CI) | CV mistakes (mean ± sd, range) | test accuracy "
+        f"| batch 1 (ms) | batch {batch} (ms/image) | ONNX (MB) | train time (s, est.) "
+        "| reproduce |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary["configs"].items():
         c = cost[arch_key(s["served"])]
         mark = " **(default)**" if name == summary.get("default") else ""
+        per = s["mistakes_per_repeat"]  # training.cv: the mean over the repeats, spread, range
+        mistakes = f"{s['mistakes']:.1f} ± {s['mistakes_sd']:.1f} ({min(per)}-{max(per)})"
         lines.append(
             f"| `{name}`{mark} | {s['accuracy']:.4f} ({s['ci95'][0]:.4f}-{s['ci95'][1]:.4f}) "
-            f"| {s['mistakes']} / {s['n']} | {s['test_accuracy']:.4f} "
+            f"| {mistakes} / {s['n']} | {s['test_accuracy']:.4f} "
             f"| {c['batch_1_ms']:.1f} ({c['batch_1_ms'] / ref:.2f}x) "
             f"| {c[f'batch_{batch}_ms_per_image']:.1f} | {c['bytes'] / 1e6:.1f} "
             f"| {s['train_seconds_estimate']:.0f} | `{s['reproduce']}` |"

@@ -8,6 +8,13 @@ predicts the held-out fold; the out-of-fold predictions of all photos give the a
 Wilson 95% interval, the photos it gets wrong and a contact sheet of them. The same head is also
 fitted once on the standard split (train, early stopping on val) and scored on test.
 
+A head's random start, its batch order and the random crops of its augmented views move the
+count of mistakes by several photos (on the 3,991 photos, Lite0's ranged from 24 to 32 over eight
+head seeds on the same features), as much as the differences between configurations. So the whole
+cross-validation is repeated ``cv.repeats`` times, repeat ``r`` with ``train.seed + r`` (new
+augmented views, a new head start and order; the folds stay): the figures are the means over the
+repeats, with their spread, and a configuration is compared with the baseline repeat by repeat.
+
 Frozen-backbone features are computed once per backbone, input size and view, for every photo,
 and cached under ``cv.cache_dir``, so adding a configuration costs only its head fits (and the
 features of a backbone or view not seen before).
@@ -253,7 +260,8 @@ def evaluate_config(
     cv: CvParams,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Out-of-fold probabilities of every photo, and the standard split's test accuracy."""
+    """Out-of-fold probabilities of every photo in each repeat, ``(repeats, N, C)``, and the
+    standard split's test accuracy in each repeat."""
     if params.fine_tune_blocks > 0 and params.fine_tune_epochs > 0:
         raise SystemExit(f"cv.configs.{name}: fine-tuning is measured on the standard split only")
     if not frozen_backbone(params):
@@ -261,64 +269,83 @@ def evaluate_config(
     spec = default_spec(
         params.model, params.input_size, params.resize, interpolation=params.interpolation
     )
-    served = view_features(cache, params.model, spec, params, photos)
-    teachers = [
-        view_features(cache, t, teacher_spec(t, params.interpolation), params, photos)
-        for t in teacher_names(params)
-    ]
     folds = np.array([fold_of(h, cv.folds, cv.salt) for h in photos.sha256])
     stop = np.array([stops_early(h, cv.stop_fraction, cv.salt) for h in photos.sha256])
-    probs = np.zeros((len(photos.paths), len(photos.class_names)), dtype=np.float64)
-    t0 = time.monotonic()
-    for k in range(cv.folds):
-        held = np.flatnonzero(folds == k)
-        fit_rows = np.flatnonzero((folds != k) & ~stop)
-        stop_rows = np.flatnonzero((folds != k) & stop)
-        probs[held] = fit_predict(
-            served, teachers, photos.labels, fit_rows, stop_rows, held, params, device
-        )
-    cv_seconds = time.monotonic() - t0
-    t0 = time.monotonic()
+    shape = (cv.repeats, len(photos.paths), len(photos.class_names))
+    probs = np.zeros(shape, dtype=np.float64)
     test_rows = np.flatnonzero(photos.split == "test")
-    test_probs = fit_predict(
-        served,
-        teachers,
-        photos.labels,
-        np.flatnonzero(photos.split == "train"),
-        np.flatnonzero(photos.split == "val"),
-        test_rows,
-        params,
-        device,
-    )
-    head_seconds = time.monotonic() - t0
-    test_correct = int((test_probs.argmax(1) == photos.labels[test_rows]).sum())
+    test_correct: list[int] = []
+    cv_seconds = head_seconds = 0.0
+    for r in range(cv.repeats):
+        run = dataclasses.replace(params, seed=params.seed + r)
+        served = view_features(cache, run.model, spec, run, photos)
+        teachers = [
+            view_features(cache, t, teacher_spec(t, run.interpolation), run, photos)
+            for t in teacher_names(run)
+        ]
+        t0 = time.monotonic()
+        for k in range(cv.folds):
+            held = np.flatnonzero(folds == k)
+            fit_rows = np.flatnonzero((folds != k) & ~stop)
+            stop_rows = np.flatnonzero((folds != k) & stop)
+            probs[r, held] = fit_predict(
+                served, teachers, photos.labels, fit_rows, stop_rows, held, run, device
+            )
+        cv_seconds += time.monotonic() - t0
+        t0 = time.monotonic()
+        test_probs = fit_predict(
+            served,
+            teachers,
+            photos.labels,
+            np.flatnonzero(photos.split == "train"),
+            np.flatnonzero(photos.split == "val"),
+            test_rows,
+            run,
+            device,
+        )
+        head_seconds += time.monotonic() - t0
+        test_correct.append(int((test_probs.argmax(1) == photos.labels[test_rows]).sum()))
     return {
         "probs": probs,
         "folds": folds,
         "test": {"n": len(test_rows), "correct": test_correct},
-        "cv_head_seconds": round(cv_seconds, 1),
-        "split_head_seconds": round(head_seconds, 1),
+        "cv_head_seconds": round(cv_seconds, 1),  # every repeat
+        "split_head_seconds": round(head_seconds / cv.repeats, 1),  # one train stage's head
     }
 
 
 def summarise(result: dict[str, Any], photos: Photos, cv: CvParams) -> dict[str, Any]:
+    """The figures of one configuration: means over the repeats, with their spread.
+
+    ``mistakes`` is what one trained head gets wrong on average (its accuracy interval is
+    Wilson's at that mean, the sampling error of the photos); ``mistakes_per_repeat`` shows what
+    the seed alone moves.
+    """
     probs, folds = result["probs"], result["folds"]
-    predicted = probs.argmax(1)
-    right = predicted == photos.labels
-    n, correct = len(right), int(right.sum())
-    low, high = wilson_interval(correct, n)
-    p_true = probs[np.arange(n), photos.labels]
+    right = probs.argmax(2) == photos.labels  # (repeats, N)
+    n = right.shape[1]
+    per_repeat = (~right).sum(1)
+    mistakes = float(per_repeat.mean())
+    low, high = wilson_interval(n - mistakes, n)
+    p_true = probs[:, np.arange(n), photos.labels]
     test = result["test"]
+    test_accuracy = [c / test["n"] for c in test["correct"]] if test["n"] else []
     return {
         "n": n,
-        "correct": correct,
-        "mistakes": n - correct,
-        "accuracy": round(correct / n, 6),
+        "repeats": int(right.shape[0]),
+        "correct": round(n - mistakes, 4),
+        "mistakes": round(mistakes, 4),
+        "mistakes_sd": round(float(per_repeat.std(ddof=1)), 4) if len(per_repeat) > 1 else 0.0,
+        "mistakes_per_repeat": per_repeat.tolist(),
+        "wrong_in_every_repeat": int((~right).all(0).sum()),
+        "wrong_in_any_repeat": int((~right).any(0).sum()),
+        "accuracy": round(1 - mistakes / n, 6),
         "ci95": [round(low, 6), round(high, 6)],
         "log_loss": round(float(-np.log(np.clip(p_true, 1e-12, 1)).mean()), 6),
-        "fold_accuracy": [round(float(right[folds == k].mean()), 6) for k in range(cv.folds)],
+        "fold_accuracy": [round(float(right[:, folds == k].mean()), 6) for k in range(cv.folds)],
         "test_n": test["n"],
-        "test_accuracy": round(test["correct"] / test["n"], 6) if test["n"] else None,
+        "test_accuracy": round(float(np.mean(test_accuracy)), 6) if test_accuracy else None,
+        "test_accuracy_per_repeat": [round(a, 6) for a in test_accuracy],
         "cv_head_seconds": result["cv_head_seconds"],
         "split_head_seconds": result["split_head_seconds"],
     }
@@ -342,23 +369,34 @@ def train_images(params: TrainParams, photos: Photos) -> dict[str, int]:
 def write_predictions(
     out: Path, probs: np.ndarray, folds: np.ndarray, photos: Photos
 ) -> list[dict[str, Any]]:
-    """predictions.csv (every photo) and mistakes.csv; returns the mistakes, surest first."""
+    """predictions.csv (every photo) and mistakes.csv (every photo wrong in at least one
+    repeat); returns the mistakes, the most often wrong and then the surest first.
+
+    ``probs`` is ``(repeats, N, C)``. A row's ``predicted`` is the answer given most often (for
+    a mistake: the wrong answer given most often), ``p`` its mean probability over the repeats
+    and ``wrong_in`` the number of repeats that got the photo wrong.
+    """
     out.mkdir(parents=True, exist_ok=True)
     names = photos.class_names
+    answers = probs.argmax(2)  # (repeats, N)
     rows, mistakes = [], []
     for i, path in enumerate(photos.paths):
-        pred = int(probs[i].argmax())
+        label = int(photos.labels[i])
+        wrong = answers[:, i][answers[:, i] != label]
+        given = wrong if len(wrong) else answers[:, i]
+        pred = int(np.bincount(given, minlength=probs.shape[2]).argmax())
         row = {
             "path": path,
-            "label": names[photos.labels[i]],
+            "label": names[label],
             "predicted": names[pred],
-            "p": round(float(probs[i, pred]), 6),
+            "p": round(float(probs[:, i, pred].mean()), 6),
+            "wrong_in": len(wrong),
             "fold": int(folds[i]),
         }
         rows.append(row)
-        if pred != photos.labels[i]:
+        if len(wrong):
             mistakes.append(row)
-    mistakes.sort(key=lambda r: (-r["p"], r["path"]))
+    mistakes.sort(key=lambda r: (-r["wrong_in"], -r["p"], r["path"]))
     for name, data in (("predictions.csv", rows), ("mistakes.csv", mistakes)):
         with open(out / name, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
@@ -368,9 +406,15 @@ def write_predictions(
 
 
 def contact_sheet(
-    mistakes: list[dict[str, Any]], path: Path, columns: int, thumb: int, title: str
+    mistakes: list[dict[str, Any]],
+    path: Path,
+    columns: int,
+    thumb: int,
+    title: str,
+    repeats: int = 1,
 ) -> None:
-    """A grid of the mistaken photos, each captioned ``label -> predicted p``."""
+    """A grid of the mistaken photos, each captioned ``label->predicted p`` (and, with several
+    repeats, in how many of them it was wrong)."""
     font = ImageFont.load_default()
     caption, header = 26, 20
     rows = max(1, math.ceil(len(mistakes) / columns))
@@ -387,6 +431,8 @@ def contact_sheet(
         y = header + (i // columns) * (thumb + caption + 4)
         sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
         text = f"{m['label']}->{m['predicted']} {m['p']:.2f}"
+        if repeats > 1:
+            text += f" {m['wrong_in']}/{repeats}"
         draw.text((x, y + thumb + 1), Path(m["path"]).stem[:18], fill="black", font=font)
         draw.text((x, y + thumb + 13), text, fill="firebrick", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -394,35 +440,52 @@ def contact_sheet(
 
 
 def compare(summary: dict[str, Any], right: dict[str, np.ndarray], baseline: str) -> None:
-    """Paired with the baseline, photo by photo: who fixes what (exact McNemar test)."""
+    """Paired with the baseline photo by photo, repeat by repeat (the same seed for both): who
+    fixes what, with an exact McNemar test per repeat. ``mcnemar_p`` is the largest of them: a
+    difference counts only if every repeat shows it."""
     if not baseline:
         return
+    base = right[baseline]  # (repeats, N)
     for name, s in summary.items():
         if name == baseline:
             continue
-        fixed = int((right[name] & ~right[baseline]).sum())
-        broken = int((~right[name] & right[baseline]).sum())
+        fixed = (right[name] & ~base).sum(1)
+        broken = (~right[name] & base).sum(1)
+        p = [mcnemar_p(int(f), int(b)) for f, b in zip(fixed, broken, strict=True)]
         s["vs_baseline"] = {
             "baseline": baseline,
-            "fixed": fixed,
-            "broken": broken,
-            "mcnemar_p": round(mcnemar_p(fixed, broken), 6),
+            "fixed": round(float(fixed.mean()), 4),
+            "broken": round(float(broken.mean()), 4),
+            "fixed_per_repeat": fixed.tolist(),
+            "broken_per_repeat": broken.tolist(),
+            "mcnemar_p_per_repeat": [round(x, 6) for x in p],
+            "mcnemar_p": round(max(p), 6),
         }
+
+
+def mistakes_text(s: dict[str, Any]) -> str:
+    """``26.3 ± 2.1 (24-29) / 3991``: the mean over the repeats, its spread and range."""
+    per = s["mistakes_per_repeat"]
+    if len(per) == 1:
+        return f"{per[0]} / {s['n']}"
+    return f"{s['mistakes']:.1f} ± {s['mistakes_sd']:.1f} ({min(per)}-{max(per)}) / {s['n']}"
 
 
 def markdown_table(summary: dict[str, Any], default: str | None) -> str:
     lines = [
-        "| configuration | CV accuracy (95% CI) | mistakes | vs baseline (fixed/broken, p) "
-        "| test accuracy |",
+        "| configuration | CV accuracy (95% CI) | mistakes (mean ± sd, range) "
+        "| vs baseline (fixed/broken, largest p) | test accuracy |",
         "|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         mark = " (default)" if name == default else ""
         vs = s.get("vs_baseline")
-        vs_text = f"+{vs['fixed']}/-{vs['broken']}, p={vs['mcnemar_p']:.3g}" if vs else "baseline"
+        vs_text = (
+            f"+{vs['fixed']:.1f}/-{vs['broken']:.1f}, p={vs['mcnemar_p']:.3g}" if vs else "baseline"
+        )
         lines.append(
             f"| `{name}`{mark} | {s['accuracy']:.4f} ({s['ci95'][0]:.4f}-{s['ci95'][1]:.4f}) "
-            f"| {s['mistakes']} / {s['n']} | {vs_text} | {s['test_accuracy']:.4f} |"
+            f"| {mistakes_text(s)} | {vs_text} | {s['test_accuracy']:.4f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -446,9 +509,11 @@ def track(
         "cv_ci95_low": s["ci95"][0],
         "cv_ci95_high": s["ci95"][1],
         "cv_mistakes": s["mistakes"],
+        "cv_mistakes_sd": s["mistakes_sd"],
         "cv_log_loss": s["log_loss"],
         "test_accuracy": s["test_accuracy"],
         **{f"fold_{k}_accuracy": a for k, a in enumerate(s["fold_accuracy"])},
+        **{f"repeat_{r}_mistakes": m for r, m in enumerate(s["mistakes_per_repeat"])},
     }
     if "vs_baseline" in s:
         metrics.update({f"vs_baseline_{k}": s["vs_baseline"][k] for k in ("fixed", "broken")})
@@ -493,16 +558,21 @@ def cross_validate(
         s["overrides"] = cv.configs[name] or {}
         s["served"] = {"model": params.model, "input_size": params.input_size}
         mistakes = write_predictions(out / name, result["probs"], result["folds"], photos)
-        title = f"{name}: {s['mistakes']} of {s['n']} wrong ({cv.folds}-fold, true->predicted p)"
-        contact_sheet(mistakes, out / name / "mistakes.jpg", cv.sheet_columns, cv.thumb_px, title)
-        right[name] = result["probs"].argmax(1) == photos.labels
+        title = (
+            f"{name}: {mistakes_text(s)} wrong over {cv.repeats} repeats, {len(mistakes)} "
+            f"photos at least once ({cv.folds}-fold, true->predicted p repeats)"
+        )
+        contact_sheet(
+            mistakes, out / name / "mistakes.jpg", cv.sheet_columns, cv.thumb_px, title, cv.repeats
+        )
+        right[name] = result["probs"].argmax(2) == photos.labels
         summary[name] = s
         log.info(
-            "%s: accuracy %.4f (%.4f-%.4f), %d mistakes, test %.4f",
+            "%s: accuracy %.4f (%.4f-%.4f), mistakes %s, test %.4f",
             name,
             s["accuracy"],
             *s["ci95"],
-            s["mistakes"],
+            mistakes_text(s),
             s["test_accuracy"],
         )
     compare(summary, right, cv.baseline)
@@ -510,6 +580,7 @@ def cross_validate(
         summary[name]["mlflow_run_id"] = track(name, params, cv, summary[name], out, tags)
     report = {
         "folds": cv.folds,
+        "repeats": cv.repeats,
         "n": len(photos.paths),
         "data_version": data_version,
         "default": default_name,

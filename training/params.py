@@ -85,6 +85,7 @@ class CvParams:
     folds: int = 5
     salt: str = "catsdogs-cv-v1"  # fold = sha256(salt, photo bytes) -> [0, 1) -> one of `folds`
     stop_fraction: float = 0.15  # of the training folds (by hash) held out for early stopping
+    repeats: int = 3  # whole cross-validations per configuration, repeat r with train.seed + r
     baseline: str = ""  # the configuration the others are compared with photo by photo
     cache_dir: str = "data/cv-cache"  # frozen-backbone features, per backbone and view
     sheet_columns: int = 8  # contact sheet of the mistakes: thumbnails a row
@@ -195,6 +196,8 @@ def load_cv(path: str | Path = PARAMS_FILE) -> tuple[CvParams, dict[str, TrainPa
         raise ParamsError("cv.folds: must be >= 2")
     if not 0 < cv.stop_fraction < 1:
         raise ParamsError("cv.stop_fraction: must be within (0, 1)")
+    if cv.repeats < 1:
+        raise ParamsError("cv.repeats: must be >= 1")
     if not cv.configs:
         raise ParamsError("cv.configs: name at least one configuration")
     train = load_yaml(path).get("train") or {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,11 +19,16 @@ from PIL import Image
 from catsdogs.manifest import ManifestRow, write_manifest
 from training.cv import (
     FeatureCache,
+    Photos,
+    compare,
     cross_validate,
     fold_of,
     mcnemar_p,
+    mistakes_text,
     stops_early,
+    summarise,
     wilson_interval,
+    write_predictions,
 )
 from training.models import LITE_VARIANTS, build_model, default_spec, lite_weights
 from training.params import ParamsError, TrainParams, load_cv, parse_section
@@ -84,6 +90,74 @@ def test_mcnemar_exact_p_values() -> None:
 # ---------------------------------------------------------------------- distillation
 
 
+def repeated_result() -> tuple[dict, Photos]:
+    """Three repeats over four photos (labels cat, cat, dog, dog): photo 1 is wrong in every
+    repeat, photo 3 in repeat 2 only."""
+    photos = Photos(
+        paths=[f"p{i}.jpg" for i in range(4)],
+        labels=np.array([0, 0, 1, 1]),
+        sha256=fake_hashes(4),
+        split=np.array(["train", "val", "test", "test"]),
+        class_names=["cat", "dog"],
+    )
+    dog = np.array([[0.1, 0.8, 0.9, 0.7], [0.2, 0.9, 0.8, 0.6], [0.1, 0.7, 0.9, 0.2]])
+    probs = np.stack([1 - dog, dog], axis=2)  # (3, 4, 2)
+    result = {
+        "probs": probs,
+        "folds": np.array([0, 1, 0, 1]),
+        "test": {"n": 2, "correct": [2, 2, 1]},
+        "cv_head_seconds": 1.0,
+        "split_head_seconds": 0.5,
+    }
+    return result, photos
+
+
+def test_repeats_are_summarised_as_means_with_their_spread(tmp_path: Path) -> None:
+    from training.params import CvParams
+
+    result, photos = repeated_result()
+    s = summarise(result, photos, CvParams(folds=2, repeats=3))
+    assert s["repeats"] == 3
+    assert s["mistakes_per_repeat"] == [1, 1, 2]
+    assert s["mistakes"] == pytest.approx(4 / 3, abs=1e-4)
+    assert s["mistakes_sd"] == pytest.approx(float(np.std([1, 1, 2], ddof=1)), abs=1e-4)
+    assert s["accuracy"] == pytest.approx(1 - 4 / 12, abs=1e-6)
+    assert (s["wrong_in_every_repeat"], s["wrong_in_any_repeat"]) == (1, 2)
+    assert s["test_accuracy_per_repeat"] == [1.0, 1.0, 0.5]
+    assert s["test_accuracy"] == pytest.approx(2.5 / 3, abs=1e-6)
+    assert s["fold_accuracy"] == [1.0, pytest.approx(2 / 6, abs=1e-6)]  # photos 1 and 3
+    assert s["ci95"][0] < s["accuracy"] < s["ci95"][1]
+    assert mistakes_text(s) == "1.3 ± 0.6 (1-2) / 4"
+
+    mistakes = write_predictions(tmp_path, result["probs"], result["folds"], photos)
+    assert [(m["path"], m["predicted"], m["wrong_in"]) for m in mistakes] == [
+        ("p1.jpg", "dog", 3),  # the most often wrong first
+        ("p3.jpg", "cat", 1),
+    ]
+    assert mistakes[0]["p"] == pytest.approx(0.8)  # mean over the repeats of the wrong answer
+    with open(tmp_path / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["predicted"] for r in rows] == ["cat", "dog", "dog", "cat"]
+    assert [int(r["wrong_in"]) for r in rows] == [0, 3, 0, 1]
+
+
+def test_the_baseline_comparison_is_made_repeat_by_repeat() -> None:
+    base = np.array([[True] * 10 + [False] * 10, [True] * 20])  # (repeats, photos)
+    other = np.array([[True] * 20, [True] * 12 + [False] * 8])
+    summary = {"base": {}, "other": {}}
+    compare(summary, {"base": base, "other": other}, "base")
+    vs = summary["other"]["vs_baseline"]
+    assert vs["fixed_per_repeat"] == [10, 0]
+    assert vs["broken_per_repeat"] == [0, 8]
+    assert (vs["fixed"], vs["broken"]) == (5.0, 4.0)
+    assert vs["mcnemar_p_per_repeat"] == [
+        pytest.approx(mcnemar_p(10, 0), abs=1e-6),
+        pytest.approx(mcnemar_p(0, 8), abs=1e-6),
+    ]
+    assert vs["mcnemar_p"] == max(vs["mcnemar_p_per_repeat"])  # both directions: not shown
+    assert "vs_baseline" not in summary["base"]
+
+
 def test_distillation_loss_mixes_soft_and_hard_terms() -> None:
     torch.manual_seed(0)
     logits = torch.randn(6, 2, requires_grad=True)
@@ -133,6 +207,21 @@ def test_augmented_view_is_the_same_crop_at_any_size(tmp_path: Path) -> None:
     down = np.asarray(Image.fromarray(b.numpy()).resize((64, 64), Image.Resampling.BILINEAR))
     assert np.abs(down.astype(int) - a.numpy().astype(int)).mean() < 12
     assert np.abs(c.numpy().astype(int) - a.numpy().astype(int)).mean() > 20
+
+
+def test_augmented_view_follows_the_photo_not_its_path(tmp_path: Path) -> None:
+    # a clone with its data elsewhere (another manifest path) must train on the same views
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8).repeat(20, 0).repeat(20, 1)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.png").write_bytes((tmp_path / "a.png").read_bytes())
+    spec = default_spec("logreg", 64, 72)
+    paths = [str(tmp_path / "a.png"), str(tmp_path / "elsewhere" / "b.png")]
+    views = AugmentedImages(paths, [0, 0], spec, 0.3, seed=3, view=1)
+    assert torch.equal(views[0][0], views[1][0])
+    reseeded = AugmentedImages(paths, [0, 0], spec, 0.3, seed=4, view=1)
+    assert not torch.equal(views[0][0], reseeded[0][0])  # the seed still draws another view
 
 
 def test_crop_box_stays_inside_the_image() -> None:
@@ -209,21 +298,6 @@ def test_a_lite2_checkpoint_exports_with_parity_and_its_contract(tmp_path: Path)
 
 
 # ---------------------------------------------------------------------- params
-def test_augmented_view_follows_the_photo_not_its_path(tmp_path: Path) -> None:
-    # a clone with its data elsewhere (another manifest path) must train on the same views
-    rng = np.random.default_rng(1)
-    pixels = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8).repeat(20, 0).repeat(20, 1)
-    Image.fromarray(pixels).save(tmp_path / "a.png")
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "b.png").write_bytes((tmp_path / "a.png").read_bytes())
-    spec = default_spec("logreg", 64, 72)
-    paths = [str(tmp_path / "a.png"), str(tmp_path / "elsewhere" / "b.png")]
-    views = AugmentedImages(paths, [0, 0], spec, 0.3, seed=3, view=1)
-    assert torch.equal(views[0][0], views[1][0])
-    reseeded = AugmentedImages(paths, [0, 0], spec, 0.3, seed=4, view=1)
-    assert not torch.equal(views[0][0], reseeded[0][0])  # the seed still draws another view
-
-
 
 
 def test_the_repository_cv_section_parses() -> None:
@@ -266,7 +340,7 @@ def tiny_manifest(tmp_path: Path, per_class: int = 20) -> Path:
 def tiny_cv(tmp_path: Path, configs: dict) -> tuple:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(epochs=4, patience=2, batch_size=8, threads=2)
-    params["cv"].update(folds=3, cache_dir=str(tmp_path / "cache"), baseline="pixels")
+    params["cv"].update(folds=3, repeats=2, cache_dir=str(tmp_path / "cache"), baseline="pixels")
     params["cv"]["configs"] = configs
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -299,20 +373,27 @@ def test_cross_validation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert report["n"] == 40
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(report))
+    assert summary["repeats"] == 2
     for name, s in summary["configs"].items():
         assert s["n"] == 40
-        assert s["correct"] + s["mistakes"] == 40
+        assert s["correct"] + s["mistakes"] == pytest.approx(40)
+        assert len(s["mistakes_per_repeat"]) == 2
+        assert s["mistakes"] == pytest.approx(sum(s["mistakes_per_repeat"]) / 2)
         assert s["ci95"][0] <= s["accuracy"] <= s["ci95"][1]
         assert len(s["fold_accuracy"]) == 3
         with open(out / name / "mistakes.csv") as fh:
             mistakes = list(csv.DictReader(fh))
-        assert len(mistakes) == s["mistakes"]
+        assert len(mistakes) == s["wrong_in_any_repeat"] >= max(s["mistakes_per_repeat"])
+        assert sum(int(m["wrong_in"]) for m in mistakes) == sum(s["mistakes_per_repeat"])
         assert all(m["label"] != m["predicted"] for m in mistakes)
         with Image.open(out / name / "mistakes.jpg") as sheet:
             assert sheet.format == "JPEG"
         with open(out / name / "predictions.csv") as fh:
             assert len(list(csv.DictReader(fh))) == 40
-    assert "vs_baseline" in summary["configs"]["pixels-views2"]
+    vs = summary["configs"]["pixels-views2"]["vs_baseline"]
+    assert len(vs["mcnemar_p_per_repeat"]) == 2
+    # repeat 1 is another seed: other augmented views and another head start
+    assert len(list((tmp_path / "cache").glob("logreg-*/view1-seed*-bycontent.npz"))) == 2
     assert (
         summary["configs"]["lite0-distilled"]["overrides"]["distill_teacher"]
         == "efficientnet_lite1"
@@ -338,6 +419,11 @@ def test_cross_validation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(FeatureCache, "_compute", no_compute)
     again = cross_validate(manifest, tmp_path / "again", cv, configs, configs["pixels"])
     assert again["configs"]["pixels"]["accuracy"] == summary["configs"]["pixels"]["accuracy"]
+    # repeat 0 is the seed of the train section itself: a single repeat gives the same answers
+    once = dataclasses.replace(cv, repeats=1)
+    single = cross_validate(manifest, tmp_path / "once", once, configs, configs["pixels"])
+    for name, s in single["configs"].items():
+        assert s["mistakes_per_repeat"] == summary["configs"][name]["mistakes_per_repeat"][:1]
 
 
 def test_cost_reproduce_command() -> None:
