@@ -212,8 +212,20 @@ def find_photos(root: Path) -> list[tuple[Path, str]]:
 
 
 def _rel(path: Path) -> str:
-    """Paths relative to the repository root, so the index is the same in every clone."""
-    return os.path.relpath(path.resolve(), Path.cwd())
+    """Paths relative to the repository root, so the index is the same in every clone.
+
+    Symbolic links are kept as they are (``../shared`` stays ``../shared`` when it links to a
+    folder elsewhere): resolving them would write where the link points, which depends on where
+    the clone sits, and the index, the manifest and every stage after them would differ between
+    clones of the same run. Only a path whose ``..`` cannot be read as written (a link followed
+    by ``..``) is resolved.
+    """
+    plain = os.path.abspath(path)
+    try:
+        same = os.path.samefile(plain, path)
+    except OSError:  # read as written, it names nothing
+        same = False
+    return os.path.relpath(plain if same else path.resolve(), Path.cwd())
 
 
 def build_index(photos: list[tuple[Path, str]], cache_path: Path | None = None) -> list[IndexRow]:

@@ -204,6 +204,27 @@ def test_main_indexes_a_local_folder_and_sees_content_changes(tmp_path, monkeypa
     assert Path("data/raw/index.csv").read_text() != first
 
 
+def test_clones_reading_photos_through_a_link_write_the_same_index(tmp_path, monkeypatch) -> None:
+    # two clones at different depths, each with ../shared linking to one photo folder elsewhere
+    real = tmp_path / "store" / "photos"
+    _write(real / "cat" / "a.jpg", jpeg_bytes(1))
+    _write(real / "dog" / "b.jpg", jpeg_bytes(2))
+    indexes = []
+    for clone in (tmp_path / "ci" / "x", tmp_path / "home" / "me" / "work" / "catsdogs"):
+        clone.mkdir(parents=True)
+        (clone.parent / "shared").symlink_to(tmp_path / "store")
+        monkeypatch.chdir(clone)
+        rows = build_index(find_photos(Path("../shared/photos")))
+        indexes.append([(r.path, r.sha256) for r in rows])
+    assert indexes[0] == indexes[1]
+    assert indexes[0][0][0] == os.path.join("..", "shared", "photos", "cat", "a.jpg")
+    # a link followed by .. is read where the link points, as the system reads it
+    (tmp_path / "ci" / "x" / "lnk").symlink_to(real / "cat")
+    monkeypatch.chdir(tmp_path / "ci" / "x")
+    (row,) = build_index([(Path("lnk/../dog/b.jpg"), "dog")])
+    assert Path(row.path).resolve() == (real / "dog" / "b.jpg").resolve()
+
+
 def test_index_cache_is_only_a_shortcut(tmp_path: Path) -> None:
     _write(tmp_path / "cat" / "a.jpg", jpeg_bytes(1))
     _write(tmp_path / "dog" / "b.jpg", jpeg_bytes(2))
