@@ -77,8 +77,10 @@ The bare floor ("in-process"): a worker process in the serving environment with 
 preprocessing (`catsdogs.preprocessing.preprocess_bytes`: decode, EXIF, resize, centre crop) and
 plain onnxruntime sessions (no queue, no event loop, no threads beyond onnxruntime's), one photo
 at a time at batch 1 over all photos, and all photos in batches of 4, 8, 16 and 32; every case is
-measured under both onnxruntime thread policies (idle pool threads spinning or sleeping),
-interleaved, and the faster is the floor; "best batched" is the fastest size in that pair.
+measured under both onnxruntime thread policies (idle pool threads spinning or sleeping), in
+blocks of 25 photos taking turns ABBA with a pause between turns (photo by photo, one session's
+spinning threads slowed the other's runs), and the faster is the floor; "best batched" is the
+fastest size in that pair.
 The full floor table is measured before and after the HTTP part. Where the time goes: the
 server's own per-stage histograms (`request_stage_seconds`, from real requests) are read from
 `/metrics` before and after each level; the report gives their mean per request at c=1.
