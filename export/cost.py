@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES
+from catsdogs.cv_text import accuracy_text, mistakes_text
 from export import onnx_tools as ox
 from export.params import load_export
 from training.models import LITE_VARIANTS, ORT_BATCH, build_model, default_spec
@@ -121,11 +122,9 @@ def cost_table(
     for name, s in summary["configs"].items():
         c = cost[arch_key(s["served"])]
         mark = " **(default)**" if name == summary.get("default") else ""
-        per = s["mistakes_per_repeat"]  # training.cv: the mean over the repeats, spread, range
-        mistakes = f"{s['mistakes']:.1f} ± {s['mistakes_sd']:.1f} ({min(per)}-{max(per)})"
         lines.append(
-            f"| `{name}`{mark} | {s['accuracy']:.4f} ({s['ci95'][0]:.4f}-{s['ci95'][1]:.4f}) "
-            f"| {mistakes} / {s['n']} | {s['test_accuracy']:.4f} "
+            f"| `{name}`{mark} | {accuracy_text(s)} "
+            f"| {mistakes_text(s)} | {s['test_accuracy']:.4f} "
             f"| {c['batch_1_ms']:.1f} ({c['batch_1_ms'] / ref:.2f}x) "
             f"| {c[f'batch_{batch}_ms_per_image']:.1f} | {c['bytes'] / 1e6:.1f} "
             f"| {s['train_seconds_estimate']:.0f} | `{s['reproduce']}` |"

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from catsdogs.cv_text import accuracy_text, mistakes_text
 from catsdogs.hashing import file_sha256
 from catsdogs.manifest import ManifestRow, read_manifest
 from catsdogs.preprocessing import PreprocessSpec, decode_image
@@ -463,14 +464,6 @@ def compare(summary: dict[str, Any], right: dict[str, np.ndarray], baseline: str
         }
 
 
-def mistakes_text(s: dict[str, Any]) -> str:
-    """``26.3 ± 2.1 (24-29) / 3991``: the mean over the repeats, its spread and range."""
-    per = s["mistakes_per_repeat"]
-    if len(per) == 1:
-        return f"{per[0]} / {s['n']}"
-    return f"{s['mistakes']:.1f} ± {s['mistakes_sd']:.1f} ({min(per)}-{max(per)}) / {s['n']}"
-
-
 def markdown_table(summary: dict[str, Any], default: str | None) -> str:
     lines = [
         "| configuration | CV accuracy (95% CI) | mistakes (mean ± sd, range) "
@@ -484,7 +477,7 @@ def markdown_table(summary: dict[str, Any], default: str | None) -> str:
             f"+{vs['fixed']:.1f}/-{vs['broken']:.1f}, p={vs['mcnemar_p']:.3g}" if vs else "baseline"
         )
         lines.append(
-            f"| `{name}`{mark} | {s['accuracy']:.4f} ({s['ci95'][0]:.4f}-{s['ci95'][1]:.4f}) "
+            f"| `{name}`{mark} | {accuracy_text(s)} "
             f"| {mistakes_text(s)} | {vs_text} | {s['test_accuracy']:.4f} |"
         )
     return "\n".join(lines) + "\n"

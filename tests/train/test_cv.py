@@ -16,6 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
+from catsdogs.cv_text import mistakes_text
 from catsdogs.manifest import ManifestRow, write_manifest
 from training.cv import (
     FeatureCache,
@@ -24,7 +25,6 @@ from training.cv import (
     cross_validate,
     fold_of,
     mcnemar_p,
-    mistakes_text,
     stops_early,
     summarise,
     wilson_interval,
@@ -436,6 +436,39 @@ def test_cost_reproduce_command() -> None:
         == "dvc exp run -S train.model=efficientnet_lite2 -S train.input_size=260 "
         "-S train.distill_teacher=null"
     )
+
+
+def test_cost_table_prints_the_mistakes_as_the_cv_report_does() -> None:
+    from export.cost import cost_table
+
+    served = {"model": "efficientnet_lite0", "input_size": 224, "distill_teacher": None}
+    base = {"n": 3991, "ci95": [0.99, 0.995], "test_accuracy": 0.99, "served": served,
+            "train_seconds_estimate": 100.0, "reproduce": "dvc exp run"}  # fmt: skip
+    summary = {
+        "default": "three",
+        "configs": {
+            "one": {
+                **base,
+                "accuracy": 0.993,
+                "mistakes": 26.0,
+                "mistakes_sd": 0.0,
+                "mistakes_per_repeat": [26],
+            },
+            "three": {
+                **base,
+                "accuracy": 0.9932,
+                "mistakes": 27.3,
+                "mistakes_sd": 2.5,
+                "mistakes_per_repeat": [25, 27, 30],
+            },
+        },
+    }
+    cost = {"efficientnet_lite0@224": {"batch_1_ms": 6.0, "batch_8_ms_per_image": 4.0,
+                                       "bytes": 13_400_000}}  # fmt: skip
+    rows = cost_table(summary, cost, 8, "efficientnet_lite0@224").splitlines()[2:]
+    assert [row.split(" | ")[2] for row in rows] == ["26 / 3991", "27.3 ± 2.5 (25-30) / 3991"]
+    assert "**(default)**" in rows[1]
+    assert "| 6.0 (1.00x) |" in rows[0]
 
 
 # ---------------------------------------------------------------------- cv/dvc.yaml

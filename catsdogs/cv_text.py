@@ -1,0 +1,23 @@
+"""How a cross-validated configuration's figures are printed, the same in every report.
+
+``make cv`` writes them in ``reports/cv`` (``training/cv.py``) and the cost stage in
+``reports/cost`` (``export/cost.py``); both take an entry of ``reports/cv/summary.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def accuracy_text(s: dict[str, Any]) -> str:
+    """``0.9932 (0.9901-0.9953)``: the accuracy and its 95% interval."""
+    return f"{s['accuracy']:.4f} ({s['ci95'][0]:.4f}-{s['ci95'][1]:.4f})"
+
+
+def mistakes_text(s: dict[str, Any]) -> str:
+    """``26.3 ± 2.1 (24-29) / 3991``: the mean over the repeats, its spread and range; one
+    repeat prints its count alone (``26 / 3991``)."""
+    per = s["mistakes_per_repeat"]
+    if len(per) == 1:
+        return f"{per[0]} / {s['n']}"
+    return f"{s['mistakes']:.1f} ± {s['mistakes_sd']:.1f} ({min(per)}-{max(per)}) / {s['n']}"
