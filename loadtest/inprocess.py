@@ -73,8 +73,9 @@ def in_blocks(n: int, policies: Sequence[str], block: int = BLOCK) -> list[tuple
     Never interleaved item by item: a spinning session's pool threads keep spinning for a
     while after its run and take a core from the other policy's next run. On 2 cores that
     slowed both and made the floor noisy: a lone image's run took 9.0 ms on the spinning
-    session and 11.4 ms on the sleeping one, against 6.0 and 7.1 ms in blocks (one session
-    of measurements, 400 runs each).
+    session and 11.4 ms on the sleeping one, against 6.0 and 7.1 ms when each session ran the
+    200 photos in a row (medians of 400 and 600 runs; a third, spinning session that stops
+    after each run was in both rotations).
     """
     order: list[tuple[str, int]] = []
     for b, start in enumerate(range(0, n, block)):
