@@ -99,7 +99,7 @@ def reproduce_command(overrides: dict[str, Any]) -> str:
 
 def train_estimate(s: dict[str, Any], cost: dict[str, dict[str, Any]]) -> float:
     """The train stage's time for a configuration: every image it passes through each backbone
-    (``train_images``, teachers included) at the per-image rate timed here at batch ORT_BATCH,
+    (``train_images``, sources included) at the per-image rate timed here at batch ORT_BATCH,
     plus the head fits ``make cv`` measured on the standard split. Decoding the photos (a few ms
     each, the same for every row) is not included."""
     features = sum(
@@ -154,7 +154,7 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
     export = load_export(params_path)
     summary = json.loads(summary_path.read_text())
     archs = {arch_key(s["served"]): s["served"] for s in summary["configs"].values()}
-    for s in summary["configs"].values():  # teachers too: their feature pass prices training
+    for s in summary["configs"].values():  # sources too: their feature pass prices training
         for key in s["train_images"]:
             model, size = key.split("@")
             archs.setdefault(key, {"model": model, "input_size": int(size)})

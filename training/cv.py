@@ -60,9 +60,9 @@ from training.train import (
     git_commit,
     pick_device,
     set_seed,
-    teacher_names,
-    teacher_soft_targets,
-    teacher_spec,
+    source_names,
+    source_soft_targets,
+    source_spec,
 )
 
 log = logging.getLogger("training.cv")
@@ -227,7 +227,7 @@ def stack(views: list[np.ndarray], rows: np.ndarray, labels: np.ndarray) -> Feat
 
 def fit_predict(
     served: list[np.ndarray],
-    teachers: list[list[np.ndarray]],
+    sources: list[list[np.ndarray]],
     labels: np.ndarray,
     fit_rows: np.ndarray,
     stop_rows: np.ndarray,
@@ -242,9 +242,9 @@ def fit_predict(
     train = stack(served, fit_rows, labels)
     stop = stack(served[:1], stop_rows, labels)
     soft = None
-    if teachers:
-        sets = [(stack(t, fit_rows, labels), stack(t[:1], stop_rows, labels)) for t in teachers]
-        soft, _ = teacher_soft_targets(sets, params, device, n_classes)
+    if sources:
+        sets = [(stack(t, fit_rows, labels), stack(t[:1], stop_rows, labels)) for t in sources]
+        soft, _ = source_soft_targets(sets, params, device, n_classes)
     head = linear_head(train[0].shape[1], n_classes, params.dropout).to(device)
     fit_head(head, train, stop, params, device, None, soft)
     head.eval()
@@ -280,9 +280,9 @@ def evaluate_config(
     for r in range(cv.repeats):
         run = dataclasses.replace(params, seed=params.seed + r)
         served = view_features(cache, run.model, spec, run, photos)
-        teachers = [
-            view_features(cache, t, teacher_spec(t, run.interpolation), run, photos)
-            for t in teacher_names(run)
+        sources = [
+            view_features(cache, t, source_spec(t, run.interpolation), run, photos)
+            for t in source_names(run)
         ]
         t0 = time.monotonic()
         for k in range(cv.folds):
@@ -290,13 +290,13 @@ def evaluate_config(
             fit_rows = np.flatnonzero((folds != k) & ~stop)
             stop_rows = np.flatnonzero((folds != k) & stop)
             probs[r, held] = fit_predict(
-                served, teachers, photos.labels, fit_rows, stop_rows, held, run, device
+                served, sources, photos.labels, fit_rows, stop_rows, held, run, device
             )
         cv_seconds += time.monotonic() - t0
         t0 = time.monotonic()
         test_probs = fit_predict(
             served,
-            teachers,
+            sources,
             photos.labels,
             np.flatnonzero(photos.split == "train"),
             np.flatnonzero(photos.split == "val"),
@@ -354,12 +354,12 @@ def summarise(result: dict[str, Any], photos: Photos, cv: CvParams) -> dict[str,
 
 def train_images(params: TrainParams, photos: Photos) -> dict[str, int]:
     """Images the train stage passes through each backbone for this configuration: every
-    training photo in every view, and validation once; the same again for each teacher."""
+    training photo in every view, and validation once; the same again for each source."""
     n_train = int((photos.split == "train").sum())
     n_val = int((photos.split == "val").sum())
     n = n_train * (1 + params.augment_views) + n_val
     images = {f"{params.model}@{params.input_size}": n}
-    for t in teacher_names(params):
+    for t in source_names(params):
         images[f"{t}@{LITE_VARIANTS[t][0]}"] = images.get(f"{t}@{LITE_VARIANTS[t][0]}", 0) + n
     return images
 

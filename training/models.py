@@ -31,7 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # EfficientNet-Lite variant -> (the weights' own input size, the shorter side resized before its
 # centre crop). Lite1 and Lite2 are wider and deeper and were trained at larger inputs; a
-# distillation teacher sees photos at its own size (training.train), the served model at
+# larger model distilled from sees photos at its own size (training.train), the served model at
 # params.yaml's train.input_size.
 LITE_VARIANTS = {
     "efficientnet_lite0": (224, 256),

@@ -73,11 +73,13 @@ class TrainParams:
     fine_tune_epochs: int = 0
     fine_tune_lr: float = 0.0001
     logreg_pool: int = 4  # logreg sees the input average-pooled by this factor
-    # distillation: a linear probe on each teacher's frozen features (EfficientNet-Lite, at its
+    # distillation: a linear probe on each larger model's frozen features (EfficientNet-Lite, at its
     # own input size) labels every training view; the head learns from those soft targets
-    distill_teacher: str | None = None  # a model name, or an ensemble "name+name"; None: off
-    distill_alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha: the true labels
-    distill_temperature: float = 2.0  # softens the teacher's logits and the served model's alike
+    distill_from: str | None = None  # a model name, or an ensemble "name+name"; None: off
+    distill_alpha: float = 0.5  # weight of the soft (source) term; 1 - alpha: the true labels
+    distill_temperature: float = (
+        2.0  # softens the larger model's logits and the served model's alike
+    )
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,10 @@ def check_train(params: TrainParams, section: str = "train") -> TrainParams:
         )
     if params.epochs < 1:
         raise ParamsError(f"{section}.epochs: must be >= 1")
-    for name in params.distill_teacher.split("+") if params.distill_teacher else []:
+    for name in params.distill_from.split("+") if params.distill_from else []:
         if not name.startswith("efficientnet_lite") or name not in MODEL_NAMES:
             raise ParamsError(
-                f"{section}.distill_teacher: {name!r} is not a pretrained EfficientNet-Lite model"
+                f"{section}.distill_from: {name!r} is not a pretrained EfficientNet-Lite model"
             )
     if not 0.0 <= params.distill_alpha <= 1.0:
         raise ParamsError(f"{section}.distill_alpha: must be within [0, 1]")

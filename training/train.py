@@ -79,7 +79,7 @@ class AugmentedImages(Dataset):
     """Training-only views: the server's decoder, then a random resized crop and a flip.
 
     The crop box and the flip of a photo in view ``view`` follow from (seed, view, the photo's
-    bytes) alone: the same view is the same picture at any output size (a distillation teacher
+    bytes) alone: the same view is the same picture at any output size (a distillation source
     labels exactly what the served model sees), features cached per photo stay valid in any order
     or subset, and the data folder's path (which differs between clones) changes nothing.
     """
@@ -255,9 +255,9 @@ def distillation_loss(
     temperature: float,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """``(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || model_T)`` (Hinton et al.).
+    """``(1 - alpha) * CE(labels) + alpha * T^2 * KL(source_T || model_T)`` (Hinton et al.).
 
-    ``soft_targets``: (N, C) teacher probabilities at temperature T; None gives plain CE. The T^2
+    ``soft_targets``: (N, C) source probabilities at temperature T; None gives plain CE. The T^2
     keeps the soft term's gradients on the scale of the hard one whatever T is.
     """
     ce = nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
@@ -280,7 +280,7 @@ def fit_head(
     """Train ``head`` on cached features with early stopping; returns the best epoch.
 
     ``on_epoch(epoch, train_loss, train_acc, val_metrics)`` logs each epoch; None: quiet.
-    ``soft_targets`` (N, C), row for row with ``train``: a teacher's probabilities at
+    ``soft_targets`` (N, C), row for row with ``train``: a source's probabilities at
     ``params.distill_temperature``, mixed in with ``params.distill_alpha``. Early stopping always
     watches the plain cross-entropy on the true labels of ``val``.
     """
@@ -295,7 +295,7 @@ def fit_head(
         order = torch.randperm(len(xs), generator=gen).to(device)
         total, correct, seen = 0.0, 0, 0
         steps = range(0, len(order), params.batch_size)
-        quiet = on_epoch is None  # probes (teachers, cross-validation folds) log nothing per epoch
+        quiet = on_epoch is None  # probes (sources, cross-validation folds) log nothing per epoch
         bar = tqdm(steps, f"head epoch {epoch}", leave=False, mininterval=2.0, disable=quiet)
         for start in bar:
             idx = order[start : start + params.batch_size]
@@ -329,21 +329,21 @@ def fit_head(
 Features = tuple[torch.Tensor, torch.Tensor]  # (N, F) float32 features, (N,) class indices
 
 
-def teacher_soft_targets(
-    teachers: list[tuple[Features, Features]],
+def source_soft_targets(
+    sources: list[tuple[Features, Features]],
     params: TrainParams,
     device: torch.device,
     n_classes: int,
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
-    """A linear probe per teacher (its (train, val) features), then the mean of their
+    """A linear probe per source (its (train, val) features), then the mean of their
     probabilities at ``params.distill_temperature`` on the training rows: (N, C) soft targets.
 
-    Also returns each teacher probe's validation metrics. The probes train on the same rows and
+    Also returns each source probe's validation metrics. The probes train on the same rows and
     with the same head settings as the served model, without distillation.
     """
-    probe_params = dataclasses.replace(params, distill_teacher=None)
+    probe_params = dataclasses.replace(params, distill_from=None)
     probs, scores = [], []
-    for train_feats, val_feats in teachers:
+    for train_feats, val_feats in sources:
         head = linear_head(train_feats[0].shape[1], n_classes, params.dropout).to(device)
         fit_head(head, train_feats, val_feats, probe_params, device, None)
         head.eval()
@@ -576,37 +576,37 @@ def split_features(
     return (xs, ys), val_feats
 
 
-def teacher_names(params: TrainParams) -> list[str]:
-    """``train.distill_teacher``: none, one model name, or an ensemble joined with ``+``."""
-    return params.distill_teacher.split("+") if params.distill_teacher else []
+def source_names(params: TrainParams) -> list[str]:
+    """``train.distill_from``: none, one model name, or an ensemble joined with ``+``."""
+    return params.distill_from.split("+") if params.distill_from else []
 
 
-def teacher_spec(name: str, interpolation: str) -> PreprocessSpec:
-    """A teacher sees the photos at the input size its ImageNet weights were trained at."""
+def source_spec(name: str, interpolation: str) -> PreprocessSpec:
+    """A source sees the photos at the input size its ImageNet weights were trained at."""
     size, resize = LITE_VARIANTS[name]
     return default_spec(name, size, resize, interpolation=interpolation)
 
 
-def distill_from_teachers(
+def distill_from_sources(
     splits: dict[str, tuple[list, list]],
     params: TrainParams,
     device: torch.device,
     n_classes: int,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Soft targets for every training view from ``train.distill_teacher``; and what to record."""
-    teachers = []
-    for name in teacher_names(params):
-        spec = teacher_spec(name, params.interpolation)
-        teacher = build_model(name, n_classes, pretrained=True, spec=spec)
-        teacher.to(device=device, memory_format=torch.channels_last)
-        teachers.append(split_features(teacher, splits, spec, params, device))
-        del teacher
-    soft, scores = teacher_soft_targets(teachers, params, device, n_classes)
+    """Soft targets for every training view from ``train.distill_from``; and what to record."""
+    sources = []
+    for name in source_names(params):
+        spec = source_spec(name, params.interpolation)
+        source = build_model(name, n_classes, pretrained=True, spec=spec)
+        source.to(device=device, memory_format=torch.channels_last)
+        sources.append(split_features(source, splits, spec, params, device))
+        del source
+    soft, scores = source_soft_targets(sources, params, device, n_classes)
     record = {
-        "teacher": params.distill_teacher,
+        "source": params.distill_from,
         "alpha": params.distill_alpha,
         "temperature": params.distill_temperature,
-        "teacher_val_accuracy": [round(s["accuracy"], 6) for s in scores],
+        "source_val_accuracy": [round(s["accuracy"], 6) for s in scores],
     }
     log.info("distillation: %s", json.dumps(record))
     return soft, record
@@ -620,16 +620,16 @@ def fit_frozen_backbone(
     device: torch.device,
     epochs: EpochLog,
 ) -> tuple[int, dict[str, Any] | None]:
-    """Features once (plus augmented views), a linear head on them (taught by the teachers'
-    soft targets when ``train.distill_teacher`` is set), then optional fine-tuning.
+    """Features once (plus augmented views), a linear head on them (taught by the sources'
+    soft targets when ``train.distill_from`` is set), then optional fine-tuning.
 
-    Returns the best epoch and the distillation record (None without a teacher)."""
+    Returns the best epoch and the distillation record (None without a source)."""
     train_paths, train_labels = splits["train"]
     train_feats, val_feats = split_features(model, splits, spec, params, device)
     soft, distillation = None, None
-    if teacher_names(params):
+    if source_names(params):
         n_classes = model.head[-1].out_features
-        soft, distillation = distill_from_teachers(splits, params, device, n_classes)
+        soft, distillation = distill_from_sources(splits, params, device, n_classes)
     best_epoch = fit_head(model.head, train_feats, val_feats, params, device, epochs, soft)
     if params.fine_tune_blocks <= 0 or params.fine_tune_epochs <= 0:
         return best_epoch, distillation
@@ -665,8 +665,8 @@ def fit_from_scratch(
     epochs: EpochLog,
 ) -> tuple[int, None]:
     """Every weight trained on augmented photos; returns the best epoch (and no distillation)."""
-    if teacher_names(params):
-        raise SystemExit("train.distill_teacher needs a frozen backbone (pretrained or logreg)")
+    if source_names(params):
+        raise SystemExit("train.distill_from needs a frozen backbone (pretrained or logreg)")
     val_set = EvalImages(*splits["val"], spec)
     aug = AugmentedImages(*splits["train"], spec, params.crop_scale_min, seed=params.seed, view=1)
     best_epoch = fit_end_to_end(
@@ -749,8 +749,8 @@ def train(
     data_version = file_sha256(manifest_path)
     commit = git_commit()
     tags = {"git_commit": commit, "data_version": data_version, "model_name": params.model}
-    if params.distill_teacher:
-        tags["distill_teacher"] = params.distill_teacher
+    if params.distill_from:
+        tags["distill_from"] = params.distill_from
     tracker, run_id = start_tracking(params, all_params, tags, device, len(splits["train"][0]))
 
     epochs = EpochLog(tracker)
@@ -778,7 +778,7 @@ def train(
         "val_metrics": val_metrics,
         "model_options": options,
         "split_counts": {s: len(splits[s][0]) for s in splits},
-        "distillation": distillation,  # teacher, alpha, temperature; None without one
+        "distillation": distillation,  # source, alpha, temperature; None without one
     }
     model.to(device="cpu", memory_format=torch.contiguous_format)
     save_checkpoint(model_path, model, meta)

@@ -33,7 +33,7 @@ from training.cv import (
 from training.models import LITE_VARIANTS, build_model, default_spec, lite_weights
 from training.params import ParamsError, TrainParams, load_cv, parse_section
 from training.prepare import split_of
-from training.train import AugmentedImages, crop_box, distillation_loss, teacher_soft_targets
+from training.train import AugmentedImages, crop_box, distillation_loss, source_soft_targets
 
 pytestmark = pytest.mark.train
 
@@ -165,22 +165,22 @@ def test_distillation_loss_mixes_soft_and_hard_terms() -> None:
     ce = torch.nn.functional.cross_entropy(logits, labels)
     plain = distillation_loss(logits, labels, None, alpha=0.7, temperature=2.0)
     assert torch.allclose(plain, ce)
-    own = (logits.detach() / 3.0).softmax(1)  # a teacher that agrees with the served model exactly
+    own = (logits.detach() / 3.0).softmax(1)  # a source that agrees with the served model exactly
     mixed = distillation_loss(logits, labels, own, alpha=0.25, temperature=3.0)
     assert torch.allclose(mixed, 0.75 * ce, atol=1e-6)  # KL = 0
-    teacher = torch.tensor([[0.9, 0.1]] * 6)  # all "class 0", whatever the labels say
-    only_soft = distillation_loss(logits, labels, teacher, alpha=1.0, temperature=2.0)
+    source = torch.tensor([[0.9, 0.1]] * 6)  # all "class 0", whatever the labels say
+    only_soft = distillation_loss(logits, labels, source, alpha=1.0, temperature=2.0)
     only_soft.backward()
     assert only_soft > 0
-    assert (logits.grad[:, 0] < 0).all()  # every row is pushed towards the teacher's class
+    assert (logits.grad[:, 0] < 0).all()  # every row is pushed towards the source's class
 
 
-def test_teacher_soft_targets_are_tempered_probabilities() -> None:
+def test_source_soft_targets_are_tempered_probabilities() -> None:
     torch.manual_seed(0)
     x = torch.cat([torch.randn(40, 8) + 2, torch.randn(40, 8) - 2])
     y = torch.tensor([0] * 40 + [1] * 40)
     params = parse_section(TrainParams, "train", {"epochs": 30, "batch_size": 16, "lr": 0.05})
-    soft, scores = teacher_soft_targets([((x, y), (x, y))] * 2, params, torch.device("cpu"), 2)
+    soft, scores = source_soft_targets([((x, y), (x, y))] * 2, params, torch.device("cpu"), 2)
     assert soft.shape == (80, 2)
     assert torch.allclose(soft.sum(1), torch.ones(80), atol=1e-5)
     assert (soft.argmax(1) == y).float().mean() > 0.95
@@ -190,7 +190,7 @@ def test_teacher_soft_targets_are_tempered_probabilities() -> None:
         "train",
         {"epochs": 30, "batch_size": 16, "lr": 0.05} | {"distill_temperature": 20.0},
     )
-    softer, _ = teacher_soft_targets([((x, y), (x, y))], hot, torch.device("cpu"), 2)
+    softer, _ = source_soft_targets([((x, y), (x, y))], hot, torch.device("cpu"), 2)
     assert softer.max() < soft.max()  # a higher temperature flattens the targets
 
 
@@ -314,9 +314,9 @@ def test_a_bad_configuration_is_named(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=r"cv\.configs\.x\.augment_view: unknown key"):
         load_cv(path)
-    params["cv"]["configs"] = {"x": {"distill_teacher": "mobilenet_v3_small"}}
+    params["cv"]["configs"] = {"x": {"distill_from": "mobilenet_v3_small"}}
     path.write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match=r"cv\.configs\.x\.distill_teacher"):
+    with pytest.raises(ParamsError, match=r"cv\.configs\.x\.distill_from"):
         load_cv(path)
 
 
@@ -361,7 +361,7 @@ def test_cross_validation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
             "pixels": {"model": "logreg", "pretrained": False, **small},
             "pixels-views2": {"model": "logreg", "pretrained": False, "augment_views": 2, **small},
             "lite0-distilled": {
-                "distill_teacher": "efficientnet_lite1",
+                "distill_from": "efficientnet_lite1",
                 "distill_alpha": 0.7,
                 **small,
             },
@@ -395,8 +395,7 @@ def test_cross_validation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # repeat 1 is another seed: other augmented views and another head start
     assert len(list((tmp_path / "cache").glob("logreg-*/view1-seed*-bycontent.npz"))) == 2
     assert (
-        summary["configs"]["lite0-distilled"]["overrides"]["distill_teacher"]
-        == "efficientnet_lite1"
+        summary["configs"]["lite0-distilled"]["overrides"]["distill_from"] == "efficientnet_lite1"
     )
     assert "| `pixels` (default) |" in (out / "table.md").read_text()
     # a pretrained backbone at 64 px, 4 epochs on 26 photos: well above chance already
@@ -430,18 +429,16 @@ def test_cost_reproduce_command() -> None:
     from export.cost import reproduce_command
 
     assert (
-        reproduce_command(
-            {"model": "efficientnet_lite2", "input_size": 260, "distill_teacher": None}
-        )
+        reproduce_command({"model": "efficientnet_lite2", "input_size": 260, "distill_from": None})
         == "dvc exp run -S train.model=efficientnet_lite2 -S train.input_size=260 "
-        "-S train.distill_teacher=null"
+        "-S train.distill_from=null"
     )
 
 
 def test_cost_table_prints_the_mistakes_as_the_cv_report_does() -> None:
     from export.cost import cost_table
 
-    served = {"model": "efficientnet_lite0", "input_size": 224, "distill_teacher": None}
+    served = {"model": "efficientnet_lite0", "input_size": 224, "distill_from": None}
     base = {"n": 3991, "ci95": [0.99, 0.995], "test_accuracy": 0.99, "served": served,
             "train_seconds_estimate": 100.0, "reproduce": "dvc exp run"}  # fmt: skip
     summary = {
@@ -522,7 +519,7 @@ def test_wilson_is_narrower_with_more_photos() -> None:
 
 
 @pytest.mark.slow
-def test_train_stage_distils_and_records_the_teacher(tmp_path: Path) -> None:
+def test_train_stage_distils_and_records_the_source(tmp_path: Path) -> None:
     import sys
 
     from mlflow.tracking import MlflowClient
@@ -532,15 +529,15 @@ def test_train_stage_distils_and_records_the_teacher(tmp_path: Path) -> None:
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = base_env(MLFLOW_TRACKING_URI=uri)
-    params = tiny_params(tmp_path, distill_teacher="efficientnet_lite1", distill_alpha=0.7)
+    params = tiny_params(tmp_path, distill_from="efficientnet_lite1", distill_alpha=0.7)
     prepared(tmp_path, env, params)
     out = run([sys.executable, "-m", "training.train", "--params", str(params)], tmp_path, env)
     assert out.returncode == 0, out.stderr[-3000:]
     _, meta = load_checkpoint(tmp_path / "models" / "checkpoint.pt")
     assert meta["model_name"] == "efficientnet_lite0"  # the served model is the distilled Lite0
-    assert meta["distillation"]["teacher"] == "efficientnet_lite1"
+    assert meta["distillation"]["source"] == "efficientnet_lite1"
     assert meta["distillation"]["alpha"] == 0.7
-    assert len(meta["distillation"]["teacher_val_accuracy"]) == 1
-    assert meta["params"]["distill_teacher"] == "efficientnet_lite1"
+    assert len(meta["distillation"]["source_val_accuracy"]) == 1
+    assert meta["params"]["distill_from"] == "efficientnet_lite1"
     tags = MlflowClient(tracking_uri=uri).get_run(meta["mlflow_run_id"]).data.tags
-    assert tags["distill_teacher"] == "efficientnet_lite1"
+    assert tags["distill_from"] == "efficientnet_lite1"
