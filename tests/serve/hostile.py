@@ -1,13 +1,13 @@
 """Tools of the hostile-input suite: crasher payloads, raw HTTP, a liveness probe, /proc figures.
 
-The payloads live as files in ``crashers/`` (gzipped when large, so the repository stays small);
-``python tests/serve/hostile.py`` writes them again from the builders below.
+The payloads are built by the functions below when a test first needs them; only the decoder
+fuzzer's findings (``crashers/decode-*``, found by mutation, not built) are kept as files.
 """
 
 from __future__ import annotations
 
 import base64
-import gzip
+import functools
 import io
 import json
 import os
@@ -27,17 +27,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-CRASHERS = Path(__file__).resolve().parent / "crashers"
 MIB = 1 << 20
 GIB = 1 << 30
 V2_INFER = "/v2/models/catsdogs/infer"
 
 
 # ---------------------------------------------------------------------- crasher files
+@functools.cache
 def load_crasher(name: str) -> bytes:
-    """A payload from ``crashers/``; ``.gz`` files come back decompressed."""
-    data = (CRASHERS / name).read_bytes()
-    return gzip.decompress(data) if name.endswith(".gz") else data
+    """A payload of the suite by name (see ``CRASHERS_BUILT``), built once per session."""
+    return CRASHERS_BUILT[name]()
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -124,66 +123,64 @@ def _multipart_long_boundary() -> bytes:
     )
 
 
-def build_crashers() -> dict[str, bytes]:
-    """Every payload of the suite, by file name (``.gz`` names are stored compressed)."""
+def _png16() -> bytes:
     arr16 = np.zeros((6300, 6300), dtype=np.uint16)
     arr16[::97, :] = 40000  # a little structure, still a few KB compressed
-    rgba = Image.new("RGBA", (6300, 6300), (200, 40, 40, 128))
-    return {
-        # class 1: the id that killed the log writer
-        "http-feedback-surrogate-id.json": b'{"request_id": "\\ud800", "label": "cat"}',
-        # class 2: memory amplification in decoding
-        "http-png-20000x8.png": thin_png(20000, 8),
-        "http-png-2000000x8.png": thin_png(2_000_000, 8),
-        "http-png16-6300x6300.png": _png_bytes(Image.fromarray(arr16)),
-        "http-png-rgba-6300x6300.png": _png_bytes(rgba),
-        # class 3: parsing work before any bound
-        "v2-shape-250x4300-digits.json.gz": _huge_shape(250, 4300),
-        "v2-empty-strings-8mb.json.gz": _json(v2_body(shape=[1])).replace(
-            b'"data":[', b'"data":[' + b'"",' * (8 * MIB // 3)
-        ),
-        "v2-outputs-20000.json.gz": _json(
-            {**v2_body(), "outputs": [{"name": "probabilities"}] * 20000}
-        ),
-        # class 4: client mistakes that gave 500s
-        "v2-shape-4301-digits.json": _huge_shape(1, 4301),
-        "v2-nested-100000.json.gz": b'{"inputs":' + _nested(100_000) + b"}",
-        "http-feedback-nested-100000.json.gz": _nested(100_000),
-        "http-feedback-nested-8000.json": _nested(8000),
-        "v2-id-surrogate.json": _json(v2_body()).replace(b"{", b'{"id":"\\ud800",', 1),
-        "v2-header-length-superscript.http": _raw_request(
-            "POST",
-            V2_INFER,
-            [
-                (b"Content-Type", b"application/octet-stream"),
-                (b"Inference-Header-Content-Length", b"\xb2"),
-            ],
-            _json(v2_body()),
-        ),
-        "http-multipart-boundary-5000.http": _multipart_long_boundary(),
-        "http-dds-unknown-fourcc.dds": _dds_header(b"ABCD") + b"\x00" * 256,
-        "http-dds-dxt1.dds": _saved("DDS", pixel_format="DXT1"),
-        "http-tga.tga": _saved("TGA"),
-        "http-tiff.tif": _saved("TIFF"),
-        # class 5: a 32 MB header value
-        "http-header-32mb.http.gz": _raw_request(
-            "GET", "/health/live", [(b"X-Big", b"a" * (32 * MIB))], b""
-        ),
-        # class 6: feedback that is not JSON
-        "http-feedback-text-plain.http": _raw_request(
-            "POST",
-            "/feedback",
-            [(b"Content-Type", b"text/plain")],
-            b'{"request_id": "abc", "label": "cat"}',
-        ),
-    }
+    return _png_bytes(Image.fromarray(arr16))
 
 
-def write_crashers(folder: Path = CRASHERS) -> None:
-    folder.mkdir(exist_ok=True)
-    for name, data in build_crashers().items():
-        stored = gzip.compress(data, 9, mtime=0) if name.endswith(".gz") else data
-        (folder / name).write_bytes(stored)
+# Every payload of the suite, by name, built when a test first asks for it (load_crasher): the
+# builders are the record, so no copy of their output is kept in the repository.
+CRASHERS_BUILT: dict[str, Callable[[], bytes]] = {
+    # class 1: the id that killed the log writer
+    "http-feedback-surrogate-id.json": lambda: b'{"request_id": "\\ud800", "label": "cat"}',
+    # class 2: memory amplification in decoding
+    "http-png-20000x8.png": lambda: thin_png(20000, 8),
+    "http-png-2000000x8.png": lambda: thin_png(2_000_000, 8),
+    "http-png16-6300x6300.png": _png16,
+    "http-png-rgba-6300x6300.png": lambda: _png_bytes(
+        Image.new("RGBA", (6300, 6300), (200, 40, 40, 128))
+    ),
+    # class 3: parsing work before any bound
+    "v2-shape-250x4300-digits.json": lambda: _huge_shape(250, 4300),
+    "v2-empty-strings-8mb.json": lambda: _json(v2_body(shape=[1])).replace(
+        b'"data":[', b'"data":[' + b'"",' * (8 * MIB // 3)
+    ),
+    "v2-outputs-20000.json": lambda: _json(
+        {**v2_body(), "outputs": [{"name": "probabilities"}] * 20000}
+    ),
+    # class 4: client mistakes that gave 500s
+    "v2-shape-4301-digits.json": lambda: _huge_shape(1, 4301),
+    "v2-nested-100000.json": lambda: b'{"inputs":' + _nested(100_000) + b"}",
+    "http-feedback-nested-100000.json": lambda: _nested(100_000),
+    "http-feedback-nested-8000.json": lambda: _nested(8000),
+    "v2-id-surrogate.json": lambda: _json(v2_body()).replace(b"{", b'{"id":"\\ud800",', 1),
+    "v2-header-length-superscript.http": lambda: _raw_request(
+        "POST",
+        V2_INFER,
+        [
+            (b"Content-Type", b"application/octet-stream"),
+            (b"Inference-Header-Content-Length", b"\xb2"),
+        ],
+        _json(v2_body()),
+    ),
+    "http-multipart-boundary-5000.http": lambda: _multipart_long_boundary(),
+    "http-dds-unknown-fourcc.dds": lambda: _dds_header(b"ABCD") + b"\x00" * 256,
+    "http-dds-dxt1.dds": lambda: _saved("DDS", pixel_format="DXT1"),
+    "http-tga.tga": lambda: _saved("TGA"),
+    "http-tiff.tif": lambda: _saved("TIFF"),
+    # class 5: a 32 MB header value
+    "http-header-32mb.http": lambda: _raw_request(
+        "GET", "/health/live", [(b"X-Big", b"a" * (32 * MIB))], b""
+    ),
+    # class 6: feedback that is not JSON
+    "http-feedback-text-plain.http": lambda: _raw_request(
+        "POST",
+        "/feedback",
+        [(b"Content-Type", b"text/plain")],
+        b'{"request_id": "abc", "label": "cat"}',
+    ),
+}
 
 
 # ---------------------------------------------------------------------- raw HTTP
@@ -395,7 +392,3 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - start
-
-
-if __name__ == "__main__":
-    write_crashers()

@@ -9,7 +9,7 @@ The servers run the tiny colour model at the production input size (224, resize 
 decoding and resizing cost what they cost in production, with DEFAULT settings except the short
 deadlines a test names. Each server's address space is capped at its idle size + 1.5 GiB, so a
 runaway allocation fails inside the server instead of taking the machine down. The payloads are
-files in ``crashers/`` (see hostile.py).
+built by hostile.py (``CRASHERS_BUILT``) when a test first needs them.
 """
 
 from __future__ import annotations
@@ -359,8 +359,8 @@ def test_six_concurrent_60mb_batches(target: Target) -> None:
 @pytest.mark.parametrize(
     ("name", "statuses"),
     [
-        ("v2-shape-250x4300-digits.json.gz", {400}),
-        ("v2-empty-strings-8mb.json.gz", set(range(400, 500))),
+        ("v2-shape-250x4300-digits.json", {400}),
+        ("v2-empty-strings-8mb.json", set(range(400, 500))),
     ],
 )
 def test_v2_parse_bombs_are_refused_fast(target: Target, name: str, statuses: set[int]) -> None:
@@ -375,9 +375,7 @@ def test_v2_parse_bombs_are_refused_fast(target: Target, name: str, statuses: se
 
 def test_v2_outputs_repeated_20000_times(target: Target) -> None:
     with attack(target):
-        response = post(
-            target, V2_INFER, load_crasher("v2-outputs-20000.json.gz"), "application/json"
-        )
+        response = post(target, V2_INFER, load_crasher("v2-outputs-20000.json"), "application/json")
     if response.status_code == 200:  # deduplicated: one tensor, a small answer
         assert len(response.content) < 64 * 1024, len(response.content)
         assert len(response.json()["outputs"]) <= 2
@@ -390,7 +388,7 @@ def test_v2_outputs_repeated_20000_times(target: Target) -> None:
     ("name", "statuses"),
     [
         ("v2-shape-4301-digits.json", {400}),
-        ("v2-nested-100000.json.gz", {400}),
+        ("v2-nested-100000.json", {400}),
     ],
 )
 def test_v2_malformed_json_is_400(target: Target, name: str, statuses: set[int]) -> None:
@@ -404,7 +402,7 @@ def test_v2_malformed_json_is_400(target: Target, name: str, statuses: set[int])
     [
         ("http-feedback-nested-8000.json", {400}),
         # 200 KB is over the feedback body limit: refusing it for its size is right too
-        ("http-feedback-nested-100000.json.gz", {400, 413}),
+        ("http-feedback-nested-100000.json", {400, 413}),
     ],
 )
 def test_feedback_deeply_nested_json(target: Target, name: str, statuses: set[int]) -> None:
@@ -561,7 +559,7 @@ def test_slow_bodies_and_idle_connections_do_not_starve_valid_clients(slow_targe
 
 def test_32mb_header_is_refused_without_buffering_it(deadline_target: Target) -> None:
     target = deadline_target
-    request = load_crasher("http-header-32mb.http.gz")
+    request = load_crasher("http-header-32mb.http")
     before = proc_status(target.pid)["VmRSS"]
     with attack(target) as watch:
         reply = send_raw(target.url, request)
