@@ -164,7 +164,7 @@ CRASHERS_BUILT: dict[str, Callable[[], bytes]] = {
         ],
         _json(v2_body()),
     ),
-    "http-multipart-boundary-5000.http": lambda: _multipart_long_boundary(),
+    "http-multipart-boundary-5000.http": _multipart_long_boundary,
     "http-dds-unknown-fourcc.dds": lambda: _dds_header(b"ABCD") + b"\x00" * 256,
     "http-dds-dxt1.dds": lambda: _saved("DDS", pixel_format="DXT1"),
     "http-tga.tga": lambda: _saved("TGA"),
