@@ -6,7 +6,8 @@ Runs, in this order, in one go so that every figure shares the machine's state o
 1. the in-process baseline (``loadtest.inprocess`` in .venv-serve), fp32 and int8 if present;
 2. the servers (``python -m server`` in .venv-serve): batching on (defaults), batching off
    (MAX_BATCH_SIZE=1) and int8, all started up front; then for each concurrency level each server
-   in turn, so a noisy neighbour slows all variants alike (interleaved);
+   in turn, so a noisy neighbour slows all variants alike (interleaved); then the pairs, with the
+   HTTP reference (``loadtest.rawasgi``) at c=1 in each;
 3. an overload run: a fresh server with a small MAX_QUEUE_SIZE, offered more than it can do;
 4. the in-process baseline again (the HTTP figures are bracketed by two baselines);
 5. PyTorch eager on the training checkpoint (``loadtest.torch_ref`` in .venv-train), if present.
@@ -84,6 +85,13 @@ fastest size in that pair.
 The full floor table is measured before and after the HTTP part. Where the time goes: the
 server's own per-stage histograms (`request_stage_seconds`, from real requests) are read from
 `/metrics` before and after each level; the report gives their mean per request at c=1.
+The HTTP reference (`loadtest.rawasgi`): the floor's work (the same preprocessing and session
+options, a batch-1 run on one executor thread) behind a raw ASGI app on the server's own uvicorn,
+uvloop and httptools, with no framework, queue, log or metrics; it runs at c=1 in every pair, so
+the server's gap to the floor splits into what HTTP costs (reference / floor) and what the
+server's own request path adds (server / reference). CPU per request: each thread's CPU time
+(/proc/PID/task/TID/schedstat) over a level, divided by the requests answered; the event loop is
+the main thread.
 HTTP: the server as users run it (`python -m server`, its defaults but the settings named), driven
 by an asyncio HTTP/1.1 client in a separate process with keep-alive connections and prebuilt
 multipart `POST /predict` requests cycling over the same photos; closed loop (each connection sends
@@ -214,20 +222,45 @@ def measure_level(
     requests: list[loadgen.Request],
     concurrency: int,
     args: argparse.Namespace,
+    stages: bool = True,
 ) -> dict[str, Any]:
+    """One closed-loop level; ``stages``: read the server's stage histograms around it."""
     run = loadgen.closed_loop(server.url, requests, concurrency, args.duration, args.warmup)
-    stages0 = stage_totals(server.url)
+    stages0 = stage_totals(server.url) if stages else {}
+    threads0 = server.thread_cpu_s()
     cpu0, t0 = server.cpu_s(), time.perf_counter()
     summary = asyncio.run(run).summary()
+    elapsed = time.perf_counter() - t0
     # cores the server kept busy over the whole level (warm-up and tail included)
-    cores = (server.cpu_s() - cpu0) / (time.perf_counter() - t0)
+    cores = (server.cpu_s() - cpu0) / elapsed
     now_mb, _ = rss_mb(server)
-    return {
+    level = {
         "concurrency": concurrency,
         **summary,
         "server_rss_mb": now_mb,
         "server_cpu_cores": cores,
-        "stages_ms": stage_means(stages0, stage_totals(server.url)),
+        **cpu_per_request(server.pid, threads0, server.thread_cpu_s(), elapsed, summary),
+    }
+    if stages:
+        level["stages_ms"] = stage_means(stages0, stage_totals(server.url))
+    return level
+
+
+def cpu_per_request(
+    pid: int, before: dict[int, float], after: dict[int, float], elapsed_s: float,
+    summary: dict[str, Any],
+) -> dict[str, float]:  # fmt: skip
+    """CPU milliseconds per answered request: the event loop's thread (the main thread, whose
+    id is the process's) and all other threads together. Each thread's CPU share over the
+    level, divided by the requests answered per second in its window."""
+    rate = summary["requests_per_s"]
+    if not rate or elapsed_s <= 0:
+        return {"loop_cpu_ms_per_request": math.nan, "other_cpu_ms_per_request": math.nan}
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop = used.pop(pid, math.nan)
+    return {
+        "loop_cpu_ms_per_request": 1000 * loop / elapsed_s / rate,
+        "other_cpu_ms_per_request": 1000 * sum(used.values()) / elapsed_s / rate,
     }
 
 
@@ -300,21 +333,24 @@ def best_batched(run: dict[str, Any]) -> float:
 
 
 def paired(
-    worker: InprocessWorker, server: ServerProcess, photos: list[tuple[str, bytes]],
-    args: argparse.Namespace, bar: tqdm,
+    worker: InprocessWorker, server: ServerProcess, reference: ServerProcess,
+    photos: list[tuple[str, bytes]], args: argparse.Namespace, bar: tqdm,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """In-process and HTTP back to back, alternating which goes first: one ratio per pair."""
+    """In-process and HTTP back to back, alternating which goes first: one ratio per pair. At
+    c=1 the HTTP reference (``loadtest.rawasgi``) runs in the same pair, between the two."""
     host = server.url.removeprefix("http://")
     reqs = [loadgen.predict_request(host, n, d) for n, d in photos]
+    ref_reqs = [loadgen.predict_request(reference.url[7:], n, d) for n, d in photos]
     pairs = []
     for i in range(args.pairs):
         steps: list[tuple[str, Any]] = [
             ("inproc_c1", lambda: worker.call("per_image")),
+            ("reference_c1", lambda: measure_level(reference, ref_reqs, 1, args, stages=False)),
             ("http_c1", lambda: measure_level(server, reqs, 1, args)),
             ("inproc_batched", lambda: worker.call("batched")),
             ("http_c16", lambda: measure_level(server, reqs, 16, args)),
         ]
-        order = steps if i % 2 == 0 else [steps[1], steps[0], steps[3], steps[2]]
+        order = steps if i % 2 == 0 else [*steps[2::-1], steps[4], steps[3]]
         got = {}
         for name, fn in order:
             bar.set_postfix_str(f"pair {i + 1} {name}")
@@ -326,8 +362,16 @@ def paired(
             "inprocess_best_batched_ips": best_batched(got["inproc_batched"]),
             "http_c16_ips": got["http_c16"]["images_per_s"],
             "http_errors": got["http_c1"]["errors"] + got["http_c16"]["errors"],
+            "reference_c1_p50_ms": got["reference_c1"]["latency_ms"]["p50"],
+            "reference_errors": got["reference_c1"]["errors"],
+            "http_c1_loop_cpu_ms": got["http_c1"]["loop_cpu_ms_per_request"],
+            "http_c1_other_cpu_ms": got["http_c1"]["other_cpu_ms_per_request"],
+            "reference_loop_cpu_ms": got["reference_c1"]["loop_cpu_ms_per_request"],
+            "reference_other_cpu_ms": got["reference_c1"]["other_cpu_ms_per_request"],
         }
         pair["latency_ratio"] = pair["http_c1_p50_ms"] / pair["inprocess_p50_ms"]
+        pair["reference_ratio"] = pair["reference_c1_p50_ms"] / pair["inprocess_p50_ms"]
+        pair["server_over_reference"] = pair["http_c1_p50_ms"] / pair["reference_c1_p50_ms"]
         pair["throughput_ratio"] = pair["http_c16_ips"] / pair["inprocess_best_batched_ips"]
         log.info(
             "pair %d: p50 %.1f ms HTTP / %.1f ms in-process = %.2f; %.1f img/s HTTP c=16 / "
@@ -392,11 +436,16 @@ def http_sweep(
     bar: tqdm,
 ) -> None:
     servers: dict[str, ServerProcess] = {}
+    reference: ServerProcess | None = None
     try:
         for name, (model, env) in variants.items():
             log_path = args.out / f"server-{name.replace(' ', '-')}.log"
             servers[name] = start_server(model, log_path, env=env)
             log.info("%s ready in %.2f s", name, servers[name].ready_s)
+        model, env = variants["fp32 batching"]
+        reference = start_server(
+            model, args.out / "reference.log", env=env, module="loadtest.rawasgi"
+        )
         result["http"] = {name: [] for name in variants}
         for c in args.concurrency:
             for name, server in servers.items():
@@ -411,7 +460,7 @@ def http_sweep(
                     name, c, level["latency_ms"]["p50"], level["latency_ms"]["p99"],
                     level["images_per_s"], level["errors"],
                 )  # fmt: skip
-        result["pairs"] = paired(worker, servers["fp32 batching"], photos, args, bar)
+        result["pairs"] = paired(worker, servers["fp32 batching"], reference, photos, args, bar)
         result["labels"] = label_agreement(worker, servers["fp32 batching"], photos)
         host = servers["fp32 batching"].url
         bar.set_postfix_str("client ceiling")
@@ -421,6 +470,10 @@ def http_sweep(
         bar.update()
         result["client_ceiling"] = {"path": "/health/live", "concurrency": 16, **ceiling}
     finally:
+        if reference is not None:
+            _, peak = rss_mb(reference)
+            result["reference"] = {"ready_s": reference.ready_s, "peak_rss_mb": peak,
+                                   "exit_code": stop_server(reference)}  # fmt: skip
         result["servers"] = {}
         for name, server in servers.items():
             _, peak = rss_mb(server)
@@ -492,10 +545,10 @@ def measured(
 
 def planned_steps(args: argparse.Namespace, int8: bool) -> int:
     """Measurements main() will make, for the progress bar: in-process tables, the HTTP levels
-    of every server variant, the pairs' four halves, the client ceiling, overload, PyTorch."""
+    of every server variant, the pairs' five parts, the client ceiling, overload, PyTorch."""
     variants = 4 if int8 else 3
     inprocess = 2 + int(int8)
-    http = variants * len(args.concurrency) + 4 * args.pairs + 1 + 1
+    http = variants * len(args.concurrency) + 5 * args.pairs + 1 + 1
     return inprocess + http + int(not args.no_torch)
 
 

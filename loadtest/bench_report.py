@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,13 @@ def stage_section(result: dict[str, Any]) -> list[str]:
         f"{_f(level['latency_ms']['p50'], 2)} ms at the median (the rest is the loopback, the "
         "client and the event loop between stages)."
     )
+    loop = level.get("loop_cpu_ms_per_request")
+    if loop is not None and not math.isnan(loop):
+        out.append(
+            f"CPU per request at this level: {_f(loop, 2)} ms on the event loop's thread, "
+            f"{_f(level['other_cpu_ms_per_request'], 2)} ms on all other threads together "
+            "(decode, preprocess and the model's run among them)."
+        )
     out.append("")
     return out
 
@@ -152,8 +160,49 @@ def _pairs(result: dict[str, Any]) -> list[str]:
             rows,
         )  # fmt: skip
         out.append("")
+        out += _reference(pairs)
 
     return out
+
+
+def _reference(pairs: list[dict[str, Any]]) -> list[str]:
+    """The same pairs at c=1 with the HTTP reference: what HTTP costs, what the server adds."""
+    if not pairs or "reference_c1_p50_ms" not in pairs[0]:
+        return []
+    out = ["### The HTTP reference at c=1 (same pairs)", ""]
+    out.append(
+        "`loadtest.rawasgi`: the floor's work behind a raw ASGI app on the server's uvicorn, "
+        "uvloop and httptools (no framework, queue, log or metrics). Reference / floor is what "
+        "HTTP costs; server / reference is what the server's own request path adds. CPU ms per "
+        "request: the event loop's thread, and every other thread together."
+    )
+    out.append("")
+    rows = [
+        [str(i), _f(p["inprocess_p50_ms"]), _f(p["reference_c1_p50_ms"]),
+         _f(p["http_c1_p50_ms"]), _f(p["reference_ratio"], 3), _f(p["server_over_reference"], 3),
+         _f(p["reference_loop_cpu_ms"], 2), _f(p["http_c1_loop_cpu_ms"], 2),
+         _f(p["reference_other_cpu_ms"], 2), _f(p["http_c1_other_cpu_ms"], 2),
+         str(p["reference_errors"])]
+        for i, p in enumerate(pairs, 1)
+    ]  # fmt: skip
+    med = [statistics.median(p[k] for p in pairs) for k in _REFERENCE_KEYS]
+    rows.append(["median", *(_f(v, 3 if "ratio" in k or "over" in k else 2 if "cpu" in k else 1)
+                             for k, v in zip(_REFERENCE_KEYS, med, strict=True)), ""])  # fmt: skip
+    out += _table(
+        ["pair", "floor p50 ms", "reference p50 ms", "server p50 ms", "reference / floor",
+         "server / reference", "loop CPU ms: reference", "loop CPU ms: server",
+         "other threads CPU ms: reference", "other threads CPU ms: server", "reference errors"],
+        rows,
+    )  # fmt: skip
+    out.append("")
+    return out
+
+
+_REFERENCE_KEYS = (
+    "inprocess_p50_ms", "reference_c1_p50_ms", "http_c1_p50_ms", "reference_ratio",
+    "server_over_reference", "reference_loop_cpu_ms", "http_c1_loop_cpu_ms",
+    "reference_other_cpu_ms", "http_c1_other_cpu_ms",
+)  # fmt: skip
 
 
 def _floor(result: dict[str, Any]) -> list[str]:

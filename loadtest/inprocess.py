@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs.contract import OUTPUT_PROBABILITIES
+from catsdogs.contract import OUTPUT_PROBABILITIES, ModelContract
 from catsdogs.cpus import available_cpus
 from catsdogs.modelfile import load_model_file
 from catsdogs.photos import load_photos
@@ -36,12 +36,13 @@ POLICIES = ("spin", "sleep")  # onnxruntime's intra-op threads when idle
 RunFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> probabilities (N, C)
 
 
-def open_runs(path: Path, threads: int) -> tuple[dict[str, RunFn], PreprocessSpec]:
-    """One session per thread policy, with the same threads and graph optimisations."""
+def open_runs(path: Path, threads: int) -> tuple[dict[str, RunFn], ModelContract]:
+    """One session per thread policy, with the same threads and graph optimisations; the
+    model's contract (its preprocessing and classes)."""
     import onnxruntime as ort
 
     runs: dict[str, RunFn] = {}
-    spec = None
+    contract = None
     for policy in POLICIES:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -50,7 +51,7 @@ def open_runs(path: Path, threads: int) -> tuple[dict[str, RunFn], PreprocessSpe
             "session.intra_op.allow_spinning", "1" if policy == "spin" else "0"
         )
         loaded = load_model_file(path, sess_options=options)
-        spec = loaded.contract.preprocessing
+        contract = loaded.contract
         session = loaded.session
 
         def run(batch: np.ndarray, session: Any = session) -> np.ndarray:
@@ -58,8 +59,8 @@ def open_runs(path: Path, threads: int) -> tuple[dict[str, RunFn], PreprocessSpe
             return probs
 
         runs[policy] = run
-    assert spec is not None
-    return runs, spec
+    assert contract is not None
+    return runs, contract
 
 
 BLOCK = 25  # photos (or batches) a policy runs in a row before the other takes over
@@ -221,7 +222,8 @@ def main() -> None:
     target.add_argument("--worker", action="store_true", help="answer commands on stdin")
     args = parser.parse_args()
     threads = args.threads or available_cpus()
-    runs, spec = open_runs(args.model, threads)
+    runs, contract = open_runs(args.model, threads)
+    spec = contract.preprocessing
     photos = [data for _, data in load_photos(args.photos)]
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
     header = {"runtime": "onnxruntime", "threads": threads, "photos": len(photos),

@@ -85,11 +85,26 @@ class ServerProcess:
                     out[key] = int(rest.split()[0])
         return out
 
+    def thread_cpu_s(self) -> dict[int, float]:
+        """CPU seconds each thread of the server has used so far (see :func:`thread_cpu_s`)."""
+        return thread_cpu_s(self.pid)
+
     def cpu_s(self) -> float:
         """User + system CPU seconds the server has used so far (all its threads)."""
         with open(f"/proc/{self.pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds each thread of process ``pid`` has used so far, by thread id; the main
+    thread (where uvicorn runs the event loop) has the process's id. From
+    /proc/PID/task/TID/schedstat (nanoseconds); a thread that ends meanwhile is skipped."""
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+    return out
 
 
 def http_status(url: str, timeout: float = 2.0) -> int:
@@ -121,18 +136,19 @@ def spawn_server(
     env: Mapping[str, str] | None = None,
     python: Path = SERVE_PYTHON,
     memory_limit: int | None = None,
+    module: str = "server",
 ) -> ServerProcess:
     """Spawn ``python -m server ARGS`` on a free port without waiting for it to be ready.
 
     ``env`` is added to this process's environment; ``memory_limit`` caps the child's address
-    space (bytes)."""
+    space (bytes); ``module`` runs another server that reads HOST and PORT the same way."""
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # the address by environment, so ARGS stay exactly the caller's (flags would override it)
     child_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **(env or {})}
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [str(python), "-m", "server", *args],
+            [str(python), "-m", module, *args],
             cwd=ROOT,
             env=child_env,
             stdout=log_file,
@@ -152,10 +168,11 @@ def start_server(
     env: Mapping[str, str] | None = None,
     python: Path = SERVE_PYTHON,
     ready_timeout_s: float = 60.0,
+    module: str = "server",
 ) -> ServerProcess:
     """Spawn ``python -m server --model MODEL`` on a free port and wait for ``/health/ready``."""
     started = time.perf_counter()
-    server = spawn_server(log_path, ["--model", str(model)], env=env, python=python)
+    server = spawn_server(log_path, ["--model", str(model)], env=env, python=python, module=module)
     try:
         server.wait_ready(ready_timeout_s, started)
     except BaseException:

@@ -210,3 +210,41 @@ def test_label_agreement_is_reported_with_the_targets(tmp_path: Path) -> None:
     text = markdown(result)
     assert "in-process label on 199 of 200 photos" in text
     assert "different on dog/7.jpg" in text
+
+
+def test_reference_pairs_are_tabled_with_their_medians(tmp_path: Path) -> None:
+    def pair(floor: float, ref: float, server: float, loop: float) -> dict:
+        return {
+            "inprocess_p50_ms": floor, "http_c1_p50_ms": server, "latency_ratio": server / floor,
+            "inprocess_best_batched_ips": 100.0, "http_c16_ips": 98.0, "throughput_ratio": 0.98,
+            "http_errors": 0, "reference_c1_p50_ms": ref, "reference_errors": 0,
+            "reference_ratio": ref / floor, "server_over_reference": server / ref,
+            "reference_loop_cpu_ms": 0.4, "http_c1_loop_cpu_ms": loop,
+            "reference_other_cpu_ms": 9.0, "http_c1_other_cpu_ms": 9.5,
+        }  # fmt: skip
+
+    result = {**SYNTHETIC, "pairs": [pair(8.0, 8.2, 10.0, 1.2), pair(8.4, 8.4, 9.2, 1.0),
+                                     pair(9.0, 8.6, 10.8, 1.4)]}  # fmt: skip
+    level1 = {**result["http"]["fp32 batching"][0], "loop_cpu_ms_per_request": 1.234,
+              "other_cpu_ms_per_request": 9.5}  # fmt: skip
+    result["http"] = {**result["http"], "fp32 batching": [level1, level(16, 150.0, 92.0)]}
+    write_report(result, tmp_path)
+    md = (tmp_path / "latency.md").read_text()
+    assert "### The HTTP reference at c=1 (same pairs)" in md
+    assert "| 2 | 8.4 | 8.4 | 9.2 | 1.000 | 1.095 | 0.40 | 1.00 | 9.00 | 9.50 | 0 |" in md
+    # medians, column by column: floor 8.4, reference 8.4, server 10.0, ratios of the pairs
+    assert "| median | 8.4 | 8.4 | 10.0 | 1.000 | 1.220 | 0.40 | 1.20 | 9.00 | 9.50 |  |" in md
+    assert "1.23 ms on the event loop's thread, 9.50 ms on all other threads" in md
+
+
+def test_no_reference_table_without_reference_figures(tmp_path: Path) -> None:
+    old = dict(SYNTHETIC)
+    old["pairs"] = [{
+        "inprocess_p50_ms": 8.0, "http_c1_p50_ms": 9.0, "latency_ratio": 1.125,
+        "inprocess_best_batched_ips": 100.0, "http_c16_ips": 98.0, "throughput_ratio": 0.98,
+        "http_errors": 0,
+    }]  # fmt: skip
+    write_report(old, tmp_path)
+    md = (tmp_path / "latency.md").read_text()
+    assert "## Paired measurements" in md
+    assert "HTTP reference" not in md
