@@ -227,6 +227,7 @@ def _kill_9(cluster: Cluster, gen: LoadGenerator) -> dict[str, Any]:
     )
     time.sleep(2.0)  # the load keeps flowing on the other two
     victim.wait(5)
+    restarted = time.monotonic()  # from here on the victim's name is a new process
     victim.start()
     wait_for(victim.ready, 90, f"{victim.name} ready again")
     wait_for(lambda: cluster.haproxy.state(victim.name) == "UP", 30, f"{victim.name} UP")
@@ -234,6 +235,7 @@ def _kill_9(cluster: Cluster, gen: LoadGenerator) -> dict[str, Any]:
     return {
         "victim": victim.name,
         "killed_at": killed,
+        "restarted_at": restarted,
         "in_flight_at_kill": in_flight,
         "route_around_s": round(route_around, 3),
     }
@@ -284,13 +286,18 @@ def test_replicas_behind_haproxy_lose_nothing(cluster: Cluster):
     feedback = [o for o in outcomes if o.kind == "feedback"]
     accepted = [o for o in feedback if o.ok]
     # rows still queued in the killed process die with it (by definition of kill -9): a
-    # prediction it answered in the last moment may be missing, and so its feedback's row
+    # prediction it answered in the last moment may be missing, and so its feedback's row. Any
+    # answer the victim gave before its restart came from the killed process, and one it sent
+    # just before SIGKILL can reach the client after the kill was stamped: the window is from
+    # 2 s before the kill (the writer holds rows for at most 50 ms) to the restart.
     answered = {o.prediction_id: o for o in predictions if o.ok}
     missing = {pid: o for pid, o in answered.items() if pid not in db["ids"]}
     lost_with_kill = {
         pid
         for pid, o in missing.items()
-        if o.served_by == kill["victim"] and kill["killed_at"] - 2.0 <= o.ended <= kill["killed_at"]
+        if o.served_by == kill["victim"]
+        and kill["killed_at"] - 2.0 <= o.ended
+        and o.started < kill["restarted_at"]
     }
     cross = [
         o for o in feedback if o.served_by and o.predicted_by and o.served_by != o.predicted_by
@@ -325,7 +332,7 @@ def test_replicas_behind_haproxy_lose_nothing(cluster: Cluster):
         "rolling_restart": {**_tally(_phase(outcomes, "rolling_restart")), "steps": rolling},
         "kill_9": {
             **_tally(kill_phase),
-            **{k: v for k, v in kill.items() if k != "killed_at"},
+            **{k: v for k, v in kill.items() if k not in ("killed_at", "restarted_at")},
             "bound_s": bound,
             "check": checks,
         },
@@ -362,7 +369,15 @@ def test_replicas_behind_haproxy_lose_nothing(cluster: Cluster):
     # 3. PostgreSQL restart: no prediction failed, no accepted feedback lost
     assert report["postgres_restart"]["failed_predictions"] == 0, report["postgres_restart"]
     assert report["postgres_restart"]["feedback_201_missing"] == 0
-    assert set(missing) == lost_with_kill  # only a kill -9 loses a logged row
+    # only a kill -9 loses a logged row; otherwise name each lost row's replica, phase and
+    # times (s) relative to the kill
+    unexplained = {
+        pid: (o.served_by, o.phase, round(o.started - kill["killed_at"], 3),
+              round(o.ended - kill["killed_at"], 3))
+        for pid, o in missing.items()
+        if pid not in lost_with_kill
+    }  # fmt: skip
+    assert not unexplained, unexplained
     # nothing else failed anywhere (every phase but the kill has no failure at all)
     others = [o for o in outcomes if not o.ok and o.phase != "kill_9"]
     assert not others, Counter((o.phase, o.kind, o.status) for o in others)
