@@ -259,20 +259,22 @@ async def _open_model(app: Starlette, settings: Settings) -> InferenceModel:
 
 def _batch_observer(server_metrics: ServerMetrics) -> Callable[[BatchStats], None]:
     """Per batch: its size, the model run, and each image's queue wait, decode and preprocess."""
-    stage = server_metrics.stage
+    stages = server_metrics.stages
+    inference, queue = stages["inference"], stages["queue"]
+    decode, preprocess = stages["decode"], stages["preprocess"]
 
     def on_batch(stats: BatchStats) -> None:
         if stats.size:  # a batch whose images all failed to decode ran nothing
-            server_metrics.policy_runs.labels(stats.label).inc()
+            server_metrics.policy_series(stats.label).inc()
             server_metrics.batch_size.observe(stats.size)
             server_metrics.inference.observe(stats.run_s)
-            stage.labels("inference").observe(stats.run_s)
+            inference.observe(stats.run_s)
         for wait in stats.queue_wait_s:
             server_metrics.queue_wait.observe(wait)
-            stage.labels("queue").observe(wait)
+            queue.observe(wait)
         for prepared in stats.decoded:
-            stage.labels("decode").observe(prepared.decode_s)
-            stage.labels("preprocess").observe(prepared.preprocess_s)
+            decode.observe(prepared.decode_s)
+            preprocess.observe(prepared.preprocess_s)
 
     return on_batch
 

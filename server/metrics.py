@@ -6,6 +6,8 @@ is one label, and prediction labels come from the model's fixed class list.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from server.logs import access_lines_dropped
@@ -19,6 +21,31 @@ _STAGE_BUCKETS = (
     0.256, 1.0,
 )  # fmt: skip
 _CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Where a prediction request's time goes (README, "Where the time goes"): head (first byte to
+# app), body, queue, decode, preprocess, inference (per batch), respond (answer built and sent),
+# log (metrics and the access log, after the answer).
+STAGES = ("head", "body", "queue", "decode", "preprocess", "inference", "respond", "log")
+
+
+class Children:
+    """The children of a labelled metric, looked up once per label values.
+
+    ``metric.labels(...)`` validates the values and takes a lock on every call; a request
+    records about a dozen labelled series, so the hot path keeps the children it has seen.
+    Children are never removed from these metrics, so a kept child stays the live one.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class ServerMetrics:
@@ -113,9 +140,7 @@ class ServerMetrics:
         )
         self.access_log_dropped.set_function(access_lines_dropped)
         self.model_info = Info("model", "The served model.", registry=registry)
-        # Where a request's time goes, stage by stage (README, "Where the time goes"):
-        # head (first byte to app), body, queue, decode, preprocess, inference (per batch),
-        # respond (answer built and sent), log (metrics and the access log, after the answer).
+        # where a request's time goes, stage by stage (STAGES)
         self.stage = Histogram(
             "request_stage_seconds",
             "Time spent in each stage of a prediction request.",
@@ -123,3 +148,9 @@ class ServerMetrics:
             buckets=_STAGE_BUCKETS,
             registry=registry,
         )
+        # the hot path's series, each resolved once (every stage is exported from the start)
+        self.stages = {name: self.stage.labels(name) for name in STAGES}
+        self.request_series = Children(self.requests)
+        self.latency_series = Children(self.latency)
+        self.prediction_series = Children(self.predictions)
+        self.policy_series = Children(self.policy_runs)

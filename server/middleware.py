@@ -83,12 +83,12 @@ class RequestContextMiddleware:
             done = time.perf_counter()
             elapsed = done - started
             route = route_template(scope)
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
+            self.metrics.request_series(route, scope["method"], str(status)).inc()
+            self.metrics.latency_series(route).observe(elapsed)
             if "handled_at" in state:  # a prediction: where its time went around the model
-                stages = self.metrics.stage
-                stages.labels("head").observe(started - state.get("received_at", started))
-                stages.labels("respond").observe(state.get("sent_at", done) - state["handled_at"])
+                stages = self.metrics.stages
+                stages["head"].observe(started - state.get("received_at", started))
+                stages["respond"].observe(state.get("sent_at", done) - state["handled_at"])
             if access_log.isEnabledFor(logging.INFO):
                 fields = {
                     "request_id": request_id,
@@ -104,7 +104,7 @@ class RequestContextMiddleware:
                     fields["images"] = state["images"]
                 access_log.info("request", extra={"fields": fields})
             if "handled_at" in state:
-                self.metrics.stage.labels("log").observe(time.perf_counter() - done)
+                self.metrics.stages["log"].observe(time.perf_counter() - done)
 
 
 _MESSAGE = "an unexpected error occurred"

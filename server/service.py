@@ -163,7 +163,7 @@ class Predictor:
         try:
             async with asyncio.timeout(deadline):
                 uploads = await read(reservation)
-            self.metrics.stage.labels("body").observe(time.perf_counter() - started)
+            self.metrics.stages["body"].observe(time.perf_counter() - started)
             return uploads
         except TimeoutError:
             raise ApiError(
@@ -239,7 +239,7 @@ class Predictor:
         latency_ms: float,
     ) -> None:
         """Metrics and the monitoring hook, once per successfully predicted image."""
-        self.metrics.predictions.labels(prediction.label).inc()
+        self.metrics.prediction_series(prediction.label).inc()
         self.metrics.confidence.observe(prediction.confidence)
         self.monitor.observe(
             PredictionEvent(

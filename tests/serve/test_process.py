@@ -231,6 +231,11 @@ def test_stage_breakdown_of_real_requests_is_exported(server_process):
     """Every stage of a prediction is timed from real requests and exported per stage."""
     server = server_process()
     server.wait_ready()
+    stages = ("head", "body", "queue", "decode", "preprocess", "inference", "respond", "log")
+    # every stage is exported from the start (a dashboard's rate() sees 0, not a missing series)
+    text = httpx.get(f"{server.url}/metrics").text
+    for stage in stages:
+        assert f'request_stage_seconds_count{{stage="{stage}"}} 0.0' in text, stage
     for _ in range(3):
         r = httpx.post(
             f"{server.url}/predict",
@@ -239,7 +244,6 @@ def test_stage_breakdown_of_real_requests_is_exported(server_process):
         )
         assert r.status_code == 200
     text = httpx.get(f"{server.url}/metrics").text
-    stages = ("head", "body", "queue", "decode", "preprocess", "inference", "respond", "log")
     for stage in stages:
         assert prom(text, "request_stage_seconds_count", stage=stage) == 3, stage
         total = prom(text, "request_stage_seconds_sum", stage=stage)
