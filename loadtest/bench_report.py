@@ -178,16 +178,11 @@ def _reference(pairs: list[dict[str, Any]]) -> list[str]:
     )
     out.append("")
     rows = [
-        [str(i), _f(p["inprocess_p50_ms"]), _f(p["reference_c1_p50_ms"]),
-         _f(p["http_c1_p50_ms"]), _f(p["reference_ratio"], 3), _f(p["server_over_reference"], 3),
-         _f(p["reference_loop_cpu_ms"], 2), _f(p["http_c1_loop_cpu_ms"], 2),
-         _f(p["reference_other_cpu_ms"], 2), _f(p["http_c1_other_cpu_ms"], 2),
-         str(p["reference_errors"])]
+        [str(i), *(_f(p[k], d) for k, d in _REFERENCE_COLUMNS), str(p["reference_errors"])]
         for i, p in enumerate(pairs, 1)
-    ]  # fmt: skip
-    med = [statistics.median(p[k] for p in pairs) for k in _REFERENCE_KEYS]
-    rows.append(["median", *(_f(v, 3 if "ratio" in k or "over" in k else 2 if "cpu" in k else 1)
-                             for k, v in zip(_REFERENCE_KEYS, med, strict=True)), ""])  # fmt: skip
+    ]
+    median = [_f(statistics.median(p[k] for p in pairs), d) for k, d in _REFERENCE_COLUMNS]
+    rows.append(["median", *median, ""])
     out += _table(
         ["pair", "floor p50 ms", "reference p50 ms", "server p50 ms", "reference / floor",
          "server / reference", "loop CPU ms: reference", "loop CPU ms: server",
@@ -198,10 +193,12 @@ def _reference(pairs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-_REFERENCE_KEYS = (
-    "inprocess_p50_ms", "reference_c1_p50_ms", "http_c1_p50_ms", "reference_ratio",
-    "server_over_reference", "reference_loop_cpu_ms", "http_c1_loop_cpu_ms",
-    "reference_other_cpu_ms", "http_c1_other_cpu_ms",
+# the reference table's figures, column by column: the pair's key and its decimal places
+_REFERENCE_COLUMNS = (
+    ("inprocess_p50_ms", 1), ("reference_c1_p50_ms", 1), ("http_c1_p50_ms", 1),
+    ("reference_ratio", 3), ("server_over_reference", 3),
+    ("reference_loop_cpu_ms", 2), ("http_c1_loop_cpu_ms", 2),
+    ("reference_other_cpu_ms", 2), ("http_c1_other_cpu_ms", 2),
 )  # fmt: skip
 
 

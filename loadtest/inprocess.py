@@ -36,14 +36,18 @@ POLICIES = ("spin", "sleep")  # onnxruntime's intra-op threads when idle
 RunFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> probabilities (N, C)
 
 
-def open_runs(path: Path, threads: int) -> tuple[dict[str, RunFn], ModelContract]:
-    """One session per thread policy, with the same threads and graph optimisations; the
-    model's contract (its preprocessing and classes)."""
+def open_runs(
+    path: Path, threads: int, policies: Sequence[str] = POLICIES
+) -> tuple[dict[str, RunFn], ModelContract]:
+    """One session per thread policy in ``policies``, with the same threads and graph
+    optimisations; the model's contract (its preprocessing and classes)."""
     import onnxruntime as ort
 
+    if not policies or any(p not in POLICIES for p in policies):
+        raise ValueError(f"policies must be some of {POLICIES}, not {policies!r}")
     runs: dict[str, RunFn] = {}
     contract = None
-    for policy in POLICIES:
+    for policy in policies:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -39,7 +39,7 @@ def image_of(body: bytes, content_type: bytes) -> bytes:
 
 
 def make_app(model: Path, threads: int, policy: str) -> Any:
-    runs, contract = open_runs(model, threads)
+    runs, contract = open_runs(model, threads, (policy,))
     run, spec, classes = runs[policy], contract.preprocessing, contract.class_names
     pool = ThreadPoolExecutor(1)
 
