@@ -7,6 +7,11 @@ to ONE ONNX file as the export stage does, checked, and timed through onnxruntim
 within every run, so a busy neighbour slows all of them alike. Latency and file size do not depend
 on the trained weights, so the ImageNet backbone with a fresh head stands in for each.
 
+Measured latency on a shared machine moves by tens of percent from run to run (Lite1 took 1.10x
+to 2.45x Lite0's batch-1 time in four runs of this stage), so each architecture's multiply-adds
+per image (:func:`count_macs`, every convolution and linear layer at its real input size) are
+reported too: a cost figure that is the same on every run and every machine.
+
     python -m export.cost --summary reports/cv/summary.json --out reports/cost
 
 Writes ``cost.json`` and ``table.md`` (the README's accuracy/latency table: every figure from
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES
 from catsdogs.cv_text import accuracy_text, mistakes_text
@@ -40,7 +46,38 @@ def arch_key(served: dict[str, Any]) -> str:
     return f"{served['model']}@{served['input_size']}"
 
 
-def export_arch(model_name: str, input_size: int, n_classes: int, out: Path, opset: int) -> Path:
+def count_macs(model: torch.nn.Module, input_size: int) -> int:
+    """Multiply-adds of one image through ``model``: every Conv2d and Linear, from the shapes
+    of a real forward pass at batch 1 (element-wise work, pooling and activations excluded)."""
+    total = 0
+
+    def conv(module: torch.nn.Conv2d, _inputs: Any, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    def linear(module: torch.nn.Linear, _inputs: Any, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    hooks = [
+        m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, input_size, input_size, 3), dtype=torch.uint8))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def export_arch(
+    model_name: str, input_size: int, n_classes: int, out: Path, opset: int
+) -> tuple[Path, int]:
+    """The architecture's ONNX file (checked) and its multiply-adds per image."""
     spec = default_spec(model_name, input_size, input_size)
     model = build_model(
         model_name, n_classes, pretrained=model_name in LITE_VARIANTS, spec=spec
@@ -48,7 +85,7 @@ def export_arch(model_name: str, input_size: int, n_classes: int, out: Path, ops
     path = out / f"{model_name}-{input_size}.onnx"
     ox.export_onnx(model, path, input_size=input_size, opset=opset)
     ox.check_onnx_file(path)
-    return path
+    return path, count_macs(model, input_size)
 
 
 def time_sessions(
@@ -115,16 +152,18 @@ def cost_table(
     ref = cost[reference]["batch_1_ms"]
     lines = [
         "| configuration | CV accuracy (95% CI) | CV mistakes (mean ± sd, range) | test accuracy "
-        f"| batch 1 (ms) | batch {batch} (ms/image) | ONNX (MB) | train time (s, est.) "
-        "| reproduce |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| multiply-adds per image (G) | batch 1 (ms) | batch {batch} (ms/image) | ONNX (MB) "
+        "| train time (s, est.) | reproduce |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ref_macs = cost[reference]["macs"]
     for name, s in summary["configs"].items():
         c = cost[arch_key(s["served"])]
         mark = " **(default)**" if name == summary.get("default") else ""
         lines.append(
             f"| `{name}`{mark} | {accuracy_text(s)} "
             f"| {mistakes_text(s)} | {s['test_accuracy']:.4f} "
+            f"| {c['macs'] / 1e9:.3f} ({c['macs'] / ref_macs:.2f}x) "
             f"| {c['batch_1_ms']:.1f} ({c['batch_1_ms'] / ref:.2f}x) "
             f"| {c[f'batch_{batch}_ms_per_image']:.1f} | {c['bytes'] / 1e6:.1f} "
             f"| {s['train_seconds_estimate']:.0f} | `{s['reproduce']}` |"
@@ -145,6 +184,7 @@ def log_to_runs(summary: dict[str, Any], cost: dict[str, dict[str, Any]], batch:
             c = cost[arch_key(s["served"])]
             for key in ("batch_1_ms", f"batch_{batch}_ms_per_image", "bytes"):
                 client.log_metric(run_id, f"onnx_{key}", float(c[key]))
+            client.log_metric(run_id, "macs_per_image", float(c["macs"]))
     except Exception as exc:  # the reports on disk are the product
         log.warning("MLflow unavailable, latency not logged to the cv runs: %s", exc)
 
@@ -161,11 +201,14 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
     # batch ORT_BATCH is how the train stage computes frozen features: its rate prices training
     batches = tuple(sorted({1, cv.latency_batch, ORT_BATCH}))
     with tempfile.TemporaryDirectory() as tmp:
-        files = {
+        exported = {
             k: export_arch(a["model"], a["input_size"], 2, Path(tmp), export.opset)
             for k, a in archs.items()
         }
-        cost: dict[str, dict[str, Any]] = {k: {"bytes": p.stat().st_size} for k, p in files.items()}
+        files = {k: path for k, (path, _) in exported.items()}
+        cost: dict[str, dict[str, Any]] = {
+            k: {"bytes": path.stat().st_size, "macs": macs} for k, (path, macs) in exported.items()
+        }
         log.info(
             "timing %s, %d runs each, %d threads",
             list(files),
@@ -199,6 +242,9 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
                 "served": arch_key(s["served"]),
                 "batch_1_vs_reference": round(
                     cost[arch_key(s["served"])]["batch_1_ms"] / cost[reference]["batch_1_ms"], 3
+                ),
+                "macs_vs_reference": round(
+                    cost[arch_key(s["served"])]["macs"] / cost[reference]["macs"], 3
                 ),
                 "reproduce": s["reproduce"],
                 "train_seconds_estimate": s["train_seconds_estimate"],

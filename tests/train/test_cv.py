@@ -461,11 +461,40 @@ def test_cost_table_prints_the_mistakes_as_the_cv_report_does() -> None:
         },
     }
     cost = {"efficientnet_lite0@224": {"batch_1_ms": 6.0, "batch_8_ms_per_image": 4.0,
-                                       "bytes": 13_400_000}}  # fmt: skip
+                                       "bytes": 13_400_000, "macs": 400_000_000}}  # fmt: skip
     rows = cost_table(summary, cost, 8, "efficientnet_lite0@224").splitlines()[2:]
     assert [row.split(" | ")[2] for row in rows] == ["26 / 3991", "27.3 ± 2.5 (25-30) / 3991"]
     assert "**(default)**" in rows[1]
-    assert "| 6.0 (1.00x) |" in rows[0]
+    assert "| 0.400 (1.00x) | 6.0 (1.00x) |" in rows[0]
+
+
+def test_multiply_adds_follow_the_architecture_and_the_pixels() -> None:
+    """The cost stage's steady cost figure: exact on a layer whose count is known by hand, and
+    on the served backbones it grows with the network and with the input's pixels."""
+    from export.cost import count_macs
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv(x.permute(0, 3, 1, 2).float())  # (1, 4, 8, 8): 256 outputs x 27
+            return self.linear(x.mean(dim=(2, 3)))  # 2 outputs x 4 each
+
+    assert count_macs(Tiny(), 8) == 256 * 27 + 2 * 4
+
+    def macs(name: str, size: int) -> int:
+        spec = default_spec(name, size, size)
+        return count_macs(build_model(name, 2, pretrained=False, spec=spec).eval(), size)
+
+    lite0 = macs("efficientnet_lite0", 224)
+    assert 0.35e9 < lite0 < 0.45e9  # EfficientNet-Lite0 is a 0.4 G multiply-add network
+    # 240 px has 1.15x the pixels, and "same" padding rounds every feature map up (7x7 at the
+    # end becomes 8x8): the count grows by more than the pixels and less than the last map
+    assert (240 / 224) ** 2 < macs("efficientnet_lite0", 240) / lite0 < (8 / 7) ** 2
+    assert lite0 < macs("efficientnet_lite1", 240) < macs("efficientnet_lite2", 260)
 
 
 # ---------------------------------------------------------------------- cv/dvc.yaml
