@@ -514,7 +514,8 @@ class Batcher:
         The batch stops counting as in flight first, so the next request its client sends finds
         the server idle. A failed run fails its requests, never the batcher."""
         del self._in_flight[batch]
-        self._wakeup.set()
+        if self._queue:  # what waited for this batch may go now (nothing else does)
+            self._wakeup.set()
         try:
             outcomes, started, decode_s, run_s, label = work.result()
         except Exception as exc:
