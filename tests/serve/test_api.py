@@ -476,3 +476,16 @@ def test_uploads_never_touch_the_disk(settings, monkeypatch):
     labels = [e["label"] for e in many.json()["predictions"]]
     assert labels[0] == "cat"
     assert labels[1] in CLASS_NAMES
+
+
+@pytest.mark.parametrize("shape", [(224, 224, 3), (1, 1, 3), (2369, 2369, 3), (2370, 2370, 3)])
+def test_brightness_is_exactly_the_mean_of_the_model_input(shape):
+    from server.service import brightness
+
+    rng = np.random.default_rng(0)
+    for array in (
+        rng.integers(0, 256, shape, dtype=np.uint8),
+        np.full(shape, 255, dtype=np.uint8),  # 2369 px: the largest 32-bit sum; 2370 px: 64 bits
+        np.zeros(shape, dtype=np.uint8),
+    ):
+        assert brightness(array) == float(array.mean())
