@@ -514,8 +514,7 @@ class Batcher:
         The batch stops counting as in flight first, so the next request its client sends finds
         the server idle. A failed run fails its requests, never the batcher."""
         del self._in_flight[batch]
-        if self._queue:  # what waited for this batch may go now (nothing else does)
-            self._wakeup.set()
+        self._wakeup.set()
         try:
             outcomes, started, decode_s, run_s, label = work.result()
         except Exception as exc:
