@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -349,7 +349,7 @@ class Batcher:
         # batches handed to a thread and not yet done, each with its mode (True: parallel).
         # At most two per thread, the one running and the next, so a thread never waits for
         # the event loop between batches.
-        self._in_flight: dict[asyncio.Future[None], bool] = {}
+        self._in_flight: dict[asyncio.Task[None], bool] = {}
 
     # ------------------------------------------------------------------ admission
     def admit(self, n: int = 1) -> Ticket:
@@ -467,22 +467,16 @@ class Batcher:
             self._dispatch(parallel)
 
     def _dispatch(self, parallel: bool) -> None:
-        """Form the next batch and hand it to its thread now; its answers go out from the event
-        loop's first turn after the thread is done (``_answer``)."""
+        """Form the next batch and hand it to its thread now; a task answers its requests."""
         jobs = self._take(self.parallel_limit if parallel else self.batch_limit)
         if not jobs:
             return
         blobs = [blob for job in jobs for blob in job.blobs]
         pool = self._parallel_pool if parallel else self._executor
-        loop = asyncio.get_running_loop()
-        batch: asyncio.Future[None] = loop.create_future()  # done once its answers are out
-        self._in_flight[batch] = parallel
-
-        def done(work: Future[Any]) -> None:  # on the batch's thread
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self._answer, jobs, blobs, work, batch)
-
-        pool.submit(self._work, blobs, parallel).add_done_callback(done)
+        work = asyncio.get_running_loop().run_in_executor(pool, self._work, blobs, parallel)
+        task = asyncio.create_task(self._process(jobs, blobs, work), name="batch")
+        self._in_flight[task] = parallel
+        task.add_done_callback(self._batch_done)
 
     def _may_take(self) -> bool:
         """Whether the next batch may be formed now.
@@ -506,31 +500,37 @@ class Batcher:
             return False
         return len(self._in_flight) < 2 and self._queued_images >= self.batch_limit
 
-    def _answer(
-        self, jobs: list[_Job], blobs: list[bytes], work: Future[Any], batch: asyncio.Future[None]
-    ) -> None:
-        """On the event loop, as soon as a batch's thread is done: give each request its share.
-
-        The batch stops counting as in flight first, so the next request its client sends finds
-        the server idle. A failed run fails its requests, never the batcher."""
-        del self._in_flight[batch]
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
         self._wakeup.set()
+
+    def _ran(self) -> None:
+        """The current batch's work is done: it no longer counts as in flight, before its
+        answers go out (the next request its client sends must find the server idle)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._batch_done(task)
+
+    async def _process(
+        self, jobs: list[_Job], blobs: list[bytes], work: asyncio.Future[Any]
+    ) -> None:
+        """One batch: wait for its ``work`` on a thread, then give each request its share."""
         try:
-            outcomes, started, decode_s, run_s, label = work.result()
-        except Exception as exc:
-            logger.error("inference failed for a batch of %d", len(blobs), exc_info=exc)
+            outcomes, started, decode_s, run_s, label = await work
+        except Exception as exc:  # a failed run fails its requests, never the loop
+            self._ran()
+            logger.exception("inference failed for a batch of %d", len(blobs))
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(exc)
-            batch.set_result(None)
             return
+        self._ran()
         offset = 0
         for job in jobs:
             n = len(job.blobs)
             if not job.future.done():
                 job.future.set_result(outcomes[offset : offset + n])
             offset += n
-        batch.set_result(None)
         if self.on_batch is not None:
             good = [o[0] for o in outcomes if not isinstance(o, Exception)]
             waits = [max(0.0, started - job.enqueued) for job in jobs]
