@@ -443,12 +443,7 @@ class Batcher:
             self._queue.append(_Job(chunk, future))
             self._queued_images += len(chunk)
             futures.append(future)
-        if not company and not self._gathering():
-            # a lone request goes to its thread now, not on the batcher's next turn of the
-            # event loop (which would do the same: nothing runs and no batch is gathering)
-            self._dispatch(False)
-        else:
-            self._wakeup.set()
+        self._wakeup.set()
         if len(futures) == 1:
             return await futures[0]
         return [o for part in await asyncio.gather(*futures) for o in part]
@@ -582,7 +577,7 @@ class Batcher:
         Requests whose bodies are arriving right now join within a few milliseconds; with none
         of them, waiting would only add latency (a lone request never waits).
         """
-        if not self._gathering():
+        if self.batch_limit == 1 or self.max_queue_delay_s <= 0:
             return
         deadline = self._queue[0].enqueued + self.max_queue_delay_s
         while self._queued_images < self.batch_limit and self._incoming > 0 and not self._stopping:
@@ -594,11 +589,6 @@ class Batcher:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
                 return
-
-    def _gathering(self) -> bool:
-        """Whether a batch formed now would wait for more images: batching is on and other
-        requests' bodies are arriving."""
-        return self.batch_limit > 1 and self.max_queue_delay_s > 0 and self._incoming > 0
 
     def _take(self, limit: int) -> list[_Job]:
         """Jobs for the next batch: whole requests, up to ``limit`` images."""

@@ -271,38 +271,3 @@ def test_next_full_batch_waits_on_the_inference_thread_not_on_the_event_loop(mak
     assert sizes[1:3] == [2, 2]
     assert starts[1] < blocked_until  # the second batch did not wait for the event loop
     assert starts[1] - starts[0] < 0.2
-
-
-def test_lone_request_is_handed_to_its_thread_before_the_event_loop_turns(make_app):
-    """A request that finds the model idle starts its run from its own task: with the event
-    loop blocked right after that task's first step, the run still starts during the block."""
-    app = make_app(max_batch_size=8, max_queue_delay_ms=5)
-
-    async def scenario():
-        async with serve(app) as client:
-            assert (await _predict(client, RED)).status_code == 200  # the batcher is idle again
-            batcher = app.state.batcher
-            inner = batcher.run
-            starts: list[float] = []
-
-            def timed_run(batch):
-                starts.append(time.perf_counter())
-                return inner(batch)
-
-            batcher.run = timed_run
-            ticket = batcher.admit(1)
-            try:
-                task = asyncio.create_task(batcher.predict([image_bytes(BLUE)], ticket))
-                await asyncio.sleep(0)  # the task's first step: up to waiting for its answer
-                time.sleep(0.3)  # then the event loop does something long and blocking
-                blocked_until = time.perf_counter()
-                outcomes = await task
-            finally:
-                batcher.release(ticket)
-            return starts, blocked_until, outcomes
-
-    starts, blocked_until, outcomes = run(scenario())
-    assert len(outcomes) == 1
-    assert not isinstance(outcomes[0], Exception)
-    assert len(starts) == 1
-    assert starts[0] < blocked_until  # not left for the batcher's next turn of the loop
