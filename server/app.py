@@ -35,6 +35,7 @@ from server.errors import RETRY_SOON, ApiError, error_response
 from server.inference import Batcher, BatchStats, InferenceModel, load_model
 from server.limits import Budget, Reservation
 from server.logs import configure_logging
+from server.loop_lag import LoopLag
 from server.metrics import ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.monitor import Monitor
@@ -354,6 +355,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     await monitor.start()
     batcher.start()
     _publish(app, model, batcher, monitor)
+    lag = LoopLag(
+        app.state.metrics.loop_lag,
+        lambda: {"tasks": len(asyncio.all_tasks()), "queued_images": batcher.admitted},
+    )
+    lag.start()
     app.state.ready = True
     logger.info(
         "ready",
@@ -377,6 +383,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
     finally:
         app.state.ready = False
+        await lag.stop()
         await batcher.stop()
         await monitor.stop()
         decode_pool.shutdown(wait=True)

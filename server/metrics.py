@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from server import loop_lag
 from server.logs import access_lines_dropped
 
 UNMATCHED_ROUTE = "<unmatched>"
@@ -140,6 +141,13 @@ class ServerMetrics:
         )
         self.access_log_dropped.set_function(access_lines_dropped)
         self.model_info = Info("model", "The served model.", registry=registry)
+        self.loop_lag = Histogram(
+            "event_loop_lag_seconds",
+            "How late the event loop woke a timer set every 100 ms: a stalled loop delays every "
+            "request and probe at once.",
+            buckets=loop_lag.BUCKETS,
+            registry=registry,
+        )
         # where a request's time goes, stage by stage (STAGES)
         self.stage = Histogram(
             "request_stage_seconds",

@@ -28,7 +28,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import RED, ServerProcess, build_tiny_model, image_bytes, start_server, tiny_contract
+from conftest import (
+    RED,
+    ServerProcess,
+    build_tiny_model,
+    image_bytes,
+    prom,
+    start_server,
+    tiny_contract,
+)
 from hostile import (
     GIB,
     MIB,
@@ -192,6 +200,25 @@ def deadline_target(servers: Servers, default_target: Target) -> Target:
 class Watch:
     probe: ProbeResult
     peak_rss: int = 0
+    late_wakeups: float = 0  # the server's event loop woken over LIVE_LIMIT_MS late
+    worst_lag_s: str = ""  # the smallest lag bucket holding every wake-up of the attack
+    stalls: list[str] = field(default_factory=list)  # the server's "ran late" log lines
+
+    def lag_report(self) -> str:
+        stalls = "; ".join(self.stalls) or "none logged"
+        return (
+            f"the server's event loop woke {self.late_wakeups:.0f} times over "
+            f"{LIVE_LIMIT_MS:.0f} ms late, at most {self.worst_lag_s} s late (its log: {stalls})"
+        )
+
+
+LAG_BUCKETS = ("0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0")
+
+
+def loop_lag(target: Target) -> dict[str, float]:
+    """The server's own ``event_loop_lag_seconds`` buckets (cumulative counts, "+Inf" too)."""
+    text = httpx.get(f"{target.url}/metrics", timeout=10).text
+    return {le: prom(text, "event_loop_lag_seconds_bucket", le=le) for le in (*LAG_BUCKETS, "+Inf")}
 
 
 @contextlib.contextmanager
@@ -199,22 +226,40 @@ def attack(target: Target, *, rss_limit: int = RSS_LIMIT) -> Iterator[Watch]:
     """Run the block as an attack: liveness polled throughout, then RSS and service checked."""
     reset_peak_rss(target.pid)
     before = proc_status(target.pid)["VmRSS"]
+    lag_before = loop_lag(target)
+    log_offset = target.server.log.stat().st_size
     with liveness_probe(target.url) as probe:
         watch = Watch(probe)
         yield watch
     watch.peak_rss = proc_status(target.pid)["VmHWM"]
+    # The server's own view, to tell a stalled server from a probe that waited for a CPU.
+    lag = {le: n - lag_before[le] for le, n in loop_lag(target).items()}
+    watch.late_wakeups = lag["+Inf"] - lag[str(LIVE_LIMIT_MS / 1000)]
+    watch.worst_lag_s = next(le for le, n in lag.items() if n == lag["+Inf"])
+    with target.server.log.open("rb") as server_log:
+        server_log.seek(log_offset)
+        watch.stalls = [
+            line.decode(errors="replace").strip()
+            for line in server_log
+            if b'"the event loop ran late"' in line
+        ]
     log.info(
-        "liveness max %.1f ms over %d polls; RSS %.0f -> peak %.0f MiB",
+        "liveness max %.1f ms over %d polls; event loop late by at most %s s over %d wake-ups; "
+        "RSS %.0f -> peak %.0f MiB",
         probe.max_ms,
         probe.n,
+        watch.worst_lag_s,
+        lag["+Inf"],
         before / MIB,
         watch.peak_rss / MIB,
     )
     assert probe.n > 0, "the liveness probe made no request"
     assert probe.failures == 0, f"/health/live failed during the attack: {probe}"
     assert probe.max_ms < LIVE_LIMIT_MS, (
-        f"/health/live took {probe.max_ms:.0f} ms during the attack (limit {LIVE_LIMIT_MS:.0f})"
+        f"/health/live took {probe.max_ms:.0f} ms during the attack (limit "
+        f"{LIVE_LIMIT_MS:.0f}); {watch.lag_report()}"
     )
+    assert watch.late_wakeups == 0, f"during the attack, {watch.lag_report()}"
     assert watch.peak_rss < rss_limit, (
         f"peak RSS {watch.peak_rss / MIB:.0f} MiB (RSS before the attack {before / MIB:.0f} MiB)"
     )
