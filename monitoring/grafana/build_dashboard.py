@@ -173,7 +173,17 @@ PANELS = [
             ("prediction_log_queued", "queued"),
             ("prediction_log_healthy", "healthy"),
         ],
-        (0, 40, 24, 6),
+        (0, 40, 12, 6),
+    ),
+    panel(
+        "Event loop lag",
+        "timeseries",
+        [quantile(p, "event_loop_lag_seconds_bucket") for p in (0.5, 0.99)],
+        (12, 40, 12, 6),
+        "s",
+        [("green", None), ("orange", 0.025), ("red", 0.1)],
+        "How late the server's event loop wakes a 100 ms timer: every request and probe waits as "
+        "long (alert ServeEventLoopStalled: more than 5 wake-ups over 100 ms late in 5 minutes)",
     ),
 ]
 
