@@ -360,6 +360,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         lambda: {"tasks": len(asyncio.all_tasks()), "queued_images": batcher.admitted},
     )
     lag.start()
+    app.state.metrics.gc.start()  # the start-up heap frozen: short collections from now on
     app.state.ready = True
     logger.info(
         "ready",
@@ -384,6 +385,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     finally:
         app.state.ready = False
         await lag.stop()
+        app.state.metrics.gc.stop()
         await batcher.stop()
         await monitor.stop()
         decode_pool.shutdown(wait=True)

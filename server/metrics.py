@@ -11,6 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from server import loop_lag
+from server.gc_pauses import GcPauses
 from server.logs import access_lines_dropped
 
 UNMATCHED_ROUTE = "<unmatched>"
@@ -148,6 +149,8 @@ class ServerMetrics:
             buckets=loop_lag.BUCKETS,
             registry=registry,
         )
+        self.gc = GcPauses()  # started by the lifespan once start-up is done
+        registry.register(self.gc)
         # where a request's time goes, stage by stage (STAGES)
         self.stage = Histogram(
             "request_stage_seconds",

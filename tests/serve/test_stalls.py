@@ -1,9 +1,12 @@
-"""The event loop's lag (server/loop_lag.py): measured, exported, logged, and the kind of stall
-named: a real server process frozen from outside, and a real event loop kept busy."""
+"""Event-loop stalls: the loop's lag (server/loop_lag.py) measured, exported, logged and its kind
+named, on a real server process frozen from outside and a real event loop kept busy; and the
+garbage collector's pauses (server/gc_pauses.py), the start-up heap frozen."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import json
 import logging
 import os
@@ -12,10 +15,12 @@ import time
 
 import httpx
 import pytest
-from conftest import prom
+from conftest import RED, image_bytes, prom
 from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.exposition import generate_latest
 
-from server import loop_lag
+from server import gc_pauses, loop_lag
+from server.gc_pauses import GcPauses
 from server.loop_lag import LoopLag
 
 pytestmark = pytest.mark.serve
@@ -26,6 +31,67 @@ def _late_wakeups(text: str, above: str) -> float:
     return prom(text, "event_loop_lag_seconds_count") - prom(
         text, "event_loop_lag_seconds_bucket", le=above
     )
+
+
+def _gc_pauses(text: str, generation: str) -> tuple[float, float]:
+    return (
+        prom(text, "python_gc_pause_seconds_count", generation=generation),
+        prom(text, "python_gc_pause_seconds_sum", generation=generation),
+    )
+
+
+def test_the_started_server_freezes_its_heap_and_times_collections(server_process):
+    """Once ready, a real server has frozen its start-up heap (tens of thousands of objects that
+    no collection walks again) and times every collection, by generation, on /metrics."""
+    server = server_process()
+    server.wait_ready()
+    for _ in range(40):  # allocations enough for young collections
+        r = httpx.post(
+            f"{server.url}/predict",
+            content=image_bytes(RED),
+            headers={"Content-Type": "image/jpeg"},
+        )
+        assert r.status_code == 200
+    text = httpx.get(f"{server.url}/metrics").text
+    assert prom(text, "python_gc_frozen_objects") > 10_000, text
+    count, total = _gc_pauses(text, "0")
+    assert count > 0, text
+    assert total > 0, text
+    for generation in ("0", "1", "2"):
+        buckets = [
+            prom(text, "python_gc_pause_seconds_bucket", generation=generation, le=le)
+            for le in (*map(str, gc_pauses.BUCKETS), "+Inf")
+        ]
+        assert buckets == sorted(buckets), (generation, buckets)
+        assert buckets[-1] == _gc_pauses(text, generation)[0], (generation, buckets)
+
+
+def test_gc_pauses_freeze_time_and_let_go() -> None:
+    """In this process: ``start`` leaves far fewer objects for a collection to walk than it
+    froze, times each collection in its generation, and ``stop`` unfreezes and stops timing."""
+    pauses = GcPauses()
+    registry = CollectorRegistry()
+    registry.register(pauses)
+    pauses.start()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        assert len(gc.get_objects()) < frozen / 2, (len(gc.get_objects()), frozen)
+        before = _gc_pauses(generate_latest(registry).decode(), "2")
+        garbage = [[] for _ in range(1000)]
+        for a, b in itertools.pairwise(garbage):
+            a.append(b)
+            b.append(a)  # cycles only a collection frees
+        del garbage, a, b
+        assert gc.collect() >= 1000
+        count, total = _gc_pauses(generate_latest(registry).decode(), "2")
+        assert count == before[0] + 1
+        assert total > before[1]
+    finally:
+        pauses.stop()
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert _gc_pauses(generate_latest(registry).decode(), "2")[0] == count  # no longer timed
 
 
 def test_a_stalled_event_loop_is_measured_and_logged(server_process):
