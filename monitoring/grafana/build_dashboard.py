@@ -176,14 +176,18 @@ PANELS = [
         (0, 40, 12, 6),
     ),
     panel(
-        "Event loop lag",
+        "Event loop lag and GC pauses",
         "timeseries",
-        [quantile(p, "event_loop_lag_seconds_bucket") for p in (0.5, 0.99)],
+        [
+            *(quantile(p, "event_loop_lag_seconds_bucket") for p in (0.5, 0.99)),
+            (quantile(0.99, "python_gc_pause_seconds_bucket")[0], "GC pause p99"),
+        ],
         (12, 40, 12, 6),
         "s",
         [("green", None), ("orange", 0.025), ("red", 0.1)],
         "How late the server's event loop wakes a 100 ms timer: every request and probe waits as "
-        "long (alert ServeEventLoopStalled: more than 5 wake-ups over 100 ms late in 5 minutes)",
+        "long (alert ServeEventLoopStalled: more than 5 wake-ups over 100 ms late in 5 minutes); "
+        "the garbage collector's pauses hold it too",
     ),
 ]
 
