@@ -6,7 +6,8 @@ started server holds about 45,000 such objects (modules, the app, the model's co
 full collection took 17-33 ms on this project's 2-core VM, the largest stall of the event loop
 the hostile suite's liveness probe saw. So once start-up is done the server collects once and
 freezes what is left (``gc.freeze()``): those objects are never walked again, and a full
-collection then took about 2 ms (about 4,000 objects tracked).
+collection then took about 2 ms (about 4,000 objects tracked). Frozen objects are still freed by
+reference counting when released; only a reference cycle among them would never be collected.
 
 Every collection's pause is exported as ``python_gc_pause_seconds{generation}`` and the frozen
 objects as ``python_gc_frozen_objects``. The timing runs inside ``gc.callbacks`` (no collection
