@@ -86,6 +86,14 @@ RED = (220, 30, 30)
 BLUE = (30, 30, 220)
 
 
+def predict_jpegs(url: str, n: int, color: tuple[int, int, int] = RED) -> None:
+    """``n`` raw-JPEG ``POST /predict`` to a real server at ``url``, each answered 200."""
+    body = image_bytes(color)
+    for _ in range(n):
+        r = httpx.post(f"{url}/predict", content=body, headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+
+
 def photos(label: str, n: int, folder: str = "images") -> list[Path]:
     return sorted((PHOTOS / folder / label).iterdir())[:n]
 

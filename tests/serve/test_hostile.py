@@ -60,6 +60,7 @@ from PIL import Image
 
 from catsdogs.multipart import multipart_body
 from catsdogs.preprocessing import PreprocessSpec
+from server.loop_lag import BUCKETS as LOOP_LAG_BUCKETS
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -212,13 +213,13 @@ class Watch:
         )
 
 
-LAG_BUCKETS = ("0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0")
+LAG_BUCKETS = (*map(str, LOOP_LAG_BUCKETS), "+Inf")  # as prometheus_client writes ``le``
 
 
 def loop_lag(target: Target) -> dict[str, float]:
     """The server's own ``event_loop_lag_seconds`` buckets (cumulative counts, "+Inf" too)."""
     text = httpx.get(f"{target.url}/metrics", timeout=10).text
-    return {le: prom(text, "event_loop_lag_seconds_bucket", le=le) for le in (*LAG_BUCKETS, "+Inf")}
+    return {le: prom(text, "event_loop_lag_seconds_bucket", le=le) for le in LAG_BUCKETS}
 
 
 @contextlib.contextmanager

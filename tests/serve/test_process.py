@@ -16,7 +16,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import BLUE, RED, ROOT, ServerProcess, free_port, image_bytes, photos, prom
+from conftest import (
+    BLUE,
+    RED,
+    ROOT,
+    ServerProcess,
+    free_port,
+    image_bytes,
+    photos,
+    predict_jpegs,
+    prom,
+)
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -236,13 +246,7 @@ def test_stage_breakdown_of_real_requests_is_exported(server_process):
     text = httpx.get(f"{server.url}/metrics").text
     for stage in stages:
         assert f'request_stage_seconds_count{{stage="{stage}"}} 0.0' in text, stage
-    for _ in range(3):
-        r = httpx.post(
-            f"{server.url}/predict",
-            content=image_bytes(RED),
-            headers={"Content-Type": "image/jpeg"},
-        )
-        assert r.status_code == 200
+    predict_jpegs(server.url, 3)
     text = httpx.get(f"{server.url}/metrics").text
     for stage in stages:
         assert prom(text, "request_stage_seconds_count", stage=stage) == 3, stage

@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from conftest import RED, image_bytes, prom
+from conftest import predict_jpegs, prom
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 
@@ -45,13 +45,7 @@ def test_the_started_server_freezes_its_heap_and_times_collections(server_proces
     no collection walks again) and times every collection, by generation, on /metrics."""
     server = server_process()
     server.wait_ready()
-    for _ in range(40):  # allocations enough for young collections
-        r = httpx.post(
-            f"{server.url}/predict",
-            content=image_bytes(RED),
-            headers={"Content-Type": "image/jpeg"},
-        )
-        assert r.status_code == 200
+    predict_jpegs(server.url, 40)  # allocations enough for young collections
     text = httpx.get(f"{server.url}/metrics").text
     assert prom(text, "python_gc_frozen_objects") > 10_000, text
     count, total = _gc_pauses(text, "0")
