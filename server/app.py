@@ -41,6 +41,7 @@ from server.middleware import RequestContextMiddleware
 from server.monitor import Monitor
 from server.service import Predictor, Upload, prepare
 from server.settings import Settings
+from server.threads import name_os_thread
 from server.uploads import MULTIPART, read_body, read_multipart
 
 logger = logging.getLogger("server")
@@ -347,7 +348,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     model = await _open_model(app, settings)
     contract = model.contract
     decode_pool = ThreadPoolExecutor(
-        max_workers=settings.decode_threads or available_cpus(), thread_name_prefix="decode"
+        max_workers=settings.decode_threads or available_cpus(),
+        thread_name_prefix="decode",
+        initializer=name_os_thread,
     )
     batcher = _new_batcher(model, settings, app.state.metrics, decode_pool)
     await batcher.warmup(contract.input_size, _sample_jpeg(contract.input_size))

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ContractError, ModelContract
+from server.threads import name_os_thread
 
 logger = logging.getLogger(__name__)
 
@@ -338,9 +339,15 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="inference", initializer=name_os_thread
+        )
         self._parallel_pool = (
-            ThreadPoolExecutor(max_workers=self.parallel_runs, thread_name_prefix="parallel")
+            ThreadPoolExecutor(
+                max_workers=self.parallel_runs,
+                thread_name_prefix="parallel",
+                initializer=name_os_thread,
+            )
             if self.parallel_runs > 1
             else None
         )

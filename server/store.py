@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from server.threads import name_os_thread
+
 log = logging.getLogger("server.store")
 
 SCHEMA_VERSION = 1
@@ -259,6 +261,12 @@ class _WriteQueue:
         self._predictions = 0
         self._cond = threading.Condition()
         self._closing = False
+        # How many queued items would end the writer's current wait: 0 while it is not waiting
+        # (writing, or lingering is over), 1 while it waits for a first item, the batch size
+        # while it lingers. A prediction wakes the writer only when it reaches that count: each
+        # wake-up is a thread switch and a turn at the GIL, which a lingering writer would spend
+        # only to go back to sleep (at one per request, it showed in every request's latency).
+        self._wake_at = 0
 
     def put_prediction(self, row: PredictionEvent) -> bool:
         with self._cond:
@@ -266,7 +274,8 @@ class _WriteQueue:
                 return False
             self._items.append((time.monotonic(), row))
             self._predictions += 1
-            self._cond.notify()
+            if self._wake_at and len(self._items) >= self._wake_at:
+                self._cond.notify()
             return True
 
     def put_feedback(self, item: _Feedback) -> None:
@@ -283,13 +292,18 @@ class _WriteQueue:
         waits for it) and ``wake`` (stopping) end the wait at once.
         """
         with self._cond:
-            if not self._items and timeout > 0:
-                self._cond.wait(timeout)
-            while self._items and len(self._items) < max_items and not self._closing:
-                remaining = self._items[0][0] + linger - time.monotonic()
-                if remaining <= 0 or self._predictions < len(self._items):  # feedback queued
-                    break
-                self._cond.wait(remaining)
+            try:
+                if not self._items and timeout > 0:
+                    self._wake_at = 1
+                    self._cond.wait(timeout)
+                while self._items and len(self._items) < max_items and not self._closing:
+                    remaining = self._items[0][0] + linger - time.monotonic()
+                    if remaining <= 0 or self._predictions < len(self._items):  # feedback queued
+                        break
+                    self._wake_at = max_items
+                    self._cond.wait(remaining)
+            finally:
+                self._wake_at = 0
             batch: list[_Item] = []
             while self._items and len(batch) < max_items:
                 _, item = self._items.popleft()
@@ -683,6 +697,7 @@ class WriterStore:
             return True
 
     def _run(self) -> None:
+        name_os_thread("predlog-writer")
         try:
             if not self._is_open:
                 self._open()

@@ -46,6 +46,7 @@ from server.store import (
     _Outcome,
     redact_url,
 )
+from server.threads import name_os_thread
 
 log = logging.getLogger("server.store")
 
@@ -370,5 +371,6 @@ class PostgresStore(WriterStore):
         return None if at is None else time.monotonic() - at
 
     def _refresh_loop(self) -> None:
+        name_os_thread("predlog-refresh")
         while not self._stopping.wait(self.refresh_s):
             self.refresh()

@@ -12,6 +12,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -156,16 +157,55 @@ def test_server_process_logs_only_json(server_process):
 
 
 def test_access_lines_leave_the_event_loop_through_a_bounded_queue():
-    """Access records are queued for the writer thread; a full queue drops and counts them."""
+    """Access records are queued for the writer thread; a full queue drops and counts them,
+    and stopping writes what is queued, in order."""
     import logging
-    import queue
 
-    from server.logs import _AccessQueueHandler, access_lines_dropped
+    from server.logs import AccessWriter, JsonFormatter
 
-    lines: queue.Queue = queue.Queue(2)
-    handler = _AccessQueueHandler(lines)
-    before = access_lines_dropped()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    writer = AccessWriter(handler, max_lines=2, linger_s=0.05)  # not started: nothing drains
     for i in range(5):
-        handler.handle(logging.LogRecord("server.access", logging.INFO, "", 0, f"r{i}", None, None))
-    assert [lines.get_nowait().getMessage() for _ in range(2)] == ["r0", "r1"]
-    assert access_lines_dropped() - before == 3
+        writer.put(logging.LogRecord("server.access", logging.INFO, "", 0, f"r{i}", None, None))
+    assert writer.dropped == 3
+    writer.stop()
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["r0", "r1"]
+
+
+def test_the_access_writer_writes_a_burst_in_one_go():
+    """A burst of records wakes the writer thread once: it lets them gather and writes them
+    together, in order, rather than one wake-up and one write per request."""
+    import logging
+
+    from server.logs import AccessWriter, JsonFormatter
+
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    stream = Recording()
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(JsonFormatter())
+    writer = AccessWriter(handler, max_lines=100, linger_s=0.3)
+    writer.start()
+    try:
+        for i in range(40):
+            writer.put(logging.LogRecord("server.access", logging.INFO, "", 0, f"r{i}", None, None))
+        deadline = time.monotonic() + 5
+        while sum(w.count("\n") for w in stream.writes) < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        writer.stop()
+    lines = [json.loads(line)["message"] for w in stream.writes for line in w.splitlines()]
+    assert lines == [f"r{i}" for i in range(40)]
+    assert len(stream.writes) <= 2, [w.count("\n") for w in stream.writes]  # not one per line
+    assert writer.dropped == 0

@@ -178,6 +178,60 @@ def test_a_log_with_the_previous_schema_is_migrated_in_place(db_path: Path):
     assert _count(db_path) == 7
 
 
+def test_a_lingering_writer_is_woken_by_a_full_batch_or_feedback_not_per_prediction():
+    """Each prediction used to wake the writer while it let a batch gather (a thread switch and
+    a turn at the GIL per request, for nothing). Now only what ends the wait wakes it: the first
+    item of an empty queue, the item that fills the batch, feedback."""
+    import threading
+
+    class Counting(threading.Condition):
+        notified = 0
+
+        def notify(self, n: int = 1) -> None:
+            type(self).notified += 1
+            super().notify(n)
+
+    queue = store._WriteQueue(100)
+    queue._cond = Counting()
+    batches: list[list] = []
+
+    def writer(max_items: int, linger: float) -> threading.Thread:
+        def take() -> None:
+            batches.append(queue.get_batch(max_items, timeout=10.0, linger=linger))
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        return thread
+
+    def waiting_for(n: int) -> None:
+        assert _wait(lambda: queue._wake_at == n, timeout=5.0), queue._wake_at
+
+    thread = writer(max_items=10, linger=30.0)
+    waiting_for(1)  # an empty queue: the first item wakes it
+    assert queue.put_prediction(_event(0))
+    waiting_for(10)  # lingering until the batch is full
+    assert Counting.notified == 1
+    for i in range(1, 9):
+        assert queue.put_prediction(_event(i))
+    assert Counting.notified == 1  # nine queued, none woke it
+    assert queue.put_prediction(_event(9))  # the tenth fills the batch
+    thread.join(timeout=5.0)
+    assert not thread.is_alive()
+    assert Counting.notified == 2
+    assert [row.prediction_id for row in batches[0]] == [_event(i).prediction_id for i in range(10)]
+
+    thread = writer(max_items=10, linger=30.0)
+    waiting_for(1)
+    assert queue.put_prediction(_event(10))
+    waiting_for(10)
+    feedback = store._Feedback(_event(10).prediction_id, None, "cat", time.time(), None)
+    queue.put_feedback(feedback)  # a client waits for it: it ends the linger at once
+    thread.join(timeout=5.0)
+    assert not thread.is_alive()
+    assert batches[1][1] is feedback
+    assert queue._wake_at == 0
+
+
 def test_predictions_are_committed_in_groups_and_feedback_ends_the_wait(db_path: Path):
     """The writer lets predictions gather for ``linger_s`` (a few commits a second, not one per
     request), but queued feedback, which a client is waiting for, is written at once."""
