@@ -64,16 +64,24 @@ TARGETS = {  # the serving targets: overhead near zero against the bare floor
     "server_peak_rss_mb": ("server peak RSS under load, MB", "<", 300.0),
     "time_to_ready_s": ("time from start to ready, s", "<", 2.0),
 }
+BLOCK_PAUSE_S = 0.05  # between interleaved blocks: a spinning onnxruntime pool stops meanwhile
 STAGES = ("head", "body", "queue", "decode", "preprocess", "inference", "respond", "log")
 _STAGE_LINE = re.compile(r'^request_stage_seconds_(sum|count)\{stage="(\w+)"\} (\S+)$', re.M)
 
 METHOD = """\
 All figures come from one `make bench` run on the machine above, which is shared and whose speed
 drifts by tens of percent within minutes; so nothing is compared across time. The servers' variants
-are interleaved (for each concurrency level every server takes its turn), and the two target ratios
-come from pairs measured back to back, in-process then HTTP or the other way round, alternating,
-five times (`--pairs`); each target ratio is the median of its paired ratios (every pair is in
-the report).
+are interleaved (for each concurrency level every server takes its turn). The c=1 target ratio
+comes from interleaved blocks: 40 rounds (`--interleave-rounds`), each running the same 10 photos
+(`--interleave-block`; the next 10 in the next round) on the floor under each thread policy, on
+the server and on the HTTP reference, one connection each, in an order that rotates round by
+round with a 50 ms pause between blocks; a block takes about 0.1 s, so all four see the same
+machine state, and the ratio is the server's p50 over all its images against the faster policy's
+(the first round warms up and is dropped; each half of the rounds gives its own ratio, a check of
+how steady it is). The c=16 target ratio comes from pairs measured back to back, in-process then
+HTTP or the other way round, alternating, five times (`--pairs`): the median of the paired
+ratios (every pair is in the report, with its c=1 ratio too: measured seconds apart, those moved
+by tens of percent with the machine, and the HTTP reference sometimes beat the floor).
 The bare floor ("in-process"): a worker process in the serving environment with the project's
 preprocessing (`catsdogs.preprocessing.preprocess_bytes`: decode, EXIF, resize, centre crop) and
 plain onnxruntime sessions (no queue, no event loop, no threads beyond onnxruntime's), one photo
@@ -174,9 +182,9 @@ class InprocessWorker:
             raise RuntimeError(f"the in-process worker exited with {self.proc.wait()}")
         return json.loads(line)
 
-    def call(self, op: str) -> dict[str, Any]:
+    def call(self, op: str, **params: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op}) + "\n")
+        self.proc.stdin.write(json.dumps({"op": op, **params}) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -383,6 +391,87 @@ def paired(
     return pairs
 
 
+async def interleaved_c1(
+    worker: InprocessWorker, server: ServerProcess, reference: ServerProcess,
+    photos: list[tuple[str, bytes]], rounds: int, block: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Concurrency 1, interleaved block by block: ``rounds`` rounds, each with one block of
+    ``block`` photos (the same ones) on every target: the floor on each thread policy, the
+    server and the HTTP reference, in an order that rotates round by round, with a pause
+    between blocks (a spinning pool stops). A block takes about 0.1 s, far less than the few
+    seconds in which this VM's speed drifts, so every target sees the same machine; the floor
+    is the faster policy's p50 over all its images. The first round warms up and is dropped."""
+    if rounds < 2 or block < 1:
+        raise ValueError(f"interleaved c=1 needs 2 rounds or more and blocks of 1 or more photos, "
+                         f"not {rounds} and {block}")  # fmt: skip
+    targets = ["floor spin", "floor sleep", "server", "reference"]
+    seconds: dict[str, list[float]] = {t: [] for t in targets}
+    errors = {"server": 0, "reference": 0}
+    procs = {"server": server, "reference": reference}
+    connections = {
+        name: loadgen.Connection("127.0.0.1", int(proc.url.rsplit(":", 1)[1]))
+        for name, proc in procs.items()
+    }
+    requests = {
+        name: [loadgen.predict_request(proc.url[7:], n, d) for n, d in photos]
+        for name, proc in procs.items()
+    }
+    try:
+        for r in range(rounds + 1):
+            start = (r * block) % len(photos)
+            shift = r % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                await asyncio.sleep(BLOCK_PAUSE_S)
+                if target.startswith("floor"):
+                    policy = target.split()[1]
+                    got = worker.call("images", policy=policy, start=start, count=block)
+                    times = got["seconds"]
+                else:
+                    times = []
+                    for k in range(block):
+                        req = requests[target][(start + k) % len(photos)]
+                        sample = await connections[target].send(req)
+                        if sample.ok:
+                            times.append(sample.latency)
+                        else:
+                            errors[target] += 1
+                if r:  # round 0 warms the connections and the caches up
+                    seconds[target].extend(times)
+    finally:
+        for conn in connections.values():
+            await conn.close()
+    failed = [t for t, v in seconds.items() if len(v) < 2]
+    if failed:
+        raise RuntimeError(f"interleaved c=1: too few successful requests on {failed}: {errors}")
+    p50 = {t: statistics.median(v) * 1000 for t, v in seconds.items()}
+    floor_policy = min(("floor spin", "floor sleep"), key=p50.__getitem__)
+    floor = p50[floor_policy]
+    half = rounds // 2 * block  # each half's ratio: how steady the figure is
+    halves = []
+    for part in (slice(0, half), slice(half, None)):
+        f = min(statistics.median(seconds[t][part]) for t in ("floor spin", "floor sleep"))
+        halves.append(statistics.median(seconds["server"][part]) / f)
+    return {
+        "rounds": rounds,
+        "block": block,
+        "images": {t: len(v) for t, v in seconds.items()},
+        "p50_ms": p50,
+        "p90_ms": {t: _quantile(v, 0.9) * 1000 for t, v in seconds.items()},
+        "floor_policy": floor_policy.split()[1],
+        "floor_p50_ms": floor,
+        "server_over_floor": p50["server"] / floor,
+        "reference_over_floor": p50["reference"] / floor,
+        "server_over_reference": p50["server"] / p50["reference"],
+        "server_over_floor_halves": halves,
+        "errors": errors,
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def label_agreement(
     worker: InprocessWorker, server: ServerProcess, photos: list[tuple[str, bytes]]
 ) -> dict[str, Any]:
@@ -414,10 +503,16 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
     server = result["servers"]["fp32 batching"]
     c16 = {lv["concurrency"]: lv for lv in result["http"]["fp32 batching"]}.get(16)
     tail = c16["latency_ms"]["p99"] / c16["latency_ms"]["p50"] if c16 else math.nan
+    # c=1: the interleaved blocks where they ran (every target on the same machine state);
+    # the pairs' median otherwise (reports written before them)
+    interleaved = result.get("interleaved_c1")
+    c1 = (
+        interleaved["server_over_floor"]
+        if interleaved
+        else statistics.median(p["latency_ratio"] for p in pairs)
+    )
     return {
-        "http_p50_c1_over_floor_p50": ratio(
-            "http_p50_c1_over_floor_p50", statistics.median(p["latency_ratio"] for p in pairs)
-        ),
+        "http_p50_c1_over_floor_p50": ratio("http_p50_c1_over_floor_p50", c1),
         "http_c16_over_floor_batched": ratio(
             "http_c16_over_floor_batched", statistics.median(p["throughput_ratio"] for p in pairs)
         ),
@@ -461,6 +556,20 @@ def http_sweep(
                     level["images_per_s"], level["errors"],
                 )  # fmt: skip
         result["pairs"] = paired(worker, servers["fp32 batching"], reference, photos, args, bar)
+        bar.set_postfix_str("c=1 interleaved")
+        result["interleaved_c1"] = asyncio.run(
+            interleaved_c1(
+                worker, servers["fp32 batching"], reference, photos,
+                args.interleave_rounds, args.interleave_block,
+            )
+        )  # fmt: skip
+        bar.update()
+        log.info(
+            "c=1 interleaved: p50 %.2f ms server / %.2f ms floor = %.3f (halves %s)",
+            result["interleaved_c1"]["p50_ms"]["server"], result["interleaved_c1"]["floor_p50_ms"],
+            result["interleaved_c1"]["server_over_floor"],
+            ", ".join(f"{x:.3f}" for x in result["interleaved_c1"]["server_over_floor_halves"]),
+        )  # fmt: skip
         result["labels"] = label_agreement(worker, servers["fp32 batching"], photos)
         host = servers["fp32 batching"].url
         bar.set_postfix_str("client ceiling")
@@ -545,10 +654,11 @@ def measured(
 
 def planned_steps(args: argparse.Namespace, int8: bool) -> int:
     """Measurements main() will make, for the progress bar: in-process tables, the HTTP levels
-    of every server variant, the pairs' five parts, the client ceiling, overload, PyTorch."""
+    of every server variant, the pairs' five parts, the interleaved c=1 run, the client ceiling,
+    overload, PyTorch."""
     variants = 4 if int8 else 3
     inprocess = 2 + int(int8)
-    http = variants * len(args.concurrency) + 5 * args.pairs + 1 + 1
+    http = variants * len(args.concurrency) + 5 * args.pairs + 1 + 1 + 1
     return inprocess + http + int(not args.no_torch)
 
 
@@ -568,6 +678,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overload-duration", type=float, default=8.0)
     parser.add_argument("--torch-photos", type=int, default=100)
     parser.add_argument("--pairs", type=int, default=5, help="in-process/HTTP pairs for the ratios")
+    parser.add_argument(
+        "--interleave-rounds", type=int, default=40, help="c=1 rounds, one block per target each"
+    )
+    parser.add_argument("--interleave-block", type=int, default=10, help="photos per c=1 block")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args(argv)

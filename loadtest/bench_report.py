@@ -142,12 +142,57 @@ def _targets(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def _interleaved(result: dict[str, Any]) -> list[str]:
+    """Concurrency 1, every target in short blocks taking turns: the c=1 target ratio."""
+    run = result.get("interleaved_c1")
+    if not run:
+        return []
+    p50, p90, n = run["p50_ms"], run["p90_ms"], run["images"]
+    floor = f"floor {run['floor_policy']}"
+    what = {
+        "floor spin": "bare floor, spinning pool threads",
+        "floor sleep": "bare floor, sleeping pool threads",
+        "server": "the server (`python -m server`, defaults)",
+        "reference": "HTTP reference (raw ASGI, `loadtest.rawasgi`)",
+    }
+    rows = [
+        [what[t] + (" (the floor)" if t == floor else ""), _f(p50[t], 2), _f(p90[t], 2), str(n[t])]
+        for t in what
+        if t in p50
+    ]
+    halves = ", ".join(_f(x, 3) for x in run["server_over_floor_halves"])
+    out = [
+        "## Concurrency 1, interleaved (the c=1 target ratio)",
+        "",
+        f"{run['rounds']} rounds of one block of {run['block']} photos per target, the order "
+        "rotating round by round (see Method).",
+        "",
+    ]
+    out += _table(["target", "p50 ms", "p90 ms", "images"], rows)
+    out += [
+        "",
+        f"Server / floor **{_f(run['server_over_floor'], 3)}** (first and second half of the "
+        f"rounds: {halves}); HTTP reference / floor {_f(run['reference_over_floor'], 3)} (what "
+        f"HTTP itself costs); server / reference {_f(run['server_over_reference'], 3)} (what the "
+        f"server's own request path adds). Errors: server {run['errors']['server']}, reference "
+        f"{run['errors']['reference']}.",
+        "",
+    ]
+    return out
+
+
 def _pairs(result: dict[str, Any]) -> list[str]:
-    """The back-to-back pairs the target ratios come from."""
+    """The back-to-back pairs the c=16 target ratio comes from (and, before the interleaved
+    blocks, the c=1 one)."""
     out: list[str] = []
     pairs = result.get("pairs", [])
     if pairs:
-        out += ["## Paired measurements (the target ratios are their medians)", ""]
+        title = (
+            "## Paired measurements (the c=16 target ratio is their median)"
+            if result.get("interleaved_c1")
+            else "## Paired measurements (the target ratios are their medians)"
+        )
+        out += [title, ""]
         rows = [
             [str(i), _f(p["inprocess_p50_ms"]), _f(p["http_c1_p50_ms"]), _f(p["latency_ratio"], 3),
              _f(p["inprocess_best_batched_ips"]), _f(p["http_c16_ips"]),
@@ -349,8 +394,8 @@ def _tail(result: dict[str, Any]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     sections = (
-        _header, _targets, _pairs, stage_section, _floor, _http, _servers, _batch_curves,
-        _overload, _tail,
+        _header, _targets, _interleaved, _pairs, stage_section, _floor, _http, _servers,
+        _batch_curves, _overload, _tail,
     )  # fmt: skip
     return "\n".join(line for section in sections for line in section(result))
 

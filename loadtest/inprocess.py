@@ -126,6 +126,19 @@ def per_image(
     return {**by_policy[best], "policy": best, "policies": by_policy}
 
 
+def images(
+    run: RunFn, photos: Sequence[bytes], spec: PreprocessSpec, start: int, count: int
+) -> list[float]:
+    """Seconds of decode + preprocess + a batch-1 run for ``count`` photos from ``start``
+    (wrapping around), one policy: a short block that ``make bench`` interleaves with HTTP."""
+    seconds = []
+    for k in range(count):
+        t0 = time.perf_counter()
+        run(preprocess_bytes(photos[(start + k) % len(photos)], spec)[None])
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
 def batched(
     runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec, size: int
 ) -> dict[str, Any]:
@@ -193,8 +206,9 @@ def serve_commands(
     The benchmark keeps this process (and its loaded sessions) alive for the whole run, so it
     can interleave floor measurements with HTTP ones at no start-up cost:
     ops ``full``, ``per_image``, ``batched`` (all sizes), ``labels`` (each photo's class index
-    and probabilities, for the HTTP answers to be compared with) and ``quit``, as
-    ``{"op": "..."}``.
+    and probabilities, for the HTTP answers to be compared with), ``images`` (a block of photos
+    on one policy, with ``policy``, ``start`` and ``count``: see :func:`images`) and ``quit``,
+    as ``{"op": "..."}``.
     """
     warm(runs, photos, spec, sizes)
     print(json.dumps({"ready": True, **header}), flush=True)
@@ -210,6 +224,10 @@ def serve_commands(
             answer = {"batched": [batched(runs, photos, spec, size) for size in sizes]}
         elif op == "labels":
             answer = {"labels": labels(runs, photos, spec)}
+        elif op == "images":
+            args = json.loads(line)
+            run = runs[args["policy"]]
+            answer = {"seconds": images(run, photos, spec, args["start"], args["count"])}
         else:
             answer = {"error": f"unknown op {op!r}"}
         print(json.dumps(answer), flush=True)

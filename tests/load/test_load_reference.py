@@ -120,3 +120,69 @@ def test_cpu_per_request_splits_the_event_loop_from_the_other_threads() -> None:
     assert got["other_cpu_ms_per_request"] == pytest.approx(5.0)
     nothing = bench.cpu_per_request(100, before, after, 10.0, {"requests_per_s": 0.0})
     assert all(math.isnan(v) for v in nothing.values())
+
+
+def test_c1_blocks_take_turns_on_the_floor_the_server_and_the_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The c=1 target ratio's measurement on real processes: the floor worker (both thread
+    policies), the server and the HTTP reference each run every round's block of the same
+    photos, whole blocks in turn, the order rotating round by round; the warm-up round is
+    dropped and the ratios are the p50s' ratios."""
+    import asyncio
+    import itertools
+
+    model = write_tiny_model(tmp_path / "tiny.onnx")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (200, 200, 30), (90, 90, 90)]
+    for i, colour in enumerate(colours):
+        (folder / f"p{i}.jpg").write_bytes(jpeg(colour))
+    photos = [(p.name, p.read_bytes()) for p in sorted(folder.iterdir())]
+    env = {"INTRA_OP_THREADS": "1", "PREDICTION_LOG_PATH": str(tmp_path / "p.db")}
+    turns: list[str] = []
+    ports: dict[int, str] = {}
+    send = loadgen.Connection.send
+
+    async def recorded(self: loadgen.Connection, req: loadgen.Request) -> loadgen.Sample:
+        turns.append(ports[self.port])
+        return await send(self, req)
+
+    monkeypatch.setattr(loadgen.Connection, "send", recorded)
+    worker = bench.InprocessWorker(model, folder, 1)
+    call = worker.call
+
+    def recorded_call(op: str, **params: object) -> dict:
+        turns.append(f"floor {params['policy']}")
+        return call(op, **params)
+
+    worker.call = recorded_call  # type: ignore[method-assign]
+    try:
+        with (
+            running_server(model, tmp_path / "server.log", env=env) as server,
+            running_server(
+                model, tmp_path / "ref.log", env=env, module="loadtest.rawasgi"
+            ) as reference,
+        ):
+            ports[int(server.url.rsplit(":", 1)[1])] = "server"
+            ports[int(reference.url.rsplit(":", 1)[1])] = "reference"
+            got = asyncio.run(bench.interleaved_c1(worker, server, reference, photos, 4, 3))
+    finally:
+        worker.close()
+    blocks = [name for name, _ in itertools.groupby(turns)]
+    targets = ["floor spin", "floor sleep", "server", "reference"]
+    assert len(blocks) == 5 * 4  # the warm-up round and four measured ones, one block each
+    rounds = [blocks[i : i + 4] for i in range(0, 20, 4)]
+    assert all(sorted(r) == sorted(targets) for r in rounds)
+    assert [r[0] for r in rounds] == [targets[i % 4] for i in range(5)]  # the order rotates
+    assert turns.count("server") == turns.count("reference") == 5 * 3  # HTTP: one per photo
+    assert got["images"] == dict.fromkeys(targets, 4 * 3)  # warm-up dropped
+    assert got["errors"] == {"server": 0, "reference": 0}
+    assert got["floor_policy"] in ("spin", "sleep")
+    p50 = got["p50_ms"]
+    assert got["floor_p50_ms"] == min(p50["floor spin"], p50["floor sleep"])
+    assert got["server_over_floor"] == pytest.approx(p50["server"] / got["floor_p50_ms"])
+    assert got["reference_over_floor"] == pytest.approx(p50["reference"] / got["floor_p50_ms"])
+    assert got["server_over_reference"] == pytest.approx(p50["server"] / p50["reference"])
+    assert len(got["server_over_floor_halves"]) == 2
+    assert all(x > 0 for x in got["server_over_floor_halves"])

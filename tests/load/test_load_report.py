@@ -248,3 +248,41 @@ def test_no_reference_table_without_reference_figures(tmp_path: Path) -> None:
     md = (tmp_path / "latency.md").read_text()
     assert "## Paired measurements" in md
     assert "HTTP reference" not in md
+
+
+INTERLEAVED = {
+    "rounds": 40, "block": 10,
+    "images": {"floor spin": 400, "floor sleep": 400, "server": 398, "reference": 400},
+    "p50_ms": {"floor spin": 10.0, "floor sleep": 11.0, "server": 12.0, "reference": 11.0},
+    "p90_ms": {"floor spin": 11.0, "floor sleep": 12.0, "server": 13.5, "reference": 12.0},
+    "floor_policy": "spin", "floor_p50_ms": 10.0, "server_over_floor": 1.2,
+    "reference_over_floor": 1.1, "server_over_reference": 12.0 / 11.0,
+    "server_over_floor_halves": [1.18, 1.22], "errors": {"server": 2, "reference": 0},
+}  # fmt: skip
+
+
+def test_the_interleaved_c1_run_is_reported_and_is_the_c1_target(tmp_path: Path) -> None:
+    from loadtest import bench
+
+    pairs = [{
+        "inprocess_p50_ms": 8.0, "http_c1_p50_ms": 8.4, "latency_ratio": 1.05,
+        "inprocess_best_batched_ips": 100.0, "http_c16_ips": 98.0, "throughput_ratio": 0.98,
+        "http_errors": 0,
+    }]  # fmt: skip
+    result = {**SYNTHETIC, "pairs": pairs, "interleaved_c1": INTERLEAVED}
+    got = bench.ratios(result)
+    assert got["http_p50_c1_over_floor_p50"]["value"] == 1.2  # not the pair's 1.05
+    assert got["http_p50_c1_over_floor_p50"]["met"] is False
+    assert got["http_c16_over_floor_batched"]["value"] == 0.98  # still the pairs' median
+    without = bench.ratios({**SYNTHETIC, "pairs": pairs})  # a report from before the blocks
+    assert without["http_p50_c1_over_floor_p50"]["value"] == 1.05
+    write_report({**result, "ratios": got}, tmp_path)
+    md = (tmp_path / "latency.md").read_text()
+    assert "## Concurrency 1, interleaved (the c=1 target ratio)" in md
+    assert "| bare floor, spinning pool threads (the floor) | 10.00 | 11.00 | 400 |" in md
+    assert "| the server (`python -m server`, defaults) | 12.00 | 13.50 | 398 |" in md
+    assert "Server / floor **1.200** (first and second half of the rounds: 1.180, 1.220)" in md
+    assert "server / reference 1.091" in md
+    assert "Errors: server 2, reference 0." in md
+    assert "## Paired measurements (the c=16 target ratio is their median)" in md
+    assert md.index("## Concurrency 1, interleaved") < md.index("## Paired measurements")
