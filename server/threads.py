@@ -20,5 +20,5 @@ def name_os_thread(name: str | None = None) -> None:
     try:
         with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as fh:
             fh.write(text)
-    except OSError:
+    except Exception:  # a name is cosmetic: it must never break a pool's initializer
         pass

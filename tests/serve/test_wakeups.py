@@ -89,3 +89,23 @@ def test_writer_threads_are_named_and_wake_per_burst_not_per_request(server_proc
         time.sleep(0.05)
     assert len(predictions) == REQUESTS + 5
     assert all(x["status"] == 200 for x in predictions)
+
+
+def test_a_thread_takes_its_python_name_in_the_os_cut_to_fifteen_bytes():
+    import threading
+
+    from server.threads import name_os_thread
+
+    seen: list[str] = []
+
+    def work() -> None:
+        name_os_thread()
+        tid = threading.get_native_id()
+        seen.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        name_os_thread("a-much-longer-name-than-fits")
+        seen.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+
+    thread = threading.Thread(target=work, name="decode_3")
+    thread.start()
+    thread.join(timeout=10)
+    assert seen == ["decode_3", "a-much-longer-n"]
