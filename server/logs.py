@@ -112,10 +112,10 @@ class AccessWriter:
     """The thread that writes ``server.access`` lines, off the event loop.
 
     A record is appended to a bounded queue; the thread is woken only by the first record of an
-    empty queue, then lets more gather for ``linger_s`` and writes them all in one write. Waking
-    it once per request (a thread switch and a turn at the GIL while the next request is being
-    read and run) showed in every request's latency; this way a busy server wakes it a few times
-    a second. Past ``max_lines`` waiting (a stuck stderr) new lines are dropped and counted
+    empty queue, then lets more gather for ``linger_s`` and writes them all in one write. Woken
+    once per request, it cost about two thread switches and turns at the GIL per request, while
+    the next request was being read and run; this way a busy server wakes it a few times a
+    second. Past ``max_lines`` waiting (a stuck stderr) new lines are dropped and counted
     rather than held in memory or written on the event loop. ``stop`` writes what is queued.
     """
 
