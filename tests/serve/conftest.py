@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -153,6 +155,22 @@ def start_server(
         python=Path(sys.executable),
         memory_limit=memory_limit,
     )
+
+
+def access_records(
+    server: ServerProcess, done: Callable[[list[dict]], bool], timeout: float = 5.0
+) -> list[dict]:
+    """A real server's access-log records (JSON), read again until ``done`` holds for them or
+    ``timeout`` s pass. The access log is written by its own thread, which lets a burst gather
+    for up to 50 ms (``server.logs.AccessWriter``): a line can follow its answer by that long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = server.output(tail=10**9).splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        access = [r for r in records if r.get("logger") == "server.access"]
+        if done(access) or time.monotonic() > deadline:
+            return access
+        time.sleep(0.05)
 
 
 @pytest.fixture

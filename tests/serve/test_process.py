@@ -21,6 +21,7 @@ from conftest import (
     RED,
     ROOT,
     ServerProcess,
+    access_records,
     free_port,
     image_bytes,
     photos,
@@ -122,12 +123,13 @@ def test_cli_serves_and_official_v2_client_works(server_process):
     finally:
         client.close()
 
-    log = server.output()
-    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    access = [line for line in lines if line.get("logger") == "server.access"]
-    assert any(a["route"] == "/predict" and a["label"] == "cat" for a in access)
+    def predicted_cat(access: list[dict]) -> bool:
+        return any(a["route"] == "/predict" and a.get("label") == "cat" for a in access)
+
+    access = access_records(server, predicted_cat)
+    assert predicted_cat(access), access
     assert all({"request_id", "method", "route", "status", "latency_ms"} <= set(a) for a in access)
-    assert "uvicorn.access" not in log
+    assert "uvicorn.access" not in server.output(tail=10**9)
 
 
 def test_oversized_chunked_body_refused_early(server_process):

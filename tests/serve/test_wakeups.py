@@ -8,14 +8,13 @@ server/store.py _WriteQueue). Counted here from the kernel's own per-thread cont
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import RED, image_bytes
+from conftest import RED, access_records, image_bytes
 
 from server.logs import ACCESS_LINGER_S
 
@@ -76,19 +75,13 @@ def test_writer_threads_are_named_and_wake_per_burst_not_per_request(server_proc
         # here, with requests of 3 to 5 ms.
         assert woke < 0.75 * REQUESTS, (name, woke, REQUESTS, f"{elapsed:.2f} s", linger)
     # nothing is lost by lingering: every prediction's access line is written
-    deadline = time.monotonic() + 5
-    while True:
-        records = [json.loads(x) for x in server.output(10**8).splitlines() if x.startswith("{")]
-        predictions = [
-            x
-            for x in records
-            if x.get("logger") == "server.access" and x.get("route") == "/predict"
-        ]
-        if len(predictions) >= REQUESTS + 5 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert len(predictions) == REQUESTS + 5
-    assert all(x["status"] == 200 for x in predictions)
+    access = access_records(server, lambda a: len(_predictions(a)) >= REQUESTS + 5)
+    assert len(_predictions(access)) == REQUESTS + 5
+    assert all(x["status"] == 200 for x in _predictions(access))
+
+
+def _predictions(access: list[dict]) -> list[dict]:
+    return [x for x in access if x.get("route") == "/predict"]
 
 
 def test_a_thread_takes_its_python_name_in_the_os_cut_to_fifteen_bytes():
