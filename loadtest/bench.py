@@ -51,6 +51,7 @@ from loadtest.serverproc import (
     start_server,
     stop_server,
 )
+from loadtest.stats import summarize_ms
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +444,8 @@ async def interleaved_c1(
     failed = [t for t, v in seconds.items() if len(v) < 2]
     if failed:
         raise RuntimeError(f"interleaved c=1: too few successful requests on {failed}: {errors}")
-    p50 = {t: statistics.median(v) * 1000 for t, v in seconds.items()}
+    summary = {t: summarize_ms(v) for t, v in seconds.items()}
+    p50 = {t: s["p50"] for t, s in summary.items()}
     floor_policy = min(("floor spin", "floor sleep"), key=p50.__getitem__)
     floor = p50[floor_policy]
     half = rounds // 2 * block  # each half's ratio: how steady the figure is
@@ -456,7 +458,7 @@ async def interleaved_c1(
         "block": block,
         "images": {t: len(v) for t, v in seconds.items()},
         "p50_ms": p50,
-        "p90_ms": {t: _quantile(v, 0.9) * 1000 for t, v in seconds.items()},
+        "p90_ms": {t: s["p90"] for t, s in summary.items()},
         "floor_policy": floor_policy.split()[1],
         "floor_p50_ms": floor,
         "server_over_floor": p50["server"] / floor,
@@ -465,11 +467,6 @@ async def interleaved_c1(
         "server_over_floor_halves": halves,
         "errors": errors,
     }
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def label_agreement(

@@ -119,7 +119,7 @@ class AccessWriter:
     rather than held in memory or written on the event loop. ``stop`` writes what is queued.
     """
 
-    def __init__(self, handler: logging.Handler, max_lines: int, linger_s: float) -> None:
+    def __init__(self, handler: logging.StreamHandler, max_lines: int, linger_s: float) -> None:
         self.handler = handler
         self.max_lines = max_lines
         self.linger_s = linger_s
@@ -177,13 +177,10 @@ class AccessWriter:
                 lines.append(self.handler.format(record) + "\n")
             except Exception:
                 self.handler.handleError(record)
-        stream = getattr(self.handler, "stream", None)
-        if stream is None:
-            return
         with self.handler.lock or contextlib.nullcontext():
             try:
-                stream.write("".join(lines))
-                stream.flush()
+                self.handler.stream.write("".join(lines))
+                self.handler.flush()
             except Exception:
                 self.handler.handleError(records[0])
 
