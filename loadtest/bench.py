@@ -80,9 +80,11 @@ round with a 50 ms pause between blocks; a block takes about 0.1 s, so all four 
 machine state, and the ratio is the server's p50 over all its images against the faster policy's
 (the first round warms up and is dropped; each half of the rounds gives its own ratio, a check of
 how steady it is). The c=16 target ratio comes from pairs measured back to back, in-process then
-HTTP or the other way round, alternating, five times (`--pairs`): the median of the paired
-ratios (every pair is in the report, with its c=1 ratio too: measured seconds apart, those moved
-by tens of percent with the machine, and the HTTP reference sometimes beat the floor).
+HTTP or the other way round, alternating, six times (`--pairs`; an even number, so each order
+counts as much in the median, which took its value from the larger group with five): the
+median of the paired ratios (every pair is in the report, with its c=1 ratio too: measured
+seconds apart, those moved by tens of percent with the machine, and the HTTP reference
+sometimes beat the floor).
 The bare floor ("in-process"): a worker process in the serving environment with the project's
 preprocessing (`catsdogs.preprocessing.preprocess_bytes`: decode, EXIF, resize, centre crop) and
 plain onnxruntime sessions (no queue, no event loop, no threads beyond onnxruntime's), one photo
@@ -406,7 +408,9 @@ async def interleaved_c1(
         raise ValueError(f"interleaved c=1 needs 2 rounds or more and blocks of 1 or more photos, "
                          f"not {rounds} and {block}")  # fmt: skip
     targets = ["floor spin", "floor sleep", "server", "reference"]
-    seconds: dict[str, list[float]] = {t: [] for t in targets}
+    # per target, one list of request seconds per measured round (a failed request leaves its
+    # round shorter, never shifts another round's times into the wrong half)
+    by_round: dict[str, list[list[float]]] = {t: [] for t in targets}
     errors = {"server": 0, "reference": 0}
     procs = {"server": server, "reference": reference}
     connections = {
@@ -437,10 +441,11 @@ async def interleaved_c1(
                         else:
                             errors[target] += 1
                 if r:  # round 0 warms the connections and the caches up
-                    seconds[target].extend(times)
+                    by_round[target].append(times)
     finally:
         for conn in connections.values():
             await conn.close()
+    seconds = {t: [s for times in v for s in times] for t, v in by_round.items()}
     failed = [t for t, v in seconds.items() if len(v) < 2]
     if failed:
         raise RuntimeError(f"interleaved c=1: too few successful requests on {failed}: {errors}")
@@ -448,11 +453,7 @@ async def interleaved_c1(
     p50 = {t: s["p50"] for t, s in summary.items()}
     floor_policy = min(("floor spin", "floor sleep"), key=p50.__getitem__)
     floor = p50[floor_policy]
-    half = rounds // 2 * block  # each half's ratio: how steady the figure is
-    halves = []
-    for part in (slice(0, half), slice(half, None)):
-        f = min(statistics.median(seconds[t][part]) for t in ("floor spin", "floor sleep"))
-        halves.append(statistics.median(seconds["server"][part]) / f)
+    halves = halves_over_floor(by_round)
     return {
         "rounds": rounds,
         "block": block,
@@ -467,6 +468,19 @@ async def interleaved_c1(
         "server_over_floor_halves": halves,
         "errors": errors,
     }
+
+
+def halves_over_floor(by_round: dict[str, list[list[float]]]) -> list[float]:
+    """The server's p50 over the faster floor policy's in each half of the measured rounds (how
+    steady the figure is). ``by_round``: per target, one list of seconds per round, so a round
+    shortened by a failed request still counts in its own half."""
+    half = len(by_round["server"]) // 2
+    ratios = []
+    for part in (slice(0, half), slice(half, None)):
+        p50 = {t: statistics.median([s for times in v[part] for s in times] or [math.nan])
+               for t, v in by_round.items()}  # fmt: skip
+        ratios.append(p50["server"] / min(p50["floor spin"], p50["floor sleep"]))
+    return ratios
 
 
 def label_agreement(
@@ -674,7 +688,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overload-queue", type=int, default=8)
     parser.add_argument("--overload-duration", type=float, default=8.0)
     parser.add_argument("--torch-photos", type=int, default=100)
-    parser.add_argument("--pairs", type=int, default=5, help="in-process/HTTP pairs for the ratios")
+    parser.add_argument(
+        "--pairs", type=int, default=6,
+        help="in-process/HTTP pairs for the c=16 ratio (even: both orders alike)",
+    )  # fmt: skip
     parser.add_argument(
         "--interleave-rounds", type=int, default=40, help="c=1 rounds, one block per target each"
     )

@@ -186,3 +186,23 @@ def test_c1_blocks_take_turns_on_the_floor_the_server_and_the_reference(
     assert got["server_over_reference"] == pytest.approx(p50["server"] / p50["reference"])
     assert len(got["server_over_floor_halves"]) == 2
     assert all(x > 0 for x in got["server_over_floor_halves"])
+
+
+def test_halves_follow_rounds_when_requests_fail() -> None:
+    """Each half of the interleaved rounds is a half of the rounds, not of the times: a failed
+    request shortens its own round and moves no time into the other half."""
+    ms = 1e-3
+    fast = [10 * ms] * 3
+    by_round = {
+        "floor spin": [fast, fast, fast, fast],
+        "floor sleep": [fast, fast, fast, fast],
+        # the server's first two rounds each lost two of their three requests: slow in the
+        # first half of the rounds, fast in the second
+        "server": [[20 * ms], [20 * ms], fast, fast],
+        "reference": [fast, fast, fast, fast],
+    }
+    assert bench.halves_over_floor(by_round) == pytest.approx([2.0, 1.0])
+    by_round["server"][0] = []  # a round with no answer at all still counts as a round
+    assert bench.halves_over_floor(by_round) == pytest.approx([2.0, 1.0])
+    by_round["server"][:2] = [[], []]  # a half with no answer has no ratio
+    assert math.isnan(bench.halves_over_floor(by_round)[0])
