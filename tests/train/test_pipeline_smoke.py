@@ -222,4 +222,11 @@ def test_fine_tuning_the_last_blocks_changes_them(tmp_path: Path) -> None:
         changed = not torch.equal(value, start[name])
         in_tail = name.startswith((f"_blocks.{n_blocks - 1}.", "_conv_head", "_bn1"))
         assert changed == in_tail or (in_tail and "bn" in name), name
+    # BatchNorm keeps its ImageNet statistics while the tail trains (in train mode it normalised
+    # by each batch's statistics and broke the pretrained features)
+    start_buffers = dict(fresh.backbone.net.named_buffers())
+    running = [(n, b) for n, b in model.backbone.net.named_buffers() if "running_" in n]
+    assert any(n.startswith(f"_blocks.{n_blocks - 1}.") for n, _ in running)
+    for name, value in running:
+        assert torch.equal(value, start_buffers[name]), name
     assert meta["params"]["fine_tune_blocks"] == 1
