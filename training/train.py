@@ -367,8 +367,13 @@ def fit_end_to_end(
     device: torch.device,
     on_epoch: Any,
     first_epoch: int = 1,
+    start_epoch: int | None = None,
 ) -> int:
-    """Train ``trainable`` through the whole network on augmented photos; returns the best epoch."""
+    """Train ``trainable`` through the whole network on augmented photos; returns the best epoch.
+
+    With ``start_epoch`` the model as given is that epoch's (fine-tuning starts from the fitted
+    head's best epoch): its validation loss is measured first and it competes with the epochs
+    here, so the model is kept as given when none of them beats it."""
     gen = torch.Generator().manual_seed(params.seed)
     train_loader = DataLoader(
         train_set, batch_size=params.batch_size, shuffle=True, num_workers=1, generator=gen
@@ -380,6 +385,9 @@ def fit_end_to_end(
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
     stopper = EarlyStopping(params.patience)
+    if start_epoch is not None:
+        logits, labels = predict(model, val_loader, device)
+        stopper.step(start_epoch, scored(logits, labels)["loss"], model)
     for epoch in range(first_epoch, first_epoch + epochs):
         if isinstance(train_set, AugmentedImages):
             train_set.view = epoch  # new crops every epoch (workers copy the dataset per epoch)
@@ -405,6 +413,12 @@ def fit_end_to_end(
             break
     assert stopper.best_state is not None
     model.load_state_dict(stopper.best_state)
+    if stopper.best_epoch == start_epoch:
+        log.info(
+            "no epoch beat the starting model's validation loss %.4f: epoch %d's model is kept",
+            stopper.best_loss,
+            start_epoch,
+        )
     return stopper.best_epoch
 
 
@@ -661,6 +675,7 @@ def fit_frozen_backbone(
         device,
         epochs,
         first_epoch=len(epochs.history) + 1,
+        start_epoch=best_epoch,  # fine-tuning must beat the head alone to be kept
     )
     return best_epoch, distillation
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -203,13 +204,20 @@ def test_fine_tuning_the_last_blocks_changes_them(tmp_path: Path) -> None:
     import torch
 
     env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    params = tiny_params(tmp_path, epochs=2, fine_tune_blocks=1, fine_tune_epochs=1)
+    # A head that barely learns (lr 1e-6), so the fine-tuning epoch beats it on validation:
+    # fine-tuning is kept only then (test_early_stopping: the head alone is kept otherwise).
+    params = tiny_params(
+        tmp_path, epochs=2, lr=1e-6, fine_tune_blocks=1, fine_tune_epochs=1, fine_tune_lr=1e-3
+    )
     prepared(tmp_path, env, params)
     out = run([sys.executable, "-m", "training.train", "--params", str(params)], tmp_path, env)
     assert out.returncode == 0, out.stderr[-3000:]
     model, meta = load_checkpoint(tmp_path / "models" / "checkpoint.pt")
-    history = (tmp_path / "reports" / "train" / "history.csv").read_text().splitlines()
-    assert len(history) - 1 == 3  # 2 head epochs + 1 fine-tuning epoch
+    with open(tmp_path / "reports" / "train" / "history.csv") as fh:
+        history = list(csv.DictReader(fh))
+    assert len(history) == 3  # 2 head epochs + 1 fine-tuning epoch
+    assert float(history[2]["val_loss"]) < min(float(h["val_loss"]) for h in history[:2])
+    assert meta["val_metrics"]["best_epoch"] == 3
     from training.models import build_model, default_spec
 
     fresh = build_model(
