@@ -305,6 +305,26 @@ def raise_open_files(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
 
 
+def machine_stress() -> dict[str, float]:
+    """Counters of the whole machine's CPU trouble, in ms: ``steal`` (time the hypervisor gave this
+    VM's CPUs to others, /proc/stat) and ``cpu_some`` (time some runnable task waited for a CPU,
+    /proc/pressure/cpu). Subtract two readings for a span; a counter that cannot be read is 0."""
+    figures = {"steal": 0.0, "cpu_some": 0.0}
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        figures["steal"] = int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/pressure/cpu") as fh:
+            some = fh.readline().split()
+        figures["cpu_some"] = int(some[-1].removeprefix("total=")) / 1000
+    except (OSError, ValueError, IndexError):
+        pass
+    return figures
+
+
 # ---------------------------------------------------------------------- liveness probe
 # Runs in its own process, so the test's own work (building payloads, the GIL) cannot delay it:
 # what it measures is the server's event loop. On a small machine the attack's clients, which in

@@ -49,6 +49,7 @@ from hostile import (
     is_v2_error,
     liveness_probe,
     load_crasher,
+    machine_stress,
     open_fds,
     post_request,
     proc_status,
@@ -206,12 +207,16 @@ class Watch:
     late_wakeups: float = 0  # the server's event loop woken over LIVE_LIMIT_MS late
     worst_lag_s: str = ""  # the smallest lag bucket holding every wake-up of the attack
     stalls: list[str] = field(default_factory=list)  # the server's "ran late" log lines
+    machine: dict[str, float] = field(default_factory=dict)  # machine_stress() over the attack
 
     def lag_report(self) -> str:
         stalls = "; ".join(self.stalls) or "none logged"
         return (
             f"the server's event loop woke {self.late_wakeups:.0f} times over "
-            f"{LIVE_LIMIT_MS:.0f} ms late, at most {self.worst_lag_s} s late (its log: {stalls})"
+            f"{LIVE_LIMIT_MS:.0f} ms late, at most {self.worst_lag_s} s late (its log: {stalls}); "
+            f"over the attack the machine lost {self.machine.get('steal', 0):.0f} ms of CPU to "
+            f"the hypervisor and some task waited for a CPU for "
+            f"{self.machine.get('cpu_some', 0):.0f} ms"
         )
 
 
@@ -231,9 +236,11 @@ def attack(target: Target, *, rss_limit: int = RSS_LIMIT) -> Iterator[Watch]:
     before = proc_status(target.pid)["VmRSS"]
     lag_before = loop_lag(target)
     log_offset = target.server.log.stat().st_size
+    stress_before = machine_stress()
     with liveness_probe(target.url) as probe:
         watch = Watch(probe)
         yield watch
+    watch.machine = {k: v - stress_before[k] for k, v in machine_stress().items()}
     watch.peak_rss = proc_status(target.pid)["VmHWM"]
     # The server's own view, to tell a stalled server from a probe that waited for a CPU.
     lag = {le: n - lag_before[le] for le, n in loop_lag(target).items()}
