@@ -21,3 +21,9 @@ def mistakes_text(s: dict[str, Any]) -> str:
     if len(per) == 1:
         return f"{per[0]} / {s['n']}"
     return f"{s['mistakes']:.1f} ± {s['mistakes_sd']:.1f} ({min(per)}-{max(per)}) / {s['n']}"
+
+
+def cascade_text(s: dict[str, Any]) -> str:
+    """The first model, the probability under which the second answers instead, and the share
+    of photos it answered: ``lite0`` below 0.9 ``lite0+lite2`` (2.1%), in Markdown."""
+    return f"`{s['first']}`, below {s['below']:g} `{s['then']}` ({s['escalated'] * 100:.1f}%)"

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES
-from catsdogs.cv_text import accuracy_text, mistakes_text
+from catsdogs.cv_text import accuracy_text, cascade_text, mistakes_text
 from export import onnx_tools as ox
 from export.params import load_export
 from training.models import LITE_VARIANTS, ORT_BATCH, build_model, default_spec
@@ -146,6 +146,32 @@ def train_estimate(s: dict[str, Any], cost: dict[str, dict[str, Any]]) -> float:
     return round(features + s["split_head_seconds"], 1)
 
 
+def members_cost(
+    summary: dict[str, Any], cost: dict[str, dict[str, Any]], ensemble: str
+) -> dict[str, Any]:
+    """An ensemble runs every member on every image: each cost figure is the members' sum."""
+    members = [
+        cost[arch_key(summary["configs"][m]["served"])]
+        for m in summary["ensembles"][ensemble]["members"]
+    ]
+    return {k: sum(c[k] for c in members) for k in members[0]}
+
+
+def cascade_cost(
+    summary: dict[str, Any], cost: dict[str, dict[str, Any]], cascade: str
+) -> dict[str, Any]:
+    """What a cascade costs per image on average: the first model on every photo, and the
+    models of its second step that the first is not one of on the share it escalated. Its
+    files are all of theirs."""
+    s = summary["cascades"][cascade]
+    configs = summary["configs"]
+    first = cost[arch_key(configs[s["first"]]["served"])]
+    extra = [cost[arch_key(configs[m]["served"])] for m in s["then_members"] if m != s["first"]]
+    out = {k: v + s["escalated"] * sum(c[k] for c in extra) for k, v in first.items()}
+    out["bytes"] = first["bytes"] + sum(c["bytes"] for c in extra)
+    return out
+
+
 def cost_table(
     summary: dict[str, Any], cost: dict[str, dict[str, Any]], batch: int, reference: str
 ) -> str:
@@ -157,9 +183,17 @@ def cost_table(
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ref_macs = cost[reference]["macs"]
-    for name, s in summary["configs"].items():
-        c = cost[arch_key(s["served"])]
+    rows = [(name, s, cost[arch_key(s["served"])]) for name, s in summary["configs"].items()]
+    for name, s in summary.get("ensembles", {}).items():
+        rows.append((name, s, members_cost(summary, cost, name)))
+    for name, s in summary.get("cascades", {}).items():
+        rows.append((name, s, cascade_cost(summary, cost, name)))
+    for name, s, c in rows:
         mark = " **(default)**" if name == summary.get("default") else ""
+        if "members" in s:
+            mark = " = " + " + ".join(f"`{m}`" for m in s["members"])
+        if "first" in s:
+            mark = f" = {cascade_text(s)}"
         lines.append(
             f"| `{name}`{mark} | {accuracy_text(s)} "
             f"| {mistakes_text(s)} | {s['test_accuracy']:.4f} "
@@ -228,9 +262,28 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
     for s in summary["configs"].values():
         s["reproduce"] = reproduce_command(s["overrides"])
         s["train_seconds_estimate"] = train_estimate(s, cost)
+    for s in summary.get("ensembles", {}).values():  # not one model: no single command
+        s["reproduce"] = "the members' commands; their answers averaged"
+        s["train_seconds_estimate"] = sum(
+            summary["configs"][m]["train_seconds_estimate"] for m in s["members"]
+        )
+    for s in summary.get("cascades", {}).values():  # a measurement: the pipeline has no cascade
+        s["reproduce"] = "make cv (not a pipeline option)"
+        s["train_seconds_estimate"] = sum(
+            summary["configs"][m]["train_seconds_estimate"]
+            for m in dict.fromkeys([s["first"], *s["then_members"]])
+        )
     # ratios against the baseline configuration (today's served model), else the first one
     baseline = summary.get("baseline") or next(iter(summary["configs"]))
     reference = arch_key(summary["configs"][baseline]["served"])
+
+    def ratios(s: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "batch_1_vs_reference": round(c["batch_1_ms"] / cost[reference]["batch_1_ms"], 3),
+            "macs_vs_reference": round(c["macs"] / cost[reference]["macs"], 3),
+            "train_seconds_estimate": s["train_seconds_estimate"],
+        }
+
     report = {
         "threads": export.bench_threads,
         "runs": cv.latency_runs,
@@ -240,16 +293,21 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
         "configs": {
             name: {
                 "served": arch_key(s["served"]),
-                "batch_1_vs_reference": round(
-                    cost[arch_key(s["served"])]["batch_1_ms"] / cost[reference]["batch_1_ms"], 3
-                ),
-                "macs_vs_reference": round(
-                    cost[arch_key(s["served"])]["macs"] / cost[reference]["macs"], 3
-                ),
+                **ratios(s, cost[arch_key(s["served"])]),
                 "reproduce": s["reproduce"],
-                "train_seconds_estimate": s["train_seconds_estimate"],
             }
             for name, s in summary["configs"].items()
+        },
+        "ensembles": {
+            name: {"members": s["members"], **ratios(s, members_cost(summary, cost, name))}
+            for name, s in summary.get("ensembles", {}).items()
+        },
+        "cascades": {
+            name: {
+                **{k: s[k] for k in ("first", "then", "below", "escalated")},
+                **ratios(s, cascade_cost(summary, cost, name)),
+            }
+            for name, s in summary.get("cascades", {}).items()
         },
     }
     out.mkdir(parents=True, exist_ok=True)

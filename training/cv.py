@@ -43,12 +43,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from catsdogs.cv_text import accuracy_text, mistakes_text
+from catsdogs.cv_text import accuracy_text, cascade_text, mistakes_text
 from catsdogs.hashing import file_sha256
 from catsdogs.manifest import ManifestRow, read_manifest
 from catsdogs.preprocessing import PreprocessSpec, decode_image
 from training.models import LITE_VARIANTS, build_model, default_spec, linear_head
-from training.params import PARAMS_FILE, CvParams, TrainParams, load_cv, load_train
+from training.params import (
+    PARAMS_FILE,
+    Cascade,
+    CvParams,
+    TrainParams,
+    cascade_steps,
+    ensemble_members,
+    load_cv,
+    load_train,
+)
 from training.prepare import hash_unit
 from training.run_tracking import Tracker
 from training.train import (
@@ -275,7 +284,7 @@ def evaluate_config(
     shape = (cv.repeats, len(photos.paths), len(photos.class_names))
     probs = np.zeros(shape, dtype=np.float64)
     test_rows = np.flatnonzero(photos.split == "test")
-    test_correct: list[int] = []
+    test_probs = np.zeros((cv.repeats, len(test_rows), len(photos.class_names)))
     cv_seconds = head_seconds = 0.0
     for r in range(cv.repeats):
         run = dataclasses.replace(params, seed=params.seed + r)
@@ -294,7 +303,7 @@ def evaluate_config(
             )
         cv_seconds += time.monotonic() - t0
         t0 = time.monotonic()
-        test_probs = fit_predict(
+        test_probs[r] = fit_predict(
             served,
             sources,
             photos.labels,
@@ -305,13 +314,59 @@ def evaluate_config(
             device,
         )
         head_seconds += time.monotonic() - t0
-        test_correct.append(int((test_probs.argmax(1) == photos.labels[test_rows]).sum()))
     return {
         "probs": probs,
         "folds": folds,
-        "test": {"n": len(test_rows), "correct": test_correct},
+        "test": scored_on_test(test_probs, photos.labels[test_rows]),
+        "test_probs": test_probs,
         "cv_head_seconds": round(cv_seconds, 1),  # every repeat
         "split_head_seconds": round(head_seconds / cv.repeats, 1),  # one train stage's head
+    }
+
+
+def scored_on_test(test_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The standard split's test photos: how many each repeat's head got right."""
+    correct = (test_probs.argmax(2) == labels).sum(1)
+    return {"n": len(labels), "correct": [int(c) for c in correct]}
+
+
+def ensemble_result(results: list[dict[str, Any]], photos: Photos) -> dict[str, Any]:
+    """The members' out-of-fold (and test) probabilities averaged, repeat by repeat: repeat
+    ``r`` of every member has the same seed and folds, so each repeat is one ensemble's answers.
+    """
+    test_probs = np.mean([r["test_probs"] for r in results], axis=0)
+    test_rows = np.flatnonzero(photos.split == "test")
+    return {
+        "probs": np.mean([r["probs"] for r in results], axis=0),
+        "folds": results[0]["folds"],
+        "test": scored_on_test(test_probs, photos.labels[test_rows]),
+        "test_probs": test_probs,
+        "cv_head_seconds": round(sum(r["cv_head_seconds"] for r in results), 1),
+        "split_head_seconds": round(sum(r["split_head_seconds"] for r in results), 1),
+    }
+
+
+def cascade_result(
+    first: dict[str, Any], then: dict[str, Any], below: float, photos: Photos
+) -> dict[str, Any]:
+    """``first``'s answers, except for the photos whose answer it gives with a probability
+    below ``below``: those get ``then``'s probabilities. Repeat by repeat, as for an ensemble;
+    ``escalated`` is the share of photos ``then`` answered, per repeat."""
+
+    def mix(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        unsure = a.max(axis=2) < below  # (repeats, N)
+        return np.where(unsure[..., None], b, a), unsure
+
+    probs, unsure = mix(first["probs"], then["probs"])
+    test_probs, test_unsure = mix(first["test_probs"], then["test_probs"])
+    test_rows = np.flatnonzero(photos.split == "test")
+    return {
+        "probs": probs,
+        "folds": first["folds"],
+        "test": scored_on_test(test_probs, photos.labels[test_rows]),
+        "test_probs": test_probs,
+        "escalated": unsure.mean(axis=1),
+        "test_escalated": test_unsure.mean(axis=1) if len(test_rows) else np.zeros(len(probs)),
     }
 
 
@@ -464,14 +519,26 @@ def compare(summary: dict[str, Any], right: dict[str, np.ndarray], baseline: str
         }
 
 
-def markdown_table(summary: dict[str, Any], default: str | None) -> str:
+def markdown_table(
+    summary: dict[str, Any],
+    default: str | None,
+    ensembles: dict[str, Any] | None = None,
+    cascades: dict[str, Any] | None = None,
+) -> str:
+    """The configurations, then the ensembles (``name = a + b``: not one served model) and the
+    cascades (``first``, and ``then`` for the photos it is unsure of)."""
+    rows = {**summary, **(ensembles or {}), **(cascades or {})}
     lines = [
         "| configuration | CV accuracy (95% CI) | mistakes (mean ± sd, range) "
         "| vs baseline (fixed/broken, largest p) | test accuracy |",
         "|---|---|---|---|---|",
     ]
-    for name, s in summary.items():
+    for name, s in rows.items():
         mark = " (default)" if name == default else ""
+        if "members" in s:
+            mark = " = " + " + ".join(f"`{m}`" for m in s["members"])
+        if "first" in s:
+            mark = f" = {cascade_text(s)}"
         vs = s.get("vs_baseline")
         vs_text = (
             f"+{vs['fixed']:.1f}/-{vs['broken']:.1f}, p={vs['mcnemar_p']:.3g}" if vs else "baseline"
@@ -485,17 +552,26 @@ def markdown_table(summary: dict[str, Any], default: str | None) -> str:
 
 def track(
     name: str,
-    params: TrainParams,
+    params: TrainParams | list[str] | Cascade,
     cv: CvParams,
     s: dict[str, Any],
     out: Path,
     tags: dict[str, str],
 ) -> str:
-    """One MLflow run per configuration, so the UI lines them up; returns its id."""
+    """One MLflow run per configuration (or ensemble: ``params`` its members), so the UI lines
+    them up; returns its id."""
     tracker = Tracker()
+    if isinstance(params, list):
+        flat = {"ensemble.members": "+".join(params)}
+        tags = {**tags, "cv_ensemble": name}
+    elif isinstance(params, Cascade):
+        flat = {f"cascade.{k}": str(v) for k, v in dataclasses.asdict(params).items()}
+        tags = {**tags, "cv_cascade": name}
+    else:
+        flat = {f"train.{k}": str(v) for k, v in dataclasses.asdict(params).items()}
     run_id = tracker.start(run_name=name, tags={**tags, "cv_config": name}, experiment=EXPERIMENT)
-    flat = {f"train.{k}": str(v) for k, v in dataclasses.asdict(params).items()}
-    flat.update({f"cv.{k}": str(v) for k, v in dataclasses.asdict(cv).items() if k != "configs"})
+    skip = ("configs", "ensembles", "cascades")
+    flat.update({f"cv.{k}": str(v) for k, v in dataclasses.asdict(cv).items() if k not in skip})
     tracker.call("log_params", flat)
     metrics = {
         "cv_accuracy": s["accuracy"],
@@ -508,6 +584,8 @@ def track(
         **{f"fold_{k}_accuracy": a for k, a in enumerate(s["fold_accuracy"])},
         **{f"repeat_{r}_mistakes": m for r, m in enumerate(s["mistakes_per_repeat"])},
     }
+    if "escalated" in s:
+        metrics["cv_escalated"] = s["escalated"]
     if "vs_baseline" in s:
         metrics.update({f"vs_baseline_{k}": s["vs_baseline"][k] for k in ("fixed", "broken")})
     tracker.call("log_metrics", metrics)
@@ -538,18 +616,15 @@ def cross_validate(
     data_version = file_sha256(manifest)
     tags = {"data_version": data_version, "git_commit": git_commit(), "kind": "cross-validation"}
     default_name = next((n for n, p in configs.items() if p == default), None)
+    members = ensemble_members(cv, configs)
+    cascades = cascade_steps(cv, configs)
     summary: dict[str, dict[str, Any]] = {}
+    ensembles: dict[str, dict[str, Any]] = {}
     right: dict[str, np.ndarray] = {}
-    for name, params in configs.items():
-        log.info("configuration %s", name)
-        result = evaluate_config(name, params, photos, cache, cv, device)
+    results: dict[str, dict[str, Any]] = {}
+
+    def report_on(name: str, result: dict[str, Any]) -> dict[str, Any]:
         s = summarise(result, photos, cv)
-        s["train_images"] = train_images(params, photos)
-        s["params"] = {
-            k: v for k, v in dataclasses.asdict(params).items() if v != getattr(default, k)
-        }
-        s["overrides"] = cv.configs[name] or {}
-        s["served"] = {"model": params.model, "input_size": params.input_size}
         mistakes = write_predictions(out / name, result["probs"], result["folds"], photos)
         title = (
             f"{name}: {mistakes_text(s)} wrong over {cv.repeats} repeats, {len(mistakes)} "
@@ -559,7 +634,6 @@ def cross_validate(
             mistakes, out / name / "mistakes.jpg", cv.sheet_columns, cv.thumb_px, title, cv.repeats
         )
         right[name] = result["probs"].argmax(2) == photos.labels
-        summary[name] = s
         log.info(
             "%s: accuracy %.4f (%.4f-%.4f), mistakes %s, test %.4f",
             name,
@@ -568,9 +642,44 @@ def cross_validate(
             mistakes_text(s),
             s["test_accuracy"],
         )
-    compare(summary, right, cv.baseline)
+        return s
+
+    for name, params in configs.items():
+        log.info("configuration %s", name)
+        results[name] = evaluate_config(name, params, photos, cache, cv, device)
+        s = report_on(name, results[name])
+        s["train_images"] = train_images(params, photos)
+        s["params"] = {
+            k: v for k, v in dataclasses.asdict(params).items() if v != getattr(default, k)
+        }
+        s["overrides"] = cv.configs[name] or {}
+        s["served"] = {"model": params.model, "input_size": params.input_size}
+        summary[name] = s
+    for name, names in members.items():
+        results[name] = ensemble_result([results[m] for m in names], photos)
+        s = report_on(name, results[name])
+        s["members"] = names
+        ensembles[name] = s
+    staged: dict[str, dict[str, Any]] = {}
+    for name, step in cascades.items():
+        result = cascade_result(results[step.first], results[step.then], step.below, photos)
+        then = members.get(step.then, [step.then])
+        seconds = [results[m] for m in dict.fromkeys([step.first, *then])]
+        result["cv_head_seconds"] = round(sum(r["cv_head_seconds"] for r in seconds), 1)
+        result["split_head_seconds"] = round(sum(r["split_head_seconds"] for r in seconds), 1)
+        s = report_on(name, result)
+        s.update(first=step.first, then=step.then, below=step.below, then_members=then)
+        s["escalated_per_repeat"] = [round(float(x), 6) for x in result["escalated"]]
+        s["escalated"] = round(float(result["escalated"].mean()), 6)
+        s["test_escalated"] = round(float(result["test_escalated"].mean()), 6)
+        staged[name] = s
+    compare({**summary, **ensembles, **staged}, right, cv.baseline)
     for name, params in configs.items():
         summary[name]["mlflow_run_id"] = track(name, params, cv, summary[name], out, tags)
+    for name, s in ensembles.items():
+        s["mlflow_run_id"] = track(name, s["members"], cv, s, out, tags)
+    for name, s in staged.items():
+        s["mlflow_run_id"] = track(name, cascades[name], cv, s, out, tags)
     report = {
         "folds": cv.folds,
         "repeats": cv.repeats,
@@ -580,9 +689,11 @@ def cross_validate(
         "baseline": cv.baseline or None,
         "seconds": round(time.monotonic() - started, 1),
         "configs": summary,
+        "ensembles": ensembles,
+        "cascades": staged,
     }
     (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "table.md").write_text(markdown_table(summary, default_name))
+    (out / "table.md").write_text(markdown_table(summary, default_name, ensembles, staged))
     return report
 
 

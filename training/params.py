@@ -95,6 +95,12 @@ class CvParams:
     latency_batch: int = 8  # the cost stage times batch 1 and this batch through onnxruntime
     latency_runs: int = 30  # median of this many calls per model and batch, interleaved
     configs: dict = dataclasses.field(default_factory=dict)  # name -> overrides of `train`
+    # name -> "config+config...": those configurations' probabilities averaged, repeat by repeat.
+    # Not one served model (it costs every member's run): what a teacher made of them could know
+    ensembles: dict = dataclasses.field(default_factory=dict)
+    # name -> {first: config, then: config or ensemble, below: p}: the first answers every photo;
+    # a photo whose answer it gives with a probability below `below` is answered by `then`
+    cascades: dict = dataclasses.field(default_factory=dict)
 
 
 T = TypeVar("T")
@@ -212,7 +218,57 @@ def load_cv(path: str | Path = PARAMS_FILE) -> tuple[CvParams, dict[str, TrainPa
         configs[str(name)] = check_train(params, section)
     if cv.baseline and cv.baseline not in configs:
         raise ParamsError(f"cv.baseline: {cv.baseline!r} is not one of cv.configs")
+    cascade_steps(cv, configs)
     return cv, configs
+
+
+def ensemble_members(cv: CvParams, configs: dict[str, TrainParams]) -> dict[str, list[str]]:
+    """``cv.ensembles`` as lists of configuration names; errors name ``cv.ensembles.<name>``."""
+    members = {}
+    for name, value in cv.ensembles.items():
+        section = f"cv.ensembles.{name}"
+        if name in configs:
+            raise ParamsError(f"{section}: the name is already one of cv.configs")
+        if not isinstance(value, str):
+            raise ParamsError(f"{section}: expected configuration names joined by '+'")
+        names = value.split("+")
+        unknown = [n for n in names if n not in configs]
+        if unknown:
+            raise ParamsError(f"{section}: {unknown[0]!r} is not one of cv.configs")
+        if len(set(names)) < 2:
+            raise ParamsError(f"{section}: name at least two different configurations")
+        members[str(name)] = names
+    return members
+
+
+@dataclass(frozen=True)
+class Cascade:
+    first: str  # a configuration: answers every photo
+    then: str  # a configuration or an ensemble: answers the photos the first is unsure of
+    below: float  # the first's probability for its answer under which `then` answers
+
+
+def cascade_steps(cv: CvParams, configs: dict[str, TrainParams]) -> dict[str, Cascade]:
+    """``cv.cascades`` checked; errors name ``cv.cascades.<name>``."""
+    ensembles = ensemble_members(cv, configs)
+    cascades = {}
+    for name, raw in cv.cascades.items():
+        section = f"cv.cascades.{name}"
+        if name in configs or name in ensembles:
+            raise ParamsError(f"{section}: the name is already a configuration or an ensemble")
+        step = parse_section(Cascade, section, raw)
+        if step.first not in configs:
+            raise ParamsError(f"{section}.first: {step.first!r} is not one of cv.configs")
+        if step.then not in configs and step.then not in ensembles:
+            raise ParamsError(
+                f"{section}.then: {step.then!r} is neither in cv.configs nor in cv.ensembles"
+            )
+        if step.then == step.first:
+            raise ParamsError(f"{section}.then: must differ from first")
+        if not 0 < step.below <= 1:
+            raise ParamsError(f"{section}.below: a probability within (0, 1]")
+        cascades[str(name)] = step
+    return cascades
 
 
 def check_train(params: TrainParams, section: str = "train") -> TrainParams:

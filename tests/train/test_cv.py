@@ -21,8 +21,10 @@ from catsdogs.manifest import ManifestRow, write_manifest
 from training.cv import (
     FeatureCache,
     Photos,
+    cascade_result,
     compare,
     cross_validate,
+    ensemble_result,
     fold_of,
     mcnemar_p,
     stops_early,
@@ -320,6 +322,92 @@ def test_a_bad_configuration_is_named(tmp_path: Path) -> None:
         load_cv(path)
 
 
+@pytest.mark.parametrize(
+    ("ensembles", "message"),
+    [
+        ({"pair": "lite0+lite9"}, r"cv\.ensembles\.pair: 'lite9' is not one of cv\.configs"),
+        ({"pair": "lite0+lite0"}, r"cv\.ensembles\.pair: name at least two"),
+        ({"lite1": "lite0+lite2"}, r"cv\.ensembles\.lite1: the name is already"),
+        ({"pair": ["lite0", "lite2"]}, r"cv\.ensembles\.pair: expected configuration names"),
+    ],
+)
+def test_a_bad_ensemble_is_named(tmp_path: Path, ensembles: dict, message: str) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["cv"]["ensembles"] = ensembles
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=message):
+        load_cv(path)
+
+
+@pytest.mark.parametrize(
+    ("cascade", "message"),
+    [
+        ({"first": "lite9", "then": "lite2", "below": 0.9}, r"\.c\.first: 'lite9' is not"),
+        ({"first": "lite0", "then": "pair", "below": 0.9}, r"\.c\.then: 'pair' is neither"),
+        ({"first": "lite0", "then": "lite0", "below": 0.9}, r"\.c\.then: must differ"),
+        ({"first": "lite0", "then": "lite2", "below": 1.5}, r"\.c\.below: a probability"),
+        ({"first": "lite0", "then": "lite2"}, r"\.c\.below: required key missing"),
+        ({"first": "lite0", "then": "lite2", "below": 0.9, "x": 1}, r"\.c\.x: unknown key"),
+    ],
+)
+def test_a_bad_cascade_is_named(tmp_path: Path, cascade: dict, message: str) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["cv"]["cascades"] = {"c": cascade}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"cv\.cascades" + message):
+        load_cv(path)
+
+
+def test_a_cascade_escalates_only_the_photos_its_first_model_is_unsure_of() -> None:
+    photos = Photos(
+        paths=["a", "b", "c", "d"],
+        labels=np.array([0, 1, 1, 0]),
+        sha256=fake_hashes(4),
+        split=np.array(["train", "train", "test", "test"]),
+        class_names=["cat", "dog"],
+    )
+
+    def model(dog: list[float]) -> dict:  # P(dog) per photo, one repeat
+        probs = np.stack([1 - np.array([dog]), np.array([dog])], axis=2)
+        return {"probs": probs, "test_probs": probs[:, 2:], "folds": np.zeros(4, dtype=int)}
+
+    first = model([0.05, 0.3, 0.95, 0.85])  # b wrong and unsure; d wrong and sure
+    then = model([0.9, 0.9, 0.9, 0.9])
+    out = cascade_result(first, then, 0.9, photos)
+    # a (0.95 sure) and c (0.95) and d (0.85 for dog: under 0.9) -> b and d escalate
+    np.testing.assert_allclose(out["probs"][0, :, 1], [0.05, 0.9, 0.95, 0.9])
+    assert out["escalated"].tolist() == [0.5]
+    assert out["test_escalated"].tolist() == [0.5]
+    assert out["test"] == {"n": 2, "correct": [1]}
+
+
+def test_an_ensemble_averages_its_members_repeat_by_repeat() -> None:
+    photos = Photos(
+        paths=["a", "b", "c"],
+        labels=np.array([0, 1, 1]),
+        sha256=fake_hashes(3),
+        split=np.array(["train", "test", "test"]),
+        class_names=["cat", "dog"],
+    )
+
+    def member(dog: list[list[float]]) -> dict:  # P(dog) per repeat and photo
+        probs = np.stack([1 - np.array(dog), np.array(dog)], axis=2)
+        return {"probs": probs, "test_probs": probs[:, 1:], "folds": np.array([0, 1, 2]),
+                "cv_head_seconds": 1.0, "split_head_seconds": 0.5}  # fmt: skip
+
+    # photo c: the first member is surely right, the second a little wrong; the mean is right
+    a = member([[0.1, 0.8, 0.9], [0.6, 0.8, 0.9]])
+    b = member([[0.3, 0.4, 0.45], [0.2, 0.4, 0.45]])
+    ens = ensemble_result([a, b], photos)
+    np.testing.assert_allclose(ens["probs"][:, :, 1], [[0.2, 0.6, 0.675], [0.4, 0.6, 0.675]])
+    # repeat 1: a's photo a is wrong (0.6 dog), the mean (0.4) is right
+    assert (ens["probs"].argmax(2) == photos.labels).sum(1).tolist() == [3, 3]
+    assert ens["test"] == {"n": 2, "correct": [2, 2]}
+    assert ens["cv_head_seconds"] == 2.0
+
+
 # ---------------------------------------------------------------------- the stage, end to end
 
 
@@ -337,11 +425,15 @@ def tiny_manifest(tmp_path: Path, per_class: int = 20) -> Path:
     return manifest
 
 
-def tiny_cv(tmp_path: Path, configs: dict) -> tuple:
+def tiny_cv(
+    tmp_path: Path, configs: dict, ensembles: dict | None = None, cascades: dict | None = None
+) -> tuple:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(epochs=4, patience=2, batch_size=8, threads=2)
     params["cv"].update(folds=3, repeats=2, cache_dir=str(tmp_path / "cache"), baseline="pixels")
     params["cv"]["configs"] = configs
+    params["cv"]["ensembles"] = ensembles or {}
+    params["cv"]["cascades"] = cascades or {}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return load_cv(path)
@@ -366,6 +458,8 @@ def test_cross_validation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 **small,
             },
         },
+        {"both": "pixels+lite0-distilled"},
+        {"staged": {"first": "pixels", "then": "both", "below": 0.9}},
     )
     out = tmp_path / "reports"
     report = cross_validate(manifest, out, cv, configs, configs["pixels"])
@@ -374,7 +468,7 @@ def test_cross_validation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(report))
     assert summary["repeats"] == 2
-    for name, s in summary["configs"].items():
+    for name, s in {**summary["configs"], **summary["ensembles"], **summary["cascades"]}.items():
         assert s["n"] == 40
         assert s["correct"] + s["mistakes"] == pytest.approx(40)
         assert len(s["mistakes_per_repeat"]) == 2
@@ -398,13 +492,31 @@ def test_cross_validation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
         summary["configs"]["lite0-distilled"]["overrides"]["distill_from"] == "efficientnet_lite1"
     )
     assert "| `pixels` (default) |" in (out / "table.md").read_text()
+    assert "| `both` = `pixels` + `lite0-distilled` |" in (out / "table.md").read_text()
+    both = summary["ensembles"]["both"]
+    assert both["members"] == ["pixels", "lite0-distilled"]
+    assert len(both["vs_baseline"]["mcnemar_p_per_repeat"]) == 2
+    assert both["test_n"] == summary["configs"]["pixels"]["test_n"]
+    staged = summary["cascades"]["staged"]
+    assert staged["then_members"] == ["pixels", "lite0-distilled"]
+    assert 0 < staged["escalated"] < 1  # pixels alone is sure of some photos, not of all
+    assert staged["escalated"] == pytest.approx(np.mean(staged["escalated_per_repeat"]))
+    assert "| `staged` = `pixels`, below 0.9 `both` (" in (out / "table.md").read_text()
     # a pretrained backbone at 64 px, 4 epochs on 26 photos: well above chance already
     assert summary["configs"]["lite0-distilled"]["accuracy"] >= 0.65
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("catsdogs-cv").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == sorted(configs)
+    assert sorted(r.info.run_name for r in runs) == sorted([*configs, "both", "staged"])
     for r in runs:
+        if r.info.run_name == "both":
+            assert r.data.params["ensemble.members"] == "pixels+lite0-distilled"
+            assert r.data.metrics["cv_mistakes"] == both["mistakes"]
+            continue
+        if r.info.run_name == "staged":
+            assert r.data.params["cascade.then"] == "both"
+            assert r.data.metrics["cv_escalated"] == staged["escalated"]
+            continue
         s = summary["configs"][r.info.run_name]
         assert r.data.metrics["cv_accuracy"] == s["accuracy"]
         assert r.data.params["train.model"] == configs[r.info.run_name].model
@@ -459,13 +571,48 @@ def test_cost_table_prints_the_mistakes_as_the_cv_report_does() -> None:
                 "mistakes_per_repeat": [25, 27, 30],
             },
         },
+        "ensembles": {
+            "pair": {
+                **base,
+                "members": ["one", "three"],
+                "accuracy": 0.995,
+                "mistakes": 20.0,
+                "mistakes_sd": 1.0,
+                "mistakes_per_repeat": [19, 20, 21],
+            },
+        },
+        "cascades": {
+            "staged": {
+                **base,
+                "first": "one",
+                "then": "pair",
+                "below": 0.9,
+                "then_members": ["one", "three"],
+                "escalated": 0.25,
+                "accuracy": 0.996,
+                "mistakes": 15.0,
+                "mistakes_sd": 0.0,
+                "mistakes_per_repeat": [15, 15, 15],
+            },
+        },
     }
     cost = {"efficientnet_lite0@224": {"batch_1_ms": 6.0, "batch_8_ms_per_image": 4.0,
                                        "bytes": 13_400_000, "macs": 400_000_000}}  # fmt: skip
     rows = cost_table(summary, cost, 8, "efficientnet_lite0@224").splitlines()[2:]
-    assert [row.split(" | ")[2] for row in rows] == ["26 / 3991", "27.3 ± 2.5 (25-30) / 3991"]
+    assert [row.split(" | ")[2] for row in rows] == [
+        "26 / 3991",
+        "27.3 ± 2.5 (25-30) / 3991",
+        "20.0 ± 1.0 (19-21) / 3991",
+        "15.0 ± 0.0 (15-15) / 3991",
+    ]
     assert "**(default)**" in rows[1]
     assert "| 0.400 (1.00x) | 6.0 (1.00x) |" in rows[0]
+    # an ensemble runs both members on every image: it costs their sum
+    assert rows[2].startswith("| `pair` = `one` + `three` |")
+    assert "| 0.800 (2.00x) | 12.0 (2.00x) | 8.0 | 26.8 |" in rows[2]
+    # a cascade runs its first model on every image, the rest of its second step on 25% of them
+    assert rows[3].startswith("| `staged` = `one`, below 0.9 `pair` (25.0%) |")
+    assert "| 0.500 (1.25x) | 7.5 (1.25x) | 5.0 | 26.8 |" in rows[3]
 
 
 def test_multiply_adds_follow_the_architecture_and_the_pixels() -> None:
