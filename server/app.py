@@ -41,7 +41,7 @@ from server.middleware import RequestContextMiddleware
 from server.monitor import Monitor
 from server.service import Predictor, Upload, prepare
 from server.settings import Settings
-from server.threads import name_os_thread
+from server.threads import call_at_lower_priority, worker_initializer
 from server.uploads import MULTIPART, read_body, read_multipart
 
 logger = logging.getLogger("server")
@@ -224,11 +224,17 @@ def _model_path(settings: Settings) -> Path:
 def load_served_model(settings: Settings) -> InferenceModel:
     """Resolve MODEL_URI or MODEL_PATH and open the model; errors name the file."""
     threads = settings.intra_op_threads or available_cpus()
-    return load_model(
-        _model_path(settings),
-        intra_op_threads=threads,
-        spinning=settings.intra_op_spinning,
-        parallel_runs=parallel_runs(settings),
+    path = _model_path(settings)
+    # onnxruntime's pool threads start with the sessions and keep the opening thread's priority
+    return call_at_lower_priority(
+        lambda: load_model(
+            path,
+            intra_op_threads=threads,
+            spinning=settings.intra_op_spinning,
+            parallel_runs=parallel_runs(settings),
+        ),
+        settings.worker_nice,
+        "onnxruntime",
     )
 
 
@@ -305,6 +311,7 @@ def _new_batcher(
         run_label=lambda: model.last_policy,
         run_parallel=model.run_parallel if model.parallel is not None else None,
         parallel_runs=parallel_runs(settings),
+        thread_initializer=worker_initializer(settings.worker_nice),
     )
 
 
@@ -350,7 +357,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     decode_pool = ThreadPoolExecutor(
         max_workers=settings.decode_threads or available_cpus(),
         thread_name_prefix="decode",
-        initializer=name_os_thread,
+        initializer=worker_initializer(settings.worker_nice),
     )
     batcher = _new_batcher(model, settings, app.state.metrics, decode_pool)
     await batcher.warmup(contract.input_size, _sample_jpeg(contract.input_size))

@@ -314,6 +314,7 @@ class Batcher:
         run_label: Callable[[], str] | None = None,
         run_parallel: Callable[[np.ndarray], np.ndarray] | None = None,
         parallel_runs: int = 1,
+        thread_initializer: Callable[[], None] = name_os_thread,
     ) -> None:
         self.run = run
         self.run_label = run_label
@@ -340,13 +341,13 @@ class Batcher:
         self._queued_images = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="inference", initializer=name_os_thread
+            max_workers=1, thread_name_prefix="inference", initializer=thread_initializer
         )
         self._parallel_pool = (
             ThreadPoolExecutor(
                 max_workers=self.parallel_runs,
                 thread_name_prefix="parallel",
-                initializer=name_os_thread,
+                initializer=thread_initializer,
             )
             if self.parallel_runs > 1
             else None

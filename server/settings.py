@@ -55,6 +55,11 @@ class Settings:
         0, "onnxruntime threads per run; 0 = the CPUs this process may use"
     )
     decode_threads: int = setting(0, "threads decoding images; 0 = the CPUs this process may use")
+    # the event loop answers health probes, admits and refuses; when the cores are saturated
+    # it must not wait behind the threads doing the heavy work (README, "A stalled event loop")
+    worker_nice: int = setting(
+        10, "niceness added to the decode and model threads (not the event loop's); 0: none"
+    )
     # spinning wins on a quiet machine and loses badly when another process wants the cores:
     # 2 measures both while serving and uses the faster (server/inference.py, PolicyChooser)
     intra_op_spinning: int = setting(
@@ -179,6 +184,7 @@ class Settings:
             "model_allow_local_source": self.model_allow_local_source in (0, 1),
             "intra_op_threads": self.intra_op_threads >= 0,
             "decode_threads": self.decode_threads >= 0,
+            "worker_nice": 0 <= self.worker_nice <= 19,
             "intra_op_spinning": self.intra_op_spinning in (0, 1, 2),
             "adaptive_batch": self.adaptive_batch in (0, 1),
             "parallel_runs": self.parallel_runs >= 0,

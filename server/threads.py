@@ -8,7 +8,15 @@ of a dozen ``python`` lines. Python names its threads in the OS itself only from
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+log = logging.getLogger("server")
+T = TypeVar("T")
 
 OS_NAME_BYTES = 15  # the kernel keeps this many bytes of a thread's name
 
@@ -22,3 +30,49 @@ def name_os_thread(name: str | None = None) -> None:
             fh.write(text)
     except Exception:  # a name is cosmetic: it must never break a pool's initializer
         pass
+
+
+def lower_priority(nice: int) -> None:
+    """Run the calling thread ``nice`` lower than the process's main thread (Linux keeps
+    niceness per thread, and a thread starts with its creator's: a pool thread started from a
+    lowered thread is set to the same level, not lowered twice). Lowering one's own priority
+    needs no privilege; a failure only warns."""
+    if nice <= 0:
+        return
+    tid = threading.get_native_id()
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())  # the main thread's
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, base + nice))
+    except (AttributeError, OSError) as exc:
+        log.warning("cannot lower the priority of thread %s: %s", tid, exc)
+
+
+def worker_initializer(nice: int) -> Callable[[], None]:
+    """A thread pool's ``initializer``: its threads named in the OS and ``nice`` lower."""
+    return functools.partial(_start_worker, nice)
+
+
+def _start_worker(nice: int) -> None:
+    name_os_thread()
+    lower_priority(nice)
+
+
+def call_at_lower_priority(fn: Callable[[], T], nice: int, name: str) -> T:
+    """``fn()`` on a new thread ``nice`` lower, waited for: the threads it starts (onnxruntime's
+    pool threads, when it opens a session) inherit that priority."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        name_os_thread(name)
+        lower_priority(nice)
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # re-raised on the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]

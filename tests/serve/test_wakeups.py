@@ -99,3 +99,48 @@ def test_a_thread_takes_its_python_name_in_the_os_cut_to_fifteen_bytes():
     thread.start()
     thread.join(timeout=10)
     assert seen == ["decode_3", "a-much-longer-n"]
+
+
+def _nice(pid: int, tid: int) -> int:
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])  # field 19, counted after "(comm)"
+
+
+@pytest.mark.parametrize("worker_nice", [None, "0"])
+def test_the_heavy_threads_yield_to_the_event_loop(server_process, worker_nice) -> None:
+    """Decoding, preprocessing and the model run on threads WORKER_NICE (10) lower than the
+    event loop's, onnxruntime's own pool threads included: on saturated cores the loop still
+    answers probes and refuses work at once."""
+    env = {"INTRA_OP_THREADS": "2", "PARALLEL_RUNS": "1"}  # batches decode on the pool
+    if worker_nice is not None:
+        env["WORKER_NICE"] = worker_nice
+    server = server_process(**env)
+    server.wait_ready()
+    files = [("files", (f"{i}.jpg", image_bytes(RED), "image/jpeg")) for i in range(4)]
+    with httpx.Client(base_url=server.url, timeout=10.0) as client:
+        for _ in range(3):  # every pool has started its threads
+            assert client.post("/predict/batch", files=files).status_code == 200
+            r = client.post(
+                "/predict", content=image_bytes(RED), headers={"Content-Type": "image/jpeg"}
+            )
+            assert r.status_code == 200
+    threads = _threads(server.pid)
+    nice = {tid: _nice(server.pid, tid) for tid in threads}
+    expected = 10 if worker_nice is None else 0
+    names = {comm for comm, _ in threads.values()}
+    assert threads[server.pid][0] != "onnxruntime"  # the main thread runs the event loop
+    assert nice[server.pid] == 0
+    heavy = {
+        tid: comm
+        for tid, (comm, _) in threads.items()
+        if comm.startswith(("inference", "decode", "parallel", "onnxruntime"))
+    }
+    # onnxruntime's pool threads inherit the name and priority of the thread that opened it
+    assert "onnxruntime" in names, sorted(names)
+    assert "inference_0" in names, sorted(names)
+    assert any(name.startswith("decode") for name in names), sorted(names)
+    wrong = {(comm, nice[tid]) for tid, comm in heavy.items() if nice[tid] != expected}
+    assert not wrong, (expected, sorted(wrong))
+    for comm in ("access-log", "predlog-writer"):
+        tid, _ = _by_name(threads, comm)
+        assert nice[tid] == 0, comm
