@@ -96,7 +96,7 @@ class CvParams:
     latency_runs: int = 30  # median of this many calls per model and batch, interleaved
     configs: dict = dataclasses.field(default_factory=dict)  # name -> overrides of `train`
     # name -> "config+config...": those configurations' probabilities averaged, repeat by repeat.
-    # Not one served model (it costs every member's run): what a teacher made of them could know
+    # Not one served model (it costs every member's run): the ceiling for distilling them
     ensembles: dict = dataclasses.field(default_factory=dict)
     # name -> {first: config, then: config or ensemble, below: p}: the first answers every photo;
     # a photo whose answer it gives with a probability below `below` is answered by `then`
