@@ -27,3 +27,13 @@ def cascade_text(s: dict[str, Any]) -> str:
     """The first model, the probability under which the second answers instead, and the share
     of photos it answered: ``lite0`` below 0.9 ``lite0+lite2`` (2.1%), in Markdown."""
     return f"`{s['first']}`, below {s['below']:g} `{s['then']}` ({s['escalated'] * 100:.1f}%)"
+
+
+def row_label(name: str, s: dict[str, Any], default_mark: str = "") -> str:
+    """A table row's first cell: the name, then the default's mark, an ensemble's members or a
+    cascade's steps."""
+    if "members" in s:
+        return f"`{name}` = " + " + ".join(f"`{m}`" for m in s["members"])
+    if "first" in s:
+        return f"`{name}` = {cascade_text(s)}"
+    return f"`{name}`{default_mark}"

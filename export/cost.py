@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES
-from catsdogs.cv_text import accuracy_text, cascade_text, mistakes_text
+from catsdogs.cv_text import accuracy_text, mistakes_text, row_label
 from export import onnx_tools as ox
 from export.params import load_export
 from training.models import LITE_VARIANTS, ORT_BATCH, build_model, default_spec
@@ -189,13 +189,9 @@ def cost_table(
     for name, s in summary.get("cascades", {}).items():
         rows.append((name, s, cascade_cost(summary, cost, name)))
     for name, s, c in rows:
-        mark = " **(default)**" if name == summary.get("default") else ""
-        if "members" in s:
-            mark = " = " + " + ".join(f"`{m}`" for m in s["members"])
-        if "first" in s:
-            mark = f" = {cascade_text(s)}"
+        label = row_label(name, s, " **(default)**" if name == summary.get("default") else "")
         lines.append(
-            f"| `{name}`{mark} | {accuracy_text(s)} "
+            f"| {label} | {accuracy_text(s)} "
             f"| {mistakes_text(s)} | {s['test_accuracy']:.4f} "
             f"| {c['macs'] / 1e9:.3f} ({c['macs'] / ref_macs:.2f}x) "
             f"| {c['batch_1_ms']:.1f} ({c['batch_1_ms'] / ref:.2f}x) "

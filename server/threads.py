@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 log = logging.getLogger("server")
@@ -59,20 +60,7 @@ def _start_worker(nice: int) -> None:
 
 def call_at_lower_priority(fn: Callable[[], T], nice: int, name: str) -> T:
     """``fn()`` on a new thread ``nice`` lower, waited for: the threads it starts (onnxruntime's
-    pool threads, when it opens a session) inherit that priority."""
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        name_os_thread(name)
-        lower_priority(nice)
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # re-raised on the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
+    pool threads, when it opens a session) inherit that priority and that thread's name."""
+    start = worker_initializer(nice)
+    with ThreadPoolExecutor(1, thread_name_prefix=name, initializer=start) as one:
+        return one.submit(fn).result()

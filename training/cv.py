@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from catsdogs.cv_text import accuracy_text, cascade_text, mistakes_text
+from catsdogs.cv_text import accuracy_text, mistakes_text, row_label
 from catsdogs.hashing import file_sha256
 from catsdogs.manifest import ManifestRow, read_manifest
 from catsdogs.preprocessing import PreprocessSpec, decode_image
@@ -534,17 +534,13 @@ def markdown_table(
         "|---|---|---|---|---|",
     ]
     for name, s in rows.items():
-        mark = " (default)" if name == default else ""
-        if "members" in s:
-            mark = " = " + " + ".join(f"`{m}`" for m in s["members"])
-        if "first" in s:
-            mark = f" = {cascade_text(s)}"
+        label = row_label(name, s, " (default)" if name == default else "")
         vs = s.get("vs_baseline")
         vs_text = (
             f"+{vs['fixed']:.1f}/-{vs['broken']:.1f}, p={vs['mcnemar_p']:.3g}" if vs else "baseline"
         )
         lines.append(
-            f"| `{name}`{mark} | {accuracy_text(s)} "
+            f"| {label} | {accuracy_text(s)} "
             f"| {mistakes_text(s)} | {vs_text} | {s['test_accuracy']:.4f} |"
         )
     return "\n".join(lines) + "\n"
