@@ -297,7 +297,9 @@ def test_the_export_stage_serves_a_cascade_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_train_stage_fits_a_cascade_that_the_export_stage_serves(tmp_path: Path) -> None:
+def test_the_train_stage_fits_a_cascade_that_the_export_stage_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sys
 
     from mlflow.tracking import MlflowClient
@@ -326,6 +328,9 @@ def test_the_train_stage_fits_a_cascade_that_the_export_stage_serves(tmp_path: P
     tags = MlflowClient(tracking_uri=uri).get_run(meta["mlflow_run_id"]).data.tags
     assert tags["cascade"] == "efficientnet_lite1@48+logreg@32 below 0.95"
 
+    # the export stage where the train stage ran: the manifest's photo paths are relative to it
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     manifest = tmp_path / "data" / "prepared" / "manifest.csv"
     report = run_export_stage(tmp_path, checkpoint, manifest, params, parity_images=4, bench_runs=2)
     assert report["parity"]["ok"]
