@@ -87,10 +87,10 @@ PREDICTION_COLUMNS = (
     "latency_ms",
     "route",
 )
-_INSERT = (
-    f"INSERT INTO predictions ({','.join(PREDICTION_COLUMNS)}) "
-    f"VALUES ({','.join('?' * len(PREDICTION_COLUMNS))})"
-)
+_INSERT_HEAD = f"INSERT INTO predictions ({','.join(PREDICTION_COLUMNS)}) VALUES "
+_ROW = f"({','.join('?' * len(PREDICTION_COLUMNS))})"
+_INSERT = _INSERT_HEAD + _ROW
+INSERT_ROWS = 64  # rows per INSERT statement (64 x 13 parameters, far below SQLite's limit)
 
 BEHIND_QUEUE_FRACTION = 0.8  # a queue fuller than this is "behind" (drops are near)
 STUCK_FACTOR = 2.0  # no progress for this many store timeouts is "stuck"
@@ -1058,9 +1058,14 @@ class SqliteStore(WriterStore):
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, rows: list[PredictionEvent]) -> None:
-        if rows:
-            # plain INSERT: a duplicate prediction_id fails (and is counted), never hides
-            conn.executemany(_INSERT, [r.as_tuple() for r in rows])
+        # plain INSERT: a duplicate prediction_id fails (and is counted), never hides. Up to
+        # INSERT_ROWS rows a statement: sqlite3 releases the GIL around every step, so
+        # executemany's row-by-row steps hand the GIL to the event loop and wait to get it back
+        # once per row, while one statement of many rows steps once
+        for start in range(0, len(rows), INSERT_ROWS):
+            part = rows[start : start + INSERT_ROWS]
+            values = ",".join([_ROW] * len(part))
+            conn.execute(_INSERT_HEAD + values, [v for r in part for v in r.as_tuple()])
 
     @staticmethod
     def _apply_feedback(conn: sqlite3.Connection, item: _Feedback) -> _Outcome:
