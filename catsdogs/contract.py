@@ -18,6 +18,10 @@ OUTPUT_LOGITS = "logits"  # float32 (batch, n_classes)
 OUTPUT_PROBABILITIES = "probabilities"  # float32 (batch, n_classes), softmax of logits
 # a cascade (export.cascade) adds: bool (batch,), the rows its first model escalated
 OUTPUT_ESCALATED = "escalated"
+# ... and its threshold as an overridable initializer (a graph input with a default): the server
+# feeds it at warm-up only, to time the path most images take (0: none escalates) apart from the
+# escalated one (2: every row does); traffic never sets it, so the file's own threshold answers
+CASCADE_BELOW = "cascade/below"
 
 REQUIRED_KEYS = (
     "class_names",  # JSON list, sorted, index i = output column i
@@ -31,8 +35,9 @@ REQUIRED_KEYS = (
     "exported_at",  # ISO 8601 UTC
 )
 # Optional JSON keys: "metrics" (test metrics of this file), "reference_stats" (drift reference),
-# "training" (params summary), "quantization" ("none" | "int8_qdq").
-JSON_KEYS = ("class_names", "preprocessing", "metrics", "reference_stats", "training")
+# "training" (params summary), "quantization" ("none" | "int8_qdq"), "cascade" (a cascade file:
+# {"models": the models past model_name, "below": the threshold}).
+JSON_KEYS = ("class_names", "preprocessing", "metrics", "reference_stats", "training", "cascade")
 
 
 class ContractError(ValueError):

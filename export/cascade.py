@@ -35,12 +35,18 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from catsdogs.contract import INPUT_NAME, OUTPUT_ESCALATED, OUTPUT_LOGITS, OUTPUT_PROBABILITIES
+from catsdogs.contract import (
+    CASCADE_BELOW,
+    INPUT_NAME,
+    OUTPUT_ESCALATED,
+    OUTPUT_LOGITS,
+    OUTPUT_PROBABILITIES,
+)
 from export import onnx_tools as ox
 from export.onnx_tools import ExportError
 from training.models import CascadeClassifier, ImageClassifier, resize_view
 
-BELOW_NAME = "cascade/below"  # the threshold, a scalar initializer
+BELOW_NAME = CASCADE_BELOW  # the threshold: a scalar initializer, overridable (a graph input)
 MIN_OPSET = 18  # ReduceMax with its axes as an input
 PROBABILITY_FLOOR = 1e-30  # logits = log(max(p, floor)): finite where a probability underflows
 
@@ -87,23 +93,17 @@ def input_size(first: Member, then: Sequence[Member]) -> int:
 def reference(
     first: Member, then: Sequence[Member], below: float, batch: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Eager PyTorch answers of the cascade: (probabilities (N, C), escalated (N,))."""
+    """Eager PyTorch answers of the cascade: (probabilities (N, C), escalated (N,)).
+    ``first`` votes on the escalated rows where it is among ``then``."""
     size = input_size(first, then)
+    others = [MemberView(m, size) for m in then if m.name != first.name]
+    votes = len(others) < len(then)
+    model = CascadeClassifier(MemberView(first, size), others, below, first_votes=votes).eval()
     with torch.inference_mode():
-        x = torch.from_numpy(np.require(batch, requirements=["C", "W"]))
-        p0 = MemberView(first, size).eval().probabilities(x)
-        unsure = p0.max(dim=1).values < below
-        out = p0.clone()
-        if bool(unsure.any()):
-            sub = x[unsure]
-            parts = [
-                p0[unsure]
-                if m.name == first.name
-                else MemberView(m, size).eval().probabilities(sub)
-                for m in then
-            ]
-            out[unsure] = torch.stack(parts).mean(dim=0)
-    return out.numpy(), unsure.numpy()
+        probs, unsure = model.probabilities(
+            torch.from_numpy(np.require(batch, requirements=["C", "W"]))
+        )
+    return probs.numpy(), unsure.numpy()
 
 
 def export_member(member: Member, source_size: int, path: Path, opset: int) -> onnx.ModelProto:
@@ -215,7 +215,7 @@ def join(
     graph = helper.make_graph(
         [*main.node, *decide, *answer],
         "cascade",
-        [first.graph.input[0]],
+        [first.graph.input[0], helper.make_tensor_value_info(BELOW_NAME, TensorProto.FLOAT, [])],
         outputs,
         [*main.initializer, *const],
         value_info=list(main.value_info),

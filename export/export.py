@@ -266,6 +266,8 @@ def contract_maker(
             "training": training,
             "quantization": quantization,
         }
+        if meta.get("cascade"):  # the file's models past the first (model_name), and its threshold
+            extra["cascade"] = meta["cascade"]
         return build_contract(meta, exported_at=exported_at, version=version, extra=extra)
 
     return contract_for

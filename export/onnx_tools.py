@@ -75,7 +75,9 @@ def check_onnx_file(path: Path) -> onnx.ModelProto:
     """Full ONNX checker (with shape inference) and the interface the server relies on."""
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
-    inputs = [i.name for i in model.graph.input]
+    # inputs with an initializer are optional (a cascade's overridable threshold): not fed
+    initialized = {init.name for init in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initialized]
     outputs = [o.name for o in model.graph.output]
     # a cascade (export.cascade) also says which rows it escalated
     served = (

@@ -193,6 +193,9 @@ def build_metadata(contract: ModelContract, settings: Settings) -> dict[str, Any
         "metrics": contract.extra.get("metrics"),
         "training": contract.extra.get("training"),
         "quantization": contract.extra.get("quantization", "none"),
+        # a cascade file (export.cascade): {"models": the ones past model_name, "below": the
+        # first model's probability under which they answer too}; null for one model
+        "cascade": contract.extra.get("cascade"),
         "limits": {
             "max_upload_bytes": settings.max_upload_bytes,
             "max_pixels": settings.max_pixels,
@@ -312,6 +315,8 @@ def _new_batcher(
         run_parallel=model.run_parallel if model.parallel is not None else None,
         parallel_runs=parallel_runs(settings),
         thread_initializer=worker_initializer(settings.worker_nice),
+        timed_run=model.timed_run,
+        timed_run_parallel=model.timed_run_parallel if model.parallel is not None else None,
     )
 
 

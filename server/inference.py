@@ -33,7 +33,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ContractError, ModelContract
+from catsdogs.contract import (
+    CASCADE_BELOW,
+    INPUT_NAME,
+    OUTPUT_PROBABILITIES,
+    ContractError,
+    ModelContract,
+)
 from server.threads import name_os_thread
 
 logger = logging.getLogger(__name__)
@@ -117,35 +123,66 @@ class InferenceModel:
     last_policy: str = ""
     # a one-thread session for parallel runs (``run_parallel``); None with parallel_runs <= 1
     parallel: object | None = None
+    # a cascade file (export.cascade) has two paths: its first model alone, and every model on
+    # the rows the first is unsure of. Warm-up feeds its threshold to take each path on purpose
+    # (blank warm-up images would escalate, and the batch curves would time the rare path)
+    cascade: bool = False
+
+    def _feed(self, batch: np.ndarray, path: str | None) -> dict[str, np.ndarray]:
+        if path is None or not self.cascade:
+            return {INPUT_NAME: batch}
+        below = 0.0 if path == "sure" else 2.0  # no probability is < 0; every one is < 2
+        return {INPUT_NAME: batch, CASCADE_BELOW: np.array(below, np.float32)}
 
     @property
     def batch_policy(self) -> str:
         return "sleep" if "sleep" in self.sessions else next(iter(self.sessions))
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float32 probabilities (N, C)."""
+    def run(self, batch: np.ndarray, path: str | None = None) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 probabilities (N, C). ``path`` ("sure", "escalated"):
+        a cascade's path forced, for warm-up runs only (None: the file's own threshold)."""
         lone = len(batch) == 1
         policy = self.chooser.choose() if lone else self.batch_policy
+        feed = {INPUT_NAME: batch} if path is None else self._feed(batch, path)
         started = time.perf_counter()
-        (probs,) = self.sessions[policy].run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+        (probs,) = self.sessions[policy].run([OUTPUT_PROBABILITIES], feed)
         if lone:
             self.chooser.record(policy, time.perf_counter() - started)
         self.last_policy = policy
         return probs
 
-    def run_parallel(self, batch: np.ndarray) -> np.ndarray:
+    def run_parallel(self, batch: np.ndarray, path: str | None = None) -> np.ndarray:
         """Like ``run``, on the one-thread session: safe to call from several threads at once."""
         assert self.parallel is not None, "opened without parallel runs"
-        (probs,) = self.parallel.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+        feed = {INPUT_NAME: batch} if path is None else self._feed(batch, path)
+        (probs,) = self.parallel.run([OUTPUT_PROBABILITIES], feed)
         return probs
 
+    def timed_run(self, batch: np.ndarray) -> np.ndarray:
+        """What the warm-up's batch curve times: ``run`` on the path most images take."""
+        return self.run(batch, "sure" if self.cascade else None)
+
+    def timed_run_parallel(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_parallel(batch, "sure" if self.cascade else None)
+
     def warm(self, batch: np.ndarray) -> None:
-        """Run ``batch`` once on each session that will see its size, before any traffic."""
-        for policy, session in self.sessions.items():
-            if len(batch) == 1 or policy == self.batch_policy:
-                session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+        """Run ``batch`` once on each session that will see its size, before any traffic.
+
+        A cascade: every size on its sure path, and lone images on the escalated one too, so
+        the later models' weights are prepacked before a request needs them (the escalated
+        path costs several times the sure one: warming every size of it would double the time
+        to ready for sub-batches whose size traffic picks anyway).
+        """
+        lone = len(batch) == 1
+        paths: tuple[str | None, ...] = (None,)
+        if self.cascade:
+            paths = ("sure", "escalated") if lone else ("sure",)
+        sessions = [s for p, s in self.sessions.items() if lone or p == self.batch_policy]
         if self.parallel is not None:
-            self.parallel.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+            sessions.append(self.parallel)
+        for session in sessions:
+            for path in paths:
+                session.run([OUTPUT_PROBABILITIES], self._feed(batch, path))
 
 
 POLICIES = {SLEEP: ("sleep",), SPIN: ("spin",), AUTO: ("sleep", "spin")}
@@ -170,7 +207,11 @@ def load_model(
     assert contract is not None
     chooser = PolicyChooser(POLICIES[spinning])
     parallel = _open_session(path, 1, False)[0] if parallel_runs > 1 else None
-    return InferenceModel(sessions, contract, path, intra_op_threads, chooser, parallel=parallel)
+    first = next(iter(sessions.values()))
+    cascade = CASCADE_BELOW in {i.name for i in first.get_overridable_initializers()}
+    return InferenceModel(
+        sessions, contract, path, intra_op_threads, chooser, parallel=parallel, cascade=cascade
+    )
 
 
 _shared_arena = False
@@ -315,8 +356,13 @@ class Batcher:
         run_parallel: Callable[[np.ndarray], np.ndarray] | None = None,
         parallel_runs: int = 1,
         thread_initializer: Callable[[], None] = name_os_thread,
+        timed_run: Callable[[np.ndarray], np.ndarray] | None = None,
+        timed_run_parallel: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.run = run
+        # what the warm-up's batch curves time (a cascade: the path most images take)
+        self.timed_run = timed_run or run
+        self.timed_run_parallel = timed_run_parallel or run_parallel
         self.run_label = run_label
         self.run_parallel = run_parallel
         self.parallel_runs = parallel_runs if run_parallel is not None else 1
@@ -409,12 +455,13 @@ class Batcher:
         for n in range(1, self.max_batch_size + 1):
             self.warm(np.zeros((n, side, side, 3), dtype=np.uint8))
         if self.adaptive and self.max_batch_size > 1:
-            self.curve = self._measure_curve(self.run, side)
+            self.curve = self._measure_curve(self.timed_run, side)
             self.batch_limit = batch_limit(self.curve)
             if self.run_parallel is not None and self._parallel_pool is not None:
                 # timed alone, two rounds: timing the threads at once sized the shared arena
                 # for two concurrent batches of every size (+30 MB RSS) and saved no time
-                self.parallel_curve = self._measure_curve(self.run_parallel, side, rounds=2)
+                timed = self.timed_run_parallel or self.run_parallel
+                self.parallel_curve = self._measure_curve(timed, side, rounds=2)
                 self.parallel_limit = batch_limit(self.parallel_curve)
 
     def _measure_curve(

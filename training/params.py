@@ -66,8 +66,9 @@ class TrainParams:
     pretrained: bool = True
     input_size: int = 224
     resize: int = 256
-    # the side the network runs at when smaller than input_size: the input is resized to it
-    # inside the model (one served input for networks of several sizes); None: input_size
+    # the side the network runs at when not input_size: the input is resized to it inside the
+    # model (one served input for networks of several sizes; up to twice input_size, upsampled:
+    # objects at the scale a backbone's weights know); None: input_size
     network_size: int | None = None
     interpolation: str = "bilinear"
     seed: int = 42
@@ -261,10 +262,10 @@ def cascade_members(params: TrainParams, section: str = "train") -> list[tuple[s
         if side and not side.isdigit():
             raise ParamsError(f"{key}: {item!r}: the side after '@' must be a number of pixels")
         size = int(side) if side else LITE_VARIANTS.get(name, (params.input_size,))[0]
-        if not 0 < size <= params.input_size:
+        if not 0 < size <= 2 * params.input_size:
             raise ParamsError(
-                f"{key}: {item!r} runs at {size} px, over train.input_size ({params.input_size}):"
-                " the one input is resized down to each model, never up"
+                f"{key}: {item!r} runs at {size} px, over twice train.input_size"
+                f" ({params.input_size}): the one input is resized to each model, at most doubled"
             )
         members.append((name, size))
     return members
@@ -330,10 +331,10 @@ def check_train(params: TrainParams, section: str = "train") -> TrainParams:
     if params.epochs < 1:
         raise ParamsError(f"{section}.epochs: must be >= 1")
     if params.network_size is not None:
-        if not 0 < params.network_size <= params.input_size:
+        if not 0 < params.network_size <= 2 * params.input_size:
             raise ParamsError(
-                f"{section}.network_size: must be within 1..input_size ({params.input_size}) "
-                f"or null, got {params.network_size}"
+                f"{section}.network_size: must be within 1..{2 * params.input_size} "
+                f"(twice input_size) or null, got {params.network_size}"
             )
         if params.network_size == params.input_size:
             params = dataclasses.replace(params, network_size=None)  # the same model

@@ -193,6 +193,7 @@ def test_metadata(settings):
     assert meta["lineage"]["mlflow_run_id"] == "run-0"
     assert meta["lineage"]["data_version"] == "d" * 64
     assert meta["metrics"] == {"accuracy": 1.0, "n": 4}
+    assert meta["cascade"] is None  # one model (a cascade file: tests/train/test_cascade.py)
 
 
 def test_metrics_exposition(settings):

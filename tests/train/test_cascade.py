@@ -3,6 +3,9 @@ train stage fitting one (train.cascade), its checkpoint, and the export stage se
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from catsdogs.contract import INPUT_NAME, OUTPUT_ESCALATED, OUTPUT_LOGITS, OUTPUT_PROBABILITIES
+from catsdogs.contract import (
+    CASCADE_BELOW,
+    INPUT_NAME,
+    OUTPUT_ESCALATED,
+    OUTPUT_LOGITS,
+    OUTPUT_PROBABILITIES,
+)
 from catsdogs.preprocessing import preprocess_bytes
 from export.cascade import (
     Member,
@@ -63,14 +72,10 @@ def run(path: Path | bytes, batch: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(session.run(names, {INPUT_NAME: batch}))
 
 
-def first_confidence(first: Member, batch: np.ndarray) -> np.ndarray:
+def first_confidence(first: Member, batch: np.ndarray, side: int = SIZE) -> np.ndarray:
     with torch.inference_mode():
-        return (
-            MemberView(first, SIZE)
-            .probabilities(torch.from_numpy(batch.copy()))
-            .max(dim=1)
-            .values.numpy()
-        )
+        x = torch.from_numpy(batch.copy())
+        return MemberView(first, side).probabilities(x).max(dim=1).values.numpy()
 
 
 def test_the_file_answers_as_the_eager_cascade_with_a_mixed_batch(
@@ -139,6 +144,16 @@ def test_thresholds_at_the_ends_never_or_always_escalate(
             MemberView(mid, SIZE).probabilities(x) + MemberView(large, SIZE).probabilities(x)
         ).numpy() / 2
     np.testing.assert_allclose(every, pair, atol=1e-6)
+    # the threshold is an overridable initializer: fed at run time, it replaces the file's
+    session = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
+    names = [OUTPUT_PROBABILITIES, OUTPUT_ESCALATED]
+    for fed, want_probs, want_all in ((0.0, never, False), (2.0, every, True)):
+        feed = {INPUT_NAME: photos, CASCADE_BELOW: np.array(fed, np.float32)}
+        probs, escalated = session.run(names, feed)
+        assert escalated.all() if want_all else not escalated.any()
+        np.testing.assert_allclose(probs, want_probs, atol=1e-6)
+    own, escalated = session.run(names, {INPUT_NAME: photos})  # not fed: the file's 0.9
+    np.testing.assert_allclose(own, reference(first, then, 0.9, photos)[0], atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -235,7 +250,10 @@ def test_a_cascade_checkpoint_round_trips(tmp_path: Path, photos: np.ndarray) ->
     ("train", "message"),
     [
         ({"cascade": "resnet50"}, r"train.cascade: 'resnet50' is not one of"),
-        ({"cascade": "efficientnet_lite2"}, r"runs at 260 px, over train.input_size \(224\)"),
+        (
+            {"cascade": "efficientnet_lite2@500"},
+            r"'efficientnet_lite2@500' runs at 500 px, over twice train.input_size \(224\)",
+        ),
         ({"cascade": "logreg@x"}, r"the side after '@' must be a number"),
         ({"cascade": "logreg", "pretrained": False}, r"first model must be a frozen backbone"),
         (
@@ -293,6 +311,7 @@ def test_the_export_stage_serves_a_cascade_checkpoint(tmp_path: Path) -> None:
     )
     assert loaded.contract.input_size == SIZE
     assert loaded.contract.data_version == data_version
+    assert loaded.contract.extra["cascade"] == {"models": ["logreg@12", "logreg@8"], "below": 0.55}
     assert [o.name for o in loaded.session.get_outputs()][-1] == OUTPUT_ESCALATED
 
 
@@ -335,3 +354,94 @@ def test_the_train_stage_fits_a_cascade_that_the_export_stage_serves(
     report = run_export_stage(tmp_path, checkpoint, manifest, params, parity_images=4, bench_runs=2)
     assert report["parity"]["ok"]
     assert report["cascade"]["models"] == ["efficientnet_lite1@48", "logreg@32"]
+
+
+def warmup_per_image(metrics: str) -> dict[int, float]:
+    """``inference_warmup_seconds_per_image`` by batch size, from a /metrics page."""
+    pattern = r'^inference_warmup_seconds_per_image\{batch_size="(\d+)"\} (\S+)$'
+    return {int(n): float(v) for n, v in re.findall(pattern, metrics, flags=re.M)}
+
+
+def test_a_served_cascade_warms_up_on_its_sure_path_and_answers_as_its_file(
+    tmp_path: Path,
+) -> None:
+    """The real server on a cascade file: its warm-up times the path most images take (blank
+    warm-up images would all escalate, and the adaptive batch limits would be set by the rare,
+    several times slower path), it is ready, and each photo's answer, escalated or not, is the
+    file's own. The threshold, an overridable initializer, is never set by traffic."""
+    import urllib.request
+
+    from catsdogs.contract import ModelContract
+    from export.onnx_tools import embed_metadata
+    from loadtest.serverproc import SERVE_PYTHON, running_server
+
+    side = 224
+    torch.manual_seed(3)
+    cheap = build_model("logreg", 2, pretrained=False, spec=default_spec("logreg", side, 256))
+    with torch.no_grad():  # a blank image (what warm-up runs) gets 0.5 for both: it escalates
+        cheap.head[1].bias -= cheap(torch.zeros(1, side, side, 3, dtype=torch.uint8))[0]
+    heavy_spec = default_spec("efficientnet_lite0", side, 256)
+    heavy = build_model("efficientnet_lite0", 2, pretrained=False, spec=heavy_spec)
+    first = Member("logreg", cheap.eval(), side)
+    then = [first, Member("efficientnet_lite0", heavy.eval(), side)]
+    images = np.stack([preprocess_bytes(p.read_bytes(), heavy_spec) for p, _ in shared_photos(4)])
+    below = float(np.median(first_confidence(first, images, side)))
+    path = export_cascade(first, then, below, tmp_path / "cascade.onnx", opset=18)
+    contract = ModelContract(
+        class_names=("cat", "dog"),
+        input_size=side,
+        preprocessing=heavy_spec,
+        model_name="logreg",
+        model_version="cascade-1",
+        mlflow_run_id="run-0",
+        git_commit="0" * 40,
+        data_version="d" * 64,
+        exported_at="2026-01-01T00:00:00Z",
+        extra={
+            "metrics": {"accuracy": 0.5, "n": 8},
+            "quantization": "none",
+            "cascade": {"models": ["efficientnet_lite0"], "below": below},
+        },
+    )
+    embed_metadata(path, contract.to_metadata())
+
+    # in-process: the two paths, forced through the overridable threshold
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert CASCADE_BELOW in {i.name for i in session.get_overridable_initializers()}
+    assert [i.name for i in session.get_inputs()] == [INPUT_NAME]
+    want, escalated = session.run([OUTPUT_PROBABILITIES, OUTPUT_ESCALATED], {INPUT_NAME: images})
+    assert 0 < escalated.sum() < len(images)
+    blank = np.zeros((1, side, side, 3), np.uint8)
+    assert session.run([OUTPUT_ESCALATED], {INPUT_NAME: blank})[0].all()
+    lone = images[:1]
+
+    def best_ms(below_fed: float) -> float:
+        feed = {INPUT_NAME: lone, CASCADE_BELOW: np.array(below_fed, np.float32)}
+        session.run(None, feed)
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - started)
+        return min(times) * 1000
+
+    sure_ms, escalated_ms = best_ms(0.0), best_ms(2.0)
+    assert escalated_ms > 4 * sure_ms  # the heavy model runs only on the escalated path
+
+    with running_server(path, tmp_path / "server.log", python=SERVE_PYTHON) as server:
+        meta = json.loads(urllib.request.urlopen(f"{server.url}/metadata", timeout=10).read())
+        assert meta["cascade"] == {"models": ["efficientnet_lite0"], "below": below}
+        metrics = urllib.request.urlopen(f"{server.url}/metrics", timeout=10).read().decode()
+        curve = warmup_per_image(metrics)
+        assert set(curve) == {1, 2, 3, 4}  # ADAPTIVE_BATCH's curve, MAX_BATCH_SIZE 4
+        # the warm-up timed the sure path: far under the escalated path's time per image
+        assert curve[1] * 1000 < escalated_ms / 2, (curve, sure_ms, escalated_ms)
+        for i, (photo, _) in enumerate(shared_photos(4)):
+            request = urllib.request.Request(
+                f"{server.url}/predict",
+                data=photo.read_bytes(),
+                headers={"Content-Type": "image/jpeg"},
+            )
+            body = json.loads(urllib.request.urlopen(request, timeout=30).read())
+            got = [body["probabilities"][c] for c in ("cat", "dog")]
+            np.testing.assert_allclose(got, want[i], rtol=1e-5, atol=1e-7)

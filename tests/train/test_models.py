@@ -133,28 +133,31 @@ def test_checkpoint_meta_is_checked(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "other.pt")
 
 
-# ---------------------------------------------------------------------- one input, smaller network
-def test_a_network_smaller_than_its_input_resizes_inside_the_model(tmp_path: Path) -> None:
+# ---------------------------------------------------------------------- one input, another side
+@pytest.mark.parametrize("side", [40, 60])  # down from 48 px, and up (upsampled)
+def test_a_network_of_another_side_resizes_its_input_inside_the_model(
+    tmp_path: Path, side: int
+) -> None:
     """``network_size``: the model takes the input at its side and resizes it in the graph; the
-    network itself is the one built at the smaller side, and the ONNX file proves it equal."""
+    network itself is the one built at its own side, and the ONNX file proves it equal."""
     from export import onnx_tools as ox
     from training.models import resize_view
 
     spec = default_spec("efficientnet_lite0", input_size=48, resize=56)
     torch.manual_seed(0)
-    big = build_model("efficientnet_lite0", 2, pretrained=True, spec=spec, network_size=40)
-    small_spec_ = default_spec("efficientnet_lite0", input_size=40, resize=46)
+    big = build_model("efficientnet_lite0", 2, pretrained=True, spec=spec, network_size=side)
+    small_spec_ = default_spec("efficientnet_lite0", input_size=side, resize=side + 6)
     torch.manual_seed(0)
     small = build_model("efficientnet_lite0", 2, pretrained=True, spec=small_spec_)
     small.load_state_dict(big.state_dict())
     small.eval()
     x = torch.randint(0, 256, (3, 48, 48, 3), dtype=torch.uint8)
     with torch.inference_mode():
-        resized = resize_view(x.permute(0, 3, 1, 2).float(), 40)
+        resized = resize_view(x.permute(0, 3, 1, 2).float(), side)
         want = small.head(small.backbone((resized - small.normalize.shift) * small.normalize.scale))
         got = big.eval()(x)
     torch.testing.assert_close(got, want)
-    assert big.normalize.resize_to == 40
+    assert big.normalize.resize_to == side
 
     path = ox.export_onnx(big.eval(), tmp_path / "m.onnx", input_size=48, opset=18)
     ox.check_onnx_file(path)
@@ -164,10 +167,10 @@ def test_a_network_smaller_than_its_input_resizes_inside_the_model(tmp_path: Pat
     assert parity.ok
 
     # the checkpoint carries it in model_options and rebuilds the same model
-    meta = {**meta_for("efficientnet_lite0", spec), "model_options": {"network_size": 40}}
+    meta = {**meta_for("efficientnet_lite0", spec), "model_options": {"network_size": side}}
     save_checkpoint(tmp_path / "c.pt", big, meta)
     loaded, _ = load_checkpoint(tmp_path / "c.pt")
-    assert loaded.normalize.resize_to == 40
+    assert loaded.normalize.resize_to == side
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), got)
 
@@ -176,10 +179,11 @@ def test_network_size_is_checked() -> None:
     from training.params import ParamsError, TrainParams, check_train
 
     spec = small_spec("logreg")
-    with pytest.raises(ValueError, match=r"network_size 80 must be in 1\.\.input_size"):
-        build_model("logreg", 2, pretrained=False, spec=spec, network_size=80)
-    with pytest.raises(ParamsError, match=r"train.network_size: must be within 1..input_size"):
-        check_train(TrainParams(input_size=224, network_size=240))
+    with pytest.raises(ValueError, match=r"network_size 200 must be in 1\.\.128 \(twice input"):
+        build_model("logreg", 2, pretrained=False, spec=spec, network_size=200)
+    with pytest.raises(ParamsError, match=r"train.network_size: must be within 1..448 \(twice"):
+        check_train(TrainParams(input_size=224, network_size=500))
+    assert check_train(TrainParams(input_size=224, network_size=260)).network_size == 260
     # the input's own side is no resize at all: the same model as without the key
     assert check_train(TrainParams(input_size=224, network_size=224)).network_size is None
     same = build_model("logreg", 2, pretrained=False, spec=spec, network_size=64)
