@@ -268,14 +268,14 @@ test-serve: prometheus alertmanager
 # ---------------------------------------------------------------- web page
 # GET / is a page for people (server/static): the serving suite drives it, and Swagger UI, in
 # Debian's headless Chromium through Playwright (tests/serve/test_ui.py); `make screenshots`
-# renders docs/ui/ with the real model ($(MODEL)) and real photos.
+# renders reports/ui/ with the real model ($(MODEL)) and real photos (not committed).
 .PHONY: chromium screenshots
 
 chromium: ## Debian's chromium for the browser tests of the page (tests/serve/test_ui.py)
 	bash scripts/apt-install.sh chromium
 
-screenshots: venv-serve-tools chromium ## the README's screenshots of the page -> docs/ui/
-	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) scripts/screenshot_ui.py --model $(MODEL) --out docs/ui
+screenshots: venv-serve-tools chromium ## screenshots of the page -> reports/ui/
+	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) scripts/screenshot_ui.py --model $(MODEL) --out reports/ui
 
 test-serve: chromium
 

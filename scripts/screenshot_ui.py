@@ -1,4 +1,4 @@
-"""Screenshots of the web page for the README (docs/ui/), taken in headless Chromium.
+"""Screenshots of the web page (reports/ui/, not committed), taken in headless Chromium.
 
 Starts ``python -m server`` on a free port of 127.0.0.1 with a real model and a fresh prediction
 log, drops a real cat photo on the page at desktop width and presses "Right", then a dog photo at

@@ -1,7 +1,7 @@
 """Tools of the hostile-input suite: crasher payloads, raw HTTP, a liveness probe, /proc figures.
 
 The payloads are built by the functions below when a test first needs them; only the decoder
-fuzzer's findings (``crashers/decode-*``, found by mutation, not built) are kept as files.
+fuzzer's findings (found by mutation, not built) are kept in ``decode_crashers.json``.
 """
 
 from __future__ import annotations
