@@ -46,7 +46,6 @@ from export import onnx_tools as ox
 from export.onnx_tools import ExportError
 from training.models import CascadeClassifier, ImageClassifier, resize_view
 
-BELOW_NAME = CASCADE_BELOW  # the threshold: a scalar initializer, overridable (a graph input)
 MIN_OPSET = 18  # ReduceMax with its axes as an input
 PROBABILITY_FLOOR = 1e-30  # logits = log(max(p, floor)): finite where a probability underflows
 
@@ -153,12 +152,12 @@ def join(
     const = [
         numpy_helper.from_array(np.array([1], np.int64), "cascade/axis1"),
         numpy_helper.from_array(np.array([0], np.int64), "cascade/axis0"),
-        numpy_helper.from_array(np.array(below, np.float32), BELOW_NAME),
+        numpy_helper.from_array(np.array(below, np.float32), CASCADE_BELOW),
         numpy_helper.from_array(np.array(PROBABILITY_FLOOR, np.float32), "cascade/floor"),
     ]
     decide = [
         helper.make_node("ReduceMax", [p0, "cascade/axis1"], ["cascade/conf"], keepdims=0),
-        helper.make_node("Less", ["cascade/conf", BELOW_NAME], [OUTPUT_ESCALATED]),
+        helper.make_node("Less", ["cascade/conf", CASCADE_BELOW], [OUTPUT_ESCALATED]),
         helper.make_node("Cast", [OUTPUT_ESCALATED], ["cascade/unsure_i"], to=TensorProto.INT32),
         helper.make_node("ReduceMax", ["cascade/unsure_i"], ["cascade/any_i"], keepdims=0),
         helper.make_node("Cast", ["cascade/any_i"], ["cascade/any"], to=TensorProto.BOOL),
@@ -215,7 +214,7 @@ def join(
     graph = helper.make_graph(
         [*main.node, *decide, *answer],
         "cascade",
-        [first.graph.input[0], helper.make_tensor_value_info(BELOW_NAME, TensorProto.FLOAT, [])],
+        [first.graph.input[0], helper.make_tensor_value_info(CASCADE_BELOW, TensorProto.FLOAT, [])],
         outputs,
         [*main.initializer, *const],
         value_info=list(main.value_info),
@@ -258,10 +257,10 @@ def with_threshold(model: onnx.ModelProto, below: float) -> bytes:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for init in copy.graph.initializer:
-        if init.name == BELOW_NAME:
-            init.CopyFrom(numpy_helper.from_array(np.array(below, np.float32), BELOW_NAME))
+        if init.name == CASCADE_BELOW:
+            init.CopyFrom(numpy_helper.from_array(np.array(below, np.float32), CASCADE_BELOW))
             return copy.SerializeToString()
-    raise ExportError(f"not a cascade graph: no {BELOW_NAME!r} initializer")
+    raise ExportError(f"not a cascade graph: no {CASCADE_BELOW!r} initializer")
 
 
 def export_trained_cascade(

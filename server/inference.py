@@ -460,8 +460,7 @@ class Batcher:
             if self.run_parallel is not None and self._parallel_pool is not None:
                 # timed alone, two rounds: timing the threads at once sized the shared arena
                 # for two concurrent batches of every size (+30 MB RSS) and saved no time
-                timed = self.timed_run_parallel or self.run_parallel
-                self.parallel_curve = self._measure_curve(timed, side, rounds=2)
+                self.parallel_curve = self._measure_curve(self.timed_run_parallel, side, rounds=2)
                 self.parallel_limit = batch_limit(self.parallel_curve)
 
     def _measure_curve(
