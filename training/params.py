@@ -34,6 +34,16 @@ LITE_VARIANTS = {
     "efficientnet_lite2": (260, 297),
 }
 
+# A network may run at another side than its input's (train.network_size, a cascade's
+# "model@side"), the input resized inside the graph: down to any side, or up to this many times
+# the input's (upsampling adds no detail: past that it only costs time)
+MAX_UPSAMPLE = 2
+
+
+def max_network_size(input_size: int) -> int:
+    """The largest side a network may run at on an ``input_size`` input."""
+    return MAX_UPSAMPLE * input_size
+
 
 class ParamsError(ValueError):
     """A section of params.yaml is missing, has an unknown key or a value of the wrong type."""
@@ -67,8 +77,8 @@ class TrainParams:
     input_size: int = 224
     resize: int = 256
     # the side the network runs at when not input_size: the input is resized to it inside the
-    # model (one served input for networks of several sizes; up to twice input_size, upsampled:
-    # objects at the scale a backbone's weights know); None: input_size
+    # model (one served input for networks of several sizes; up to MAX_UPSAMPLE times
+    # input_size, upsampled: objects at the scale a backbone's weights know); None: input_size
     network_size: int | None = None
     interpolation: str = "bilinear"
     seed: int = 42
@@ -262,10 +272,11 @@ def cascade_members(params: TrainParams, section: str = "train") -> list[tuple[s
         if side and not side.isdigit():
             raise ParamsError(f"{key}: {item!r}: the side after '@' must be a number of pixels")
         size = int(side) if side else LITE_VARIANTS.get(name, (params.input_size,))[0]
-        if not 0 < size <= 2 * params.input_size:
+        if not 0 < size <= max_network_size(params.input_size):
             raise ParamsError(
-                f"{key}: {item!r} runs at {size} px, over twice train.input_size"
-                f" ({params.input_size}): the one input is resized to each model, at most doubled"
+                f"{key}: {item!r} runs at {size} px, over {MAX_UPSAMPLE}x train.input_size"
+                f" ({params.input_size}): the one input is resized to each model, at most"
+                f" {MAX_UPSAMPLE}x up"
             )
         members.append((name, size))
     return members
@@ -331,10 +342,10 @@ def check_train(params: TrainParams, section: str = "train") -> TrainParams:
     if params.epochs < 1:
         raise ParamsError(f"{section}.epochs: must be >= 1")
     if params.network_size is not None:
-        if not 0 < params.network_size <= 2 * params.input_size:
+        if not 0 < params.network_size <= max_network_size(params.input_size):
             raise ParamsError(
-                f"{section}.network_size: must be within 1..{2 * params.input_size} "
-                f"(twice input_size) or null, got {params.network_size}"
+                f"{section}.network_size: must be within 1..{max_network_size(params.input_size)}"
+                f" ({MAX_UPSAMPLE}x input_size) or null, got {params.network_size}"
             )
         if params.network_size == params.input_size:
             params = dataclasses.replace(params, network_size=None)  # the same model

@@ -33,10 +33,12 @@ from export.cascade import (
 from tests.train.export_helpers import run_export_stage, shared_photos, write_manifest
 from training.models import (
     CascadeClassifier,
+    ImageClassifier,
     build_model,
     default_spec,
     load_cascade,
     load_checkpoint,
+    load_served,
     save_checkpoint,
 )
 
@@ -244,6 +246,15 @@ def test_a_cascade_checkpoint_round_trips(tmp_path: Path, photos: np.ndarray) ->
     plain = {k: v for k, v in meta.items() if k != "cascade"}
     save_checkpoint(tmp_path / "plain.pt", model, plain)
     assert load_cascade(tmp_path / "plain.pt") is None
+    # what the export stage serves, from one read: the cascade, or the plain model
+    served, served_meta = load_served(tmp_path / "c.pt")
+    assert isinstance(served, CascadeClassifier)
+    assert served_meta["cascade"]["below"] == 0.5
+    with torch.inference_mode():
+        torch.testing.assert_close(served(x), cascade(x))
+    served, served_meta = load_served(tmp_path / "plain.pt")
+    assert isinstance(served, ImageClassifier)
+    assert "cascade" not in served_meta
 
 
 @pytest.mark.parametrize(
@@ -252,7 +263,7 @@ def test_a_cascade_checkpoint_round_trips(tmp_path: Path, photos: np.ndarray) ->
         ({"cascade": "resnet50"}, r"train.cascade: 'resnet50' is not one of"),
         (
             {"cascade": "efficientnet_lite2@500"},
-            r"'efficientnet_lite2@500' runs at 500 px, over twice train.input_size \(224\)",
+            r"'efficientnet_lite2@500' runs at 500 px, over 2x train.input_size \(224\)",
         ),
         ({"cascade": "logreg@x"}, r"the side after '@' must be a number"),
         ({"cascade": "logreg", "pretrained": False}, r"first model must be a frozen backbone"),

@@ -179,9 +179,9 @@ def test_network_size_is_checked() -> None:
     from training.params import ParamsError, TrainParams, check_train
 
     spec = small_spec("logreg")
-    with pytest.raises(ValueError, match=r"network_size 200 must be in 1\.\.128 \(twice input"):
+    with pytest.raises(ValueError, match=r"network_size 200 must be in 1\.\.128 \(2x input"):
         build_model("logreg", 2, pretrained=False, spec=spec, network_size=200)
-    with pytest.raises(ParamsError, match=r"train.network_size: must be within 1..448 \(twice"):
+    with pytest.raises(ParamsError, match=r"train.network_size: must be within 1..448 \(2x input"):
         check_train(TrainParams(input_size=224, network_size=500))
     assert check_train(TrainParams(input_size=224, network_size=260)).network_size == 260
     # the input's own side is no resize at all: the same model as without the key
