@@ -47,6 +47,7 @@ from loadtest.serverproc import (
     ROOT,
     SERVE_PYTHON,
     ServerProcess,
+    exit_on_sigterm,
     http_status,
     start_server,
     stop_server,
@@ -708,6 +709,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args()
+    exit_on_sigterm()  # a SIGTERM stops the servers and workers before this process ends
     model = args.model.resolve()
     int8 = args.int8_model.resolve() if args.int8_model.is_file() and not args.no_int8 else None
     threads = args.threads or len(os.sched_getaffinity(0))

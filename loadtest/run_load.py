@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loadtest.serverproc import ROOT, running_server
+from loadtest.serverproc import ROOT, exit_on_sigterm, running_server
 from loadtest.thresholds import DEFAULT_PATH
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--thresholds", type=Path, default=DEFAULT_PATH)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    exit_on_sigterm()  # a SIGTERM stops the server and locust before this process ends
 
     if args.url:
         sys.exit(run_locust(args.url.rstrip("/"), args))

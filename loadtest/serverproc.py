@@ -181,6 +181,19 @@ def start_server(
     return server
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind this process as Ctrl-C does, so the servers it started are stopped.
+
+    By default SIGTERM ends Python at once, skipping every ``finally`` and context manager; a
+    server in its own process group (spawn_server) then outlives the tool that started it (a CI
+    job's timeout, ``kill``, a terminal closed). Raising SystemExit(143) runs them instead."""
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
+
+
 def _signal(server: ServerProcess, sig: signal.Signals) -> None:
     """The server's process group when it leads one (spawn_server), else the process alone."""
     with contextlib.suppress(ProcessLookupError):

@@ -13,6 +13,7 @@ import argparse
 import io
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "model.onnx")
     parser.add_argument("--cat", type=Path, default=PHOTOS / "cat" / "cat.157.jpg")
     parser.add_argument("--dog", type=Path, default=PHOTOS / "dog" / "dog.112.jpg")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "ui")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "ui")
     parser.add_argument("--quality", type=int, default=80, help="WebP quality")
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium"))
     args = parser.parse_args()
@@ -136,6 +137,8 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     args.out.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C, so the server below is stopped (raised in this thread)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="screenshot-ui-") as tmp:
         proc, url = start_server(args.model, Path(tmp))
         try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,60 @@ def test_breached_budget_exits_non_zero_naming_it(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert re.search(r"load threshold breached \[groups\./[^]]*\.p95_ms\]", output), output[-3000:]
     assert not Path(f"/proc/{server_pid(output)}").exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process under ``pid``, from /proc's parent links."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_sigterm_stops_the_server_and_locust_it_started(tmp_path: Path) -> None:
+    # SIGTERM used to end the tool at once: the server (in its own process group) and locust
+    # outlived it. Now it unwinds as Ctrl-C does, and exits 143.
+    model = write_tiny_model(tmp_path / "tiny.onnx")
+    cmd = [sys.executable, "-m", "loadtest.run_load", "--model", str(model), "--users", "2"]
+    cmd += ["--spawn-rate", "2", "--run-time", "60s", "--out", str(tmp_path / "out")]
+    cmd += ["--thresholds", str(write_budgets(tmp_path / "ok.toml", 5000, 1))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    children: set[int] = set()
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 60:  # the server and locust both running
+            output = (tmp_path / "run.log").read_text()
+            children = descendants(proc.pid)
+            if "server ready in" in output and len(children) >= 2:
+                break
+            assert proc.poll() is None, output[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no server and locust within 60 s: {output[-3000:]}")
+        time.sleep(1.0)  # locust under way
+        children = descendants(proc.pid)
+        server = server_pid(output)
+        assert server in children
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 143, (tmp_path / "run.log").read_text()[-3000:]
+        left = {p for p in children if Path(f"/proc/{p}").exists()}
+        assert not left, f"still running after SIGTERM: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in children | descendants(proc.pid):  # orphans, when the test fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
