@@ -41,6 +41,7 @@ from server.middleware import RequestContextMiddleware
 from server.monitor import Monitor
 from server.service import Predictor, Upload, prepare
 from server.settings import Settings
+from server.startup import StartupPhases
 from server.threads import call_at_lower_priority, worker_initializer
 from server.uploads import MULTIPART, read_body, read_multipart
 
@@ -258,10 +259,15 @@ def _sample_jpeg(side: int) -> bytes:
 async def _open_model(app: Starlette, settings: Settings) -> InferenceModel:
     # ``python -m server`` loads the model before uvicorn starts, to fail with a plain message.
     model: InferenceModel | None = getattr(app.state, "model", None)
+    phases: StartupPhases = app.state.startup
     if model is not None:
+        phases.mark("uvicorn")  # since the model was loaded, before uvicorn started
         return model
+    phases.mark("boot")
     try:
-        return await asyncio.to_thread(load_served_model, settings)
+        model = await asyncio.to_thread(load_served_model, settings)
+        phases.mark("model_load")
+        return model
     except Exception as exc:
         # The process exits non-zero; the message names the file and what is wrong.
         logger.error("cannot serve: %s", exc)
@@ -366,6 +372,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     )
     batcher = _new_batcher(model, settings, app.state.metrics, decode_pool)
     await batcher.warmup(contract.input_size, _sample_jpeg(contract.input_size))
+    app.state.startup.mark("warmup")
     monitor = Monitor(settings, contract, app.state.registry)
     await monitor.start()
     batcher.start()
@@ -376,6 +383,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     )
     lag.start()
     app.state.metrics.gc.start()  # the start-up heap frozen: short collections from now on
+    phases: StartupPhases = app.state.startup
+    phases.mark("services")
+    for phase, seconds in phases.seconds.items():
+        app.state.metrics.startup.labels(phase).set(seconds)
     app.state.ready = True
     logger.info(
         "ready",
@@ -392,6 +403,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 "parallel_seconds_per_image": {
                     n: round(t, 6) for n, t in batcher.parallel_curve.items()
                 },
+                "startup_seconds": phases.seconds,
             }
         },
     )
@@ -433,6 +445,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.startup = StartupPhases()
     app.state.registry = registry
     app.state.metrics = server_metrics
     app.state.ready = False

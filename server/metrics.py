@@ -91,6 +91,13 @@ class ServerMetrics:
             ["batch_size"],
             registry=registry,
         )
+        self.startup = Gauge(
+            "server_startup_seconds",
+            "Seconds this process spent in each start-up phase, the first (boot: interpreter "
+            "and imports) from the process's own start; server.startup lists the phases.",
+            ["phase"],
+            registry=registry,
+        )
         self.parallel_runs = Gauge(
             "inference_parallel_runs",
             "Runs side by side under load, one core each (PARALLEL_RUNS); 1: one run at a time.",

@@ -28,6 +28,7 @@ from conftest import (
     predict_jpegs,
     prom,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -257,3 +258,35 @@ def test_stage_breakdown_of_real_requests_is_exported(server_process):
     # the head is parsed by the guarded protocol: its first-byte timestamp reached the app
     assert prom(text, "request_stage_seconds_sum", stage="head") > 0
     assert prom(text, "request_stage_seconds_sum", stage="inference") > 0
+
+
+def test_start_up_phases_cover_the_time_to_ready(server_process):
+    """``server_startup_seconds{phase}`` and the ready line say where the start-up went; the
+    first phase is counted from the process's own start, so imports are in it."""
+    started = time.perf_counter()
+    server: ServerProcess = server_process()
+    ready_s = server.wait_ready(started=started)
+    text = httpx.get(f"{server.url}/metrics").text
+    names = ("boot", "model_load", "uvicorn", "warmup", "services")
+    phases = {name: prom(text, "server_startup_seconds", phase=name) for name in names}
+    assert set(phases) == {
+        s.labels["phase"]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "server_startup_seconds"
+    }
+    assert all(seconds >= 0 for seconds in phases.values()), phases
+    for name in ("boot", "model_load", "warmup"):  # each does real work: imports, sessions, runs
+        assert phases[name] > 0, phases
+    # from the process's start to the ready mark: within the wall time seen from before the
+    # spawn (/proc counts in 10 ms ticks), and most of it (the rest: polling, one request)
+    total = sum(phases.values())
+    assert total <= ready_s + 0.03, (phases, ready_s)
+    assert total >= 0.5 * ready_s, (phases, ready_s)
+    ready = [
+        json.loads(line)
+        for line in server.log_path.read_text().splitlines()
+        if line.startswith("{") and '"message": "ready"' in line
+    ]
+    assert len(ready) == 1
+    assert ready[0]["startup_seconds"] == pytest.approx(phases, abs=1e-3)
