@@ -607,8 +607,9 @@ def http_sweep(
 
 
 def batch_curve(log_path: Path) -> dict[str, Any]:
-    """The batch limit and the warm-up's seconds per image by batch size, as the server's
-    ``ready`` log line reports them (ADAPTIVE_BATCH); empty when the line is not there."""
+    """The batch limit and the warm-up's seconds per image by batch size (ADAPTIVE_BATCH), and
+    the start-up's seconds per phase, as the server's ``ready`` log line reports them; empty
+    when the line is not there."""
     for line in log_path.read_text(errors="replace").splitlines():
         if '"ready"' not in line:
             continue
@@ -624,6 +625,7 @@ def batch_curve(log_path: Path) -> dict[str, Any]:
                 "parallel_runs": fields.get("parallel_runs"),
                 "parallel_batch_limit": fields.get("parallel_batch_limit"),
                 "parallel_batch_curve": fields.get("parallel_seconds_per_image") or {},
+                "startup_seconds": fields.get("startup_seconds") or {},
             }
     return {}
 

@@ -297,6 +297,11 @@ def _http(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def _phases(seconds: dict[str, float]) -> str:
+    """The server's own start-up phases (``server_startup_seconds``), as it logged them."""
+    return ", ".join(f"{name} {value:.2f}" for name, value in seconds.items()) or "-"
+
+
 def _servers(result: dict[str, Any]) -> list[str]:
     """Start-up time, peak memory and exit code of each server process."""
     out: list[str] = []
@@ -304,12 +309,17 @@ def _servers(result: dict[str, Any]) -> list[str]:
     if servers:
         out += ["## Server processes", ""]
         rows = [
-            [name, _f(sv.get("ready_s"), 2), _f(sv.get("peak_rss_mb"), 0), str(sv.get("exit_code"))]
+            [
+                name,
+                _f(sv.get("ready_s"), 2),
+                _phases(sv.get("startup_seconds") or {}),
+                _f(sv.get("peak_rss_mb"), 0),
+                str(sv.get("exit_code")),
+            ]
             for name, sv in servers.items()
         ]
-        out += _table(
-            ["server", "ready after s", "peak RSS MB (VmHWM)", "exit code on SIGTERM"], rows
-        )
+        header = ["server", "ready after s", "of which, by start-up phase (s)"]
+        out += _table([*header, "peak RSS MB (VmHWM)", "exit code on SIGTERM"], rows)
         out.append("")
 
     return out

@@ -161,6 +161,7 @@ def test_batch_curve_is_read_from_the_ready_line_and_reported(tmp_path: Path) ->
         "parallel_runs": 2,
         "parallel_batch_limit": 1,
         "parallel_seconds_per_image": {"1": 0.009, "2": 0.0095},
+        "startup_seconds": {"boot": 0.35, "model_load": 0.2, "warmup": 0.625},
     }
     log.write_text("not json\n" + json.dumps({"message": "starting"}) + "\n" + json.dumps(ready))
     assert batch_curve(log) == {
@@ -169,6 +170,7 @@ def test_batch_curve_is_read_from_the_ready_line_and_reported(tmp_path: Path) ->
         "parallel_runs": 2,
         "parallel_batch_limit": 1,
         "parallel_batch_curve": {"1": 0.009, "2": 0.0095},
+        "startup_seconds": {"boot": 0.35, "model_load": 0.2, "warmup": 0.625},
     }
     silent = tmp_path / "silent.log"  # a server that never got ready
     silent.write_text(json.dumps({"message": "cannot serve"}) + "\n")
@@ -177,6 +179,7 @@ def test_batch_curve_is_read_from_the_ready_line_and_reported(tmp_path: Path) ->
     text = markdown(result)
     assert "| fp32 batching | 5.00 | 4.00 | 2 |" in text
     assert "| fp32 batching, parallel | 9.00 | 9.50 | 1 |" in text
+    assert "| fp32 batching | 1.00 | boot 0.35, model_load 0.20, warmup 0.62 |" in text
 
 
 def test_stage_plot_sets_the_floor_against_the_server(tmp_path: Path) -> None:
