@@ -9,7 +9,7 @@ that would be served, not added up from its members:
 - input ``image``: uint8 (N, S, S, 3), S the largest member input size (the same centre crop at
   every size, see ``catsdogs.preprocessing``); a member trained at a smaller size gets its view
   resized inside the graph (bilinear, antialiased), normalisation inside as for any model;
-- the first model runs on the whole batch; ``escalated`` (bool, N) marks the rows it is unsure of;
+- the first model runs on the whole batch; ``escalated`` (bool, N) flags the rows it is unsure of;
 - one ONNX ``If``: when any row is unsure, its branch gathers those rows, runs the other models
   on them alone, averages and scatters the answers back; otherwise the first's answers stand.
   The other models' weights live inside the branch, so a batch with no unsure row never touches

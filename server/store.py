@@ -516,7 +516,7 @@ class WriterStore:
         self._outage = False  # True while the database cannot be reached
         self._backoff = reconnect_min_s
         self._logged: set[str] = set()  # error kinds already logged (once each, not per row)
-        # progress marks read by status(): monotonic seconds
+        # progress timestamps read by status(): monotonic seconds
         self._busy_since: float | None = None  # a write or prune in progress since
         self._last_progress = time.monotonic()
         self._inflight: list[_Item] = []  # the batch being written, lost if the thread dies
@@ -1110,11 +1110,11 @@ class SqliteStore(WriterStore):
             (*params, limit),
         ).fetchall()
         if rows:
-            marks = ",".join("?" * len(rows))
+            placeholders = ",".join("?" * len(rows))
             ids = [r[1] for r in rows]
             rowids = [r[0] for r in rows]
-            conn.execute(f"DELETE FROM feedback WHERE prediction_id IN ({marks})", ids)
-            conn.execute(f"DELETE FROM predictions WHERE rowid IN ({marks})", rowids)
+            conn.execute(f"DELETE FROM feedback WHERE prediction_id IN ({placeholders})", ids)
+            conn.execute(f"DELETE FROM predictions WHERE rowid IN ({placeholders})", rowids)
         conn.execute("COMMIT")
         return [PrunedPrediction(r[2], r[3], r[4], r[5]) for r in rows]
 
