@@ -275,7 +275,7 @@ chromium: ## Debian's chromium for the browser tests of the page (tests/serve/te
 	bash scripts/apt-install.sh chromium
 
 screenshots: venv-serve-tools chromium ## screenshots of the page -> reports/ui/
-	PYTHONPATH=$(SERVE_TOOLS_SITE) $(SERVE_PY) scripts/screenshot_ui.py --model $(MODEL) --out reports/ui
+	PYTHONPATH=$(SERVE_TOOLS_SITE):$(CURDIR) $(SERVE_PY) scripts/screenshot_ui.py --model $(MODEL) --out reports/ui
 
 test-serve: chromium
 

@@ -13,20 +13,16 @@ import argparse
 import io
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from PIL import Image
 
+from loadtest.serverproc import ROOT, exit_on_sigterm, running_server
+
 log = logging.getLogger("screenshot_ui")
-ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "originals"
 # the same flags as tests/serve/test_ui.py: Debian's Chromium, headless, nothing from the network
 CHROMIUM_ARGS = [
@@ -40,51 +36,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 20_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_PATH": str(model),
-        "PREDICTION_LOG_PATH": str(folder / "predictions.db"),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_LEVEL": "warning",
-    }
-    out = (folder / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; see {folder}/server.log")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    stop(proc)
-    raise RuntimeError("the server was not ready within 60 s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def save_webp(png: bytes, path: Path, quality: int) -> int:
@@ -137,21 +88,24 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     args.out.mkdir(parents=True, exist_ok=True)
-    # SIGTERM unwinds like Ctrl-C, so the server below is stopped (raised in this thread)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    with tempfile.TemporaryDirectory(prefix="screenshot-ui-") as tmp:
-        proc, url = start_server(args.model, Path(tmp))
+    exit_on_sigterm()  # a SIGTERM stops the server below before this process ends
+    with (
+        tempfile.TemporaryDirectory(prefix="screenshot-ui-") as tmp,
+        running_server(
+            args.model.resolve(),
+            Path(tmp) / "server.log",
+            env={"PREDICTION_LOG_PATH": str(Path(tmp) / "predictions.db"), "LOG_LEVEL": "warning"},
+            python=Path(sys.executable),
+        ) as server,
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(
+            executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True
+        )
         try:
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(
-                    executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True
-                )
-                try:
-                    take(browser, url, args.cat, args.dog, args.out, args.quality)
-                finally:
-                    browser.close()
+            take(browser, server.url, args.cat, args.dog, args.out, args.quality)
         finally:
-            stop(proc)
+            browser.close()
 
 
 if __name__ == "__main__":

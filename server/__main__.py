@@ -159,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     from server.protocol import GuardedHttpToolsProtocol
 
     app = create_app(settings)
-    app.state.startup.mark("boot")
+    app.state.startup.end("boot")
     try:
         # Loaded here, before uvicorn, so a bad model is one clear line and a non-zero exit.
         app.state.model = load_served_model(settings)
-        app.state.startup.mark("model_load")
+        app.state.startup.end("model_load")
     except (ModelLoadError, RegistryError, OSError) as exc:
         logging.getLogger("server").error("cannot serve: %s", exc)
         return 1

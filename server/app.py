@@ -261,12 +261,12 @@ async def _open_model(app: Starlette, settings: Settings) -> InferenceModel:
     model: InferenceModel | None = getattr(app.state, "model", None)
     phases: StartupPhases = app.state.startup
     if model is not None:
-        phases.mark("uvicorn")  # since the model was loaded, before uvicorn started
+        phases.end("uvicorn")  # since the model was loaded, before uvicorn started
         return model
-    phases.mark("boot")
+    phases.end("boot")
     try:
         model = await asyncio.to_thread(load_served_model, settings)
-        phases.mark("model_load")
+        phases.end("model_load")
         return model
     except Exception as exc:
         # The process exits non-zero; the message names the file and what is wrong.
@@ -372,7 +372,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     )
     batcher = _new_batcher(model, settings, app.state.metrics, decode_pool)
     await batcher.warmup(contract.input_size, _sample_jpeg(contract.input_size))
-    app.state.startup.mark("warmup")
+    app.state.startup.end("warmup")
     monitor = Monitor(settings, contract, app.state.registry)
     await monitor.start()
     batcher.start()
@@ -384,7 +384,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     lag.start()
     app.state.metrics.gc.start()  # the start-up heap frozen: short collections from now on
     phases: StartupPhases = app.state.startup
-    phases.mark("services")
+    phases.end("services")
     for phase, seconds in phases.seconds.items():
         app.state.metrics.startup.labels(phase).set(seconds)
     app.state.ready = True

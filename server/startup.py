@@ -27,13 +27,13 @@ def process_age_s() -> float:
 
 
 class StartupPhases:
-    """``mark(phase)`` ends ``phase`` now; the first phase began when the process did."""
+    """``end(phase)`` ends ``phase`` now; the first phase began when the process did."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self._last: float | None = None
 
-    def mark(self, phase: str) -> None:
+    def end(self, phase: str) -> None:
         now = time.monotonic()
         took = process_age_s() if self._last is None else now - self._last
         self.seconds[phase] = round(took, 4)
