@@ -152,6 +152,12 @@ push: venv-train data/source.yaml ## send the pipeline's outputs to the DVC remo
 cv: venv-train data-source ## cross-validate params.yaml's cv.configs -> reports/cv, reports/cost
 	$(DVC) repro cv/dvc.yaml
 
+.PHONY: check-cuda
+# `make check-cuda` on a machine with an NVIDIA GPU: every training path trained there, exported and
+# evaluated, its checkpoint checked on the CPU (README "Training on a GPU"); DEVICE=cpu checks it here
+check-cuda: venv-train ## check the training paths on a CUDA GPU -> reports/cuda/cuda-check.json
+	$(TRAIN_PY) scripts/check_cuda.py --images $(EVAL_DATA) --out reports/cuda --device $(or $(DEVICE),cuda)
+
 run: pipeline venv-serve ## the whole job: pipeline, then the server on $(URL)
 	$(SERVE_PY) -m server --model $(MODEL) --host $(HOST) --port $(PORT)
 
