@@ -455,3 +455,42 @@ def test_swagger_ui_renders_and_try_it_out_predicts(tab: Tab, open_server: Any, 
     assert answer["label"] == api["label"]
     assert answer["probabilities"] == api["probabilities"]
     page.screenshot(path=str(shots / "docs-try-it-out.png"), full_page=False)
+
+
+def test_screenshot_script_writes_both_pictures_and_stops_its_server(tiny_model: Path, tmp_path):
+    """`make screenshots` (scripts/screenshot_ui.py): its own server and browser, two WebP files."""
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ui"
+    env = dict(os.environ, CHROMIUM_BIN=chromium_path())
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "screenshot_ui.py"), "--model", str(tiny_model),
+         "--out", str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = re.findall(r"^(desktop|360 px): (\S+) -> (\S+)$", done.stderr, re.MULTILINE)
+    assert [(where, photo) for where, photo, _ in answers] == [
+        ("desktop", "cat.157.jpg"),
+        ("360 px", "dog.112.jpg"),
+    ]
+    assert {label for _, _, label in answers} <= {"cat", "dog"}  # the page showed an answer
+    for name, width in (("page-desktop.webp", 1200), ("page-360px.webp", 360)):
+        with Image.open(out / name) as picture:
+            assert picture.format == "WEBP"
+            assert picture.width == width
+            assert picture.height >= 600  # the full page, answer included
+            # a real rendering, not a blank frame: the page has text and colours
+            assert len(picture.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
+    started = re.search(
+        r"^server pid (\d+) on http://127\.0\.0\.1:(\d+) ", done.stderr, re.MULTILINE
+    )
+    assert started, done.stderr[-3000:]
+    pid, port = int(started.group(1)), int(started.group(2))
+    assert not Path(f"/proc/{pid}").exists(), f"the script left its server (pid {pid}) running"
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), 2):
+        pass
