@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             work,
         )
     if any(s["rc"] for s in stages.values()):
+        report["failures"] = [f"{name}: rc {s['rc']}" for name, s in stages.items() if s["rc"]]
+        report["passed"] = False
         (out / "cuda-check.json").write_text(json.dumps(report, indent=2) + "\n")
         return 1
 

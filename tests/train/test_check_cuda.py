@@ -74,3 +74,16 @@ def test_check_refuses_unknown_cases_and_missing_folders(tmp_path: Path) -> None
     done = check("--images", str(tmp_path), "--out", str(tmp_path), timeout=60)
     assert done.returncode == 2
     assert "has no cat/ and dog/ folders" in done.stderr
+
+
+def test_check_fails_with_a_report_when_the_data_stages_fail(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for label in ("cat", "dog"):
+        (images / label).mkdir(parents=True)
+    (images / "cat" / "broken.jpg").write_bytes(b"not a photo")
+    done = check("--images", str(images), "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "cuda-check.json").read_text())
+    assert report["passed"] is False
+    assert report["failures"]
+    assert all(f.startswith(("fetch:", "prepare:")) for f in report["failures"])
