@@ -29,14 +29,14 @@ def cascade_text(s: dict[str, Any]) -> str:
     return f"`{s['first']}`, below {s['below']:g} `{s['then']}` ({s['escalated'] * 100:.1f}%)"
 
 
-def row_label(name: str, s: dict[str, Any], default_mark: str = "") -> str:
-    """A table row's first cell: the name, then the default's mark, an ensemble's members or a
+def row_label(name: str, s: dict[str, Any], default_tag: str = "") -> str:
+    """A table row's first cell: the name, then the default's tag, an ensemble's members or a
     cascade's steps."""
     if "members" in s:
         return f"`{name}` = " + " + ".join(f"`{m}`" for m in s["members"])
     if "first" in s:
         return f"`{name}` = {cascade_text(s)}"
-    return f"`{name}`{default_mark}"
+    return f"`{name}`{default_tag}"
 
 
 def arch_key(served: dict[str, Any]) -> str:

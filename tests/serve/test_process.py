@@ -278,7 +278,7 @@ def test_start_up_phases_cover_the_time_to_ready(server_process):
     assert all(seconds >= 0 for seconds in phases.values()), phases
     for name in ("boot", "model_load", "warmup"):  # each does real work: imports, sessions, runs
         assert phases[name] > 0, phases
-    # from the process's start to the ready mark: within the wall time seen from before the
+    # from the process's start to the ready log line: within the wall time seen from before the
     # spawn (/proc counts in 10 ms ticks), and most of it (the rest: polling, one request)
     total = sum(phases.values())
     assert total <= ready_s + 0.03, (phases, ready_s)
