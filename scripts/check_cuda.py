@@ -63,8 +63,14 @@ ACCURACY_FLOOR: dict[str, float | None] = {"mobilenet-scratch": None}
 DEFAULT_FLOOR = 0.9
 
 
-def run_stage(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> dict[str, Any]:
-    """``python -m <args>`` from the repository root; its output goes to ``log_dir/name.log``."""
+def run_stage(
+    name: str, module: str, env: dict[str, str], log_dir: Path, **options: str | Path
+) -> dict[str, Any]:
+    """``python -m module --option value ...`` from the repository root (``options``' underscores
+    become dashes); its output goes to ``log_dir/name.log``."""
+    args = [module]
+    for option, value in options.items():
+        args += [f"--{option.replace('_', '-')}", str(value)]
     started = time.monotonic()
     log_path = log_dir / f"{name}.log"
     with log_path.open("w") as out:
@@ -200,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--device cuda, but torch sees no CUDA device")
         return 1
 
+    def save() -> None:  # after every case too, so a run cut short still reports what it did
+        (out / "cuda-check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     )
@@ -213,51 +222,35 @@ def main(argv: list[str] | None = None) -> int:
     stages = report["data"] = {
         "fetch": run_stage(
             "fetch",
-            [
-                "training.fetch",
-                "--params",
-                str(data_params),
-                "--source-file",
-                str(source),
-                "--out",
-                str(index),
-                "--cache",
-                str(work / "index-cache.json"),
-            ],
+            "training.fetch",
             env,
             work,
+            params=data_params,
+            source_file=source,
+            out=index,
+            cache=work / "index-cache.json",
         ),
     }
     if stages["fetch"]["rc"] == 0:
         stages["prepare"] = run_stage(
             "prepare",
-            [
-                "training.prepare",
-                "--params",
-                str(data_params),
-                "--index",
-                str(index),
-                "--manifest",
-                str(manifest),
-                "--report",
-                str(work / "data.json"),
-            ],
+            "training.prepare",
             env,
             work,
+            params=data_params,
+            index=index,
+            manifest=manifest,
+            report=work / "data.json",
         )
     if any(s["rc"] for s in stages.values()):
         report["failures"] = [f"{name}: rc {s['rc']}" for name, s in stages.items() if s["rc"]]
         report["passed"] = False
-        (out / "cuda-check.json").write_text(json.dumps(report, indent=2) + "\n")
+        save()
         return 1
 
     failures: list[str] = []
     report["cases"] = {}
     report["failures"] = failures  # the same list: partial reports show what failed so far
-
-    def save() -> None:  # after every case, so a run cut short still reports what it did
-        (out / "cuda-check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-
     for name in cases:
         save()
         case: dict[str, Any] = {"overrides": CASES[name]}
@@ -280,21 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = d / "checkpoint.pt"
             case[f"train{suffix}"] = run_stage(
                 f"{name}{suffix}-train",
-                [
-                    "training.train",
-                    "--params",
-                    str(params),
-                    "--manifest",
-                    str(manifest),
-                    "--model-out",
-                    str(checkpoint),
-                    "--reports",
-                    str(d / "train"),
-                    "--data-report",
-                    str(work / "data.json"),
-                ],
+                "training.train",
                 env,
                 d,
+                params=params,
+                manifest=manifest,
+                model_out=checkpoint,
+                reports=d / "train",
+                data_report=work / "data.json",
             )
             if case[f"train{suffix}"]["rc"]:
                 failures.append(f"{name}{suffix}: train")
@@ -323,23 +309,15 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{name}: CPU and {args.device} answers differ: {agreement}")
         case["export"] = run_stage(
             f"{name}-export",
-            [
-                "export.export",
-                "--params",
-                str(d / "params.yaml"),
-                "--checkpoint",
-                str(checkpoint),
-                "--manifest",
-                str(manifest),
-                "--out",
-                str(d / "model.onnx"),
-                "--int8-dir",
-                str(d / "int8"),
-                "--report",
-                str(d / "export.json"),
-            ],
+            "export.export",
             env,
             d,
+            params=d / "params.yaml",
+            checkpoint=checkpoint,
+            manifest=manifest,
+            out=d / "model.onnx",
+            int8_dir=d / "int8",
+            report=d / "export.json",
         )
         if case["export"]["rc"]:
             failures.append(f"{name}: export")
@@ -349,21 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         case["onnx_bytes"] = exported.get("files", {}).get("served", {}).get("bytes")
         case["evaluate"] = run_stage(
             f"{name}-evaluate",
-            [
-                "export.evaluate",
-                "--params",
-                str(d / "params.yaml"),
-                "--model",
-                str(d / "model.onnx"),
-                "--manifest",
-                str(manifest),
-                "--metrics",
-                str(d / "metrics.json"),
-                "--plots",
-                str(d / "plots"),
-            ],
+            "export.evaluate",
             env,
             d,
+            params=d / "params.yaml",
+            model=d / "model.onnx",
+            manifest=manifest,
+            metrics=d / "metrics.json",
+            plots=d / "plots",
         )
         if case["evaluate"]["rc"]:
             failures.append(f"{name}: evaluate")
@@ -398,17 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         cv_params.write_text(yaml.safe_dump(cv, sort_keys=False))
         report["cv"] = run_stage(
             "cv",
-            [
-                "training.cv",
-                "--params",
-                str(cv_params),
-                "--manifest",
-                str(manifest),
-                "--out",
-                str(work / "cv"),
-            ],
+            "training.cv",
             env,
             work,
+            params=cv_params,
+            manifest=manifest,
+            out=work / "cv",
         )
         if report["cv"]["rc"]:
             failures.append("cv")

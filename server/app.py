@@ -363,6 +363,7 @@ def _publish(app: Starlette, model: InferenceModel, batcher: Batcher, monitor: M
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    phases: StartupPhases = app.state.startup
     model = await _open_model(app, settings)
     contract = model.contract
     decode_pool = ThreadPoolExecutor(
@@ -372,7 +373,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     )
     batcher = _new_batcher(model, settings, app.state.metrics, decode_pool)
     await batcher.warmup(contract.input_size, _sample_jpeg(contract.input_size))
-    app.state.startup.end("warmup")
+    phases.end("warmup")
     monitor = Monitor(settings, contract, app.state.registry)
     await monitor.start()
     batcher.start()
@@ -383,7 +384,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     )
     lag.start()
     app.state.metrics.gc.start()  # the start-up heap frozen: short collections from now on
-    phases: StartupPhases = app.state.startup
     phases.end("services")
     for phase, seconds in phases.seconds.items():
         app.state.metrics.startup.labels(phase).set(seconds)
