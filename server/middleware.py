@@ -21,6 +21,9 @@ access_log = logging.getLogger("server.access")
 error_log = logging.getLogger("server.error")
 
 REQUEST_ID_HEADER = b"x-request-id"
+# set in the scope's state by the connection's protocol (server.protocol) when the client hung
+# up before the request's answer was complete: the answer went nowhere
+CLIENT_GONE = "client_gone"
 
 
 def route_template(scope: Scope) -> str:
@@ -70,6 +73,8 @@ class RequestContextMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+            if state.get(CLIENT_GONE) and status < 500:
+                status = 499  # answered, but the client had hung up: the answer was dropped
         except ClientDisconnect:
             status = 499  # the client went away mid-request: nothing to answer, nothing broke
         except Exception:

@@ -7,6 +7,13 @@ connection (and a file descriptor) forever, and a 32 MB header value is buffered
 subclass closes a connection whose head is not complete within ``header_timeout_s`` (408) or
 grows past ``max_header_bytes`` (431). Bodies have their own deadline in the request path.
 
+It also mends how uvicorn ends a connection that holds pipelined requests: uvicorn marks only
+its newest request as disconnected (``self.cycle``), so the one still running wrote its answer
+into the closed transport, which raised, and the server logged a traceback and counted a 500
+for a client that had only hung up. Here every request of the connection not yet answered is
+marked (its answer is dropped, as for a lone request) and flagged ``CLIENT_GONE`` in its scope's
+state, so the request's log line and metrics say 499.
+
 ``python -m server`` configures it from the settings; with ``uvicorn --factory`` pass
 ``--http server.protocol:GuardedHttpToolsProtocol`` and it reads the settings from the
 environment itself.
@@ -17,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.middleware import CLIENT_GONE
 from server.settings import Settings
 
 log = logging.getLogger("server.connections")
@@ -45,6 +54,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._in_head = True  # a new connection owes us a request head
         self._head_timer: asyncio.TimerHandle | None = None
+        # this connection's requests whose answer is not complete, oldest first (answered in
+        # that order, so the answered ones leave from the left)
+        self._unanswered: deque[Any] = deque()
 
     # ------------------------------------------------------------------ head deadline
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -53,6 +65,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        for cycle in self._unanswered:
+            if not cycle.response_complete:
+                cycle.disconnected = True  # its send() becomes a no-op, as uvicorn's own is
+                cycle.message_event.set()  # a receive() waiting for the body wakes to the loss
+                cycle.scope["state"][CLIENT_GONE] = True
+        self._unanswered.clear()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -92,6 +110,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm()
         super().on_headers_complete()
+        unanswered = self._unanswered
+        while unanswered and unanswered[0].response_complete:
+            unanswered.popleft()
+        unanswered.append(self.cycle)
 
     def _refuse(self, status: int | None) -> None:
         if self.transport is None or self.transport.is_closing():

@@ -692,6 +692,59 @@ def test_feedback_needs_the_bearer_token_when_one_is_set(deadline_target: Target
         assert_rest_error(response, statuses)
 
 
+# ---------------------------------------------------------------------- 7. hang-ups
+def _gradient_png(size: tuple[int, int] = (1200, 900)) -> bytes:
+    """A PNG that costs the server milliseconds to decode but is small to send."""
+    ramp = np.linspace(0, 255, size[0], dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (size[1], 1))] * 3, axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_client_that_pipelines_and_hangs_up_is_499_not_a_500(target: Target) -> None:
+    """Requests pipelined on one connection, then the connection closed before any answer.
+
+    uvicorn marks only the connection's newest request as disconnected: the one still running
+    wrote its answer into the closed socket, and the server logged a traceback and counted a
+    500 (an alert's worth of them for a few bytes a client). Each running request is a 499."""
+    body = _gradient_png()
+    request = (
+        "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    metrics_before = httpx.get(f"{target.url}/metrics", timeout=10).text
+    log_offset = target.server.log.stat().st_size
+    hangups = 5
+    with attack(target):
+        for _ in range(hangups):
+            with connect(target.url) as sock:
+                sock.sendall(request * 3)  # closed at once, with no answer read
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline:  # until the running requests have ended
+            text = httpx.get(f"{target.url}/metrics", timeout=10).text
+            if prom(text, "http_requests_in_flight") <= 1:  # this /metrics request
+                break
+            time.sleep(0.05)
+
+    def count(text: str, status: str) -> float:
+        return prom(text, "http_requests_total", route="/predict", status=status)
+
+    with target.server.log.open("rb") as server_log:
+        server_log.seek(log_offset)
+        new_lines = server_log.read().decode(errors="replace")
+    for sign in ("Traceback", "unhandled error", "without completing response"):
+        assert sign not in new_lines, new_lines[:3000]
+    assert count(text, "500") == count(metrics_before, "500")
+    # the first request of each connection was running when it closed; the others never start
+    answered = count(text, "499") - count(metrics_before, "499")
+    answered += count(text, "200") - count(metrics_before, "200")
+    log.info("hang-ups: %d 499s", count(text, "499") - count(metrics_before, "499"))
+    assert answered == hangups, new_lines[:3000]
+    assert count(text, "499") - count(metrics_before, "499") >= 1, new_lines[:3000]
+    target.assert_serves()
+
+
 # ---------------------------------------------------------------------- afterwards
 def test_no_tracebacks_in_the_server_logs(servers: Servers, default_target: Target) -> None:
     """Client mistakes are 4xx answers, never logged exceptions (checked in every server's log,
