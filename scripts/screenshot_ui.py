@@ -24,7 +24,7 @@ from loadtest.serverproc import ROOT, exit_on_sigterm, running_server
 
 log = logging.getLogger("screenshot_ui")
 PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "originals"
-# the same flags as tests/serve/test_ui.py: Debian's Chromium, headless, nothing from the network
+# Debian's Chromium, headless, nothing from the network (tests/serve/test_ui.py uses these too)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

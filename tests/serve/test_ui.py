@@ -25,22 +25,16 @@ from conftest import BLUE, RED, TINY_VERSION, image_bytes, photos, run, serve, s
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from scripts import screenshot_ui
 from server.app import create_app
 from server.ui import CONTENT_SECURITY_POLICY, STATIC_DIR
 
 pytestmark = [pytest.mark.serve]
 
-# Playwright's own browser download cannot work here (and must not): it drives the system one.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",  # needed as root (CI); the page is our own, served on 127.0.0.1
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+# Playwright's own browser download cannot work here (and must not): it drives the system one,
+# with the flags `make screenshots` uses (headless, nothing from the network; --no-sandbox is
+# needed as root, as in CI: the page is our own, served on 127.0.0.1).
+CHROMIUM_ARGS = screenshot_ui.CHROMIUM_ARGS
 # Bounded waits. Page-side conditions are always functions: Playwright evaluates a bare expression
 # string with eval() in the page when it polls, which the page's CSP (rightly) refuses.
 WAIT_MS = 15_000
