@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with the two connection limits it lacks.
+"""uvicorn's httptools protocol with the connection limits it lacks.
 
 uvicorn bounds idle keep-alive connections (``timeout_keep_alive``) and the number of
 connections (``limit_concurrency``), but not how long a client may take to send a request's
@@ -7,12 +7,21 @@ connection (and a file descriptor) forever, and a 32 MB header value is buffered
 subclass closes a connection whose head is not complete within ``header_timeout_s`` (408) or
 grows past ``max_header_bytes`` (431). Bodies have their own deadline in the request path.
 
-It also mends how uvicorn ends a connection that holds pipelined requests: uvicorn marks only
-its newest request as disconnected (``self.cycle``), so the one still running wrote its answer
-into the closed transport, which raised, and the server logged a traceback and counted a 500
-for a client that had only hung up. Here every request of the connection not yet answered is
-marked (its answer is dropped, as for a lone request) and flagged ``CLIENT_GONE`` in its scope's
-state, so the request's log line and metrics say 499.
+A head's size is counted two ways, since the parser reports no byte offsets: a complete head by
+what it parsed into (request line and headers, as written with single spaces), so a head that
+arrives in one read is held to the limit too; a head still incomplete after a read by the raw
+bytes received since it began, so a header that never ends is cut off after the limit plus at
+most one read. Where a head begins in the middle of a read (pipelined requests), the bytes of
+that read before it belong to the earlier requests (their heads, as parsed, and their bodies)
+and are not its.
+
+It also bounds the requests pipelined on one connection (``MAX_PIPELINED``), and mends how
+uvicorn ends a connection that holds pipelined requests: uvicorn marks only its newest request
+as disconnected (``self.cycle``), so the one still running wrote its answer into the closed
+transport, which raised, and the server logged a traceback and counted a 500 for a client that
+had only hung up. Here every request of the connection not yet answered is marked (its answer
+is dropped, as for a lone request) and flagged ``CLIENT_GONE`` in its scope's state, so the
+request's log line and metrics say 499.
 
 ``python -m server`` configures it from the settings; with ``uvicorn --factory`` pass
 ``--http server.protocol:GuardedHttpToolsProtocol`` and it reads the settings from the
@@ -35,6 +44,11 @@ from server.settings import Settings
 log = logging.getLogger("server.connections")
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+# Requests a client may pipeline on one connection ahead of their answers. uvicorn parses every
+# request of a read at once and queues each, and resumes reading each time an answer is sent, so
+# a client sending tiny pipelined GETs without reading its answers grew the queue by thousands a
+# read (300 MB of RSS for 10 MB of requests); past this many the connection is closed.
+MAX_PIPELINED = 64
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -51,8 +65,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.max_header_bytes is None:  # uvicorn --http server.protocol:...: read the env
             type(self).configure(Settings.from_env())
         super().__init__(*args, **kwargs)
-        self._head_bytes = 0
+        self._head_bytes = 0  # the incomplete head's bytes received before the current read
         self._in_head = True  # a new connection owes us a request head
+        self._began_in_read = False  # the current request began in the read being parsed
+        self._read_used = 0  # bytes of the read being parsed that earlier requests took
+        self._refused = False  # the connection is being closed: what else arrives is not parsed
         self._head_timer: asyncio.TimerHandle | None = None
         # this connection's requests whose answer is not complete, oldest first (answered in
         # that order, so the answered ones leave from the left)
@@ -91,36 +108,82 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # ------------------------------------------------------------------ head size
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._began_in_read = False
+        self._read_used = 0
         super().data_received(data)
-        if self._in_head:  # the head is still incomplete after this chunk: it all counts
-            self._head_bytes += len(data)
+        if self._in_head and not self._refused:  # a head is incomplete after this read
+            if self._began_in_read:  # it began here, after what the earlier requests took
+                self._head_bytes = max(0, len(data) - self._read_used)
+            else:  # the whole read is head
+                self._head_bytes += len(data)
             assert self.max_header_bytes is not None
             if self._head_bytes > self.max_header_bytes:
                 self._refuse(431)
 
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
         # the request's first byte: the app measures the head's parse from here
         self.scope["state"]["received_at"] = time.perf_counter()
         self._in_head = True
+        self._began_in_read = True
         self._head_bytes = 0
         self._arm()
 
+    def _parsed_head_bytes(self) -> int:
+        """The complete head's size as parsed: 'METHOD URL HTTP/1.1', 'name: value' lines."""
+        size = len(self.parser.get_method()) + len(self.url) + 14  # 2 spaces, version, 2 CRLF
+        for name, value in self.headers:
+            size += len(name) + len(value) + 4
+        return size
+
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._disarm()
-        super().on_headers_complete()
+        if self._refused:
+            return
+        size = self._parsed_head_bytes()
+        # this read's share of the head: all of it, or what earlier reads had not brought
+        self._read_used += size if self._began_in_read else max(0, size - self._head_bytes)
+        assert self.max_header_bytes is not None
+        if size > self.max_header_bytes:
+            self._refuse(431)
+            self.headers = []  # nor may an Upgrade header in it start a protocol switch
+            return
         unanswered = self._unanswered
         while unanswered and unanswered[0].response_complete:
             unanswered.popleft()
+        if len(unanswered) >= MAX_PIPELINED:
+            self._refuse(None, f"more than {MAX_PIPELINED} pipelined requests")
+            return
+        self._in_head = False
+        self._disarm()
+        super().on_headers_complete()
         unanswered.append(self.cycle)
 
-    def _refuse(self, status: int | None) -> None:
+    def on_body(self, body: bytes) -> None:
+        self._read_used += len(body)
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    def _refuse(self, status: int | None, why: str = "") -> None:
+        """Close the connection, saying why first when ``status`` is given and no earlier
+        request of it still waits for its answer (answers go out in request order)."""
         if self.transport is None or self.transport.is_closing():
             return
         self._in_head = False
-        if status is not None:
-            log.info("closing a connection: %d", status, extra={"fields": {"status": status}})
+        self._refused = True
+        reason = why or (_REASONS[status].decode() if status is not None else "")
+        if reason:
+            fields = {"status": status, "reason": reason}
+            log.info("closing a connection: %s", reason, extra={"fields": fields})
+        waiting = any(not cycle.response_complete for cycle in self._unanswered)
+        if status is not None and not waiting:
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                 % (status, _REASONS[status])

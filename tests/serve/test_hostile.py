@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import signal
@@ -64,6 +65,7 @@ from PIL import Image
 from catsdogs.multipart import multipart_body
 from catsdogs.preprocessing import PreprocessSpec
 from server.loop_lag import BUCKETS as LOOP_LAG_BUCKETS
+from server.settings import Settings
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -692,7 +694,94 @@ def test_feedback_needs_the_bearer_token_when_one_is_set(deadline_target: Target
         assert_rest_error(response, statuses)
 
 
-# ---------------------------------------------------------------------- 7. hang-ups
+# ---------------------------------------------------------------- 7. heads, pipelining, hang-ups
+def _replies(raw: bytes) -> list[tuple[int, bytes]]:
+    """Every (status, body) in ``raw``, the bytes a connection received until it closed."""
+    out = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(
+            int(v) for n, _, v in (x.partition(":") for x in lines) if n.lower() == "content-length"
+        )
+        out.append((int(lines[0].split(" ", 2)[1]), raw[:length]))
+        raw = raw[length:]
+    return out
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_head_over_the_limit_is_431_even_when_it_arrives_in_one_read(target: Target) -> None:
+    """MAX_HEADER_BYTES (32 KiB) holds for a head sent at once, not only for one that trickles
+    in: before, a 60 KB head read in one go was parsed and served."""
+    limit = Settings().max_header_bytes
+    line = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    fixed = len(line) + len(b"X-Pad: \r\n") + 2
+    for pad, status in ((limit - fixed, 200), (limit - fixed + 1, 431), (60_000, 431)):
+        with connect(target.url) as sock:
+            sock.sendall(line + b"X-Pad: " + b"a" * pad + b"\r\n\r\n")
+            reply = read_reply(sock)
+        assert reply is not None, pad
+        assert reply.status == status, (pad, reply.status)
+
+
+def test_pipelined_requests_with_bodies_are_all_answered(target: Target) -> None:
+    """Requests pipelined on one connection, each read ending inside the next request's head.
+
+    The head limit counts a head from its own first byte: before, a read holding the end of one
+    request's 100 KB body and the start of the next head counted whole against that head, and
+    the connection was closed with a 431 though every head was small."""
+    photo = _gradient_png((400, 300)) + b"\0" * 100_000  # PNG ignores what follows IEND
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(photo)}\r\n"
+    ).encode()
+    requests = [head + b"\r\n" + photo for _ in range(3)]
+    requests.append(head + b"Connection: close\r\n\r\n" + photo)
+    stream = b"".join(requests)
+    # cut 20 bytes into every head after the first: each send ends inside a head
+    cuts = [sum(len(r) for r in requests[:i]) + 20 for i in range(1, len(requests))]
+    with attack(target):
+        for _ in range(3):
+            with connect(target.url) as sock:
+                start = 0
+                for cut in [*cuts, len(stream)]:
+                    sock.sendall(stream[start:cut])
+                    start = cut
+                    time.sleep(0.05)  # the server reads what has arrived
+                replies = _replies(_read_until_closed(sock))
+            assert [status for status, _ in replies] == [200] * len(requests), replies
+            assert all(json.loads(body)["label"] in ("cat", "dog") for _, body in replies)
+
+
+def test_a_flood_of_pipelined_requests_is_cut_off_at_a_bounded_cost(target: Target) -> None:
+    """Thousands of tiny pipelined GETs, none of their answers read. uvicorn parses and queues
+    every request of a read at once and reads again whenever an answer goes out: 10 MB of them
+    took 300 MB of RSS. Past MAX_PIPELINED queued requests the connection is closed."""
+    request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    before = proc_status(target.pid)["VmRSS"]
+    log_offset = target.server.log.stat().st_size
+    sent = 0
+    with attack(target) as watch, connect(target.url) as sock:
+        sock.settimeout(0.5)
+        with contextlib.suppress(OSError):  # the server closes it: a reset or a full buffer
+            while sent < 20 * MIB:
+                sent += sock.send(request * 1000)
+    grown = watch.peak_rss - before
+    log.info("pipelined flood: %.1f MB sent, RSS +%.1f MiB", sent / 1e6, grown / MIB)
+    with target.server.log.open("rb") as server_log:
+        server_log.seek(log_offset)
+        assert b"more than 64 pipelined requests" in server_log.read()
+    assert sent < 20 * MIB, "the server kept reading pipelined requests"
+    assert grown < 32 * MIB, f"RSS grew by {grown / MIB:.0f} MiB for one pipelining client"
+    target.assert_serves()
+
+
 def _gradient_png(size: tuple[int, int] = (1200, 900)) -> bytes:
     """A PNG that costs the server milliseconds to decode but is small to send."""
     ramp = np.linspace(0, 255, size[0], dtype=np.uint8)
