@@ -171,6 +171,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self._refused:
             super().on_message_complete()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn logs two warnings for every request that asks to switch protocols (an
+        # Upgrade: websocket or h2c header), the second telling the operator to install a
+        # WebSocket library. This server speaks HTTP/1.1 only, by design: such a request gets
+        # its plain HTTP/1.1 answer (RFC 9110 lets a server ignore Upgrade), and any client
+        # could fill the log with that advice.
+        log.debug("an Upgrade header was ignored")
+
     def _refuse(self, status: int | None, why: str = "") -> None:
         """Close the connection, saying why first when ``status`` is given and no earlier
         request of it still waits for its answer (answers go out in request order)."""

@@ -782,6 +782,31 @@ def test_a_flood_of_pipelined_requests_is_cut_off_at_a_bounded_cost(target: Targ
     target.assert_serves()
 
 
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABk\r\n",
+    ],
+    ids=["websocket", "h2c"],
+)
+def test_a_protocol_upgrade_is_ignored_quietly(target: Target, upgrade: bytes) -> None:
+    """HTTP/1.1 only: the request is answered as if it had not asked, and the log gets no
+    warning telling the operator to install a WebSocket library (uvicorn wrote two a request)."""
+    log_offset = target.server.log.stat().st_size
+    head = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    reply = send_raw(target.url, head.replace(b"Connection: close\r\n", upgrade) + b"\r\n")
+    assert reply is not None
+    assert reply.status == 200, reply
+    assert reply.json() == {"status": "alive"}
+    time.sleep(0.1)  # the log line of the request, if any, is written
+    with target.server.log.open("rb") as server_log:
+        server_log.seek(log_offset)
+        new_lines = server_log.read().decode(errors="replace")
+    assert '"level": "warning"' not in new_lines, new_lines
+
+
 def _gradient_png(size: tuple[int, int] = (1200, 900)) -> bytes:
     """A PNG that costs the server milliseconds to decode but is small to send."""
     ramp = np.linspace(0, 255, size[0], dtype=np.uint8)
