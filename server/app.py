@@ -36,7 +36,7 @@ from server.inference import Batcher, BatchStats, InferenceModel, load_model
 from server.limits import Budget, Reservation
 from server.logs import configure_logging
 from server.loop_lag import LoopLag
-from server.metrics import ServerMetrics
+from server.metrics import REFUSAL_COUNTER, ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.monitor import Monitor
 from server.service import Predictor, Upload, prepare
@@ -361,7 +361,7 @@ def _publish(app: Starlette, model: InferenceModel, batcher: Batcher, monitor: M
 
 
 @asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     settings: Settings = app.state.settings
     phases: StartupPhases = app.state.startup
     model = await _open_model(app, settings)
@@ -408,7 +408,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         },
     )
     try:
-        yield
+        # uvicorn hands this state to every connection: the connection layer counts its
+        # refusals there (server.protocol); Starlette copies it into each request's state too
+        yield {REFUSAL_COUNTER: app.state.metrics.count_refusal}
     finally:
         app.state.ready = False
         await lag.stop()

@@ -27,6 +27,13 @@ _CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # app), body, queue, decode, preprocess, inference (per batch), respond (answer built and sent),
 # log (metrics and the access log, after the answer).
 STAGES = ("head", "body", "queue", "decode", "preprocess", "inference", "respond", "log")
+# Why the connection layer (server.protocol) refused a request before the app saw it, so it is in
+# no other series: over MAX_CONNECTIONS (uvicorn's plain 503), not HTTP (uvicorn's 400), a head
+# not complete within HEADER_TIMEOUT_S (408) or over MAX_HEADER_BYTES (431), too many pipelined.
+REFUSALS = ("connection_limit", "malformed", "head_timeout", "head_too_large", "pipelining")
+# The key under which the lifespan hands the connection layer its counter (uvicorn gives every
+# connection the lifespan's state): a callable taking one of REFUSALS.
+REFUSAL_COUNTER = "catsdogs.count_refusal"
 
 
 class Children:
@@ -133,6 +140,14 @@ class ServerMetrics:
         self.rejected = Counter(
             "inference_rejected", "Requests refused because the queue was full.", registry=registry
         )
+        self.refused = Counter(
+            "http_refused",
+            "Requests and connections refused before the app saw them, by reason (REFUSALS): "
+            "they are not in http_requests_total.",
+            ["reason"],
+            registry=registry,
+        )
+        self.refused_series = {reason: self.refused.labels(reason) for reason in REFUSALS}
         self.predictions = Counter(
             "predictions", "Predicted images by label.", ["label"], registry=registry
         )
@@ -172,3 +187,6 @@ class ServerMetrics:
         self.latency_series = Children(self.latency)
         self.prediction_series = Children(self.predictions)
         self.policy_series = Children(self.policy_runs)
+
+    def count_refusal(self, reason: str) -> None:
+        self.refused_series[reason].inc()

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.metrics import REFUSAL_COUNTER
 from server.middleware import CLIENT_GONE
 from server.settings import Settings
 
@@ -104,7 +105,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self._in_head:
             # Nothing was sent: close quietly. Part of a head: say why before closing.
-            self._refuse(408 if self._head_bytes else None)
+            if self._head_bytes:
+                self._refuse(408, reason="head_timeout")
+            else:
+                self._refuse(None)
 
     # ------------------------------------------------------------------ head size
     def data_received(self, data: bytes) -> None:
@@ -120,7 +124,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._head_bytes += len(data)
             assert self.max_header_bytes is not None
             if self._head_bytes > self.max_header_bytes:
-                self._refuse(431)
+                self._refuse(431, reason="head_too_large")
 
     def on_message_begin(self) -> None:
         if self._refused:
@@ -148,17 +152,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._read_used += size if self._began_in_read else max(0, size - self._head_bytes)
         assert self.max_header_bytes is not None
         if size > self.max_header_bytes:
-            self._refuse(431)
+            self._refuse(431, reason="head_too_large")
             self.headers = []  # nor may an Upgrade header in it start a protocol switch
             return
         unanswered = self._unanswered
         while unanswered and unanswered[0].response_complete:
             unanswered.popleft()
         if len(unanswered) >= MAX_PIPELINED:
-            self._refuse(None, f"more than {MAX_PIPELINED} pipelined requests")
+            self._refuse(None, f"more than {MAX_PIPELINED} pipelined requests", "pipelining")
             return
         self._in_head = False
         self._disarm()
+        limit = self.limit_concurrency  # uvicorn answers 503 itself, past MAX_CONNECTIONS
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            self._count("connection_limit")
         super().on_headers_complete()
         unanswered.append(self.cycle)
 
@@ -179,11 +186,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # could fill the log with that advice.
         log.debug("an Upgrade header was ignored")
 
-    def _refuse(self, status: int | None, why: str = "") -> None:
+    def send_400_response(self, msg: str) -> None:
+        self._count("malformed")  # uvicorn's parser refused the bytes: not HTTP
+        super().send_400_response(msg)
+
+    def _count(self, reason: str) -> None:
+        count = self.app_state.get(REFUSAL_COUNTER)  # the lifespan's, once it has started
+        if count is not None:
+            count(reason)
+
+    def _refuse(self, status: int | None, why: str = "", reason: str = "") -> None:
         """Close the connection, saying why first when ``status`` is given and no earlier
-        request of it still waits for its answer (answers go out in request order)."""
+        request of it still waits for its answer (answers go out in request order).
+        ``reason``: the refusal counted (server.metrics.REFUSALS); none for a quiet close."""
         if self.transport is None or self.transport.is_closing():
             return
+        if reason:
+            self._count(reason)
         self._in_head = False
         self._refused = True
         reason = why or (_REASONS[status].decode() if status is not None else "")

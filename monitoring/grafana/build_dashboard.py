@@ -54,9 +54,14 @@ PANELS = [
     panel(
         "Requests per second by route and status",
         "timeseries",
-        [(q("http_requests_total", "route, status"), "{{route}} {{status}}")],
+        [
+            (q("http_requests_total", "route, status"), "{{route}} {{status}}"),
+            (q("http_refused_total", "reason"), "refused before the app: {{reason}}"),
+        ],
         (0, 0, 12, 8),
         "reqps",
+        description="Refused before the app: over MAX_CONNECTIONS (503), not HTTP (400), head "
+        "too slow (408) or too large (431), too many pipelined requests (closed).",
     ),
     panel(
         "/predict latency percentiles",

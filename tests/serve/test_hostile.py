@@ -45,6 +45,7 @@ from hostile import (
     MIB,
     V2_INFER,
     ProbeResult,
+    Reply,
     connect,
     error_code,
     is_v2_error,
@@ -65,6 +66,7 @@ from PIL import Image
 from catsdogs.multipart import multipart_body
 from catsdogs.preprocessing import PreprocessSpec
 from server.loop_lag import BUCKETS as LOOP_LAG_BUCKETS
+from server.metrics import REFUSALS
 from server.settings import Settings
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -805,6 +807,44 @@ def test_a_protocol_upgrade_is_ignored_quietly(target: Target, upgrade: bytes) -
         server_log.seek(log_offset)
         new_lines = server_log.read().decode(errors="replace")
     assert '"level": "warning"' not in new_lines, new_lines
+
+
+def test_refusals_before_the_app_are_counted_by_reason(servers: Servers) -> None:
+    """What the connection layer refuses never reaches the app's metrics, so it has its own
+    counter: before, a server at MAX_CONNECTIONS answered 503 to its clients and no series (and
+    no alert on 5xx) showed it."""
+    target = Target(servers.start("refusals", MAX_CONNECTIONS="8", HEADER_TIMEOUT_S="1"))
+
+    def refused() -> dict[str, float]:
+        text = httpx.get(f"{target.url}/metrics", timeout=10).text
+        return {r: prom(text, "http_refused_total", reason=r) for r in REFUSALS}
+
+    before = refused()
+    assert before == dict.fromkeys(REFUSALS, 0.0)  # every reason exported from the start
+    head = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    assert (send_raw(target.url, b"NOT HTTP AT ALL\r\n\r\n") or Reply(0, {}, b"")).status == 400
+    too_large = send_raw(target.url, head + b"X-Pad: " + b"a" * 40_000 + b"\r\n\r\n")
+    assert too_large is not None
+    assert too_large.status == 431
+    with connect(target.url) as sock:  # part of a head, then nothing: 408 after 1 s
+        sock.sendall(head)
+        assert (read_reply(sock) or Reply(0, {}, b"")).status == 408
+    with connect(target.url) as sock, contextlib.suppress(OSError):
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 100)
+        _read_until_closed(sock)
+    held = [connect(target.url) for _ in range(8)]  # idle: MAX_CONNECTIONS reached
+    try:
+        time.sleep(0.2)
+        over = send_raw(target.url, head + b"\r\n", timeout=5)
+    finally:
+        _close_all(held)
+    assert over is not None
+    assert over.status == 503
+    time.sleep(0.2)  # the held connections are gone
+    after = refused()
+    assert {r: after[r] - before[r] for r in REFUSALS} == dict.fromkeys(REFUSALS, 1.0)
+    target.assert_serves()
+    target.server.terminate()
 
 
 def _gradient_png(size: tuple[int, int] = (1200, 900)) -> bytes:
