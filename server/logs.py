@@ -102,10 +102,47 @@ def configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, OncePerInterval) for f in uvicorn_error.filters):
+        uvicorn_error.addFilter(OncePerInterval(CLIENT_DRIVEN_WARNINGS, REPEAT_INTERVAL_S))
     logging.getLogger("uvicorn.access").disabled = True
     logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings" -> JSON
     _queue_access_log(handler)
     _install_exception_hooks()
+
+
+# uvicorn's warnings for a single client's request that the app never sees (counted instead in
+# http_refused_total): written once per interval with how many were held back, not per request,
+# because these lines are written on the event loop and any client can make them by the thousand.
+CLIENT_DRIVEN_WARNINGS = ("Invalid HTTP request received.", "Exceeded concurrency limit.")
+REPEAT_INTERVAL_S = 10.0
+
+
+class OncePerInterval(logging.Filter):
+    """Lets each of ``messages`` through at most once per ``interval_s``; the next one through
+    carries ``repeats_held_back``, the count of those dropped since the last."""
+
+    def __init__(self, messages: tuple[str, ...], interval_s: float) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[str, float] = dict.fromkeys(messages, float("-inf"))
+        self._held: dict[str, int] = dict.fromkeys(messages, 0)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        last = self._last.get(message) if isinstance(message, str) else None
+        if last is None:
+            return True
+        now = time.monotonic()
+        if now - last < self.interval_s:
+            self._held[message] += 1
+            return False
+        self._last[message] = now
+        if self._held[message]:
+            held = {"repeats_held_back": self._held[message]}
+            record.fields = {**getattr(record, "fields", {}), **held}
+            self._held[message] = 0
+        return True
 
 
 class AccessWriter:

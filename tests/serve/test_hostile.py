@@ -847,6 +847,28 @@ def test_refusals_before_the_app_are_counted_by_reason(servers: Servers) -> None
     target.server.terminate()
 
 
+def test_a_flood_of_malformed_requests_is_counted_not_logged_line_by_line(target: Target) -> None:
+    """uvicorn logs a warning, on the event loop, for every request its parser refuses; they are
+    counted (http_refused_total) and the warning is written at most once per 10 s."""
+    log_offset = target.server.log.stat().st_size
+
+    def malformed() -> float:
+        text = httpx.get(f"{target.url}/metrics", timeout=10).text
+        return prom(text, "http_refused_total", reason="malformed")
+
+    before = malformed()
+    for _ in range(30):
+        reply = send_raw(target.url, b"NOT HTTP AT ALL\r\n\r\n", timeout=5)
+        assert reply is not None
+        assert reply.status == 400
+    assert malformed() - before == 30
+    time.sleep(0.1)
+    with target.server.log.open("rb") as server_log:
+        server_log.seek(log_offset)
+        lines = server_log.read().count(b"Invalid HTTP request received.")
+    assert lines <= 1, f"{lines} warnings for 30 malformed requests"
+
+
 def _gradient_png(size: tuple[int, int] = (1200, 900)) -> bytes:
     """A PNG that costs the server milliseconds to decode but is small to send."""
     ramp = np.linspace(0, 255, size[0], dtype=np.uint8)

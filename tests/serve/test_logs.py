@@ -209,3 +209,28 @@ def test_the_access_writer_writes_a_burst_in_one_go():
     assert lines == [f"r{i}" for i in range(40)]
     assert len(stream.writes) <= 2, [w.count("\n") for w in stream.writes]  # not one per line
     assert writer.dropped == 0
+
+
+def test_client_driven_uvicorn_warnings_are_written_once_per_interval():
+    """uvicorn's warning for a refused request goes through once per interval, and the next one
+    through says how many were held back; other messages pass untouched."""
+    import logging
+
+    from server.logs import OncePerInterval
+
+    flt = OncePerInterval(("Invalid HTTP request received.",), interval_s=0.2)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, msg, None, None)
+
+    passed = [flt.filter(record("Invalid HTTP request received.")) for _ in range(5)]
+    assert passed == [True, False, False, False, False]
+    assert all(flt.filter(record("something else")) for _ in range(3))
+    time.sleep(0.25)
+    again = record("Invalid HTTP request received.")
+    assert flt.filter(again)
+    assert again.fields == {"repeats_held_back": 4}
+    fresh = record("Invalid HTTP request received.")
+    time.sleep(0.25)
+    assert flt.filter(fresh)
+    assert not hasattr(fresh, "fields")  # nothing was held back since
