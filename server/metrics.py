@@ -29,8 +29,16 @@ _CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 STAGES = ("head", "body", "queue", "decode", "preprocess", "inference", "respond", "log")
 # Why the connection layer (server.protocol) refused a request before the app saw it, so it is in
 # no other series: over MAX_CONNECTIONS (uvicorn's plain 503), not HTTP (uvicorn's 400), a head
-# not complete within HEADER_TIMEOUT_S (408) or over MAX_HEADER_BYTES (431), too many pipelined.
-REFUSALS = ("connection_limit", "malformed", "head_timeout", "head_too_large", "pipelining")
+# not complete within HEADER_TIMEOUT_S (408) or over MAX_HEADER_BYTES (431), too many pipelined;
+# and a body in pieces of a few bytes (its 400 is also in http_requests_total).
+REFUSALS = (
+    "connection_limit",
+    "malformed",
+    "head_timeout",
+    "head_too_large",
+    "pipelining",
+    "fragmented_body",
+)
 # The key under which the lifespan hands the connection layer its counter (uvicorn gives every
 # connection the lifespan's state): a callable taking one of REFUSALS.
 REFUSAL_COUNTER = "catsdogs.count_refusal"

@@ -14,6 +14,7 @@ import time
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.errors import ApiError
 from server.ids import is_valid_id_bytes, new_id
 from server.metrics import UNMATCHED_ROUTE, ServerMetrics
 
@@ -24,6 +25,10 @@ REQUEST_ID_HEADER = b"x-request-id"
 # set in the scope's state by the connection's protocol (server.protocol) when the client hung
 # up before the request's answer was complete: the answer went nowhere
 CLIENT_GONE = "client_gone"
+# ... and when the body arrives in pieces too small to be worth their cost (server.protocol): the
+# next receive() raises this request's 400, so it is answered like any bad request
+FRAGMENTED_BODY = "fragmented_body"
+FRAGMENTED_MESSAGE = "the body arrived in pieces of a few bytes each; send it in larger chunks"
 
 
 def route_template(scope: Scope) -> str:
@@ -70,9 +75,15 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 state["sent_at"] = time.perf_counter()
 
+        async def receive_checked() -> Message:
+            message = await receive()
+            if FRAGMENTED_BODY in state:
+                raise ApiError(400, FRAGMENTED_BODY, FRAGMENTED_MESSAGE)
+            return message
+
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_checked, send_with_id)
             if state.get(CLIENT_GONE) and status < 500:
                 status = 499  # answered, but the client had hung up: the answer was dropped
         except ClientDisconnect:

@@ -15,9 +15,11 @@ most one read. Where a head begins in the middle of a read (pipelined requests),
 that read before it belong to the earlier requests (their heads, as parsed, and their bodies)
 and are not its.
 
-It also bounds the requests pipelined on one connection (``MAX_PIPELINED``), and mends how
-uvicorn ends a connection that holds pipelined requests: uvicorn marks only its newest request
-as disconnected (``self.cycle``), so the one still running wrote its answer into the closed
+It also bounds the requests pipelined on one connection (``MAX_PIPELINED``) and how small the
+pieces of a body may be (``MAX_SMALL_PIECES``, ``MIN_PIECE_BYTES``), counts what it refuses
+(``http_refused_total``, through the lifespan's state), and mends how uvicorn ends a
+connection that holds pipelined requests: uvicorn marks only its newest request as
+disconnected (``self.cycle``), so the one still running wrote its answer into the closed
 transport, which raised, and the server logged a traceback and counted a 500 for a client that
 had only hung up. Here every request of the connection not yet answered is marked (its answer
 is dropped, as for a lone request) and flagged ``CLIENT_GONE`` in its scope's state, so the
@@ -39,7 +41,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.metrics import REFUSAL_COUNTER
-from server.middleware import CLIENT_GONE
+from server.middleware import CLIENT_GONE, FRAGMENTED_BODY
 from server.settings import Settings
 
 log = logging.getLogger("server.connections")
@@ -50,6 +52,13 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 # a client sending tiny pipelined GETs without reading its answers grew the queue by thousands a
 # read (300 MB of RSS for 10 MB of requests); past this many the connection is closed.
 MAX_PIPELINED = 64
+# Each piece of a body is a Python call on the event loop: a body chunked into 1-byte pieces
+# (6 bytes a piece on the wire) kept it about 70% busy for one client. Past this many pieces, a
+# body whose pieces average under MIN_PIECE_BYTES is refused (400 fragmented_body) and the
+# connection closed after the answer. Clients chunk by the kilobyte; a body sent whole arrives
+# in one piece per read.
+MAX_SMALL_PIECES = 1024
+MIN_PIECE_BYTES = 256
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -71,6 +80,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._began_in_read = False  # the current request began in the read being parsed
         self._read_used = 0  # bytes of the read being parsed that earlier requests took
         self._refused = False  # the connection is being closed: what else arrives is not parsed
+        self._pieces = 0  # the current request's body pieces (-1: refused as fragmented)
+        self._piece_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
         # this connection's requests whose answer is not complete, oldest first (answered in
         # that order, so the answered ones leave from the left)
@@ -135,6 +146,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._began_in_read = True
         self._head_bytes = 0
+        self._pieces = 0  # this request's body: pieces and bytes so far
+        self._piece_bytes = 0
         self._arm()
 
     def _parsed_head_bytes(self) -> int:
@@ -170,9 +183,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         unanswered.append(self.cycle)
 
     def on_body(self, body: bytes) -> None:
-        self._read_used += len(body)
-        if not self._refused:
-            super().on_body(body)
+        size = len(body)
+        self._read_used += size
+        if self._refused or self._pieces < 0:  # closing, or this body was refused
+            return
+        self._pieces += 1
+        self._piece_bytes += size
+        pieces = self._pieces
+        if pieces > MAX_SMALL_PIECES and self._piece_bytes < MIN_PIECE_BYTES * pieces:
+            self._refuse_fragmented()
+            return
+        super().on_body(body)
+
+    def _refuse_fragmented(self) -> None:
+        """The app's next receive() raises the request's 400 (server.middleware); the rest of
+        the body is not read, and the connection closes once the answer is sent."""
+        self._pieces = -1
+        self._count("fragmented_body")
+        cycle = self.cycle
+        cycle.scope["state"][FRAGMENTED_BODY] = True
+        cycle.more_body = False
+        cycle.keep_alive = False
+        cycle.message_event.set()
+        self.flow.pause_reading()
 
     def on_message_complete(self) -> None:
         if not self._refused:

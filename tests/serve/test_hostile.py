@@ -67,6 +67,7 @@ from catsdogs.multipart import multipart_body
 from catsdogs.preprocessing import PreprocessSpec
 from server.loop_lag import BUCKETS as LOOP_LAG_BUCKETS
 from server.metrics import REFUSALS
+from server.middleware import FRAGMENTED_MESSAGE
 from server.settings import Settings
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -832,6 +833,13 @@ def test_refusals_before_the_app_are_counted_by_reason(servers: Servers) -> None
     with connect(target.url) as sock, contextlib.suppress(OSError):
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 100)
         _read_until_closed(sock)
+    fragmented = send_raw(
+        target.url,
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(jpeg() * 2, 1),
+    )
+    assert fragmented is not None
+    assert fragmented.status == 400
     held = [connect(target.url) for _ in range(8)]  # idle: MAX_CONNECTIONS reached
     try:
         time.sleep(0.2)
@@ -867,6 +875,53 @@ def test_a_flood_of_malformed_requests_is_counted_not_logged_line_by_line(target
         server_log.seek(log_offset)
         lines = server_log.read().count(b"Invalid HTTP request received.")
     assert lines <= 1, f"{lines} warnings for 30 malformed requests"
+
+
+def _chunked(body: bytes, piece: int) -> bytes:
+    pieces = (body[i : i + piece] for i in range(0, len(body), piece))
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("path", ["/predict", V2_INFER])
+def test_a_body_chunked_byte_by_byte_is_400_and_the_connection_closed(
+    target: Target, path: str
+) -> None:
+    """Each piece of a body is a Python call on the event loop: 100 KB chunked a byte at a time
+    (600 KB on the wire) kept the loop busy for one client. Past 1,024 pieces averaging under
+    256 bytes the request is a 400 and its connection is closed; kilobyte chunks are served."""
+    photo = _gradient_png((400, 300))
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    fine = send_raw(
+        target.url,
+        head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + _chunked(photo, 1024),
+    )
+    if path == "/predict":
+        assert fine is not None
+        assert fine.status == 200, fine
+    attack_body = _chunked(photo + b"\0" * (100_000 - len(photo)), 1)
+    with attack(target), connect(target.url) as sock:
+        with contextlib.suppress(OSError):  # the server closes while the rest is being sent
+            sock.sendall(head + attack_body)
+        reply = read_reply(sock)
+        sock.settimeout(5)
+        try:
+            closed = _read_until_closed(sock) == b""
+        except TimeoutError:
+            closed = False
+        except OSError:  # reset: closed with the rest of the body unread
+            closed = True
+    assert reply is not None
+    assert reply.status == 400, reply
+    if path == "/predict":
+        assert error_code(reply.json()) == "fragmented_body", reply.body
+    else:
+        assert is_v2_error(reply.json()), reply.body
+        assert reply.json()["error"] == FRAGMENTED_MESSAGE
+    assert closed, "the connection stayed open after the refusal"
+    target.assert_serves()
 
 
 def _gradient_png(size: tuple[int, int] = (1200, 900)) -> bytes:
