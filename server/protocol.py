@@ -18,12 +18,12 @@ and are not its.
 It also bounds the requests pipelined on one connection (``MAX_PIPELINED``) and how small the
 pieces of a body may be (``MAX_SMALL_PIECES``, ``MIN_PIECE_BYTES``), counts what it refuses
 (``http_refused_total``, through the lifespan's state), and mends how uvicorn ends a
-connection that holds pipelined requests: uvicorn marks only its newest request as
+connection that holds pipelined requests: uvicorn flags only its newest request as
 disconnected (``self.cycle``), so the one still running wrote its answer into the closed
 transport, which raised, and the server logged a traceback and counted a 500 for a client that
-had only hung up. Here every request of the connection not yet answered is marked (its answer
-is dropped, as for a lone request) and flagged ``CLIENT_GONE`` in its scope's state, so the
-request's log line and metrics say 499.
+had only hung up. Here every request of the connection not yet answered is set disconnected
+(its answer is dropped, as for a lone request) and flagged ``CLIENT_GONE`` in its scope's state,
+so the request's log line and metrics say 499.
 
 ``python -m server`` configures it from the settings; with ``uvicorn --factory`` pass
 ``--http server.protocol:GuardedHttpToolsProtocol`` and it reads the settings from the

@@ -936,7 +936,7 @@ def _gradient_png(size: tuple[int, int] = (1200, 900)) -> bytes:
 def test_a_client_that_pipelines_and_hangs_up_is_499_not_a_500(target: Target) -> None:
     """Requests pipelined on one connection, then the connection closed before any answer.
 
-    uvicorn marks only the connection's newest request as disconnected: the one still running
+    uvicorn flags only the connection's newest request as disconnected: the one still running
     wrote its answer into the closed socket, and the server logged a traceback and counted a
     500 (an alert's worth of them for a few bytes a client). Each running request is a 499."""
     body = _gradient_png()
