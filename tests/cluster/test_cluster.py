@@ -222,7 +222,7 @@ def _kill_9(cluster: Cluster, gen: LoadGenerator) -> dict[str, Any]:
     route_around = wait_for(
         lambda: cluster.haproxy.state(victim.name).startswith("DOWN"),
         10,
-        f"{victim.name} marked DOWN",
+        f"{victim.name} DOWN in HAProxy",
         step=0.01,
     )
     time.sleep(2.0)  # the load keeps flowing on the other two
