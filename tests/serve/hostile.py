@@ -49,6 +49,15 @@ def tiny_png(color: tuple[int, int, int] = (220, 30, 30)) -> bytes:
     return _png_bytes(Image.new("RGB", (16, 16), color))
 
 
+def gradient_png(size: tuple[int, int] = (1200, 900)) -> bytes:
+    """A PNG that costs the server milliseconds to decode but is small to send."""
+    ramp = np.linspace(0, 255, size[0], dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (size[1], 1))] * 3, axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -269,6 +278,34 @@ def post_request(path: str, body: bytes, content_type: str) -> bytes:
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def chunked_body(body: bytes, piece: int) -> bytes:
+    """``body`` in Transfer-Encoding: chunked framing, ``piece`` bytes a chunk."""
+    pieces = (body[i : i + piece] for i in range(0, len(body), piece))
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def parse_replies(raw: bytes) -> list[tuple[int, bytes]]:
+    """Every (status, body) in ``raw``, the bytes a connection received until it closed."""
+    out = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(
+            int(v) for n, _, v in (x.partition(":") for x in lines) if n.lower() == "content-length"
+        )
+        out.append((int(lines[0].split(" ", 2)[1]), raw[:length]))
+        raw = raw[length:]
+    return out
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """What the socket receives until the peer closes it."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
 
 
 # ---------------------------------------------------------------------- the server process

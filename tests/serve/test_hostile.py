@@ -46,17 +46,21 @@ from hostile import (
     V2_INFER,
     ProbeResult,
     Reply,
+    chunked_body,
     connect,
     error_code,
+    gradient_png,
     is_v2_error,
     liveness_probe,
     load_crasher,
     machine_stress,
     open_fds,
+    parse_replies,
     post_request,
     proc_status,
     raise_open_files,
     read_reply,
+    read_until_closed,
     reset_peak_rss,
     send_raw,
     set_memory_ceiling,
@@ -698,27 +702,6 @@ def test_feedback_needs_the_bearer_token_when_one_is_set(deadline_target: Target
 
 
 # ---------------------------------------------------------------- 7. heads, pipelining, hang-ups
-def _replies(raw: bytes) -> list[tuple[int, bytes]]:
-    """Every (status, body) in ``raw``, the bytes a connection received until it closed."""
-    out = []
-    while raw:
-        head, _, raw = raw.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        length = next(
-            int(v) for n, _, v in (x.partition(":") for x in lines) if n.lower() == "content-length"
-        )
-        out.append((int(lines[0].split(" ", 2)[1]), raw[:length]))
-        raw = raw[length:]
-    return out
-
-
-def _read_until_closed(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
 def test_a_head_over_the_limit_is_431_even_when_it_arrives_in_one_read(target: Target) -> None:
     """MAX_HEADER_BYTES (32 KiB) holds for a head sent at once, not only for one that trickles
     in: before, a 60 KB head read in one go was parsed and served."""
@@ -739,7 +722,7 @@ def test_pipelined_requests_with_bodies_are_all_answered(target: Target) -> None
     The head limit counts a head from its own first byte: before, a read holding the end of one
     request's 100 KB body and the start of the next head counted whole against that head, and
     the connection was closed with a 431 though every head was small."""
-    photo = _gradient_png((400, 300)) + b"\0" * 100_000  # PNG ignores what follows IEND
+    photo = gradient_png((400, 300)) + b"\0" * 100_000  # PNG ignores what follows IEND
     head = (
         "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
         f"Content-Length: {len(photo)}\r\n"
@@ -757,7 +740,7 @@ def test_pipelined_requests_with_bodies_are_all_answered(target: Target) -> None
                     sock.sendall(stream[start:cut])
                     start = cut
                     time.sleep(0.05)  # the server reads what has arrived
-                replies = _replies(_read_until_closed(sock))
+                replies = parse_replies(read_until_closed(sock))
             assert [status for status, _ in replies] == [200] * len(requests), replies
             assert all(json.loads(body)["label"] in ("cat", "dog") for _, body in replies)
 
@@ -832,11 +815,11 @@ def test_refusals_before_the_app_are_counted_by_reason(servers: Servers) -> None
         assert (read_reply(sock) or Reply(0, {}, b"")).status == 408
     with connect(target.url) as sock, contextlib.suppress(OSError):
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 100)
-        _read_until_closed(sock)
+        read_until_closed(sock)
     fragmented = send_raw(
         target.url,
         b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(jpeg() * 2, 1),
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunked_body(jpeg() * 2, 1),
     )
     assert fragmented is not None
     assert fragmented.status == 400
@@ -877,11 +860,6 @@ def test_a_flood_of_malformed_requests_is_counted_not_logged_line_by_line(target
     assert lines <= 1, f"{lines} warnings for 30 malformed requests"
 
 
-def _chunked(body: bytes, piece: int) -> bytes:
-    pieces = (body[i : i + piece] for i in range(0, len(body), piece))
-    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
-
-
 @pytest.mark.parametrize("path", ["/predict", V2_INFER])
 def test_a_body_chunked_byte_by_byte_is_400_and_the_connection_closed(
     target: Target, path: str
@@ -889,26 +867,26 @@ def test_a_body_chunked_byte_by_byte_is_400_and_the_connection_closed(
     """Each piece of a body is a Python call on the event loop: 100 KB chunked a byte at a time
     (600 KB on the wire) kept the loop busy for one client. Past 1,024 pieces averaging under
     256 bytes the request is a 400 and its connection is closed; kilobyte chunks are served."""
-    photo = _gradient_png((400, 300))
+    photo = gradient_png((400, 300))
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
     ).encode()
     fine = send_raw(
         target.url,
-        head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + _chunked(photo, 1024),
+        head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + chunked_body(photo, 1024),
     )
     if path == "/predict":
         assert fine is not None
         assert fine.status == 200, fine
-    attack_body = _chunked(photo + b"\0" * (100_000 - len(photo)), 1)
+    attack_body = chunked_body(photo + b"\0" * (100_000 - len(photo)), 1)
     with attack(target), connect(target.url) as sock:
         with contextlib.suppress(OSError):  # the server closes while the rest is being sent
             sock.sendall(head + attack_body)
         reply = read_reply(sock)
         sock.settimeout(5)
         try:
-            closed = _read_until_closed(sock) == b""
+            closed = read_until_closed(sock) == b""
         except TimeoutError:
             closed = False
         except OSError:  # reset: closed with the rest of the body unread
@@ -924,22 +902,13 @@ def test_a_body_chunked_byte_by_byte_is_400_and_the_connection_closed(
     target.assert_serves()
 
 
-def _gradient_png(size: tuple[int, int] = (1200, 900)) -> bytes:
-    """A PNG that costs the server milliseconds to decode but is small to send."""
-    ramp = np.linspace(0, 255, size[0], dtype=np.uint8)
-    pixels = np.stack([np.tile(ramp, (size[1], 1))] * 3, axis=-1)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_a_client_that_pipelines_and_hangs_up_is_499_not_a_500(target: Target) -> None:
     """Requests pipelined on one connection, then the connection closed before any answer.
 
     uvicorn flags only the connection's newest request as disconnected: the one still running
     wrote its answer into the closed socket, and the server logged a traceback and counted a
     500 (an alert's worth of them for a few bytes a client). Each running request is a 499."""
-    body = _gradient_png()
+    body = gradient_png()
     request = (
         "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
