@@ -3,29 +3,33 @@
 ``make cv`` measures cascades (``cv.cascades``: ``first``, ``then``, ``below``): the first model
 answers every photo, and a photo whose answer it gives a probability below ``below`` gets the
 average of the ``then`` models' probabilities instead (the first's own included when it is one of
-them). This module builds that as one graph, so the cost of a cascade is measured on the graph
-that would be served, not added up from its members:
+them). Each model sees the photo as it was cross-validated: its own view (input size, and the
+shorter side resized to before the centre crop). This module builds that as one graph, so the
+cost of a cascade is measured on the graph that would be served, not added up from its members:
 
-- input ``image``: uint8 (N, S, S, 3), S the largest member input size (the same centre crop at
-  every size, see ``catsdogs.preprocessing``); a member trained at a smaller size gets its view
-  resized inside the graph (bilinear, antialiased), normalisation inside as for any model;
+- input ``image``: uint8 (N, S, S, 3), the first model's view; normalisation inside as for any
+  model. Every other view (a member whose input size or resize differs from the first's) is an
+  input of its own, ``image@<size>/<resize>``, read only on the escalated path: a photo's other
+  views are prepared only for the few photos that escalate. Each has an empty default (0 rows):
+  a caller that does not feed it gets the first model's answers, with ``escalated`` saying which
+  rows want the second step (``catsdogs.cascade.two_step``);
 - the first model runs on the whole batch; ``escalated`` (bool, N) flags the rows it is unsure of;
-- one ONNX ``If``: when any row is unsure, its branch gathers those rows, runs the other models
-  on them alone, averages and scatters the answers back; otherwise the first's answers stand.
-  The other models' weights live inside the branch, so a batch with no unsure row never touches
-  them;
+- one ONNX ``If``: when any row is unsure and every view is fed (as many rows as ``image``), its
+  branch gathers those rows of each view, runs the other models on them alone, averages and
+  scatters the answers back; otherwise the first's answers stand. The other models' weights
+  live inside the branch, so a batch with no unsure row never touches them;
 - outputs ``logits`` (log of the probabilities: their softmax gives the probabilities back),
   ``probabilities`` and ``escalated``.
 
 Every member is exported on its own by the exporter the export stage uses, then the graphs are
 joined: each member's tensors get a ``m<i>/`` prefix, the other members' nodes and weights move
-into the branch, reading the gathered rows instead of ``image``.
+into the branch, reading the gathered rows of their view instead of ``image``.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +37,8 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
+from catsdogs.cascade import view_name
 from catsdogs.contract import (
     CASCADE_BELOW,
     INPUT_NAME,
@@ -42,9 +46,10 @@ from catsdogs.contract import (
     OUTPUT_LOGITS,
     OUTPUT_PROBABILITIES,
 )
+from catsdogs.preprocessing import PreprocessSpec
 from export import onnx_tools as ox
 from export.onnx_tools import ExportError
-from training.models import CascadeClassifier, ImageClassifier, resize_view
+from training.models import CascadeClassifier, ImageClassifier
 
 MIN_OPSET = 18  # ReduceMax with its axes as an input
 PROBABILITY_FLOOR = 1e-30  # logits = log(max(p, floor)): finite where a probability underflows
@@ -52,64 +57,63 @@ PROBABILITY_FLOOR = 1e-30  # logits = log(max(p, floor)): finite where a probabi
 
 @dataclass(frozen=True)
 class Member:
-    """One model of a cascade: a classifier taking uint8 NHWC at ``input_size``."""
+    """One model of a cascade: a classifier taking uint8 NHWC at ``input_size``, the photo's
+    shorter side resized to ``resize`` before the centre crop (None: the same as any member's
+    of that size)."""
 
     name: str
     model: ImageClassifier
     input_size: int
+    resize: int | None = None
 
-
-class MemberView(nn.Module):
-    """uint8 (N, S, S, 3) -> the member's logits (N, C), its own size resized in-graph.
-
-    A member built with a ``network_size`` already takes S and resizes inside itself."""
-
-    def __init__(self, member: Member, source_size: int) -> None:
-        super().__init__()
-        if member.input_size > source_size:
-            raise ValueError(f"{member.name}: input {member.input_size} > cascade {source_size}")
-        self.model = member.model
-        self.size = member.input_size
-        self.resize = member.input_size != source_size
-        if self.resize and member.model.normalize.resize_to is not None:
-            raise ValueError(f"{member.name}: resizes its input already; give it the cascade's")
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if not self.resize:  # the model takes the cascade's input (resizing inside if it must)
-            return self.model(image)
-        x = resize_view(image.permute(0, 3, 1, 2).to(torch.float32), self.size)
-        norm = self.model.normalize
-        return self.model.head(self.model.backbone((x - norm.shift) * norm.scale))
+    @property
+    def view(self) -> tuple[int, int | None]:
+        return self.input_size, self.resize
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self(image), dim=-1)
+        return torch.softmax(self.model(image), dim=-1)
 
 
-def input_size(first: Member, then: Sequence[Member]) -> int:
-    return max(m.input_size for m in [first, *then])
+def view_input(member: Member) -> str:
+    """The graph input of a view other than the first model's."""
+    return view_name(member.input_size, member.resize)
+
+
+def view_inputs(first: Member, then: Sequence[Member]) -> dict[str, int]:
+    """Each input past ``image`` (a view no earlier member has) -> its side, in member order."""
+    return {view_input(m): m.input_size for m in then if m.view != first.view}
 
 
 def reference(
-    first: Member, then: Sequence[Member], below: float, batch: np.ndarray
+    first: Member,
+    then: Sequence[Member],
+    below: float,
+    batch: np.ndarray,
+    views: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Eager PyTorch answers of the cascade: (probabilities (N, C), escalated (N,)).
-    ``first`` votes on the escalated rows where it is among ``then``."""
-    size = input_size(first, then)
-    others = [MemberView(m, size) for m in then if m.name != first.name]
+    ``first`` votes on the escalated rows where it is among ``then``. ``views``: every input of
+    :func:`view_inputs`, the same photos as ``batch``."""
+    others = [m for m in then if m.name != first.name]
     votes = len(others) < len(then)
-    model = CascadeClassifier(MemberView(first, size), others, below, first_votes=votes).eval()
+    wanted = view_inputs(first, then)
+    if wanted and set(views or {}) != set(wanted):
+        raise ValueError(f"the cascade needs the views {sorted(wanted)}, got {sorted(views or {})}")
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.require(a, requirements=["C", "W"]))
+
+    own = [None if m.view == first.view else tensor(views[view_input(m)]) for m in others]  # type: ignore[index]
+    model = CascadeClassifier(first.model, [m.model for m in others], below, first_votes=votes)
     with torch.inference_mode():
-        probs, unsure = model.probabilities(
-            torch.from_numpy(np.require(batch, requirements=["C", "W"]))
-        )
+        probs, unsure = model.eval().probabilities(tensor(batch), own)
     return probs.numpy(), unsure.numpy()
 
 
-def export_member(member: Member, source_size: int, path: Path, opset: int) -> onnx.ModelProto:
-    """One member, uint8 (N, S, S, 3) -> ``logits``, ``probabilities``, exported and checked as
-    the export stage exports any model."""
-    view = MemberView(member, source_size).eval()
-    ox.export_onnx(view, path, input_size=source_size, opset=opset)
+def export_member(member: Member, path: Path, opset: int) -> onnx.ModelProto:
+    """One member, uint8 (N, S, S, 3) at its own side -> ``logits``, ``probabilities``, exported
+    and checked as the export stage exports any model."""
+    ox.export_onnx(member.model.eval(), path, input_size=member.input_size, opset=opset)
     model = ox.check_onnx_file(path)
     if model.functions:
         raise ExportError(f"{member.name}: the exporter wrote local functions; cannot join graphs")
@@ -141,12 +145,19 @@ def join(
     *,
     first_in_then: bool,
     below: float,
+    inputs: Sequence[str] | None = None,
+    views: Mapping[str, int] | None = None,
 ) -> onnx.ModelProto:
     """The cascade graph from the members' exported graphs (``image`` -> ``logits``,
-    ``probabilities``)."""
+    ``probabilities``). ``inputs``: the input each of ``others`` reads (``image``, or one of
+    ``views``: view input -> side); None: all read ``image``."""
     n_then = len(others) + int(first_in_then)
     if n_then < 1:
         raise ValueError("a cascade needs at least one model in its second step")
+    inputs = list(inputs) if inputs is not None else [INPUT_NAME] * len(others)
+    views = dict(views or {})
+    if len(inputs) != len(others) or not set(inputs) <= {INPUT_NAME, *views}:
+        raise ValueError(f"inputs {inputs} do not match the views {sorted(views)}")
     main = prefixed(first.graph, "m0/", {INPUT_NAME: INPUT_NAME})
     p0 = f"m0/{OUTPUT_PROBABILITIES}"
     const = [
@@ -162,20 +173,42 @@ def join(
         helper.make_node("ReduceMax", ["cascade/unsure_i"], ["cascade/any_i"], keepdims=0),
         helper.make_node("Cast", ["cascade/any_i"], ["cascade/any"], to=TensorProto.BOOL),
     ]
+    # the second step runs only with every view fed: as many rows as the image (not its default)
+    condition = "cascade/any"
+    if views:
+        decide.append(helper.make_node("Shape", [INPUT_NAME], ["cascade/n_rows"], end=1))
+    for i, name in enumerate(views):
+        const.append(
+            numpy_helper.from_array(np.zeros((0, views[name], views[name], 3), np.uint8), name)
+        )
+        decide += [
+            helper.make_node("Shape", [name], [f"cascade/v{i}_rows"], end=1),
+            helper.make_node(
+                "Equal", [f"cascade/v{i}_rows", "cascade/n_rows"], [f"cascade/v{i}_fed1"]
+            ),
+            helper.make_node(
+                "Squeeze", [f"cascade/v{i}_fed1", "cascade/axis0"], [f"cascade/v{i}_fed"]
+            ),
+            helper.make_node("And", [condition, f"cascade/v{i}_fed"], [f"cascade/go{i}"]),
+        ]
+        condition = f"cascade/go{i}"
     # the branch: the unsure rows gathered, the other members on them, averaged, scattered back
     nodes = [
         helper.make_node("NonZero", [OUTPUT_ESCALATED], ["cascade/nz"]),  # (1, K)
         helper.make_node("Squeeze", ["cascade/nz", "cascade/axis0"], ["cascade/rows"]),  # (K,)
         helper.make_node("Transpose", ["cascade/nz"], ["cascade/idx"], perm=[1, 0]),  # (K, 1)
-        helper.make_node("Gather", [INPUT_NAME, "cascade/rows"], ["cascade/sub"], axis=0),
     ]
+    gathered = {}
+    for name in dict.fromkeys(inputs):
+        gathered[name] = "cascade/sub" if name == INPUT_NAME else f"cascade/sub:{name}"
+        nodes.append(helper.make_node("Gather", [name, "cascade/rows"], [gathered[name]], axis=0))
     inits = [numpy_helper.from_array(np.array(n_then, np.float32), "cascade/n")]
     terms = []
     if first_in_then:
         nodes.append(helper.make_node("Gather", [p0, "cascade/rows"], ["cascade/p0_rows"], axis=0))
         terms.append("cascade/p0_rows")
-    for i, other in enumerate(others, start=1):
-        g = prefixed(other.graph, f"m{i}/", {INPUT_NAME: "cascade/sub"})
+    for i, (other, source) in enumerate(zip(others, inputs, strict=True), start=1):
+        g = prefixed(other.graph, f"m{i}/", {INPUT_NAME: gathered[source]})
         nodes.extend(g.node)
         inits.extend(g.initializer)
         terms.append(f"m{i}/{OUTPUT_PROBABILITIES}")
@@ -198,7 +231,7 @@ def join(
     answer = [
         helper.make_node(
             "If",
-            ["cascade/any"],
+            [condition],
             [OUTPUT_PROBABILITIES],
             then_branch=then_branch,
             else_branch=else_branch,
@@ -211,10 +244,18 @@ def join(
         any_shape(OUTPUT_PROBABILITIES, TensorProto.FLOAT, ["batch", n_classes]),
         any_shape(OUTPUT_ESCALATED, TensorProto.BOOL, ["batch"]),
     ]
+    view_infos = [
+        any_shape(name, TensorProto.UINT8, [f"rows{i}", side, side, 3])
+        for i, (name, side) in enumerate(views.items())
+    ]
     graph = helper.make_graph(
         [*main.node, *decide, *answer],
         "cascade",
-        [first.graph.input[0], helper.make_tensor_value_info(CASCADE_BELOW, TensorProto.FLOAT, [])],
+        [
+            first.graph.input[0],
+            *view_infos,
+            helper.make_tensor_value_info(CASCADE_BELOW, TensorProto.FLOAT, []),
+        ],
         outputs,
         [*main.initializer, *const],
         value_info=list(main.value_info),
@@ -233,19 +274,26 @@ def export_cascade(
     *,
     opset: int,
 ) -> Path:
-    """Write the cascade's ONE ``.onnx`` file (weights inside); ``then`` may include ``first``."""
+    """Write the cascade's ONE ``.onnx`` file (weights inside); ``then`` may include ``first``.
+    A member whose view differs from the first's reads an input of its own (:func:`view_inputs`)."""
     if opset < MIN_OPSET:
         raise ValueError(f"a cascade needs opset >= {MIN_OPSET}, got {opset}")
     if not 0.0 <= below <= 1.0 + 1e-6:
         raise ValueError(f"below must be a probability, got {below}")
-    size = input_size(first, then)
     others = [m for m in then if m.name != first.name]
     with tempfile.TemporaryDirectory() as tmp:
         graphs = [
-            export_member(m, size, Path(tmp) / f"m{i}.onnx", opset)
+            export_member(m, Path(tmp) / f"m{i}.onnx", opset)
             for i, m in enumerate([first, *others])
         ]
-    model = join(graphs[0], graphs[1:], first_in_then=len(others) < len(then), below=below)
+    model = join(
+        graphs[0],
+        graphs[1:],
+        first_in_then=len(others) < len(then),
+        below=below,
+        inputs=[INPUT_NAME if m.view == first.view else view_input(m) for m in others],
+        views=view_inputs(first, then),
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=False)
     return path
@@ -264,10 +312,25 @@ def with_threshold(model: onnx.ModelProto, below: float) -> bytes:
 
 
 def export_trained_cascade(
-    cascade: CascadeClassifier, path: Path, *, input_size: int, opset: int
+    cascade: CascadeClassifier, path: Path, *, spec: PreprocessSpec, opset: int
 ) -> Path:
-    """A trained cascade (``training.models.CascadeClassifier``: every model takes the same
-    input, resizing it inside itself) as one file: its first model's answer is in the average."""
-    first = Member("m0", cascade.first, input_size)
-    others = [Member(f"m{i}", m, input_size) for i, m in enumerate(cascade.others, start=1)]
+    """A trained cascade (``training.models.CascadeClassifier``) as one file: its first model's
+    answer is in the average. ``spec``: the first model's view. Its other models take that
+    input too (resizing it inside themselves), or their own views (``cascade.views``)."""
+    first = Member("m0", cascade.first, spec.input_size, spec.resize)
+    views = cascade.views or [spec] * len(cascade.others)
+    others = [
+        Member(f"m{i}", m, v.input_size, v.resize)
+        for i, (m, v) in enumerate(zip(cascade.others, views, strict=True), start=1)
+    ]
     return export_cascade(first, [first, *others], cascade.below, path, opset=opset)
+
+
+def trained_views(cascade: CascadeClassifier, spec: PreprocessSpec) -> dict[str, PreprocessSpec]:
+    """The view inputs of ``export_trained_cascade``'s file -> their preprocessing ({}: every
+    model on ``image``)."""
+    return {
+        view_name(v.input_size, v.resize): v
+        for v in cascade.views or []
+        if (v.input_size, v.resize) != (spec.input_size, spec.resize)
+    }

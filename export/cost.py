@@ -35,9 +35,10 @@ from typing import Any
 import onnx
 import torch
 
+from catsdogs.contract import INPUT_NAME
 from catsdogs.cv_text import accuracy_text, arch_key, mistakes_text, parse_arch, row_label
 from export import onnx_tools as ox
-from export.cascade import Member, export_cascade, input_size, with_threshold
+from export.cascade import Member, export_cascade, view_inputs, with_threshold
 from export.latency import time_sessions
 from export.params import load_export
 from training.models import LITE_VARIANTS, ORT_BATCH, build_model, default_spec
@@ -109,21 +110,23 @@ def cascade_key(summary: dict[str, Any], cascade: str) -> str:
 
 def export_cascade_arch(
     summary: dict[str, Any], cascade: str, n_classes: int, out: Path, opset: int
-) -> tuple[Path, int]:
+) -> tuple[Path, dict[str, int]]:
     """The cascade as one ONNX file (``export.cascade``), its members' ImageNet backbones with
-    fresh heads, and its input size (the largest member's)."""
+    fresh heads, each on its own view as ``make cv`` measured it, and the side of each of the
+    file's image inputs (``image``, then the views only the escalated path reads)."""
     s = summary["cascades"][cascade]
     configs = summary["configs"]
 
     def member(name: str) -> Member:
         served = configs[name]["served"]
-        return Member(name, served_model(served, n_classes), served["input_size"])
+        model = served_model(served, n_classes)
+        return Member(name, model, served["input_size"], configs[name].get("resize"))
 
     first = member(s["first"])
     then = [first if m == s["first"] else member(m) for m in s["then_members"]]
     path = out / f"cascade-{len(list(out.glob('cascade-*')))}.onnx"
     export_cascade(first, then, s["below"], path, opset=opset)
-    return path, input_size(first, then)
+    return path, {INPUT_NAME: first.input_size, **view_inputs(first, then)}
 
 
 def reproduce_command(overrides: dict[str, Any]) -> str:
@@ -252,12 +255,14 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
             key = cascade_key(summary, name)
             if key in cost:
                 continue
-            path, size = export_cascade_arch(summary, name, 2, Path(tmp), export.opset)
+            path, inputs = export_cascade_arch(summary, name, 2, Path(tmp), export.opset)
             model = onnx.load(str(path))
-            cost[key] = {"bytes": path.stat().st_size, "input_size": size}
-            for path_name, below in (("sure", 0.0), ("escalated", 2.0)):
+            cost[key] = {"bytes": path.stat().st_size, "inputs": inputs}
+            # the sure path is fed the first model's view alone, as a server would feed it
+            first_view = {INPUT_NAME: inputs[INPUT_NAME]}
+            for path_name, below, fed in (("sure", 0.0, first_view), ("escalated", 2.0, inputs)):
                 files[f"{key}:{path_name}"] = with_threshold(model, below)
-                sizes[f"{key}:{path_name}"] = size
+                sizes[f"{key}:{path_name}"] = fed
         log.info(
             "timing %s, %d runs each, %d threads",
             list(files),
@@ -286,8 +291,10 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
         s["train_seconds_estimate"] = sum(
             summary["configs"][m]["train_seconds_estimate"] for m in s["members"]
         )
-    for s in summary.get("cascades", {}).values():  # served by the pipeline: train.cascade
-        s["reproduce"] = "make cv; served: train.cascade (one input for every model)"
+    for name, s in summary.get("cascades", {}).items():  # served by the pipeline: train.cascade
+        own = len(cost[cascade_key(summary, name)].get("inputs", {})) > 1
+        views = "train.cascade_views=own: each model on its own view" if own else "one input"
+        s["reproduce"] = f"make cv; served: train.cascade ({views})"
         s["train_seconds_estimate"] = sum(
             summary["configs"][m]["train_seconds_estimate"]
             for m in dict.fromkeys([s["first"], *s["then_members"]])

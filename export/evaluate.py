@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from catsdogs.cascade import contract_views
 from catsdogs.manifest import read_manifest
 from catsdogs.modelfile import LoadedModel, load_model_file
 from export.params import EvaluateParams, load_evaluate
@@ -43,6 +44,7 @@ def evaluate_loaded(loaded: LoadedModel, manifest: Path, params: EvaluateParams)
         c.class_names,
         chunk=params.batch_size,
         desc=params.split,
+        views=contract_views(c.extra.get("cascade")),  # a cascade's other views, if any
     )
 
 

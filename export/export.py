@@ -27,16 +27,24 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from catsdogs.contract import INPUT_NAME, OUTPUT_ESCALATED, ModelContract
+from catsdogs.cascade import view_name, views_entry
+from catsdogs.contract import (
+    INPUT_NAME,
+    OUTPUT_ESCALATED,
+    OUTPUT_LOGITS,
+    OUTPUT_PROBABILITIES,
+    ModelContract,
+)
 from catsdogs.drift import build_reference_stats
 from catsdogs.hashing import file_sha256
 from catsdogs.manifest import ManifestRow, read_manifest
 from catsdogs.preprocessing import PreprocessSpec
 from export import onnx_tools as ox
-from export.cascade import export_trained_cascade, with_threshold
+from export.cascade import export_trained_cascade, trained_views, with_threshold
 from export.latency import compare_latency, time_sessions
 from export.params import ExportParams, load_export
 from export.scoring import Batch, Evaluation, evaluate_session, load_batch, progress
@@ -84,24 +92,58 @@ def export_verified(
     opset: int,
     parity_images: np.ndarray,
     atol: float,
+    parity_views: dict[str, np.ndarray] | None = None,
 ) -> ox.Parity:
     """Export, check, run batches 1/7/32 and prove parity; ``out`` exists only if all pass.
 
     A cascade (``training.models.CascadeClassifier``) becomes one file with an ONNX ``If``
     (``export.cascade``); its parity is checked on the same real photos, both paths included
-    whenever some of them are escalated."""
+    whenever some of them are escalated. Its models on views of their own get the same photos
+    at those views (``parity_views``): the file fed ``image`` alone must then give the first
+    model's answers, and fed every view the cascade's."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         candidate = Path(tmp) / out.name
         if isinstance(model, CascadeClassifier):
-            export_trained_cascade(model, candidate, input_size=spec.input_size, opset=opset)
+            export_trained_cascade(model, candidate, spec=spec, opset=opset)
         else:
             ox.export_onnx(model, candidate, input_size=spec.input_size, opset=opset)
         ox.check_onnx_file(candidate)
         session = ox.make_session(candidate)
         ox.run_batch_checks(session, spec.input_size, n_classes)
         parity = ox.check_parity(model, session, parity_images, atol=atol)
+        if isinstance(model, CascadeClassifier) and model.views:
+            parity = views_parity(model, session, parity_images, parity_views or {}, atol)
         shutil.move(candidate, out)
     return parity
+
+
+def views_parity(
+    model: CascadeClassifier,
+    session: Any,
+    images: np.ndarray,
+    views: dict[str, np.ndarray],
+    atol: float,
+) -> ox.Parity:
+    """Eager against the file on ``images`` with every view fed: the escalated rows' answers
+    come from every model, each on its own view."""
+    others: list[torch.Tensor | None] = []
+    for v in model.views or []:
+        name = view_name(v.input_size, v.resize)
+        if name in views:
+            others.append(torch.from_numpy(np.require(views[name], requirements=["C", "W"])))
+        else:  # the first model's own view: the file feeds it ``image``
+            others.append(None)
+    with torch.inference_mode():
+        x = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+        probs, escalated = model.probabilities(x, others)
+    expected = torch.log(probs.clamp_min(1e-30)).numpy()
+    feed = {INPUT_NAME: images, **views}
+    logits, got, flagged = session.run(
+        [OUTPUT_LOGITS, OUTPUT_PROBABILITIES, OUTPUT_ESCALATED], feed
+    )
+    if flagged.tolist() != escalated.numpy().tolist():
+        raise ox.ExportError("the cascade file escalates other photos than the eager cascade")
+    return ox.parity_of(expected, logits, got, atol=atol, what="fed every view")
 
 
 def reference_stats(
@@ -287,6 +329,12 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
     steps.next("preprocess")
     test_batch = load_test_batch(splits.test, spec, params.parity_images)
     parity_images = test_batch.images[: params.parity_images]
+    # a cascade whose other models take views of their own: those views, for the parity photos
+    views = trained_views(cascade, spec) if cascade is not None else {}
+    parity_paths = [Path(r.path) for r in splits.test[: params.parity_images]]
+    parity_views = {
+        name: load_batch(parity_paths, v, desc=name).images for name, v in views.items()
+    }
 
     paths.out.parent.mkdir(parents=True, exist_ok=True)
     paths.out.unlink(missing_ok=True)  # a failed stage must not leave the previous file behind
@@ -299,9 +347,14 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
         opset=params.opset,
         parity_images=parity_images,
         atol=params.parity_atol,
+        parity_views=parity_views,
     )
     log.info("parity on %d photos: max |logit diff| %.2e", parity.n, parity.max_abs_logit_diff)
-    test_fp32, reference = score_fp32(paths.out, splits, spec, class_names, test_batch, steps)
+    test_fp32, reference = score_fp32(
+        paths.out, splits, spec, class_names, test_batch, steps, views
+    )
+    if views:  # the contract says which inputs the file's other views are, and how to make them
+        meta = {**meta, "cascade": {**meta["cascade"], "views": views_entry(views)}}
     version, contract_for = stamp_contract(paths, meta, reference, data_version, test_fp32)
 
     report: dict[str, Any] = {
@@ -315,7 +368,9 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
     }
     sessions = {"onnxruntime_fp32": ox.make_session(paths.out, params.bench_threads)}
     if cascade is not None:
-        report["cascade"] = cascade_report(paths.out, cascade, meta, test_batch.images, params)
+        report["cascade"] = cascade_report(
+            paths.out, cascade, meta, test_batch.images, params, parity_views
+        )
     steps.next("int8")
     config = int8_config(paths, params, spec, splits, test_batch, test_fp32, contract_for)
     if cascade is not None:  # onnxruntime's QDQ quantizer (export.quantize) skips If branches
@@ -349,16 +404,18 @@ def score_fp32(
     class_names: list[str],
     test_batch: Batch,
     steps: Steps,
+    views: dict[str, PreprocessSpec] | None = None,
 ) -> tuple[Evaluation, dict[str, Any]]:
-    """Test metrics of the exported file, and the drift reference from validation."""
+    """Test metrics of the exported file, and the drift reference from validation. ``views``:
+    a cascade's other view inputs, made for the photos it escalates."""
     fp32 = ox.make_session(model_path)
     steps.next("metrics")
     test_fp32 = evaluate_session(
-        fp32, splits.test, spec, class_names, batch=test_batch, desc="fp32 test"
+        fp32, splits.test, spec, class_names, batch=test_batch, desc="fp32 test", views=views
     )
     log.info("fp32 test metrics: %s", test_fp32.metrics)
     steps.next("reference")
-    val = evaluate_session(fp32, splits.val, spec, class_names, desc="val")
+    val = evaluate_session(fp32, splits.val, spec, class_names, desc="val", views=views)
     return test_fp32, reference_stats(val, splits.val, splits.train)
 
 
@@ -456,9 +513,11 @@ def cascade_report(
     meta: dict[str, Any],
     images: np.ndarray,
     params: ExportParams,
+    views: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """What the cascade file escalates on the test photos, and its batch-1 latency on both of
-    its paths (no image escalated, every image), the mean at that share beside them."""
+    its paths (no image escalated, every image), the mean at that share beside them. The sure
+    path is fed ``image`` alone, the escalated one every view (``views``: their sides)."""
     session = ox.make_session(path, params.bench_threads)
     escalated = np.concatenate(
         [
@@ -470,9 +529,10 @@ def cascade_report(
     graph = onnx.load(str(path))
     paths = {"sure": with_threshold(graph, 0.0), "escalated": with_threshold(graph, 2.0)}
     size = images.shape[1]
+    fed = {INPUT_NAME: size, **{name: v.shape[1] for name, v in (views or {}).items()}}
     timed = time_sessions(
         paths,
-        dict.fromkeys(paths, size),
+        {"sure": size, "escalated": fed},
         batches=(1,),
         threads=params.bench_threads,
         warmup=params.bench_warmup,

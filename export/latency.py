@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,7 @@ def sleeping_session(model: Path | bytes, threads: int) -> ort.InferenceSession:
 
 def time_sessions(
     files: dict[str, Path | bytes],
-    sizes: dict[str, int],
+    sizes: Mapping[str, int | Mapping[str, int]],
     *,
     batches: tuple[int, ...],
     threads: int,
@@ -91,20 +91,27 @@ def time_sessions(
 ) -> dict[str, dict[str, float]]:
     """Median ms per call, per file and batch size; the files take turns within every run.
 
-    The sessions' pool threads sleep as soon as a call ends instead of spinning: taking turns,
-    one session's spinning threads would hold the cores through the next session's call
-    (Lite0's batch 1 measured 18 ms that way against 5 ms alone)."""
+    ``sizes``: each file's input side, or {input: side} for a file fed several image inputs (a
+    cascade's views, export.cascade). The sessions' pool threads sleep as soon as a call ends
+    instead of spinning: taking turns, one session's spinning threads would hold the cores
+    through the next session's call (Lite0's batch 1 measured 18 ms that way against 5 ms
+    alone)."""
     rng = np.random.default_rng(0)
     sessions = {k: sleeping_session(p, threads) for k, p in files.items()}
-    inputs = {
-        (k, b): rng.integers(0, 256, (b, sizes[k], sizes[k], 3), dtype=np.uint8)
-        for k in files
-        for b in batches
-    }
+
+    def feed(key: str, batch: int) -> dict[str, np.ndarray]:
+        side = sizes[key]
+        sides = {INPUT_NAME: side} if isinstance(side, int) else side
+        return {
+            name: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8)
+            for name, s in sides.items()
+        }
+
+    inputs = {(k, b): feed(k, b) for k in files for b in batches}
 
     def call(key: str, batch: int) -> float:
         start = time.perf_counter()
-        sessions[key].run([OUTPUT_PROBABILITIES], {INPUT_NAME: inputs[key, batch]})
+        sessions[key].run([OUTPUT_PROBABILITIES], inputs[key, batch])
         return (time.perf_counter() - start) * 1000.0
 
     for key in files:

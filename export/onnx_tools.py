@@ -179,9 +179,17 @@ def check_parity(
     """
     expected = torch_logits(model, batch)
     logits, probs = onnx_outputs(session, batch)
+    return parity_of(expected, logits, probs, atol=atol)
+
+
+def parity_of(
+    expected: np.ndarray, logits: np.ndarray, probs: np.ndarray, *, atol: float, what: str = ""
+) -> Parity:
+    """The :class:`Parity` of eager logits ``expected`` and the file's ``logits`` and ``probs``;
+    raises :class:`ExportError` on a gap (``what``: which run of the file, for the message)."""
     expected_probs = torch.softmax(torch.from_numpy(expected), dim=-1).numpy()
     parity = Parity(
-        n=len(batch),
+        n=len(expected),
         max_abs_logit_diff=float(np.max(np.abs(expected - logits))),
         max_abs_prob_diff=float(np.max(np.abs(expected_probs - probs))),
         label_mismatches=int(np.sum(expected.argmax(1) != logits.argmax(1))),
@@ -189,8 +197,8 @@ def check_parity(
     )
     if not parity.ok:
         raise ExportError(
-            f"ONNX output differs from PyTorch on {parity.n} photos: max |logit diff| "
-            f"{parity.max_abs_logit_diff:.3g} (allowed {atol:g}), "
+            f"ONNX output{' ' + what if what else ''} differs from PyTorch on {parity.n} photos:"
+            f" max |logit diff| {parity.max_abs_logit_diff:.3g} (allowed {atol:g}), "
             f"{parity.label_mismatches} different labels"
         )
     return parity

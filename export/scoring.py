@@ -7,7 +7,7 @@ the file) and by the evaluate stage (``reports/metrics.json``), so the two alway
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,6 +16,8 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from catsdogs.cascade import two_step
+from catsdogs.contract import OUTPUT_ESCALATED, OUTPUT_PROBABILITIES
 from catsdogs.manifest import ManifestRow
 from catsdogs.metrics import classification_metrics
 from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes_info
@@ -48,6 +50,26 @@ def load_batch(paths: Sequence[Path], spec: PreprocessSpec, desc: str = "photos"
     return Batch(np.stack(arrays), np.asarray(widths), np.asarray(heights))
 
 
+def cascade_outputs(
+    session: ort.InferenceSession,
+    images: np.ndarray,
+    paths: Sequence[Path],
+    views: Mapping[str, PreprocessSpec],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, escalated) of a cascade file whose other models take views of their own:
+    ``images`` (the first model's view of ``paths``) first, then each escalated photo's views."""
+
+    def run(feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        probs, escalated = session.run([OUTPUT_PROBABILITIES, OUTPUT_ESCALATED], feed)
+        return probs, escalated
+
+    def prepared(rows: np.ndarray) -> dict[str, np.ndarray]:
+        chosen = [paths[i] for i in rows]
+        return {name: load_batch(chosen, spec, desc=name).images for name, spec in views.items()}
+
+    return two_step(run, images, prepared)
+
+
 def rounded_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """:func:`catsdogs.metrics.classification_metrics`, rounded as reports/metrics.json shows it."""
     return {
@@ -74,11 +96,14 @@ def evaluate_session(
     batch: Batch | None = None,
     chunk: int = 32,
     desc: str = "evaluate",
+    views: Mapping[str, PreprocessSpec] | None = None,
 ) -> Evaluation:
     """Run the ONNX model on ``rows`` through the server's preprocessing and score it.
 
     ``batch`` may be passed when the photos were already preprocessed with ``spec``
-    (export scores two files on the same photos).
+    (export scores two files on the same photos). ``views``: a cascade file's other view inputs
+    (``catsdogs.cascade``), prepared from the photo, as the server does, for the rows its first
+    model escalates.
     """
     names = tuple(class_names)
     unknown = sorted({r.label for r in rows} - set(names))
@@ -90,7 +115,12 @@ def evaluate_session(
     with progress(desc=f"{desc}: infer", total=n) as bar:
         parts = []
         for i in range(0, n, chunk):
-            parts.append(onnx_outputs(session, batch.images[i : i + chunk], chunk=chunk)[1])
+            images = batch.images[i : i + chunk]
+            if views:
+                paths = [Path(r.path) for r in rows[i : i + chunk]]
+                parts.append(cascade_outputs(session, images, paths, views)[0])
+            else:
+                parts.append(onnx_outputs(session, images, chunk=chunk)[1])
             bar.update(len(parts[-1]))
     probs = np.concatenate(parts)
     return Evaluation(rounded_metrics(y_true, probs), y_true, probs, names, batch)

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -29,10 +30,11 @@ from starlette.routing import Route
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
 from catsdogs.cpus import available_cpus
+from catsdogs.preprocessing import PreprocessSpec
 from server import docs, monitor_routes, openapi, ui, v2
 from server.error_handlers import EXCEPTION_HANDLERS
 from server.errors import RETRY_SOON, ApiError, error_response
-from server.inference import Batcher, BatchStats, InferenceModel, load_model
+from server.inference import Batcher, BatchStats, Escalate, InferenceModel, load_model
 from server.limits import Budget, Reservation
 from server.logs import configure_logging
 from server.loop_lag import LoopLag
@@ -302,13 +304,14 @@ def _new_batcher(
     server_metrics: ServerMetrics,
     decode_pool: ThreadPoolExecutor,
 ) -> Batcher:
+    pixels = Budget(settings.max_inflight_pixels, "decoded pixels")
     return Batcher(
         model.run,
         functools.partial(
             prepare,
             spec=model.contract.preprocessing,
             max_pixels=settings.max_pixels,
-            pixels=Budget(settings.max_inflight_pixels, "decoded pixels"),
+            pixels=pixels,
         ),
         decode_pool=decode_pool,
         max_batch_size=settings.max_batch_size,
@@ -323,7 +326,18 @@ def _new_batcher(
         thread_initializer=worker_initializer(settings.worker_nice),
         timed_run=model.timed_run,
         timed_run_parallel=model.timed_run_parallel if model.parallel is not None else None,
+        escalate=_escalation(model, settings, pixels) if model.views else None,
     )
+
+
+def _escalation(model: InferenceModel, settings: Settings, pixels: Budget) -> Escalate:
+    """A cascade's second step: its other views made from the upload, as its first view was
+    (the same pixel limit and decoded-pixels budget)."""
+
+    def view(blob: bytes, spec: PreprocessSpec) -> np.ndarray:
+        return prepare(blob, spec=spec, max_pixels=settings.max_pixels, pixels=pixels).array
+
+    return functools.partial(model.escalate, view=view)
 
 
 def _publish(app: Starlette, model: InferenceModel, batcher: Batcher, monitor: Monitor) -> None:

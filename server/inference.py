@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from catsdogs.cascade import contract_views
 from catsdogs.contract import (
     CASCADE_BELOW,
     INPUT_NAME,
@@ -40,6 +41,7 @@ from catsdogs.contract import (
     ContractError,
     ModelContract,
 )
+from catsdogs.preprocessing import PreprocessSpec
 from server.threads import name_os_thread
 
 logger = logging.getLogger(__name__)
@@ -127,12 +129,62 @@ class InferenceModel:
     # the rows the first is unsure of. Warm-up feeds its threshold to take each path on purpose
     # (blank warm-up images would escalate, and the batch curves would time the rare path)
     cascade: bool = False
+    # ... whose other models may take views of their own (catsdogs.cascade): input -> how to
+    # prepare it, only for the photos the first model is unsure of (``escalate``)
+    views: dict[str, PreprocessSpec] = field(default_factory=dict)
+    below: float = 0.0  # the file's threshold, from its contract
 
     def _feed(self, batch: np.ndarray, path: str | None) -> dict[str, np.ndarray]:
         if path is None or not self.cascade:
             return {INPUT_NAME: batch}
         below = 0.0 if path == "sure" else 2.0  # no probability is < 0; every one is < 2
-        return {INPUT_NAME: batch, CASCADE_BELOW: np.array(below, np.float32)}
+        feed = {INPUT_NAME: batch, CASCADE_BELOW: np.array(below, np.float32)}
+        if path == "escalated":  # the other views too, or the branch would not run
+            for name, spec in self.views.items():
+                side = spec.input_size
+                feed[name] = np.zeros((len(batch), side, side, 3), np.uint8)
+        return feed
+
+    def escalate(
+        self,
+        probs: np.ndarray,
+        batch: np.ndarray,
+        blobs: list[bytes],
+        parallel: bool,
+        view: Callable[[bytes, PreprocessSpec], np.ndarray],
+    ) -> np.ndarray:
+        """The second step of a cascade whose other models take views of their own.
+
+        ``probs``: the file's answers to ``batch`` fed alone (its first model's); ``blobs``: the
+        encoded images of its rows. The rows the first model is unsure of (the file's own test,
+        in float32) get their other views made by ``view`` and run again with them, on the
+        session ``batch`` ran on; their answers replace the first's. A row whose view fails
+        (the decoded-pixels budget full under load) keeps the first model's answer.
+        """
+        if not self.views:
+            return probs
+        rows = np.flatnonzero(probs.max(axis=1) < np.float32(self.below))
+        if not len(rows):
+            return probs
+        kept: list[int] = []
+        made: dict[str, list[np.ndarray]] = {name: [] for name in self.views}
+        for i in rows.tolist():
+            try:
+                arrays = {name: view(blobs[i], spec) for name, spec in self.views.items()}
+            except Exception as exc:
+                logger.warning("cascade: image %d not escalated, its view failed: %s", i, exc)
+                continue
+            kept.append(i)
+            for name, array in arrays.items():
+                made[name].append(array)
+        if not kept:
+            return probs
+        feed = {INPUT_NAME: batch[kept], **{n: np.stack(a) for n, a in made.items()}}
+        session = self.parallel if parallel else self.sessions[self.batch_policy]
+        (again,) = session.run([OUTPUT_PROBABILITIES], feed)  # type: ignore[attr-defined]
+        out = probs.copy()
+        out[kept] = again
+        return out
 
     @property
     def batch_policy(self) -> str:
@@ -208,9 +260,30 @@ def load_model(
     chooser = PolicyChooser(POLICIES[spinning])
     parallel = _open_session(path, 1, False)[0] if parallel_runs > 1 else None
     first = next(iter(sessions.values()))
-    cascade = CASCADE_BELOW in {i.name for i in first.get_overridable_initializers()}
+    overridable = {i.name: i for i in first.get_overridable_initializers()}
+    cascade = CASCADE_BELOW in overridable
+    entry = contract.extra.get("cascade") or {}
+    try:
+        views = contract_views(entry)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: the contract's cascade.views is malformed: {exc}") from exc
+    for name, spec in views.items():
+        info = overridable.get(name)
+        if info is None or list(info.shape[1:]) != [spec.input_size, spec.input_size, 3]:
+            raise ModelLoadError(
+                f"{path}: the contract's view {name!r} ({spec.input_size} px) is not an input"
+                " of the file"
+            )
     return InferenceModel(
-        sessions, contract, path, intra_op_threads, chooser, parallel=parallel, cascade=cascade
+        sessions,
+        contract,
+        path,
+        intra_op_threads,
+        chooser,
+        parallel=parallel,
+        cascade=cascade,
+        views=views,
+        below=float(entry.get("below", 0.0)) if views else 0.0,
     )
 
 
@@ -299,6 +372,10 @@ class Decoded(Protocol):
     array: np.ndarray  # uint8 (H, W, 3)
 
 
+# A cascade's second step: (probabilities, batch, its rows' encoded images, parallel) ->
+# probabilities (InferenceModel.escalate with its view maker bound)
+Escalate = Callable[[np.ndarray, np.ndarray, list[bytes], bool], np.ndarray]
+
 # Per image: what ``prepare`` made of it with its row of probabilities, or why it failed
 # (an ImageDecodeError for bad input; anything else is a server fault).
 Outcome = tuple[Any, np.ndarray] | Exception
@@ -358,8 +435,11 @@ class Batcher:
         thread_initializer: Callable[[], None] = name_os_thread,
         timed_run: Callable[[np.ndarray], np.ndarray] | None = None,
         timed_run_parallel: Callable[[np.ndarray], np.ndarray] | None = None,
+        escalate: Escalate | None = None,
     ) -> None:
         self.run = run
+        # a cascade's second step on the rows it escalates (InferenceModel.escalate), if any
+        self.escalate = escalate
         # what the warm-up's batch curves time (a cascade: the path most images take)
         self.timed_run = timed_run or run
         self.timed_run_parallel = timed_run_parallel or run_parallel
@@ -618,6 +698,9 @@ class Batcher:
         else:
             probs = self.run(batch)
             label = self.run_label() if self.run_label is not None else ""
+        if self.escalate is not None:
+            ran = [b for b, d in zip(blobs, decoded, strict=True) if not isinstance(d, Exception)]
+            probs = self.escalate(probs, batch, ran, parallel)
         run_s = time.perf_counter() - decoded_at
         rows = iter(probs)
         outcomes: list[Outcome] = [

@@ -662,6 +662,7 @@ def cross_validate(
         }
         s["overrides"] = cv.configs[name] or {}
         s["served"] = served_arch(params)
+        s["resize"] = params.resize  # with input_size, the view a cascade's file feeds it
         summary[name] = s
     for name, names in members.items():
         results[name] = ensemble_result([results[m] for m in names], photos)

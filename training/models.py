@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,8 +219,12 @@ class CascadeClassifier(nn.Module):
     """``first`` answers; rows it gives its answer a probability below ``below`` get the mean of
     every model's probabilities (``first``'s included unless ``first_votes`` is False). uint8
     (N, H, W, 3) -> logits, which are the log of those probabilities (their softmax gives them
-    back). Every model takes the same input (``network_size`` resizes it inside each). The eager
-    twin of ``export.cascade``'s graph, and the one statement of its rule.
+    back). The eager twin of ``export.cascade``'s graph, and the one statement of its rule.
+
+    Every model takes the same input (``network_size`` resizes it inside each), unless
+    ``probabilities`` is given ``views``: one batch per other model, the same photos as ``x``
+    prepared at that model's own size (None: that model takes ``x``). A cascade trained on such
+    views (``self.views``: their preprocessing) escalates only when given them.
     """
 
     def __init__(
@@ -230,16 +235,28 @@ class CascadeClassifier(nn.Module):
         self.others = nn.ModuleList(others)
         self.below = below
         self.first_votes = first_votes
+        # each other model's own view (train.cascade_views: own), None: they take ``x``
+        self.views: list[PreprocessSpec] | None = None
 
-    def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(
+        self, x: torch.Tensor, views: Sequence[torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities (N, C), escalated (N,) bool)."""
+        if views is not None and len(views) != len(self.others):
+            raise ValueError(f"{len(views)} views for {len(self.others)} other models")
         p0 = torch.softmax(self.first(x), dim=-1)
         unsure = p0.max(dim=1).values < self.below
         out = p0.clone()
-        if bool(unsure.any()):
-            sub = x[unsure]
+        # models on views of their own, none given: the first's answers, as its file gives them
+        # when fed ``image`` alone (the unsure rows flagged for a second step)
+        missing = self.views is not None and views is None
+        if bool(unsure.any()) and not missing:
+            own = views if views is not None else [None] * len(self.others)
             parts = [p0[unsure]] if self.first_votes else []
-            parts += [torch.softmax(m(sub), dim=-1) for m in self.others]
+            parts += [
+                torch.softmax(m((x if v is None else v)[unsure]), dim=-1)
+                for m, v in zip(self.others, own, strict=True)
+            ]
             out[unsure] = torch.stack(parts).mean(dim=0)
         return out, unsure
 
@@ -329,6 +346,8 @@ def save_checkpoint(
             {
                 "model_name": info["model_name"],
                 "model_options": dict(info.get("model_options") or {}),
+                # its view (train.cascade_views: own), else the first model's
+                "preprocessing": info.get("preprocessing") or meta["preprocessing"],
                 "state_dict": {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
             }
             for info, m in cascade
@@ -399,4 +418,9 @@ def _cascade(payload: dict[str, Any], path: str | os.PathLike[str]) -> CascadeCl
             f"the file holds {len(others)}"
         )
     first = _rebuild(payload)
-    return CascadeClassifier(first, others, float(meta["cascade"]["below"])).eval()
+    cascade = CascadeClassifier(first, others, float(meta["cascade"]["below"]))
+    if meta["cascade"].get("views") == "own":
+        cascade.views = [
+            PreprocessSpec.from_json(entry["preprocessing"]) for entry in payload["cascade"]
+        ]
+    return cascade.eval()

@@ -109,6 +109,10 @@ class TrainParams:
     # and the model's probabilities averaged answer those (export.cascade). None: off
     cascade: str | None = None
     cascade_below: float = 0.9
+    # what the cascade's other models see: "shared", the one input_size input resized inside the
+    # graph to each network's side; "own", each photo prepared again at each model's own side
+    # (and a resize in the same ratio), for the escalated photos only: the views make cv measured
+    cascade_views: str = "shared"
 
 
 @dataclass(frozen=True)
@@ -252,14 +256,26 @@ def load_cv(path: str | Path = PARAMS_FILE) -> tuple[CvParams, dict[str, TrainPa
 
 
 CASCADE_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "logreg")
+CASCADE_VIEWS = ("shared", "own")  # train.cascade_views
+MAX_VIEW = 1024  # a cascade model's own view, at most (px)
 
 
 def cascade_members(params: TrainParams, section: str = "train") -> list[tuple[str, int]]:
     """``train.cascade`` as (model, network side) pairs: an EfficientNet-Lite at its weights'
-    own side unless ``@side`` says otherwise, the input resized to it inside the graph."""
+    own side unless ``@side`` says otherwise; the input resized to it inside the graph, or with
+    ``cascade_views: own`` a view of its own at that side (:func:`own_view_resize`)."""
     if not params.cascade:
         return []
     key = f"{section}.cascade"
+    if params.cascade_views not in CASCADE_VIEWS:
+        raise ParamsError(
+            f"{section}.cascade_views: {params.cascade_views!r} is not one of {CASCADE_VIEWS}"
+        )
+    if params.cascade_views == "own" and params.network_size is not None:
+        raise ParamsError(
+            f"{section}.cascade_views: 'own' gives each model its own view; the first model runs"
+            " at train.input_size (network_size null)"
+        )
     if params.model not in CASCADE_MODELS or (params.model != "logreg" and not params.pretrained):
         raise ParamsError(f"{key}: the first model must be a frozen backbone (pretrained Lite)")
     if params.fine_tune_blocks > 0 and params.fine_tune_epochs > 0:
@@ -272,7 +288,9 @@ def cascade_members(params: TrainParams, section: str = "train") -> list[tuple[s
         if side and not side.isdigit():
             raise ParamsError(f"{key}: {item!r}: the side after '@' must be a number of pixels")
         size = int(side) if side else LITE_VARIANTS.get(name, (params.input_size,))[0]
-        if not 0 < size <= max_network_size(params.input_size):
+        if params.cascade_views == "own" and not 0 < size <= MAX_VIEW:
+            raise ParamsError(f"{key}: {item!r}: its own view must be 1..{MAX_VIEW} px")
+        if params.cascade_views == "shared" and not 0 < size <= max_network_size(params.input_size):
             raise ParamsError(
                 f"{key}: {item!r} runs at {size} px, over {MAX_UPSAMPLE}x train.input_size"
                 f" ({params.input_size}): the one input is resized to each model, at most"
@@ -280,6 +298,13 @@ def cascade_members(params: TrainParams, section: str = "train") -> list[tuple[s
             )
         members.append((name, size))
     return members
+
+
+def own_view_resize(params: TrainParams, size: int) -> int:
+    """The shorter side a cascade model's own view of ``size`` px is resized to before the
+    centre crop: train.resize in the same ratio to train.input_size (224 of 256: 240 of 274,
+    260 of 297, as each model was cross-validated)."""
+    return round(size * params.resize / params.input_size)
 
 
 def ensemble_members(cv: CvParams, configs: dict[str, TrainParams]) -> dict[str, list[str]]:

@@ -53,7 +53,14 @@ from training.models import (
     onnx_features_session,
     save_checkpoint,
 )
-from training.params import PARAMS_FILE, TrainParams, cascade_members, load_train, load_yaml
+from training.params import (
+    PARAMS_FILE,
+    TrainParams,
+    cascade_members,
+    load_train,
+    load_yaml,
+    own_view_resize,
+)
 from training.run_tracking import Tracker
 
 log = logging.getLogger("training.train")
@@ -689,16 +696,20 @@ def fit_cascade(
 ) -> list[tuple[dict[str, Any], ImageClassifier]]:
     """``train.cascade``: a linear probe on each other model's frozen features, from the same
     input and training views as the first model (each network at its own side, resized inside
-    the graph). Returns each with what its checkpoint entry needs to rebuild it."""
+    the graph), or with ``cascade_views: own`` from the photos prepared at its own side. Returns
+    each with what its checkpoint entry needs to rebuild it (its ``preprocessing``: its view)."""
     probe_params = dataclasses.replace(params, distill_from=None)
+    own = params.cascade_views == "own"
     members = []
     for name, size in cascade_members(params):
-        spec = default_spec(
-            name, params.input_size, params.resize, interpolation=params.interpolation
-        )
         options: dict[str, Any] = {"dropout": params.dropout, "logreg_pool": params.logreg_pool}
-        if size != params.input_size:
-            options["network_size"] = size
+        if own:
+            side, resize = size, own_view_resize(params, size)
+        else:
+            side, resize = params.input_size, params.resize
+            if size != params.input_size:
+                options["network_size"] = size
+        spec = default_spec(name, side, resize, interpolation=params.interpolation)
         member = build_model(
             name, n_classes, pretrained=name in LITE_VARIANTS, spec=spec, **options
         )
@@ -708,8 +719,39 @@ def fit_cascade(
         member.eval()
         info = {"model_name": name, "model_options": options, "preprocessing": spec.to_json()}
         members.append((info, member))
-        log.info("cascade: %s at %d px fitted", name, size)
+        log.info("cascade: %s at %d px fitted (%s view)", name, size, params.cascade_views)
     return members
+
+
+class CascadeImages(Dataset):
+    """Each photo at the first model's view and at each other model's own: a tuple of uint8
+    (H, W, 3) tensors, one per spec, and the class index."""
+
+    def __init__(self, paths: list[str], labels: list[int], specs: list[PreprocessSpec]) -> None:
+        self.paths, self.labels, self.specs = paths, labels, specs
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, ...], int]:
+        data = Path(self.paths[i]).read_bytes()
+        views = tuple(torch.from_numpy(preprocess_bytes(data, s).copy()) for s in self.specs)
+        return views, self.labels[i]
+
+
+def predict_views(
+    model: CascadeClassifier, loader: DataLoader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``predict`` for a cascade whose models each take their own view (``CascadeImages``):
+    log-probabilities, as the cascade's ``forward`` gives them."""
+    model.eval()
+    out, labels = [], []
+    with torch.inference_mode():
+        for (x, *views), y in batches(loader, "predict"):
+            probs, _ = model.probabilities(x.to(device), [v.to(device) for v in views])
+            out.append(torch.log(probs.clamp_min(1e-30)).float().cpu())
+            labels.append(y)
+    return torch.cat(out), torch.cat(labels)
 
 
 def fit_from_scratch(
@@ -822,10 +864,17 @@ def train(
     served: nn.Module = model
     if cascade:
         served = CascadeClassifier(model, [m for _, m in cascade], params.cascade_below)
+        if params.cascade_views == "own":
+            served.views = [PreprocessSpec.from_json(info["preprocessing"]) for info, _ in cascade]
 
-    val_set = EvalImages(*splits["val"], spec)
-    val_loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=0)
-    logits, labels = predict(served, val_loader, device)
+    if isinstance(served, CascadeClassifier) and served.views:
+        views = CascadeImages(*splits["val"], [spec, *served.views])
+        loader = DataLoader(views, batch_size=params.batch_size, shuffle=False, num_workers=0)
+        logits, labels = predict_views(served, loader, device)
+    else:
+        val_set = EvalImages(*splits["val"], spec)
+        loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=0)
+        logits, labels = predict(served, loader, device)
     val_metrics: dict[str, Any] = scored(logits, labels)
     val_metrics["best_epoch"] = best_epoch
     val_metrics["train_seconds"] = round(time.monotonic() - started, 1)
@@ -850,6 +899,8 @@ def train(
             "models": [f"{name}@{size}" for name, size in cascade_members(params)],
             "below": params.cascade_below,
         }
+        if params.cascade_views == "own":  # each model's view: its checkpoint entry's spec
+            meta["cascade"]["views"] = "own"
     model.to(device="cpu", memory_format=torch.contiguous_format)
     for _, member in cascade:
         member.to(device="cpu", memory_format=torch.contiguous_format)

@@ -14,22 +14,25 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from catsdogs.cascade import two_step
 from catsdogs.contract import (
     CASCADE_BELOW,
     INPUT_NAME,
     OUTPUT_ESCALATED,
     OUTPUT_LOGITS,
     OUTPUT_PROBABILITIES,
+    ModelContract,
 )
-from catsdogs.preprocessing import preprocess_bytes
+from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes
 from export.cascade import (
     Member,
-    MemberView,
     export_cascade,
     export_trained_cascade,
     reference,
+    view_input,
     with_threshold,
 )
+from export.onnx_tools import embed_metadata
 from tests.train.export_helpers import run_export_stage, shared_photos, write_manifest
 from training.models import (
     CascadeClassifier,
@@ -45,68 +48,141 @@ from training.models import (
 pytestmark = pytest.mark.train
 
 ROOT = Path(__file__).resolve().parents[2]
-SIZE = 16  # the cascade's input: the largest member's
+SIZE = 16  # the largest member's input
+VIEWS = {"small": (8, 9), "mid": (12, 14), "large": (SIZE, SIZE + 2)}  # (input size, resize)
 
 
-def member(name: str, size: int, seed: int) -> Member:
+def member(name: str, seed: int) -> Member:
     torch.manual_seed(seed)  # a different random head per member: different answers
-    spec = default_spec("logreg", size, size)
-    return Member(name, build_model("logreg", 2, pretrained=False, spec=spec).eval(), size)
+    size, resize = VIEWS[name]
+    spec = default_spec("logreg", size, resize)
+    return Member(name, build_model("logreg", 2, pretrained=False, spec=spec).eval(), size, resize)
 
 
 @pytest.fixture(scope="module")
-def photos() -> np.ndarray:
-    """12 real photos through the server's preprocessing, at the cascade's input size."""
-    spec = default_spec("logreg", SIZE, SIZE + 2)
-    rows = [preprocess_bytes(p.read_bytes(), spec) for p, _ in shared_photos(6)]
-    return np.stack(rows)
+def photos() -> dict[str, np.ndarray]:
+    """12 real photos through the server's preprocessing, at each member's own view."""
+    out = {}
+    for name, (size, resize) in VIEWS.items():
+        spec = default_spec("logreg", size, resize)
+        out[name] = np.stack([preprocess_bytes(p.read_bytes(), spec) for p, _ in shared_photos(6)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def large_view(photos: dict[str, np.ndarray]) -> np.ndarray:
+    """The photos as one model of a trained cascade takes them: every model on one input."""
+    return photos["large"]
 
 
 @pytest.fixture(scope="module")
 def members() -> tuple[Member, Member, Member]:
-    return member("small", 8, 0), member("mid", 12, 1), member("large", SIZE, 2)
+    return member("small", 0), member("mid", 1), member("large", 2)
 
 
-def run(path: Path | bytes, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+def feed_views(photos: dict[str, np.ndarray], rows: slice | np.ndarray = slice(None)) -> dict:
+    """The view inputs of a cascade whose first model is ``small``, for ``rows``."""
+    return {view_input(member(n, 0)): photos[n][rows] for n in ("mid", "large")}
+
+
+def run(path: Path | bytes, batch: np.ndarray, views: dict | None = None) -> tuple[np.ndarray, ...]:
     model = path if isinstance(path, bytes) else str(path)
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     names = [OUTPUT_LOGITS, OUTPUT_PROBABILITIES, OUTPUT_ESCALATED]
-    return tuple(session.run(names, {INPUT_NAME: batch}))
+    return tuple(session.run(names, {INPUT_NAME: batch, **(views or {})}))
 
 
-def first_confidence(first: Member, batch: np.ndarray, side: int = SIZE) -> np.ndarray:
+def first_confidence(first: Member, batch: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
-        x = torch.from_numpy(batch.copy())
-        return MemberView(first, side).probabilities(x).max(dim=1).values.numpy()
+        return first.probabilities(torch.from_numpy(batch.copy())).max(dim=1).values.numpy()
 
 
 def test_the_file_answers_as_the_eager_cascade_with_a_mixed_batch(
-    tmp_path: Path, photos: np.ndarray, members: tuple[Member, ...]
+    tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
 ) -> None:
     first, mid, large = members
+    images, views = photos["small"], feed_views(photos)
     # the median confidence of the first model: half of the photos escalate
-    below = float(np.median(first_confidence(first, photos)))
+    below = float(np.median(first_confidence(first, images)))
     then = [first, mid, large]
     path = export_cascade(first, then, below, tmp_path / "cascade.onnx", opset=18)
     onnx.checker.check_model(str(path), full_check=True)
 
-    logits, probs, escalated = run(path, photos)
-    want_probs, want_escalated = reference(first, then, below, photos)
-    assert 0 < escalated.sum() < len(photos)  # really mixed
+    logits, probs, escalated = run(path, images, views)
+    want_probs, want_escalated = reference(first, then, below, images, views)
+    assert 0 < escalated.sum() < len(images)  # really mixed
     assert escalated.tolist() == want_escalated.tolist()
     np.testing.assert_allclose(probs, want_probs, atol=1e-6)
     np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), 1).numpy(), probs, atol=1e-6)
-    # sure rows are the first model's own answer; escalated ones the average of all three
+    # sure rows are the first model's own answer; escalated ones the average of all three, each
+    # on its own view of the photos
     with torch.inference_mode():
-        x = torch.from_numpy(photos.copy())
-        own = [MemberView(m, SIZE).probabilities(x).numpy() for m in then]
+        own = [m.probabilities(torch.from_numpy(photos[m.name].copy())).numpy() for m in then]
     np.testing.assert_allclose(probs[~escalated], own[0][~escalated], atol=1e-6)
     np.testing.assert_allclose(probs[escalated], np.mean(own, axis=0)[escalated], atol=1e-6)
     # each row's answer does not depend on the rest of the batch
     for i in (0, int(np.argmax(escalated))):
-        _, alone, esc = run(path, photos[i : i + 1])
+        _, alone, esc = run(path, images[i : i + 1], feed_views(photos, slice(i, i + 1)))
         np.testing.assert_allclose(alone[0], probs[i], atol=1e-6)
         assert esc[0] == escalated[i]
+
+
+def test_other_views_are_read_only_for_the_photos_that_escalate(
+    tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
+) -> None:
+    """Fed its first view alone, the file gives the first model's answers and flags the rows
+    that want the second step; those rows fed again with their views get the cascade's answer
+    (``two_step``). Views whose rows do not match the image's count as not fed."""
+    first, mid, large = members
+    images, views = photos["small"], feed_views(photos)
+    below = float(np.median(first_confidence(first, images)))
+    path = export_cascade(first, [first, mid, large], below, tmp_path / "c.onnx", opset=18)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # one required input; the views and the threshold have defaults
+    assert [i.name for i in session.get_inputs()] == [INPUT_NAME]
+    overridable = {i.name: i.shape[1:] for i in session.get_overridable_initializers()}
+    assert overridable == {
+        "image@12/14": [12, 12, 3],
+        "image@16/18": [16, 16, 3],
+        CASCADE_BELOW: [],
+    }
+    names = [OUTPUT_PROBABILITIES, OUTPUT_ESCALATED]
+    whole, escalated = session.run(names, {INPUT_NAME: images, **views})
+
+    with torch.inference_mode():
+        first_only = first.probabilities(torch.from_numpy(images.copy())).numpy()
+    alone, flagged = session.run(names, {INPUT_NAME: images})
+    np.testing.assert_allclose(alone, first_only, atol=1e-6)
+    assert flagged.tolist() == escalated.tolist()
+    short = {k: v[:3] for k, v in views.items()}  # three rows of twelve: not this batch's views
+    np.testing.assert_allclose(session.run(names, {INPUT_NAME: images, **short})[0], alone)
+
+    calls: list[set[str]] = []
+
+    def file(feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        calls.append({k: len(v) for k, v in feed.items()})
+        probs, esc = session.run(names, feed)
+        return probs, esc
+
+    asked: list[list[int]] = []
+
+    def make_views(rows: np.ndarray) -> dict[str, np.ndarray]:
+        asked.append(rows.tolist())
+        return feed_views(photos, rows)
+
+    probs, esc = two_step(file, images, make_views)
+    np.testing.assert_allclose(probs, whole, atol=1e-6)
+    assert esc.tolist() == escalated.tolist()
+    k = int(escalated.sum())
+    assert asked == [np.flatnonzero(escalated).tolist()]  # only the escalated rows' views
+    assert calls == [{INPUT_NAME: 12}, {INPUT_NAME: k, "image@12/14": k, "image@16/18": k}]
+    # nothing unsure: one call, no view prepared
+    asked.clear()
+    sure = np.flatnonzero(~escalated)
+    probs, esc = two_step(file, images[sure], make_views)
+    assert asked == []
+    assert not esc.any()
+    np.testing.assert_allclose(probs, whole[sure], atol=1e-6)
 
 
 def test_the_other_models_live_only_in_the_branch(
@@ -117,45 +193,58 @@ def test_the_other_models_live_only_in_the_branch(
     graph = onnx.load(str(path)).graph
     assert [o.name for o in graph.output] == [OUTPUT_LOGITS, OUTPUT_PROBABILITIES, OUTPUT_ESCALATED]
     assert graph.output[0].type.tensor_type.shape.dim[0].dim_param  # a free batch dimension
+    assert [i.name for i in graph.input] == [
+        INPUT_NAME,
+        "image@12/14",
+        "image@16/18",
+        CASCADE_BELOW,
+    ]
     assert [n.op_type for n in graph.node].count("If") == 1
-    assert {i.name.split("/")[0] for i in graph.initializer} == {"m0", "cascade"}
+    prefixes = {i.name.split("/")[0] for i in graph.initializer}
+    assert prefixes == {"m0", "cascade", "image@12", "image@16"}  # the views' empty defaults
     branch = next(n for n in graph.node if n.op_type == "If").attribute
     then_graph = next(a.g for a in branch if a.name == "then_branch")
     assert {i.name.split("/")[0] for i in then_graph.initializer} == {"m1", "m2", "cascade"}
-    # the mid model (12 px) sees its view resized inside the graph; the large one does not
-    assert sum(n.op_type == "Resize" for n in then_graph.node) == 1
-    assert sum(n.op_type == "Resize" for n in graph.node) == 1  # the first model's (8 px)
+    # each model takes its own view: nothing is resized inside the graph
+    assert not any(n.op_type == "Resize" for g in (graph, then_graph) for n in g.node)
+    # members on the first's view share its input: no view input at all
+    twin = Member("twin", member("small", 7).model, 8, 9)
+    same = onnx.load(str(export_cascade(first, [twin], 0.9, tmp_path / "s.onnx", opset=18)))
+    assert [i.name for i in same.graph.input] == [INPUT_NAME, CASCADE_BELOW]
 
 
 def test_thresholds_at_the_ends_never_or_always_escalate(
-    tmp_path: Path, photos: np.ndarray, members: tuple[Member, ...]
+    tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
 ) -> None:
     first, mid, large = members
+    images, views = photos["small"], feed_views(photos)
     then = [mid, large]  # the first model not among them: their average replaces its answer
     model = onnx.load(str(export_cascade(first, then, 0.9, tmp_path / "c.onnx", opset=18)))
-    _, never, escalated = run(with_threshold(model, 0.0), photos)
+    _, never, escalated = run(with_threshold(model, 0.0), images, views)
     assert not escalated.any()
-    np.testing.assert_allclose(never, reference(first, then, 0.0, photos)[0], atol=1e-6)
-    _, every, escalated = run(with_threshold(model, 2.0), photos)
+    np.testing.assert_allclose(never, reference(first, then, 0.0, images, views)[0], atol=1e-6)
+    _, every, escalated = run(with_threshold(model, 2.0), images, views)
     assert escalated.all()
-    want, _ = reference(first, then, 2.0, photos)
+    want, _ = reference(first, then, 2.0, images, views)
     np.testing.assert_allclose(every, want, atol=1e-6)
     with torch.inference_mode():
-        x = torch.from_numpy(photos.copy())
         pair = (
-            MemberView(mid, SIZE).probabilities(x) + MemberView(large, SIZE).probabilities(x)
+            mid.probabilities(torch.from_numpy(photos["mid"].copy()))
+            + large.probabilities(torch.from_numpy(photos["large"].copy()))
         ).numpy() / 2
     np.testing.assert_allclose(every, pair, atol=1e-6)
     # the threshold is an overridable initializer: fed at run time, it replaces the file's
     session = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
     names = [OUTPUT_PROBABILITIES, OUTPUT_ESCALATED]
     for fed, want_probs, want_all in ((0.0, never, False), (2.0, every, True)):
-        feed = {INPUT_NAME: photos, CASCADE_BELOW: np.array(fed, np.float32)}
+        feed = {INPUT_NAME: images, CASCADE_BELOW: np.array(fed, np.float32), **views}
         probs, escalated = session.run(names, feed)
         assert escalated.all() if want_all else not escalated.any()
         np.testing.assert_allclose(probs, want_probs, atol=1e-6)
-    own, escalated = session.run(names, {INPUT_NAME: photos})  # not fed: the file's 0.9
-    np.testing.assert_allclose(own, reference(first, then, 0.9, photos)[0], atol=1e-6)
+    own, escalated = session.run(names, {INPUT_NAME: images, **views})  # not fed: the file's 0.9
+    np.testing.assert_allclose(own, reference(first, then, 0.9, images, views)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="needs the views"):
+        reference(first, then, 0.9, images)
 
 
 @pytest.mark.parametrize(
@@ -184,8 +273,10 @@ def trained_cascade(seed: int = 0) -> CascadeClassifier:
 
 
 def save_cascade(path: Path, model: CascadeClassifier, **meta: object) -> Path:
-    """``trained_cascade`` as a checkpoint (its meta overridden by ``meta``)."""
+    """``trained_cascade`` (or ``own_view_cascade``) as a checkpoint (its meta overridden by
+    ``meta``): its other models at 12 and 8 px."""
     spec = default_spec("logreg", SIZE, SIZE + 2)
+    own = {"views": "own"} if model.views else {}
     full = {
         "model_name": "logreg",
         "class_names": ["cat", "dog"],
@@ -196,29 +287,36 @@ def save_cascade(path: Path, model: CascadeClassifier, **meta: object) -> Path:
         "params": {"model": "logreg", "cascade": "logreg@12+logreg@8"},
         "val_metrics": {"accuracy": 0.5},
         "model_options": {},
-        "cascade": {"models": ["logreg@12", "logreg@8"], "below": model.below},
+        "cascade": {"models": ["logreg@12", "logreg@8"], "below": model.below, **own},
         **meta,
     }
     entries = [
-        ({"model_name": "logreg", "model_options": {"network_size": s}}, m)
-        for s, m in zip((12, 8), model.others, strict=True)
+        (
+            {"model_name": "logreg", "preprocessing": v.to_json()}
+            if model.views
+            else {"model_name": "logreg", "model_options": {"network_size": v}},
+            m,
+        )
+        for v, m in zip(model.views or (12, 8), model.others, strict=True)
     ]
     save_checkpoint(path, model.first, full, entries)
     return path
 
 
-def test_the_eager_cascade_is_what_its_file_answers(tmp_path: Path, photos: np.ndarray) -> None:
+def test_the_eager_cascade_is_what_its_file_answers(tmp_path: Path, large_view: np.ndarray) -> None:
     cascade = trained_cascade()
     with torch.inference_mode():
-        p0 = torch.softmax(cascade.first(torch.from_numpy(photos.copy())), 1).max(1).values
+        p0 = torch.softmax(cascade.first(torch.from_numpy(large_view.copy())), 1).max(1).values
     middle = p0.sort().values[len(p0) // 2 - 1 : len(p0) // 2 + 1]
-    cascade.below = float(middle.mean())  # half of the photos escalate, none at the threshold
-    path = export_trained_cascade(cascade, tmp_path / "c.onnx", input_size=SIZE, opset=18)
-    logits, probs, escalated = run(path, photos)
+    cascade.below = float(middle.mean())  # half of the large_view escalate, none at the threshold
+    path = export_trained_cascade(
+        cascade, tmp_path / "c.onnx", spec=default_spec("logreg", SIZE, SIZE + 2), opset=18
+    )
+    logits, probs, escalated = run(path, large_view)
     with torch.inference_mode():
-        want, want_escalated = cascade.probabilities(torch.from_numpy(photos.copy()))
-        want_logits = cascade(torch.from_numpy(photos.copy()))
-    assert 0 < escalated.sum() < len(photos)
+        want, want_escalated = cascade.probabilities(torch.from_numpy(large_view.copy()))
+        want_logits = cascade(torch.from_numpy(large_view.copy()))
+    assert 0 < escalated.sum() < len(large_view)
     assert escalated.tolist() == want_escalated.tolist()
     np.testing.assert_allclose(probs, want.numpy(), atol=1e-6)
     np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-5)
@@ -227,12 +325,12 @@ def test_the_eager_cascade_is_what_its_file_answers(tmp_path: Path, photos: np.n
     assert sum(n.op_type == "Resize" for n in graph.node) == 0  # the first runs at 16 px
 
 
-def test_a_cascade_checkpoint_round_trips(tmp_path: Path, photos: np.ndarray) -> None:
+def test_a_cascade_checkpoint_round_trips(tmp_path: Path, large_view: np.ndarray) -> None:
     cascade = trained_cascade(seed=3)
     loaded = load_cascade(save_cascade(tmp_path / "c.pt", cascade))
     assert loaded is not None
     assert loaded.below == 0.5
-    x = torch.from_numpy(photos.copy())
+    x = torch.from_numpy(large_view.copy())
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), cascade(x))
     model, meta = load_checkpoint(tmp_path / "c.pt")  # the first model alone still loads
@@ -272,6 +370,18 @@ def test_a_cascade_checkpoint_round_trips(tmp_path: Path, photos: np.ndarray) ->
             r"turn fine-tuning off",
         ),
         ({"cascade_below": 0.0}, r"train.cascade_below: must be within \(0, 1\]"),
+        (
+            {"cascade": "logreg", "cascade_views": "mine"},
+            r"train.cascade_views: 'mine' is not one of \('shared', 'own'\)",
+        ),
+        (
+            {"cascade": "logreg", "cascade_views": "own", "network_size": 112},
+            r"train.cascade_views: 'own' gives each model its own view",
+        ),
+        (
+            {"cascade": "efficientnet_lite2@2000", "cascade_views": "own"},
+            r"'efficientnet_lite2@2000': its own view must be 1..1024 px",
+        ),
     ],
 )
 def test_bad_cascade_params_are_named(train: dict, message: str) -> None:
@@ -284,6 +394,27 @@ def test_bad_cascade_params_are_named(train: dict, message: str) -> None:
         ("efficientnet_lite1", 240),
         ("efficientnet_lite2", 250),
     ]
+    # own views: any side (no upsampling limit), resized in train.resize's ratio
+    from training.params import own_view_resize
+
+    own = check_train(TrainParams(cascade="efficientnet_lite2@500", cascade_views="own"))
+    assert cascade_members(own) == [("efficientnet_lite2", 500)]
+    assert [own_view_resize(own, s) for s in (224, 240, 260)] == [256, 274, 297]
+
+
+def stage_inputs(tmp: Path, cascade: CascadeClassifier) -> tuple[dict, Path, str]:
+    """A manifest of shared photos and ``cascade``'s checkpoint for the export stage: (photos by
+    split, checkpoint, data version). Its threshold is set to 0.55: random heads are unsure of
+    everything, so some photos escalate, not all."""
+    spec = default_spec("logreg", SIZE, SIZE + 2)
+    photos = {"train": shared_photos(2), "val": shared_photos(2, 10), "test": shared_photos(8, 20)}
+    data_version = write_manifest(tmp / "manifest.csv", photos, spec)
+    cascade.below = 0.55
+    return (
+        photos,
+        save_cascade(tmp / "checkpoint.pt", cascade, data_version=data_version),
+        data_version,
+    )
 
 
 def test_the_export_stage_serves_a_cascade_checkpoint(tmp_path: Path) -> None:
@@ -294,11 +425,8 @@ def test_the_export_stage_serves_a_cascade_checkpoint(tmp_path: Path) -> None:
     from catsdogs.modelfile import load_model_file
 
     spec = default_spec("logreg", SIZE, SIZE + 2)
-    photos_ = {"train": shared_photos(2), "val": shared_photos(2, 10), "test": shared_photos(8, 20)}
-    data_version = write_manifest(tmp_path / "manifest.csv", photos_, spec)
     cascade = trained_cascade(seed=5)
-    cascade.below = 0.55  # random heads are unsure of everything: some photos escalate, not all
-    checkpoint = save_cascade(tmp_path / "checkpoint.pt", cascade, data_version=data_version)
+    photos_, checkpoint, data_version = stage_inputs(tmp_path, cascade)
     report = run_export_stage(
         tmp_path, checkpoint, tmp_path / "manifest.csv", parity_images=16, bench_runs=2
     )
@@ -326,27 +454,106 @@ def test_the_export_stage_serves_a_cascade_checkpoint(tmp_path: Path) -> None:
     assert [o.name for o in loaded.session.get_outputs()][-1] == OUTPUT_ESCALATED
 
 
-@pytest.mark.slow
-def test_the_train_stage_fits_a_cascade_that_the_export_stage_serves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import sys
+def own_view_cascade(seed: int = 0) -> CascadeClassifier:
+    """Three logreg models, each on its own view: 16 px (the first), 12 px and 8 px."""
+    models = []
+    for i, (size, resize) in enumerate(((SIZE, SIZE + 2), VIEWS["mid"], VIEWS["small"])):
+        torch.manual_seed(seed + i)
+        spec = default_spec("logreg", size, resize)
+        models.append(build_model("logreg", 2, pretrained=False, spec=spec).eval())
+    first, *others = models
+    cascade = CascadeClassifier(first, others, 0.5)
+    cascade.views = [default_spec("logreg", *VIEWS["mid"]), default_spec("logreg", *VIEWS["small"])]
+    return cascade.eval()
 
-    from mlflow.tracking import MlflowClient
+
+def test_the_export_stage_serves_a_cascade_on_views_of_its_own(tmp_path: Path) -> None:
+    """train.cascade_views: own, through the checkpoint and the export stage: the file's other
+    models read inputs of their own, its contract names them and how to make them, and every
+    figure of the stage (parity, test metrics, escalation) comes from running it as the server
+    does: the first view for every photo, the others for the escalated ones only."""
+    from catsdogs.cascade import contract_views
+    from catsdogs.modelfile import load_model_file
+    from export.evaluate import evaluate_file
+    from export.params import EvaluateParams
+
+    spec = default_spec("logreg", SIZE, SIZE + 2)
+    cascade = own_view_cascade(seed=5)
+    photos_, checkpoint, _ = stage_inputs(tmp_path, cascade)
+    loaded_cascade = load_cascade(checkpoint)
+    assert loaded_cascade is not None
+    assert [(v.input_size, v.resize) for v in loaded_cascade.views or []] == [(12, 14), (8, 9)]
+    report = run_export_stage(
+        tmp_path, checkpoint, tmp_path / "manifest.csv", parity_images=16, bench_runs=2
+    )
+    assert report["parity"]["ok"]
+    assert report["parity"]["n"] == 16
+    out = tmp_path / "model.onnx"
+    loaded = load_model_file(out)
+    entry = loaded.contract.extra["cascade"]
+    assert entry["views"] == [
+        {"input": "image@12/14", "preprocessing": default_spec("logreg", 12, 14).to_json()},
+        {"input": "image@8/9", "preprocessing": default_spec("logreg", 8, 9).to_json()},
+    ]
+    views = contract_views(entry)
+    assert list(views) == ["image@12/14", "image@8/9"]
+    # the eager cascade with every view, on the test photos, is what the stage scored
+    test = [p for p, _ in photos_["test"]]
+    images = np.stack([preprocess_bytes(p.read_bytes(), spec) for p in test])
+    own = [
+        torch.from_numpy(np.stack([preprocess_bytes(p.read_bytes(), v) for p in test]))
+        for v in views.values()
+    ]
+    with torch.inference_mode():
+        want, unsure = cascade.probabilities(torch.from_numpy(images.copy()), own)
+    escalated = unsure.numpy()
+    assert 0 < escalated.mean() < 1
+    labels = np.array([0 if label == "cat" else 1 for _, label in photos_["test"]])
+    accuracy = float((want.numpy().argmax(1) == labels).mean())
+    assert loaded.contract.extra["metrics"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert report["cascade"]["test_escalated"] == pytest.approx(escalated.mean(), abs=1e-6)
+    # the evaluate stage reads the views from the contract and gets the same figures
+    evaluated = evaluate_file(out, tmp_path / "manifest.csv", EvaluateParams("test", 5))
+    np.testing.assert_allclose(evaluated.probs, want.numpy(), atol=1e-6)
+    # without the views the file can only give its first model's answers
+    first_only, flagged = loaded.session.run(
+        [OUTPUT_PROBABILITIES, OUTPUT_ESCALATED], {INPUT_NAME: images}
+    )
+    assert flagged.tolist() == escalated.tolist()
+    with torch.inference_mode():
+        p0 = torch.softmax(cascade.first(torch.from_numpy(images.copy())), 1).numpy()
+    np.testing.assert_allclose(first_only, p0, atol=1e-6)
+    ms = report["cascade"]["batch_1_ms"]
+    assert ms["sure"] > 0
+    assert ms["escalated"] > 0
+
+
+def train_tiny_cascade(tmp: Path, **train: object) -> tuple[str, Path, Path]:
+    """The train stage on the shared photos' tiny pipeline params with a Lite1 (48 px) and a
+    logreg (32 px) cascade below 0.95 (``train`` overrides more); returns the MLflow URI, the
+    params file and the checkpoint."""
+    import sys
 
     from tests.train.test_pipeline_smoke import base_env, prepared, tiny_params
     from tests.train.test_pipeline_smoke import run as run_stage
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
     env = base_env(MLFLOW_TRACKING_URI=uri)
-    params = tiny_params(
-        tmp_path, network_size=56, cascade="efficientnet_lite1@48+logreg@32", cascade_below=0.95
-    )
-    prepared(tmp_path, env, params)
-    cmd = [sys.executable, "-m", "training.train", "--params", str(params)]
-    out = run_stage(cmd, tmp_path, env)
+    cascade = {"cascade": "efficientnet_lite1@48+logreg@32", "cascade_below": 0.95}
+    params = tiny_params(tmp, **cascade, **train)
+    prepared(tmp, env, params)
+    out = run_stage([sys.executable, "-m", "training.train", "--params", str(params)], tmp, env)
     assert out.returncode == 0, out.stderr[-3000:]
-    checkpoint = tmp_path / "models" / "checkpoint.pt"
+    return uri, params, tmp / "models" / "checkpoint.pt"
+
+
+@pytest.mark.slow
+def test_the_train_stage_fits_a_cascade_that_the_export_stage_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri, params, checkpoint = train_tiny_cascade(tmp_path, network_size=56)
     cascade = load_cascade(checkpoint)
     assert cascade is not None
     _, meta = load_checkpoint(checkpoint)
@@ -367,6 +574,60 @@ def test_the_train_stage_fits_a_cascade_that_the_export_stage_serves(
     assert report["cascade"]["models"] == ["efficientnet_lite1@48", "logreg@32"]
 
 
+@pytest.mark.slow
+def test_the_train_stage_fits_a_cascade_on_views_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.cascade_views: own: each other model's probe is fitted on the photos prepared at
+    its own side (a resize in train.resize's ratio), the checkpoint keeps those views, and the
+    export stage serves them as inputs of the file's own."""
+    from catsdogs.cascade import contract_views
+    from catsdogs.modelfile import load_model_file
+
+    uri, params, checkpoint = train_tiny_cascade(tmp_path, cascade_views="own")
+    cascade = load_cascade(checkpoint)
+    assert cascade is not None
+    _, meta = load_checkpoint(checkpoint)
+    assert meta["cascade"] == {
+        "models": ["efficientnet_lite1@48", "logreg@32"],
+        "below": 0.95,
+        "views": "own",
+    }
+    # 64 px of a 72 px resize: 48 of 54 and 32 of 36, each network at its view's side
+    assert [(v.input_size, v.resize) for v in cascade.views or []] == [(48, 54), (32, 36)]
+    assert [m.normalize.resize_to for m in (cascade.first, *cascade.others)] == [None] * 3
+    assert 0.0 <= meta["val_metrics"]["accuracy"] <= 1.0
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    manifest = tmp_path / "data" / "prepared" / "manifest.csv"
+    report = run_export_stage(tmp_path, checkpoint, manifest, params, parity_images=4, bench_runs=2)
+    assert report["parity"]["ok"]
+    views = contract_views(load_model_file(tmp_path / "model.onnx").contract.extra["cascade"])
+    assert {k: (v.input_size, v.resize) for k, v in views.items()} == {
+        "image@48/54": (48, 54),
+        "image@32/36": (32, 36),
+    }
+
+
+def stamp(path: Path, spec: PreprocessSpec, version: str, cascade: dict) -> ModelContract:
+    """Embed a contract with this ``cascade`` entry in a cascade file, as the export stage does."""
+    contract = ModelContract(
+        class_names=("cat", "dog"),
+        input_size=spec.input_size,
+        preprocessing=spec,
+        model_name="logreg",
+        model_version=version,
+        mlflow_run_id="run-0",
+        git_commit="0" * 40,
+        data_version="d" * 64,
+        exported_at="2026-01-01T00:00:00Z",
+        extra={"metrics": {"accuracy": 0.5, "n": 8}, "quantization": "none", "cascade": cascade},
+    )
+    embed_metadata(path, contract.to_metadata())
+    return contract
+
+
 def warmup_per_image(metrics: str) -> dict[int, float]:
     """``inference_warmup_seconds_per_image`` by batch size, from a /metrics page."""
     pattern = r'^inference_warmup_seconds_per_image\{batch_size="(\d+)"\} (\S+)$'
@@ -382,8 +643,6 @@ def test_a_served_cascade_warms_up_on_its_sure_path_and_answers_as_its_file(
     file's own. The threshold, an overridable initializer, is never set by traffic."""
     import urllib.request
 
-    from catsdogs.contract import ModelContract
-    from export.onnx_tools import embed_metadata
     from loadtest.serverproc import SERVE_PYTHON, running_server
 
     side = 224
@@ -396,25 +655,9 @@ def test_a_served_cascade_warms_up_on_its_sure_path_and_answers_as_its_file(
     first = Member("logreg", cheap.eval(), side)
     then = [first, Member("efficientnet_lite0", heavy.eval(), side)]
     images = np.stack([preprocess_bytes(p.read_bytes(), heavy_spec) for p, _ in shared_photos(4)])
-    below = float(np.median(first_confidence(first, images, side)))
+    below = float(np.median(first_confidence(first, images)))
     path = export_cascade(first, then, below, tmp_path / "cascade.onnx", opset=18)
-    contract = ModelContract(
-        class_names=("cat", "dog"),
-        input_size=side,
-        preprocessing=heavy_spec,
-        model_name="logreg",
-        model_version="cascade-1",
-        mlflow_run_id="run-0",
-        git_commit="0" * 40,
-        data_version="d" * 64,
-        exported_at="2026-01-01T00:00:00Z",
-        extra={
-            "metrics": {"accuracy": 0.5, "n": 8},
-            "quantization": "none",
-            "cascade": {"models": ["efficientnet_lite0"], "below": below},
-        },
-    )
-    embed_metadata(path, contract.to_metadata())
+    stamp(path, heavy_spec, "cascade-1", {"models": ["efficientnet_lite0"], "below": below})
 
     # in-process: the two paths, forced through the overridable threshold
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -456,3 +699,87 @@ def test_a_served_cascade_warms_up_on_its_sure_path_and_answers_as_its_file(
             body = json.loads(urllib.request.urlopen(request, timeout=30).read())
             got = [body["probabilities"][c] for c in ("cat", "dog")]
             np.testing.assert_allclose(got, want[i], rtol=1e-5, atol=1e-7)
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A ``files`` multipart body and its content type."""
+    boundary = "cascade-views-boundary"
+    parts = [
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+        for name, data in files
+    ]
+    return b"".join(
+        parts
+    ) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_the_server_makes_a_cascades_other_views_for_the_photos_it_escalates(
+    tmp_path: Path,
+) -> None:
+    """The real server on a cascade whose other models take views of their own: it answers each
+    photo as the file does when given every view (the first model's answer where it is sure,
+    the three models' average where not), alone and in a batch with a broken upload among the
+    photos, and its /metadata names the views."""
+    import urllib.request
+
+    from catsdogs.cascade import contract_views, views_entry
+    from loadtest.serverproc import SERVE_PYTHON, running_server
+
+    def logreg(size: int, resize: int, seed: int) -> Member:
+        torch.manual_seed(seed)
+        spec = default_spec("logreg", size, resize)
+        return Member(
+            f"logreg{size}",
+            build_model("logreg", 2, pretrained=False, spec=spec).eval(),
+            size,
+            resize,
+        )
+
+    first, mid, small = logreg(32, 36, 0), logreg(48, 54, 1), logreg(24, 28, 2)
+    spec = default_spec("logreg", 32, 36)
+    files = [p.read_bytes() for p, _ in shared_photos(4)]
+    images = np.stack([preprocess_bytes(b, spec) for b in files])
+    below = float(np.median(first_confidence(first, images)))
+    path = export_cascade(first, [first, mid, small], below, tmp_path / "cascade.onnx", opset=18)
+    views = {view_input(m): default_spec("logreg", m.input_size, m.resize) for m in (mid, small)}
+    entry = {"models": ["logreg@48", "logreg@24"], "below": below, "views": views_entry(views)}
+    contract = stamp(path, spec, "cascade-views-1", entry)
+    assert contract_views(contract.extra["cascade"]) == views
+    own = {name: np.stack([preprocess_bytes(b, v) for b in files]) for name, v in views.items()}
+    want, escalated = reference(first, [first, mid, small], below, images, own)
+    assert 0 < escalated.sum() < len(files)  # some photos take the second step, some do not
+    with torch.inference_mode():
+        sure = first.probabilities(torch.from_numpy(images.copy())).numpy()
+    assert not np.allclose(want[escalated], sure[escalated], atol=1e-4)  # the views change them
+
+    def answers(body: dict) -> list[float]:
+        return [body["probabilities"][c] for c in ("cat", "dog")]
+
+    with running_server(path, tmp_path / "server.log", python=SERVE_PYTHON) as server:
+        meta = json.loads(urllib.request.urlopen(f"{server.url}/metadata", timeout=10).read())
+        assert meta["cascade"]["views"] == views_entry(views)
+        for i, data in enumerate(files):
+            request = urllib.request.Request(
+                f"{server.url}/predict", data=data, headers={"Content-Type": "image/jpeg"}
+            )
+            body = json.loads(urllib.request.urlopen(request, timeout=30).read())
+            np.testing.assert_allclose(answers(body), want[i], rtol=1e-5, atol=1e-6)
+        # one batch: a broken upload second, so the rows that ran are not the uploads' order
+        uploads = [
+            ("a.jpg", files[0]),
+            ("junk.jpg", b"not an image"),
+            *[(f"{i}.jpg", b) for i, b in enumerate(files[1:], 1)],
+        ]
+        data, content_type = multipart(uploads)
+        request = urllib.request.Request(
+            f"{server.url}/predict/batch", data=data, headers={"Content-Type": content_type}
+        )
+        entries = json.loads(urllib.request.urlopen(request, timeout=30).read())["predictions"]
+        assert entries[1]["error"]["code"] == "not_an_image"
+        got = [answers(e) for i, e in enumerate(entries) if i != 1]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -492,6 +492,8 @@ def test_cross_validation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert both["test_n"] == summary["configs"]["pixels"]["test_n"]
     staged = summary["cascades"]["staged"]
     assert staged["then_members"] == ["pixels", "lite0-distilled"]
+    # each member's view, for the cost stage's file of the cascade
+    assert [summary["configs"][m]["resize"] for m in staged["then_members"]] == [72, 72]
     assert 0 < staged["escalated"] < 1  # pixels alone is sure of some photos, not of all
     assert staged["escalated"] == pytest.approx(np.mean(staged["escalated_per_repeat"]))
     assert "| `staged` = `pixels`, below 0.9 `both` (" in (out / "table.md").read_text()
@@ -748,3 +750,51 @@ def test_an_in_graph_resize_costs_the_network_size_multiply_adds() -> None:
     )
     at_260 = served_model({"model": "efficientnet_lite0", "input_size": 260}, 2)
     assert count_macs(resized, 260) == count_macs(at_224, 224) < count_macs(at_260, 260)
+
+
+def test_the_cost_stage_times_a_cascade_on_each_models_own_view(tmp_path: Path) -> None:
+    """A cascade is priced on the file that gives the accuracy ``make cv`` measured: each model
+    on its own view, the first's fed alone on the sure path and every view on the escalated one
+    (before, the models shared the largest view, the first resizing it inside the graph)."""
+    import onnx
+    import onnxruntime as ort
+
+    from catsdogs.contract import INPUT_NAME, OUTPUT_ESCALATED, OUTPUT_PROBABILITIES
+    from export.cascade import with_threshold
+    from export.cost import export_cascade_arch
+    from export.latency import time_sessions
+
+    def config(side: int, resize: int | None) -> dict:
+        served = {"served": {"model": "logreg", "input_size": side}}
+        return served if resize is None else {**served, "resize": resize}
+
+    summary = {
+        "configs": {"a": config(32, 36), "b": config(48, 55), "c": config(32, 36)},
+        "cascades": {"s": {"first": "a", "then_members": ["a", "b", "c"], "below": 0.9}},
+    }
+    path, inputs = export_cascade_arch(summary, "s", 2, tmp_path, 18)
+    assert inputs == {INPUT_NAME: 32, "image@48/55": 48}  # c shares a's view
+    model = onnx.load(str(path))
+    every = ort.InferenceSession(with_threshold(model, 2.0), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {name: rng.integers(0, 256, (3, s, s, 3), dtype=np.uint8) for name, s in inputs.items()}
+    names = [OUTPUT_PROBABILITIES, OUTPUT_ESCALATED]
+    probs, escalated = every.run(names, feed)
+    first_only, _ = every.run(names, {INPUT_NAME: feed[INPUT_NAME]})
+    assert escalated.all()
+    assert not np.allclose(probs, first_only)  # the escalated path ran the other models
+    files = {"sure": with_threshold(model, 0.0), "escalated": with_threshold(model, 2.0)}
+    sizes = {"sure": {INPUT_NAME: 32}, "escalated": inputs}
+    timed = time_sessions(files, sizes, batches=(1, 2), threads=1, warmup=0, runs=2)
+    assert set(timed) == {"sure", "escalated"}
+    assert set(timed["escalated"]) == {
+        f"batch_{b}_ms{s}" for b in (1, 2) for s in ("", "_per_image")
+    }
+    # a summary from before views were recorded (no resize): views told apart by their side
+    older = {
+        **summary,
+        "configs": {
+            k: config(v["served"]["input_size"], None) for k, v in summary["configs"].items()
+        },
+    }
+    assert export_cascade_arch(older, "s", 2, tmp_path, 18)[1] == {INPUT_NAME: 32, "image@48": 48}
