@@ -283,6 +283,8 @@ def _batch_observer(server_metrics: ServerMetrics) -> Callable[[BatchStats], Non
     decode, preprocess = stages["decode"], stages["preprocess"]
 
     def on_batch(stats: BatchStats) -> None:
+        if stats.escalated:
+            server_metrics.escalated.inc(stats.escalated)
         if stats.size:  # a batch whose images all failed to decode ran nothing
             server_metrics.policy_series(stats.label).inc()
             server_metrics.batch_size.observe(stats.size)

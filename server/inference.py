@@ -152,20 +152,21 @@ class InferenceModel:
         blobs: list[bytes],
         parallel: bool,
         view: Callable[[bytes, PreprocessSpec], np.ndarray],
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, int]:
         """The second step of a cascade whose other models take views of their own.
 
         ``probs``: the file's answers to ``batch`` fed alone (its first model's); ``blobs``: the
         encoded images of its rows. The rows the first model is unsure of (the file's own test,
         in float32) get their other views made by ``view`` and run again with them, on the
         session ``batch`` ran on; their answers replace the first's. A row whose view fails
-        (the decoded-pixels budget full under load) keeps the first model's answer.
+        (the decoded-pixels budget full under load) keeps the first model's answer. Returns the
+        answers and how many rows ran again.
         """
         if not self.views:
-            return probs
+            return probs, 0
         rows = np.flatnonzero(probs.max(axis=1) < np.float32(self.below))
         if not len(rows):
-            return probs
+            return probs, 0
         kept: list[int] = []
         made: dict[str, list[np.ndarray]] = {name: [] for name in self.views}
         for i in rows.tolist():
@@ -178,13 +179,13 @@ class InferenceModel:
             for name, array in arrays.items():
                 made[name].append(array)
         if not kept:
-            return probs
+            return probs, 0
         feed = {INPUT_NAME: batch[kept], **{n: np.stack(a) for n, a in made.items()}}
         session = self.parallel if parallel else self.sessions[self.batch_policy]
         (again,) = session.run([OUTPUT_PROBABILITIES], feed)  # type: ignore[attr-defined]
         out = probs.copy()
         out[kept] = again
-        return out
+        return out, len(kept)
 
     @property
     def batch_policy(self) -> str:
@@ -373,8 +374,8 @@ class Decoded(Protocol):
 
 
 # A cascade's second step: (probabilities, batch, its rows' encoded images, parallel) ->
-# probabilities (InferenceModel.escalate with its view maker bound)
-Escalate = Callable[[np.ndarray, np.ndarray, list[bytes], bool], np.ndarray]
+# (probabilities, rows run again) (InferenceModel.escalate with its view maker bound)
+Escalate = Callable[[np.ndarray, np.ndarray, list[bytes], bool], tuple[np.ndarray, int]]
 
 # Per image: what ``prepare`` made of it with its row of probabilities, or why it failed
 # (an ImageDecodeError for bad input; anything else is a server fault).
@@ -396,6 +397,7 @@ class BatchStats:
     run_s: float
     decoded: list[Any]  # what ``prepare`` made of each image that decoded
     label: str = ""  # the thread policy it ran on ("spin", "sleep" or "parallel")
+    escalated: int = 0  # images run again with their other views (a cascade's second step)
 
 
 class Batcher:
@@ -645,7 +647,7 @@ class Batcher:
     ) -> None:
         """One batch: wait for its ``work`` on a thread, then give each request its share."""
         try:
-            outcomes, started, decode_s, run_s, label = await work
+            outcomes, started, decode_s, run_s, label, escalated = await work
         except Exception as exc:  # a failed run fails its requests, never the loop
             self._ran()
             logger.exception("inference failed for a batch of %d", len(blobs))
@@ -663,7 +665,8 @@ class Batcher:
         if self.on_batch is not None:
             good = [o[0] for o in outcomes if not isinstance(o, Exception)]
             waits = [max(0.0, started - job.enqueued) for job in jobs]
-            self.on_batch(BatchStats(len(good), waits, decode_s, run_s, good, label))
+            stats = BatchStats(len(good), waits, decode_s, run_s, good, label, escalated)
+            self.on_batch(stats)
 
     def _decode(self, blob: bytes) -> Decoded | Exception:
         """Any failure stays with its own image, so one odd file never fails a whole batch."""
@@ -674,12 +677,13 @@ class Batcher:
 
     def _work(
         self, blobs: list[bytes], parallel: bool = False
-    ) -> tuple[list[Outcome], float, float, float, str]:
+    ) -> tuple[list[Outcome], float, float, float, str, int]:
         """Blocking, on a batch's thread: decode the batch, then one run.
 
         Alone, the images decode on the decode pool; in parallel mode, one after the other on
         this thread (the other runs keep the other cores busy). Returns the outcomes, when the
-        work started, the decode and run seconds and the run's label."""
+        work started, the decode and run seconds (a cascade's second step in the run), the run's
+        label and how many images its second step ran again."""
         started = time.perf_counter()
         if len(blobs) == 1 or parallel:
             decoded = [self._decode(blob) for blob in blobs]
@@ -688,7 +692,7 @@ class Batcher:
         good = [d for d in decoded if not isinstance(d, Exception)]
         decoded_at = time.perf_counter()
         if not good:
-            return decoded, started, decoded_at - started, 0.0, ""
+            return decoded, started, decoded_at - started, 0.0, "", 0
         # A lone image needs no stacking copy: a view with a batch axis is enough.
         batch = good[0].array[None] if len(good) == 1 else np.stack([d.array for d in good])
         if parallel:
@@ -698,15 +702,16 @@ class Batcher:
         else:
             probs = self.run(batch)
             label = self.run_label() if self.run_label is not None else ""
+        escalated = 0
         if self.escalate is not None:
             ran = [b for b, d in zip(blobs, decoded, strict=True) if not isinstance(d, Exception)]
-            probs = self.escalate(probs, batch, ran, parallel)
+            probs, escalated = self.escalate(probs, batch, ran, parallel)
         run_s = time.perf_counter() - decoded_at
         rows = iter(probs)
         outcomes: list[Outcome] = [
             d if isinstance(d, Exception) else (d, next(rows)) for d in decoded
         ]
-        return outcomes, started, decoded_at - started, run_s, label
+        return outcomes, started, decoded_at - started, run_s, label, escalated
 
     async def _fill(self) -> None:
         """Wait briefly for more images, but only while others are known to be on their way.

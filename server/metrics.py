@@ -142,6 +142,12 @@ class ServerMetrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
             registry=registry,
         )
+        self.escalated = Counter(
+            "inference_escalated_images",
+            "Images a cascade file's first model was unsure of, run again with their other views "
+            "(train.cascade_views: own); 0 for any other model.",
+            registry=registry,
+        )
         self.queue_images = Gauge(
             "inference_queue_images", "Images admitted and not yet answered.", registry=registry
         )

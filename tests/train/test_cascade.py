@@ -783,3 +783,8 @@ def test_the_server_makes_a_cascades_other_views_for_the_photos_it_escalates(
         assert entries[1]["error"]["code"] == "not_an_image"
         got = [answers(e) for i, e in enumerate(entries) if i != 1]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        # each escalated photo counted once per request that sent it
+        metrics = urllib.request.urlopen(f"{server.url}/metrics", timeout=10).read().decode()
+        counted = re.search(r"^inference_escalated_images_total (\S+)$", metrics, flags=re.M)
+        assert counted is not None
+        assert float(counted.group(1)) == 2 * escalated.sum()
