@@ -20,7 +20,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -30,7 +29,6 @@ from starlette.routing import Route
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
 from catsdogs.cpus import available_cpus
-from catsdogs.preprocessing import PreprocessSpec
 from server import docs, monitor_routes, openapi, ui, v2
 from server.error_handlers import EXCEPTION_HANDLERS
 from server.errors import RETRY_SOON, ApiError, error_response
@@ -41,7 +39,7 @@ from server.loop_lag import LoopLag
 from server.metrics import REFUSAL_COUNTER, ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.monitor import Monitor
-from server.service import Predictor, Upload, prepare
+from server.service import Predictor, Upload, prepare, view_array
 from server.settings import Settings
 from server.startup import StartupPhases
 from server.threads import call_at_lower_priority, worker_initializer
@@ -335,10 +333,7 @@ def _new_batcher(
 def _escalation(model: InferenceModel, settings: Settings, pixels: Budget) -> Escalate:
     """A cascade's second step: its other views made from the upload, as its first view was
     (the same pixel limit and decoded-pixels budget)."""
-
-    def view(blob: bytes, spec: PreprocessSpec) -> np.ndarray:
-        return prepare(blob, spec=spec, max_pixels=settings.max_pixels, pixels=pixels).array
-
+    view = functools.partial(view_array, max_pixels=settings.max_pixels, pixels=pixels)
     return functools.partial(model.escalate, view=view)
 
 

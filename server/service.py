@@ -80,6 +80,15 @@ def prepare(
     )
 
 
+def view_array(
+    blob: bytes | Body, spec: PreprocessSpec, *, max_pixels: int, pixels: Budget | None = None
+) -> np.ndarray:
+    """Blocking: ``blob``'s model input at ``spec`` alone (a cascade's other view), under the
+    limits ``prepare`` applies; no fingerprint or brightness, which the first view has given."""
+    reserve = pixels.hold if pixels is not None else None
+    return preprocess_bytes_info(as_bytes(blob), spec, max_pixels=max_pixels, reserve=reserve).array
+
+
 @dataclass(frozen=True)
 class Prediction:
     label: str

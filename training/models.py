@@ -228,7 +228,12 @@ class CascadeClassifier(nn.Module):
     """
 
     def __init__(
-        self, first: nn.Module, others: list[nn.Module], below: float, first_votes: bool = True
+        self,
+        first: nn.Module,
+        others: list[nn.Module],
+        below: float,
+        first_votes: bool = True,
+        views: list[PreprocessSpec] | None = None,
     ):
         super().__init__()
         self.first = first
@@ -236,7 +241,7 @@ class CascadeClassifier(nn.Module):
         self.below = below
         self.first_votes = first_votes
         # each other model's own view (train.cascade_views: own), None: they take ``x``
-        self.views: list[PreprocessSpec] | None = None
+        self.views = views
 
     def probabilities(
         self, x: torch.Tensor, views: Sequence[torch.Tensor | None] | None = None
@@ -418,9 +423,7 @@ def _cascade(payload: dict[str, Any], path: str | os.PathLike[str]) -> CascadeCl
             f"the file holds {len(others)}"
         )
     first = _rebuild(payload)
-    cascade = CascadeClassifier(first, others, float(meta["cascade"]["below"]))
+    views = None
     if meta["cascade"].get("views") == "own":
-        cascade.views = [
-            PreprocessSpec.from_json(entry["preprocessing"]) for entry in payload["cascade"]
-        ]
-    return cascade.eval()
+        views = [PreprocessSpec.from_json(entry["preprocessing"]) for entry in payload["cascade"]]
+    return CascadeClassifier(first, others, float(meta["cascade"]["below"]), views=views).eval()

@@ -863,9 +863,11 @@ def train(
     # what is served answers validation: the model, or the cascade it starts
     served: nn.Module = model
     if cascade:
-        served = CascadeClassifier(model, [m for _, m in cascade], params.cascade_below)
-        if params.cascade_views == "own":
-            served.views = [PreprocessSpec.from_json(info["preprocessing"]) for info, _ in cascade]
+        own = params.cascade_views == "own"
+        views = [PreprocessSpec.from_json(info["preprocessing"]) for info, _ in cascade]
+        served = CascadeClassifier(
+            model, [m for _, m in cascade], params.cascade_below, views=views if own else None
+        )
 
     if isinstance(served, CascadeClassifier) and served.views:
         views = CascadeImages(*splits["val"], [spec, *served.views])

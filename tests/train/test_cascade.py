@@ -33,7 +33,12 @@ from export.cascade import (
     with_threshold,
 )
 from export.onnx_tools import embed_metadata
-from tests.train.export_helpers import run_export_stage, shared_photos, write_manifest
+from tests.train.export_helpers import (
+    color_contract,
+    run_export_stage,
+    shared_photos,
+    write_manifest,
+)
 from training.models import (
     CascadeClassifier,
     ImageClassifier,
@@ -462,9 +467,8 @@ def own_view_cascade(seed: int = 0) -> CascadeClassifier:
         spec = default_spec("logreg", size, resize)
         models.append(build_model("logreg", 2, pretrained=False, spec=spec).eval())
     first, *others = models
-    cascade = CascadeClassifier(first, others, 0.5)
-    cascade.views = [default_spec("logreg", *VIEWS["mid"]), default_spec("logreg", *VIEWS["small"])]
-    return cascade.eval()
+    views = [default_spec("logreg", *VIEWS["mid"]), default_spec("logreg", *VIEWS["small"])]
+    return CascadeClassifier(first, others, 0.5, views=views).eval()
 
 
 def test_the_export_stage_serves_a_cascade_on_views_of_its_own(tmp_path: Path) -> None:
@@ -497,7 +501,7 @@ def test_the_export_stage_serves_a_cascade_on_views_of_its_own(tmp_path: Path) -
     ]
     views = contract_views(entry)
     assert list(views) == ["image@12/14", "image@8/9"]
-    # the eager cascade with every view, on the test photos, is what the stage scored
+    # the eager cascade with every view, on the test photos, is what the stage measured
     test = [p for p, _ in photos_["test"]]
     images = np.stack([preprocess_bytes(p.read_bytes(), spec) for p in test])
     own = [
@@ -612,16 +616,10 @@ def test_the_train_stage_fits_a_cascade_on_views_of_its_own(
 
 def stamp(path: Path, spec: PreprocessSpec, version: str, cascade: dict) -> ModelContract:
     """Embed a contract with this ``cascade`` entry in a cascade file, as the export stage does."""
-    contract = ModelContract(
-        class_names=("cat", "dog"),
+    contract = color_contract(
         input_size=spec.input_size,
         preprocessing=spec,
-        model_name="logreg",
         model_version=version,
-        mlflow_run_id="run-0",
-        git_commit="0" * 40,
-        data_version="d" * 64,
-        exported_at="2026-01-01T00:00:00Z",
         extra={"metrics": {"accuracy": 0.5, "n": 8}, "quantization": "none", "cascade": cascade},
     )
     embed_metadata(path, contract.to_metadata())
