@@ -22,9 +22,16 @@ class LoadedModel(NamedTuple):
 
 
 def load_model_file(
-    path: str | Path, *, sess_options: ort.SessionOptions | None = None
+    path: str | Path,
+    *,
+    sess_options: ort.SessionOptions | None = None,
+    source: bytes | str | None = None,
 ) -> LoadedModel:
-    """Open an ONNX file as a CPU session and read its contract, or fail naming the file."""
+    """Open an ONNX file as a CPU session and read its contract, or fail naming the file.
+
+    ``source``: what onnxruntime opens instead of the file itself, made from it (the server
+    opens a cascade's first step, or a graph it optimised); it is checked as the file would be.
+    """
     import onnxruntime as ort  # heavy: imported when a model is opened, not with the module
 
     path = Path(path)
@@ -34,7 +41,9 @@ def load_model_file(
         raise ModelFileError(f"model file {path} is empty (0 bytes)")
     try:
         session = ort.InferenceSession(
-            str(path), sess_options=sess_options, providers=["CPUExecutionProvider"]
+            str(path) if source is None else source,
+            sess_options=sess_options,
+            providers=["CPUExecutionProvider"],
         )
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -326,13 +326,13 @@ def _new_batcher(
         thread_initializer=worker_initializer(settings.worker_nice),
         timed_run=model.timed_run,
         timed_run_parallel=model.timed_run_parallel if model.parallel is not None else None,
-        escalate=_escalation(model, settings, pixels) if model.views else None,
+        escalate=_escalation(model, settings, pixels) if model.second is not None else None,
     )
 
 
 def _escalation(model: InferenceModel, settings: Settings, pixels: Budget) -> Escalate:
-    """A cascade's second step: its other views made from the upload, as its first view was
-    (the same pixel limit and decoded-pixels budget)."""
+    """A cascade's second step: its other views, if any, made from the upload as its first
+    view was (the same pixel limit and decoded-pixels budget)."""
     view = functools.partial(view_array, max_pixels=settings.max_pixels, pixels=pixels)
     return functools.partial(model.escalate, view=view)
 

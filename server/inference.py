@@ -21,11 +21,16 @@ latency to a lone request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from catsdogs.cascade import contract_views
+from catsdogs.cascade import contract_views, first_step
 from catsdogs.contract import (
     CASCADE_BELOW,
     INPUT_NAME,
@@ -133,13 +138,16 @@ class InferenceModel:
     # prepare it, only for the photos the first model is unsure of (``escalate``)
     views: dict[str, PreprocessSpec] = field(default_factory=dict)
     below: float = 0.0  # the file's threshold, from its contract
+    # a cascade: the sessions above run its first step alone (catsdogs.cascade.first_step), and
+    # this one the whole file, for the rows the first model is unsure of (``escalate``)
+    second: object | None = None
 
     def _feed(self, batch: np.ndarray, path: str | None) -> dict[str, np.ndarray]:
         if path is None or not self.cascade:
             return {INPUT_NAME: batch}
         below = 0.0 if path == "sure" else 2.0  # no probability is < 0; every one is < 2
         feed = {INPUT_NAME: batch, CASCADE_BELOW: np.array(below, np.float32)}
-        if path == "escalated":  # the other views too, or the branch would not run
+        if path == "escalated":  # the other views too, or the branch would not run (second)
             for name, spec in self.views.items():
                 side = spec.input_size
                 feed[name] = np.zeros((len(batch), side, side, 3), np.uint8)
@@ -153,16 +161,17 @@ class InferenceModel:
         parallel: bool,
         view: Callable[[bytes, PreprocessSpec], np.ndarray],
     ) -> tuple[np.ndarray, int]:
-        """The second step of a cascade whose other models take views of their own.
+        """A cascade's second step.
 
-        ``probs``: the file's answers to ``batch`` fed alone (its first model's); ``blobs``: the
-        encoded images of its rows. The rows the first model is unsure of (the file's own test,
-        in float32) get their other views made by ``view`` and run again with them, on the
-        session ``batch`` ran on; their answers replace the first's. A row whose view fails
-        (the decoded-pixels budget full under load) keeps the first model's answer. Returns the
-        answers and how many rows ran again.
+        ``probs``: the first step's answers to ``batch``; ``blobs``: the encoded images of its
+        rows. The rows the first model is unsure of (the file's own test, in float32) run again
+        through the whole file (``second``), with their other views made by ``view`` where its
+        other models take views of their own; their answers replace the first's. A row whose
+        view fails (the decoded-pixels budget full under load) keeps the first model's answer.
+        ``parallel``: whether ``batch`` ran as a parallel run (the second session serves both).
+        Returns the answers and how many rows ran again.
         """
-        if not self.views:
+        if self.second is None:
             return probs, 0
         rows = np.flatnonzero(probs.max(axis=1) < np.float32(self.below))
         if not len(rows):
@@ -181,8 +190,7 @@ class InferenceModel:
         if not kept:
             return probs, 0
         feed = {INPUT_NAME: batch[kept], **{n: np.stack(a) for n, a in made.items()}}
-        session = self.parallel if parallel else self.sessions[self.batch_policy]
-        (again,) = session.run([OUTPUT_PROBABILITIES], feed)  # type: ignore[attr-defined]
+        (again,) = self.second.run([OUTPUT_PROBABILITIES], feed)  # type: ignore[attr-defined]
         out = probs.copy()
         out[kept] = again
         return out, len(kept)
@@ -192,8 +200,8 @@ class InferenceModel:
         return "sleep" if "sleep" in self.sessions else next(iter(self.sessions))
 
     def run(self, batch: np.ndarray, path: str | None = None) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float32 probabilities (N, C). ``path`` ("sure", "escalated"):
-        a cascade's path forced, for warm-up runs only (None: the file's own threshold)."""
+        """uint8 (N, H, W, 3) -> float32 probabilities (N, C): a cascade's first step only.
+        ``path`` ("sure"): a cascade's threshold fed, for warm-up runs only."""
         lone = len(batch) == 1
         policy = self.chooser.choose() if lone else self.batch_policy
         feed = {INPUT_NAME: batch} if path is None else self._feed(batch, path)
@@ -221,21 +229,19 @@ class InferenceModel:
     def warm(self, batch: np.ndarray) -> None:
         """Run ``batch`` once on each session that will see its size, before any traffic.
 
-        A cascade: every size on its sure path, and lone images on the escalated one too, so
-        the later models' weights are prepacked before a request needs them (the escalated
-        path costs several times the sure one: warming every size of it would double the time
-        to ready for sub-batches whose size traffic picks anyway).
+        A cascade: lone images on its second session too, so the later models' weights are
+        prepacked before a request needs them (the escalated path costs several times the sure
+        one: warming every size of it would double the time to ready for sub-batches whose size
+        traffic picks anyway).
         """
         lone = len(batch) == 1
-        paths: tuple[str | None, ...] = (None,)
-        if self.cascade:
-            paths = ("sure", "escalated") if lone else ("sure",)
         sessions = [s for p, s in self.sessions.items() if lone or p == self.batch_policy]
         if self.parallel is not None:
             sessions.append(self.parallel)
         for session in sessions:
-            for path in paths:
-                session.run([OUTPUT_PROBABILITIES], self._feed(batch, path))
+            session.run([OUTPUT_PROBABILITIES], self._feed(batch, "sure"))
+        if lone and self.second is not None:
+            self.second.run([OUTPUT_PROBABILITIES], self._feed(batch, "escalated"))
 
 
 POLICIES = {SLEEP: ("sleep",), SPIN: ("spin",), AUTO: ("sleep", "spin")}
@@ -253,15 +259,12 @@ def load_model(
     """
     if spinning not in POLICIES:
         raise ValueError(f"spinning must be one of {sorted(POLICIES)}, not {spinning!r}")
-    sessions: dict[str, object] = {}
-    contract = None
-    for policy in POLICIES[spinning]:
-        sessions[policy], contract = _open_session(path, intra_op_threads, policy == "spin")
-    assert contract is not None
+    with _session_maker(path) as (contract, overridable, first, whole):
+        # the largest first: the buffers it frees once open are there for the others
+        second = whole(intra_op_threads, False) if whole is not None else None
+        sessions = {p: first(intra_op_threads, p == "spin") for p in POLICIES[spinning]}
+        parallel = first(1, False) if parallel_runs > 1 else None
     chooser = PolicyChooser(POLICIES[spinning])
-    parallel = _open_session(path, 1, False)[0] if parallel_runs > 1 else None
-    first = next(iter(sessions.values()))
-    overridable = {i.name: i for i in first.get_overridable_initializers()}
     cascade = CASCADE_BELOW in overridable
     entry = contract.extra.get("cascade") or {}
     try:
@@ -275,6 +278,9 @@ def load_model(
                 f"{path}: the contract's view {name!r} ({spec.input_size} px) is not an input"
                 " of the file"
             )
+    below = entry.get("below") if cascade else 0.0
+    if isinstance(below, bool) or not isinstance(below, int | float):
+        raise ModelLoadError(f"{path}: a cascade file whose contract has no cascade.below")
     return InferenceModel(
         sessions,
         contract,
@@ -284,7 +290,8 @@ def load_model(
         parallel=parallel,
         cascade=cascade,
         views=views,
-        below=float(entry.get("below", 0.0)) if views else 0.0,
+        below=float(below),
+        second=second,
     )
 
 
@@ -309,11 +316,7 @@ def _share_arena(ort: Any) -> None:
         _shared_arena = True
 
 
-def _open_session(path: Path, threads: int, spinning: bool) -> tuple[object, ModelContract]:
-    import onnxruntime as ort  # heavy: imported when a model is loaded, not with the module
-
-    from catsdogs.modelfile import ModelFileError, load_model_file
-
+def _options(ort: Any, threads: int, spinning: bool) -> Any:
     _share_arena(ort)
     options = ort.SessionOptions()
     options.add_session_config_entry("session.use_env_allocators", "1")
@@ -325,12 +328,118 @@ def _open_session(path: Path, threads: int, spinning: bool) -> tuple[object, Mod
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     # spin only while a run is active: between requests the threads sleep and cost nothing
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
+# A session maker: (intra-op threads, spinning) -> an onnxruntime session
+OpenSession = Callable[[int, bool], object]
+CPU = ["CPUExecutionProvider"]
+
+
+# What ``_session_maker``'s child process runs: the file argv[1] optimised, saved to argv[2] in
+# onnxruntime's own format
+OPTIMIZE = """
+import sys
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+options.intra_op_num_threads = 1
+options.log_severity_level = 3
+options.optimized_model_filepath = sys.argv[2]
+options.add_session_config_entry("session.save_model_format", "ORT")
+ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+"""
+OPTIMIZE_TIMEOUT_S = 300
+
+
+@contextlib.contextmanager
+def _session_maker(
+    path: Path,
+) -> Iterator[tuple[ModelContract, dict[str, Any], OpenSession, OpenSession | None]]:
+    """Check ``path`` and yield (contract, its overridable initializers, first, whole): the
+    makers of the sessions of its first model and, for a cascade file, of the whole file (else
+    None). The makers work until the context exits.
+
+    Each graph is optimised once and saved in onnxruntime's own format to a file in memory;
+    every session is opened from that without optimising it again. A session that optimises a
+    graph itself keeps both the weights it loaded and their rewritten copies (the optimiser puts
+    convolution weights into a blocked layout): a 50 MB cascade file took 110 MB in each of the
+    server's sessions, 53 MB opened from its optimised graph. Only one session holds a
+    cascade's later models: the others open its first step alone (``first_step``, 13.6 MB of
+    that file). The whole cascade is optimised in a child process, while this one opens the
+    first step: optimising it here would leave this process's heap about 150 MB larger for good
+    (freed, not given back to the system).
+    """
+    import onnxruntime as ort  # heavy: imported when a model is loaded, not with the module
+
+    from catsdogs.modelfile import ModelFileError, load_model_file
+
     try:
-        loaded = load_model_file(path, sess_options=options)
-    except (ModelFileError, ContractError) as exc:
-        raise ModelLoadError(str(exc)) from exc
-    _check_signature(loaded.session, loaded.contract, path)
-    return loaded.session, loaded.contract
+        step = first_step(path.read_bytes())
+    except (OSError, ValueError):  # load_model_file names what is wrong with the file
+        step = None
+    with contextlib.ExitStack() as stack:
+
+        def scratch() -> tuple[str, int]:
+            """A file in memory (Linux) or else a temporary one: its path, and an fd to pass on."""
+            if hasattr(os, "memfd_create"):
+                fd = os.memfd_create("catsdogs-model.ort", 0)
+                stack.callback(os.close, fd)
+                return f"/proc/self/fd/{fd}", fd
+            fd, name = tempfile.mkstemp(suffix=".ort")
+            os.close(fd)
+            stack.callback(Path(name).unlink, missing_ok=True)
+            return name, -1
+
+        child: subprocess.Popen[bytes] | None = None
+        if step is not None:  # the child optimises the whole file while this opens the first step
+            whole_ort, fd = scratch()
+            child = subprocess.Popen(
+                [sys.executable, "-c", OPTIMIZE, str(path), whole_ort],
+                pass_fds=(fd,) if fd >= 0 else (),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            stack.callback(_reap, child)
+        first_ort, _ = scratch()
+        options = _options(ort, 1, False)
+        options.optimized_model_filepath = first_ort
+        options.add_session_config_entry("session.save_model_format", "ORT")
+        try:  # the file checked (a cascade: its first step, which has the same contract)
+            loaded = load_model_file(path, sess_options=options, source=step)
+        except (ModelFileError, ContractError) as exc:
+            raise ModelLoadError(str(exc)) from exc
+        _check_signature(loaded.session, loaded.contract, path)
+        contract = loaded.contract
+        inputs = {i.name: i for i in loaded.session.get_overridable_initializers()}
+        del loaded  # holds its own copies of the weights
+        whole = None
+        if child is not None:
+            _, error = child.communicate(timeout=OPTIMIZE_TIMEOUT_S)
+            if child.returncode != 0:
+                last = error.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise ModelLoadError(f"{path}: optimising the cascade failed: {last[0][:300]}")
+            whole = _saved(ort, whole_ort)
+        yield contract, inputs, _saved(ort, first_ort), whole
+
+
+def _saved(ort: Any, graph: str) -> OpenSession:
+    """The maker of sessions of a graph that ``_session_maker`` optimised and saved."""
+
+    def open_saved(threads: int, spinning: bool) -> object:
+        options = _options(ort, threads, spinning)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.load_model_format", "ORT")
+        return ort.InferenceSession(graph, options, providers=CPU)
+
+    return open_saved
+
+
+def _reap(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.kill()
+    child.wait()
 
 
 def _check_signature(session: object, contract: ModelContract, path: Path) -> None:

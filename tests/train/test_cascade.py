@@ -3,7 +3,9 @@ train stage fitting one (train.cascade), its checkpoint, and the export stage se
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from catsdogs.cascade import two_step
+from catsdogs.cascade import first_step, two_step, views_entry
 from catsdogs.contract import (
     CASCADE_BELOW,
     INPUT_NAME,
@@ -27,6 +29,7 @@ from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes
 from export.cascade import (
     Member,
     export_cascade,
+    export_member,
     export_trained_cascade,
     reference,
     view_input,
@@ -216,6 +219,95 @@ def test_the_other_models_live_only_in_the_branch(
     twin = Member("twin", member("small", 7).model, 8, 9)
     same = onnx.load(str(export_cascade(first, [twin], 0.9, tmp_path / "s.onnx", opset=18)))
     assert [i.name for i in same.graph.input] == [INPUT_NAME, CASCADE_BELOW]
+
+
+def test_the_first_step_is_the_file_without_its_later_models(
+    tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
+) -> None:
+    """``first_step`` (what the server's every session but one opens): the same file, contract
+    included, whose If passes the first model's answers on even when fed every view and a
+    threshold that escalates every row; none of the later models' weights are left in it."""
+    first, mid, large = members
+    path = export_cascade(first, [first, mid, large], 0.9, tmp_path / "c.onnx", opset=18)
+    embed_metadata(path, {"model_name": "cascade-x", "class_names": '["cat", "dog"]'})
+    data = path.read_bytes()
+    step = first_step(data)
+    assert step is not None
+    model, whole = onnx.load_from_string(step), onnx.load_from_string(data)
+    onnx.checker.check_model(model)
+    assert model.metadata_props == whole.metadata_props
+    assert [i.name for i in model.graph.input] == [i.name for i in whole.graph.input]
+    branches = {a.name: a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute}
+    assert set(branches) == {"then_branch", "else_branch"}
+    assert all([n.op_type for n in g.node] == ["Identity"] for g in branches.values())
+    assert not any(g.initializer for g in branches.values())
+    assert {i.name.split("/")[0] for i in model.graph.initializer} == {
+        i.name.split("/")[0] for i in whole.graph.initializer
+    }  # the main graph byte for byte: m0 and the cascade's own
+    assert len(step) < len(data)
+    images = photos["small"]
+    everything = {**feed_views(photos), CASCADE_BELOW: np.array(2.0, np.float32)}
+    _, probs, escalated = run(step, images, everything)
+    assert escalated.all()  # every row wants the second step, and the file has none
+    with torch.inference_mode():
+        alone = first.probabilities(torch.from_numpy(images.copy())).numpy()
+    np.testing.assert_allclose(probs, alone, atol=1e-6)
+    _, whole_probs, _ = run(path, images, everything)
+    assert not np.allclose(whole_probs, probs, atol=1e-4)
+    # a file without a cascade is left alone; what is not ONNX is said so
+    plain = export_member(first, tmp_path / "plain.onnx", opset=18)
+    assert first_step(plain.SerializeToString()) is None
+    with pytest.raises(ValueError, match="not an ONNX model"):
+        first_step(b"\xff" * 64)
+
+
+def test_a_loaded_cascade_runs_its_later_models_in_one_session(
+    tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
+) -> None:
+    """The server's ``load_model`` on a cascade file: every session but ``second`` answers with
+    the first model alone whatever it is fed; ``second`` runs the whole file; the files in
+    memory and the child process that optimised the file are gone once it has loaded."""
+    from server.inference import load_model
+
+    first, mid, large = members
+    spec = default_spec("logreg", *VIEWS["small"])
+    path = export_cascade(first, [first, mid, large], 0.9, tmp_path / "c.onnx", opset=18)
+    views = {view_input(m): default_spec("logreg", m.input_size, m.resize) for m in (mid, large)}
+    entry = {"models": ["mid", "large"], "below": 0.9, "views": views_entry(views)}
+    stamp(path, spec, "cascade-load-1", entry)
+    model = load_model(path, intra_op_threads=2, parallel_runs=2)
+    assert model.cascade
+    assert model.below == pytest.approx(0.9)
+    assert set(model.views) == set(views)
+    images = photos["small"]
+    everything = {INPUT_NAME: images, **feed_views(photos)}
+    everything[CASCADE_BELOW] = np.array(2.0, np.float32)
+    with torch.inference_mode():
+        alone = first.probabilities(torch.from_numpy(images.copy())).numpy()
+    for session in [*model.sessions.values(), model.parallel]:
+        (probs,) = session.run([OUTPUT_PROBABILITIES], everything)
+        np.testing.assert_allclose(probs, alone, atol=1e-6)
+    (probs,) = model.second.run([OUTPUT_PROBABILITIES], everything)
+    np.testing.assert_allclose(probs, run(path, images, everything)[1], atol=1e-6)
+    fds = Path("/proc/self/fd")
+    targets = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(fd))
+    assert not [t for t in targets if "catsdogs-model" in t]
+    # and the server's escalate step gives the file's own answers, batch 1 to all
+    (first_probs,) = model.sessions[model.batch_policy].run(
+        [OUTPUT_PROBABILITIES], {INPUT_NAME: images}
+    )
+    blobs = [p.read_bytes() for p, _ in shared_photos(6)]
+
+    def view(blob: bytes, spec: PreprocessSpec) -> np.ndarray:
+        return preprocess_bytes(blob, spec)
+
+    got, rows = model.escalate(first_probs, images, blobs, False, view)
+    want, escalated = reference(first, [first, mid, large], 0.9, images, feed_views(photos))
+    assert rows == escalated.sum() > 0
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_thresholds_at_the_ends_never_or_always_escalate(
