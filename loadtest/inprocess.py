@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs.contract import OUTPUT_PROBABILITIES, ModelContract
+from catsdogs.cascade import contract_views, two_step
+from catsdogs.contract import INPUT_NAME, OUTPUT_ESCALATED, OUTPUT_PROBABILITIES, ModelContract
 from catsdogs.cpus import available_cpus
 from catsdogs.modelfile import load_model_file
 from catsdogs.photos import load_photos
@@ -33,14 +34,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "originals"
 POLICIES = ("spin", "sleep")  # onnxruntime's intra-op threads when idle
 
-RunFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> probabilities (N, C)
+# uint8 (N, H, W, 3) and the N encoded photos it was made from -> probabilities (N, C); a
+# cascade makes its other views from the photos, for the rows it escalates
+RunFn = Callable[[np.ndarray, Sequence[bytes]], np.ndarray]
 
 
 def open_runs(
     path: Path, threads: int, policies: Sequence[str] = POLICIES
 ) -> tuple[dict[str, RunFn], ModelContract]:
     """One session per thread policy in ``policies``, with the same threads and graph
-    optimisations; the model's contract (its preprocessing and classes)."""
+    optimisations; the model's contract (its preprocessing and classes). A cascade whose
+    models take views of their own runs in two steps (``catsdogs.cascade.two_step``, as the
+    export stage runs it): the file on the batch, then on the rows it escalates with their
+    other views, made from their photos (what the server does too)."""
     import onnxruntime as ort
 
     if not policies or any(p not in POLICIES for p in policies):
@@ -57,10 +63,29 @@ def open_runs(
         loaded = load_model_file(path, sess_options=options)
         contract = loaded.contract
         session = loaded.session
+        views = contract_views(contract.extra.get("cascade"))
 
-        def run(batch: np.ndarray, session: Any = session) -> np.ndarray:
-            (probs,) = session.run([OUTPUT_PROBABILITIES], {"image": batch})
-            return probs
+        def run(
+            batch: np.ndarray,
+            photos: Sequence[bytes],
+            session: Any = session,
+            views: dict[str, PreprocessSpec] = views,
+        ) -> np.ndarray:
+            if not views:
+                (probs,) = session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+                return probs
+
+            def step(feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+                probs, escalated = session.run([OUTPUT_PROBABILITIES, OUTPUT_ESCALATED], feed)
+                return probs, escalated
+
+            def other_views(rows: np.ndarray) -> dict[str, np.ndarray]:
+                return {
+                    name: np.stack([preprocess_bytes(photos[i], spec) for i in rows])
+                    for name, spec in views.items()
+                }
+
+            return two_step(step, batch, other_views)[0]
 
         runs[policy] = run
     assert contract is not None
@@ -108,7 +133,7 @@ def per_image(
         t0 = time.perf_counter()
         arr = preprocess_bytes(photos[i], spec)
         t1 = time.perf_counter()
-        runs[policy](arr[None])
+        runs[policy](arr[None], photos[i : i + 1])
         t2 = time.perf_counter()
         times[policy]["total"].append(t2 - t0)
         times[policy]["prep"].append(t1 - t0)
@@ -133,8 +158,9 @@ def images(
     (wrapping around), one policy: a short block that ``make bench`` interleaves with HTTP."""
     seconds = []
     for k in range(count):
+        photo = photos[(start + k) % len(photos)]
         t0 = time.perf_counter()
-        run(preprocess_bytes(photos[(start + k) % len(photos)], spec)[None])
+        run(preprocess_bytes(photo, spec)[None], [photo])
         seconds.append(time.perf_counter() - t0)
     return seconds
 
@@ -154,7 +180,7 @@ def batched(
         t0 = time.perf_counter()
         x = np.stack([preprocess_bytes(d, spec) for d in chunk])
         t1 = time.perf_counter()
-        runs[policy](x)
+        runs[policy](x, chunk)
         t2 = time.perf_counter()
         batch_s[policy].append(t2 - t0)
         infer_s[policy].append(t2 - t1)
@@ -175,7 +201,7 @@ def batched(
 def warm(runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec, sizes) -> None:
     for run in runs.values():  # every shape once, as the server does before it is ready
         for size in (1, *sizes):
-            run(np.stack([preprocess_bytes(photos[0], spec)] * size))
+            run(np.stack([preprocess_bytes(photos[0], spec)] * size), [photos[0]] * size)
 
 
 def measure(
@@ -192,7 +218,7 @@ def labels(runs: dict[str, RunFn], photos: Sequence[bytes], spec: PreprocessSpec
     run = next(iter(runs.values()))
     out = []
     for data in photos:
-        probs = run(preprocess_bytes(data, spec)[None])[0]
+        probs = run(preprocess_bytes(data, spec)[None], [data])[0]
         out.append([int(np.argmax(probs)), [float(p) for p in probs]])
     return out
 

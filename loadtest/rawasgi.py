@@ -44,7 +44,7 @@ def make_app(model: Path, threads: int, policy: str) -> Any:
     pool = ThreadPoolExecutor(1)
 
     def predict(image: bytes) -> list[float]:
-        return [float(p) for p in run(preprocess_bytes(image, spec)[None])[0]]
+        return [float(p) for p in run(preprocess_bytes(image, spec)[None], [image])[0]]
 
     async def reply(send: Any, status: int, body: bytes) -> None:
         await send({"type": "http.response.start", "status": status, "headers": JSON})

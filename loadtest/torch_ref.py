@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from catsdogs.photos import load_photos
-from catsdogs.preprocessing import PreprocessSpec
+from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes
 from loadtest.inprocess import DEFAULT_PHOTOS, measure
-from training.models import load_checkpoint
+from training.models import CascadeClassifier, load_served
 
 
 def main() -> None:
@@ -31,17 +32,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_served(args.checkpoint)
     spec = PreprocessSpec.from_json(meta["preprocessing"])
     photos = [data for _, data in load_photos(args.photos)]
     if args.limit:
         # a spread of cats and dogs, not the first N of one class
         photos = photos[:: max(1, len(photos) // args.limit)][: args.limit]
 
-    @torch.inference_mode()
-    def run(x: np.ndarray) -> np.ndarray:
+    def tensor(x: np.ndarray) -> torch.Tensor:
         # writable copy only when needed: decoded arrays may be read-only views of PIL memory
-        return torch.softmax(model(torch.from_numpy(np.require(x, requirements="W"))), 1).numpy()
+        return torch.from_numpy(np.require(x, requirements="W"))
+
+    # a cascade on views of its own: its other views made for the rows it escalates, as served
+    views = model.views if isinstance(model, CascadeClassifier) else None
+
+    @torch.inference_mode()
+    def run(x: np.ndarray, photos: Sequence[bytes]) -> np.ndarray:
+        if views is None:
+            return torch.softmax(model(tensor(x)), 1).numpy()
+        probs, unsure = model.probabilities(tensor(x))
+        rows = np.flatnonzero(unsure.numpy())
+        if len(rows):
+            own = [tensor(np.stack([preprocess_bytes(photos[i], v) for i in rows])) for v in views]
+            probs[rows] = model.probabilities(tensor(x[rows]), own)[0]
+        return probs.numpy()
 
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
     result = {

@@ -35,7 +35,8 @@ def test_per_image_switches_policy_only_between_blocks_after_a_pause(
     monkeypatch.setattr(inprocess.time, "sleep", lambda s: pauses.append(len(calls)))
 
     def fake(policy: str) -> inprocess.RunFn:
-        def run(batch: np.ndarray) -> np.ndarray:
+        def run(batch: np.ndarray, photos: list[bytes]) -> np.ndarray:
+            assert len(photos) == len(batch)
             calls.append(policy)
             return np.zeros((len(batch), 2))
 

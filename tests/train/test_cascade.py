@@ -310,6 +310,34 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_the_bench_floor_runs_a_cascade_in_two_steps(
+    tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
+) -> None:
+    """``make bench``'s floor (loadtest.inprocess) on a cascade with views of its own: each
+    photo's answer is the eager cascade's with every view, alone and in a batch, so the
+    server's answers are compared with the cascade's and not with its first model's."""
+    from loadtest.inprocess import open_runs
+
+    first, mid, large = members
+    spec = default_spec("logreg", *VIEWS["small"])
+    images = photos["small"]
+    below = float(np.median(first_confidence(first, images)))
+    path = export_cascade(first, [first, mid, large], below, tmp_path / "c.onnx", opset=18)
+    views = {view_input(m): default_spec("logreg", m.input_size, m.resize) for m in (mid, large)}
+    entry = {"models": [], "below": below, "views": views_entry(views)}
+    stamp(path, spec, "cascade-floor-1", entry)
+    runs, contract = open_runs(path, 1, ("sleep",))
+    assert contract.preprocessing == spec
+    blobs = [p.read_bytes() for p, _ in shared_photos(6)]
+    want, escalated = reference(first, [first, mid, large], below, images, feed_views(photos))
+    assert 0 < escalated.sum() < len(images)
+    np.testing.assert_allclose(runs["sleep"](images, blobs), want, atol=1e-6)
+    for i in range(len(blobs)):
+        np.testing.assert_allclose(
+            runs["sleep"](images[i : i + 1], blobs[i : i + 1])[0], want[i], atol=1e-6
+        )
+
+
 def test_thresholds_at_the_ends_never_or_always_escalate(
     tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
 ) -> None:
