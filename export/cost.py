@@ -42,7 +42,7 @@ from export.cascade import Member, export_cascade, view_inputs, with_threshold
 from export.latency import time_sessions
 from export.params import load_export
 from training.models import LITE_VARIANTS, ORT_BATCH, build_model, default_spec
-from training.params import PARAMS_FILE, load_cv
+from training.params import PARAMS_FILE, load_cv, load_train
 
 log = logging.getLogger("export.cost")
 
@@ -283,8 +283,10 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
             cost[arch][path_name] = t
         else:
             cost[key].update(t)
+    # a configuration is one model: where the train section is a cascade, its command says so
+    alone = {"cascade": None} if load_train(params_path).cascade else {}
     for s in summary["configs"].values():
-        s["reproduce"] = reproduce_command(s["overrides"])
+        s["reproduce"] = reproduce_command({**s["overrides"], **alone})
         s["train_seconds_estimate"] = train_estimate(s, cost)
     for s in summary.get("ensembles", {}).values():  # not one model: no single command
         s["reproduce"] = "the members' commands; their answers averaged"

@@ -44,6 +44,9 @@ log = logging.getLogger("check_cuda")
 
 # name: (train overrides, what the case checks). Epoch counts are cut: the check is of the code
 # path on the device, not of the model's quality (the floor below still catches a broken one).
+# Every case starts from the train section without its cascade (ALONE): one model, unless the
+# case names a cascade.
+ALONE = {"cascade": None}
 CASES: dict[str, dict[str, Any]] = {
     "lite0": {},
     "lite0-finetune": {"fine_tune_blocks": 2, "fine_tune_epochs": 2},
@@ -100,7 +103,7 @@ def write_params(
         params["export"]["calibration_images"] = export_photos
     if not int8:
         params["export"]["quantize"] = False
-    params["train"].update(train)
+    params["train"].update({**ALONE, **train})
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -42,7 +42,8 @@ class Settings:
         "var/models", "folder a model resolved from MODEL_URI is downloaded to"
     )
     model_max_bytes: int = setting(
-        1024 * MIB, "largest model download accepted from the registry, bytes; the model is ~15 MB"
+        1024 * MIB,
+        "largest model download accepted from the registry, bytes; the default model is ~50 MB",
     )
     # local sources are for tests and local development; see server/model_uri.py
     model_allow_local_source: int = setting(

@@ -54,6 +54,7 @@ from training.params import (
     CvParams,
     TrainParams,
     cascade_steps,
+    default_row,
     ensemble_members,
     load_cv,
     load_train,
@@ -623,7 +624,7 @@ def cross_validate(
     cache = FeatureCache(Path(cv.cache_dir), first.batch_size, device)
     data_version = file_sha256(manifest)
     tags = {"data_version": data_version, "git_commit": git_commit(), "kind": "cross-validation"}
-    default_name = next((n for n, p in configs.items() if p == default), None)
+    default_name = default_row(default, cv, configs)
     members = ensemble_members(cv, configs)
     cascades = cascade_steps(cv, configs)
     summary: dict[str, dict[str, Any]] = {}

@@ -241,7 +241,9 @@ def load_cv(path: str | Path = PARAMS_FILE) -> tuple[CvParams, dict[str, TrainPa
         raise ParamsError("cv.repeats: must be >= 1")
     if not cv.configs:
         raise ParamsError("cv.configs: name at least one configuration")
-    train = load_yaml(path).get("train") or {}
+    # a configuration is one model: the train section's cascade is not inherited (cv.cascades
+    # measures cascades from the configurations' answers)
+    train = {k: v for k, v in (load_yaml(path).get("train") or {}).items() if k not in CASCADE_KEYS}
     configs = {}
     for name, overrides in cv.configs.items():
         section = f"cv.configs.{name}"
@@ -257,6 +259,7 @@ def load_cv(path: str | Path = PARAMS_FILE) -> tuple[CvParams, dict[str, TrainPa
 
 CASCADE_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "logreg")
 CASCADE_VIEWS = ("shared", "own")  # train.cascade_views
+CASCADE_KEYS = ("cascade", "cascade_below", "cascade_views")  # what makes a train section a cascade
 MAX_VIEW = 1024  # a cascade model's own view, at most (px)
 
 
@@ -388,3 +391,27 @@ def check_train(params: TrainParams, section: str = "train") -> TrainParams:
     if params.distill_temperature <= 0:
         raise ParamsError(f"{section}.distill_temperature: must be > 0")
     return params
+
+
+def default_row(train: TrainParams, cv: CvParams, configs: dict[str, TrainParams]) -> str | None:
+    """The name under which ``make cv`` measured the ``train`` section itself: the
+    configuration equal to it or, when it is a cascade, the ``cv.cascades`` entry whose first
+    model is that configuration, whose threshold is ``cascade_below`` and whose later models are
+    ``train.cascade``'s, each on its own view or on the first's as ``cascade_views`` says.
+    None: it was not measured."""
+    unset = {f.name: f.default for f in dataclasses.fields(TrainParams) if f.name in CASCADE_KEYS}
+    alone = dataclasses.replace(train, **unset)
+    first = next((n for n, p in configs.items() if p == alone), None)
+    if first is None or not train.cascade:
+        return first
+    wanted = sorted(cascade_members(train))
+    ensembles = ensemble_members(cv, configs)
+    for name, step in cascade_steps(cv, configs).items():
+        if step.first != first or step.below != train.cascade_below:
+            continue
+        later = [configs[m] for m in ensembles.get(step.then, [step.then]) if m != first]
+        own = all(p.network_size is None for p in later)
+        sides = sorted((p.model, p.network_size or p.input_size) for p in later)
+        if sides == wanted and own == (train.cascade_views == "own"):
+            return name
+    return None

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ from training.cv import (
     write_predictions,
 )
 from training.models import LITE_VARIANTS, build_model, default_spec, lite_weights
-from training.params import ParamsError, TrainParams, load_cv, parse_section
+from training.params import ParamsError, TrainParams, load_cv, load_train, parse_section
 from training.prepare import split_of
 from training.train import AugmentedImages, crop_box, distillation_loss, source_soft_targets
 
@@ -798,3 +799,26 @@ def test_the_cost_stage_times_a_cascade_on_each_models_own_view(tmp_path: Path) 
         },
     }
     assert export_cascade_arch(older, "s", 2, tmp_path, 18)[1] == {INPUT_NAME: 32, "image@48": 48}
+
+
+def test_the_default_row_is_the_train_section_as_make_cv_measured_it(tmp_path: Path) -> None:
+    """The train section's own row: a cascade (params.yaml's) is the cv.cascades entry with its
+    first model, threshold and later models on the same views; a plain train section is its
+    configuration; a cascade make cv did not measure has none."""
+    from training.params import default_row
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    path = tmp_path / "params.yaml"
+
+    def row(**train: Any) -> str | None:
+        changed = {**params, "train": {**params["train"], **train}}
+        path.write_text(yaml.safe_dump(changed, sort_keys=False))
+        cv, configs = load_cv(path)
+        return default_row(load_train(path), cv, configs)
+
+    assert row() == "lite0-then-all-0.98"
+    assert row(cascade_below=0.95) == "lite0-then-all-0.95"
+    assert row(cascade=None) == "lite0"
+    assert row(cascade_below=0.5) is None  # no such threshold in cv.cascades
+    assert row(cascade_views="shared") is None  # Lite1 and Lite2 upsampled from 224: not these
+    assert row(cascade="efficientnet_lite2") is None

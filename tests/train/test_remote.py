@@ -228,7 +228,7 @@ def tiny_params(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prepare"].update(max_per_class=20, workers=1)
     params["train"].update(
-        model="logreg", input_size=64, resize=72, epochs=3, patience=2, batch_size=8
+        model="logreg", input_size=64, resize=72, epochs=3, patience=2, batch_size=8, cascade=None
     )
     params["export"].update(
         quantize=False, parity_images=4, bench_runs=1, bench_warmup=0, calibration_images=8
