@@ -138,6 +138,9 @@ def _raise_open_files_limit(connections: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from server.logs import capture_native_stderr
+    from server.malloc import cap_arenas
+
+    cap_arenas()  # before any thread: one malloc arena (server/malloc.py)
 
     capture_native_stderr()  # C libraries' plain-text stderr lines become JSON lines too
     args = parse_args(argv)
