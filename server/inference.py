@@ -374,10 +374,11 @@ def _session_maker(
 
     from catsdogs.modelfile import ModelFileError, load_model_file
 
+    unreadable = ""  # why the file's first step could not be made, if it could not
     try:
         step = first_step(path.read_bytes())
-    except (OSError, ValueError):  # load_model_file names what is wrong with the file
-        step = None
+    except (OSError, ValueError) as exc:  # load_model_file names what is wrong with the file
+        step, unreadable = None, str(exc)
     with contextlib.ExitStack() as stack:
 
         def scratch() -> tuple[str, int]:
@@ -414,9 +415,15 @@ def _session_maker(
         contract = loaded.contract
         inputs = {i.name: i for i in loaded.session.get_overridable_initializers()}
         del loaded  # holds its own copies of the weights
+        if step is None and CASCADE_BELOW in inputs:  # a cascade whose If is not export's
+            raise ModelLoadError(f"{path}: a cascade file without its first step: {unreadable}")
         whole = None
         if child is not None:
-            _, error = child.communicate(timeout=OPTIMIZE_TIMEOUT_S)
+            try:
+                _, error = child.communicate(timeout=OPTIMIZE_TIMEOUT_S)
+            except subprocess.TimeoutExpired as exc:
+                took = f"over {exc.timeout} s"
+                raise ModelLoadError(f"{path}: optimising the cascade took {took}") from exc
             if child.returncode != 0:
                 last = error.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
                 raise ModelLoadError(f"{path}: optimising the cascade failed: {last[0][:300]}")

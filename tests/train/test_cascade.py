@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from catsdogs.cascade import first_step, two_step, views_entry
 from catsdogs.contract import (
@@ -267,7 +268,7 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
     """The server's ``load_model`` on a cascade file: every session but ``second`` answers with
     the first model alone whatever it is fed; ``second`` runs the whole file; the files in
     memory and the child process that optimised the file are gone once it has loaded."""
-    from server.inference import load_model
+    from server.inference import ModelLoadError, load_model
 
     first, mid, large = members
     spec = default_spec("logreg", *VIEWS["small"])
@@ -308,6 +309,14 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
     want, escalated = reference(first, [first, mid, large], 0.9, images, feed_views(photos))
     assert rows == escalated.sum() > 0
     np.testing.assert_allclose(got, want, atol=1e-6)
+    # a file with the cascade's threshold input but no If of export's: refused, saying why
+    odd = export_member(first, tmp_path / "odd.onnx", opset=18)
+    odd.graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), CASCADE_BELOW))
+    odd.graph.input.append(helper.make_tensor_value_info(CASCADE_BELOW, TensorProto.FLOAT, []))
+    onnx.save(odd, str(tmp_path / "odd.onnx"))
+    stamp(tmp_path / "odd.onnx", spec, "cascade-odd-1", entry)
+    with pytest.raises(ModelLoadError, match=r"without its first step: .* this one 0"):
+        load_model(tmp_path / "odd.onnx", intra_op_threads=1)
 
 
 def test_the_bench_floor_runs_a_cascade_in_two_steps(
