@@ -72,7 +72,7 @@ venvs: venv-train venv-serve venv-serve-tools venv-load
 # version (one place); `make lock` resolves them with pip-compile into the hashed lock files
 # requirements-<env>.txt. The serve-test and dev locks are resolved against the serve and train
 # locks (their .in files say so), hence the order. pip-compile keeps the versions a lock already
-# has unless asked: LOCK_ARGS=--upgrade (everything the pins allow) or --upgrade-package NAME.
+# has unless asked: LOCK_ARGS=-U (everything to the newest the pins allow) or -P NAME (one package).
 # It needs the package indexes (PyPI and this machine's local ones, through pip's configuration).
 .PHONY: lock sbom
 LOCK_ARGS ?=

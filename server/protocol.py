@@ -166,7 +166,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         assert self.max_header_bytes is not None
         if size > self.max_header_bytes:
             self._refuse(431, reason="head_too_large")
-            self.headers = []  # nor may an Upgrade header in it start a protocol switch
+            self.headers = []  # nor may a header in it start a protocol switch
             return
         unanswered = self._unanswered
         while unanswered and unanswered[0].response_complete:
@@ -212,12 +212,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     def _unsupported_upgrade_warning(self) -> None:
-        # uvicorn logs two warnings for every request that asks to switch protocols (an
-        # Upgrade: websocket or h2c header), the second telling the operator to install a
+        # uvicorn's hook (hence the name): it logs two warnings for every request that asks to
+        # switch protocols (to websocket or h2c), the second telling the operator to install a
         # WebSocket library. This server speaks HTTP/1.1 only, by design: such a request gets
-        # its plain HTTP/1.1 answer (RFC 9110 lets a server ignore Upgrade), and any client
-        # could fill the log with that advice.
-        log.debug("an Upgrade header was ignored")
+        # its plain HTTP/1.1 answer (RFC 9110 lets a server ignore the request to switch), and
+        # any client could fill the log with that advice.
+        log.debug("a request to switch protocols was ignored")
 
     def send_400_response(self, msg: str) -> None:
         self._count("malformed")  # uvicorn's parser refused the bytes: not HTTP

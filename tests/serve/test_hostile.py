@@ -768,8 +768,9 @@ def test_a_flood_of_pipelined_requests_is_cut_off_at_a_bounded_cost(target: Targ
     target.assert_serves()
 
 
+# the header names are HTTP's own (RFC 9110 section 7.8)
 @pytest.mark.parametrize(
-    "upgrade",
+    "switch",
     [
         b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
@@ -777,12 +778,12 @@ def test_a_flood_of_pipelined_requests_is_cut_off_at_a_bounded_cost(target: Targ
     ],
     ids=["websocket", "h2c"],
 )
-def test_a_protocol_upgrade_is_ignored_quietly(target: Target, upgrade: bytes) -> None:
+def test_a_protocol_switch_is_ignored_quietly(target: Target, switch: bytes) -> None:
     """HTTP/1.1 only: the request is answered as if it had not asked, and the log gets no
     warning telling the operator to install a WebSocket library (uvicorn wrote two a request)."""
     log_offset = target.server.log.stat().st_size
     head = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-    reply = send_raw(target.url, head.replace(b"Connection: close\r\n", upgrade) + b"\r\n")
+    reply = send_raw(target.url, head.replace(b"Connection: close\r\n", switch) + b"\r\n")
     assert reply is not None
     assert reply.status == 200, reply
     assert reply.json() == {"status": "alive"}
