@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.logs import capture_native_stderr
     from server.malloc import cap_arenas
 
-    cap_arenas()  # before any thread: one malloc arena (server/malloc.py)
+    cap_arenas()  # before any thread (create_app's call comes after the stderr reader's)
 
     capture_native_stderr()  # C libraries' plain-text stderr lines become JSON lines too
     args = parse_args(argv)

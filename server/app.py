@@ -36,6 +36,7 @@ from server.inference import Batcher, BatchStats, Escalate, InferenceModel, load
 from server.limits import Budget, Reservation
 from server.logs import configure_logging
 from server.loop_lag import LoopLag
+from server.malloc import cap_arenas
 from server.metrics import REFUSAL_COUNTER, ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.monitor import Monitor
@@ -434,6 +435,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
 
 # ---------------------------------------------------------------------- factory
 def create_app(settings: Settings | None = None) -> Starlette:
+    # one malloc arena (server/malloc.py); python -m server has capped them already, this is for
+    # uvicorn --factory, whose own threads keep theirs
+    cap_arenas()
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     registry = CollectorRegistry()

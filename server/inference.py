@@ -130,17 +130,19 @@ class InferenceModel:
     last_policy: str = ""
     # a one-thread session for parallel runs (``run_parallel``); None with parallel_runs <= 1
     parallel: object | None = None
-    # a cascade file (export.cascade) has two paths: its first model alone, and every model on
-    # the rows the first is unsure of. Warm-up feeds its threshold to take each path on purpose
-    # (blank warm-up images would escalate, and the batch curves would time the rare path)
-    cascade: bool = False
+    # a cascade file (export.cascade): the sessions above run its first step alone
+    # (catsdogs.cascade.first_step), and this one the whole file, for the rows the first model is
+    # unsure of (``escalate``). Warm-up feeds its threshold to take each path on purpose (blank
+    # warm-up images would escalate, and the batch curves would time the rare path)
+    second: object | None = None
     # ... whose other models may take views of their own (catsdogs.cascade): input -> how to
-    # prepare it, only for the photos the first model is unsure of (``escalate``)
+    # prepare it, only for the photos the first model is unsure of
     views: dict[str, PreprocessSpec] = field(default_factory=dict)
     below: float = 0.0  # the file's threshold, from its contract
-    # a cascade: the sessions above run its first step alone (catsdogs.cascade.first_step), and
-    # this one the whole file, for the rows the first model is unsure of (``escalate``)
-    second: object | None = None
+
+    @property
+    def cascade(self) -> bool:
+        return self.second is not None
 
     def _feed(self, batch: np.ndarray, path: str | None) -> dict[str, np.ndarray]:
         if path is None or not self.cascade:
@@ -288,7 +290,6 @@ def load_model(
         intra_op_threads,
         chooser,
         parallel=parallel,
-        cascade=cascade,
         views=views,
         below=float(below),
         second=second,

@@ -3,9 +3,9 @@
 glibc gives each new thread a malloc arena of its own, up to eight per core, and an arena keeps
 the memory freed into it. The server's threads (the decode pool, the inference and parallel-run
 threads, onnxruntime's pools, the log writers) each filled one with the buffers of the images
-they decoded and let go: the default cascade's peak RSS after 600 requests was 315 MB with
-glibc's default, 304 MB with two arenas and 275 MB with one, at the same latency and throughput
-(README, "Serving"). Contention on the one arena's lock stays low: Python's small objects have
+they decoded and let go: the default cascade's peak RSS after 600 requests was 308-315 MB with
+glibc's default and 293-298 MB with one arena, at the same latency and throughput (README,
+"Serving"). Contention on the one arena's lock stays low: Python's small objects have
 their own allocator, and onnxruntime's tensors its arena.
 """
 
@@ -19,7 +19,8 @@ M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
 
 
 def cap_arenas(env: Mapping[str, str] = os.environ) -> bool:
-    """Cap glibc's malloc arenas at one; call before any thread starts. glibc's own
+    """Cap glibc's malloc arenas at one: threads that have an arena keep it, so call it before
+    any starts (``python -m server`` does; ``create_app`` again, for other launchers). glibc's own
     ``MALLOC_ARENA_MAX``, when set, wins and nothing is changed. Returns whether it capped them
     (False also where the C library has no ``mallopt``)."""
     if "MALLOC_ARENA_MAX" in env:

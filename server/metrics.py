@@ -144,8 +144,9 @@ class ServerMetrics:
         )
         self.escalated = Counter(
             "inference_escalated_images",
-            "Images a cascade file's first model was unsure of, run again with their other views "
-            "(train.cascade_views: own); 0 for any other model.",
+            "Images a cascade file's first model was unsure of, run again through the whole file "
+            "(with their other views where its models take views of their own); 0 for any other "
+            "model.",
             registry=registry,
         )
         self.queue_images = Gauge(
