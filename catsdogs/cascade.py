@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs.contract import CASCADE_BELOW, INPUT_NAME
+from catsdogs.contract import CASCADE_BELOW, INPUT_NAME, OUTPUT_PROBABILITIES
 from catsdogs.preprocessing import PreprocessSpec
 
 Run = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
@@ -57,10 +57,14 @@ def two_step(
     return probs, escalated
 
 
-# The protobuf fields first_step reads (onnx.proto): ModelProto.graph, GraphProto.node and
-# .input, ValueInfoProto.name, NodeProto.op_type and .attribute, AttributeProto.name and .g
+# The protobuf fields first_step and second_step read (onnx.proto): ModelProto.graph;
+# GraphProto.node, .initializer, .input, .output and .value_info; ValueInfoProto.name and .type;
+# NodeProto.input, .output, .op_type and .attribute; AttributeProto.name, .g and .graphs;
+# TensorProto.name
 MODEL_GRAPH, GRAPH_NODE, GRAPH_INPUT, VALUE_INFO_NAME = 7, 1, 11, 1
-NODE_OP_TYPE, NODE_ATTRIBUTE, ATTRIBUTE_NAME, ATTRIBUTE_G = 4, 5, 1, 6
+GRAPH_INITIALIZER, GRAPH_OUTPUT, GRAPH_VALUE_INFO, VALUE_INFO_TYPE = 5, 12, 13, 2
+NODE_INPUT, NODE_OUTPUT, NODE_OP_TYPE, NODE_ATTRIBUTE = 1, 2, 4, 5
+ATTRIBUTE_NAME, ATTRIBUTE_G, ATTRIBUTE_GRAPHS, TENSOR_NAME = 1, 6, 11, 8
 LENGTH_DELIMITED = 2
 
 
@@ -116,6 +120,123 @@ def _first_step_graph(graph: memoryview) -> tuple[bytes, int]:
     if ifs != 1:
         raise ValueError(f"a cascade file has one If in its graph, this one {ifs}")
     return edited, 1
+
+
+def second_step(model: bytes) -> tuple[bytes, str] | None:
+    """A cascade file's second step alone: the same file without its first model, whose
+    answers become an input. Returns the file and that input's name (the tensor the ``If``'s
+    sure branch passes on); None: not a cascade file (no ``cascade/below`` input).
+
+    The server runs the rows its first step is unsure of through this (``escalate``), feeding
+    the first step's answers, so the first model neither runs twice on them nor has its weights
+    held twice. Every node the outputs need is kept, byte for byte, but those that only made
+    the first model's answers; every initializer no kept node (or branch) reads is dropped. The
+    inputs stay as they are (a cascade reads ``image``'s row count, and a member on the first
+    model's view reads ``image`` itself), plus the new one, typed as the file's
+    ``probabilities`` output.
+    """
+    view = memoryview(model)
+    graphs = [p for n, w, _, p in _fields(view) if n == MODEL_GRAPH and w == LENGTH_DELIMITED]
+    if len(graphs) != 1:
+        raise ValueError("not an ONNX model: no graph")
+    graph = graphs[0]
+    fields = list(_fields(graph))
+    inputs = {_name(p, VALUE_INFO_NAME) for n, _, _, p in fields if n == GRAPH_INPUT}
+    if CASCADE_BELOW not in inputs:
+        return None
+    nodes = {i: _Node(p) for i, (n, _, _, p) in enumerate(fields) if n == GRAPH_NODE}
+    ifs = [node for node in nodes.values() if node.op_type == "If"]
+    if len(ifs) != 1:
+        raise ValueError(f"a cascade file has one If in its graph, this one {len(ifs)}")
+    sure = ifs[0].graphs.get("else_branch")
+    if sure is None or "then_branch" not in ifs[0].graphs:
+        raise ValueError("the cascade's If has no then_branch and else_branch")
+    passed = [n for n in _Node.all_in(sure) if n.op_type == "Identity" and len(n.inputs) == 1]
+    if len(passed) != 1:
+        raise ValueError("the cascade's sure branch does not pass one tensor on")
+    first = passed[0].inputs[0]
+    outputs = {_name(p, VALUE_INFO_NAME): p for n, _, _, p in fields if n == GRAPH_OUTPUT}
+    answer = outputs.get(OUTPUT_PROBABILITIES)
+    if answer is None:
+        raise ValueError(f"a cascade file with no {OUTPUT_PROBABILITIES!r} output")
+    # what the outputs need, walking back from them: the first model's answers are an input now
+    given = inputs | {first}
+    needed, kept = set(outputs), set()
+    for i, node in reversed(nodes.items()):
+        if any(o in needed and o not in given for o in node.outputs):
+            kept.add(i)
+            needed.update(node.reads())
+    types = [p for n, _, _, p in _fields(answer) if n == VALUE_INFO_TYPE]
+    new_input = _field(VALUE_INFO_NAME, first.encode()) + b"".join(
+        _field(VALUE_INFO_TYPE, t) for t in types
+    )
+    out = bytearray()
+    for i, (n, wire, head, payload) in enumerate(fields):
+        if wire == LENGTH_DELIMITED and (
+            (n == GRAPH_NODE and i not in kept)
+            or (n == GRAPH_INITIALIZER and _name(payload, TENSOR_NAME) not in needed)
+            or (n == GRAPH_VALUE_INFO and _name(payload, VALUE_INFO_NAME) not in needed)
+        ):
+            continue
+        out += head
+        out += payload
+        if n == GRAPH_INPUT and _name(payload, VALUE_INFO_NAME) == CASCADE_BELOW:
+            out += _field(GRAPH_INPUT, new_input)
+    return _edit(view, MODEL_GRAPH, lambda _: (bytes(out), 1))[0], first
+
+
+class _Node:
+    """What ``second_step`` reads of a NodeProto: its names, and its subgraphs by attribute."""
+
+    def __init__(self, payload: memoryview) -> None:
+        self.inputs: list[str] = []
+        self.outputs: list[str] = []
+        self.op_type = ""
+        self.graphs: dict[str, list[memoryview]] = {}
+        for n, _, _, value in _fields(payload):
+            if n == NODE_INPUT:
+                self.inputs.append(bytes(value).decode())
+            elif n == NODE_OUTPUT:
+                self.outputs.append(bytes(value).decode())
+            elif n == NODE_OP_TYPE:
+                self.op_type = bytes(value).decode()
+            elif n == NODE_ATTRIBUTE:
+                attribute = list(_fields(value))
+                name = next(
+                    (bytes(v).decode() for a, _, _, v in attribute if a == ATTRIBUTE_NAME), ""
+                )
+                found = [v for a, _, _, v in attribute if a in (ATTRIBUTE_G, ATTRIBUTE_GRAPHS)]
+                if found:
+                    self.graphs[name] = found
+
+    @classmethod
+    def all_in(cls, graphs: list[memoryview]) -> list[_Node]:
+        return [cls(p) for g in graphs for n, _, _, p in _fields(g) if n == GRAPH_NODE]
+
+    def reads(self) -> set[str]:
+        """Every name this node reads, its subgraphs' reads from the outer scope included."""
+        names = {i for i in self.inputs if i}
+        for graphs in self.graphs.values():
+            for graph in graphs:
+                made = {
+                    _name(p, TENSOR_NAME) for n, _, _, p in _fields(graph) if n == GRAPH_INITIALIZER
+                }
+                made.update(
+                    _name(p, VALUE_INFO_NAME) for n, _, _, p in _fields(graph) if n == GRAPH_INPUT
+                )
+                inner = _Node.all_in([graph])
+                made.update(o for node in inner for o in node.outputs)
+                names.update(r for node in inner for r in node.reads() if r not in made)
+        return names
+
+
+def _name(message: memoryview, number: int) -> str:
+    """The string field ``number`` of ``message`` ('' when it has none)."""
+    return next((bytes(v).decode() for n, _, _, v in _fields(message) if n == number), "")
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | LENGTH_DELIMITED) + _varint(len(payload)) + payload
 
 
 def _edit(

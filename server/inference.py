@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from catsdogs.cascade import contract_views, first_step
+from catsdogs.cascade import contract_views, first_step, second_step
 from catsdogs.contract import (
     CASCADE_BELOW,
     INPUT_NAME,
@@ -131,10 +131,12 @@ class InferenceModel:
     # a one-thread session for parallel runs (``run_parallel``); None with parallel_runs <= 1
     parallel: object | None = None
     # a cascade file (export.cascade): the sessions above run its first step alone
-    # (catsdogs.cascade.first_step), and this one the whole file, for the rows the first model is
-    # unsure of (``escalate``). Warm-up feeds its threshold to take each path on purpose (blank
+    # (catsdogs.cascade.first_step), and this one its second step alone (second_step), for the
+    # rows the first model is unsure of (``escalate``), fed the first step's answers as
+    # ``first_answers``. Warm-up feeds its threshold to take each path on purpose (blank
     # warm-up images would escalate, and the batch curves would time the rare path)
     second: object | None = None
+    first_answers: str = ""
     # ... whose other models may take views of their own (catsdogs.cascade): input -> how to
     # prepare it, only for the photos the first model is unsure of
     views: dict[str, PreprocessSpec] = field(default_factory=dict)
@@ -149,7 +151,9 @@ class InferenceModel:
             return {INPUT_NAME: batch}
         below = 0.0 if path == "sure" else 2.0  # no probability is < 0; every one is < 2
         feed = {INPUT_NAME: batch, CASCADE_BELOW: np.array(below, np.float32)}
-        if path == "escalated":  # the other views too, or the branch would not run (second)
+        if path == "escalated":  # second: the first step's answers, and the other views
+            classes = len(self.contract.class_names)
+            feed[self.first_answers] = np.full((len(batch), classes), 0.5, np.float32)
             for name, spec in self.views.items():
                 side = spec.input_size
                 feed[name] = np.zeros((len(batch), side, side, 3), np.uint8)
@@ -166,9 +170,10 @@ class InferenceModel:
         """A cascade's second step.
 
         ``probs``: the first step's answers to ``batch``; ``blobs``: the encoded images of its
-        rows. The rows the first model is unsure of (the file's own test, in float32) run again
-        through the whole file (``second``), with their other views made by ``view`` where its
-        other models take views of their own; their answers replace the first's. A row whose
+        rows. The rows the first model is unsure of (the file's own test, in float32) go through
+        the file's second step (``second``) with those answers, and with their other views made
+        by ``view`` where its other models take views of their own; the first model does not run
+        again. Their answers replace the first's. A row whose
         view fails (the decoded-pixels budget full under load) keeps the first model's answer.
         ``parallel``: whether ``batch`` ran as a parallel run (the second session serves both).
         Returns the answers and how many rows ran again.
@@ -191,7 +196,12 @@ class InferenceModel:
                 made[name].append(array)
         if not kept:
             return probs, 0
-        feed = {INPUT_NAME: batch[kept], **{n: np.stack(a) for n, a in made.items()}}
+        feed = {
+            INPUT_NAME: batch[kept],
+            self.first_answers: probs[kept],
+            CASCADE_BELOW: np.array(2.0, np.float32),  # the rows chosen here: every one goes on
+            **{n: np.stack(a) for n, a in made.items()},
+        }
         (again,) = self.second.run([OUTPUT_PROBABILITIES], feed)  # type: ignore[attr-defined]
         out = probs.copy()
         out[kept] = again
@@ -261,9 +271,9 @@ def load_model(
     """
     if spinning not in POLICIES:
         raise ValueError(f"spinning must be one of {sorted(POLICIES)}, not {spinning!r}")
-    with _session_maker(path) as (contract, overridable, first, whole):
+    with _session_maker(path) as (contract, overridable, first, later):
         # the largest first: the buffers it frees once open are there for the others
-        second = whole(intra_op_threads, False) if whole is not None else None
+        second = later[0](intra_op_threads, False) if later is not None else None
         sessions = {p: first(intra_op_threads, p == "spin") for p in POLICIES[spinning]}
         parallel = first(1, False) if parallel_runs > 1 else None
     chooser = PolicyChooser(POLICIES[spinning])
@@ -293,6 +303,7 @@ def load_model(
         views=views,
         below=float(below),
         second=second,
+        first_answers=later[1] if later is not None else "",
     )
 
 
@@ -337,8 +348,8 @@ OpenSession = Callable[[int, bool], object]
 CPU = ["CPUExecutionProvider"]
 
 
-# What ``_session_maker``'s child process runs: the file argv[1] optimised, saved to argv[2] in
-# onnxruntime's own format
+# What ``_session_maker``'s child process runs: the graph in file argv[1] optimised, saved to
+# argv[2] in onnxruntime's own format
 OPTIMIZE = """
 import sys
 import onnxruntime as ort
@@ -356,30 +367,37 @@ OPTIMIZE_TIMEOUT_S = 300
 @contextlib.contextmanager
 def _session_maker(
     path: Path,
-) -> Iterator[tuple[ModelContract, dict[str, Any], OpenSession, OpenSession | None]]:
-    """Check ``path`` and yield (contract, its overridable initializers, first, whole): the
-    makers of the sessions of its first model and, for a cascade file, of the whole file (else
-    None). The makers work until the context exits.
+) -> Iterator[tuple[ModelContract, dict[str, Any], OpenSession, tuple[OpenSession, str] | None]]:
+    """Check ``path`` and yield (contract, its overridable initializers, first, later): the
+    maker of the sessions of its first model and, for a cascade file, that of its second step
+    with the name of that step's input for the first model's answers (else None). The makers
+    work until the context exits.
 
     Each graph is optimised once and saved in onnxruntime's own format to a file in memory;
     every session is opened from that without optimising it again. A session that optimises a
     graph itself keeps both the weights it loaded and their rewritten copies (the optimiser puts
     convolution weights into a blocked layout): a 50 MB cascade file took 110 MB in each of the
-    server's sessions, 53 MB opened from its optimised graph. Only one session holds a
-    cascade's later models: the others open its first step alone (``first_step``, 13.6 MB of
-    that file). The whole cascade is optimised in a child process, while this one opens the
-    first step: optimising it here would leave this process's heap about 150 MB larger for good
-    (freed, not given back to the system).
+    server's sessions, 53 MB opened from its optimised graph. Each model's weights are held
+    once: the sessions of the first step (``first_step``, 13.6 MB of that file) hold the first
+    model's, the one of the second step (``second_step``, 36 MB) the others'. The second step is
+    optimised in a child process, while this one opens the first step: optimising it here would
+    leave this process's heap about 150 MB larger for good (freed, not given back to the
+    system).
     """
     import onnxruntime as ort  # heavy: imported when a model is loaded, not with the module
 
     from catsdogs.modelfile import ModelFileError, load_model_file
 
-    unreadable = ""  # why the file's first step could not be made, if it could not
+    unreadable = ""  # why the file's steps could not be made, if they could not
+    later: tuple[bytes, str] | None = None
     try:
-        step = first_step(path.read_bytes())
+        data = path.read_bytes()
+        step = first_step(data)
+        later = second_step(data) if step is not None else None
     except (OSError, ValueError) as exc:  # load_model_file names what is wrong with the file
-        step, unreadable = None, str(exc)
+        step, later, unreadable = None, None, str(exc)
+    finally:
+        data = b""  # 50 MB for a cascade: not kept while the sessions open
     with contextlib.ExitStack() as stack:
 
         def scratch() -> tuple[str, int]:
@@ -394,11 +412,16 @@ def _session_maker(
             return name, -1
 
         child: subprocess.Popen[bytes] | None = None
-        if step is not None:  # the child optimises the whole file while this opens the first step
-            whole_ort, fd = scratch()
+        answers = ""
+        if later is not None:  # the child optimises the second step while this opens the first
+            source, source_fd = scratch()
+            with open(source_fd if source_fd >= 0 else source, "wb", closefd=False) as out:
+                out.write(later[0])
+            answers, later = later[1], None
+            later_ort, fd = scratch()
             child = subprocess.Popen(
-                [sys.executable, "-c", OPTIMIZE, str(path), whole_ort],
-                pass_fds=(fd,) if fd >= 0 else (),
+                [sys.executable, "-c", OPTIMIZE, source, later_ort],
+                pass_fds=tuple(f for f in (source_fd, fd) if f >= 0),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -417,8 +440,10 @@ def _session_maker(
         inputs = {i.name: i for i in loaded.session.get_overridable_initializers()}
         del loaded  # holds its own copies of the weights
         if step is None and CASCADE_BELOW in inputs:  # a cascade whose If is not export's
-            raise ModelLoadError(f"{path}: a cascade file without its first step: {unreadable}")
-        whole = None
+            raise ModelLoadError(
+                f"{path}: a cascade file whose steps cannot be split: {unreadable}"
+            )
+        second = None
         if child is not None:
             try:
                 _, error = child.communicate(timeout=OPTIMIZE_TIMEOUT_S)
@@ -428,8 +453,8 @@ def _session_maker(
             if child.returncode != 0:
                 last = error.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
                 raise ModelLoadError(f"{path}: optimising the cascade failed: {last[0][:300]}")
-            whole = _saved(ort, whole_ort)
-        yield contract, inputs, _saved(ort, first_ort), whole
+            second = (_saved(ort, later_ort), answers)
+        yield contract, inputs, _saved(ort, first_ort), second
 
 
 def _saved(ort: Any, graph: str) -> OpenSession:

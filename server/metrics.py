@@ -144,9 +144,9 @@ class ServerMetrics:
         )
         self.escalated = Counter(
             "inference_escalated_images",
-            "Images a cascade file's first model was unsure of, run again through the whole file "
-            "(with their other views where its models take views of their own); 0 for any other "
-            "model.",
+            "Images a cascade file's first model was unsure of, passed on to the file's second "
+            "step (with their other views where its models take views of their own); 0 for any "
+            "other model.",
             registry=registry,
         )
         self.queue_images = Gauge(

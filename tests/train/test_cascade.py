@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from catsdogs.cascade import first_step, two_step, views_entry
+from catsdogs.cascade import first_step, second_step, two_step, views_entry
 from catsdogs.contract import (
     CASCADE_BELOW,
     INPUT_NAME,
@@ -222,16 +222,22 @@ def test_the_other_models_live_only_in_the_branch(
     assert [i.name for i in same.graph.input] == [INPUT_NAME, CASCADE_BELOW]
 
 
+def stamped_cascade(tmp_path: Path, members: tuple[Member, ...]) -> tuple[Path, bytes]:
+    """The three members' cascade file with names in its metadata, and its bytes."""
+    first, mid, large = members
+    path = export_cascade(first, [first, mid, large], 0.9, tmp_path / "c.onnx", opset=18)
+    embed_metadata(path, {"model_name": "cascade-x", "class_names": '["cat", "dog"]'})
+    return path, path.read_bytes()
+
+
 def test_the_first_step_is_the_file_without_its_later_models(
     tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
 ) -> None:
     """``first_step`` (what the server's every session but one opens): the same file, contract
     included, whose If passes the first model's answers on even when fed every view and a
     threshold that escalates every row; none of the later models' weights are left in it."""
-    first, mid, large = members
-    path = export_cascade(first, [first, mid, large], 0.9, tmp_path / "c.onnx", opset=18)
-    embed_metadata(path, {"model_name": "cascade-x", "class_names": '["cat", "dog"]'})
-    data = path.read_bytes()
+    first = members[0]
+    path, data = stamped_cascade(tmp_path, members)
     step = first_step(data)
     assert step is not None
     model, whole = onnx.load_from_string(step), onnx.load_from_string(data)
@@ -262,12 +268,61 @@ def test_the_first_step_is_the_file_without_its_later_models(
         first_step(b"\xff" * 64)
 
 
+def test_the_second_step_is_the_file_without_its_first_model(
+    tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
+) -> None:
+    """``second_step`` (what the server's escalating session opens): the file without its first
+    model, whose answers it takes as an input; fed them, it answers as the whole file, and the
+    first model's nodes and weights are gone. Also with every member on the first's view."""
+    first = members[0]
+    path, data = stamped_cascade(tmp_path, members)
+    made = second_step(data)
+    assert made is not None
+    step, answers = made
+    assert answers == "m0/probabilities"
+    model, whole = onnx.load_from_string(step), onnx.load_from_string(data)
+    onnx.checker.check_model(model)
+    assert model.metadata_props == whole.metadata_props
+    assert [i.name for i in model.graph.input] == [i.name for i in whole.graph.input] + [answers]
+    assert not any(i.name.startswith("m0/") for i in model.graph.initializer)
+    assert not any(o.startswith("m0/") for n in model.graph.node for o in n.output)
+    assert [n.op_type for n in model.graph.node if n.op_type == "If"] == ["If"]
+    assert len(step) < len(data)
+    images = photos["small"]
+    with torch.inference_mode():
+        alone = first.probabilities(torch.from_numpy(images.copy())).numpy()
+    for below in (0.9, 2.0):  # the file's own threshold (some rows escalate), and every row
+        fed = {**feed_views(photos), CASCADE_BELOW: np.array(below, np.float32)}
+        want = run(path, images, fed)
+        got = ort.InferenceSession(step, providers=["CPUExecutionProvider"]).run(
+            None, {INPUT_NAME: images, answers: alone, **fed}
+        )
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    # every member on the first's view: the branch reads ``image`` itself, which stays an input
+    twin = Member("twin", member("small", 7).model, first.input_size, first.resize)
+    shared = export_cascade(first, [first, twin], 0.9, tmp_path / "s.onnx", opset=18)
+    made = second_step(shared.read_bytes())
+    assert made is not None
+    fed = {CASCADE_BELOW: np.array(2.0, np.float32)}
+    got = ort.InferenceSession(made[0], providers=["CPUExecutionProvider"]).run(
+        None, {INPUT_NAME: images, made[1]: alone, **fed}
+    )
+    np.testing.assert_allclose(got[1], run(shared, images, fed)[1], atol=1e-6)
+    # a file without a cascade is left alone; what is not ONNX is said so
+    plain = export_member(first, tmp_path / "plain.onnx", opset=18)
+    assert second_step(plain.SerializeToString()) is None
+    with pytest.raises(ValueError, match="not an ONNX model"):
+        second_step(b"\xff" * 64)
+
+
 def test_a_loaded_cascade_runs_its_later_models_in_one_session(
     tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
 ) -> None:
     """The server's ``load_model`` on a cascade file: every session but ``second`` answers with
-    the first model alone whatever it is fed; ``second`` runs the whole file; the files in
-    memory and the child process that optimised the file are gone once it has loaded."""
+    the first model alone whatever it is fed; ``second``, fed the first model's answers, answers
+    as the whole file; the files in memory and the child process that optimised the second step
+    are gone once it has loaded."""
     from server.inference import ModelLoadError, load_model
 
     first, mid, large = members
@@ -288,7 +343,8 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
     for session in [*model.sessions.values(), model.parallel]:
         (probs,) = session.run([OUTPUT_PROBABILITIES], everything)
         np.testing.assert_allclose(probs, alone, atol=1e-6)
-    (probs,) = model.second.run([OUTPUT_PROBABILITIES], everything)
+    assert model.first_answers == "m0/probabilities"
+    (probs,) = model.second.run([OUTPUT_PROBABILITIES], {**everything, model.first_answers: alone})
     np.testing.assert_allclose(probs, run(path, images, everything)[1], atol=1e-6)
     fds = Path("/proc/self/fd")
     targets = []
@@ -315,7 +371,7 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
     odd.graph.input.append(helper.make_tensor_value_info(CASCADE_BELOW, TensorProto.FLOAT, []))
     onnx.save(odd, str(tmp_path / "odd.onnx"))
     stamp(tmp_path / "odd.onnx", spec, "cascade-odd-1", entry)
-    with pytest.raises(ModelLoadError, match=r"without its first step: .* this one 0"):
+    with pytest.raises(ModelLoadError, match=r"steps cannot be split: .* this one 0"):
         load_model(tmp_path / "odd.onnx", intra_op_threads=1)
 
 
