@@ -93,7 +93,10 @@ at a time at batch 1 over all photos, and all photos in batches of 4, 8, 16 and 
 measured under both onnxruntime thread policies (idle pool threads spinning or sleeping), in
 blocks of 25 photos taking turns ABBA with a pause between turns (photo by photo, one session's
 spinning threads slowed the other's runs), and the faster is the floor; "best batched" is the
-fastest size in that pair.
+fastest size in that pair. The spinning policy is onnxruntime's default: after each run its pool
+threads spin for about 25 ms (a core's CPU time, measured on this project's 2-core VM), so
+between a block's photos one core stays busy and the next run starts without waking a thread;
+the server's pool threads stop spinning when a run ends.
 The full floor table is measured before and after the HTTP part. Where the time goes: the
 server's own per-stage histograms (`request_stage_seconds`, from real requests) are read from
 `/metrics` before and after each level; the report gives their mean per request at c=1.
