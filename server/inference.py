@@ -64,6 +64,10 @@ class ModelStoppedError(RuntimeError):
     """The batcher is shutting down and takes no new work."""
 
 
+# a cascade's threshold fed to send every row it is given to the second step (each probability
+# is < 2), or none of them (none is < 0)
+EVERY_ROW, NO_ROW = 2.0, 0.0
+
 SLEEP, SPIN, AUTO = 0, 1, 2  # INTRA_OP_SPINNING: what onnxruntime's pool threads do between ops
 
 # AUTO keeps this many recent lone-image run times per policy, and tries the policy it is not
@@ -149,7 +153,7 @@ class InferenceModel:
     def _feed(self, batch: np.ndarray, path: str | None) -> dict[str, np.ndarray]:
         if path is None or not self.cascade:
             return {INPUT_NAME: batch}
-        below = 0.0 if path == "sure" else 2.0  # no probability is < 0; every one is < 2
+        below = NO_ROW if path == "sure" else EVERY_ROW
         feed = {INPUT_NAME: batch, CASCADE_BELOW: np.array(below, np.float32)}
         if path == "escalated":  # second: the first step's answers, and the other views
             classes = len(self.contract.class_names)
@@ -199,7 +203,7 @@ class InferenceModel:
         feed = {
             INPUT_NAME: batch[kept],
             self.first_answers: probs[kept],
-            CASCADE_BELOW: np.array(2.0, np.float32),  # the rows chosen here: every one goes on
+            CASCADE_BELOW: np.array(EVERY_ROW, np.float32),  # the rows were chosen above
             **{n: np.stack(a) for n, a in made.items()},
         }
         (again,) = self.second.run([OUTPUT_PROBABILITIES], feed)  # type: ignore[attr-defined]

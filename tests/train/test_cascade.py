@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -261,11 +262,6 @@ def test_the_first_step_is_the_file_without_its_later_models(
     np.testing.assert_allclose(probs, alone, atol=1e-6)
     _, whole_probs, _ = run(path, images, everything)
     assert not np.allclose(whole_probs, probs, atol=1e-4)
-    # a file without a cascade is left alone; what is not ONNX is said so
-    plain = export_member(first, tmp_path / "plain.onnx", opset=18)
-    assert first_step(plain.SerializeToString()) is None
-    with pytest.raises(ValueError, match="not an ONNX model"):
-        first_step(b"\xff" * 64)
 
 
 def test_the_second_step_is_the_file_without_its_first_model(
@@ -293,11 +289,8 @@ def test_the_second_step_is_the_file_without_its_first_model(
         alone = first.probabilities(torch.from_numpy(images.copy())).numpy()
     for below in (0.9, 2.0):  # the file's own threshold (some rows escalate), and every row
         fed = {**feed_views(photos), CASCADE_BELOW: np.array(below, np.float32)}
-        want = run(path, images, fed)
-        got = ort.InferenceSession(step, providers=["CPUExecutionProvider"]).run(
-            None, {INPUT_NAME: images, answers: alone, **fed}
-        )
-        for a, b in zip(got, want, strict=True):
+        got = run(step, images, {answers: alone, **fed})
+        for a, b in zip(got, run(path, images, fed), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
     # every member on the first's view: the branch reads ``image`` itself, which stays an input
     twin = Member("twin", member("small", 7).model, first.input_size, first.resize)
@@ -305,15 +298,18 @@ def test_the_second_step_is_the_file_without_its_first_model(
     made = second_step(shared.read_bytes())
     assert made is not None
     fed = {CASCADE_BELOW: np.array(2.0, np.float32)}
-    got = ort.InferenceSession(made[0], providers=["CPUExecutionProvider"]).run(
-        None, {INPUT_NAME: images, made[1]: alone, **fed}
-    )
+    got = run(made[0], images, {made[1]: alone, **fed})
     np.testing.assert_allclose(got[1], run(shared, images, fed)[1], atol=1e-6)
-    # a file without a cascade is left alone; what is not ONNX is said so
-    plain = export_member(first, tmp_path / "plain.onnx", opset=18)
-    assert second_step(plain.SerializeToString()) is None
+
+
+@pytest.mark.parametrize("split", [first_step, second_step], ids=["first", "second"])
+def test_a_step_leaves_a_plain_file_alone_and_names_what_is_not_onnx(
+    tmp_path: Path, members: tuple[Member, ...], split: Callable[[bytes], object]
+) -> None:
+    plain = export_member(members[0], tmp_path / "plain.onnx", opset=18)
+    assert split(plain.SerializeToString()) is None
     with pytest.raises(ValueError, match="not an ONNX model"):
-        second_step(b"\xff" * 64)
+        split(b"\xff" * 64)
 
 
 def test_a_loaded_cascade_runs_its_later_models_in_one_session(
