@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
+from export.params import EvaluateParams, ExportParams
 from training.params import (
     FetchParams,
     ParamsError,
@@ -27,6 +30,30 @@ def test_the_repository_params_parse() -> None:
     assert len(load_fetch(params).sha256) == 64
     assert load_prepare(params).val_fraction > 0
     assert load_train(params).model == "efficientnet_lite0"
+
+
+def stage_params(stage: str) -> set[str]:
+    """The params.yaml keys a dvc.yaml stage lists (DVC reruns the stage when one changes)."""
+    listed = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["params"]
+    return {key for key in listed if isinstance(key, str)}
+
+
+@pytest.mark.parametrize(
+    ("stage", "cls", "section"),
+    [
+        ("download", FetchParams, "fetch"),
+        ("prepare", PrepareParams, "prepare"),
+        ("train", TrainParams, "train"),
+        ("export", ExportParams, "export"),
+        ("evaluate", EvaluateParams, "evaluate"),
+    ],
+)
+def test_each_stage_lists_every_key_of_the_section_it_reads(stage, cls, section) -> None:
+    # a key the stage reads but dvc.yaml does not list changes the result without a rerun, and
+    # DVC's run cache can hand back outputs made with another value
+    keys = {f"{section}.{field.name}" for field in dataclasses.fields(cls)}
+    missing = sorted(keys - stage_params(stage))
+    assert not missing, f"dvc.yaml stage {stage} reads but does not list {missing}"
 
 
 def test_params_are_frozen() -> None:
