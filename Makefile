@@ -52,7 +52,7 @@ $(SERVE_VENV)/.installed: requirements-serve.txt
 # stays exactly requirements-serve.txt; the suite runs on .venv-serve's interpreter with these on
 # PYTHONPATH (the .pth makes pip see the runtime packages instead of installing them twice: the
 # serve-test lock is resolved against the serving lock, so a shared package is already there).
-venv-serve-tools: $(SERVE_TOOLS)/.installed
+venv-serve-tools: $(SERVE_TOOLS)/.installed ## serving-test tools (schemathesis, ...) beside .venv-serve
 $(SERVE_TOOLS)/.installed: requirements-serve-test.txt $(SERVE_VENV)/.installed
 	test -x $(SERVE_TOOLS)/bin/python || $(PYTHON) -m venv $(SERVE_TOOLS)
 	echo "$(CURDIR)/$(SERVE_VENV)/lib/python3.11/site-packages" > $(SERVE_TOOLS_SITE)/_serve_runtime.pth
@@ -65,7 +65,7 @@ $(LOAD_VENV)/.installed: requirements-load.txt
 	$(LOAD_PY) $(PIP_INSTALL) -r requirements-load.txt
 	touch $@
 
-venvs: venv-train venv-serve venv-serve-tools venv-load
+venvs: venv-train venv-serve venv-serve-tools venv-load ## every environment above
 
 # ---------------------------------------------------------------- dependencies
 # requirements/<env>.in name each environment's packages, requirements/pins.in holds every
@@ -113,7 +113,7 @@ $(SBOM_FILE): requirements-serve.txt pyproject.toml $(TOOLS_VENV)/.installed
 # `dvc` commands need it: run this target (or `make pipeline`) once after a clone.
 # A relative DATA stays relative to the repo root, so dvc.lock reads the same in every clone.
 DOWNLOAD_DIR := data/download
-data-source:
+data-source: ## write data/source.yaml: DATA=<photo folder>, or the public download
 	mkdir -p data
 	printf 'source: "%s"\nsource_dir: "%s"\n' "$(if $(DATA),$(DATA),download)" \
 		"$(if $(DATA),$(DATA),$(DOWNLOAD_DIR))" > data/source.yaml.new
@@ -295,7 +295,7 @@ CONTAINERS := IMAGE_SERVE=$(IMAGE_SERVE) IMAGE_TRAIN=$(IMAGE_TRAIN) MODEL=$(MODE
 
 .PHONY: images image-serve image-train image-smoke image-load lint-docker venv-tools
 
-venv-tools: $(TOOLS_VENV)/.installed
+venv-tools: $(TOOLS_VENV)/.installed ## linters for Dockerfiles, workflows and scripts; SBOM tools
 $(TOOLS_VENV)/.installed: requirements-tools.txt
 	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
 	$(TOOLS_VENV)/bin/python $(PIP_INSTALL) -r requirements-tools.txt

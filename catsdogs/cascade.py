@@ -2,9 +2,11 @@
 
 The file (``export.cascade``) takes ``image``, the first model's view, and one more input per
 other view, named by :func:`view_name`, which only its escalated path reads. Its contract lists
-them (``cascade.views``: each input's name and preprocessing), so whoever runs it (the server, the
-export and evaluate stages) prepares a photo's other views only when the first model is unsure
-of it: :func:`two_step`. No torch here: the server imports it.
+them (``cascade.views``: each input's name and preprocessing), so whoever runs it prepares a
+photo's other views only when the first model is unsure of it: the export and evaluate stages
+run the whole file twice (:func:`two_step`); the server and ``make bench`` run its two steps
+apart (:func:`first_step`, then :func:`second_step` fed the first model's answers), so no model
+runs twice on a photo. No torch here: the server imports it.
 """
 
 from __future__ import annotations
@@ -60,11 +62,13 @@ def two_step(
 # The protobuf fields first_step and second_step read (onnx.proto): ModelProto.graph;
 # GraphProto.node, .initializer, .input, .output and .value_info; ValueInfoProto.name and .type;
 # NodeProto.input, .output, .op_type and .attribute; AttributeProto.name, .g and .graphs;
-# TensorProto.name
+# TensorProto.name, .data_type, .float_data and .raw_data
 MODEL_GRAPH, GRAPH_NODE, GRAPH_INPUT, VALUE_INFO_NAME = 7, 1, 11, 1
 GRAPH_INITIALIZER, GRAPH_OUTPUT, GRAPH_VALUE_INFO, VALUE_INFO_TYPE = 5, 12, 13, 2
 NODE_INPUT, NODE_OUTPUT, NODE_OP_TYPE, NODE_ATTRIBUTE = 1, 2, 4, 5
 ATTRIBUTE_NAME, ATTRIBUTE_G, ATTRIBUTE_GRAPHS, TENSOR_NAME = 1, 6, 11, 8
+TENSOR_DATA_TYPE, TENSOR_FLOAT_DATA, TENSOR_RAW_DATA = 2, 4, 9
+FLOAT32 = b"\x01"  # TensorProto.FLOAT, as its varint
 LENGTH_DELIMITED = 2
 
 
@@ -79,12 +83,7 @@ def first_step(model: bytes) -> bytes | None:
     field, all others kept byte for byte, because the server has no ``onnx`` package.
     """
     model = memoryview(model)  # the fields read are views of it, not copies
-    graphs = [p for n, w, _, p in _fields(model) if n == MODEL_GRAPH and w == LENGTH_DELIMITED]
-    if len(graphs) != 1:
-        raise ValueError("not an ONNX model: no graph")
-    inputs = [p for n, w, _, p in _fields(graphs[0]) if n == GRAPH_INPUT and w == LENGTH_DELIMITED]
-    names = {bytes(v) for i in inputs for n, _, _, v in _fields(i) if n == VALUE_INFO_NAME}
-    if CASCADE_BELOW.encode() not in names:
+    if not _is_cascade(list(_fields(_graph(model)))):
         return None
     return _edit(model, MODEL_GRAPH, _first_step_graph)[0]
 
@@ -105,7 +104,7 @@ def _first_step_graph(graph: memoryview) -> tuple[bytes, int]:
                 branches[bytes(name) if name is not None else None] = attribute.get(ATTRIBUTE_G)
         sure = branches.get(b"else_branch")
         if sure is None or b"then_branch" not in branches:
-            raise ValueError("the cascade's If has no then_branch and else_branch")
+            raise ValueError(NO_BRANCHES)
 
         def attribute(payload: memoryview) -> tuple[bytes | memoryview, int]:
             names = [p for a, _, _, p in _fields(payload) if a == ATTRIBUTE_NAME]
@@ -117,8 +116,7 @@ def _first_step_graph(graph: memoryview) -> tuple[bytes, int]:
         return _edit(payload, NODE_ATTRIBUTE, attribute)[0], 1
 
     edited, _ = _edit(graph, GRAPH_NODE, node)
-    if ifs != 1:
-        raise ValueError(f"a cascade file has one If in its graph, this one {ifs}")
+    _check_ifs(ifs)
     return edited, 1
 
 
@@ -136,21 +134,16 @@ def second_step(model: bytes) -> tuple[bytes, str] | None:
     ``probabilities`` output.
     """
     view = memoryview(model)
-    graphs = [p for n, w, _, p in _fields(view) if n == MODEL_GRAPH and w == LENGTH_DELIMITED]
-    if len(graphs) != 1:
-        raise ValueError("not an ONNX model: no graph")
-    graph = graphs[0]
-    fields = list(_fields(graph))
-    inputs = {_name(p, VALUE_INFO_NAME) for n, _, _, p in fields if n == GRAPH_INPUT}
-    if CASCADE_BELOW not in inputs:
+    fields = list(_fields(_graph(view)))
+    if not _is_cascade(fields):
         return None
+    inputs = {_name(p, VALUE_INFO_NAME) for n, _, _, p in fields if n == GRAPH_INPUT}
     nodes = {i: _Node(p) for i, (n, _, _, p) in enumerate(fields) if n == GRAPH_NODE}
     ifs = [node for node in nodes.values() if node.op_type == "If"]
-    if len(ifs) != 1:
-        raise ValueError(f"a cascade file has one If in its graph, this one {len(ifs)}")
+    _check_ifs(len(ifs))
     sure = ifs[0].graphs.get("else_branch")
     if sure is None or "then_branch" not in ifs[0].graphs:
-        raise ValueError("the cascade's If has no then_branch and else_branch")
+        raise ValueError(NO_BRANCHES)
     passed = [n for n in _Node.all_in(sure) if n.op_type == "Identity" and len(n.inputs) == 1]
     if len(passed) != 1:
         raise ValueError("the cascade's sure branch does not pass one tensor on")
@@ -183,6 +176,49 @@ def second_step(model: bytes) -> tuple[bytes, str] | None:
         if n == GRAPH_INPUT and _name(payload, VALUE_INFO_NAME) == CASCADE_BELOW:
             out += _field(GRAPH_INPUT, new_input)
     return _edit(view, MODEL_GRAPH, lambda _: (bytes(out), 1))[0], first
+
+
+def threshold(model: bytes) -> float | None:
+    """A cascade file's own threshold: the value of its ``cascade/below`` initializer, which its
+    ``If`` compares the first model's top probability with. None: not a cascade file."""
+    fields = list(_fields(_graph(memoryview(model))))
+    if not _is_cascade(fields):
+        return None
+    for n, wire, _, payload in fields:
+        if n == GRAPH_INITIALIZER and wire == LENGTH_DELIMITED:
+            if _name(payload, TENSOR_NAME) != CASCADE_BELOW:
+                continue
+            tensor = list(_fields(payload))
+            kinds = [bytes(v) for k, _, _, v in tensor if k == TENSOR_DATA_TYPE]
+            values = [v for k, _, _, v in tensor if k in (TENSOR_FLOAT_DATA, TENSOR_RAW_DATA)]
+            if kinds != [FLOAT32] or len(values) != 1 or len(values[0]) != 4:
+                raise ValueError(f"the cascade's {CASCADE_BELOW} is not one float32")
+            return float(np.frombuffer(values[0], "<f4")[0])
+    raise ValueError(f"a cascade file whose {CASCADE_BELOW} input has no value")
+
+
+NO_BRANCHES = "the cascade's If has no then_branch and else_branch"
+
+
+def _graph(model: memoryview) -> memoryview:
+    """The graph of a ModelProto, or ValueError when ``model`` is not one."""
+    graphs = [p for n, w, _, p in _fields(model) if n == MODEL_GRAPH and w == LENGTH_DELIMITED]
+    if len(graphs) != 1:
+        raise ValueError("not an ONNX model: no graph")
+    return graphs[0]
+
+
+def _is_cascade(graph: list[tuple[int, int, memoryview, memoryview]]) -> bool:
+    """Whether a graph (its fields) has the cascade's threshold among its inputs."""
+    return any(
+        n == GRAPH_INPUT and w == LENGTH_DELIMITED and _name(p, VALUE_INFO_NAME) == CASCADE_BELOW
+        for n, w, _, p in graph
+    )
+
+
+def _check_ifs(count: int) -> None:
+    if count != 1:
+        raise ValueError(f"a cascade file has one If in its graph, this one {count}")
 
 
 class _Node:

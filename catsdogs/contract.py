@@ -18,10 +18,12 @@ OUTPUT_LOGITS = "logits"  # float32 (batch, n_classes)
 OUTPUT_PROBABILITIES = "probabilities"  # float32 (batch, n_classes), softmax of logits
 # a cascade (export.cascade) adds: bool (batch,), the rows its first model escalated
 OUTPUT_ESCALATED = "escalated"
-# ... and its threshold as an overridable initializer (a graph input with a default): the server
-# feeds it at warm-up only, to time the path most images take (0: none escalates) apart from the
-# escalated one (2: every row does); traffic never sets it, so the file's own threshold answers
+# ... and its threshold as an overridable initializer (a graph input with a default). Fed, it picks
+# the path on purpose: NO_ROW (no probability is < 0) sends no row on, EVERY_ROW (each is < 2)
+# every row, so the export stage can time each path, and the server's second step runs every row
+# its first step escalated. A client's request never sets it
 CASCADE_BELOW = "cascade/below"
+EVERY_ROW, NO_ROW = 2.0, 0.0
 
 REQUIRED_KEYS = (
     "class_names",  # JSON list, sorted, index i = output column i

@@ -35,7 +35,7 @@ from typing import Any
 import onnx
 import torch
 
-from catsdogs.contract import INPUT_NAME
+from catsdogs.contract import EVERY_ROW, INPUT_NAME, NO_ROW
 from catsdogs.cv_text import accuracy_text, arch_key, mistakes_text, parse_arch, row_label
 from export import onnx_tools as ox
 from export.cascade import Member, export_cascade, view_inputs, with_threshold
@@ -260,7 +260,8 @@ def run(summary_path: Path, out: Path, params_path: str | Path) -> dict[str, Any
             cost[key] = {"bytes": path.stat().st_size, "inputs": inputs}
             # the sure path is fed the first model's view alone, as a server would feed it
             first_view = {INPUT_NAME: inputs[INPUT_NAME]}
-            for path_name, below, fed in (("sure", 0.0, first_view), ("escalated", 2.0, inputs)):
+            paths = (("sure", NO_ROW, first_view), ("escalated", EVERY_ROW, inputs))
+            for path_name, below, fed in paths:
                 files[f"{key}:{path_name}"] = with_threshold(model, below)
                 sizes[f"{key}:{path_name}"] = fed
         log.info(

@@ -33,7 +33,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from catsdogs.cascade import view_name, views_entry
 from catsdogs.contract import (
+    EVERY_ROW,
     INPUT_NAME,
+    NO_ROW,
     OUTPUT_ESCALATED,
     OUTPUT_LOGITS,
     OUTPUT_PROBABILITIES,
@@ -527,7 +529,7 @@ def cascade_report(
     )
     share = float(escalated.mean())
     graph = onnx.load(str(path))
-    paths = {"sure": with_threshold(graph, 0.0), "escalated": with_threshold(graph, 2.0)}
+    paths = {"sure": with_threshold(graph, NO_ROW), "escalated": with_threshold(graph, EVERY_ROW)}
     size = images.shape[1]
     fed = {INPUT_NAME: size, **{name: v.shape[1] for name, v in (views or {}).items()}}
     timed = time_sessions(

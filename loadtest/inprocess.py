@@ -2,9 +2,10 @@
 
 One process, no HTTP, no queue, no event loop and no threads beyond onnxruntime's own: the
 project's preprocessing (``catsdogs.preprocessing.preprocess_bytes``) and a plain onnxruntime
-session (``catsdogs.modelfile``). onnxruntime's pool threads can spin-wait for work or sleep
-when idle; which is faster depends on the case (a lone image pays for waking sleeping threads),
-so every case is measured under both policies, interleaved, and the faster one is the floor.
+session (``catsdogs.modelfile``; a cascade: one per step, run as the server runs them).
+onnxruntime's pool threads can spin-wait for work or sleep when idle; which is faster depends
+on the case (a lone image pays for waking sleeping threads), so every case is measured under
+both policies, interleaved, and the faster one is the floor.
 Runs in the serving environment:
 
     .venv-serve/bin/python -m loadtest.inprocess --model models/model.onnx --out floor.json
@@ -17,13 +18,22 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from catsdogs.cascade import contract_views, two_step
-from catsdogs.contract import INPUT_NAME, OUTPUT_ESCALATED, OUTPUT_PROBABILITIES, ModelContract
+from catsdogs.cascade import contract_views, first_step, second_step
+from catsdogs.contract import (
+    CASCADE_BELOW,
+    EVERY_ROW,
+    INPUT_NAME,
+    OUTPUT_ESCALATED,
+    OUTPUT_PROBABILITIES,
+    ModelContract,
+)
 from catsdogs.cpus import available_cpus
 from catsdogs.modelfile import load_model_file
 from catsdogs.photos import load_photos
@@ -39,18 +49,53 @@ POLICIES = ("spin", "sleep")  # onnxruntime's intra-op threads when idle
 RunFn = Callable[[np.ndarray, Sequence[bytes]], np.ndarray]
 
 
+@dataclass
+class CascadeRun:
+    """A cascade file run as the server runs it (``server.inference``): its first step
+    (``catsdogs.cascade.first_step``) on the batch, then its second step (``second_step``: the
+    file without its first model) on the rows the first model is unsure of, fed that model's
+    answers, with their other views made from their photos. So no model runs twice on a photo,
+    and the floor does the server's work, escalated photos included."""
+
+    first: Any  # onnxruntime session of the first step
+    second: Any  # ... of the second step
+    answers: str  # the second step's input for the first model's answers
+    views: dict[str, PreprocessSpec]  # its other models' own views: input -> preprocessing
+
+    def __call__(self, batch: np.ndarray, photos: Sequence[bytes]) -> np.ndarray:
+        probs, escalated = self.first.run(
+            [OUTPUT_PROBABILITIES, OUTPUT_ESCALATED], {INPUT_NAME: batch}
+        )
+        rows = np.flatnonzero(escalated)
+        if not len(rows):
+            return probs
+        feed = {
+            INPUT_NAME: batch[rows],
+            self.answers: probs[rows],
+            CASCADE_BELOW: np.array(EVERY_ROW, np.float32),  # the rows were chosen above
+        }
+        for name, spec in self.views.items():
+            feed[name] = np.stack([preprocess_bytes(photos[i], spec) for i in rows])
+        (again,) = self.second.run([OUTPUT_PROBABILITIES], feed)
+        probs = probs.copy()
+        probs[rows] = again
+        return probs
+
+
 def open_runs(
     path: Path, threads: int, policies: Sequence[str] = POLICIES
 ) -> tuple[dict[str, RunFn], ModelContract]:
-    """One session per thread policy in ``policies``, with the same threads and graph
-    optimisations; the model's contract (its preprocessing and classes). A cascade whose
-    models take views of their own runs in two steps (``catsdogs.cascade.two_step``, as the
-    export stage runs it): the file on the batch, then on the rows it escalates with their
-    other views, made from their photos (what the server does too)."""
+    """One run per thread policy in ``policies``, its sessions with the same threads and graph
+    optimisations; the model's contract (its preprocessing and classes). A cascade file runs in
+    its two steps, as the server runs it (:class:`CascadeRun`)."""
     import onnxruntime as ort
 
     if not policies or any(p not in POLICIES for p in policies):
         raise ValueError(f"policies must be some of {POLICIES}, not {policies!r}")
+    data = path.read_bytes()
+    step = first_step(data)
+    later = second_step(data) if step is not None else None
+    del data
     runs: dict[str, RunFn] = {}
     contract = None
     for policy in policies:
@@ -60,36 +105,21 @@ def open_runs(
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if policy == "spin" else "0"
         )
-        loaded = load_model_file(path, sess_options=options)
+        loaded = load_model_file(path, sess_options=options, source=step)
         contract = loaded.contract
-        session = loaded.session
+        if later is None:
+            runs[policy] = partial(_plain, loaded.session)
+            continue
+        second = ort.InferenceSession(later[0], options, providers=["CPUExecutionProvider"])
         views = contract_views(contract.extra.get("cascade"))
-
-        def run(
-            batch: np.ndarray,
-            photos: Sequence[bytes],
-            session: Any = session,
-            views: dict[str, PreprocessSpec] = views,
-        ) -> np.ndarray:
-            if not views:
-                (probs,) = session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
-                return probs
-
-            def step(feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-                probs, escalated = session.run([OUTPUT_PROBABILITIES, OUTPUT_ESCALATED], feed)
-                return probs, escalated
-
-            def other_views(rows: np.ndarray) -> dict[str, np.ndarray]:
-                return {
-                    name: np.stack([preprocess_bytes(photos[i], spec) for i in rows])
-                    for name, spec in views.items()
-                }
-
-            return two_step(step, batch, other_views)[0]
-
-        runs[policy] = run
+        runs[policy] = CascadeRun(loaded.session, second, later[1], views)
     assert contract is not None
     return runs, contract
+
+
+def _plain(session: Any, batch: np.ndarray, photos: Sequence[bytes]) -> np.ndarray:
+    (probs,) = session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
+    return probs
 
 
 BLOCK = 25  # photos (or batches) a policy runs in a row before the other takes over

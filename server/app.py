@@ -325,8 +325,6 @@ def _new_batcher(
         run_parallel=model.run_parallel if model.parallel is not None else None,
         parallel_runs=parallel_runs(settings),
         thread_initializer=worker_initializer(settings.worker_nice),
-        timed_run=model.timed_run,
-        timed_run_parallel=model.timed_run_parallel if model.parallel is not None else None,
         escalate=_escalation(model, settings, pixels) if model.second is not None else None,
     )
 

@@ -34,13 +34,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from catsdogs.cascade import contract_views, first_step, second_step
+from catsdogs.cascade import contract_views, first_step, second_step, threshold
 from catsdogs.contract import (
     CASCADE_BELOW,
+    EVERY_ROW,
     INPUT_NAME,
     OUTPUT_PROBABILITIES,
     ContractError,
@@ -63,10 +64,6 @@ class QueueFullError(RuntimeError):
 class ModelStoppedError(RuntimeError):
     """The batcher is shutting down and takes no new work."""
 
-
-# a cascade's threshold fed to send every row it is given to the second step (each probability
-# is < 2), or none of them (none is < 0)
-EVERY_ROW, NO_ROW = 2.0, 0.0
 
 SLEEP, SPIN, AUTO = 0, 1, 2  # INTRA_OP_SPINNING: what onnxruntime's pool threads do between ops
 
@@ -135,32 +132,32 @@ class InferenceModel:
     # a one-thread session for parallel runs (``run_parallel``); None with parallel_runs <= 1
     parallel: object | None = None
     # a cascade file (export.cascade): the sessions above run its first step alone
-    # (catsdogs.cascade.first_step), and this one its second step alone (second_step), for the
-    # rows the first model is unsure of (``escalate``), fed the first step's answers as
-    # ``first_answers``. Warm-up feeds its threshold to take each path on purpose (blank
-    # warm-up images would escalate, and the batch curves would time the rare path)
+    # (catsdogs.cascade.first_step: the first model, whatever its answers), so warm-up and the
+    # batch curves time the path most images take; this one runs its second step alone
+    # (second_step), for the rows the first model is unsure of (``escalate``), fed the first
+    # step's answers as ``first_answers``
     second: object | None = None
     first_answers: str = ""
     # ... whose other models may take views of their own (catsdogs.cascade): input -> how to
     # prepare it, only for the photos the first model is unsure of
     views: dict[str, PreprocessSpec] = field(default_factory=dict)
-    below: float = 0.0  # the file's threshold, from its contract
+    below: float = 0.0  # the file's own threshold (its cascade/below), which its contract repeats
 
     @property
     def cascade(self) -> bool:
         return self.second is not None
 
-    def _feed(self, batch: np.ndarray, path: str | None) -> dict[str, np.ndarray]:
-        if path is None or not self.cascade:
-            return {INPUT_NAME: batch}
-        below = NO_ROW if path == "sure" else EVERY_ROW
-        feed = {INPUT_NAME: batch, CASCADE_BELOW: np.array(below, np.float32)}
-        if path == "escalated":  # second: the first step's answers, and the other views
-            classes = len(self.contract.class_names)
-            feed[self.first_answers] = np.full((len(batch), classes), 0.5, np.float32)
-            for name, spec in self.views.items():
-                side = spec.input_size
-                feed[name] = np.zeros((len(batch), side, side, 3), np.uint8)
+    def _second_feed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """What warm-up feeds the second step: answers of 0.5 and blank views, every row on."""
+        classes = len(self.contract.class_names)
+        feed = {
+            INPUT_NAME: batch,
+            CASCADE_BELOW: np.array(EVERY_ROW, np.float32),
+            self.first_answers: np.full((len(batch), classes), 0.5, np.float32),
+        }
+        for name, spec in self.views.items():
+            side = spec.input_size
+            feed[name] = np.zeros((len(batch), side, side, 3), np.uint8)
         return feed
 
     def escalate(
@@ -168,19 +165,19 @@ class InferenceModel:
         probs: np.ndarray,
         batch: np.ndarray,
         blobs: list[bytes],
-        parallel: bool,
         view: Callable[[bytes, PreprocessSpec], np.ndarray],
     ) -> tuple[np.ndarray, int]:
         """A cascade's second step.
 
         ``probs``: the first step's answers to ``batch``; ``blobs``: the encoded images of its
-        rows. The rows the first model is unsure of (the file's own test, in float32) go through
-        the file's second step (``second``) with those answers, and with their other views made
-        by ``view`` where its other models take views of their own; the first model does not run
-        again. Their answers replace the first's. A row whose
-        view fails (the decoded-pixels budget full under load) keeps the first model's answer.
-        ``parallel``: whether ``batch`` ran as a parallel run (the second session serves both).
-        Returns the answers and how many rows ran again.
+        rows. The rows the first model is unsure of (the file's own test: top probability under
+        its threshold, in float32) go through the file's second step (``second``) with those
+        answers, and with their other views made by ``view`` where its other models take views
+        of their own; the first model does not run again. Their answers replace the first's. A
+        row whose view fails (the decoded-pixels budget full under load) keeps the first model's
+        answer. The second session serves alone and parallel runs alike, on every core (a rare
+        path: about one photo in twenty on the default cascade). Returns the answers and how
+        many rows went to the second step.
         """
         if self.second is None:
             return probs, 0
@@ -215,32 +212,22 @@ class InferenceModel:
     def batch_policy(self) -> str:
         return "sleep" if "sleep" in self.sessions else next(iter(self.sessions))
 
-    def run(self, batch: np.ndarray, path: str | None = None) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float32 probabilities (N, C): a cascade's first step only.
-        ``path`` ("sure"): a cascade's threshold fed, for warm-up runs only."""
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 probabilities (N, C): a cascade's first step only."""
         lone = len(batch) == 1
         policy = self.chooser.choose() if lone else self.batch_policy
-        feed = {INPUT_NAME: batch} if path is None else self._feed(batch, path)
         started = time.perf_counter()
-        (probs,) = self.sessions[policy].run([OUTPUT_PROBABILITIES], feed)
+        (probs,) = self.sessions[policy].run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
         if lone:
             self.chooser.record(policy, time.perf_counter() - started)
         self.last_policy = policy
         return probs
 
-    def run_parallel(self, batch: np.ndarray, path: str | None = None) -> np.ndarray:
+    def run_parallel(self, batch: np.ndarray) -> np.ndarray:
         """Like ``run``, on the one-thread session: safe to call from several threads at once."""
         assert self.parallel is not None, "opened without parallel runs"
-        feed = {INPUT_NAME: batch} if path is None else self._feed(batch, path)
-        (probs,) = self.parallel.run([OUTPUT_PROBABILITIES], feed)
+        (probs,) = self.parallel.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
         return probs
-
-    def timed_run(self, batch: np.ndarray) -> np.ndarray:
-        """What the warm-up's batch curve times: ``run`` on the path most images take."""
-        return self.run(batch, "sure" if self.cascade else None)
-
-    def timed_run_parallel(self, batch: np.ndarray) -> np.ndarray:
-        return self.run_parallel(batch, "sure" if self.cascade else None)
 
     def warm(self, batch: np.ndarray) -> None:
         """Run ``batch`` once on each session that will see its size, before any traffic.
@@ -255,9 +242,9 @@ class InferenceModel:
         if self.parallel is not None:
             sessions.append(self.parallel)
         for session in sessions:
-            session.run([OUTPUT_PROBABILITIES], self._feed(batch, "sure"))
+            session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: batch})
         if lone and self.second is not None:
-            self.second.run([OUTPUT_PROBABILITIES], self._feed(batch, "escalated"))
+            self.second.run([OUTPUT_PROBABILITIES], self._second_feed(batch))
 
 
 POLICIES = {SLEEP: ("sleep",), SPIN: ("spin",), AUTO: ("sleep", "spin")}
@@ -275,13 +262,14 @@ def load_model(
     """
     if spinning not in POLICIES:
         raise ValueError(f"spinning must be one of {sorted(POLICIES)}, not {spinning!r}")
-    with _session_maker(path) as (contract, overridable, first, later):
+    with _session_maker(path) as opened:
+        first, later = opened.first, opened.second
         # the largest first: the buffers it frees once open are there for the others
-        second = later[0](intra_op_threads, False) if later is not None else None
+        second = later(intra_op_threads, False) if later is not None else None
         sessions = {p: first(intra_op_threads, p == "spin") for p in POLICIES[spinning]}
         parallel = first(1, False) if parallel_runs > 1 else None
     chooser = PolicyChooser(POLICIES[spinning])
-    cascade = CASCADE_BELOW in overridable
+    contract, overridable = opened.contract, opened.overridable
     entry = contract.extra.get("cascade") or {}
     try:
         views = contract_views(entry)
@@ -294,9 +282,17 @@ def load_model(
                 f"{path}: the contract's view {name!r} ({spec.input_size} px) is not an input"
                 " of the file"
             )
-    below = entry.get("below") if cascade else 0.0
-    if isinstance(below, bool) or not isinstance(below, int | float):
-        raise ModelLoadError(f"{path}: a cascade file whose contract has no cascade.below")
+    below = 0.0
+    if opened.below is not None:  # a cascade: its contract states the file's own threshold
+        stated = entry.get("below")
+        if isinstance(stated, bool) or not isinstance(stated, int | float):
+            raise ModelLoadError(f"{path}: a cascade file whose contract has no cascade.below")
+        if np.float32(stated) != np.float32(opened.below):
+            raise ModelLoadError(
+                f"{path}: the contract's cascade.below ({stated}) is not the file's own"
+                f" threshold ({opened.below:.6g})"
+            )
+        below = opened.below
     return InferenceModel(
         sessions,
         contract,
@@ -305,9 +301,9 @@ def load_model(
         chooser,
         parallel=parallel,
         views=views,
-        below=float(below),
+        below=below,
         second=second,
-        first_answers=later[1] if later is not None else "",
+        first_answers=opened.answers,
     )
 
 
@@ -368,14 +364,21 @@ ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 OPTIMIZE_TIMEOUT_S = 300
 
 
+class _Opened(NamedTuple):
+    """What ``_session_maker`` yields: a checked file's contract and session makers."""
+
+    contract: ModelContract
+    overridable: dict[str, Any]  # its overridable initializers (name -> onnxruntime NodeArg)
+    first: OpenSession  # sessions of its first model (a cascade: its first step)
+    second: OpenSession | None  # a cascade: sessions of its second step; else None
+    answers: str  # a cascade: the second step's input for the first model's answers
+    below: float | None  # a cascade: the file's own threshold; else None
+
+
 @contextlib.contextmanager
-def _session_maker(
-    path: Path,
-) -> Iterator[tuple[ModelContract, dict[str, Any], OpenSession, tuple[OpenSession, str] | None]]:
-    """Check ``path`` and yield (contract, its overridable initializers, first, later): the
-    maker of the sessions of its first model and, for a cascade file, that of its second step
-    with the name of that step's input for the first model's answers (else None). The makers
-    work until the context exits.
+def _session_maker(path: Path) -> Iterator[_Opened]:
+    """Check ``path`` and yield its contract and the makers of its sessions (:class:`_Opened`),
+    which work until the context exits.
 
     Each graph is optimised once and saved in onnxruntime's own format to a file in memory;
     every session is opened from that without optimising it again. A session that optimises a
@@ -394,23 +397,26 @@ def _session_maker(
 
     unreadable = ""  # why the file's steps could not be made, if they could not
     later: tuple[bytes, str] | None = None
+    below: float | None = None
     try:
         data = path.read_bytes()
         step = first_step(data)
-        later = second_step(data) if step is not None else None
+        if step is not None:
+            later, below = second_step(data), threshold(data)
     except (OSError, ValueError) as exc:  # load_model_file names what is wrong with the file
-        step, later, unreadable = None, None, str(exc)
+        step, later, below, unreadable = None, None, None, str(exc)
     finally:
         data = b""  # 50 MB for a cascade: not kept while the sessions open
     with contextlib.ExitStack() as stack:
 
-        def scratch() -> tuple[str, int]:
-            """A file in memory (Linux) or else a temporary one: its path, and an fd to pass on."""
+        def scratch(suffix: str) -> tuple[str, int]:
+            """A file in memory (Linux) or else a temporary one: its path, and an fd to pass on
+            (-1: none). onnxruntime reads a path ending in .ort as its own format."""
             if hasattr(os, "memfd_create"):
-                fd = os.memfd_create("catsdogs-model.ort", 0)
+                fd = os.memfd_create(f"catsdogs-model{suffix}", 0)
                 stack.callback(os.close, fd)
                 return f"/proc/self/fd/{fd}", fd
-            fd, name = tempfile.mkstemp(suffix=".ort")
+            fd, name = tempfile.mkstemp(suffix=suffix)
             os.close(fd)
             stack.callback(Path(name).unlink, missing_ok=True)
             return name, -1
@@ -418,11 +424,12 @@ def _session_maker(
         child: subprocess.Popen[bytes] | None = None
         answers = ""
         if later is not None:  # the child optimises the second step while this opens the first
-            source, source_fd = scratch()
-            with open(source_fd if source_fd >= 0 else source, "wb", closefd=False) as out:
+            source, source_fd = scratch(".onnx")
+            # a copy of the memfd's descriptor is closed after the write, the memfd stays open
+            with open(os.dup(source_fd) if source_fd >= 0 else source, "wb") as out:
                 out.write(later[0])
             answers, later = later[1], None
-            later_ort, fd = scratch()
+            later_ort, fd = scratch(".ort")
             child = subprocess.Popen(
                 [sys.executable, "-c", OPTIMIZE, source, later_ort],
                 pass_fds=tuple(f for f in (source_fd, fd) if f >= 0),
@@ -431,7 +438,7 @@ def _session_maker(
                 stderr=subprocess.PIPE,
             )
             stack.callback(_reap, child)
-        first_ort, _ = scratch()
+        first_ort, _ = scratch(".ort")
         options = _options(ort, 1, False)
         options.optimized_model_filepath = first_ort
         options.add_session_config_entry("session.save_model_format", "ORT")
@@ -457,8 +464,8 @@ def _session_maker(
             if child.returncode != 0:
                 last = error.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
                 raise ModelLoadError(f"{path}: optimising the cascade failed: {last[0][:300]}")
-            second = (_saved(ort, later_ort), answers)
-        yield contract, inputs, _saved(ort, first_ort), second
+            second = _saved(ort, later_ort)
+        yield _Opened(contract, inputs, _saved(ort, first_ort), second, answers, below)
 
 
 def _saved(ort: Any, graph: str) -> OpenSession:
@@ -519,9 +526,9 @@ class Decoded(Protocol):
     array: np.ndarray  # uint8 (H, W, 3)
 
 
-# A cascade's second step: (probabilities, batch, its rows' encoded images, parallel) ->
-# (probabilities, rows run again) (InferenceModel.escalate with its view maker bound)
-Escalate = Callable[[np.ndarray, np.ndarray, list[bytes], bool], tuple[np.ndarray, int]]
+# A cascade's second step: (probabilities, batch, its rows' encoded images) -> (probabilities,
+# rows sent to the second step) (InferenceModel.escalate with its view maker bound)
+Escalate = Callable[[np.ndarray, np.ndarray, list[bytes]], tuple[np.ndarray, int]]
 
 # Per image: what ``prepare`` made of it with its row of probabilities, or why it failed
 # (an ImageDecodeError for bad input; anything else is a server fault).
@@ -543,7 +550,7 @@ class BatchStats:
     run_s: float
     decoded: list[Any]  # what ``prepare`` made of each image that decoded
     label: str = ""  # the thread policy it ran on ("spin", "sleep" or "parallel")
-    escalated: int = 0  # images run again with their other views (a cascade's second step)
+    escalated: int = 0  # images sent to a cascade's second step (with their other views)
 
 
 class Batcher:
@@ -581,16 +588,11 @@ class Batcher:
         run_parallel: Callable[[np.ndarray], np.ndarray] | None = None,
         parallel_runs: int = 1,
         thread_initializer: Callable[[], None] = name_os_thread,
-        timed_run: Callable[[np.ndarray], np.ndarray] | None = None,
-        timed_run_parallel: Callable[[np.ndarray], np.ndarray] | None = None,
         escalate: Escalate | None = None,
     ) -> None:
         self.run = run
         # a cascade's second step on the rows it escalates (InferenceModel.escalate), if any
         self.escalate = escalate
-        # what the warm-up's batch curves time (a cascade: the path most images take)
-        self.timed_run = timed_run or run
-        self.timed_run_parallel = timed_run_parallel or run_parallel
         self.run_label = run_label
         self.run_parallel = run_parallel
         self.parallel_runs = parallel_runs if run_parallel is not None else 1
@@ -683,12 +685,12 @@ class Batcher:
         for n in range(1, self.max_batch_size + 1):
             self.warm(np.zeros((n, side, side, 3), dtype=np.uint8))
         if self.adaptive and self.max_batch_size > 1:
-            self.curve = self._measure_curve(self.timed_run, side)
+            self.curve = self._measure_curve(self.run, side)
             self.batch_limit = batch_limit(self.curve)
             if self.run_parallel is not None and self._parallel_pool is not None:
                 # timed alone, two rounds: timing the threads at once sized the shared arena
                 # for two concurrent batches of every size (+30 MB RSS) and saved no time
-                self.parallel_curve = self._measure_curve(self.timed_run_parallel, side, rounds=2)
+                self.parallel_curve = self._measure_curve(self.run_parallel, side, rounds=2)
                 self.parallel_limit = batch_limit(self.parallel_curve)
 
     def _measure_curve(
@@ -829,7 +831,7 @@ class Batcher:
         Alone, the images decode on the decode pool; in parallel mode, one after the other on
         this thread (the other runs keep the other cores busy). Returns the outcomes, when the
         work started, the decode and run seconds (a cascade's second step in the run), the run's
-        label and how many images its second step ran again."""
+        label and how many images went to its second step."""
         started = time.perf_counter()
         if len(blobs) == 1 or parallel:
             decoded = [self._decode(blob) for blob in blobs]
@@ -851,7 +853,7 @@ class Batcher:
         escalated = 0
         if self.escalate is not None:
             ran = [b for b, d in zip(blobs, decoded, strict=True) if not isinstance(d, Exception)]
-            probs, escalated = self.escalate(probs, batch, ran, parallel)
+            probs, escalated = self.escalate(probs, batch, ran)
         run_s = time.perf_counter() - decoded_at
         rows = iter(probs)
         outcomes: list[Outcome] = [

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from catsdogs.cascade import first_step, second_step, two_step, views_entry
+from catsdogs.cascade import first_step, second_step, threshold, two_step, views_entry
 from catsdogs.contract import (
     CASCADE_BELOW,
     INPUT_NAME,
@@ -357,7 +358,7 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
     def view(blob: bytes, spec: PreprocessSpec) -> np.ndarray:
         return preprocess_bytes(blob, spec)
 
-    got, rows = model.escalate(first_probs, images, blobs, False, view)
+    got, rows = model.escalate(first_probs, images, blobs, view)
     want, escalated = reference(first, [first, mid, large], 0.9, images, feed_views(photos))
     assert rows == escalated.sum() > 0
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -369,6 +370,48 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
     stamp(tmp_path / "odd.onnx", spec, "cascade-odd-1", entry)
     with pytest.raises(ModelLoadError, match=r"steps cannot be split: .* this one 0"):
         load_model(tmp_path / "odd.onnx", intra_op_threads=1)
+    # a contract whose threshold is not the file's: refused, naming both (the server picks the
+    # rows to escalate with the threshold, the file's own answers use its initializer)
+    stamp(path, spec, "cascade-load-2", {**entry, "below": 0.8})
+    with pytest.raises(ModelLoadError, match=r"cascade.below \(0.8\) is not the file's own .*0.9"):
+        load_model(path, intra_op_threads=1)
+
+
+def test_a_cascade_loads_where_files_in_memory_are_not_offered(
+    tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...], monkeypatch
+) -> None:
+    """Without ``os.memfd_create`` (macOS, Windows) the steps go through temporary files, which
+    are gone once the model has loaded, and the model answers as where they are in memory."""
+    from server.inference import load_model
+
+    first, mid, large = members
+    spec = default_spec("logreg", *VIEWS["small"])
+    path = export_cascade(first, [first, mid, large], 0.9, tmp_path / "c.onnx", opset=18)
+    views = {view_input(m): default_spec("logreg", m.input_size, m.resize) for m in (mid, large)}
+    stamp(path, spec, "cascade-tmp-1", {"models": [], "below": 0.9, "views": views_entry(views)})
+    in_memory = load_model(path, intra_op_threads=1)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.delattr(os, "memfd_create")
+    on_disk = load_model(path, intra_op_threads=1)
+    assert not list(scratch.iterdir())
+    images = photos["small"]
+    every = {**feed_views(photos), CASCADE_BELOW: np.array(2.0, np.float32)}
+    want = run(path, images, every)[1]
+    (answers,) = on_disk.sessions["sleep"].run([OUTPUT_PROBABILITIES], {INPUT_NAME: images})
+    feed = {INPUT_NAME: images, on_disk.first_answers: answers, **every}
+    for model in (in_memory, on_disk):
+        (probs,) = model.second.run([OUTPUT_PROBABILITIES], feed)
+        np.testing.assert_allclose(probs, want, atol=1e-6)
+
+
+def test_threshold_reads_the_files_own_value(tmp_path: Path, members: tuple[Member, ...]) -> None:
+    first, mid, _ = members
+    path = export_cascade(first, [first, mid], 0.83, tmp_path / "c.onnx", opset=18)
+    assert threshold(path.read_bytes()) == pytest.approx(0.83)
+    plain = export_member(first, tmp_path / "plain.onnx", opset=18)
+    assert threshold(plain.SerializeToString()) is None
 
 
 def test_the_bench_floor_runs_a_cascade_in_two_steps(
@@ -376,8 +419,9 @@ def test_the_bench_floor_runs_a_cascade_in_two_steps(
 ) -> None:
     """``make bench``'s floor (loadtest.inprocess) on a cascade with views of its own: each
     photo's answer is the eager cascade's with every view, alone and in a batch, so the
-    server's answers are compared with the cascade's and not with its first model's."""
-    from loadtest.inprocess import open_runs
+    server's answers are compared with the cascade's and not with its first model's. It does
+    the server's work: the first model runs once on a photo, its answers fed to the second step."""
+    from loadtest.inprocess import CascadeRun, open_runs
 
     first, mid, large = members
     spec = default_spec("logreg", *VIEWS["small"])
@@ -389,6 +433,11 @@ def test_the_bench_floor_runs_a_cascade_in_two_steps(
     stamp(path, spec, "cascade-floor-1", entry)
     runs, contract = open_runs(path, 1, ("sleep",))
     assert contract.preprocessing == spec
+    run = runs["sleep"]
+    assert isinstance(run, CascadeRun)
+    second = {i.name for i in run.second.get_inputs()}
+    assert run.answers == "m0/probabilities"
+    assert run.answers in second
     blobs = [p.read_bytes() for p, _ in shared_photos(6)]
     want, escalated = reference(first, [first, mid, large], below, images, feed_views(photos))
     assert 0 < escalated.sum() < len(images)
@@ -816,10 +865,11 @@ def warmup_per_image(metrics: str) -> dict[int, float]:
 def test_a_served_cascade_warms_up_on_its_sure_path_and_answers_as_its_file(
     tmp_path: Path,
 ) -> None:
-    """The real server on a cascade file: its warm-up times the path most images take (blank
-    warm-up images would all escalate, and the adaptive batch limits would be set by the rare,
-    several times slower path), it is ready, and each photo's answer, escalated or not, is the
-    file's own. The threshold, an overridable initializer, is never set by traffic."""
+    """The real server on a cascade file: its warm-up times the path most images take, its
+    first step alone (blank warm-up images would all escalate through the whole file, and the
+    adaptive batch limits would be set by the rare, several times slower path), it is ready,
+    and each photo's answer, escalated or not, is the file's own. The threshold, an overridable
+    initializer, is never set by traffic."""
     import urllib.request
 
     from loadtest.serverproc import SERVE_PYTHON, running_server
