@@ -55,7 +55,7 @@ def _errors(*statuses: int, v2: bool = False) -> dict[str, Any]:
         408: "The body did not arrive within BODY_TIMEOUT_S",
         409: "The request_id names several logged images; send their prediction_id",
         413: "Body, file, pixel count or number of images over the limit",
-        415: "Unsupported Content-Type",
+        415: "Unsupported Content-Type or image format",
         422: "Not a decodable image, or a required field is missing",
         503: "Queue full (see Retry-After) or not ready",
         504: "The request's deadline passed",
@@ -214,7 +214,7 @@ def _predict_paths(settings: Settings) -> dict[str, Any]:
                 "requestBody": image_upload,
                 "responses": {
                     "200": _json(_ref("Prediction"), "The prediction"),
-                    **_errors(400, 413, 415, 422, 503, 504),
+                    **_errors(400, 408, 413, 415, 422, 503, 504),
                 },
             }
         },
@@ -254,7 +254,7 @@ def _predict_paths(settings: Settings) -> dict[str, Any]:
                         },
                         "One entry per image",
                     ),
-                    **_errors(400, 413, 415, 422, 503, 504),
+                    **_errors(400, 408, 413, 415, 422, 503, 504),
                 },
             }
         },
@@ -413,7 +413,7 @@ def _v2_paths(settings: Settings) -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json(_ref("V2InferResponse"), "Inference result"),
-                    **_errors(400, 404, 413, 422, 503, 504, v2=True),
+                    **_errors(400, 404, 408, 413, 415, 422, 503, 504, v2=True),
                 },
             }
         },

@@ -15,6 +15,13 @@ most one read. Where a head begins in the middle of a read (pipelined requests),
 that read before it belong to the earlier requests (their heads, as parsed, and their bodies)
 and are not its.
 
+After the head, it bounds what uvicorn would read on without limit: a chunked body's trailers
+(header fields the parser buffers whole) are held to ``max_header_bytes`` and never join the
+request's headers, and a request answered before its body arrived whole has its connection
+closed after the answer instead of the rest of its body read and dropped (each read of it
+cancelled uvicorn's keep-alive timer, so a client sending a byte now and then held the
+connection for good).
+
 It also bounds the requests pipelined on one connection (``MAX_PIPELINED``) and how small the
 pieces of a body may be (``MAX_SMALL_PIECES``, ``MIN_PIECE_BYTES``), counts what it refuses
 (``http_refused_total``, through the lifespan's state), and mends how uvicorn ends a
@@ -82,6 +89,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False  # the connection is being closed: what else arrives is not parsed
         self._pieces = 0  # the current request's body pieces (-1: refused as fragmented)
         self._piece_bytes = 0
+        # the request whose body is arriving (None: none is): answered before its body is
+        # whole, the connection closes (on_response_complete)
+        self._receiving: Any = None
+        self._body_in_read = False  # the read being parsed held some of that body
+        self._bodiless_bytes = 0  # bytes read since that body's last piece (chunked trailers)
         self._head_timer: asyncio.TimerHandle | None = None
         # this connection's requests whose answer is not complete, oldest first (answered in
         # that order, so the answered ones leave from the left)
@@ -127,14 +139,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._began_in_read = False
         self._read_used = 0
+        self._body_in_read = False
         super().data_received(data)
-        if self._in_head and not self._refused:  # a head is incomplete after this read
+        if self._refused:
+            return
+        assert self.max_header_bytes is not None
+        if self._in_head:  # a head is incomplete after this read
             if self._began_in_read:  # it began here, after what the earlier requests took
                 self._head_bytes = max(0, len(data) - self._read_used)
             else:  # the whole read is head
                 self._head_bytes += len(data)
-            assert self.max_header_bytes is not None
             if self._head_bytes > self.max_header_bytes:
+                self._refuse(431, reason="head_too_large")
+        elif self._receiving is not None:
+            # A body's reads bring some of it; after a chunked body's last chunk come its
+            # trailers, header fields the parser buffers whole (a single endless value is
+            # rebuilt at every read): held to the head's limit, as a head is
+            self._bodiless_bytes = 0 if self._body_in_read else self._bodiless_bytes + len(data)
+            if self._bodiless_bytes > self.max_header_bytes:
                 self._refuse(431, reason="head_too_large")
 
     def on_message_begin(self) -> None:
@@ -149,6 +171,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._pieces = 0  # this request's body: pieces and bytes so far
         self._piece_bytes = 0
         self._arm()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # After the head, a field is a chunked body's trailer: uvicorn would append it to the
+        # list the request's scope already holds as its headers (a header the app had checked
+        # could change under it); the app reads no trailers, so they are dropped
+        if self._in_head:
+            super().on_header(name, value)
 
     def _parsed_head_bytes(self) -> int:
         """The complete head's size as parsed: 'METHOD URL HTTP/1.1', 'name: value' lines."""
@@ -181,12 +210,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._count("connection_limit")
         super().on_headers_complete()
         unanswered.append(self.cycle)
+        self._receiving = self.cycle
+        self._bodiless_bytes = 0
 
     def on_body(self, body: bytes) -> None:
         size = len(body)
         self._read_used += size
-        if self._refused or self._pieces < 0:  # closing, or this body was refused
-            return
+        self._body_in_read = True
+        if self._refused or self._pieces < 0 or self.cycle.response_complete:
+            return  # closing, this body was refused, or answered (the connection is closing)
         self._pieces += 1
         self._piece_bytes += size
         pieces = self._pieces
@@ -208,8 +240,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.flow.pause_reading()
 
     def on_message_complete(self) -> None:
+        self._receiving = None
         if not self._refused:
             super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        # A request answered before its body arrived whole (an early 4xx, or a route that reads
+        # no body): the rest is not read, and the connection closes once the answer is out (RFC
+        # 9112, 9.6). uvicorn would read on and drop the rest, and since every read cancels its
+        # keep-alive timer, a client sending a byte now and then held the connection, and a
+        # MAX_CONNECTIONS slot, for good. (An earlier pipelined request's answer leaves the
+        # connection open: the one whose body is arriving is not answered yet.)
+        receiving = self._receiving
+        if receiving is not None and receiving.response_complete:
+            self._receiving = None
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()  # after what is written: the answer goes out first
+        super().on_response_complete()
 
     def _unsupported_upgrade_warning(self) -> None:
         # uvicorn's hook (hence the name): it logs two warnings for every request that asks to

@@ -2,8 +2,10 @@
 
 An oversized body is refused as soon as it is known to be too big: at once from its
 Content-Length, or at the chunk that crosses the limit, never after reading it whole. Every byte
-held is reserved from the server-wide byte budget (``server.limits``) first, so many large
-bodies at once get 503 instead of growing memory. Multipart parts are collected in memory by
+held is reserved from the server-wide byte budget (``server.limits``) as it arrives, so many
+large bodies at once get 503 instead of growing memory. A Content-Length alone reserves nothing:
+a few connections declaring 64 MB and sending nothing would otherwise hold the whole budget, and
+every other upload got 503, until their body deadline. Multipart parts are collected in memory by
 python-multipart's streaming parser (Starlette's form parser would spool files over 1 MiB to
 disk; uploads never touch the disk here).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 
 from server.errors import RETRY_SOON, ApiError
@@ -71,19 +73,11 @@ def content_length(request: Request) -> int | None:
     return int(value)
 
 
-def _reserve_declared(request: Request, limit: int, reservation: Reservation | None) -> int:
-    """Check Content-Length against ``limit`` and reserve it at once; returns the bytes held."""
+def _check_declared(request: Request, limit: int) -> None:
+    """A Content-Length over ``limit`` is a 413 before any of the body is read."""
     declared = content_length(request)
-    if declared is None:
-        return 0
-    if declared > limit:
+    if declared is not None and declared > limit:
         raise _too_large(limit)
-    if reservation is not None:
-        try:
-            reservation.grow(declared)
-        except OverBudgetError as exc:
-            raise overloaded(exc) from None
-    return declared
 
 
 def _count(size: int, held: int, limit: int, reservation: Reservation | None) -> int:
@@ -101,7 +95,8 @@ def _count(size: int, held: int, limit: int, reservation: Reservation | None) ->
 
 async def read_body(request: Request, limit: int, reservation: Reservation | None = None) -> Body:
     """The whole body, at most ``limit`` bytes, reserved from the byte budget as it arrives."""
-    held = _reserve_declared(request, limit, reservation)
+    _check_declared(request, limit)
+    held = 0
     chunks: list[bytes | memoryview] = []
     size = 0
     async for chunk in request.stream():
@@ -230,7 +225,8 @@ async def read_multipart(
         raise ApiError(
             400, "bad_multipart", "the multipart boundary must be 1 to 70 plain characters"
         )
-    held = _reserve_declared(request, max_body_bytes, reservation)
+    _check_declared(request, max_body_bytes)
+    held = 0
     collector = _Collector(field_name, max_parts, max_part_bytes)
     parser = MultipartParser(boundary, collector.callbacks())
     size = 0
@@ -239,6 +235,8 @@ async def read_multipart(
         held = _count(size, held, max_body_bytes, reservation)
         _feed(parser, chunk)
     _feed(parser, None)
+    if parser.state != MultipartState.END:  # python-multipart's finalize() does not check it
+        raise ApiError(400, "bad_multipart", "the multipart body ends before its closing boundary")
     return collector.parts
 
 

@@ -946,6 +946,158 @@ def test_a_client_that_pipelines_and_hangs_up_is_499_not_a_500(target: Target) -
     target.assert_serves()
 
 
+# ---------------------------------------------------------------------- 6. bodies not read
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds`` (what it sends meanwhile is read)."""
+    sock.settimeout(seconds)
+    try:
+        read_until_closed(sock)
+    except TimeoutError:
+        return False
+    except OSError:  # reset: closed with bytes the server had not read
+        pass
+    return True
+
+
+LIVE = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+CHUNKED = b"Transfer-Encoding: chunked\r\n\r\n"
+UNREAD = {  # head, its answer's status, what the client sends once it has the answer
+    "pieces after a GET's answer": (LIVE + CHUNKED, 200, b"1\r\nx\r\n" * 1100),
+    "a byte of a declared body": (LIVE + b"Content-Length: 100000000\r\n\r\n", 200, b"x"),
+    "pieces after an early 415": (
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n" + CHUNKED,
+        415,
+        b"1\r\nx\r\n" * 1100,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREAD))
+def test_a_body_left_unread_by_its_answer_closes_the_connection(target: Target, case: str) -> None:
+    """uvicorn read on and dropped a body its request was answered without, and every read
+    cancelled the keep-alive timer: a byte now and then, or tiny chunks (which the fragmented
+    body guard then refused on a request already answered, and stopped reading the client's
+    hang-up), held the connection and its fd for good; seven such clients took every slot of
+    MAX_CONNECTIONS=8, and the server answered 503 to everyone after they had gone. The answer
+    goes out, then the connection closes (RFC 9112, 9.6)."""
+    head, status, rest = UNREAD[case]
+    baseline = open_fds(target.pid)
+    socks: list[socket.socket] = []
+    try:
+        with attack(target):
+            for _ in range(8):
+                sock = connect(target.url)
+                socks.append(sock)
+                sock.sendall(head)
+                reply = read_reply(sock)
+                assert reply is not None
+                assert reply.status == status, reply
+                with contextlib.suppress(OSError):  # the server may have closed already
+                    sock.sendall(rest)
+            closed = [_closed_within(sock, 5) for sock in socks]
+    finally:
+        _close_all(socks)
+    assert all(closed), f"{closed.count(False)} of {len(closed)} connections left open"
+    deadline = time.monotonic() + 5
+    while open_fds(target.pid) > baseline + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds(target.pid) <= baseline + 2, "the server kept the connections' fds"
+
+
+def test_a_body_read_whole_keeps_the_connection_for_the_next_request(target: Target) -> None:
+    """The other side of the rule above: an answer to a request whose body had arrived, even
+    one the route did not read, leaves the connection open for the next request."""
+    request = LIVE + b"Content-Length: 5\r\n\r\nhello"
+    with connect(target.url) as sock:
+        for _ in range(3):
+            sock.sendall(request)
+            reply = read_reply(sock)
+            assert reply is not None
+            assert reply.status == 200, reply
+
+
+TRAILERS = {  # what follows a chunked body's last chunk, repeated
+    "one endless value": (b"X-Trailer: ", b"a" * 65536),
+    "many fields": (b"", (b"X-Trailer: " + b"a" * 8192 + b"\r\n") * 8),
+}
+
+
+@pytest.mark.parametrize("shape", list(TRAILERS))
+def test_chunked_trailers_are_held_to_the_head_limit(target: Target, shape: str) -> None:
+    """A chunked body's trailers are header fields, which the parser buffers whole, after the
+    head's own guard: an endless trailer value grew RSS by 190 MiB for 120 MiB sent and stalled
+    the event loop for seconds (the value is rebuilt at every read), and a stream of 8 KiB
+    fields grew it without bound. Past MAX_HEADER_BYTES (32 KiB) of them the connection is
+    closed, while the route still waits for the body's end."""
+    first, piece = TRAILERS[shape]
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        + CHUNKED
+        + chunked_body(jpeg(), 4096)[:-2]  # the photo and the last chunk: trailers come next
+    )
+    sent = 0
+    before = proc_status(target.pid)["VmRSS"]
+    with attack(target) as watch, connect(target.url) as sock:
+        try:
+            sock.sendall(head + first)
+            while sent < 24 * MIB:
+                sock.sendall(piece)
+                sent += len(piece)
+        except OSError:  # the server closed the connection
+            pass
+        closed = _closed_within(sock, 5)
+    log.info("trailers (%s): %.1f MiB sent before the server closed", shape, sent / MIB)
+    assert closed, "the connection stayed open"
+    assert sent < 16 * MIB, f"the server read {sent / MIB:.0f} MiB of trailers"
+    grown = watch.peak_rss - before
+    assert grown < 50 * MIB, f"RSS grew by {grown / MIB:.0f} MiB for the trailers"
+
+
+def test_declared_sizes_alone_do_not_hold_the_byte_budget(target: Target) -> None:
+    """A Content-Length was reserved from MAX_INFLIGHT_BYTES (128 MiB) before any of its body
+    arrived: two connections declaring 64 MiB batches and sending 3 bytes each made every other
+    upload 503 until their body deadline (30 s). Bytes are reserved as they arrive."""
+    declared = Settings().max_request_bytes
+    head = (
+        b"POST /predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: multipart/form-data; boundary=B\r\n"
+        b"Content-Length: %d\r\n\r\n--B" % declared
+    )
+    socks: list[socket.socket] = []
+    try:
+        with attack(target):
+            for _ in range(4):
+                sock = connect(target.url)
+                sock.sendall(head)
+                socks.append(sock)
+            time.sleep(0.3)  # the server has read their heads and the 3 bytes
+            target.assert_serves()  # a valid upload is answered 200, not 503
+    finally:
+        _close_all(socks)
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
+@pytest.mark.parametrize("tail", [b"", b"\r\n--BOUNDAR"], ids=["no end", "a cut end"])
+def test_a_multipart_body_without_its_closing_boundary_is_400(
+    target: Target, path: str, tail: bytes
+) -> None:
+    """python-multipart's finalize() does not check that the body ended: a form cut before its
+    closing boundary was answered 200 as if whole."""
+    name = b"file" if path == "/predict" else b"files"
+    body = (
+        (
+            b'--BOUNDARY\r\nContent-Disposition: form-data; name="%s"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" % name
+        )
+        + jpeg()
+        + tail
+    )
+    whole = body + b"\r\n--BOUNDARY--\r\n"
+    assert post(target, path, whole, "multipart/form-data; boundary=BOUNDARY").status_code == 200
+    response = post(target, path, body, "multipart/form-data; boundary=BOUNDARY")
+    assert_rest_error(response, {400}, "bad_multipart")
+
+
 # ---------------------------------------------------------------------- afterwards
 def test_no_tracebacks_in_the_server_logs(servers: Servers, default_target: Target) -> None:
     """Client mistakes are 4xx answers, never logged exceptions (checked in every server's log,
