@@ -202,8 +202,9 @@ def drift_scores(
 ) -> dict[str, dict[str, Any]]:
     """PSI and KS of a window of recent traffic against ``reference`` (a reference_stats dict).
 
-    A numeric feature is scored only when the reference carries a histogram whose edges are
-    the ones this module bins with; the predicted-label balance is scored against
+    A numeric feature is scored when the reference carries its histogram: the window is binned
+    with the reference's own edges, so a reference made with other edges than this module's
+    still compares like with like. The predicted-label balance is scored against
     ``predicted_balance``. Features the reference lacks are left out, never guessed.
     """
     window = {"confidence": confidence, "width": width, "height": height, "brightness": brightness}

@@ -29,8 +29,8 @@ def load_model_file(
 ) -> LoadedModel:
     """Open an ONNX file as a CPU session and read its contract, or fail naming the file.
 
-    ``source``: what onnxruntime opens instead of the file itself, made from it (the server
-    opens a cascade's first step, or a graph it optimised); it is checked as the file would be.
+    ``source``: what onnxruntime opens instead of the file itself, made from it (the server and
+    ``make bench`` open a cascade's first step); it is checked as the file would be.
     """
     import onnxruntime as ort  # heavy: imported when a model is opened, not with the module
 

@@ -453,11 +453,6 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return _model_input(img, None, spec)
 
 
-def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """RGB image -> uint8 (input_size, input_size, 3): shorter side to ``resize``, centre crop."""
-    return _model_input(img, None, spec)
-
-
 def stack_batch(arrays: list[np.ndarray]) -> np.ndarray:
     """Per-image uint8 (H, W, 3) arrays -> one (N, H, W, 3) batch."""
     return np.stack(arrays, axis=0)

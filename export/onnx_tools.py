@@ -8,11 +8,9 @@ the graph. The contract (class names, preprocessing, lineage, metrics, drift ref
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,15 +238,3 @@ def model_version(exported_at: str, data_version: str, git_commit: str, weights:
     day = exported_at[:10].replace("-", "")
     git = (git_commit or "nogit")[:7]
     return f"{day}-{data_version[:8]}-{git}-{weights[:6]}"
-
-
-def json_meta(values: dict[str, Any]) -> dict[str, str]:
-    """JSON-encode the values of the optional structured metadata keys."""
-    return {
-        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()
-    }
-
-
-def pick(rows: Sequence[Any], n: int) -> list[Any]:
-    """The first ``n`` rows (manifest order is deterministic), all of them if fewer."""
-    return list(rows[:n])

@@ -88,8 +88,9 @@ seconds apart, those moved by tens of percent with the machine, and the HTTP ref
 sometimes beat the floor).
 The bare floor ("in-process"): a worker process in the serving environment with the project's
 preprocessing (`catsdogs.preprocessing.preprocess_bytes`: decode, EXIF, resize, centre crop) and
-plain onnxruntime sessions (no queue, no event loop, no threads beyond onnxruntime's), one photo
-at a time at batch 1 over all photos, and all photos in batches of 4, 8, 16 and 32; every case is
+plain onnxruntime sessions (no queue, no event loop, no threads beyond onnxruntime's; a cascade
+runs as the server runs it: its first step, then its second step, fed the first model's answers,
+on the rows that escalate, so no model runs twice on a photo), one photo at a time at batch 1 over all photos, and all photos in batches of 4, 8, 16 and 32; every case is
 measured under both onnxruntime thread policies (idle pool threads spinning or sleeping), in
 blocks of 25 photos taking turns ABBA with a pause between turns (photo by photo, one session's
 spinning threads slowed the other's runs), and the faster is the floor; "best batched" is the
@@ -294,7 +295,7 @@ def stage_means(
 ) -> dict[str, float]:
     """Mean milliseconds per observation of each stage between two scrapes."""
     means = {}
-    for stage in STAGES:
+    for stage in [*STAGES, *(s for s in after if s not in STAGES)]:  # one the server adds too
         s0, n0 = before.get(stage, (0.0, 0.0))
         s1, n1 = after.get(stage, (0.0, 0.0))
         means[stage] = 1000 * (s1 - s0) / (n1 - n0) if n1 > n0 else math.nan

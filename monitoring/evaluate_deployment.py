@@ -7,7 +7,8 @@ Each photo of ``DATA/<class>/`` is posted to ``/predict``; the true label then g
 ``/feedback`` so the server's live accuracy counts it too. Writes ``results.json`` (one row per
 image) and ``summary.json`` (accuracy, latency percentiles) and exits non-zero when accuracy is
 below ``--min-accuracy`` or any request failed, so CD can roll back. Needs numpy (percentiles)
-besides the standard library: it runs in any of the project's environments and the serving image.
+and the project's ``catsdogs`` package besides the standard library: it runs in any of the
+project's environments.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from catsdogs.photos import IMAGE_SUFFIXES
+
 log = logging.getLogger("evaluate_deployment")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
 

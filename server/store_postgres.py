@@ -181,7 +181,6 @@ class PostgresStore(WriterStore):
         self._pool_lock = threading.Lock()
         self._refresher: threading.Thread | None = None
         self.refreshed_at: float | None = None  # monotonic time of the last good refresh
-        self.refreshes = 0
         # The pool logs a warning for every failed connection attempt; during an outage that
         # is one a second. The store logs the outage once (begin and end) instead.
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
@@ -363,7 +362,6 @@ class PostgresStore(WriterStore):
                 )
             return False
         self.refreshed_at = time.monotonic()
-        self.refreshes += 1
         return True
 
     def refreshed_s_ago(self) -> float | None:

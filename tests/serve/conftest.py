@@ -126,10 +126,6 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def with_settings(settings: Settings, **changes) -> Settings:
-    return replace(settings, **changes)
-
-
 @pytest.fixture
 def make_app(settings: Settings):
     def factory(**changes):

@@ -7,7 +7,6 @@ import hashlib
 import io
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -113,10 +112,6 @@ def write_checkpoint(path: Path, model: ImageClassifier, data_version: str, spec
     }
     save_checkpoint(path, model, meta)
     return path
-
-
-def batch_of(images: list[np.ndarray]) -> np.ndarray:
-    return np.stack(images).astype(np.uint8)
 
 
 def run_export_stage(
