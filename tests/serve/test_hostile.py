@@ -947,6 +947,19 @@ def test_a_client_that_pipelines_and_hangs_up_is_499_not_a_500(target: Target) -
 
 
 # ---------------------------------------------------------------------- 6. bodies not read
+@contextlib.contextmanager
+def _sent(url: str, n: int, head: bytes) -> Iterator[list[socket.socket]]:
+    """``n`` connections, each sent ``head``; all closed when the block ends."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(connect(url))
+            socks[-1].sendall(head)
+        yield socks
+    finally:
+        _close_all(socks)
+
+
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
     """Whether the server closes ``sock`` within ``seconds`` (what it sends meanwhile is read)."""
     sock.settimeout(seconds)
@@ -982,21 +995,14 @@ def test_a_body_left_unread_by_its_answer_closes_the_connection(target: Target, 
     goes out, then the connection closes (RFC 9112, 9.6)."""
     head, status, rest = UNREAD[case]
     baseline = open_fds(target.pid)
-    socks: list[socket.socket] = []
-    try:
-        with attack(target):
-            for _ in range(8):
-                sock = connect(target.url)
-                socks.append(sock)
-                sock.sendall(head)
-                reply = read_reply(sock)
-                assert reply is not None
-                assert reply.status == status, reply
-                with contextlib.suppress(OSError):  # the server may have closed already
-                    sock.sendall(rest)
-            closed = [_closed_within(sock, 5) for sock in socks]
-    finally:
-        _close_all(socks)
+    with attack(target), _sent(target.url, 8, head) as socks:
+        for sock in socks:
+            reply = read_reply(sock)
+            assert reply is not None
+            assert reply.status == status, reply
+            with contextlib.suppress(OSError):  # the server may have closed already
+                sock.sendall(rest)
+        closed = [_closed_within(sock, 5) for sock in socks]
     assert all(closed), f"{closed.count(False)} of {len(closed)} connections left open"
     deadline = time.monotonic() + 5
     while open_fds(target.pid) > baseline + 2 and time.monotonic() < deadline:
@@ -1063,17 +1069,9 @@ def test_declared_sizes_alone_do_not_hold_the_byte_budget(target: Target) -> Non
         b"Content-Type: multipart/form-data; boundary=B\r\n"
         b"Content-Length: %d\r\n\r\n--B" % declared
     )
-    socks: list[socket.socket] = []
-    try:
-        with attack(target):
-            for _ in range(4):
-                sock = connect(target.url)
-                sock.sendall(head)
-                socks.append(sock)
-            time.sleep(0.3)  # the server has read their heads and the 3 bytes
-            target.assert_serves()  # a valid upload is answered 200, not 503
-    finally:
-        _close_all(socks)
+    with attack(target), _sent(target.url, 4, head):
+        time.sleep(0.3)  # the server has read their heads and the 3 bytes
+        target.assert_serves()  # a valid upload is answered 200, not 503
 
 
 @pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
