@@ -90,7 +90,8 @@ The bare floor ("in-process"): a worker process in the serving environment with 
 preprocessing (`catsdogs.preprocessing.preprocess_bytes`: decode, EXIF, resize, centre crop) and
 plain onnxruntime sessions (no queue, no event loop, no threads beyond onnxruntime's; a cascade
 runs as the server runs it: its first step, then its second step, fed the first model's answers,
-on the rows that escalate, so no model runs twice on a photo), one photo at a time at batch 1 over all photos, and all photos in batches of 4, 8, 16 and 32; every case is
+on the rows that escalate, so no model runs twice on a photo), one photo at a time at batch 1
+over all photos, and all photos in batches of 4, 8, 16 and 32; every case is
 measured under both onnxruntime thread policies (idle pool threads spinning or sleeping), in
 blocks of 25 photos taking turns ABBA with a pause between turns (photo by photo, one session's
 spinning threads slowed the other's runs), and the faster is the floor; "best batched" is the

@@ -85,6 +85,8 @@ def _components(classes: list[str]) -> dict[str, Any]:
                     "probabilities": probabilities,
                     "model_version": {"type": "string"},
                     "request_id": {"type": "string"},
+                    # the image's id in the prediction log: what POST /feedback names
+                    "prediction_id": {"type": "string"},
                     "latency_ms": {"type": "number"},
                     "filename": {"type": "string"},
                 },
@@ -147,6 +149,16 @@ def _components(classes: list[str]) -> dict[str, Any]:
                     "model_name": {"type": "string"},
                     "model_version": {"type": "string"},
                     "id": {"type": "string"},
+                    "parameters": {
+                        "type": "object",
+                        "properties": {
+                            "prediction_ids": {
+                                "type": "string",
+                                "description": "each image's id in the prediction log, in input"
+                                " order, joined by commas: what POST /feedback names",
+                            }
+                        },
+                    },
                     "outputs": {"type": "array", "items": _ref("V2Tensor")},
                 },
             },

@@ -43,6 +43,11 @@ class Body:
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def joined(self) -> bool:
+        """Whether ``join`` returns the bytes as they are, without a copy of them all."""
+        return len(self._pieces) == 1 and isinstance(self._pieces[0], bytes)
+
     def join(self) -> bytes:
         if len(self._pieces) != 1 or not isinstance(self._pieces[0], bytes):
             self._pieces = [b"".join(self._pieces)]

@@ -22,10 +22,10 @@ from starlette.routing import Route
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES
 from server.errors import ApiError
-from server.limits import Reservation
+from server.limits import OverBudgetError, Reservation
 from server.service import Predictor, Upload
 from server.settings import Settings
-from server.uploads import read_body
+from server.uploads import Body, content_length, overloaded, read_body
 
 OUTPUT_LABEL = "label"
 BINARY_HEADER = "inference-header-content-length"
@@ -107,7 +107,9 @@ _PARSE_IN_THREAD_BYTES = 256 * 1024  # larger bodies are parsed off the event lo
 class InferRequest:
     """A parsed inference request: the encoded images, the outputs asked for, the client's id."""
 
-    images: list[bytes]
+    # base64 images decoded, or views of the binary tensor data (not copied: the body is held
+    # once, as the byte budget counts it)
+    images: list[bytes | memoryview]
     outputs: list[tuple[str, bool]]  # (output name, binary?) in the order asked for
     id: str | None
 
@@ -123,11 +125,7 @@ def parse_infer_request(
     """Parse a V2 inference request; any bad input raises :class:`ApiError` with a 4xx."""
     raw_header, binary = _split(body, header_length)
     if len(raw_header) > max_json_bytes:
-        raise _bad(
-            f"the JSON part is larger than {max_json_bytes} bytes; send large images with the "
-            "binary tensor extension",
-            status=413,
-        )
+        raise _json_too_large(max_json_bytes)
     payload = _parse_json(raw_header)
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         raise _bad("the inference request needs an 'inputs' list")
@@ -136,6 +134,27 @@ def parse_infer_request(
         outputs=_requested_outputs(payload),
         id=_request_id(payload),
     )
+
+
+def _json_too_large(max_json_bytes: int) -> ApiError:
+    return _bad(
+        f"the JSON part is larger than {max_json_bytes} bytes; send large images with the "
+        "binary tensor extension",
+        status=413,
+    )
+
+
+def check_declared_json(
+    content_length: int | None, header_length: str | None, max_json_bytes: int
+) -> None:
+    """413 before any of the body is read when the sizes the request declares put its JSON part
+    over ``max_json_bytes``: the whole body without the binary extension, else its header."""
+    declared = content_length
+    if header_length is not None:
+        value = header_length.strip()
+        declared = int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
+    if declared is not None and declared > max_json_bytes:
+        raise _json_too_large(max_json_bytes)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -194,9 +213,10 @@ def _flatten(data: Any, limit: int) -> list[Any]:
 _END = object()
 
 
-def _deserialize_bytes(buffer: memoryview, count: int, max_bytes: int) -> list[bytes]:
-    """V2 binary BYTES tensor: each element is a 4-byte little-endian length, then the bytes."""
-    elements: list[bytes] = []
+def _deserialize_bytes(buffer: memoryview, count: int, max_bytes: int) -> list[memoryview]:
+    """V2 binary BYTES tensor: each element is a 4-byte little-endian length, then the bytes
+    (a view of ``buffer``, not a copy)."""
+    elements: list[memoryview] = []
     offset = 0
     while offset < len(buffer):
         if len(elements) == count:
@@ -209,7 +229,7 @@ def _deserialize_bytes(buffer: memoryview, count: int, max_bytes: int) -> list[b
             raise _bad(f"image {len(elements)} is larger than {max_bytes} bytes", status=413)
         if offset + length > len(buffer):
             raise _bad("binary BYTES data ends inside an element")
-        elements.append(bytes(buffer[offset : offset + length]))
+        elements.append(buffer[offset : offset + length])
         offset += length
     return elements
 
@@ -233,7 +253,7 @@ def _shape_count(shape: Any, max_images: int) -> int:
 
 def _images(
     request: dict[str, Any], binary: memoryview, max_images: int, max_bytes: int
-) -> list[bytes]:
+) -> list[bytes | memoryview]:
     inputs = request["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise _bad(f"expected exactly one input, {INPUT_NAME!r}")
@@ -250,7 +270,7 @@ def _images(
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):
             raise _bad("binary_data_size does not fit the binary data sent")
-        images = _deserialize_bytes(binary[:size], count, max_bytes)
+        images: list[bytes | memoryview] = [*_deserialize_bytes(binary[:size], count, max_bytes)]
     else:
         if "data" not in tensor:
             raise _bad(f"input {INPUT_NAME!r} has neither 'data' nor binary_data_size")
@@ -317,8 +337,14 @@ async def infer(request: Request) -> Response:
     parsed: list[InferRequest] = []
 
     async def read(reservation: Reservation) -> list[Upload]:
-        body = await read_body(request, settings.max_request_bytes, reservation)
         header_length = request.headers.get(BINARY_HEADER)
+        check_declared_json(content_length(request), header_length, settings.max_json_bytes)
+        body = await read_body(request, settings.max_request_bytes, reservation)
+        if not body.joined:  # the join below holds the body twice: the budget counts both
+            try:
+                reservation.grow(len(body))
+            except OverBudgetError as exc:
+                raise overloaded(exc) from None
 
         def parse() -> InferRequest:
             return parse_infer_request(
@@ -334,7 +360,8 @@ async def infer(request: Request) -> Response:
         big = len(body) > _PARSE_IN_THREAD_BYTES
         request_ = await asyncio.to_thread(parse) if big else parse()
         parsed.append(request_)
-        return [Upload(image) for image in request_.images]
+        # a view stays a view until its decode thread joins it (server.uploads.Body)
+        return [Upload(Body([image])) for image in request_.images]
 
     results = await predictor.run(request, "/v2/models/{name}/infer", read, atomic=True)
     (request_,) = parsed
@@ -348,7 +375,8 @@ async def infer(request: Request) -> Response:
         dtype=np.float32,
     )
     request_id = request.scope["state"]["request_id"]
-    return _response(request_, settings, predictor, probs, labels, request_id)
+    ids = [r.prediction_id for r in results if r.prediction is not None and r.prediction_id]
+    return _response(request_, settings, predictor, probs, labels, request_id, ids)
 
 
 def _serialize_bytes(values: list[str]) -> bytes:
@@ -367,6 +395,7 @@ def _response(
     probs: np.ndarray,
     labels: list[str],
     request_id: str,
+    prediction_ids: list[str],
 ) -> Response:
     n, classes = probs.shape
     tensors: list[dict[str, Any]] = []
@@ -391,6 +420,10 @@ def _response(
         "model_name": settings.served_model_name,
         "model_version": predictor.model_version,
         "id": request_.id if request_.id is not None else request_id,
+        # each image's id in the prediction log, in input order, for POST /feedback (a
+        # parameter's value is a string in the protocol: the ids joined by commas, which no id
+        # holds)
+        "parameters": {"prediction_ids": ",".join(prediction_ids)},
         "outputs": tensors,
     }
     if not blobs:

@@ -396,7 +396,7 @@ def test_v2_infer_binary_extension(settings):
 
     async def scenario():
         async with serve(create_app(settings)) as client:
-            return await client.post(
+            response = await client.post(
                 "/v2/models/catsdogs/infer",
                 content=header + blob,
                 headers={
@@ -404,8 +404,19 @@ def test_v2_infer_binary_extension(settings):
                     "content-type": "application/octet-stream",
                 },
             )
+            n = int(response.headers["inference-header-content-length"])
+            ids = json.loads(response.content[:n])["parameters"]["prediction_ids"].split(",")
+            # each image of the request is logged apart: feedback names one by its id
+            feedback = [
+                await client.post("/feedback", json={"prediction_id": i, "label": "cat"})
+                for i in ids
+            ]
+            return response, ids, feedback
 
-    response = run(scenario())
+    response, ids, feedback = run(scenario())
+    assert len(set(ids)) == 3
+    assert [f.status_code for f in feedback] == [201, 201, 201], feedback[0].text
+    assert [f.json()["predicted_label"] for f in feedback] == ["dog", "cat", "dog"]
     assert response.status_code == 200
     n = int(response.headers["inference-header-content-length"])
     body = json.loads(response.content[:n])

@@ -443,6 +443,38 @@ def test_six_concurrent_60mb_batches(target: Target) -> None:
     assert watch.peak_rss < RSS_LIMIT
 
 
+def test_a_v2_body_is_counted_twice_while_it_is_joined(servers: Servers) -> None:
+    """A V2 body arrives in pieces and is joined whole before it is parsed, so for a moment the
+    server holds it twice; the byte budget counted it once, and two 60 MB V2 requests grew the
+    peak RSS by 230 MiB against the 120 MiB counted. The join's copy is reserved too: under a
+    30 MiB budget a 20 MiB V2 request is 503, where the same images as a multipart batch (split
+    into their parts, never joined whole) are served."""
+    server = servers.start(
+        "v2budget", MAX_INFLIGHT_BYTES=str(30 * MIB), MAX_REQUEST_BYTES=str(24 * MIB)
+    )
+    padded = jpeg() + b"\0" * (10 * MIB - 64 - len(jpeg()))  # a JPEG decodes past its end
+    blob = b"".join(len(padded).to_bytes(4, "little") + padded for _ in range(2))
+    header = json.dumps(v2_header(len(blob), 2)).encode()
+    v2 = httpx.post(
+        f"{server.url}{V2_INFER}",
+        content=header + blob,
+        headers={"inference-header-content-length": str(len(header))},
+        timeout=60,
+    )
+    assert v2.status_code == 503, v2.text[:300]
+    assert is_v2_error(v2.json())
+    assert "retry-after" in v2.headers
+    body, ctype = multipart_body("files", [("a.jpg", padded), ("b.jpg", padded)])
+    batch = post(Target(server), "/predict/batch", body, ctype)
+    assert batch.status_code == 200, batch.text[:300]
+    assert len(batch.json()["predictions"]) == 2
+
+
+def v2_header(size: int, count: int) -> dict:
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [count]}
+    return {"inputs": [{**tensor, "parameters": {"binary_data_size": size}}]}
+
+
 # ---------------------------------------------------------------------- 3. parsing cost
 @pytest.mark.parametrize(
     ("name", "statuses"),
@@ -504,6 +536,27 @@ def test_v2_header_length_that_is_a_digit_but_not_a_number(target: Target) -> No
         reply = send_raw(target.url, load_crasher("v2-header-length-superscript.http"))
     assert reply is not None
     assert reply.status == 400, reply
+    assert is_v2_error(reply.json())
+
+
+@pytest.mark.parametrize("declared", ["Content-Length", "Inference-Header-Content-Length"])
+def test_v2_json_over_its_limit_is_413_before_its_body(target: Target, declared: str) -> None:
+    """The JSON part's limit (MAX_JSON_BYTES, 8 MiB) was checked once the whole body had been
+    read: a client declaring a 60 MiB JSON body got its 413 only after sending (and the server
+    holding) all of it. The sizes a request declares are checked before its body is read."""
+    sizes = {
+        "Content-Length": b"Content-Type: application/json\r\nContent-Length: %d\r\n" % (60 * MIB),
+        "Inference-Header-Content-Length": (
+            b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n"
+            b"Inference-Header-Content-Length: %d\r\n" % (20 * MIB, 9 * MIB)
+        ),
+    }
+    head = f"POST {V2_INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + sizes[declared]
+    with attack(target), connect(target.url, timeout=5) as sock:
+        sock.sendall(head + b'\r\n{"inputs":[')
+        reply = read_reply(sock)
+    assert reply is not None, "no answer before the body"
+    assert reply.status == 413, reply
     assert is_v2_error(reply.json())
 
 
