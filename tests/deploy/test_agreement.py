@@ -79,6 +79,20 @@ def probes(w: Workload) -> dict[str, Manifest]:
     return {k: w.container[k]["httpGet"] for k in kinds if k in w.container}
 
 
+def test_startup_allows_the_servers_own_start_up_deadlines(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    """The kubelet must not kill a start the server still allows itself: a registry download
+    (server.model_uri) and optimising a cascade (server.inference), each with its deadline."""
+    from server.inference import OPTIMIZE_TIMEOUT_S
+    from server.model_uri import _DOWNLOAD_DEADLINE_S
+
+    for name in APP_OVERLAYS:
+        probe = workload(rendered, name).container["startupProbe"]
+        window = probe["periodSeconds"] * probe["failureThreshold"]
+        assert window >= _DOWNLOAD_DEADLINE_S + OPTIMIZE_TIMEOUT_S, (name, window)
+
+
 # ---------------------------------------------------------------- settings and flags
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_every_env_var_is_a_setting(rendered: dict[str, list[Manifest]], name: str) -> None:
@@ -215,7 +229,7 @@ def test_written_paths_are_on_writable_volumes(
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_pod_security(rendered: dict[str, list[Manifest]], name: str) -> None:
     w = workload(rendered, name)
-    pod_sc, sc = w.pod["securityContext"], w.container["securityContext"]
+    pod_sc, sc = w.pod.get("securityContext", {}), w.container["securityContext"]
     merged = pod_sc | sc
     assert merged["runAsNonRoot"] is True
     assert f"{merged['runAsUser']}:{merged['runAsGroup']}" == IMAGE.user
@@ -311,6 +325,17 @@ def test_inference_service_speaks_v2_with_the_registry_model(
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert match["name"] == params["export"]["registered_model"]
     assert settings.mlflow_tracking_uri.startswith(("http://", "https://"))
+
+
+@pytest.mark.parametrize("name", ["kserve", "kserve-canary"])
+def test_the_predictor_sets_no_pod_security_context(
+    rendered: dict[str, list[Manifest]], name: str
+) -> None:
+    """Knative's webhook refuses every pod-level securityContext field unless the cluster enables
+    kubernetes.podspec-securitycontext: the generated Service would never be ready. The
+    container's own securityContext (test_pod_security) carries the user and the rest."""
+    predictor = one(rendered[name], "InferenceService")["spec"]["predictor"]
+    assert "securityContext" not in predictor
 
 
 def test_canary_changes_only_the_model_and_the_split(rendered: dict[str, list[Manifest]]) -> None:
