@@ -11,7 +11,8 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
-from starlette.staticfiles import StaticFiles
+
+from server.ui import WholeFiles
 
 _DOCS_HTML = """<!DOCTYPE html>
 <html lang="en">
@@ -50,5 +51,5 @@ def routes() -> list[BaseRoute]:
     return [
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
-        Mount("/docs/static", StaticFiles(directory=_swagger_ui_dir()), name="swagger_ui"),
+        Mount("/docs/static", WholeFiles(directory=_swagger_ui_dir()), name="swagger_ui"),
     ]

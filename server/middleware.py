@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -70,7 +71,10 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
+                headers = message.get("headers", ())
+                if 300 <= status < 400:  # Starlette's slash redirects name the client's Host
+                    headers = [_path_only(h) for h in headers]
+                message["headers"] = [*headers, header]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 state["sent_at"] = time.perf_counter()
@@ -121,6 +125,19 @@ class RequestContextMiddleware:
                 access_log.info("request", extra={"fields": fields})
             if "handled_at" in state:
                 self.metrics.stages["log"].observe(time.perf_counter() - done)
+
+
+def _path_only(header: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """A Location header made relative: a redirect to this server needs no host, and one built
+    from the request's Host header would send a client (or a shared cache) wherever that
+    header pointed."""
+    name, value = header
+    if name.lower() != b"location":
+        return header
+    parts = urlsplit(value)
+    if not parts.scheme and not parts.netloc:
+        return header
+    return name, urlunsplit((b"", b"", parts.path or b"/", parts.query, parts.fragment))
 
 
 _MESSAGE = "an unexpected error occurred"

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 STATIC_DIR = Path(__file__).resolve().with_name("static")
 
@@ -39,13 +39,33 @@ PAGE_HEADERS = {
 }
 
 
+def _whole(scope: Scope) -> Scope:
+    """``scope`` without Range headers: these files are small and always sent whole (RFC 9110
+    lets a server ignore Range). Starlette answered a Range it could not serve with a plain-text
+    400 or 416 of its own, without the page's security headers or the API's error shape."""
+    headers = [(k, v) for k, v in scope["headers"] if k not in (b"range", b"if-range")]
+    return {**scope, "headers": headers}
+
+
+class WholeFile(FileResponse):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(_whole(scope), receive, send)
+
+
+class WholeFiles(StaticFiles):
+    """StaticFiles whose files are always sent whole (see ``_whole``)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(_whole(scope), receive, send)
+
+
 async def index(request: Request) -> Response:
     """The classifier page (HTML): drop a photo, see the answer, say whether it was right."""
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+    return WholeFile(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
 
-class PageFiles(StaticFiles):
-    """StaticFiles whose answers carry the page's security headers too."""
+class PageFiles(WholeFiles):
+    """Static files whose answers carry the page's security headers too."""
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)

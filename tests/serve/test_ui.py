@@ -86,6 +86,40 @@ def test_page_and_files_are_served_with_security_headers(settings):
     assert "text/html" in spec["paths"]["/"]["get"]["responses"]["200"]["content"]
 
 
+@pytest.mark.parametrize("path", ["/ui", "/docs/static", "/v2/"])
+def test_redirects_never_name_the_clients_host(settings, path):
+    """Starlette's slash redirects built an absolute Location from the Host header: any client
+    (or whoever reaches a cache in front of the server) could have them point elsewhere."""
+
+    async def scenario() -> httpx.Response:
+        async with serve(create_app(settings)) as client:
+            return await client.get(path, headers={"host": "evil.example"})
+
+    answer = run(scenario())
+    assert 300 <= answer.status_code < 400, answer.status_code
+    location = answer.headers["location"]
+    assert location.startswith("/"), location
+    assert "evil" not in location
+
+
+@pytest.mark.parametrize("path", ["/", "/ui/app.js", "/docs/static/swagger-ui.css"])
+@pytest.mark.parametrize("asked", ["bytes=5-1", "pages=1-2", "bytes=99999999-"])
+def test_a_range_is_ignored_and_the_file_sent_whole(settings, path, asked):
+    """Starlette answered a Range it could not serve (reversed, another unit, past the end)
+    with a plain-text 400 or 416 of its own, without the page's security headers; RFC 9110
+    lets a server ignore Range, and these files are small: 200, the whole file."""
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        async with serve(create_app(settings)) as client:
+            return await client.get(path, headers={"range": asked}), await client.get(path)
+
+    ranged, plain = run(scenario())
+    assert ranged.status_code == 200, ranged.text[:200]
+    assert ranged.content == plain.content
+    if not path.startswith("/docs"):
+        assert ranged.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+
+
 def test_page_loads_nothing_from_elsewhere():
     for path in STATIC_DIR.iterdir():
         # an SVG names its XML namespace by URL; that is a name, not a download
