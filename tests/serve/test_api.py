@@ -309,12 +309,25 @@ def test_docs_served_from_local_files(settings):
             assert "text/html" in page.headers["content-type"]
             assert "http://" not in page.text
             assert "https://" not in page.text
-            assert "/openapi.json" in page.text
             for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
                 assert f"/docs/static/{asset}" in page.text
                 served = await client.get(f"/docs/static/{asset}")
                 assert served.status_code == 200
                 assert len(served.content) > 10_000
+            # no inline script: the policy allows this origin's scripts only, and no framing
+            policy = page.headers["content-security-policy"]
+            assert "script-src 'self';" in policy
+            assert "frame-ancestors 'none'" in policy
+            assert "<script>" not in page.text
+            start = await client.get("/ui/docs-init.js")
+            assert start.status_code == 200
+            assert "SwaggerUIBundle" in start.text
+            assert "/openapi.json" in start.text
+            # the package's other files are not served: a stock page loading a spec from the
+            # internet, an OAuth redirect page, templates, source maps
+            for other in ("index.html", "oauth2-redirect.html", "index.j2", "swagger-ui.js.map"):
+                refused = await client.get(f"/docs/static/{other}")
+                assert refused.status_code == 404, other
 
     run(scenario())
 
