@@ -112,7 +112,8 @@ $(SBOM_FILE): requirements-serve.txt pyproject.toml $(TOOLS_VENV)/.installed
 # added, removed or changed or DATA points elsewhere. dvc.yaml loads the file (vars), so plain
 # `dvc` commands need it: run this target (or `make pipeline`) once after a clone.
 # A relative DATA stays relative to the repo root, so dvc.lock reads the same in every clone.
-DOWNLOAD_DIR := data/download
+# params.yaml's fetch.download_dir (the one place it is set; training/fetch.py checks they agree)
+DOWNLOAD_DIR := $(shell sed -n 's/^  download_dir: *\([^ #]*\).*/\1/p' params.yaml | tr -d "\"'")
 data-source: ## write data/source.yaml: DATA=<photo folder>, or the public download
 	mkdir -p data
 	printf 'source: "%s"\nsource_dir: "%s"\n' "$(if $(DATA),$(DATA),download)" \

@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -330,10 +331,14 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
 
     steps.next("preprocess")
     test_batch = load_test_batch(splits.test, spec, params.parity_images)
-    parity_images = test_batch.images[: params.parity_images]
+    # the parity photos spread over the test split, whose rows are sorted by class: the first
+    # ones were all cats
+    step = max(1, len(splits.test) // params.parity_images)
+    parity_rows = splits.test[::step][: params.parity_images]
+    parity_images = test_batch.images[::step][: params.parity_images]
     # a cascade whose other models take views of their own: those views, for the parity photos
     views = trained_views(cascade, spec) if cascade is not None else {}
-    parity_paths = [Path(r.path) for r in splits.test[: params.parity_images]]
+    parity_paths = [Path(r.path) for r in parity_rows]
     parity_views = {
         name: load_batch(parity_paths, v, desc=name).images for name, v in views.items()
     }
@@ -364,7 +369,7 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
         "model_version": version,
         "opset": params.opset,
         "batch_checks": list(ox.BATCH_CHECKS),
-        "parity": parity.as_dict(),
+        "parity": {**parity.as_dict(), "per_class": dict(Counter(r.label for r in parity_rows))},
         "metrics": {"fp32": test_fp32.metrics},
         "accuracy": {"fp32": test_fp32.metrics["accuracy"]},
     }

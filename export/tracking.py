@@ -204,7 +204,10 @@ EVALUATE_ARTIFACT_DIR = "evaluate"  # the evaluate stage's metrics and plots in 
 def log_evaluation(
     *, run_id: str, split: str, metrics: dict[str, float], files: Sequence[Path]
 ) -> bool:
-    """Log ``metrics`` as ``{split}_{name}`` and ``files`` under ``evaluate/`` to the training run.
+    """Log ``metrics`` as ``{split}_{name}`` (``test_accuracy``) and ``files`` under ``evaluate/``
+    to the training run. The train and val splits' metrics are ``eval_train_{name}`` and
+    ``eval_val_{name}``: the training run's per-epoch curves are ``train_{name}`` and
+    ``val_{name}``, and a point logged there without a step would land in them at step 0.
 
     Only to the run the model file names (its ``mlflow_run_id``): with no run id, or a run this
     store does not know, nothing is logged (a warning, never a failed stage). True when logged.
@@ -226,8 +229,9 @@ def log_evaluation(
         except MlflowException:
             log.warning("training run %s is not in %s: %s plots not logged", run_id, uri, split)
             return False
+        prefix = split if split == "test" else f"eval_{split}"
         for key, value in metrics.items():
-            client.log_metric(run_id, f"{split}_{key}", float(value))
+            client.log_metric(run_id, f"{prefix}_{key}", float(value))
         for path in files:
             client.log_artifact(run_id, str(path), EVALUATE_ARTIFACT_DIR)
     except Exception as exc:  # any MLflow failure leaves the stage's files valid

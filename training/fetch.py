@@ -238,13 +238,18 @@ def build_index(photos: list[tuple[Path, str]], cache_path: Path | None = None) 
             cache = {}
     rows, fresh = [], {}
     for path, label in tqdm(photos, desc="index", unit="file", mininterval=1.0):
-        st = path.stat()
-        key = str(path.resolve())
-        hit = cache.get(key)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            digest = hit[2]
-        else:
-            digest = file_sha256(path)
+        try:
+            st = path.stat()
+            key = str(path.resolve())
+            hit = cache.get(key)
+            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                digest = hit[2]
+            else:
+                digest = file_sha256(path)
+        except OSError as exc:  # listed, then unreadable: prepare reports it and goes on
+            log.warning("%s cannot be read (%s): indexed without a hash", path, exc)
+            rows.append(IndexRow(_rel(path), label, "", 0))
+            continue
         fresh[key] = [st.st_size, st.st_mtime_ns, digest]
         rows.append(IndexRow(_rel(path), label, digest, st.st_size))
     if cache_path:

@@ -206,8 +206,11 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_prepare(args.params)
     train = load_train(args.params)
-    # brightness is measured on exactly the input the model gets (drift reference)
-    spec = PreprocessSpec(input_size=train.input_size, resize=train.resize)
+    # brightness is measured on exactly the input the model gets (drift reference): the same
+    # sizes and resampling filter (mean and std apply after it, to the model's floats)
+    spec = PreprocessSpec(
+        input_size=train.input_size, resize=train.resize, interpolation=train.interpolation
+    )
     rows = read_index(Path(args.index))
     checked = check_all(rows, spec, params)
     kept, dropped = select(checked, params)

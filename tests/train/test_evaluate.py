@@ -152,6 +152,32 @@ def evaluate_args(model: Path, manifest: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def test_other_splits_never_land_in_the_training_curves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training run's per-epoch curves are train_* and val_*: evaluate on those splits logs
+    eval_train_* and eval_val_*, where a point without a step would have joined the curve."""
+    from mlflow import MlflowClient
+
+    from export.tracking import log_evaluation
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("catsdogs", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp, run_name="training").info.run_id
+    for epoch, value in enumerate([0.7, 0.8, 0.9]):
+        client.log_metric(run_id, "val_accuracy", value, step=epoch + 1)
+    for split in ("val", "train", "test"):
+        assert log_evaluation(run_id=run_id, split=split, metrics={"accuracy": 0.5}, files=[])
+    curve = client.get_metric_history(run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in curve] == [(1, 0.7), (2, 0.8), (3, 0.9)]
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval_val_accuracy"] == logged["eval_train_accuracy"] == 0.5
+    assert logged["test_accuracy"] == 0.5
+    assert "train_accuracy" not in logged
+
+
 def test_evaluate_logs_test_metrics_and_plots_to_the_training_run(
     colored: tuple[Path, Path],
     tmp_path: Path,

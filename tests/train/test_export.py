@@ -250,6 +250,8 @@ def test_stage_report_has_int8_latency_and_parity(stage: dict[str, Path]) -> Non
     report = json.loads(stage["report"].read_text())
     assert report["parity"]["ok"]
     assert report["parity"]["n"] == 16
+    assert sum(report["parity"]["per_class"].values()) == 16  # which photos it compared
+    assert set(report["parity"]["per_class"]) == set(CLASS_NAMES)
     assert report["int8"]["made"]
     assert report["int8"]["kept"]
     assert set(report["accuracy"]) == {"fp32", "int8"}

@@ -233,6 +233,41 @@ def test_index_cache_is_only_a_shortcut(tmp_path: Path) -> None:
     assert build_index(photos, cache) == build_index(photos, cache) == build_index(photos, None)
 
 
+def test_a_photo_that_cannot_be_read_is_indexed_and_prepare_reports_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """One unreadable file (permissions, an I/O error) stopped the fetch stage: it is indexed
+    without a hash, and prepare drops it as ``unreadable`` with the error's name."""
+    from catsdogs.preprocessing import PreprocessSpec
+    from training.prepare import check_file
+
+    _write(tmp_path / "cat" / "a.jpg", jpeg_bytes(1))
+    _write(tmp_path / "dog" / "b.jpg", jpeg_bytes(2))
+    locked = (tmp_path / "dog" / "b.jpg").resolve()
+    real_hash, real_read = fetch.file_sha256, Path.read_bytes
+
+    def refused(path: Path) -> bool:
+        return Path(path).resolve() == locked
+
+    def hash_it(path: Path) -> str:
+        if refused(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_hash(path)
+
+    def read_it(path: Path) -> bytes:
+        if refused(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(fetch, "file_sha256", hash_it)
+    rows = build_index(find_photos(tmp_path))
+    assert [(r.label, r.sha256 != "") for r in rows] == [("cat", True), ("dog", False)]
+    monkeypatch.setattr(Path, "read_bytes", read_it)
+    checked = check_file(rows[1], PreprocessSpec(input_size=32, resize=36), 8, 10**6)
+    assert (checked.reason, checked.detail) == ("unreadable", "PermissionError")
+    assert check_file(rows[0], PreprocessSpec(input_size=32, resize=36), 8, 10**6).reason is None
+
+
 def test_missing_source_file_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="make pipeline"):
         fetch.read_source(tmp_path / "source.yaml")
@@ -340,6 +375,8 @@ def test_dvc_reruns_fetch_only_when_the_photos_change(served_zip, tmp_path: Path
     params = re.sub(r"(?m)^  url: .*$", f"  url: {url}", params)
     params = re.sub(r"(?m)^  sha256: .*$", f"  sha256: {served_zip.sha256}", params)
     params = re.sub(r"(?m)^  size: \d+", f"  size: {len(served_zip.data)}", params)
+    # not the default folder: `make data-source` must take it from params.yaml too
+    params = re.sub(r"(?m)^  download_dir: \S+", "  download_dir: data/elsewhere", params)
     (repo / "params.yaml").write_text(params)
     photos, other = tmp_path / "photos", tmp_path / "other"
     for folder in (photos, other):
@@ -375,7 +412,7 @@ def test_dvc_reruns_fetch_only_when_the_photos_change(served_zip, tmp_path: Path
     assert ran(sh(repro, repo, env)) == ["download", "fetch"]
     rows = read_index(index)
     assert len(rows) == 8
-    assert all(r.path.startswith("data/download/extracted/") for r in rows)
+    assert all(r.path.startswith("data/elsewhere/extracted/") for r in rows)
     assert ran(sh(repro, repo, env)) == []
     assert "Data and pipelines are up to date." in sh(status, repo, env)
     assert log.read_text().splitlines() == ["-"]  # downloaded once, never again

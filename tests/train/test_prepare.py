@@ -186,6 +186,31 @@ def test_max_per_class_caps_each_class(tmp_path: Path) -> None:
     assert kept == select(rows, params)[0]  # the same subset every time
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_brightness_is_measured_with_the_models_resampling(
+    tmp_path, monkeypatch, interpolation
+) -> None:
+    """The drift reference's brightness is the model input's: prepare resized with the default
+    filter whatever train.interpolation said, and with bicubic the export stage found the
+    training figures off by more than its tolerance and built the reference from fewer photos."""
+    monkeypatch.chdir(tmp_path)
+    files = {f"c{i}.jpg": photo(size=(300, 200), seed=60 + i) for i in range(4)}
+    rows = make_index(tmp_path / "photos", files)
+    rows += make_index(tmp_path / "photos", {"d.jpg": photo(size=(300, 200), seed=70)}, "dog")
+    with open("index.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "label", "sha256", "size"], *rows])
+    Path("params.yaml").write_text(
+        "prepare:\n  workers: 1\n  val_fraction: 0.2\n  test_fraction: 0.2\n"
+        f"train:\n  input_size: 64\n  resize: 72\n  interpolation: {interpolation}\n"
+    )
+    prepare.main(["--index", "index.csv", "--manifest", "manifest.csv", "--report", "r.json"])
+    spec = PreprocessSpec(input_size=64, resize=72, interpolation=interpolation)
+    with open("manifest.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            want = preprocess_bytes(Path(row["path"]).read_bytes(), spec).mean()
+            assert float(row["brightness"]) == pytest.approx(want, abs=1e-4), row["path"]
+
+
 def test_main_writes_manifest_and_report_naming_dropped_files(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     cats = make_index(tmp_path / "photos", {f"c{i}.jpg": photo(seed=20 + i) for i in range(6)})
