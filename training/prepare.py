@@ -31,13 +31,14 @@ from tqdm import tqdm
 
 from catsdogs.manifest import SPLITS, ManifestRow, write_manifest
 from catsdogs.preprocessing import (
+    DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     PreprocessSpec,
     decode_image,
     preprocess_bytes_info,
 )
 from training.fetch import IndexRow, read_index
-from training.params import PARAMS_FILE, PrepareParams, load_prepare, load_train
+from training.params import PARAMS_FILE, ParamsError, PrepareParams, load_prepare, load_train
 
 log = logging.getLogger("training.prepare")
 
@@ -205,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     params = load_prepare(args.params)
+    if params.max_pixels > DEFAULT_MAX_PIXELS:
+        # train, export and evaluate decode under the default limit, as the server does: a
+        # larger photo kept here would stop the train stage
+        raise ParamsError(f"prepare.max_pixels: must be at most {DEFAULT_MAX_PIXELS}")
     train = load_train(args.params)
     # brightness is measured on exactly the input the model gets (drift reference): the same
     # sizes and resampling filter (mean and std apply after it, to the model's floats)
