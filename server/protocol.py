@@ -17,10 +17,10 @@ and are not its.
 
 After the head, it bounds what uvicorn would read on without limit: a chunked body's trailers
 (header fields the parser buffers whole) are held to ``max_header_bytes`` and never join the
-request's headers, and a request answered before its body arrived whole has its connection
-closed after the answer instead of the rest of its body read and dropped (each read of it
-cancelled uvicorn's keep-alive timer, so a client sending a byte now and then held the
-connection for good).
+request's headers, and a request answered before its body arrived whole ends the connection:
+the rest of the body is read and dropped until the keep-alive timeout, then the connection
+closes (uvicorn read on with no limit: each read cancelled its keep-alive timer, so a client
+sending a byte now and then held the connection for good).
 
 It also bounds the requests pipelined on one connection (``MAX_PIPELINED``) and how small the
 pieces of a body may be (``MAX_SMALL_PIECES``, ``MIN_PIECE_BYTES``), counts what it refuses
@@ -90,8 +90,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._pieces = 0  # the current request's body pieces (-1: refused as fragmented)
         self._piece_bytes = 0
         # the request whose body is arriving (None: none is): answered before its body is
-        # whole, the connection closes (on_response_complete)
+        # whole, the connection lingers, then closes (on_response_complete)
         self._receiving: Any = None
+        self._lingering = False  # what arrives is the rest of an answered body: dropped
         self._body_in_read = False  # the read being parsed held some of that body
         self._bodiless_bytes = 0  # bytes read since that body's last piece (chunked trailers)
         self._head_timer: asyncio.TimerHandle | None = None
@@ -135,7 +136,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # ------------------------------------------------------------------ head size
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._refused or self._lingering:
+            # Lingering: never parsed, and uvicorn's keep-alive timer, which would be reset by
+            # every read, keeps running: the connection closes when it fires
             return
         self._began_in_read = False
         self._read_used = 0
@@ -245,17 +248,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        # A request answered before its body arrived whole (an early 4xx, or a route that reads
-        # no body): the rest is not read, and the connection closes once the answer is out (RFC
-        # 9112, 9.6). uvicorn would read on and drop the rest, and since every read cancels its
-        # keep-alive timer, a client sending a byte now and then held the connection, and a
-        # MAX_CONNECTIONS slot, for good. (An earlier pipelined request's answer leaves the
-        # connection open: the one whose body is arriving is not answered yet.)
+        # A request answered before its body arrived whole (an early 413 or 415, or a route
+        # that reads no body): the connection takes no other request (RFC 9112, 9.6). It ends
+        # its side once the answer is out, then lingers: what the client still sends is read
+        # and dropped until uvicorn's keep-alive timer (KEEP_ALIVE_TIMEOUT_S), armed below,
+        # closes it. Closing at once would make the kernel answer the unread bytes with a reset,
+        # and a client still sending an oversized upload lost its 413 to it. uvicorn itself
+        # read on and dropped the rest with no limit: every read cancelled that timer, so a
+        # client sending a byte now and then held the connection, and a MAX_CONNECTIONS slot,
+        # for good. (An earlier pipelined request's answer leaves the connection as it is: the
+        # one whose body is arriving is not answered yet.)
         receiving = self._receiving
         if receiving is not None and receiving.response_complete:
             self._receiving = None
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.close()  # after what is written: the answer goes out first
+            self._lingering = True
+            transport = self.transport
+            if transport is not None and not transport.is_closing() and transport.can_write_eof():
+                transport.write_eof()  # after what is written: the answer goes out first
         super().on_response_complete()
 
     def _unsupported_upgrade_warning(self) -> None:
