@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs.contract import CASCADE_BELOW, INPUT_NAME, OUTPUT_PROBABILITIES
+from catsdogs.contract import CASCADE_BELOW, EVERY_ROW, INPUT_NAME, OUTPUT_PROBABILITIES
 from catsdogs.preprocessing import PreprocessSpec
 
 Run = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
@@ -57,6 +57,23 @@ def two_step(
         probs = probs.copy()
         probs[rows] = again
     return probs, escalated
+
+
+def second_feed(
+    answers_input: str,
+    images: np.ndarray,
+    answers: np.ndarray,
+    views: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """What a cascade's second step (:func:`second_step`, input ``answers_input``) is fed for
+    rows its first step escalated: their first view, the first model's answers, their other
+    views, and the threshold that sends every one of them on (they were chosen already)."""
+    return {
+        INPUT_NAME: images,
+        answers_input: answers,
+        CASCADE_BELOW: np.array(EVERY_ROW, np.float32),
+        **views,
+    }
 
 
 # The protobuf fields first_step and second_step read (onnx.proto): ModelProto.graph;

@@ -25,15 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs.cascade import contract_views, first_step, second_step
-from catsdogs.contract import (
-    CASCADE_BELOW,
-    EVERY_ROW,
-    INPUT_NAME,
-    OUTPUT_ESCALATED,
-    OUTPUT_PROBABILITIES,
-    ModelContract,
-)
+from catsdogs.cascade import contract_views, first_step, second_feed, second_step
+from catsdogs.contract import INPUT_NAME, OUTPUT_ESCALATED, OUTPUT_PROBABILITIES, ModelContract
 from catsdogs.cpus import available_cpus
 from catsdogs.modelfile import load_model_file
 from catsdogs.photos import load_photos
@@ -69,13 +62,11 @@ class CascadeRun:
         rows = np.flatnonzero(escalated)
         if not len(rows):
             return probs
-        feed = {
-            INPUT_NAME: batch[rows],
-            self.answers: probs[rows],
-            CASCADE_BELOW: np.array(EVERY_ROW, np.float32),  # the rows were chosen above
+        views = {
+            name: np.stack([preprocess_bytes(photos[i], spec) for i in rows])
+            for name, spec in self.views.items()
         }
-        for name, spec in self.views.items():
-            feed[name] = np.stack([preprocess_bytes(photos[i], spec) for i in rows])
+        feed = second_feed(self.answers, batch[rows], probs[rows], views)
         (again,) = self.second.run([OUTPUT_PROBABILITIES], feed)
         probs = probs.copy()
         probs[rows] = again

@@ -14,7 +14,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Scope
 
-from server.ui import WholeFiles
+from server.ui import PAGE_HEADERS, WholeFiles, content_security_policy
 
 _DOCS_HTML = """<!DOCTYPE html>
 <html lang="en">
@@ -30,26 +30,14 @@ _DOCS_HTML = """<!DOCTYPE html>
 </body>
 </html>
 """
-# The page's own policy, as strict as Swagger UI allows: scripts from this origin only (its
-# start-up is a file, server/static/docs-init.js), inline styles (Swagger UI sets them), its
-# icons as data: images, requests to this origin only, and never inside another site's frame
-# (its "Try it out" sends real requests).
-DOCS_HEADERS = {
-    "Content-Security-Policy": "; ".join(
-        [
-            "default-src 'none'",
-            "script-src 'self'",
-            "style-src 'self' 'unsafe-inline'",
-            "img-src 'self' data:",
-            "connect-src 'self'",
-            "base-uri 'none'",
-            "form-action 'none'",
-            "frame-ancestors 'none'",
-        ]
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
+# The classifier page's headers, its policy as loose as Swagger UI needs: inline styles (it sets
+# them) and its icons as data: images. Scripts still come from this origin only (its start-up is
+# a file, server/static/docs-init.js), and it is never inside another site's frame (its "Try it
+# out" sends real requests).
+DOCS_HEADERS = {k: v for k, v in PAGE_HEADERS.items() if k != "Cache-Control"} | {
+    "Content-Security-Policy": content_security_policy(
+        style_src="'self' 'unsafe-inline'", img_src="'self' data:"
+    )
 }
 # What the page loads from the swagger-ui-bundle package; its other files (a stock index.html
 # that loads a petstore spec from the internet, an OAuth redirect page, templates, source maps)

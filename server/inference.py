@@ -38,10 +38,9 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from catsdogs.cascade import contract_views, first_step, second_step, threshold
+from catsdogs.cascade import contract_views, first_step, second_feed, second_step, threshold
 from catsdogs.contract import (
     CASCADE_BELOW,
-    EVERY_ROW,
     INPUT_NAME,
     OUTPUT_PROBABILITIES,
     ContractError,
@@ -149,16 +148,12 @@ class InferenceModel:
 
     def _second_feed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """What warm-up feeds the second step: answers of 0.5 and blank views, every row on."""
-        classes = len(self.contract.class_names)
-        feed = {
-            INPUT_NAME: batch,
-            CASCADE_BELOW: np.array(EVERY_ROW, np.float32),
-            self.first_answers: np.full((len(batch), classes), 0.5, np.float32),
+        answers = np.full((len(batch), len(self.contract.class_names)), 0.5, np.float32)
+        views = {
+            name: np.zeros((len(batch), spec.input_size, spec.input_size, 3), np.uint8)
+            for name, spec in self.views.items()
         }
-        for name, spec in self.views.items():
-            side = spec.input_size
-            feed[name] = np.zeros((len(batch), side, side, 3), np.uint8)
-        return feed
+        return second_feed(self.first_answers, batch, answers, views)
 
     def escalate(
         self,
@@ -197,12 +192,8 @@ class InferenceModel:
                 made[name].append(array)
         if not kept:
             return probs, 0
-        feed = {
-            INPUT_NAME: batch[kept],
-            self.first_answers: probs[kept],
-            CASCADE_BELOW: np.array(EVERY_ROW, np.float32),  # the rows were chosen above
-            **{n: np.stack(a) for n, a in made.items()},
-        }
+        views = {n: np.stack(a) for n, a in made.items()}
+        feed = second_feed(self.first_answers, batch[kept], probs[kept], views)
         (again,) = self.second.run([OUTPUT_PROBABILITIES], feed)  # type: ignore[attr-defined]
         out = probs.copy()
         out[kept] = again

@@ -220,8 +220,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         size = len(body)
         self._read_used += size
         self._body_in_read = True
-        if self._refused or self._pieces < 0 or self.cycle.response_complete:
-            return  # closing, this body was refused, or answered (the connection is closing)
+        if self._refused or self._pieces < 0:  # closing, or this body was refused
+            return
         self._pieces += 1
         self._piece_bytes += size
         pieces = self._pieces

@@ -17,18 +17,25 @@ from starlette.types import Receive, Scope, Send
 
 STATIC_DIR = Path(__file__).resolve().with_name("static")
 
-CONTENT_SECURITY_POLICY = "; ".join(
-    [
-        "default-src 'none'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' blob:",  # blob: for the preview of the chosen photo
-        "connect-src 'self'",
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-    ]
-)
+_DIRECTIVES = {
+    "default-src": "'none'",
+    "script-src": "'self'",
+    "style-src": "'self'",
+    "img-src": "'self' blob:",  # blob: for the preview of the chosen photo
+    "connect-src": "'self'",
+    "base-uri": "'none'",
+    "form-action": "'none'",
+    "frame-ancestors": "'none'",
+}
+
+
+def content_security_policy(**changes: str) -> str:
+    """The page's policy; ``changes`` replace directives (``style_src`` for ``style-src``)."""
+    directives = _DIRECTIVES | {k.replace("_", "-"): v for k, v in changes.items()}
+    return "; ".join(f"{name} {sources}" for name, sources in directives.items())
+
+
+CONTENT_SECURITY_POLICY = content_security_policy()
 PAGE_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",

@@ -85,15 +85,20 @@ def _check_declared(request: Request, limit: int) -> None:
         raise _too_large(limit)
 
 
+def reserve(reservation: Reservation, n: int) -> None:
+    """``n`` more bytes from the byte budget, or the request's 503."""
+    try:
+        reservation.grow(n)
+    except OverBudgetError as exc:
+        raise overloaded(exc) from None
+
+
 def _count(size: int, held: int, limit: int, reservation: Reservation | None) -> int:
     """Account for a body that has grown to ``size`` bytes; returns the bytes now held."""
     if size > limit:
         raise _too_large(limit)
     if size > held and reservation is not None:
-        try:
-            reservation.grow(size - held)
-        except OverBudgetError as exc:
-            raise overloaded(exc) from None
+        reserve(reservation, size - held)
         return size
     return max(held, size)
 

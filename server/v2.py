@@ -22,10 +22,10 @@ from starlette.routing import Route
 
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES
 from server.errors import ApiError
-from server.limits import OverBudgetError, Reservation
+from server.limits import Reservation
 from server.service import Predictor, Upload
 from server.settings import Settings
-from server.uploads import Body, content_length, overloaded, read_body
+from server.uploads import Body, content_length, read_body, reserve
 
 OUTPUT_LABEL = "label"
 BINARY_HEADER = "inference-header-content-length"
@@ -151,21 +151,27 @@ def check_declared_json(
     over ``max_json_bytes``: the whole body without the binary extension, else its header."""
     declared = content_length
     if header_length is not None:
-        value = header_length.strip()
-        declared = int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
+        try:
+            declared = _header_length(header_length)
+        except ApiError:  # the parse names it (400) once the body is in
+            declared = None
     if declared is not None and declared > max_json_bytes:
         raise _json_too_large(max_json_bytes)
+
+
+def _header_length(header_length: str) -> int:
+    value = header_length.strip()
+    # ASCII digits only: str.isdigit() accepts '²', which int() refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > MAX_INT_DIGITS:
+        raise _bad("Inference-Header-Content-Length must be a number of bytes")
+    return int(value)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """Binary tensor extension: a JSON header of the given length, then the tensor bytes."""
     if header_length is None:
         return body, memoryview(b"")
-    value = header_length.strip()
-    # ASCII digits only: str.isdigit() accepts '²', which int() refuses.
-    if not (value.isascii() and value.isdigit()) or len(value) > MAX_INT_DIGITS:
-        raise _bad("Inference-Header-Content-Length must be a number of bytes")
-    n = int(value)
+    n = _header_length(header_length)
     if n > len(body):
         raise _bad(f"Inference-Header-Content-Length {n} is larger than the body")
     return body[:n], memoryview(body)[n:]
@@ -213,10 +219,10 @@ def _flatten(data: Any, limit: int) -> list[Any]:
 _END = object()
 
 
-def _deserialize_bytes(buffer: memoryview, count: int, max_bytes: int) -> list[memoryview]:
+def _deserialize_bytes(buffer: memoryview, count: int, max_bytes: int) -> list[bytes | memoryview]:
     """V2 binary BYTES tensor: each element is a 4-byte little-endian length, then the bytes
     (a view of ``buffer``, not a copy)."""
-    elements: list[memoryview] = []
+    elements: list[bytes | memoryview] = []
     offset = 0
     while offset < len(buffer):
         if len(elements) == count:
@@ -267,10 +273,11 @@ def _images(
     if not isinstance(parameters, dict):
         raise _bad("'parameters' must be an object")
     size = parameters.get("binary_data_size")
+    images: list[bytes | memoryview]
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):
             raise _bad("binary_data_size does not fit the binary data sent")
-        images: list[bytes | memoryview] = [*_deserialize_bytes(binary[:size], count, max_bytes)]
+        images = _deserialize_bytes(binary[:size], count, max_bytes)
     else:
         if "data" not in tensor:
             raise _bad(f"input {INPUT_NAME!r} has neither 'data' nor binary_data_size")
@@ -341,10 +348,7 @@ async def infer(request: Request) -> Response:
         check_declared_json(content_length(request), header_length, settings.max_json_bytes)
         body = await read_body(request, settings.max_request_bytes, reservation)
         if not body.joined:  # the join below holds the body twice: the budget counts both
-            try:
-                reservation.grow(len(body))
-            except OverBudgetError as exc:
-                raise overloaded(exc) from None
+            reserve(reservation, len(body))
 
         def parse() -> InferRequest:
             return parse_infer_request(

@@ -64,6 +64,7 @@ from hostile import (
     reset_peak_rss,
     send_raw,
     set_memory_ceiling,
+    v2_body,
 )
 from PIL import Image
 
@@ -454,7 +455,9 @@ def test_a_v2_body_is_counted_twice_while_it_is_joined(servers: Servers) -> None
     )
     padded = jpeg() + b"\0" * (10 * MIB - 64 - len(jpeg()))  # a JPEG decodes past its end
     blob = b"".join(len(padded).to_bytes(4, "little") + padded for _ in range(2))
-    header = json.dumps(v2_header(len(blob), 2)).encode()
+    request = v2_body(shape=[2], parameters={"binary_data_size": len(blob)})
+    del request["inputs"][0]["data"]  # the images are the binary data
+    header = json.dumps(request).encode()
     v2 = httpx.post(
         f"{server.url}{V2_INFER}",
         content=header + blob,
@@ -468,11 +471,6 @@ def test_a_v2_body_is_counted_twice_while_it_is_joined(servers: Servers) -> None
     batch = post(Target(server), "/predict/batch", body, ctype)
     assert batch.status_code == 200, batch.text[:300]
     assert len(batch.json()["predictions"]) == 2
-
-
-def v2_header(size: int, count: int) -> dict:
-    tensor = {"name": "image", "datatype": "BYTES", "shape": [count]}
-    return {"inputs": [{**tensor, "parameters": {"binary_data_size": size}}]}
 
 
 # ---------------------------------------------------------------------- 3. parsing cost
