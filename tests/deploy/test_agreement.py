@@ -87,10 +87,26 @@ def test_startup_allows_the_servers_own_start_up_deadlines(
     from server.inference import OPTIMIZE_TIMEOUT_S
     from server.model_uri import _DOWNLOAD_DEADLINE_S
 
-    for name in APP_OVERLAYS:
+    for name in WORKLOADS:
         probe = workload(rendered, name).container["startupProbe"]
         window = probe["periodSeconds"] * probe["failureThreshold"]
         assert window >= _DOWNLOAD_DEADLINE_S + OPTIMIZE_TIMEOUT_S, (name, window)
+
+
+@pytest.mark.parametrize("name", ["kserve", "kserve-canary"])
+def test_knative_waits_longer_than_the_startup_probe(
+    rendered: dict[str, list[Manifest]], name: str
+) -> None:
+    """Knative fails a revision whose pod is not ready by its progress deadline (600 s unless
+    told otherwise), whatever the startup probe still allows: the runtime's annotation, which
+    KServe copies to the revision's pod template, must outlast the probe's window."""
+    predictor = one(rendered[name], "InferenceService")["spec"]["predictor"]
+    runtime = one(rendered[name], "ServingRuntime", predictor["model"]["runtime"])
+    deadline = runtime["spec"]["annotations"]["serving.knative.dev/progress-deadline"]
+    assert re.fullmatch(r"\d+s", deadline), deadline
+    probe = workload(rendered, name).container["startupProbe"]
+    window = probe["periodSeconds"] * probe["failureThreshold"]
+    assert int(deadline[:-1]) > window, (deadline, window)
 
 
 # ---------------------------------------------------------------- settings and flags
