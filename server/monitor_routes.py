@@ -23,6 +23,7 @@ from server.store import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
+from server.uploads import check_identity_encoding
 
 __all__ = ["routes"]
 
@@ -69,6 +70,7 @@ async def _read_json_body(request: Request, settings: Settings) -> bytes:
     if media != "application/json":
         # a browser page can post text/plain or a form cross-site without asking; not JSON
         raise ApiError(415, "unsupported_media_type", "send the feedback as application/json")
+    check_identity_encoding(request)
     too_large = ApiError(
         413, "payload_too_large", f"feedback bodies are at most {MAX_FEEDBACK_BYTES} bytes"
     )

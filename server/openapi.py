@@ -118,17 +118,18 @@ def _components(classes: list[str]) -> dict[str, Any]:
                     "name": {"type": "string"},
                     "shape": {"type": "array", "items": {"type": "integer"}},
                     "datatype": {"type": "string"},
-                    "parameters": {"type": "object"},
+                    "parameters": {"type": "object", "nullable": True},
                     "data": {"type": "array", "items": {}},
                 },
             },
             "V2InferRequest": {
                 "type": "object",
                 "required": ["inputs"],
-                # null "id" or "outputs" is taken as absent: the request's id, every output
+                # a null "id", "parameters" or "outputs" is taken as absent (the request's id,
+                # no parameters, every output), and so is an empty "outputs"
                 "properties": {
                     "id": {"type": "string", "nullable": True},
-                    "parameters": {"type": "object"},
+                    "parameters": {"type": "object", "nullable": True},
                     "inputs": {"type": "array", "items": _ref("V2Tensor")},
                     "outputs": {"type": "array", "items": {"type": "object"}, "nullable": True},
                 },
@@ -352,11 +353,11 @@ def _operations_paths() -> dict[str, Any]:
     }
 
 
-def _v2_paths(settings: Settings) -> dict[str, Any]:
+def _v2_paths(settings: Settings, version: str) -> dict[str, Any]:
     # The one model this server serves; any other name is a 404.
     name_schema = {"type": "string", "enum": [settings.served_model_name]}
     name_param = [{"name": "name", "in": "path", "required": True, "schema": name_schema}]
-    return {
+    paths = {
         "/v2": {
             "get": {
                 "summary": "V2 server metadata",
@@ -430,16 +431,32 @@ def _v2_paths(settings: Settings) -> dict[str, Any]:
             }
         },
     }
+    # The same three under the protocol's version segment: the one version served (listed by
+    # the model's metadata) answers as above; any other is a 404.
+    version_param = {
+        "name": "version",
+        "in": "path",
+        "required": True,
+        "description": "the served model version, as `GET /v2/models/{name}` lists it",
+        "schema": {"type": "string", "enum": [version]},
+    }
+    model = "/v2/models/{name}"
+    for path in [p for p in paths if p.startswith(model)]:
+        paths[path.replace(model, model + "/versions/{version}")] = {
+            method: {**op, "parameters": [*op["parameters"], version_param]}
+            for method, op in paths[path].items()
+        }
+    return paths
 
 
-def _paths(settings: Settings) -> dict[str, Any]:
+def _paths(settings: Settings, version: str) -> dict[str, Any]:
     """Every documented endpoint, by route group, in the order the document lists them."""
     return {
         **_health_paths(),
         **_predict_paths(settings),
         **_feedback_paths(),
         **_operations_paths(),
-        **_v2_paths(settings),
+        **_v2_paths(settings, version),
     }
 
 
@@ -459,7 +476,7 @@ def _undocumented(route: Route) -> dict[str, Any]:
 
 
 def build_spec(app: Starlette, contract: ModelContract, settings: Settings) -> dict[str, Any]:
-    paths = _paths(settings)
+    paths = _paths(settings, contract.model_version)
     for route in app.routes:
         if isinstance(route, Route) and route.path not in paths:
             paths[route.path] = _undocumented(route)

@@ -78,8 +78,27 @@ def content_length(request: Request) -> int | None:
     return int(value)
 
 
+def check_identity_encoding(request: Request) -> None:
+    """A body sent with a content coding (gzip, deflate, ...) is a 415 before any of it is read.
+
+    No route decodes one: read as it is, a compressed body would fail later as bad JSON, a bad
+    form or a bad image, naming the wrong cause. The answer says which coding is accepted
+    (RFC 7694: Accept-Encoding on a 415)."""
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding and coding != "identity":
+        raise ApiError(
+            415,
+            "unsupported_content_encoding",
+            f"request bodies are read uncompressed; Content-Encoding {coding[:40]!r} is not"
+            " supported",
+            {"Accept-Encoding": "identity"},
+        )
+
+
 def _check_declared(request: Request, limit: int) -> None:
-    """A Content-Length over ``limit`` is a 413 before any of the body is read."""
+    """A content coding is a 415 and a Content-Length over ``limit`` a 413, before any of the
+    body is read."""
+    check_identity_encoding(request)
     declared = content_length(request)
     if declared is not None and declared > limit:
         raise _too_large(limit)

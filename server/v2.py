@@ -37,10 +37,20 @@ def _bad(message: str, status: int = 400) -> ApiError:
 
 
 def _check_model(request: Request) -> Settings:
+    """The served model's settings, or a 404 for another model's name, or for a version other
+    than the one served (the versioned URLs: ``/v2/models/{name}/versions/{version}/...``)."""
     settings: Settings = request.app.state.settings
     name = request.path_params["name"]
     if name != settings.served_model_name:
         raise ApiError(404, "unknown_model", f"unknown model {name!r}")
+    version = request.path_params.get("version")
+    if version is not None and version != request.app.state.contract.model_version:
+        raise ApiError(
+            404,
+            "unknown_version",
+            f"model {name!r} has no version {version[:80]!r}; it serves"
+            f" {request.app.state.contract.model_version!r}",
+        )
     return settings
 
 
@@ -197,7 +207,9 @@ def _parse_json(raw: bytes) -> Any:
         raise _bad("the inference request is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         raise _bad(
-            f"the inference request is not valid JSON (integers of at most {MAX_INT_DIGITS} digits)"
+            f"the inference request is not valid JSON (integers of at most {MAX_INT_DIGITS}"
+            " digits; binary tensor data after the JSON needs the Inference-Header-Content-Length"
+            " header)"
         ) from None
 
 
@@ -269,9 +281,7 @@ def _images(
     if tensor.get("datatype") != "BYTES":
         raise _bad(f"input {INPUT_NAME!r} must be BYTES (encoded image files)")
     count = _shape_count(tensor.get("shape"), max_images)
-    parameters = tensor.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise _bad("'parameters' must be an object")
+    parameters = _parameters(tensor, "an input's")
     size = parameters.get("binary_data_size")
     images: list[bytes | memoryview]
     if size is not None:
@@ -300,25 +310,31 @@ def _b64_image(element: Any, index: int, max_bytes: int) -> bytes:
         raise _bad(f"element {index} of 'data' is not valid base64") from None
 
 
+def _parameters(holder: dict[str, Any], whose: str = "the request's") -> dict[str, Any]:
+    """A request's, input's or output's optional ``parameters``; absent or null: none."""
+    parameters = holder.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise _bad(f"{whose} 'parameters' must be an object")
+    return parameters
+
+
 def _requested_outputs(request: dict[str, Any]) -> list[tuple[str, bool]]:
     """(output name, binary?) in the order the client asked for them, each name once."""
-    defaults = request.get("parameters", {})
-    if not isinstance(defaults, dict):
-        raise _bad("'parameters' must be an object")
+    defaults = _parameters(request)
     binary_default = defaults.get("binary_data_output", False) is True
     outputs = request.get("outputs")
-    if outputs is None:
-        return [(name, binary_default) for name in OUTPUT_NAMES]
-    if not isinstance(outputs, list) or len(outputs) > MAX_OUTPUTS:
+    if not isinstance(outputs, list | None) or len(outputs or ()) > MAX_OUTPUTS:
         raise _bad(f"'outputs' must be a list of at most {MAX_OUTPUTS} entries")
+    if not outputs:  # absent, null or empty: none chosen, so every output, as the protocol says
+        return [(name, binary_default) for name in OUTPUT_NAMES]
     chosen: dict[str, bool] = {}
     for item in outputs:
         name = item.get("name") if isinstance(item, dict) else None
         if name not in OUTPUT_NAMES:
             raise _bad(f"unknown output; the model's outputs are {', '.join(OUTPUT_NAMES)}")
-        params = item.get("parameters", {})
-        if not isinstance(params, dict):
-            raise _bad("an output's 'parameters' must be an object")
+        params = _parameters(item, "an output's")
         chosen.setdefault(name, params.get("binary_data", binary_default) is True)
     return list(chosen.items())
 
@@ -367,7 +383,8 @@ async def infer(request: Request) -> Response:
         # a view stays a view until its decode thread joins it (server.uploads.Body)
         return [Upload(Body([image])) for image in request_.images]
 
-    results = await predictor.run(request, "/v2/models/{name}/infer", read, atomic=True)
+    route = VERSIONED_INFER if "version" in request.path_params else INFER
+    results = await predictor.run(request, route, read, atomic=True)
     (request_,) = parsed
     labels = [r.prediction.label for r in results if r.prediction is not None]
     probs = np.array(
@@ -440,11 +457,21 @@ def _response(
     )
 
 
+MODEL = "/v2/models/{name}"
+VERSIONED = MODEL + "/versions/{version}"  # the protocol's optional version segment
+INFER, VERSIONED_INFER = MODEL + "/infer", VERSIONED + "/infer"
+
 routes = [
     Route("/v2", server_metadata, methods=["GET"]),
     Route("/v2/health/live", server_live, methods=["GET"]),
     Route("/v2/health/ready", server_ready, methods=["GET"]),
-    Route("/v2/models/{name}", model_metadata, methods=["GET"]),
-    Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
-    Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+    *(
+        route
+        for base in (MODEL, VERSIONED)
+        for route in (
+            Route(base, model_metadata, methods=["GET"]),
+            Route(base + "/ready", model_ready, methods=["GET"]),
+            Route(base + "/infer", infer, methods=["POST"]),
+        )
+    ),
 ]

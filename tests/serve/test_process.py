@@ -133,6 +133,80 @@ def test_cli_serves_and_official_v2_client_works(server_process):
     assert "uvicorn.access" not in server.output(tail=10**9)
 
 
+def test_v2_versioned_urls_compression_and_empty_choices_on_a_real_server(server_process):
+    """What a stock V2 client meets past the basics: the version the metadata lists is served
+    under the protocol's versioned URLs (any other version is a 404, and not ready); a body
+    compressed by the client is a 415 naming Content-Encoding on every route that reads a body
+    (it used to fail as bad JSON, a bad form or a bad image); ``"outputs": []`` chooses none,
+    so every output comes back; a null ``parameters`` is no parameters."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    server: ServerProcess = server_process()
+    server.wait_ready()
+    url = server.url
+    client = httpclient.InferenceServerClient(url=url.removeprefix("http://"))
+    try:
+        [version] = client.get_model_metadata("catsdogs")["versions"]
+        assert client.get_model_metadata("catsdogs", version)["versions"] == [version]
+        assert client.is_model_ready("catsdogs", version)
+        assert not client.is_model_ready("catsdogs", version + "x")
+        image = httpclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([image_bytes(RED)], dtype=np.object_))
+        result = client.infer("catsdogs", [image], model_version=version)
+        assert [x.decode() for x in result.as_numpy("label")] == ["cat"]
+        assert result.get_response()["model_version"] == version
+        with pytest.raises(InferenceServerException, match="has no version"):
+            client.infer("catsdogs", [image], model_version="1")
+        with pytest.raises(InferenceServerException, match="Content-Encoding 'gzip'"):
+            client.infer("catsdogs", [image], request_compression_algorithm="gzip")
+    finally:
+        client.close()
+
+    versioned = f"{url}/v2/models/catsdogs/versions/{version}"
+    assert httpx.get(versioned).json()["versions"] == [version]
+    assert httpx.get(f"{url}/v2/models/catsdogs/versions/other/ready").status_code == 404
+    tensor = {
+        "name": "image",
+        "datatype": "BYTES",
+        "shape": [1],
+        "data": [base64.b64encode(image_bytes(BLUE)).decode()],
+        "parameters": None,
+    }
+    answer = httpx.post(
+        f"{versioned}/infer", json={"inputs": [tensor], "outputs": [], "parameters": None}
+    )
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    assert set(outputs) == {"probabilities", "label"}
+    assert outputs["label"]["data"] == ["dog"]
+
+    gzip = {"content-encoding": "gzip"}
+    for path, content_type in [
+        ("/predict", "image/jpeg"),
+        ("/predict/batch", "multipart/form-data; boundary=x"),
+        ("/v2/models/catsdogs/infer", "application/json"),
+        ("/feedback", "application/json"),
+    ]:
+        refused = httpx.post(
+            f"{url}{path}",
+            content=b"\x1f\x8b" + bytes(30),
+            headers={**gzip, "content-type": content_type},
+        )
+        assert refused.status_code == 415, (path, refused.text)
+        assert refused.headers["accept-encoding"] == "identity", path
+        assert "Content-Encoding 'gzip'" in refused.text, path
+    raw = httpx.post(
+        f"{url}/predict",
+        content=image_bytes(RED),
+        headers={"content-type": "image/jpeg", "content-encoding": "identity"},
+    )
+    assert raw.json()["label"] == "cat"
+    # the versioned route is its own label, as bounded as the others
+    metrics = httpx.get(f"{url}/metrics").text
+    assert '"/v2/models/{name}/versions/{version}/infer"' in metrics
+
+
 def test_oversized_chunked_body_refused_early(server_process):
     server = server_process(MAX_UPLOAD_BYTES="100000")
     server.wait_ready()
