@@ -397,9 +397,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     phases.end("services")
     for phase, seconds in phases.seconds.items():
         app.state.metrics.startup.labels(phase).set(seconds)
-    app.state.ready = True
+    # a signal during start-up (a drain begun while warming up) keeps /health/ready at 503: a
+    # balancer must not put a replica into rotation that is about to stop accepting
+    app.state.ready = not app.state.stopping
     logger.info(
-        "ready",
+        "ready" if app.state.ready else "started while stopping: /health/ready stays 503",
         extra={
             "fields": {
                 "model": str(model.path),
@@ -464,4 +466,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.registry = registry
     app.state.metrics = server_metrics
     app.state.ready = False
+    app.state.stopping = False  # an exit signal came (server.drain): never ready again
     return app

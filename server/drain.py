@@ -35,6 +35,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler (main thread, between bytecodes): set flags only, take no lock.
+        self.app.state.stopping = True  # start-up, if still running, must not turn ready
         if self.drain_delay_s <= 0 or self.should_exit or self._draining:
             self._skip.set()  # a second signal: stop draining, shut down now
             super().handle_exit(sig, frame)

@@ -7,6 +7,7 @@ exceptions itself: with the API's error shape and the request id, never a trace.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -92,6 +93,21 @@ class RequestContextMiddleware:
                 status = 499  # answered, but the client had hung up: the answer was dropped
         except ClientDisconnect:
             status = 499  # the client went away mid-request: nothing to answer, nothing broke
+        except asyncio.CancelledError:
+            # Only uvicorn cancels a request's task: at GRACEFUL_TIMEOUT_S into a shutdown, for
+            # the requests still running (a body still arriving, a long batch). Left to uvicorn,
+            # that is a traceback and a plain-text 500, a server fault on every dashboard; it
+            # is the documented 503 shutting_down, and the task ends (nothing else awaits it).
+            error_log.warning(
+                "request cut off by the graceful shutdown's timeout",
+                extra={"fields": {"request_id": request_id}},
+            )
+            if not response_started:
+                status = 503
+                v2 = scope["path"].startswith("/v2")
+                await _send_json(
+                    send_with_id, 503, _V2_SHUTTING_DOWN if v2 else _SHUTTING_DOWN, _CLOSE
+                )
         except Exception:
             status = 500
             error_log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
@@ -145,14 +161,27 @@ _INTERNAL = json.dumps({"error": {"code": "internal_error", "message": _MESSAGE}
 _V2_INTERNAL = json.dumps({"error": _MESSAGE}).encode()  # the V2 protocol's shape
 
 
+_STOPPING = "the server is shutting down"
+_SHUTTING_DOWN = json.dumps({"error": {"code": "shutting_down", "message": _STOPPING}}).encode()
+_V2_SHUTTING_DOWN = json.dumps({"error": _STOPPING}).encode()
+_CLOSE = ((b"connection", b"close"), (b"retry-after", b"1"))
+
+
 async def _send_internal_error(send: Send, body: bytes) -> None:
+    await _send_json(send, 500, body)
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     await send(
         {
             "type": "http.response.start",
-            "status": 500,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *headers,
             ],
         }
     )

@@ -3,7 +3,10 @@ ready at once but keeps answering requests until the delay is over, then exits 0
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
+import socket
 import time
 
 import httpx
@@ -49,3 +52,83 @@ def test_without_a_drain_delay_sigterm_stops_at_once(server_process):
     assert server.proc.wait(10) == 0
     assert time.monotonic() - sent < 1.4
     assert "draining" not in server.log.read_text()
+
+
+def test_a_drain_begun_during_start_up_keeps_ready_at_503(server_process):
+    """SIGTERM while the lifespan is still starting (here: the prediction log's PostgreSQL
+    accepts the connection and never answers, which holds start-up for its connect timeout):
+    once start-up ends, /health/ready must answer 503 for the rest of the drain, never 200
+    (it used to turn ready, and a balancer put the replica into rotation just before it
+    stopped accepting)."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    silent.settimeout(60)
+    port = silent.getsockname()[1]
+    held = []
+    try:
+        server = server_process(
+            PREDICTION_LOG_URL=f"postgresql://catsdogs@127.0.0.1:{port}/predictions",
+            STORE_TIMEOUT_S="2",
+            DRAIN_DELAY_S="8",
+            GRACEFUL_TIMEOUT_S="2",
+        )
+        held.append(silent.accept()[0])  # start-up is now waiting on the log's connection
+        server.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        statuses = []
+        with httpx.Client(base_url=server.url, timeout=2) as client:
+            while server.proc.poll() is None and time.monotonic() - sent < 30:
+                with contextlib.suppress(httpx.TransportError):  # not listening yet, or no longer
+                    statuses.append(client.get("/health/ready").status_code)
+                time.sleep(0.05)
+        assert server.proc.wait(10) == 0
+    finally:
+        for conn in held:
+            conn.close()
+        silent.close()
+    assert statuses, "the server never listened during its drain"
+    assert set(statuses) == {503}, statuses
+    assert "started while stopping" in server.log.read_text()
+
+
+def test_a_request_cut_off_by_the_graceful_timeout_gets_a_json_503(server_process):
+    """A request still running GRACEFUL_TIMEOUT_S into a shutdown (a body still arriving) is
+    cancelled by uvicorn: the client gets the documented 503 shutting_down as JSON, not
+    uvicorn's plain-text 500, and the log has no traceback."""
+    server = server_process(GRACEFUL_TIMEOUT_S="1", BODY_TIMEOUT_S="30")
+    server.wait_ready()
+    host, port = server.url.removeprefix("http://").split(":")
+    answers = {}
+    for path, content_type in [
+        ("/predict", "image/jpeg"),
+        ("/v2/models/catsdogs/infer", "application/json"),
+    ]:
+        sock = socket.create_connection((host, int(port)), timeout=20)
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: 100000\r\n\r\n".encode()
+            + b"\0" * 1000
+        )
+        answers[path] = sock
+    time.sleep(0.3)  # both requests are reading their bodies
+    server.proc.send_signal(signal.SIGTERM)
+    replies = {}
+    for path, sock in answers.items():
+        with sock:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        replies[path] = (head.split(b" ", 2)[1], head.lower(), body)
+    assert server.proc.wait(10) == 0
+    status, head, body = replies["/predict"]
+    assert status == b"503", replies
+    assert b"content-type: application/json" in head
+    assert b"retry-after: 1" in head
+    assert json.loads(body)["error"]["code"] == "shutting_down"
+    status, head, body = replies["/v2/models/catsdogs/infer"]
+    assert status == b"503", replies
+    assert json.loads(body) == {"error": "the server is shutting down"}
+    log = server.log.read_text()
+    assert "graceful shutdown's timeout" in log
+    assert "Traceback" not in log
+    assert "Exception in ASGI application" not in log
