@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -113,10 +114,31 @@ def version_line(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     return f"{head}; model {contract.model_name} {contract.model_version} ({path})"
 
 
+def _stop_starting(signum: int, frame: object) -> None:
+    inference = sys.modules.get("server.inference")
+    if inference is not None:  # the load runs on its own thread: its child is stopped here
+        inference.stop_children()
+    raise SystemExit(128 + signum)
+
+
 def _exit_after_graceful_shutdown(signum: int, frame: object) -> None:
     # uvicorn re-raises the signal it caught once its graceful shutdown is done; by then
     # every in-flight request has been answered, so the process ends normally.
     raise SystemExit(0)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to HOST:PORT, not yet listening (connections are refused until uvicorn
+    listens on it), with uvicorn's own options."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _raise_open_files_limit(connections: int) -> None:
@@ -164,6 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     app.state.startup.end("boot")
     try:
+        # The address first: a port in use or a host that does not resolve fails in a
+        # millisecond, not after the model's download, load and warm-up (uvicorn binds last).
+        listener = _bind(settings.host, settings.port)
+    except OSError as exc:
+        logging.getLogger("server").error(
+            "cannot serve: cannot listen on %s:%d: %s",
+            settings.host,
+            settings.port,
+            exc.strerror or exc,
+        )
+        return 1
+    # Until uvicorn takes the signals over: SIGTERM unwinds the start-up like Ctrl-C, so what
+    # it started is stopped (the child that optimises a cascade is killed and reaped, where the
+    # default action left it running on, orphaned) and the exit status says which signal.
+    signal.signal(signal.SIGTERM, _stop_starting)
+    try:
         # Loaded here, before uvicorn, so a bad model is one clear line and a non-zero exit.
         app.state.model = load_served_model(settings)
         app.state.startup.end("model_load")
@@ -194,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     server = DrainingServer(config, app, settings.drain_delay_s)  # DRAIN_DELAY_S, see drain.py
     signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
     signal.signal(signal.SIGINT, _exit_after_graceful_shutdown)
-    server.run()
+    server.run(sockets=[listener])  # it listens once the lifespan has started
     if not server.started:
         logging.getLogger("server").error("startup failed; exiting")
         return 1

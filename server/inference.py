@@ -262,9 +262,11 @@ def load_model(
     chooser = PolicyChooser(POLICIES[spinning])
     contract, overridable = opened.contract, opened.overridable
     entry = contract.extra.get("cascade") or {}
+    if not isinstance(entry, dict):
+        raise ModelLoadError(f"{path}: the contract's cascade is not an object")
     try:
         views = contract_views(entry)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"{path}: the contract's cascade.views is malformed: {exc}") from exc
     for name, spec in views.items():
         info = overridable.get(name)
@@ -284,7 +286,7 @@ def load_model(
                 f" threshold ({opened.below:.6g})"
             )
         below = opened.below
-    return InferenceModel(
+    model = InferenceModel(
         sessions,
         contract,
         path,
@@ -296,6 +298,31 @@ def load_model(
         second=second,
         first_answers=opened.answers,
     )
+    _check_answers(model, path)
+    return model
+
+
+def _check_answers(model: InferenceModel, path: Path) -> None:
+    """One blank image through every step: each must answer one probability per class the
+    contract names. The file's declared output shape may leave that width open (a cascade's
+    does), and a contract with one class more or less than the model answers would otherwise
+    pass every check and fail each request with a 500."""
+    side, classes = model.contract.input_size, len(model.contract.class_names)
+    blank = np.zeros((1, side, side, 3), np.uint8)
+    steps = [("the model", next(iter(model.sessions.values())), lambda: {INPUT_NAME: blank})]
+    if model.second is not None:
+        steps.append(("its second step", model.second, lambda: model._second_feed(blank)))
+    for what, session, feed in steps:
+        try:
+            (probs,) = session.run([OUTPUT_PROBABILITIES], feed())  # type: ignore[attr-defined]
+        except Exception as exc:  # onnxruntime's own errors: a feed the graph does not take
+            raise ModelLoadError(f"{path}: {what} fails on a blank image: {exc}") from exc
+        if probs.shape != (1, classes):
+            raise ModelLoadError(
+                f"{path}: {what} answers {OUTPUT_PROBABILITIES!r} of shape"
+                f" {list(probs.shape)} for one image; the contract names {classes} classes"
+                f" ({', '.join(model.contract.class_names)})"
+            )
 
 
 _shared_arena = False
@@ -429,6 +456,8 @@ def _session_maker(path: Path) -> Iterator[_Opened]:
                 stderr=subprocess.PIPE,
             )
             stack.callback(_reap, child)
+            _children.add(child)
+            stack.callback(_children.discard, child)
         first_ort, _ = scratch(".ort")
         options = _options(ort, 1, False)
         options.optimized_model_filepath = first_ort
@@ -469,6 +498,19 @@ def _saved(ort: Any, graph: str) -> OpenSession:
         return ort.InferenceSession(graph, options, providers=CPU)
 
     return open_saved
+
+
+# Child processes a model load is waiting for (the cascade's optimiser); see stop_children.
+_children: set[subprocess.Popen[bytes]] = set()
+
+
+def stop_children() -> None:
+    """Kill the child processes of loads in progress: ``python -m server``'s SIGTERM handler
+    during start-up. The load waiting for a child then fails at once and its thread unwinds,
+    reaping it, instead of the whole optimisation running to its end first."""
+    for child in list(_children):
+        with contextlib.suppress(OSError):
+            child.kill()
 
 
 def _reap(child: subprocess.Popen[bytes]) -> None:

@@ -583,6 +583,14 @@ class WriterStore:
                 log.error("prediction log: writer did not finish within %.1f s", timeout)
         # whatever is still queued (a stuck or dead writer) is lost, but every waiter hears so
         leftover = self._queue.get_batch(len(self._queue) + 1, timeout=0)
+        lost = sum(1 for item in leftover if isinstance(item, PredictionEvent))
+        if lost:  # the lost-rows counter goes with the process: the log is what remains
+            log.error(
+                "prediction log: %d predictions not written at shutdown (%s: %s)",
+                lost,
+                self.describe(),
+                self._open_error or "the writer did not get them out",
+            )
         self._abandon(leftover)
 
     @property

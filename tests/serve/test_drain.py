@@ -132,3 +132,27 @@ def test_a_request_cut_off_by_the_graceful_timeout_gets_a_json_503(server_proces
     assert "graceful shutdown's timeout" in log
     assert "Traceback" not in log
     assert "Exception in ASGI application" not in log
+
+
+def test_predictions_the_log_never_got_are_named_at_shutdown(server_process):
+    """With the prediction log's PostgreSQL refusing connections, predictions are answered and
+    queued; at shutdown the ones never written are lost, and the last log says how many (the
+    lost-rows counter goes with the process)."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]  # bound, not listening: connections are refused
+        server = server_process(
+            PREDICTION_LOG_URL=f"postgresql://catsdogs@127.0.0.1:{port}/predictions",
+            STORE_TIMEOUT_S="2",
+        )
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            for _ in range(3):
+                reply = client.post(
+                    "/predict", content=image_bytes(RED), headers={"content-type": "image/jpeg"}
+                )
+                assert reply.status_code == 200
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(20) == 0
+    log = server.log.read_text()
+    assert "3 predictions not written at shutdown" in log, log[-3000:]
+    assert f"postgresql://127.0.0.1:{port}/predictions" in log  # where, without the user

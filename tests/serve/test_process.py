@@ -6,6 +6,7 @@ Each server binds a free port on 127.0.0.1 and is stopped by its PID.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from conftest import (
     photos,
     predict_jpegs,
     prom,
+    tiny_contract,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -279,6 +281,60 @@ def test_bad_model_file_fails_with_its_name(tmp_path, tiny_model, kind):
     code, output = _failed_start(tmp_path, model)
     assert code != 0
     assert str(model) in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [("three_classes", "the contract names 3 classes"), ("cascade", "cascade is not an object")],
+)
+def test_a_contract_the_model_does_not_keep_fails_at_start(tmp_path, kind, named):
+    """A contract naming more classes than the model answers (two) used to start, turn ready
+    and answer every prediction with a 500; a ``cascade`` entry that is not an object ended in
+    a traceback. Both stop the start with one line naming the file, exit 1."""
+    import onnx
+    from onnx import helper
+
+    from loadtest.tiny_model import build_tiny_model as tiny_graph
+
+    graph = tiny_graph(tiny_contract())  # answers two classes
+    contract = tiny_contract()
+    if kind == "three_classes":
+        contract = dataclasses.replace(contract, class_names=("cat", "dog", "bird"))
+    else:
+        contract = dataclasses.replace(contract, extra={**contract.extra, "cascade": "oops"})
+    del graph.metadata_props[:]
+    helper.set_model_props(graph, contract.to_metadata())
+    model = tmp_path / f"{kind}.onnx"
+    onnx.save(graph, str(model))
+    code, output = _failed_start(tmp_path, model)
+    assert code == 1, output
+    assert "cannot serve" in output
+    assert str(model) in output
+    assert named in output
+    assert "Traceback" not in output
+    assert '"ready"' not in output
+
+
+def test_a_port_in_use_fails_before_the_model_loads(tmp_path, tiny_model):
+    """The address is taken before the model is loaded: one line naming it, exit 1, and no
+    "ready" (uvicorn bound last, so a taken port failed after download, load and warm-up, and
+    the server logged "ready" first)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "server", "--model", str(tiny_model), "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PREDICTION_LOG_PATH": str(tmp_path / "p.db")},
+        )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert f"cannot listen on 127.0.0.1:{port}" in output
+    assert "in use" in output
+    assert '"ready"' not in output
     assert "Traceback" not in output
 
 

@@ -377,6 +377,44 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
         load_model(path, intra_op_threads=1)
 
 
+def test_sigterm_while_a_cascade_loads_stops_its_optimising_child_too(
+    tmp_path: Path, members: tuple[Member, ...]
+) -> None:
+    """``python -m server`` optimises a cascade's second step in a child process while it opens
+    the first. A SIGTERM then (a rollout, a scale-down) ends the start-up and the child with
+    it: under the default action the server died at once and the child ran on, orphaned."""
+    import signal
+
+    from loadtest.serverproc import SERVE_PYTHON, spawn_server
+
+    first, mid, large = members
+    spec = default_spec("logreg", *VIEWS["small"])
+    path = export_cascade(first, [first, mid, large], 0.9, tmp_path / "c.onnx", opset=18)
+    views = {view_input(m): default_spec("logreg", m.input_size, m.resize) for m in (mid, large)}
+    stamp(path, spec, "cascade-sigterm-1", {"models": ["mid", "large"], "below": 0.9,
+                                            "views": views_entry(views)})  # fmt: skip
+    server = spawn_server(
+        tmp_path / "server.log",
+        ["--model", str(path)],
+        env={"PREDICTION_LOG_PATH": str(tmp_path / "p.db")},
+        python=SERVE_PYTHON,
+    )
+    tasks = Path(f"/proc/{server.pid}/task")  # the load runs on a thread of its own
+    child = None
+    deadline = time.monotonic() + 30
+    while child is None and server.proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            pids = [c for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+            child = next(iter(pids), None)
+        time.sleep(0.002)
+    assert child is not None, "no optimising child seen"
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(30)
+    # reaped by the server before it exited: nothing of it is left, not even a zombie
+    assert not Path(f"/proc/{child}").exists(), "the optimising child outlived the server"
+    assert code == 128 + signal.SIGTERM, server.output()
+
+
 def test_a_cascade_loads_where_files_in_memory_are_not_offered(
     tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...], monkeypatch
 ) -> None:
