@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = build_settings(args)
     except SettingsError as exc:
-        print(f"python -m server: {exc}", file=sys.stderr)
+        # a record at level error (printed, it was a "warning" line of captured stderr), so a
+        # filter on errors finds why a replica never started
+        from server.logs import configure_logging
+
+        configure_logging("INFO")
+        logging.getLogger("server").error("cannot serve: %s", exc)
         return 2
 
     import uvicorn

@@ -316,6 +316,25 @@ def test_a_contract_the_model_does_not_keep_fails_at_start(tmp_path, kind, named
     assert '"ready"' not in output
 
 
+def test_a_bad_setting_is_an_error_record_naming_it(tmp_path, tiny_model):
+    """A bad setting stops the start with exit 2 and one record at level error naming the
+    variable (it was captured stderr, at level warning: a filter on errors missed it)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--model", str(tiny_model)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PORT": "abc", "PREDICTION_LOG_PATH": str(tmp_path / "p")},
+    )
+    assert proc.returncode == 2, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    errors = [r for r in records if r["level"] == "error"]
+    assert len(errors) == 1, records
+    assert "PORT" in errors[0]["message"]
+    assert errors[0]["message"].startswith("cannot serve")
+
+
 def test_a_port_in_use_fails_before_the_model_loads(tmp_path, tiny_model):
     """The address is taken before the model is loaded: one line naming it, exit 1, and no
     "ready" (uvicorn bound last, so a taken port failed after download, load and warm-up, and
