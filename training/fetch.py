@@ -165,22 +165,48 @@ def fetch_download(params: FetchParams) -> Path:
 # ---------------------------------------------------------------------------- layouts
 
 
-def _visible_files(folder: Path) -> Iterator[Path]:
+_IGNORED_DIRS = ("__MACOSX",)  # what macOS's Archive Utility adds to a zip: never a class
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in _IGNORED_DIRS
+
+
+def _visible_files(folder: Path, skipped: list[str]) -> Iterator[Path]:
+    """The files under ``folder`` (hidden ones left out), broken links included: the index
+    lists those without a hash and prepare reports them ``unreadable``. Linked folders are not
+    followed; each is named in ``skipped``."""
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts):
+        if any(_hidden(p) for p in path.relative_to(folder).parts):
+            continue
+        if path.is_symlink() and path.is_dir():
+            skipped.append(f"{path}: a linked folder, not followed")
+        elif path.is_file() or (path.is_symlink() and not path.exists()):
             yield path
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
+
+
+def _kaggle_labels(folder: Path) -> set[str]:
+    """The classes that the names of ``folder``'s own files give, Kaggle style (cat.123.jpg)."""
+    return {
+        m.group(1).lower()
+        for f in folder.iterdir()
+        if f.is_file() and (m := _KAGGLE_NAME.match(f.name)) is not None
+    }
 
 
 def find_photos(root: Path) -> list[tuple[Path, str]]:
     """(file, label) for every file of a data folder; labels are lower-cased class names.
 
     Layouts: ``root/<class>/*`` (cat/, dog/), Microsoft ``root/PetImages/{Cat,Dog}/*`` (also one
-    folder deeper, as the zip extracts), and Kaggle's flat ``root/cat.123.jpg``.
+    folder deeper, as the zip extracts), and Kaggle's flat ``root/cat.123.jpg``. Files the
+    layout puts in no class are logged, with the reason, never dropped silently.
     """
+    if not root.exists():
+        raise FetchError(f"data source {root} does not exist")
     if not root.is_dir():
         raise FetchError(f"data source {root} is not a folder")
     for candidate in (root / "PetImages", *(d / "PetImages" for d in _class_dirs(root))):
@@ -188,22 +214,46 @@ def find_photos(root: Path) -> list[tuple[Path, str]]:
             root = candidate
             break
     dirs = _class_dirs(root)
-    if len(dirs) == 1 and not any(p.is_file() for p in root.iterdir()):
+    loose = sorted(p for p in root.iterdir() if not p.is_dir() and not _hidden(p.name))
+    if len(dirs) == 1 and not loose:
+        log.warning(
+            "%s holds one folder, %s: reading it as the data source (its subfolders, or its "
+            "files' names, give the classes)",
+            root,
+            dirs[0].name,
+        )
         return find_photos(dirs[0])  # a zip that wraps everything in one top folder
     photos: list[tuple[Path, str]] = []
+    skipped: list[str] = []
     if dirs:
         for d in dirs:
-            photos += [(f, d.name.lower()) for f in _visible_files(d)]
+            named = _kaggle_labels(d)
+            if len(named) >= 2:  # Kaggle's train.zip (cat.1.jpg, dog.1.jpg) beside test1.zip
+                raise FetchError(
+                    f"{d} holds files named like cat.1.jpg ({', '.join(sorted(named))}): that is "
+                    f"one folder of every class, not the class {d.name!r}; point the data "
+                    f"source at {d} itself"
+                )
+            files = list(_visible_files(d, skipped))
+            if not files:
+                skipped.append(f"{d}: an empty class folder")
+            photos += [(f, d.name.lower()) for f in files]
+        skipped += [f"{p}: beside the class folders, in no class" for p in loose]
     else:
-        for f in sorted(root.iterdir()):
+        for f in loose:
             match = _KAGGLE_NAME.match(f.name)
             if f.is_file() and match:
                 photos.append((f, match.group(1).lower()))
+            else:
+                skipped.append(f"{f}: not named like cat.1.jpg, so in no class")
+    for reason in skipped:
+        log.warning("not indexed: %s", reason)
     labels = sorted({label for _, label in photos})
     if len(labels) < 2:
+        empty = [r for r in skipped if r.endswith("an empty class folder")]
         raise FetchError(
             f"{root}: expected one subfolder per class (cat/, dog/), PetImages/, or files named "
-            f"like cat.1.jpg; found classes {labels}"
+            f"like cat.1.jpg; found classes {labels}" + (f" ({'; '.join(empty)})" if empty else "")
         )
     return photos
 
@@ -223,8 +273,8 @@ def _rel(path: Path) -> str:
     plain = os.path.abspath(path)
     try:
         same = os.path.samefile(plain, path)
-    except OSError:  # read as written, it names nothing
-        same = False
+    except OSError:  # read as written, it names nothing, or a link to nothing (kept: its name)
+        same = os.path.islink(plain)
     return os.path.relpath(plain if same else path.resolve(), Path.cwd())
 
 
@@ -238,6 +288,9 @@ def build_index(photos: list[tuple[Path, str]], cache_path: Path | None = None) 
             cache = {}
     rows, fresh = [], {}
     for path, label in tqdm(photos, desc="index", unit="file", mininterval=1.0):
+        if not _utf8(str(path)):  # the index is UTF-8 text: such a name cannot be written in it
+            log.warning("not indexed: %r: its name is not valid UTF-8 (rename it)", str(path))
+            continue
         try:
             st = path.stat()
             key = str(path.resolve())
@@ -257,6 +310,15 @@ def build_index(photos: list[tuple[Path, str]], cache_path: Path | None = None) 
         cache_path.write_text(json.dumps(fresh))
     rows.sort(key=lambda r: (r.label, r.path))
     return rows
+
+
+def _utf8(text: str) -> bool:
+    """False for a file name whose bytes are not UTF-8 (Python keeps them as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def write_index(rows: list[IndexRow], path: Path) -> None:
@@ -341,7 +403,10 @@ def main(argv: list[str] | None = None) -> None:
         write_state(params, src.source)
         return
     root = fetch_download(params) if src.source == "download" else Path(src.source)
-    photos = find_photos(root)
+    try:
+        photos = find_photos(root)
+    except FetchError as exc:  # a layout the stage cannot read: one line saying why, no traceback
+        raise SystemExit(f"fetch: {exc}") from None
     rows = build_index(photos, Path(args.cache))
     write_index(rows, Path(args.out))
     counts = {

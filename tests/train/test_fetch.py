@@ -172,8 +172,87 @@ def test_a_folder_with_one_class_is_an_error(tmp_path: Path) -> None:
     _write(tmp_path / "other.txt", b"x")
     with pytest.raises(FetchError, match="one subfolder per class"):
         find_photos(tmp_path)
-    with pytest.raises(FetchError, match="not a folder"):
+    with pytest.raises(FetchError, match="does not exist"):
         find_photos(tmp_path / "missing")
+    with pytest.raises(FetchError, match="not a folder"):
+        find_photos(tmp_path / "other.txt")
+
+
+def test_kaggles_competition_zips_are_named_not_taken_for_classes(tmp_path: Path) -> None:
+    """Kaggle's train.zip (cat.1.jpg, dog.1.jpg) beside test1.zip (1.jpg, ...): the two folders
+    are not the classes "train" and "test1" (a model of which folder a photo came from was
+    trained without a word); the error says which folder to point at."""
+    _write(tmp_path / "train" / "cat.1.jpg", jpeg_bytes(1))
+    _write(tmp_path / "train" / "dog.1.jpg", jpeg_bytes(2))
+    _write(tmp_path / "test1" / "1.jpg", jpeg_bytes(3))
+    with pytest.raises(FetchError, match=r"train holds files named like cat.1.jpg \(cat, dog\)"):
+        find_photos(tmp_path)
+    assert [lbl for _, lbl in find_photos(tmp_path / "train")] == ["cat", "dog"]
+
+
+def test_files_no_class_takes_are_named_in_the_log(tmp_path: Path, caplog) -> None:
+    """Every file the layout leaves out is logged with why: beside the class folders, a
+    linked folder, a flat folder's file without a class name; a broken link is indexed (without
+    a hash: prepare reports it unreadable); macOS's __MACOSX folder is no class; a name that is
+    not UTF-8 is skipped, named, instead of failing the index; a wrapping folder is said."""
+    caplog.set_level("WARNING", logger="training.fetch")
+    a = tmp_path / "a"
+    _write(a / "cat" / "x.jpg", jpeg_bytes(1))
+    _write(a / "dog" / "y.jpg", jpeg_bytes(2))
+    _write(a / "loose.jpg", jpeg_bytes(3))
+    _write(a / "__MACOSX" / "cat" / "._x.jpg", b"resource fork")
+    (tmp_path / "elsewhere").mkdir()
+    _write(tmp_path / "elsewhere" / "z.jpg", jpeg_bytes(4))
+    (a / "dog" / "linked").symlink_to(tmp_path / "elsewhere")
+    (a / "dog" / "gone.jpg").symlink_to(tmp_path / "nothing-here.jpg")
+    odd = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name from an old camera or zip
+    _write(a / "cat" / odd, jpeg_bytes(5))
+    photos = find_photos(a)
+    assert sorted((p.name, lbl) for p, lbl in photos) == sorted(
+        [("x.jpg", "cat"), (odd, "cat"), ("y.jpg", "dog"), ("gone.jpg", "dog")]
+    )
+    log = caplog.text
+    assert f"{a / 'loose.jpg'}: beside the class folders, in no class" in log
+    assert f"{a / 'dog' / 'linked'}: a linked folder, not followed" in log
+    rows = build_index(photos)
+    assert [(Path(r.path).name, r.sha256 == "") for r in rows] == [
+        ("x.jpg", False), ("gone.jpg", True), ("y.jpg", False)
+    ]  # fmt: skip
+    assert "its name is not valid UTF-8" in caplog.text
+    fetch.write_index(rows, tmp_path / "index.csv")  # every row it holds is UTF-8 text
+    b = tmp_path / "b"
+    _write(b / "cat.1.jpg", jpeg_bytes(6))
+    _write(b / "dog.2.jpg", jpeg_bytes(7))
+    _write(b / "cat_3.jpg", jpeg_bytes(8))
+    assert [lbl for _, lbl in find_photos(b)] == ["cat", "dog"]
+    assert f"{b / 'cat_3.jpg'}: not named like cat.1.jpg, so in no class" in caplog.text
+    c = tmp_path / "c"
+    _write(c / "photos" / "cat" / "1.jpg", jpeg_bytes(9))
+    _write(c / "photos" / "dog" / "1.jpg", jpeg_bytes(10))
+    _write(c / "__MACOSX" / "photos" / "._1.jpg", b"resource fork")
+    assert [lbl for _, lbl in find_photos(c)] == ["cat", "dog"]
+    assert "holds one folder, photos: reading it as the data source" in caplog.text
+
+
+def test_an_empty_class_folder_is_named_and_main_says_it_in_one_line(
+    tmp_path: Path, monkeypatch
+) -> None:
+    photos = tmp_path / "photos"
+    _write(photos / "cat" / "a.jpg", jpeg_bytes(1))
+    (photos / "dog").mkdir()
+    with pytest.raises(
+        FetchError, match=r"found classes \['cat'\] \(.*dog: an empty class folder\)"
+    ):
+        find_photos(photos)
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(
+        "fetch:\n  url: http://127.0.0.1:1/x.zip\n  sha256: abc\n  size: 1\n"
+        "  download_dir: data/download\n"
+    )
+    Path("data").mkdir()
+    Path("data/source.yaml").write_text(f'source: "{photos}"\nsource_dir: "{photos}"\n')
+    with pytest.raises(SystemExit, match=r"^fetch: .*dog: an empty class folder"):
+        fetch.main([])
 
 
 def test_main_indexes_a_local_folder_and_sees_content_changes(tmp_path, monkeypatch) -> None:
