@@ -234,6 +234,17 @@ def test_files_no_class_takes_are_named_in_the_log(tmp_path: Path, caplog) -> No
     assert "holds one folder, photos: reading it as the data source" in caplog.text
 
 
+def _local_source(photos: Path) -> None:
+    """In the current folder: params.yaml (an unreachable download) and data/source.yaml
+    naming ``photos``, as ``make pipeline DATA=photos`` writes it."""
+    Path("params.yaml").write_text(
+        "fetch:\n  url: http://127.0.0.1:1/x.zip\n  sha256: abc\n  size: 1\n"
+        "  download_dir: data/download\n"
+    )
+    Path("data").mkdir()
+    Path("data/source.yaml").write_text(f'source: "{photos}"\nsource_dir: "{photos}"\n')
+
+
 def test_an_empty_class_folder_is_named_and_main_says_it_in_one_line(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -245,12 +256,7 @@ def test_an_empty_class_folder_is_named_and_main_says_it_in_one_line(
     ):
         find_photos(photos)
     monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text(
-        "fetch:\n  url: http://127.0.0.1:1/x.zip\n  sha256: abc\n  size: 1\n"
-        "  download_dir: data/download\n"
-    )
-    Path("data").mkdir()
-    Path("data/source.yaml").write_text(f'source: "{photos}"\nsource_dir: "{photos}"\n')
+    _local_source(photos)
     with pytest.raises(SystemExit, match=r"^fetch: .*dog: an empty class folder"):
         fetch.main([])
 
@@ -262,12 +268,7 @@ def test_main_indexes_a_local_folder_and_sees_content_changes(tmp_path, monkeypa
     repo = tmp_path / "repo"
     repo.mkdir()
     monkeypatch.chdir(repo)
-    Path("params.yaml").write_text(
-        "fetch:\n  url: http://127.0.0.1:1/x.zip\n  sha256: abc\n  size: 1\n"
-        "  download_dir: data/download\n"
-    )
-    Path("data").mkdir()
-    Path("data/source.yaml").write_text(f'source: "{photos}"\nsource_dir: "{photos}"\n')
+    _local_source(photos)
     fetch.main([])
     first = Path("data/raw/index.csv").read_text()
     rows = read_index(Path("data/raw/index.csv"))
