@@ -3,7 +3,7 @@
 #
 #   scripts/deploy.sh deploy ghcr.io/owner/catsdogs-serve:SHA   # code change: a new image
 #   scripts/deploy.sh reload            # model change: same image, re-read catsdogs@champion
-#   scripts/deploy.sh rollback          # back to the image deployed before the current one
+#   scripts/deploy.sh rollback          # back to the image and model that passed before these
 #   scripts/deploy.sh status
 #
 # The image carries no model: the serve service loads one from the MLflow registry. `deploy` and
@@ -11,9 +11,12 @@
 # and start serve pinned to it (MODEL_URI=models:/catsdogs/N), so a container restart never
 # changes the model behind the evaluation's back. Then: readiness, smoke test over HTTP (labels of
 # known photos, 4xx on bad input), the post-deployment evaluation (make evaluate-deployment: a
-# labelled folder, accuracy gate). Any failure restarts the image and model version that ran
-# before, re-checks their health, and the script exits non-zero either way.
-# State (image and model version, current and previous) lives in $DEPLOY_STATE_DIR, on the host.
+# labelled folder, accuracy gate). Any failure (or a SIGTERM/SIGINT midway: a cancelled job)
+# restarts the image and model version that ran before, re-checks their health, and the script
+# exits non-zero either way. One run at a time (a lock in the state folder).
+# State lives in $DEPLOY_STATE_DIR, on the host: `deployments` (every image and model version
+# that passed, in order: what rollback walks back through), `current`/`model` and
+# `previous`/`model_previous` (the last two pairs) and `history` (every attempt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +45,30 @@ compose() {
 }
 
 state() { cat "$STATE_DIR/$1" 2>/dev/null || true; }
+
+# One deploy, reload or rollback at a time on this host (a rollback by hand during a CD run
+# would otherwise start its own image under the run's checks and mix up the state).
+lock() {
+    mkdir -p "$STATE_DIR"
+    exec 9>"$STATE_DIR/lock"
+    flock -w "${LOCK_WAIT_S:-900}" 9 || { log "another deployment holds $STATE_DIR/lock"; exit 1; }
+}
+
+# "IMAGE MODEL_URI" of the serve container running now, or nothing: what to restart when a
+# deploy fails on a host with no recorded state (serve started by hand or the state folder lost).
+running_pair() {
+    local id image uri
+    id=$(compose ps -q serve 2>/dev/null | head -n 1) || true
+    [[ -n $id ]] || return 0
+    image=$(docker inspect --format '{{.Config.Image}}' "$id" 2>/dev/null) || return 0
+    uri=$(docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$id" 2>/dev/null \
+        | sed -n 's/^MODEL_URI=//p' | head -n 1) || true
+    [[ -n $image && -n $uri ]] && echo "$image $uri"
+    return 0
+}
+
+# A model as the serve service takes it: a version number of $MODEL_NAME, or a whole URI.
+model_uri() { if [[ $1 =~ ^[0-9]+$ ]]; then echo "models:/$MODEL_NAME/$1"; else echo "$1"; fi; }
 
 # The version $MODEL_NAME@$MODEL_ALIAS names now, from MLflow's REST API (standard library only);
 # retried while the tracking server starts, not when it answers that the alias is unknown.
@@ -73,9 +100,10 @@ PY
 # Start serve with this image and model version (models:/NAME/N) and wait for /health/ready.
 # --no-deps: the mlflow service is left as it runs; Compose v1 has no --wait.
 up() {
-    local image=$1 version=$2
-    log "starting $image with models:/$MODEL_NAME/$version"
-    SERVE_IMAGE=$image MODEL_URI="models:/$MODEL_NAME/$version" \
+    local image=$1 uri
+    uri=$(model_uri "$2")
+    log "starting $image with $uri"
+    SERVE_IMAGE=$image MODEL_URI=$uri \
         compose up -d --no-build --no-deps serve \
         && python3 scripts/smoke_test.py --url "$URL" --ready-only --wait "$WAIT_S"
 }
@@ -86,35 +114,53 @@ check() {
             LIMIT="$EVAL_LIMIT" MIN_ACCURACY="$MIN_ACCURACY"
 }
 
-# Record a deployment that passed: the image and model that ran before become "previous".
-record() {
-    local image=$1 version=$2 what=$3
-    local image_before model_before
-    image_before=$(state current)
-    model_before=$(state model)
-    [[ -n $image_before && $image_before != "$image" ]] && echo "$image_before" >"$STATE_DIR/previous"
-    [[ -n $model_before && $model_before != "$version" ]] && echo "$model_before" >"$STATE_DIR/model_previous"
-    echo "$image" >"$STATE_DIR/current"
-    echo "$version" >"$STATE_DIR/model"
-    printf '%s %s model %s %s ok\n' "$(date -u +%FT%TZ)" "$image" "$version" "$what" >>"$STATE_DIR/history"
-    log "$what: $image serving models:/$MODEL_NAME/$version"
+# The pairs that passed, oldest first, and the current and previous pair derived from them.
+pairs() { cat "$STATE_DIR/deployments" 2>/dev/null || true; }
+set_pairs() {
+    local current previous
+    current=$(pairs | tail -n 1)
+    previous=$(pairs | tail -n 2 | head -n -1)
+    echo "${current% *}" >"$STATE_DIR/current"
+    echo "${current#* }" >"$STATE_DIR/model"
+    echo "${previous% *}" >"$STATE_DIR/previous"
+    echo "${previous#* }" >"$STATE_DIR/model_previous"
 }
 
-# After a failed deploy or reload: what ran before, started again and smoke-tested.
-restore() {
+# Record a deployment that passed: its image and model go on top of `deployments`.
+record() {
     local image=$1 version=$2 what=$3
+    if [[ ! -s $STATE_DIR/deployments && -n $(state current) ]]; then
+        # state from before `deployments` existed: its last pair starts the list
+        echo "$(state current) $(state model)" >"$STATE_DIR/deployments"
+    fi
+    [[ $(pairs | tail -n 1) == "$image $version" ]] || echo "$image $version" >>"$STATE_DIR/deployments"
+    set_pairs
+    printf '%s %s model %s %s ok\n' "$(date -u +%FT%TZ)" "$image" "$version" "$what" >>"$STATE_DIR/history"
+    log "$what: $image serving $(model_uri "$version")"
+}
+
+# After a failed (or cancelled) deploy or reload: what ran before, started again and
+# smoke-tested. $4: the pair that was running when the attempt began, for a host whose state
+# records nothing (serve started by hand): it is restarted rather than serve stopped.
+restore() {
+    local image=$1 version=$2 what=$3 running=${4:-}
     printf '%s %s model %s %s failed\n' "$(date -u +%FT%TZ)" "$image" "$version" "$what" \
         >>"$STATE_DIR/history"
     compose logs --tail 100 serve >&2 || true
     local old_image old_model
     old_image=$(state current)
     old_model=$(state model)
+    if [[ -z $old_image || -z $old_model ]] && [[ -n $running ]]; then
+        old_image=${running% *}
+        old_model=${running#* }
+        log "no deployment recorded; restarting what ran before: $old_image with $old_model"
+    fi
     if [[ -z $old_image || -z $old_model ]]; then
-        log "nothing deployed before; stopping the failed one"
+        log "nothing ran before; stopping the failed one"
         compose stop serve || true
         return 1
     fi
-    log "rolling back to $old_image with models:/$MODEL_NAME/$old_model"
+    log "rolling back to $old_image with $(model_uri "$old_model")"
     if ! { up "$old_image" "$old_model" \
         && python3 scripts/smoke_test.py --url "$URL" --data "$EVAL_DATA" --wait "$WAIT_S"; }; then
         log "rollback to $old_image, model $old_model failed too"
@@ -124,23 +170,40 @@ restore() {
     return 1
 }
 
+# Deploy or reload: start IMAGE on model VERSION, check, record; else restore what ran. A
+# SIGTERM or SIGINT while it runs (the CD job cancelled or timed out) restores too: the image
+# under test must not stay in service unchecked.
+attempt() {
+    local image=$1 version=$2 what=$3 running
+    running=$(running_pair)
+    # shellcheck disable=SC2016  # expanded when the trap runs, inside this function
+    local undo='trap - TERM INT; log "$what interrupted"; restore "$image" "$version" "$what (interrupted)" "$running" || true'
+    # shellcheck disable=SC2064  # $undo now; the names in it at the signal
+    trap "$undo; exit 143" TERM
+    # shellcheck disable=SC2064
+    trap "$undo; exit 130" INT
+    if up "$image" "$version" && check; then
+        trap - TERM INT
+        record "$image" "$version" "$what"
+        return 0
+    fi
+    trap - TERM INT
+    restore "$image" "$version" "$what" "$running"
+}
+
 cmd_deploy() {
     local image=${1:?usage: deploy IMAGE}
-    mkdir -p "$STATE_DIR"
+    lock
     local version
     version=$(champion_version)
     log "deploying $image with $MODEL_NAME@$MODEL_ALIAS = version $version" \
         "(running now: $(state current) model $(state model))"
     docker image inspect "$image" >/dev/null 2>&1 || docker pull "$image"
-    if up "$image" "$version" && check; then
-        record "$image" "$version" deploy
-        return 0
-    fi
-    restore "$image" "$version" deploy
+    attempt "$image" "$version" deploy
 }
 
 cmd_reload() {
-    mkdir -p "$STATE_DIR"
+    lock
     local image version
     image=$(state current)
     [[ -n $image ]] || { log "no image deployed yet: run 'deploy IMAGE' first"; return 1; }
@@ -150,33 +213,46 @@ cmd_reload() {
         return 0
     fi
     log "reloading $image: model $(state model) -> $version ($MODEL_NAME@$MODEL_ALIAS)"
-    if up "$image" "$version" && check; then
-        record "$image" "$version" reload
-        return 0
-    fi
-    restore "$image" "$version" reload
+    attempt "$image" "$version" reload
 }
 
+# Back one step in `deployments`: the image AND model that passed together before the current
+# pair, through the same checks. Done, the current pair leaves the list (a second rollback goes
+# one step further back, never forth again); failed, the current pair is started again.
 cmd_rollback() {
-    local previous version
-    previous=$(state previous)
-    version=$(state model)
-    [[ -n $previous && -n $version ]] || { log "no previous image recorded"; return 1; }
-    if ! { up "$previous" "$version" \
-        && python3 scripts/smoke_test.py --url "$URL" --data "$EVAL_DATA" --wait "$WAIT_S"; }; then
-        log "rollback to $previous failed"
-        return 1
+    lock
+    local current target
+    if [[ ! -s $STATE_DIR/deployments && -n $(state previous) ]]; then  # state from before
+        printf '%s %s\n%s %s\n' "$(state previous)" "$(state model_previous)" \
+            "$(state current)" "$(state model)" >"$STATE_DIR/deployments"
     fi
-    [[ -s $STATE_DIR/current ]] && mv "$STATE_DIR/current" "$STATE_DIR/previous"
-    echo "$previous" >"$STATE_DIR/current"
-    printf '%s %s model %s rollback\n' "$(date -u +%FT%TZ)" "$previous" "$version" \
-        >>"$STATE_DIR/history"
-    log "rolled back to $previous"
+    current=$(pairs | tail -n 1)
+    target=$(pairs | tail -n 2 | head -n -1)
+    [[ -n $target && -n ${target#* } ]] || { log "no earlier deployment recorded"; return 1; }
+    log "rolling back from $current to $target"
+    if up "${target% *}" "${target#* }" && check; then
+        head -n -1 "$STATE_DIR/deployments" >"$STATE_DIR/deployments.new"
+        mv "$STATE_DIR/deployments.new" "$STATE_DIR/deployments"
+        set_pairs
+        printf '%s %s model %s rollback ok\n' "$(date -u +%FT%TZ)" "${target% *}" \
+            "${target#* }" >>"$STATE_DIR/history"
+        log "rolled back to ${target% *} with $(model_uri "${target#* }")"
+        return 0
+    fi
+    printf '%s %s model %s rollback failed\n' "$(date -u +%FT%TZ)" "${target% *}" \
+        "${target#* }" >>"$STATE_DIR/history"
+    log "rollback to $target failed; starting $current again"
+    if ! { up "${current% *}" "${current#* }" \
+        && python3 scripts/smoke_test.py --url "$URL" --data "$EVAL_DATA" --wait "$WAIT_S"; }; then
+        log "$current failed to start again too"
+        return 2
+    fi
+    return 1
 }
 
 cmd_status() {
     echo "image: $(state current) (previous: $(state previous))"
-    echo "model: models:/$MODEL_NAME/$(state model) (previous: $(state model_previous))"
+    echo "model: $(model_uri "$(state model)") (previous: $(state model_previous))"
     echo "$MODEL_NAME@$MODEL_ALIAS now: $(WAIT_S=5 champion_version 2>/dev/null || echo unknown)"
     tail -n 5 "$STATE_DIR/history" 2>/dev/null || true
 }

@@ -1,0 +1,198 @@
+"""scripts/deploy.sh's decisions, with docker, make and python3 replaced by stubs.
+
+The stubs keep the one fact that matters, what serve runs ("IMAGE MODEL_URI" in run/running),
+and fail the smoke test or the evaluation for whatever run/bad lists (an image or a model URI).
+The script itself, its state folder, its lock and its traps are the real ones.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+DOCKER = """#!/bin/bash
+echo "docker $*" >> "$RUN/log"
+case "$1 $2" in
+  "compose version") exit 0;;
+  "compose up") echo "$SERVE_IMAGE $MODEL_URI" > "$RUN/running"; exit 0;;
+  "compose stop") echo "STOPPED -" > "$RUN/running"; exit 0;;
+  "compose ps") read -r img uri < "$RUN/running"; [[ $img != STOPPED ]] && echo serve-1; exit 0;;
+  "compose logs") exit 0;;
+  "image inspect") exit 0;;
+  "inspect --format")
+    read -r img uri < "$RUN/running"
+    if [[ $3 == *Image* ]]; then echo "$img"; else printf 'PATH=/x\\nMODEL_URI=%s\\n' "$uri"; fi
+    exit 0;;
+esac
+exit 0
+"""
+
+# the smoke test (python3 scripts/smoke_test.py) and the evaluation (make) pass or fail by what
+# runs; python3 - (the champion's version from MLflow) prints run/champion
+FAILS_ON_BAD = """read -r img uri < "$RUN/running"
+[[ $img == STOPPED ]] && exit 1
+grep -qxF "$img" "$RUN/bad" 2>/dev/null && exit 1
+grep -qxF "$uri" "$RUN/bad" 2>/dev/null && exit 1
+"""
+MAKE = (
+    '#!/bin/bash\necho "make $*" >> "$RUN/log"\n[[ -f $RUN/slow ]] && sleep 30\n'
+    + FAILS_ON_BAD
+    + "exit 0\n"
+)
+PYTHON3 = (
+    '#!/bin/bash\nif [[ $1 == - ]]; then cat >/dev/null; cat "$RUN/champion"; exit 0; fi\n'
+    + FAILS_ON_BAD
+    + "exit 0\n"
+)
+
+
+class Host:
+    """A deployment host: the stubs, the state folder and what serve runs."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.run_dir = tmp / "run"
+        self.state = tmp / "state"
+        stubs = tmp / "stubs"
+        for folder in (self.run_dir, stubs):
+            folder.mkdir()
+        for name, text in {"docker": DOCKER, "make": MAKE, "python3": PYTHON3}.items():
+            (stubs / name).write_text(text)
+            (stubs / name).chmod(0o755)
+        self.env = {
+            "PATH": f"{stubs}:/usr/bin:/bin",
+            "RUN": str(self.run_dir),
+            "DEPLOY_STATE_DIR": str(self.state),
+            "WAIT_S": "1",
+            "LOCK_WAIT_S": "1",
+        }
+        self.running = "STOPPED -"
+        self.champion = 3
+
+    @property
+    def running(self) -> str:
+        return (self.run_dir / "running").read_text().strip()
+
+    @running.setter
+    def running(self, value: str) -> None:
+        (self.run_dir / "running").write_text(value + "\n")
+
+    @property
+    def champion(self) -> int:
+        return int((self.run_dir / "champion").read_text())
+
+    @champion.setter
+    def champion(self, version: int) -> None:
+        (self.run_dir / "champion").write_text(f"{version}\n")
+
+    def bad(self, *what: str) -> None:
+        (self.run_dir / "bad").write_text("".join(f"{w}\n" for w in what))
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "deploy.sh"), *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def __call__(self, *args: str) -> tuple[int, str]:
+        proc = self.start(*args)
+        out, _ = proc.communicate(timeout=60)
+        return proc.returncode, out
+
+    def deployments(self) -> list[str]:
+        return (self.state / "deployments").read_text().splitlines()
+
+
+def uri(version: int) -> str:
+    return f"models:/catsdogs/{version}"
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path)
+
+
+def test_rollback_restores_the_image_and_model_that_passed_together(host: Host) -> None:
+    """Deploy A and B on model 3, reload onto model 4: rollback serves B with model 3 (it
+    served image A with model 4, a pair never checked), and a second rollback A with 3."""
+    assert host("deploy", "img:A")[0] == 0
+    assert host("deploy", "img:B")[0] == 0
+    host.champion = 4
+    assert host("reload")[0] == 0
+    assert host.running == f"img:B {uri(4)}"
+    code, out = host("rollback")
+    assert code == 0, out
+    assert host.running == f"img:B {uri(3)}"
+    assert host.deployments() == ["img:A 3", "img:B 3"]
+    code, out = host("rollback")
+    assert code == 0, out
+    assert host.running == f"img:A {uri(3)}"
+    code, out = host("rollback")  # nothing before A: refused, A stays
+    assert code == 1
+    assert "no earlier deployment recorded" in out
+    assert host.running == f"img:A {uri(3)}"
+
+
+def test_a_rollback_that_fails_its_checks_starts_the_current_pair_again(host: Host) -> None:
+    assert host("deploy", "img:A")[0] == 0
+    assert host("deploy", "img:B")[0] == 0
+    host.bad("img:A")
+    code, out = host("rollback")
+    assert code == 1, out
+    assert host.running == f"img:B {uri(3)}"  # it ran A, failing, and stopped there
+    assert host.deployments() == ["img:A 3", "img:B 3"]
+    assert "rollback to img:A 3 failed; starting img:B 3 again" in out
+
+
+def test_a_failed_deploy_on_a_host_with_no_state_restarts_what_ran(host: Host) -> None:
+    """serve started by hand (or the state folder lost): a failed deploy restarts the container
+    that ran before; it stopped serve, an outage where a good replica had been serving."""
+    host.running = "img:hand models:/catsdogs@champion"
+    host.bad("img:C")
+    code, out = host("deploy", "img:C")
+    assert code == 1, out
+    assert host.running == "img:hand models:/catsdogs@champion"
+    assert "no deployment recorded; restarting what ran before" in out
+
+
+def test_one_deployment_at_a_time(host: Host) -> None:
+    host.state.mkdir()
+    with (host.state / "lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, out = host("deploy", "img:A")
+    assert code == 1
+    assert "another deployment holds" in out
+    assert host.running == "STOPPED -"
+
+
+def test_a_deploy_cancelled_midway_puts_back_what_ran(host: Host) -> None:
+    """The CD job cancelled or timed out during the evaluation (SIGTERM to its processes): the
+    image under test does not stay in service unchecked."""
+    assert host("deploy", "img:A")[0] == 0
+    (host.run_dir / "slow").touch()
+    log = host.run_dir / "log"
+    log.write_text("")
+    proc = host.start("deploy", "img:B")
+    deadline = time.monotonic() + 20
+    while "make" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host.running == f"img:B {uri(3)}"  # under evaluation
+    (host.run_dir / "slow").unlink()
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert host.running == f"img:A {uri(3)}"
+    assert host.deployments() == ["img:A 3"]
+    assert "deploy interrupted" in out
