@@ -31,7 +31,9 @@ from monitoring import charts
 log = logging.getLogger("monitoring.drift_report")
 
 TIME_BUCKETS = 12  # points on the over-time charts
-MIN_BUCKET_ROWS = 30  # a time bucket with fewer predictions is not scored for drift
+# fewer predictions than this (the latest window, or a time bucket) are not scored for drift:
+# a handful of photos gives any PSI at all (the live server's /monitoring/drift does the same)
+MIN_BUCKET_ROWS = 30
 
 
 def load_reference(model: str | None, reference: str | None) -> dict[str, Any] | None:
@@ -131,8 +133,14 @@ def _window(data: dict[str, Any], sl: slice | np.ndarray) -> dict[str, Any]:
 
 
 def drift_figures(data: dict[str, Any], reference: dict[str, Any], window: int) -> dict[str, Any]:
-    """Drift of the latest ``window`` predictions, and PSI per time bucket."""
-    latest = drift.drift_scores(reference, **_window(data, slice(-window, None)))
+    """Drift of the latest ``window`` predictions, and PSI per time bucket (each scored from
+    ``MIN_BUCKET_ROWS`` predictions: fewer give {})."""
+    n_latest = min(window, len(data["ts"]))
+    latest = (
+        drift.drift_scores(reference, **_window(data, slice(-window, None)))
+        if n_latest >= MIN_BUCKET_ROWS
+        else {}
+    )
     edges = np.linspace(data["ts"][0], data["ts"][-1] + 1e-6, TIME_BUCKETS + 1)
     buckets = []
     for lo, hi in itertools.pairwise(edges):
@@ -239,7 +247,13 @@ def render_markdown(report: dict[str, Any], charts: dict[str, list[str]]) -> str
                 lines.append(f"| {t} | {row} | {_fmt(perf['per_class'][t]['recall'], 3)} |")
             precision = " | ".join(_fmt(perf["per_class"][p]["precision"], 3) for p in classes)
             lines += [f"| precision | {precision} | |", ""]
-        if fig.get("drift"):
+        if fig.get("drift") and not fig["drift"]["latest"]:
+            lines += [
+                f"Drift of the latest {fig['drift']['window']} predictions: not scored (drift is "
+                f"scored from {MIN_BUCKET_ROWS} predictions).",
+                "",
+            ]
+        elif fig.get("drift"):
             d = fig["drift"]
             lines += [
                 f"Drift of the latest {d['window']} predictions against the reference:",

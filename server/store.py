@@ -556,12 +556,13 @@ class WriterStore:
         """``row``, ``storage`` or ``outage`` (see the class docstring)."""
         raise NotImplementedError
 
-    def _prune_chunk(self, cutoff: float | None, limit: int) -> list[PrunedPrediction]:
-        """Delete up to ``limit`` of the oldest predictions (older than ``cutoff`` when given)
-        and their feedback, in one transaction; returns what was deleted."""
-        raise NotImplementedError
-
-    def _count_predictions(self) -> int:
+    def _prune_chunk(
+        self, cutoff: float | None, limit: int, keep: int = 0
+    ) -> list[PrunedPrediction]:
+        """Delete up to ``limit`` of the oldest predictions (older than ``cutoff`` when given;
+        else only past the newest ``keep``) and their feedback, in one transaction; returns
+        what was deleted. The count behind ``keep`` is taken inside that transaction: counted
+        before it, two replicas pruning one after the other each deleted the whole excess."""
         raise NotImplementedError
 
     def refreshed_s_ago(self) -> float | None:
@@ -878,7 +879,13 @@ class WriterStore:
                 _settle(item.future, error=StoreUnavailableError("the feedback was not stored"))
 
     def _succeeded(self, done: list[tuple[_Item, _Outcome]]) -> None:
-        if self._failing:
+        # A commit that wrote nothing (feedback for unknown ids: on a full disk, every later
+        # prediction is unknown) proves the database reachable, not that writes succeed again.
+        wrote = any(
+            isinstance(item, PredictionEvent) or isinstance(outcome, FeedbackResult)
+            for item, outcome in done
+        )
+        if self._failing and (self._outage or wrote):
             if self._outage:
                 log.info("prediction log: %s reachable again; writes resumed", self.describe())
             else:
@@ -948,13 +955,11 @@ class WriterStore:
                     break
                 self._write_waiting()
         if self.max_rows > 0:
-            excess = self._count_predictions() - self.max_rows
-            while excess > 0 and not self._stopping.is_set():
-                n = self._prune_step(None, min(excess, self.prune_chunk))
-                if n == 0:
-                    break
+            while not self._stopping.is_set():
+                n = self._prune_step(None, self.prune_chunk, keep=self.max_rows)
                 total += n
-                excess -= n
+                if n < self.prune_chunk:  # the excess is gone, or another replica prunes
+                    break
                 self._write_waiting()
         return total
 
@@ -964,10 +969,10 @@ class WriterStore:
         if batch:
             self._write_guarded(batch)
 
-    def _prune_step(self, cutoff: float | None, limit: int) -> int:
+    def _prune_step(self, cutoff: float | None, limit: int, keep: int = 0) -> int:
         self._busy_since = time.monotonic()
         try:
-            rows = self._prune_chunk(cutoff, limit)
+            rows = self._prune_chunk(cutoff, limit, keep)
         finally:
             self._busy_since = None
         self.rows_pruned += len(rows)
@@ -1101,15 +1106,16 @@ class SqliteStore(WriterStore):
             prediction_id, request_id, item.true_label, version, predicted, previous
         )
 
-    def _count_predictions(self) -> int:
-        assert self._conn is not None
-        return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
-
-    def _prune_chunk(self, cutoff: float | None, limit: int) -> list[PrunedPrediction]:
+    def _prune_chunk(
+        self, cutoff: float | None, limit: int, keep: int = 0
+    ) -> list[PrunedPrediction]:
         conn = self._conn
         assert conn is not None
         where, params = ("WHERE p.ts < ?", (cutoff,)) if cutoff is not None else ("", ())
         conn.execute("BEGIN IMMEDIATE")
+        if cutoff is None:
+            (count,) = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()
+            limit = max(0, min(limit, int(count) - keep))
         rows = conn.execute(
             "SELECT p.rowid, p.prediction_id, p.model_version, p.label, p.confidence, "
             "f.true_label FROM predictions p "

@@ -322,17 +322,19 @@ class PostgresStore(WriterStore):
         )
 
     # ------------------------------------------------------------------ retention
-    def _count_predictions(self) -> int:
-        with self._connection() as conn:
-            row = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()
-        return int(row[0]) if row else 0
-
-    def _prune_chunk(self, cutoff: float | None, limit: int) -> list[PrunedPrediction]:
+    def _prune_chunk(
+        self, cutoff: float | None, limit: int, keep: int = 0
+    ) -> list[PrunedPrediction]:
         where, params = ("WHERE ts < %s", (cutoff,)) if cutoff is not None else ("", ())
         with self._connection() as conn, conn.transaction():
             row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (PRUNE_LOCK,)).fetchone()
             if not row or not row[0]:
                 return []  # another replica is pruning
+            if cutoff is None:  # counted under the lock: what earlier chunks left, wherever
+                (count,) = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()
+                limit = max(0, min(limit, int(count) - keep))
+                if not limit:
+                    return []
             rows = conn.execute(
                 "WITH doomed AS (SELECT prediction_id FROM predictions "
                 f"{where} ORDER BY ts, prediction_id LIMIT %s) "

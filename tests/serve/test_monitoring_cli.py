@@ -184,6 +184,15 @@ def test_report_from_the_prediction_log(server_process, tmp_path: Path):
     for chart in charts:
         assert f"]({chart})" in markdown
         assert ET.parse(out / chart).getroot().tag.endswith("svg")  # well-formed SVG
+    # the latest 5 predictions (a version just deployed): too few to score, as the server says
+    few = drift_report(
+        "--window", "5", "--db", str(tmp_path / "predictions.db"),
+        "--reference", str(tmp_path / "ref.json"), "--out", str(tmp_path / "few"),
+    )  # fmt: skip
+    assert few.returncode == 0, few.stderr
+    figures = json.loads((tmp_path / "few" / "report.json").read_text())["versions"]["tiny-1"]
+    assert figures["drift"]["latest"] == {}  # it called 3 predictions "significant" drift
+    assert "latest 5 predictions: not scored" in (tmp_path / "few" / "report.md").read_text()
 
 
 def drift_report(*args: str) -> subprocess.CompletedProcess:

@@ -251,3 +251,42 @@ def test_predictions_are_committed_in_groups_and_feedback_ends_the_wait(db_path:
     finally:
         s.stop()
     assert _count(db_path) == 6
+
+
+def test_a_full_disk_stays_failing_until_a_row_is_written(db_path: Path, caplog):
+    """SQLite out of room (its own "database or disk is full"): predictions are lost and the
+    log is failing. A feedback batch that writes nothing (an unknown id: on a full disk every
+    later prediction is unknown too) must not report the log as ok again, nor make the next
+    failure log its error a second time; a row that is written does end it."""
+    caplog.set_level("ERROR", logger="server.store")
+    lost = [0]
+    s = _store(db_path, on_write_failure=lambda n: lost.__setitem__(0, lost[0] + n))
+    s.start()
+    s.record(_event(0))
+    assert _wait(lambda: _count(db_path) == 1)
+    full = {"pages": 0}
+
+    def cap(conn: sqlite3.Connection) -> None:
+        if full["pages"] == 0:
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            full["pages"] = conn.execute(f"PRAGMA max_page_count = {pages}").fetchone()[0]
+        else:
+            conn.execute(f"PRAGMA max_page_count = {full['pages']}")
+
+    s.fault_hook = lambda: cap(s._conn)
+    assert _wait(lambda: full["pages"] > 0)  # the writer has capped its own file
+    for i in range(1, 400):
+        s.record(_event(i, request_id=f"long-request-id-{i:04d}-" + "x" * 60))
+    assert _wait(lambda: s.status() == "failing")
+    assert s.submit_feedback("cat", time.time(), prediction_id="req-399").result(10) is None
+    assert s.status() == "failing"  # nothing was written: the disk is still full
+    for i in range(400, 800):
+        s.record(_event(i, request_id=f"long-request-id-{i:04d}-" + "x" * 60))
+    assert _wait(lambda: lost[0] >= 700)
+    assert s.status() == "failing"
+    failed = [r for r in caplog.records if "write failed" in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in failed]
+    s.fault_hook = lambda: s._conn.execute("PRAGMA max_page_count = 1000000")
+    s.record(_event(900))
+    assert _wait(lambda: s.status() == "ok")
+    s.stop()

@@ -384,3 +384,31 @@ def test_a_server_on_sqlite_never_imports_psycopg(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_replica_pruning_between_anothers_chunks_keeps_the_row_limit(db_url: str):
+    """Two replicas prune to MAX_ROWS, the second while the first is between two chunks: the
+    newest MAX_ROWS stay. Each counted the excess once, before its chunks, so the first went
+    on deleting an excess the second had already removed (150 of 300 rows left, not 200)."""
+    a, b = (_store(db_url, max_rows=0, prune_chunk=50) for _ in range(2))
+    a.start()
+    b.start()
+    for i in range(300):
+        a.record(_event(i))
+    assert _wait(lambda: _count(db_url) == 300)
+    for s in (a, b):
+        s._last_prune = time.monotonic()  # their writers' own pruning stays out of the way
+        s.max_rows = 200
+    pruned = []
+
+    def between_chunks() -> None:
+        if not pruned:
+            pruned.append(b._prune())
+
+    a._write_waiting = between_chunks
+    total = a._prune()
+    a.stop()
+    b.stop()
+    assert _count(db_url) == 200
+    assert total + pruned[0] == 100
+    assert pruned[0] > 0
