@@ -121,10 +121,21 @@ def _stop_starting(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _exit_after_graceful_shutdown(signum: int, frame: object) -> None:
-    # uvicorn re-raises the signal it caught once its graceful shutdown is done; by then
-    # every in-flight request has been answered, so the process ends normally.
-    raise SystemExit(0)
+def _exit_after_shutdown(server: Any) -> Callable[[int, object], None]:
+    """The handler of the signal uvicorn re-raises once its shutdown is done. Graceful (every
+    request in flight answered, the prediction log flushed): exit 0. Forced by a second Ctrl-C
+    (requests cut, no lifespan shutdown, so queued log rows lost): exit 1, and said."""
+
+    def handler(signum: int, frame: object) -> None:
+        if server.force_exit:
+            logging.getLogger("server").error(
+                "forced to stop: requests in flight were cut off and the prediction log was "
+                "not flushed"
+            )
+            raise SystemExit(1)
+        raise SystemExit(0)
+
+    return handler
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -235,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         server_header=False,
     )
     server = DrainingServer(config, app, settings.drain_delay_s)  # DRAIN_DELAY_S, see drain.py
-    signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
-    signal.signal(signal.SIGINT, _exit_after_graceful_shutdown)
+    signal.signal(signal.SIGTERM, _exit_after_shutdown(server))
+    signal.signal(signal.SIGINT, _exit_after_shutdown(server))
     server.run(sockets=[listener])  # it listens once the lifespan has started
     if not server.started:
         logging.getLogger("server").error("startup failed; exiting")

@@ -156,3 +156,25 @@ def test_predictions_the_log_never_got_are_named_at_shutdown(server_process):
     log = server.log.read_text()
     assert "3 predictions not written at shutdown" in log, log[-3000:]
     assert f"postgresql://127.0.0.1:{port}/predictions" in log  # where, without the user
+
+
+def test_a_second_ctrl_c_forces_the_stop_and_says_so(server_process):
+    """The first SIGINT starts the graceful shutdown, which waits for a body still arriving; a
+    second one forces it: requests cut, the prediction log not flushed. That is exit 1 and an
+    error line, not the exit 0 of a clean stop."""
+    server = server_process(GRACEFUL_TIMEOUT_S="30", BODY_TIMEOUT_S="30")
+    server.wait_ready()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"\0" * 1000
+        )
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert server.proc.poll() is None  # waiting for the request in flight
+        server.proc.send_signal(signal.SIGINT)
+        code = server.proc.wait(10)
+    assert code == 1
+    assert "forced to stop" in server.log.read_text()
