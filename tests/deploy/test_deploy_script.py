@@ -108,8 +108,19 @@ class Host:
 
     def __call__(self, *args: str) -> tuple[int, str]:
         proc = self.start(*args)
-        out, _ = proc.communicate(timeout=60)
+        out = self.finish(proc)
         return proc.returncode, out
+
+    @staticmethod
+    def finish(proc: subprocess.Popen[str]) -> str:
+        """Its output once it exits; past 60 s its process group is killed, never left."""
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        return out
 
     def deployments(self) -> list[str]:
         return (self.state / "deployments").read_text().splitlines()
@@ -185,13 +196,18 @@ def test_a_deploy_cancelled_midway_puts_back_what_ran(host: Host) -> None:
     log = host.run_dir / "log"
     log.write_text("")
     proc = host.start("deploy", "img:B")
-    deadline = time.monotonic() + 20
-    while "make" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert host.running == f"img:B {uri(3)}"  # under evaluation
-    (host.run_dir / "slow").unlink()
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 20
+        while "make" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host.running == f"img:B {uri(3)}"  # under evaluation
+        (host.run_dir / "slow").unlink()
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = host.finish(proc)
+    finally:
+        if proc.poll() is None:  # an assertion above failed: nothing is left running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert host.running == f"img:A {uri(3)}"
     assert host.deployments() == ["img:A 3"]

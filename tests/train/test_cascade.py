@@ -385,7 +385,7 @@ def test_sigterm_while_a_cascade_loads_stops_its_optimising_child_too(
     it: under the default action the server died at once and the child ran on, orphaned."""
     import signal
 
-    from loadtest.serverproc import SERVE_PYTHON, spawn_server
+    from loadtest.serverproc import SERVE_PYTHON, spawn_server, stop_server
 
     first, mid, large = members
     spec = default_spec("logreg", *VIEWS["small"])
@@ -399,17 +399,20 @@ def test_sigterm_while_a_cascade_loads_stops_its_optimising_child_too(
         env={"PREDICTION_LOG_PATH": str(tmp_path / "p.db")},
         python=SERVE_PYTHON,
     )
-    tasks = Path(f"/proc/{server.pid}/task")  # the load runs on a thread of its own
-    child = None
-    deadline = time.monotonic() + 30
-    while child is None and server.proc.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            pids = [c for t in tasks.iterdir() for c in (t / "children").read_text().split()]
-            child = next(iter(pids), None)
-        time.sleep(0.002)
-    assert child is not None, "no optimising child seen"
-    server.proc.send_signal(signal.SIGTERM)
-    code = server.proc.wait(30)
+    try:
+        tasks = Path(f"/proc/{server.pid}/task")  # the load runs on a thread of its own
+        child = None
+        deadline = time.monotonic() + 30
+        while child is None and server.proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                pids = [c for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+                child = next(iter(pids), None)
+            time.sleep(0.002)
+        assert child is not None, "no optimising child seen"
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(30)
+    finally:
+        stop_server(server)  # whatever failed above, no server is left running
     # reaped by the server before it exited: nothing of it is left, not even a zombie
     assert not Path(f"/proc/{child}").exists(), "the optimising child outlived the server"
     assert code == 128 + signal.SIGTERM, server.output()
