@@ -115,9 +115,9 @@ def version_line(args: argparse.Namespace, environ: Mapping[str, str] | None = N
 
 
 def _stop_starting(signum: int, frame: object) -> None:
-    inference = sys.modules.get("server.inference")
-    if inference is not None:  # the load runs on its own thread: its child is stopped here
-        inference.stop_children()
+    from server.inference import stop_children  # loaded already, before this handler was set
+
+    stop_children()  # the load runs on its own thread: its child is stopped from here
     raise SystemExit(128 + signum)
 
 

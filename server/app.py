@@ -112,7 +112,7 @@ async def predict(request: Request) -> JSONResponse:
             raise ApiError(422, "missing_file", "the form has no 'file' field")
         return [Upload(parts[0].data, parts[0].filename)]
 
-    (result,) = await predictor.run(request, "/predict", read)
+    (result,) = await predictor.run(request, read)
     if result.error is not None:
         raise result.error
     request_id = request.scope["state"]["request_id"]
@@ -141,7 +141,7 @@ async def predict_batch(request: Request) -> JSONResponse:
             raise ApiError(422, "missing_files", "the form has no 'files' field")
         return [Upload(p.data, p.filename) for p in parts]
 
-    results = await predictor.run(request, "/predict/batch", read)
+    results = await predictor.run(request, read)
     request_id = request.scope["state"]["request_id"]
     latency_ms = _elapsed_ms(request)
     entries = [predictor.as_json(r, request_id, latency_ms) for r in results]

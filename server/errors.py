@@ -38,6 +38,11 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message}}
 
 
+def shutting_down() -> ApiError:
+    """A request the server will not finish because it is stopping."""
+    return ApiError(503, "shutting_down", "the server is shutting down", RETRY_SOON)
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:

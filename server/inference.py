@@ -309,12 +309,12 @@ def _check_answers(model: InferenceModel, path: Path) -> None:
     pass every check and fail each request with a 500."""
     side, classes = model.contract.input_size, len(model.contract.class_names)
     blank = np.zeros((1, side, side, 3), np.uint8)
-    steps = [("the model", next(iter(model.sessions.values())), lambda: {INPUT_NAME: blank})]
+    steps = [("the model", next(iter(model.sessions.values())), {INPUT_NAME: blank})]
     if model.second is not None:
-        steps.append(("its second step", model.second, lambda: model._second_feed(blank)))
+        steps.append(("its second step", model.second, model._second_feed(blank)))
     for what, session, feed in steps:
         try:
-            (probs,) = session.run([OUTPUT_PROBABILITIES], feed())  # type: ignore[attr-defined]
+            (probs,) = session.run([OUTPUT_PROBABILITIES], feed)  # type: ignore[attr-defined]
         except Exception as exc:  # onnxruntime's own errors: a feed the graph does not take
             raise ModelLoadError(f"{path}: {what} fails on a blank image: {exc}") from exc
         if probs.shape != (1, classes):

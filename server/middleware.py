@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError
+from server.errors import ApiError, shutting_down
 from server.ids import is_valid_id_bytes, new_id
 from server.metrics import UNMATCHED_ROUTE, ServerMetrics
 
@@ -103,17 +103,18 @@ class RequestContextMiddleware:
                 extra={"fields": {"request_id": request_id}},
             )
             if not response_started:
-                status = 503
+                stopping = shutting_down()
+                status = stopping.status
                 v2 = scope["path"].startswith("/v2")
-                await _send_json(
-                    send_with_id, 503, _V2_SHUTTING_DOWN if v2 else _SHUTTING_DOWN, _CLOSE
-                )
+                body = {"error": stopping.message} if v2 else stopping.body()
+                headers = {**(stopping.headers or {}), "Connection": "close"}
+                await _send_json(send_with_id, status, json.dumps(body).encode(), headers)
         except Exception:
             status = 500
             error_log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             if not response_started:
                 v2 = scope["path"].startswith("/v2")
-                await _send_internal_error(send_with_id, _V2_INTERNAL if v2 else _INTERNAL)
+                await _send_json(send_with_id, 500, _V2_INTERNAL if v2 else _INTERNAL)
         finally:
             self.metrics.in_flight.dec()
             done = time.perf_counter()
@@ -161,18 +162,8 @@ _INTERNAL = json.dumps({"error": {"code": "internal_error", "message": _MESSAGE}
 _V2_INTERNAL = json.dumps({"error": _MESSAGE}).encode()  # the V2 protocol's shape
 
 
-_STOPPING = "the server is shutting down"
-_SHUTTING_DOWN = json.dumps({"error": {"code": "shutting_down", "message": _STOPPING}}).encode()
-_V2_SHUTTING_DOWN = json.dumps({"error": _STOPPING}).encode()
-_CLOSE = ((b"connection", b"close"), (b"retry-after", b"1"))
-
-
-async def _send_internal_error(send: Send, body: bytes) -> None:
-    await _send_json(send, 500, body)
-
-
 async def _send_json(
-    send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()
+    send: Send, status: int, body: bytes, headers: dict[str, str] | None = None
 ) -> None:
     await send(
         {
@@ -181,7 +172,7 @@ async def _send_json(
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                *headers,
+                *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
             ],
         }
     )

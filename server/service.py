@@ -23,11 +23,12 @@ from starlette.requests import Request
 
 from catsdogs.contract import ModelContract
 from catsdogs.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
-from server.errors import RETRY_SOON, ApiError
+from server.errors import RETRY_SOON, ApiError, shutting_down
 from server.ids import new_id
 from server.inference import Batcher, ModelStoppedError, Outcome, QueueFullError, Ticket
 from server.limits import Budget, OverBudgetError, Reservation
 from server.metrics import ServerMetrics
+from server.middleware import route_template
 from server.monitor import Monitor, PredictionEvent
 from server.settings import Settings
 from server.uploads import Body, as_bytes, overloaded
@@ -140,9 +141,10 @@ class Predictor:
 
     # ------------------------------------------------------------------ the request path
     async def run(
-        self, request: Request, route: str, read: Reader, *, atomic: bool = False
+        self, request: Request, read: Reader, *, atomic: bool = False
     ) -> list[ImageResult]:
-        """Read, admit, infer, record: the whole life of a prediction request.
+        """Read, admit, infer, record: the whole life of a prediction request (logged under
+        its route's template, as its metrics are).
 
         ``atomic``: the wire format has no per-image errors (V2), so one failed image fails
         the request, with its index, and nothing of it is logged.
@@ -161,6 +163,7 @@ class Predictor:
                         error.status, error.code, f"image {i}: {error.message}", error.headers
                     )
         state = request.scope["state"]
+        route = route_template(request.scope)
         latency_ms = (time.perf_counter() - state["started"]) * 1000
         results = [
             ImageResult(upload.filename, error=error)
@@ -202,7 +205,7 @@ class Predictor:
                 504, "timeout", f"the request did not finish within {seconds:g} s"
             ) from None
         except ModelStoppedError:
-            raise _shutting_down() from None
+            raise shutting_down() from None
         finally:
             self.batcher.release(ticket)
 
@@ -215,7 +218,7 @@ class Predictor:
                 503, "overloaded", "the server is at capacity; retry shortly", RETRY_SOON
             ) from None
         except ModelStoppedError:
-            raise _shutting_down() from None
+            raise shutting_down() from None
 
     def _error(self, outcome: Outcome) -> ApiError | None:
         """The client-facing error of one image's outcome; None when it was predicted."""
@@ -296,7 +299,3 @@ class Predictor:
         if result.filename is not None:
             entry["filename"] = result.filename
         return entry
-
-
-def _shutting_down() -> ApiError:
-    return ApiError(503, "shutting_down", "the server is shutting down", RETRY_SOON)

@@ -49,7 +49,7 @@ class Body:
         return len(self._pieces) == 1 and isinstance(self._pieces[0], bytes)
 
     def join(self) -> bytes:
-        if len(self._pieces) != 1 or not isinstance(self._pieces[0], bytes):
+        if not self.joined:
             self._pieces = [b"".join(self._pieces)]
         return self._pieces[0]
 

@@ -383,8 +383,7 @@ async def infer(request: Request) -> Response:
         # a view stays a view until its decode thread joins it (server.uploads.Body)
         return [Upload(Body([image])) for image in request_.images]
 
-    route = VERSIONED_INFER if "version" in request.path_params else INFER
-    results = await predictor.run(request, route, read, atomic=True)
+    results = await predictor.run(request, read, atomic=True)
     (request_,) = parsed
     labels = [r.prediction.label for r in results if r.prediction is not None]
     probs = np.array(
@@ -459,7 +458,6 @@ def _response(
 
 MODEL = "/v2/models/{name}"
 VERSIONED = MODEL + "/versions/{version}"  # the protocol's optional version segment
-INFER, VERSIONED_INFER = MODEL + "/infer", VERSIONED + "/infer"
 
 routes = [
     Route("/v2", server_metadata, methods=["GET"]),

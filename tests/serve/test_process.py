@@ -256,14 +256,21 @@ def test_sigterm_finishes_in_flight_request_and_exits_zero(server_process):
     assert '"message": "stopped"' in server.output()
 
 
-def _failed_start(tmp_path: Path, model: Path) -> tuple[int, str]:
+def _failed_start(
+    tmp_path: Path, model: Path, *, port: int | None = 0, **env: str
+) -> tuple[int, str]:
+    """``python -m server --model MODEL`` expected not to start: its exit code and output.
+    ``port``: 0 a free one, None no --port flag (the environment's PORT, or the default)."""
+    args = ["--model", str(model)]
+    if port is not None:
+        args += ["--port", str(port or free_port())]
     proc = subprocess.run(
-        [sys.executable, "-m", "server", "--model", str(model), "--port", str(free_port())],
+        [sys.executable, "-m", "server", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PREDICTION_LOG_PATH": str(tmp_path / "p.db")},
+        env={"PATH": "/usr/bin:/bin", "PREDICTION_LOG_PATH": str(tmp_path / "p.db"), **env},
     )
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -319,16 +326,9 @@ def test_a_contract_the_model_does_not_keep_fails_at_start(tmp_path, kind, named
 def test_a_bad_setting_is_an_error_record_naming_it(tmp_path, tiny_model):
     """A bad setting stops the start with exit 2 and one record at level error naming the
     variable (it was captured stderr, at level warning: a filter on errors missed it)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "server", "--model", str(tiny_model)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PORT": "abc", "PREDICTION_LOG_PATH": str(tmp_path / "p")},
-    )
-    assert proc.returncode == 2, proc.stderr
-    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    code, output = _failed_start(tmp_path, tiny_model, port=None, PORT="abc")
+    assert code == 2, output
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     errors = [r for r in records if r["level"] == "error"]
     assert len(errors) == 1, records
     assert "PORT" in errors[0]["message"]
@@ -341,16 +341,8 @@ def test_a_port_in_use_fails_before_the_model_loads(tmp_path, tiny_model):
     the server logged "ready" first)."""
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "server", "--model", str(tiny_model), "--port", str(port)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin", "PREDICTION_LOG_PATH": str(tmp_path / "p.db")},
-        )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1, output
+        code, output = _failed_start(tmp_path, tiny_model, port=port)
+    assert code == 1, output
     assert f"cannot listen on 127.0.0.1:{port}" in output
     assert "in use" in output
     assert '"ready"' not in output
