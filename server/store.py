@@ -14,8 +14,9 @@ resolves only after the commit.
 
 The writer survives anything a row can do: a batch that fails for a reason other than the
 database is retried row by row, so one bad row costs only itself (counted as a failed write).
-A database that cannot be reached (a PostgreSQL restart) costs nothing but time: the writer
-keeps its batch and retries with backoff while the queue absorbs new predictions. Should the
+A database that cannot be reached (a PostgreSQL restart, a SQLite file locked by another
+connection past the busy timeout) costs nothing but time: the writer keeps its batch and retries
+with backoff while the queue absorbs new predictions. Should the
 thread die all the same (a bug), the next ``record``/``submit_feedback``/``status`` call restarts
 it. ``status()`` says whether the writer is keeping up, and the same thread prunes rows older
 than the retention period (or beyond a row limit) in small chunks between writes.
@@ -425,6 +426,18 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute("ROLLBACK")
         raise
     return found
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """SQLite's ``database is locked``: another connection held the write lock past the busy
+    timeout (a ``VACUUM``, a backup, a script's long transaction). It passes; nothing is wrong
+    with the rows or the file, so the batch waits and retries as through an outage."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.OperationalError)
+        and code is not None
+        and ((code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
+    )
 
 
 def _is_storage_error(exc: BaseException) -> bool:
@@ -841,7 +854,7 @@ class WriterStore:
                 "prediction log: %s cannot be reached (%s); writes wait and retry, "
                 "the server keeps serving",
                 self.describe(),
-                type(exc).__name__,
+                _reason(exc),
             )
         self._failing = True
 
@@ -1027,6 +1040,8 @@ class SqliteStore(WriterStore):
         log.info("prediction log: %s (SQLite, WAL, schema version %d)", self.path, SCHEMA_VERSION)
 
     def _error_kind(self, exc: BaseException) -> str:
+        if _is_busy(exc):
+            return "outage"
         return "storage" if _is_storage_error(exc) else "row"
 
     def _recover(self) -> None:

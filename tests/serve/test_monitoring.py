@@ -7,14 +7,16 @@ Each test starts ``python -m server`` on a free port with the tiny colour model 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import BLUE, RED, build_tiny_model, image_bytes, tiny_contract
+from conftest import BLUE, RED, build_tiny_model, image_bytes, prom, tiny_contract
 
 from catsdogs import drift
 from catsdogs.preprocessing import preprocess_bytes_info
@@ -314,3 +316,39 @@ def test_drift_without_reference_says_so(server_process):
     assert report["features"] == {}
     assert "reference_stats" in report["message"]
     assert "drift_score{" not in httpx.get(f"{server.url}/metrics").text
+
+
+def test_a_log_locked_past_the_busy_timeout_loses_no_prediction(server_process, tmp_path: Path):
+    """Another connection holding the SQLite write lock longer than the busy timeout (10 s: a
+    VACUUM, a backup, a script's transaction) is waited out like an outage: the writer keeps
+    its batch and retries, so every prediction made meanwhile reaches the log."""
+    db = tmp_path / "predictions.db"
+    server = server_process(
+        PREDICTION_LOG_RECONNECT_MIN_S="0.2", PREDICTION_LOG_RECONNECT_MAX_S="1"
+    )
+    server.wait_ready()
+    ids = [predict(server.url, image_bytes(RED))["prediction_id"]]
+    blocker = sqlite3.connect(db, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the write lock, until the ROLLBACK below
+        locked = time.monotonic()
+        ids += [predict(server.url, image_bytes(BLUE))["prediction_id"] for _ in range(5)]
+        while time.monotonic() - locked < 12.0:  # past the writer's 10 s busy timeout
+            time.sleep(0.5)
+        assert "cannot be reached (OperationalError: database is locked)" in server.output()
+        assert httpx.get(f"{server.url}/health/live").status_code == 200
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    deadline = time.monotonic() + 20.0
+    stored: set[str] = set()
+    while time.monotonic() < deadline and not set(ids) <= stored:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            stored = {r[0] for r in conn.execute("SELECT prediction_id FROM predictions")}
+        time.sleep(0.2)
+    assert set(ids) <= stored, f"lost: {sorted(set(ids) - stored)}"
+    r = httpx.post(f"{server.url}/feedback", json={"prediction_id": ids[-1], "label": "dog"})
+    assert r.status_code == 201, r.text
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert prom(metrics, "prediction_log_write_failures_total") == 0
+    assert "writes resumed" in server.output()
