@@ -212,3 +212,46 @@ def test_a_deploy_cancelled_midway_puts_back_what_ran(host: Host) -> None:
     assert host.running == f"img:A {uri(3)}"
     assert host.deployments() == ["img:A 3"]
     assert "deploy interrupted" in out
+
+
+def _cd_commit_step(host: Host, action: str, sha: str) -> tuple[int, str, str]:
+    """Run the CD workflow's own "which commit" step (its shell, from cd.yml) on this host:
+    its exit code, its output and the sha it hands to the checkout."""
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "cd.yml").read_text())
+    (step,) = [s for s in workflow["jobs"]["deploy"]["steps"] if s.get("id") == "commit"]
+    output = host.run_dir / "github_output"
+    output.write_text("")
+    env = {**host.env, "ACTION": action, "SHA": sha, "GITHUB_OUTPUT": str(output)}
+    proc = subprocess.run(
+        ["bash", "-eo", "pipefail", "-c", step["run"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    given = dict(line.split("=", 1) for line in output.read_text().splitlines())
+    return proc.returncode, proc.stdout + proc.stderr, given.get("sha", "")
+
+
+def test_cd_reload_checks_out_the_commit_of_the_running_image(host: Host) -> None:
+    """A reload restarts the image that runs, so the workflow must use that image's commit
+    (compose.yaml, scripts, evaluation), not the branch's head, which may be ahead of it."""
+    deployed, head = "a" * 40, "b" * 40
+    assert _cd_commit_step(host, "reload", head)[0] == 1  # nothing deployed yet: says so
+    code, out = host("deploy", f"ghcr.io/o/catsdogs-serve:{deployed}")
+    assert code == 0, out
+    assert _cd_commit_step(host, "reload", head) == (
+        0,
+        f"reload: ghcr.io/o/catsdogs-serve:{deployed} runs now; "
+        f"using the files of commit {deployed}\n",
+        deployed,
+    )
+    code, _, sha = _cd_commit_step(host, "deploy", head)  # a deploy uses the commit it deploys
+    assert (code, sha) == (0, head)
+    code, out = host("deploy", "catsdogs-serve:local")  # an image not tagged by commit
+    assert code == 0, out
+    code, out, sha = _cd_commit_step(host, "reload", head)
+    assert (code, sha) == (1, "")
+    assert "not tagged with a commit sha" in out
