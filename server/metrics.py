@@ -1,7 +1,8 @@
 """Prometheus metrics of one app, registered in its own ``CollectorRegistry``.
 
 Label values are bounded: routes are templates (``/v2/models/{name}/infer``), an unmatched path
-is one label, and prediction labels come from the model's fixed class list.
+is one label, methods other than HTTP's usual ones one label (``OTHER``), and prediction labels
+come from the model's fixed class list.
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ from server.gc_pauses import GcPauses
 from server.logs import access_lines_dropped
 
 UNMATCHED_ROUTE = "<unmatched>"
+# Methods counted under their own name; any other verb the HTTP parser accepts (WebDAV's
+# PROPFIND or MKCOL, M-SEARCH, ...) counts as OTHER, so a client cannot multiply the series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+OTHER_METHOD = "OTHER"
+# The statuses of an API route exported from the start, at 0: a series born at its first event
+# has no earlier sample, so rate() and increase() miss that event (the first failure of each
+# route after a start would be invisible to the error alert).
+API_STATUSES = ("200", "500", "503", "504")
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else OTHER_METHOD
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -202,6 +216,14 @@ class ServerMetrics:
         self.latency_series = Children(self.latency)
         self.prediction_series = Children(self.predictions)
         self.policy_series = Children(self.policy_runs)
+
+    def export_api_routes(self, routes: list[tuple[str, str]]) -> None:
+        """Export the request and latency series of the API's (route template, method) pairs
+        at 0 (see ``API_STATUSES``)."""
+        for route, method in routes:
+            for status in API_STATUSES:
+                self.request_series(route, method, status)
+            self.latency_series(route)
 
     def count_refusal(self, reason: str) -> None:
         self.refused_series[reason].inc()

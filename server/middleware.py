@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import ApiError, shutting_down
 from server.ids import is_valid_id_bytes, new_id
-from server.metrics import UNMATCHED_ROUTE, ServerMetrics
+from server.metrics import UNMATCHED_ROUTE, ServerMetrics, method_label
 
 access_log = logging.getLogger("server.access")
 error_log = logging.getLogger("server.error")
@@ -120,7 +120,7 @@ class RequestContextMiddleware:
             done = time.perf_counter()
             elapsed = done - started
             route = route_template(scope)
-            self.metrics.request_series(route, scope["method"], str(status)).inc()
+            self.metrics.request_series(route, method_label(scope["method"]), str(status)).inc()
             self.metrics.latency_series(route).observe(elapsed)
             if "handled_at" in state:  # a prediction: where its time went around the model
                 stages = self.metrics.stages

@@ -1,4 +1,5 @@
-"""Write base/prometheusrule.yaml from monitoring/alerts.yml: one source for the alerts.
+"""Write components/alerts/prometheusrule.yaml from monitoring/alerts.yml: one source for the
+alerts, which the app's base and KServe's both include.
 
 Prometheus reads monitoring/alerts.yml directly (compose); Prometheus Operator needs the same
 groups inside a PrometheusRule. kustomize cannot embed a file into a custom resource's spec
@@ -20,7 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "monitoring" / "alerts.yml"
-OUTPUT = Path(__file__).resolve().parent / "base" / "prometheusrule.yaml"
+OUTPUT = Path(__file__).resolve().parent / "components" / "alerts" / "prometheusrule.yaml"
 HEADER = (
     "# Generated from monitoring/alerts.yml by deploy/k8s/build_prometheusrule.py; do not edit.\n"
     "# Prometheus Operator selects rules by label: match your Prometheus's ruleSelector.\n"

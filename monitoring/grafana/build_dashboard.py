@@ -50,6 +50,8 @@ def quantile(p: float, bucket: str) -> tuple[str, str]:
     return f"histogram_quantile({p}, {q(bucket)})", f"p{round(p * 100)}"
 
 
+PREDICTION_LATENCY = 'http_request_duration_seconds_bucket{route=~"/predict|/v2/models/.+/infer"}'
+
 PANELS = [
     panel(
         "Requests per second by route and status",
@@ -64,26 +66,45 @@ PANELS = [
         "too slow (408) or too large (431), too many pipelined requests (closed).",
     ),
     panel(
-        "/predict latency percentiles",
+        "Prediction latency percentiles by route",
         "timeseries",
         [
-            quantile(p, 'http_request_duration_seconds_bucket{route="/predict"}')
+            (
+                f"histogram_quantile({p}, {q(PREDICTION_LATENCY, 'le, route')})",
+                f"{{{{route}}}} p{round(p * 100)}",
+            )
             for p in (0.5, 0.9, 0.99)
         ],
         (12, 0, 12, 8),
         "s",
+        description="The routes that take one image a request, as PredictLatencyHigh watches "
+        "them: /predict and the V2 infer routes (KServe's clients call these). "
+        "/predict/batch grows with its size.",
     ),
     panel(
         "Batch sizes (images per onnxruntime run)",
         "timeseries",
         [
-            quantile(0.5, "inference_batch_size_bucket"),
-            quantile(0.99, "inference_batch_size_bucket"),
             (
                 q("inference_batch_size_sum", "job")
                 + " / "
                 + q("inference_batch_size_count", "job"),
                 "mean",
+            ),
+            # shares read off the buckets' edges, which are whole sizes: exact, where a
+            # histogram_quantile would interpolate sizes no run can have (0.5, 3.49)
+            (
+                q('inference_batch_size_bucket{le="1"}', "job")
+                + " / "
+                + q("inference_batch_size_count", "job"),
+                "share of runs of 1 image",
+            ),
+            (
+                "1 - "
+                + q('inference_batch_size_bucket{le="8"}', "job")
+                + " / "
+                + q("inference_batch_size_count", "job"),
+                "share of runs of over 8 images",
             ),
         ],
         (0, 8, 8, 8),

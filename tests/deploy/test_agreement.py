@@ -343,6 +343,41 @@ def test_inference_service_speaks_v2_with_the_registry_model(
     assert settings.mlflow_tracking_uri.startswith(("http://", "https://"))
 
 
+# The labels KServe puts on every predictor pod (kserve/kserve v0.20.0, pkg/constants:
+# InferenceServicePodLabelKey, KServiceComponentLabel; components/predictor.go sets them)
+KSERVE_PREDICTOR_POD_LABELS = ("serving.kserve.io/inferenceservice", "component")
+
+
+@pytest.mark.parametrize("name", ["kserve", "kserve-canary"])
+def test_kserve_pods_are_scraped_and_watched_by_the_alerts(
+    rendered: dict[str, list[Manifest]], name: str
+) -> None:
+    """KServe's pods carry none of the Deployment's labels: without a monitor of their own no
+    series reaches Prometheus and every alert is blind. The PodMonitor selects the
+    InferenceService's predictor pods, scrapes the server's port and metrics path, and gives
+    the series the job the alerts select; the alerts come along."""
+    docs = rendered[name]
+    isvc = one(docs, "InferenceService")
+    monitor = one(docs, "PodMonitor", "catsdogs-serve")["spec"]
+    selector, component = KSERVE_PREDICTOR_POD_LABELS
+    assert monitor["selector"]["matchLabels"] == {
+        selector: isvc["metadata"]["name"],
+        component: "predictor",
+    }
+    w = workload(rendered, name)
+    settings = effective_settings(w)
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert endpoint["portNumber"] == settings.port
+    assert [p["containerPort"] for p in w.container["ports"]] == [settings.port]
+    response = get(settings, endpoint["path"])
+    assert "# TYPE inference_queue_images gauge" in response.text
+    (job,) = [r["replacement"] for r in endpoint["relabelings"] if r["targetLabel"] == "job"]
+    rules = one(docs, "PrometheusRule", "catsdogs-serve")["spec"]["groups"]
+    assert rules == yaml.safe_load((ROOT / "monitoring" / "alerts.yml").read_text())["groups"]
+    exprs = [rule["expr"] for group in rules for rule in group["rules"]]
+    assert {j for e in exprs for j in re.findall(r'job="([^"]+)"', e)} == {job}
+
+
 @pytest.mark.parametrize("name", ["kserve", "kserve-canary"])
 def test_the_predictor_sets_no_pod_security_context(
     rendered: dict[str, list[Manifest]], name: str

@@ -103,6 +103,7 @@ def test_every_custom_resource_kind_has_a_vendored_schema(
         ("serving.kserve.io/v1beta1", "InferenceService"),
         ("serving.kserve.io/v1alpha1", "ServingRuntime"),
         ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PodMonitor"),
         ("monitoring.coreos.com/v1", "PrometheusRule"),
     }
     for api_version, kind in kinds:
@@ -151,6 +152,9 @@ def test_inference_service_violations_are_caught(rendered: dict[str, list[Manife
         validate(_broken(isvc, ["spec", "predictor"], "canaryTrafficPrecent", 10))
     with pytest.raises(jsonschema.ValidationError):
         validate(_broken(isvc, ["spec", "predictor", "model"], "env", [{"value": "no name"}]))
+    monitor = one(rendered["kserve"], "PodMonitor")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(_broken(monitor, ["spec", "podMetricsEndpoints", 0], "portNum", 8080))
 
 
 # ---------------------------------------------------------------- vendored schema provenance

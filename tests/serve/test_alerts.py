@@ -67,6 +67,7 @@ def test_rules_pass_promtool_check_and_unit_tests():
     assert "SUCCESS" in run_tool([promtool, "test", "rules", str(ALERTS_TEST)])
     # the shipped prometheus.yml (scrape, rule files, alerting) is valid for this Prometheus
     run_tool([promtool, "check", "config", str(PROMETHEUS)])
+    run_tool([promtool, "check", "config", str(MONITORING / "prometheus-scale.yml")])
 
 
 def test_every_alert_is_unit_tested_firing_and_quiet():

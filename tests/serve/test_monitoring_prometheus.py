@@ -124,3 +124,38 @@ def test_prometheus_scrapes_the_server(server_process, prometheus):
     assert len(exprs) >= 10
     for expr in exprs:
         query(base, expr.replace("$__rate_interval", "1m"))
+
+
+def _alert_expr(name: str) -> str:
+    import yaml
+
+    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    (expr,) = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == name]
+    return expr
+
+
+def test_a_total_outage_at_low_traffic_trips_the_error_alert(server_process, prometheus):
+    """Every prediction fails (504: a deadline no run can meet) while probes and scrapes keep
+    answering 200, at two predictions in all: the shipped ServeErrors expression, evaluated by
+    a real Prometheus on the real server's series, sees 100% and not 2 in 40-odd requests; and
+    the first failures after the start count (the series exist from the start)."""
+    server = server_process(REQUEST_TIMEOUT_S="0.0001")
+    server.wait_ready()
+    base = prometheus(server.url.removeprefix("http://"))
+    wait_for(lambda: query(base, 'up{job="catsdogs-serve"} == 1'), 30, "a first scrape")
+    for _ in range(40):  # a readiness probe's traffic
+        assert httpx.get(f"{server.url}/health/ready").status_code == 200
+    for _ in range(2):
+        r = httpx.post(
+            f"{server.url}/predict",
+            content=image_bytes(RED),
+            headers={"Content-Type": "image/jpeg"},
+        )
+        assert r.status_code == 504, r.text
+    wait_for(
+        lambda: query(base, 'sum(http_requests_total{route="/predict",status="504"}) == 2'),
+        30,
+        "a scrape after the failures",
+    )
+    firing = query(base, _alert_expr("ServeErrors"))
+    assert [float(v["value"][1]) for v in firing] == [1.0]

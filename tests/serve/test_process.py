@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -431,3 +432,22 @@ def test_start_up_phases_cover_the_time_to_ready(server_process):
     ]
     assert len(ready) == 1
     assert ready[0]["startup_seconds"] == pytest.approx(phases, abs=1e-3)
+
+
+def test_unusual_methods_share_one_metric_label(server_process):
+    """Any verb the HTTP parser knows (WebDAV's, SSDP's) is answered 405 or 404 and counted as
+    method OTHER: a client cannot add series by inventing requests."""
+    server = server_process()
+    server.wait_ready()
+    for verb in ("PROPFIND", "MKCOL", "M-SEARCH", "LOCK", "REPORT"):
+        assert httpx.request(verb, f"{server.url}/predict").status_code == 405
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert prom(metrics, "http_requests_total", route="/predict", method="OTHER", status="405") == 5
+    methods = {
+        m.group(1) for m in re.finditer(r'^http_requests_total\{.*method="([^"]+)"', metrics, re.M)
+    }
+    assert methods <= {"GET", "POST", "OTHER"}, methods
+    # the API's routes are exported from the start, so a first failure is a rise from 0
+    assert prom(metrics, "http_requests_total", route="/predict", method="POST", status="503") == 0
+    infer = "/v2/models/{name}/infer"
+    assert prom(metrics, "http_requests_total", route=infer, method="POST", status="504") == 0

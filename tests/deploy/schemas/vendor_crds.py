@@ -51,6 +51,12 @@ SOURCES = (
         "v0.93.0",
         "example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml",
     ),
+    (
+        "prometheus_operator",
+        "prometheus-operator/prometheus-operator",
+        "v0.93.0",
+        "example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml",
+    ),
 )
 
 
