@@ -53,6 +53,7 @@ from export.params import ExportParams, load_export
 from export.scoring import Batch, Evaluation, evaluate_session, load_batch, progress
 from export.tracking import log_and_register
 from training.models import CascadeClassifier
+from training.params import ParamsError
 
 log = logging.getLogger("export")
 
@@ -253,9 +254,16 @@ class Int8Result:
 
 
 def run(paths: ExportPaths, params: ExportParams) -> dict[str, Any]:
+    """The stage. On any failure (a photo gone, a bad setting, Ctrl-C) neither the served file
+    nor the report is left behind: a file without its contract, beside the previous run's
+    report, would look like a finished export."""
     steps = Steps()
     try:
         return run_steps(paths, params, steps)
+    except BaseException:
+        paths.out.unlink(missing_ok=True)
+        paths.report.unlink(missing_ok=True)
+        raise
     finally:
         steps.close()
 
@@ -344,7 +352,9 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
     }
 
     paths.out.parent.mkdir(parents=True, exist_ok=True)
-    paths.out.unlink(missing_ok=True)  # a failed stage must not leave the previous file behind
+    # a failed stage must not leave the previous file or report behind
+    paths.out.unlink(missing_ok=True)
+    paths.report.unlink(missing_ok=True)
     steps.next("export + parity")
     parity = export_verified(
         model,
@@ -475,7 +485,13 @@ def choose_served(params: ExportParams, decision: dict[str, Any], paths: ExportP
     if params.serve != "int8":
         return "fp32"
     if not decision.get("kept"):
-        raise ox.ExportError("export.serve is 'int8' but no int8 model was kept")
+        why = decision.get("reason") or (
+            f"accuracy drop {decision['accuracy_drop']} > export.int8_max_accuracy_drop "
+            f"{decision['max_accuracy_drop']}"
+            if decision.get("made")
+            else "export.quantize is false"
+        )
+        raise ox.ExportError(f"export.serve is 'int8' but no int8 model was kept: {why}")
     shutil.copyfile(paths.int8_dir / INT8_FILE, paths.out)
     return "int8"
 
@@ -597,9 +613,11 @@ def quantize_stage(config: Int8Config) -> Int8Result:
 
     The decision is written to ``int8_dir`` whether or not a model was made or kept.
     """
-    if config.int8_dir.exists():
-        shutil.rmtree(config.int8_dir)
-    config.int8_dir.mkdir(parents=True)
+    # this stage's own files only: the folder may be one the user shares with other files (the
+    # models folder itself, with the checkpoint and the fp32 model in it)
+    config.int8_dir.mkdir(parents=True, exist_ok=True)
+    for name in (INT8_FILE, INT8_DECISION_FILE):
+        (config.int8_dir / name).unlink(missing_ok=True)
     decision: dict[str, Any] = {"made": False, "kept": False}
     if config.skipped:
         decision["reason"] = config.skipped
@@ -638,7 +656,6 @@ def quantize_and_score(config: Int8Config) -> Int8Result:
         "accuracy_int8": test_int8.metrics["accuracy"],
         "accuracy_drop": round(drop, 6),
         "max_accuracy_drop": config.max_accuracy_drop,
-        "bytes_int8": int8_path.stat().st_size,
     }
     # the latency comparison times the int8 model whether or not it is kept
     session = ox.make_session(int8_path, config.bench_threads)
@@ -646,13 +663,14 @@ def quantize_and_score(config: Int8Config) -> Int8Result:
         contract = config.contract_for(test_int8.metrics, "int8_qdq")
         ox.embed_metadata(int8_path, contract.to_metadata())
         ox.check_onnx_file(int8_path)
+        decision["bytes_int8"] = int8_path.stat().st_size  # the kept file, its contract in it
         log.info(
             "int8 kept: accuracy %.4f (fp32 %.4f)",
             decision["accuracy_int8"],
             decision["accuracy_fp32"],
         )
     else:
-        decision["bytes_int8_discarded"] = decision.pop("bytes_int8")
+        decision["bytes_int8_discarded"] = int8_path.stat().st_size
         int8_path.unlink()
         log.warning("int8 discarded: accuracy drop %.4f > %.4f", drop, config.max_accuracy_drop)
     return Int8Result(decision, test_int8.metrics, session)
@@ -677,13 +695,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--int8-dir", type=Path, required=True, help="int8 model + decision")
     parser.add_argument("--report", type=Path, required=True, help="export report JSON")
     args = parser.parse_args(argv)
-    params = load_export(args.params)
+    try:
+        params = load_export(args.params)
+    except ParamsError as exc:  # names the key; no traceback for a typo in params.yaml
+        log.error("export: %s", exc)
+        sys.exit(2)
     paths = ExportPaths(args.checkpoint, args.manifest, args.out, args.int8_dir, args.report)
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
             report = run(paths, params)
-    except ox.ExportError as exc:
-        paths.out.unlink(missing_ok=True)
+    except ox.ExportError as exc:  # run() has removed the file and the report
         log.error("export failed: %s", exc)
         sys.exit(1)
     log.info(

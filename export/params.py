@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 # the pipeline's one params reader: unknown, missing or mistyped keys are named in the error
@@ -27,8 +28,23 @@ class ExportParams:
     def __post_init__(self) -> None:
         if self.serve not in ("fp32", "int8"):
             raise ValueError(f"serve: expected 'fp32' or 'int8', got {self.serve!r}")
-        if self.parity_images < 1 or self.calibration_images < 1 or self.bench_runs < 1:
-            raise ValueError("parity_images, calibration_images, bench_runs must be >= 1")
+        # each bound names its key: the stage fails here, not after minutes of work
+        at_least = {
+            "opset": (self.opset, 7),
+            "parity_images": (self.parity_images, 1),
+            "calibration_images": (self.calibration_images, 1),
+            "bench_threads": (self.bench_threads, 1),
+            "bench_warmup": (self.bench_warmup, 0),
+            "bench_runs": (self.bench_runs, 1),
+        }
+        for key, (value, low) in at_least.items():
+            if value < low:
+                raise ValueError(f"{key}: must be >= {low}, got {value}")
+        if not self.parity_atol > 0 or not math.isfinite(self.parity_atol):
+            raise ValueError(f"parity_atol: must be a finite number > 0, got {self.parity_atol}")
+        drop = self.int8_max_accuracy_drop
+        if not 0 <= drop <= 1:
+            raise ValueError(f"int8_max_accuracy_drop: must be within [0, 1], got {drop}")
 
 
 @dataclasses.dataclass(frozen=True)

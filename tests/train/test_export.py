@@ -19,7 +19,7 @@ from catsdogs.contract import ModelContract
 from catsdogs.modelfile import ModelFileError, load_model_file
 from catsdogs.preprocessing import preprocess_bytes
 from export import onnx_tools as ox
-from export.export import export_verified
+from export.export import export_verified, manifest_version
 from export.export import main as export_main
 from export.scoring import load_batch
 from tests.train.export_helpers import (
@@ -130,6 +130,34 @@ def test_parity_detects_other_weights(exported: Path) -> None:
     batch = load_batch([p for p, _ in shared_photos(2)], SPEC).images
     with pytest.raises(ox.ExportError, match="different labels"):
         ox.check_parity(other, ox.make_session(exported), batch, atol=1e-4)
+
+
+def test_parity_checks_the_served_probabilities_too(exported: Path, tmp_path: Path) -> None:
+    """The server answers the ``probabilities`` output: a file whose logits match eager PyTorch
+    but whose probabilities do not (here their columns swapped after the softmax, every label
+    wrong) must fail parity, and so must NaN probabilities."""
+    model = onnx.load(str(exported))
+    graph = model.graph
+    (softmax_out,) = [o for o in graph.output if o.name == ox.OUTPUT_PROBABILITIES]
+    (producer,) = [n for n in graph.node if ox.OUTPUT_PROBABILITIES in n.output]
+    producer.output[list(producer.output).index(ox.OUTPUT_PROBABILITIES)] = "probs_in_order"
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, 0]), "swap"))
+    graph.node.append(
+        onnx.helper.make_node("Gather", ["probs_in_order", "swap"], [softmax_out.name], axis=1)
+    )
+    swapped = tmp_path / "swapped.onnx"
+    onnx.save(model, str(swapped))
+    batch = load_batch([p for p, _ in shared_photos(2)], SPEC).images
+    session = ox.make_session(swapped)
+    logits, probs = ox.onnx_outputs(session, batch)
+    np.testing.assert_allclose(logits, ox.torch_logits(color_model(), batch), atol=1e-5)
+    with pytest.raises(
+        ox.ExportError, match=r"max \|probability diff\| 0\.\d+.*4 different labels"
+    ):
+        ox.check_parity(color_model(), session, batch, atol=1e-4)
+    expected = ox.torch_logits(color_model(), batch)
+    with pytest.raises(ox.ExportError, match="differs from PyTorch"):
+        ox.parity_of(expected, expected, np.full_like(probs, np.nan), atol=1e-4)
 
 
 def test_metadata_round_trip(exported: Path, tmp_path: Path) -> None:
@@ -259,6 +287,8 @@ def test_stage_report_has_int8_latency_and_parity(stage: dict[str, Path]) -> Non
         assert report["latency_ms"][name]["batch_1_ms"] > 0
         assert report["latency_ms"][name]["batch_32_ms"] > 0
     int8 = load_model_file(stage["int8"] / "model.int8.onnx")
+    # the kept file's size, its contract included (it was measured before the contract went in)
+    assert report["int8"]["bytes_int8"] == (stage["int8"] / "model.int8.onnx").stat().st_size
     assert int8.contract.extra["quantization"] == "int8_qdq"
     assert int8.contract.extra["metrics"]["accuracy"] == report["accuracy"]["int8"]
     assert report["files"]["served"]["bytes"] == stage["out"].stat().st_size
@@ -311,6 +341,100 @@ def test_stage_fails_on_data_version_mismatch(stage: dict[str, Path], tmp_path: 
         )
     assert exc.value.code == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def _stage_args(stage: dict[str, Path], **paths: Path) -> list[str]:
+    args = {"--params": stage["params"], "--manifest": stage["manifest"], **paths}
+    return [x for kv in args.items() for x in (kv[0], str(kv[1]))]
+
+
+def test_a_shared_int8_folder_keeps_its_other_files(stage: dict[str, Path], tmp_path: Path):
+    """--int8-dir may be the models folder itself: the stage replaces its own two files there,
+    never the folder (it used to delete it, the checkpoint and the new model with it)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    checkpoint = write_checkpoint(
+        models / "checkpoint.pt", color_model(), str(stage["data_version"])
+    )
+    (models / "notes.txt").write_text("kept\n")
+    export_main(
+        _stage_args(
+            stage,
+            **{
+                "--checkpoint": checkpoint,
+                "--out": models / "model.onnx",
+                "--int8-dir": models,
+                "--report": tmp_path / "export.json",
+            },
+        )
+    )
+    assert (models / "notes.txt").read_text() == "kept\n"
+    assert checkpoint.is_file()
+    assert load_model_file(models / "model.onnx").contract.class_names == CLASS_NAMES
+    assert json.loads((models / "quantization.json").read_text())["made"]
+
+
+def test_a_stage_failing_midway_leaves_no_file_and_no_report(
+    stage: dict[str, Path], tmp_path: Path
+) -> None:
+    """A validation photo gone: the stage fails after the file was exported and checked, and
+    takes away that file (no contract in it yet) and the previous run's report."""
+    rows = stage["manifest"].read_text().splitlines()
+    (i,) = [n for n, row in enumerate(rows) if row.endswith(",val")][:1]
+    path = rows[i].split(",")[0]
+    rows[i] = rows[i].replace(path, str(tmp_path / "gone.jpg"))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    checkpoint = write_checkpoint(tmp_path / "ck.pt", color_model(), manifest_version(manifest))
+    out, report = tmp_path / "model.onnx", tmp_path / "export.json"
+    out.write_bytes(b"the previous run's model")
+    report.write_text('{"the previous run": true}')
+    with pytest.raises((OSError, ValueError, SystemExit)):
+        export_main(
+            _stage_args(
+                stage,
+                **{
+                    "--manifest": manifest,
+                    "--checkpoint": checkpoint,
+                    "--out": out,
+                    "--int8-dir": tmp_path / "int8",
+                    "--report": report,
+                },
+            )
+        )
+    assert not out.exists()
+    assert not report.exists()
+
+
+def test_a_bad_export_parameter_is_one_line_naming_it(
+    stage: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(stage["params"].read_text().replace("bench_threads: 1", "bench_threads: -3"))
+    with pytest.raises(SystemExit) as exc:
+        export_main(
+            _stage_args(
+                stage,
+                **{
+                    "--params": params,
+                    "--checkpoint": tmp_path / "unused.pt",
+                    "--out": tmp_path / "m.onnx",
+                    "--int8-dir": tmp_path / "i8",
+                    "--report": tmp_path / "r.json",
+                },
+            )
+        )
+    assert exc.value.code == 2
+    assert "bench_threads: must be >= 1, got -3" in caplog.text
+
+
+def test_an_opset_the_exporter_cannot_write_fails_naming_the_parameter(tmp_path: Path) -> None:
+    """torch's exporter writes opset 18 and converts down where ONNX's converter can; when it
+    cannot it keeps 18 with a warning. The file must not claim the opset asked for."""
+    with pytest.raises(
+        ox.ExportError, match=r"export\.opset is 13 but the exporter wrote opset 18"
+    ):
+        ox.export_onnx(color_model(), tmp_path / "m.onnx", input_size=SPEC.input_size, opset=13)
 
 
 SERVE_SCRIPT = """
