@@ -102,6 +102,14 @@ class ImageDecodeError(ValueError):
         self.message = message
 
 
+_IMPLEMENTED: dict[str, Any] = {
+    "normalization": "in_graph",
+    "resize_rule": "shorter_side_then_center_crop",
+    "color": "RGB",
+    "exif_transpose": True,
+}
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How raw pixels become model input. Serialised into the ONNX file's metadata."""
@@ -126,6 +134,14 @@ class PreprocessSpec:
             raise ValueError("preprocessing: need 0 < input_size <= resize")
         if self.layout != "NHWC" or self.dtype != "uint8":
             raise ValueError("preprocessing: only uint8 NHWC model input is supported")
+        # the one value of each that this code implements: a file asking for another would be
+        # fed what it did not ask for, and answer wrongly without an error
+        for key, supported in _IMPLEMENTED.items():
+            if getattr(self, key) != supported:
+                raise ValueError(
+                    f"preprocessing.{key}: {getattr(self, key)!r} is not implemented"
+                    f" (only {supported!r})"
+                )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -323,6 +323,13 @@ def _check_answers(model: InferenceModel, path: Path) -> None:
                 f" {list(probs.shape)} for one image; the contract names {classes} classes"
                 f" ({', '.join(model.contract.class_names)})"
             )
+        row = probs[0].astype(np.float64)
+        if not (np.isfinite(row).all() and (row >= 0).all() and abs(row.sum() - 1) <= 1e-3):
+            # NaN weights (a broken second step answers only the photos it is given: 500s)
+            raise ModelLoadError(
+                f"{path}: {what} answers {OUTPUT_PROBABILITIES!r} {row.tolist()} for a blank"
+                " image: not probabilities (NaN, infinite, negative or not summing to 1)"
+            )
 
 
 _shared_arena = False

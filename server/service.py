@@ -229,6 +229,18 @@ class Predictor:
             return overloaded(outcome)
         if isinstance(outcome, Exception):
             raise outcome  # a server fault: this request answers 500, the batch goes on
+        probs = outcome[1]
+        if not np.isfinite(probs).all():
+            # a model that overflows on some inputs: never an answer, never a logged prediction
+            log.error(
+                "the model answered non-finite probabilities %s for an image; answered 500",
+                probs.tolist(),
+            )
+            return ApiError(
+                500,
+                "invalid_model_output",
+                "the model's answer for this image is not a number; nothing was predicted",
+            )
         return None
 
     def _predicted(

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -451,3 +452,104 @@ def test_unusual_methods_share_one_metric_label(server_process):
     assert prom(metrics, "http_requests_total", route="/predict", method="POST", status="503") == 0
     infer = "/v2/models/{name}/infer"
     assert prom(metrics, "http_requests_total", route=infer, method="POST", status="504") == 0
+
+
+def _overflowing_model(path: Path, at: float) -> Path:
+    """The tiny model with its logits divided by (mean pixel - ``at``): finite for every image
+    but one whose pixels average exactly ``at``, where they become NaN (0 / 0 and inf)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from catsdogs.contract import OUTPUT_LOGITS
+    from loadtest.tiny_model import build_tiny_model as tiny_graph
+
+    model = tiny_graph(tiny_contract())
+    graph = model.graph
+    (matmul,) = [n for n in graph.node if n.op_type == "MatMul"]
+    matmul.output[0] = "raw_logits"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(at, np.float32), "at"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMean", ["pixels"], ["level"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("Sub", ["level", "at"], ["offset"]),
+            helper.make_node("Unsqueeze", ["offset", "axis1"], ["offset_column"]),
+            helper.make_node("Div", ["raw_logits", "offset_column"], [OUTPUT_LOGITS]),
+        ]
+    )
+    graph.node.sort(key=lambda n: n.op_type == "Softmax")  # the softmax last
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_answering_nan_for_a_blank_image_fails_at_start(tmp_path):
+    model = _overflowing_model(tmp_path / "nan.onnx", at=0.0)
+    code, output = _failed_start(tmp_path, model)
+    assert code == 1, output
+    assert "not probabilities (NaN, infinite, negative or not summing to 1)" in output
+    assert str(model) in output
+    assert "Traceback" not in output
+
+
+def test_non_finite_model_output_is_a_500_never_an_answer(server_process, tmp_path):
+    """A model that overflows on one image (every pixel 128) passes the start's check; that
+    image answers 500 invalid_model_output, alone in a batch, and is not logged. It used to be
+    an internal_error after JSON refused the NaN and the log refused the row."""
+    model = _overflowing_model(tmp_path / "overflow.onnx", at=128.0)
+    server = server_process(MODEL_PATH=str(model))
+    server.wait_ready()
+    gray = image_bytes((128, 128, 128), fmt="PNG")
+    r = httpx.post(f"{server.url}/predict", content=gray, headers={"Content-Type": "image/png"})
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["code"] == "invalid_model_output"
+    files = [
+        ("files", ("gray.png", gray, "image/png")),
+        ("files", ("red.jpg", image_bytes(RED), "image/jpeg")),
+    ]
+    r = httpx.post(f"{server.url}/predict/batch", files=files)
+    assert r.status_code == 200, r.text
+    gray_result, red_result = r.json()["predictions"]
+    assert gray_result["error"]["code"] == "invalid_model_output"
+    assert red_result["label"] in ("cat", "dog")  # the division flips the signs: any label
+    assert "non-finite probabilities" in server.output()
+    assert server.terminate() == 0  # flushes the log
+    with sqlite3.connect(tmp_path / "predictions.db") as conn:
+        (rows,) = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()
+    assert rows == 1  # the red photo only
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("color", "BGR"),
+        ("normalization", "none"),
+        ("exif_transpose", False),
+        ("resize_rule", "stretch_to_square"),
+    ],
+)
+def test_preprocessing_the_server_does_not_implement_fails_at_start(tmp_path, key, value):
+    """A file whose contract asks for preprocessing this server does not do (BGR, no EXIF
+    turn, a stretch) used to start and be fed RGB, upright, cropped pixels: wrong answers, no
+    error. Now the start stops with one line naming the key."""
+    import onnx
+    from onnx import helper
+
+    from loadtest.tiny_model import build_tiny_model as tiny_graph
+
+    graph = tiny_graph(tiny_contract())
+    meta = tiny_contract().to_metadata()
+    meta["preprocessing"] = json.dumps({**json.loads(meta["preprocessing"]), key: value})
+    del graph.metadata_props[:]
+    helper.set_model_props(graph, meta)
+    model = tmp_path / f"{key}.onnx"
+    onnx.save(graph, str(model))
+    code, output = _failed_start(tmp_path, model)
+    assert code == 1, output
+    assert f"preprocessing.{key}: {value!r} is not implemented" in output
+    assert str(model) in output
+    assert "Traceback" not in output
