@@ -172,13 +172,15 @@ mlflow-ui: venv-train ## MLflow UI on http://127.0.0.1:5000 over the local store
 # gated: a server on models:/catsdogs/$(VERSION) (free 127.0.0.1 port, stopped afterwards) must pass
 # the post-deployment evaluation (DATA=, LIMIT=, MIN_ACCURACY= as for evaluate-deployment) first;
 # else it exits 1 and champion stays. Results: tags on the version and reports/promotion/v$(VERSION).
+# Its photos: the test split of data/prepared/manifest.csv when there is one (photos the version
+# never trained on; refused if the version was trained on other data), else the shared folder.
 # Servers, compose and Kubernetes serve MODEL_URI=models:/catsdogs@champion (an MLflow server).
 .PHONY: promote registry-list
 VERSION ?=
 promote: venv-train venv-serve ## evaluate version VERSION on a live server, then move champion to it
 	test -n "$(VERSION)" || { echo "usage: make promote VERSION=<registered version>"; exit 2; }
 	$(TRAIN_PY) -m export.registry promote --version $(VERSION) --serve-python $(SERVE_PY) \
-		--data $(EVAL_DATA) --min-accuracy $(MIN_ACCURACY) $(if $(LIMIT),--limit $(LIMIT)) \
+		--data $(PROMOTE_DATA) --min-accuracy $(MIN_ACCURACY) $(if $(LIMIT),--limit $(LIMIT)) \
 		--out reports/promotion/v$(VERSION)
 
 registry-list: venv-train ## list registered model versions and their aliases
@@ -237,8 +239,10 @@ clean: ## remove pipeline outputs (not the venvs)
 
 # ---------------------------------------------------------------- monitoring
 # `make evaluate-deployment URL=http://host:port DATA=folder-with-cat-and-dog` judges a running
-# server (CD uses it); `make monitoring-report` turns the prediction log into reports/monitoring/.
+# server (CD uses it, with FEEDBACK=0: no labels posted to production); `make monitoring-report`
+# turns the prediction log into reports/monitoring/.
 EVAL_DATA = $(or $(DATA),../shared/data/catsdogs/images)
+PROMOTE_DATA = $(or $(DATA),$(if $(wildcard data/prepared/manifest.csv),data/prepared/manifest.csv,../shared/data/catsdogs/images))
 EVAL_OUT ?= reports/deployment
 MIN_ACCURACY ?= 0.95
 LIMIT ?=
@@ -249,7 +253,8 @@ OUT ?= reports/monitoring
 
 evaluate-deployment: venv-serve ## send a labelled photo folder to URL, post feedback, gate on accuracy
 	$(SERVE_PY) -m monitoring.evaluate_deployment --url $(URL) --data $(EVAL_DATA) \
-		--out $(EVAL_OUT) --min-accuracy $(MIN_ACCURACY) $(if $(LIMIT),--limit $(LIMIT))
+		--out $(EVAL_OUT) --min-accuracy $(MIN_ACCURACY) $(if $(LIMIT),--limit $(LIMIT)) \
+		$(if $(filter 0,$(FEEDBACK)),--no-feedback)
 
 monitoring-report: venv-load ## drift and performance report from the prediction log (DB=, OUT=)
 	$(LOAD_PY) -m monitoring.drift_report --db $(DB) --out $(OUT) --model $(MODEL)

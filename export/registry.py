@@ -42,6 +42,16 @@ log = logging.getLogger("export.registry")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "catsdogs" / "images"
+# the prepare stage's manifest: its test split is what a version trained on it never saw
+MANIFEST = ROOT / "data" / "prepared" / "manifest.csv"
+
+
+def default_data() -> Path:
+    """The gate's photos: the manifest's test split when there is one, else the shared folder
+    (whose photos a model trained on them has seen: the tags record ``held_out``)."""
+    return MANIFEST if MANIFEST.is_file() else DEFAULT_DATA
+
+
 EXIT_REFUSED = 1
 
 
@@ -177,6 +187,8 @@ def _eval_tags(summary: dict[str, Any], gate: Gate, served_ok: bool) -> dict[str
         "deployment_eval_errors": str(summary["errors"]),
         "deployment_eval_min_accuracy": str(gate.min_accuracy),
         "deployment_eval_data": str(gate.data),
+        # true: photos the version never trained on (a manifest's test split); null: unknown
+        "deployment_eval_held_out": json.dumps(summary.get("held_out")),
         "deployment_eval_served_version": str(summary.get("model_version")),
         "deployment_eval_passed": str(summary["passed"] and served_ok).lower(),
         "deployment_eval_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -270,7 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("promote", help="evaluate a version on a live server, then set the alias")
     p.add_argument("--version", required=True)
     p.add_argument("--alias", default="champion")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="labelled folder (cat/, dog/)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="labelled folder (cat/, dog/) or the prepare stage's manifest, whose test split is "
+        "sent (default: data/prepared/manifest.csv if present, else the shared photos)",
+    )
     p.add_argument("--min-accuracy", type=float, default=0.95)
     p.add_argument("--limit", type=int, default=None, help="at most this many photos")
     p.add_argument("--out", type=Path, default=None, help="folder for results/summary JSON")
@@ -282,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         list_versions(name)
         return
     gate = Gate(
-        data=args.data.absolute(),
+        data=(args.data or default_data()).absolute(),
         min_accuracy=args.min_accuracy,
         limit=args.limit,
         # absolute, never resolved: a venv's python is a symlink that must stay one

@@ -1,9 +1,18 @@
-"""Post-deployment evaluation: send a labelled photo folder to a running server and judge it.
+"""Post-deployment evaluation: send labelled photos to a running server and judge it.
 
     python -m monitoring.evaluate_deployment --url http://127.0.0.1:8000 \
         --data ../shared/data/catsdogs/images --out reports/deployment --min-accuracy 0.95
+    python -m monitoring.evaluate_deployment --url http://127.0.0.1:8000 \
+        --data data/prepared/manifest.csv --split test
 
-Each photo of ``DATA/<class>/`` is posted to ``/predict``; the true label then goes to
+``--data`` is a folder with one subfolder per class, or the prepare stage's manifest (a
+``.csv``): then the photos of one split (``--split``, ``test`` by default), the ones training
+never saw, and only when the served model was trained on exactly that manifest (its contract's
+``data_version`` is the manifest's sha256; anything else could be scoring training photos, so
+the evaluation refuses). A folder says nothing of what the model was trained on: the summary
+records ``held_out: null`` for it.
+
+Each photo is posted to ``/predict``; the true label then goes to
 ``/feedback`` so the server's live accuracy counts it too. Writes ``results.json`` (one row per
 image) and ``summary.json`` (accuracy, latency percentiles) and exits non-zero when accuracy is
 below ``--min-accuracy`` or any request failed, so CD can roll back. Needs numpy (percentiles)
@@ -14,6 +23,7 @@ project's environments.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -89,16 +99,39 @@ def list_images(data: Path, limit: int | None) -> list[tuple[Path, str]]:
     return items[:limit] if limit else items
 
 
+def manifest_images(manifest: Path, split: str, limit: int | None) -> list[tuple[Path, str]]:
+    """(path, class) of the manifest's ``split`` (paths as written: relative to the repository
+    root, where the stages run), classes interleaved as :func:`list_images` does."""
+    from catsdogs.manifest import read_manifest
+
+    rows = read_manifest(manifest, split)
+    by_class: dict[str, list[Path]] = {}
+    for row in rows:
+        by_class.setdefault(row.label, []).append(Path(row.path))
+    items: list[tuple[Path, str]] = []
+    for i in range(max(len(paths) for paths in by_class.values())):
+        for label in sorted(by_class):
+            if i < len(by_class[label]):
+                items.append((by_class[label][i], label))
+    return items[:limit] if limit else items
+
+
+def manifest_version(manifest: Path) -> str:
+    """What the export stage writes as the model's ``data_version``: the manifest's sha256."""
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+
 def evaluate_one(
     url: str,
     path: Path,
     true_label: str,
-    root: Path,
+    root: Path | None,
     timeout: float,
     feedback: bool,
     token: str = "",
 ) -> Result:
-    result = Result(image=str(path.relative_to(root)), true_label=true_label)
+    image = str(path.relative_to(root)) if root is not None else str(path)
+    result = Result(image=image, true_label=true_label)
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     request_id = f"eval-{uuid.uuid4().hex}"
     headers = {"Content-Type": content_type, "X-Request-ID": request_id}
@@ -179,8 +212,12 @@ def summarise(results: list[Result], *, wall_s: float, min_accuracy: float) -> d
 def run(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     data = Path(args.data)
+    is_manifest = data.suffix.lower() == ".csv"
     try:
-        items = list_images(data, args.limit)
+        if is_manifest:
+            items = manifest_images(data, args.split, args.limit)
+        else:
+            items = list_images(data, args.limit)
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_UNUSABLE
@@ -189,6 +226,23 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, HttpError, ValueError) as exc:
         log.error("cannot reach the server at %s: %s", url, exc)
         return EXIT_UNUSABLE
+    held_out: bool | None = None
+    if is_manifest:
+        lineage = meta.get("lineage") or {}
+        version, trained_on = manifest_version(data), str(lineage.get("data_version") or "")
+        if version != trained_on:
+            log.error(
+                "%s is data %s, but the served model %s was trained on data %s: its %r split "
+                "may hold that model's training photos. Evaluate with the manifest it was "
+                "trained on, or a labelled folder it never saw",
+                data,
+                version[:12],
+                meta.get("model_version"),
+                trained_on[:12] or "unknown",
+                args.split,
+            )
+            return EXIT_UNUSABLE
+        held_out = args.split != "train"
     classes = set(meta.get("class_names", []))
     unknown = sorted({label for _, label in items} - classes)
     if unknown:
@@ -211,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
                 url,
                 path,
                 label,
-                data,
+                None if is_manifest else data,
                 args.timeout,
                 not args.no_feedback,
                 os.environ.get("API_TOKEN", ""),
@@ -225,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
     summary.update(
         url=url,
         data=str(data),
+        split=args.split if is_manifest else None,
+        held_out=held_out,
         model_version=meta.get("model_version"),
         model_name=meta.get("model_name"),
         concurrency=args.concurrency,
@@ -264,7 +320,17 @@ def run(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", required=True, help="base URL of the running server")
-    p.add_argument("--data", required=True, help="folder with one subfolder per class")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder with one subfolder per class, or the prepare stage's manifest (.csv)",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "val", "test"),
+        help="the manifest's split to send (a manifest only; default: test, never trained on)",
+    )
     p.add_argument("--out", default="reports/deployment", help="folder for results/summary JSON")
     p.add_argument("--min-accuracy", type=float, default=0.95)
     p.add_argument("--concurrency", type=int, default=4)

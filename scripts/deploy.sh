@@ -10,8 +10,9 @@
 # `reload` resolve $MODEL_NAME@$MODEL_ALIAS (set by the gated `make promote`) to a version number
 # and start serve pinned to it (MODEL_URI=models:/catsdogs/N), so a container restart never
 # changes the model behind the evaluation's back. Then: readiness, smoke test over HTTP (labels of
-# known photos, 4xx on bad input), the post-deployment evaluation (make evaluate-deployment: a
-# labelled folder, accuracy gate). Any failure (or a SIGTERM/SIGINT midway: a cancelled job)
+# known photos, 4xx on bad input, the feedback route), the post-deployment evaluation (make
+# evaluate-deployment: a labelled folder, accuracy gate; FEEDBACK=0, since the same photos' labels
+# posted on every deployment would pile up in production's live accuracy and hide real feedback). Any failure (or a SIGTERM/SIGINT midway: a cancelled job)
 # restarts the image and model version that ran before, re-checks their health, and the script
 # exits non-zero either way. One run at a time (a lock in the state folder).
 # State lives in $DEPLOY_STATE_DIR, on the host: `deployments` (every image and model version
@@ -111,7 +112,7 @@ up() {
 check() {
     python3 scripts/smoke_test.py --url "$URL" --data "$EVAL_DATA" --wait "$WAIT_S" \
         && make --no-print-directory evaluate-deployment URL="$URL" DATA="$EVAL_DATA" \
-            LIMIT="$EVAL_LIMIT" MIN_ACCURACY="$MIN_ACCURACY"
+            LIMIT="$EVAL_LIMIT" MIN_ACCURACY="$MIN_ACCURACY" FEEDBACK=0
 }
 
 # The pairs that passed, oldest first, and the current and previous pair derived from them.

@@ -5,8 +5,9 @@ Used by CI, CD and `make image-smoke` against a container, and by hand against a
     python3 scripts/smoke_test.py --url http://127.0.0.1:8000 --data ../shared/data/catsdogs/images
 
 It waits for /health/ready, checks /health, /metadata and /metrics, predicts known cat and dog
-photos (labels must be right, not just a 200), sends a batch, and sends bad input that must be
-rejected with a 4xx in the API's error shape. Exit status 0 only when every check passes.
+photos (labels must be right, not just a 200), sends a batch, sends bad input that must be
+rejected with a 4xx in the API's error shape, and checks /feedback with an unknown id (404: the
+route works, nothing is stored). Exit status 0 only when every check passes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 import urllib.error
@@ -51,8 +53,9 @@ def request(
     body: bytes | None = None,
     content_type: str | None = None,
     timeout: float = 30.0,
+    extra: dict[str, str] | None = None,
 ) -> Reply:
-    headers = {"X-Request-ID": f"smoke-{uuid.uuid4().hex[:12]}"}
+    headers = {"X-Request-ID": f"smoke-{uuid.uuid4().hex[:12]}", **(extra or {})}
     if content_type:
         headers["Content-Type"] = content_type
     req = urllib.request.Request(url, data=body, method=method, headers=headers)
@@ -198,9 +201,35 @@ def run(url: str, data: Path, per_class: int, min_accuracy: float) -> dict:
     check_error(request(f"{url}/predict", "POST", empty, ctype), "multipart without file")
     check_error(request(f"{url}/predict", "POST", b"{}", "application/json"), "JSON body")
 
+    check_feedback_route(url, class_names[0])
+
     metrics = request(f"{url}/metrics")
     expect(metrics.status == 200 and b"# TYPE" in metrics.body, f"/metrics: {metrics.status}")
     return {"predictions": len(results), "accuracy": round(accuracy, 4)}
+
+
+def check_feedback_route(url: str, label: str) -> None:
+    """Feedback for a prediction that does not exist: 404 ``unknown_prediction_id`` proves the
+    route, the token check and the log's lookup work, and stores nothing (a deployment's checks
+    must not add labels to production's live accuracy). The bearer token is API_TOKEN's, if set;
+    without one, a server that needs it answers 401, which is all that can be checked."""
+    token = os.environ.get("API_TOKEN", "")
+    body = json.dumps({"prediction_id": f"smoke-{uuid.uuid4().hex}", "label": label}).encode()
+    reply = request(
+        f"{url}/feedback",
+        "POST",
+        body,
+        "application/json",
+        extra={"Authorization": f"Bearer {token}"} if token else None,
+    )
+    if reply.status == 401 and not token:
+        log.info("/feedback needs a token (set API_TOKEN to check it further)")
+        return
+    expect(reply.status == 404, f"/feedback for an unknown id: {reply.status} {reply.body[:200]!r}")
+    error = reply.json()
+    assert isinstance(error, dict)
+    code = error.get("error", {}).get("code") if isinstance(error.get("error"), dict) else None
+    expect(code == "unknown_prediction_id", f"/feedback for an unknown id: {error}")
 
 
 def main() -> None:

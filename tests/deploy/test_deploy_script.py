@@ -255,3 +255,38 @@ def test_cd_reload_checks_out_the_commit_of_the_running_image(host: Host) -> Non
     code, out, sha = _cd_commit_step(host, "reload", head)
     assert (code, sha) == (1, "")
     assert "not tagged with a commit sha" in out
+
+
+def test_the_deployment_checks_post_no_labels_to_production(host: Host) -> None:
+    """The same photos' labels, posted on every deployment, would pile up in production's live
+    accuracy (and weigh down real users' feedback): the evaluation runs with FEEDBACK=0."""
+    log = host.run_dir / "log"
+    log.write_text("")
+    code, out = host("deploy", "img:A")
+    assert code == 0, out
+    (evaluation,) = [line for line in log.read_text().splitlines() if "evaluate-deployment" in line]
+    assert "FEEDBACK=0" in evaluation.split()
+
+
+def test_make_evaluate_deployment_turns_feedback_0_into_no_feedback() -> None:
+    """What the Makefile runs for FEEDBACK=0 (make -n: printed, not run)."""
+    dry = subprocess.run(
+        ["make", "-n", "--no-print-directory", "evaluate-deployment", "URL=http://x", "FEEDBACK=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = dry.stdout.replace("\\\n", " ").splitlines()  # a recipe's continued lines, joined
+    (command,) = [line for line in lines if "monitoring.evaluate_deployment" in line]
+    assert "--no-feedback" in command.split()
+    default = subprocess.run(
+        ["make", "-n", "--no-print-directory", "evaluate-deployment", "URL=http://x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "--no-feedback" not in default.stdout

@@ -14,9 +14,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.serve.conftest import BLUE, RED, ROOT, image_bytes
+from tests.serve.conftest import BLUE, RED, ROOT, image_bytes, prom
 
 pytestmark = pytest.mark.serve
 
@@ -57,6 +58,33 @@ def test_smoke_script_passes_on_a_correct_server_and_fails_on_wrong_labels(
     bad = run_smoke(server.url, swapped, "--min-accuracy", "0.9")
     assert bad.returncode == 1
     assert "accuracy 0.000 < 0.9" in bad.stderr
+
+
+@pytest.mark.slow
+def test_smoke_script_checks_the_feedback_route_and_stores_no_label(server_process, tmp_path):
+    """CD smoke-tests production: feedback for an unknown id (404 unknown_prediction_id) proves
+    the route, the token and the log's lookup without adding a label to live accuracy."""
+    server = server_process(API_TOKEN="s3cret-token")
+    server.wait_ready()
+    right = photo_folder(tmp_path / "right", {"cat": RED, "dog": BLUE})
+    args = [sys.executable, str(SMOKE), "--url", server.url, "--data", str(right)]
+    args += ["--per-class", "3"]
+    env = {"PATH": "/usr/bin:/bin", "API_TOKEN": "s3cret-token"}
+    ok = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert ok.returncode == 0, ok.stderr
+    wrong = subprocess.run(
+        args, capture_output=True, text=True, timeout=120, env={**env, "API_TOKEN": "wrong"}
+    )
+    assert wrong.returncode == 1
+    assert "/feedback for an unknown id: 403" in wrong.stderr
+    untokened = subprocess.run(
+        args, capture_output=True, text=True, timeout=120, env=env | {"API_TOKEN": ""}
+    )
+    assert untokened.returncode == 0, untokened.stderr
+    assert "/feedback needs a token" in untokened.stderr
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert prom(metrics, "feedback_requests_total", outcome="unknown_id") == 1  # the tokened run
+    assert prom(metrics, "feedback_requests_total", outcome="stored") == 0
 
 
 def test_smoke_script_fails_when_nothing_answers(tmp_path):

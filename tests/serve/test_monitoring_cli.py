@@ -225,3 +225,52 @@ def test_report_reads_the_log_before_and_after_its_schema_migration(tmp_path: Pa
     store.start()  # migrates to the current schema
     store.stop()
     assert performance(tmp_path / "after") == before
+
+
+def test_evaluate_deployment_on_a_manifest_sends_its_held_out_split_only(
+    server_process, tmp_path: Path
+):
+    """The prepare stage's manifest: only its test split is sent, and only to a model whose
+    data_version is that manifest (the export stage's sha256 of it); a model trained on other
+    data is refused, since the split could hold its training photos."""
+    import dataclasses
+    import hashlib
+
+    from conftest import build_tiny_model, tiny_contract
+
+    photos = labelled_folder(tmp_path / "photos")
+    rows = ["path,label,sha256,width,height,brightness,split"]
+    for label in ("cat", "dog"):
+        for i in range(6):
+            split = "test" if i < 2 else "train"  # trained on the red dogs: would be 100% wrong
+            path = photos / label / f"{i}.jpg"
+            rows.append(f"{path},{label},x,80,60,,{split}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    version = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    contract = dataclasses.replace(tiny_contract(), data_version=version)
+    model = build_tiny_model(tmp_path / "trained-on-it.onnx", contract)
+
+    server = server_process(MODEL_PATH=str(model))
+    server.wait_ready()
+    out = tmp_path / "eval"
+    done = evaluate("--url", server.url, "--data", str(manifest), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [r["true_label"] for r in results] == ["cat", "dog", "cat", "dog"]
+    assert {r["image"] for r in results} == {
+        str(photos / c / f"{i}.jpg") for c in ("cat", "dog") for i in range(2)
+    }
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["split"], summary["held_out"], summary["n"]) == ("test", True, 4)
+    server.terminate()
+
+    other = server_process()  # the suite's tiny model: data_version "ddd..."
+    other.wait_ready()
+    refused = evaluate("--url", other.url, "--data", str(manifest), "--out", str(tmp_path / "r"))
+    assert refused.returncode == 2
+    assert "was trained on data dddddddddddd" in refused.stderr
+    assert not (tmp_path / "r" / "summary.json").exists()
+    folder = evaluate("--url", other.url, "--data", str(photos), "--out", str(tmp_path / "f"))
+    assert folder.returncode == 0, folder.stderr
+    assert json.loads((tmp_path / "f" / "summary.json").read_text())["held_out"] is None

@@ -277,6 +277,7 @@ def test_promote_then_resolve_alias_and_version(
     assert tags["deployment_eval_passed"] == "true"
     assert tags["deployment_eval_accuracy"] == "1.0000"
     assert tags["deployment_eval_n"] == "6"
+    assert tags["deployment_eval_held_out"] == "null"  # a folder: unknown to the gate
     assert "promoted_at" in tags
     assert (tmp_path / "eval" / "summary.json").is_file()
     cache = tmp_path / "cache"
