@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from catsdogs.modelfile import LoadedModel, load_model_file
 from export.params import EvaluateParams, load_evaluate
 from export.scoring import Evaluation, evaluate_session
 from export.tracking import log_evaluation
+from training.params import ParamsError
 
 log = logging.getLogger("export.evaluate")
 
@@ -113,8 +116,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
-    params = load_evaluate(args.params)
+    try:
+        params = load_evaluate(args.params)
+    except ParamsError as exc:  # names the key; no traceback for a typo in params.yaml
+        log.error("evaluate: %s", exc)
+        sys.exit(2)
     loaded = load_model_file(args.model)
+    data = hashlib.sha256(args.manifest.read_bytes()).hexdigest()
+    if loaded.contract.data_version != data:
+        log.warning(
+            "%s was trained on data %s, %s is %s: its %s split may hold training photos",
+            args.model,
+            loaded.contract.data_version[:12],
+            args.manifest,
+            data[:12],
+            params.split,
+        )
     ev = evaluate_loaded(loaded, args.manifest, params)
     metrics: dict[str, Any] = ev.metrics
     args.metrics.parent.mkdir(parents=True, exist_ok=True)

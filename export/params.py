@@ -6,6 +6,8 @@ import dataclasses
 import math
 from pathlib import Path
 
+from catsdogs.manifest import SPLITS
+
 # the pipeline's one params reader: unknown, missing or mistyped keys are named in the error
 from training.params import load_section
 
@@ -51,6 +53,12 @@ class ExportParams:
 class EvaluateParams:
     split: str  # manifest split to score
     batch_size: int  # images per onnxruntime call
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
 
 
 def load_export(path: Path | str = "params.yaml") -> ExportParams:

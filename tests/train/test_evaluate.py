@@ -100,6 +100,27 @@ def test_evaluate_stage_writes_metrics_and_plots(
         assert (plots / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_names_a_bad_split_and_warns_of_other_data(
+    colored: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in evaluate.split is one line naming it (it was a traceback); a manifest other
+    than the model's training data is scored, with a warning that its split may hold training
+    photos (the model here says data "d")."""
+    model, manifest = colored
+    params = tmp_path / "params.yaml"
+    out = ["--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "plots")]
+    args = ["--params", str(params), "--model", str(model), "--manifest", str(manifest), *out]
+    params.write_text("evaluate:\n  split: tset\n  batch_size: 2\n")
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "split: expected one of train, val, test, got 'tset'" in caplog.text
+    params.write_text("evaluate:\n  split: test\n  batch_size: 2\n")
+    main(args)
+    assert "was trained on data d, " in caplog.text
+    assert "its test split may hold training photos" in caplog.text
+
+
 def test_evaluate_uses_the_file_contract_not_params(colored: tuple[Path, Path]) -> None:
     """Same numbers through evaluate_file (contract from the file) and evaluate_session."""
     model, manifest = colored
