@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -39,6 +40,8 @@ log = logging.getLogger("training.fetch")
 
 INDEX_COLUMNS = ("path", "label", "sha256", "size")
 _KAGGLE_NAME = re.compile(r"^([A-Za-z]+)\.\d+\.[A-Za-z0-9]+$")  # cat.123.jpg
+# a class with fewer photos than this share of the largest class's is warned of (a stray?)
+STRAY_CLASS_SHARE = 0.02
 
 
 class FetchError(RuntimeError):
@@ -249,6 +252,7 @@ def find_photos(root: Path) -> list[tuple[Path, str]]:
     for reason in skipped:
         log.warning("not indexed: %s", reason)
     labels = sorted({label for _, label in photos})
+    _warn_of_stray_classes(photos, bool(dirs))
     if len(labels) < 2:
         empty = [r for r in skipped if r.endswith("an empty class folder")]
         raise FetchError(
@@ -256,6 +260,28 @@ def find_photos(root: Path) -> list[tuple[Path, str]]:
             f"like cat.1.jpg; found classes {labels}" + (f" ({'; '.join(empty)})" if empty else "")
         )
     return photos
+
+
+def _warn_of_stray_classes(photos: list[tuple[Path, str]], folders: bool) -> None:
+    """A class far smaller than the largest is most likely a stray folder or file name (a flat
+    folder's IMG.0001.jpg makes a class "img"): every class becomes an output of the model."""
+    counts = Counter(label for _, label in photos)
+    if len(counts) < 3:
+        return
+    largest = max(counts.values())
+    where = "a folder" if folders else "the part of a file's name before its first dot"
+    for label, n in sorted(counts.items()):
+        if n < STRAY_CLASS_SHARE * largest:
+            example = next(path for path, lbl in photos if lbl == label)
+            log.warning(
+                "class %r has %d photo(s) against %d for the largest (e.g. %s): a stray "
+                "file? Every class (%s) becomes an answer of the model",
+                label,
+                n,
+                largest,
+                example,
+                where,
+            )
 
 
 # ---------------------------------------------------------------------------- index

@@ -496,3 +496,18 @@ def test_dvc_reruns_fetch_only_when_the_photos_change(served_zip, tmp_path: Path
     assert ran(sh(repro, repo, env)) == []
     assert "Data and pipelines are up to date." in sh(status, repo, env)
     assert log.read_text().splitlines() == ["-"]  # downloaded once, never again
+
+
+def test_a_class_of_a_stray_name_is_warned_of(tmp_path: Path, caplog) -> None:
+    """A camera's IMG.0001.jpg in a flat Kaggle folder is a class "img" of one photo: indexed
+    (the layout's rule), but said, since every class becomes an answer of the model."""
+    caplog.set_level("WARNING", logger="training.fetch")
+    for i in range(60):
+        _write(tmp_path / f"cat.{i}.jpg", jpeg_bytes(i))
+        _write(tmp_path / f"dog.{i}.jpg", jpeg_bytes(100 + i))
+    _write(tmp_path / "IMG.0001.jpg", jpeg_bytes(999))
+    labels = [lbl for _, lbl in find_photos(tmp_path)]
+    assert labels.count("img") == 1
+    assert "class 'img' has 1 photo(s) against 60 for the largest" in caplog.text
+    assert "the part of a file's name before its first dot" in caplog.text
+    assert "class 'cat'" not in caplog.text
