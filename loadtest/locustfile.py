@@ -4,9 +4,13 @@
 
 Each user reads ``/metadata`` once to learn the model's classes, then mixes single predictions
 (multipart and raw body), small batches, metadata and readiness reads. A response counts as a
-failure unless its status *and* its body are right. When the run ends, the budgets of
-``loadtest/thresholds.toml`` (or ``--thresholds PATH``) are applied and a breach sets a non-zero
-exit code. Photos: ``LOAD_PHOTOS`` (default: the shared original-size photos).
+failure unless its status *and* its body are right, within ``LOAD_REQUEST_TIMEOUT_S`` (5 s: a
+server that stops answering fails the run instead of leaving requests that never end, which
+locust drops uncounted at the stop). A photo under a class folder (``LOAD_PHOTOS/cat/...``) is
+also checked against that class: ``min_accuracy`` in the thresholds. When the run ends, the
+budgets of ``loadtest/thresholds.toml`` (or ``--thresholds PATH``) are applied, a breach sets a
+non-zero exit code, and what was judged goes to ``<csv prefix>_final.json``. Photos:
+``LOAD_PHOTOS`` (default: the shared original-size photos, ``cat/`` and ``dog/``).
 """
 
 from __future__ import annotations
@@ -20,8 +24,16 @@ from typing import Any
 from locust import HttpUser, between, events, task
 from locust.env import Environment
 
-from catsdogs.photos import load_photos
-from loadtest.thresholds import DEFAULT_PATH, check, load_thresholds, report, stats_from_locust
+from catsdogs.photos import image_files
+from loadtest.thresholds import (
+    DEFAULT_PATH,
+    Labels,
+    check,
+    load_thresholds,
+    report,
+    stats_from_locust,
+    write_final,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +43,30 @@ PROB_TOLERANCE = 1e-3
 BATCH_SIZES = (2, 3, 4)
 
 
-PHOTOS = load_photos(Path(os.environ.get("LOAD_PHOTOS", DEFAULT_PHOTOS)))
+REQUEST_TIMEOUT_S = float(os.environ.get("LOAD_REQUEST_TIMEOUT_S", "5"))
+
+
+def labelled_photos(folder: Path) -> list[tuple[str, bytes, str | None]]:
+    """(name, bytes, class) of every image below ``folder``: the class is the first folder
+    under it (``cat/x.jpg``), None for a photo directly in it."""
+    files = image_files(folder)
+    if not files:
+        raise RuntimeError(f"no photos under {folder}")
+    out = []
+    for path in files:
+        parts = path.relative_to(folder).parts
+        out.append((path.name, path.read_bytes(), parts[0] if len(parts) > 1 else None))
+    return out
+
+
+PHOTOS = labelled_photos(Path(os.environ.get("LOAD_PHOTOS", DEFAULT_PHOTOS)))
+# predictions of labelled photos, right and wrong (one locust process: the users' greenlets)
+LABELS = {"right": 0, "wrong": 0}
+
+
+def count_label(pred: dict[str, Any], truth: str | None, classes: list[str]) -> None:
+    if truth in classes:
+        LABELS["right" if pred.get("label") == truth else "wrong"] += 1
 
 
 def prediction_problem(pred: Any, classes: list[str]) -> str | None:
@@ -66,7 +101,17 @@ def _apply_thresholds(environment: Environment, **_: Any) -> None:
     path = (
         Path(environment.parsed_options.thresholds) if environment.parsed_options else DEFAULT_PATH
     )
-    breaches = check(stats_from_locust(environment.stats), load_thresholds(path))
+    stats, labels = stats_from_locust(environment.stats), Labels(**LABELS)
+    breaches = check(stats, load_thresholds(path), labels)
+    prefix = getattr(environment.parsed_options, "csv_prefix", None)
+    if prefix:  # the CSV lags the run's last second; this is exactly what was judged
+        write_final(Path(f"{prefix}_final.json"), stats, labels, breaches)
+    if labels.right + labels.wrong:
+        log.info(
+            "labels: %d of %d predictions of labelled photos right",
+            labels.right,
+            labels.right + labels.wrong,
+        )
     if report(breaches):
         environment.process_exit_code = 1
 
@@ -77,7 +122,9 @@ class ClassifierUser(HttpUser):
 
     def on_start(self) -> None:
         self.classes = []
-        with self.client.get("/metadata", name="/metadata", catch_response=True) as resp:
+        with self.client.get(
+            "/metadata", name="/metadata", catch_response=True, timeout=REQUEST_TIMEOUT_S
+        ) as resp:
             names = self._json(resp).get("class_names") if resp.status_code == 200 else None
             if isinstance(names, list) and len(names) >= 2:
                 self.classes = [str(n) for n in names]
@@ -93,45 +140,66 @@ class ClassifierUser(HttpUser):
             return {}
         return body if isinstance(body, dict) else {}
 
-    def _check_prediction(self, resp: Any) -> None:
+    @staticmethod
+    def _status_failure(resp: Any) -> str:
+        # a request that got no answer (refused, timed out) has status 0 and the reason in .error
+        error = getattr(resp, "error", None)
+        return f"status {resp.status_code}: {error if error else resp.text[:200]}"
+
+    def _check_prediction(self, resp: Any, truth: str | None) -> None:
         if resp.status_code != 200:
-            resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
+            resp.failure(self._status_failure(resp))
             return
-        problem = prediction_problem(self._json(resp), self.classes)
+        body = self._json(resp)
+        problem = prediction_problem(body, self.classes)
         if problem:
             resp.failure(problem)
         elif not resp.headers.get("X-Request-ID"):
             resp.failure("X-Request-ID header missing")
         else:
+            count_label(body, truth, self.classes)
             resp.success()
 
     @task(6)
     def predict_multipart(self) -> None:
-        name, data = random.choice(PHOTOS)
+        name, data, truth = random.choice(PHOTOS)
         files = {"file": (name, data, "image/jpeg")}
         with self.client.post(
-            "/predict", files=files, name="/predict [multipart]", catch_response=True
+            "/predict",
+            files=files,
+            name="/predict [multipart]",
+            catch_response=True,
+            timeout=REQUEST_TIMEOUT_S,
         ) as resp:
-            self._check_prediction(resp)
+            self._check_prediction(resp, truth)
 
     @task(3)
     def predict_raw(self) -> None:
-        _, data = random.choice(PHOTOS)
+        _, data, truth = random.choice(PHOTOS)
         headers = {"Content-Type": "image/jpeg"}
         with self.client.post(
-            "/predict", data=data, headers=headers, name="/predict [raw]", catch_response=True
+            "/predict",
+            data=data,
+            headers=headers,
+            name="/predict [raw]",
+            catch_response=True,
+            timeout=REQUEST_TIMEOUT_S,
         ) as resp:
-            self._check_prediction(resp)
+            self._check_prediction(resp, truth)
 
     @task(2)
     def predict_batch(self) -> None:
         chosen = random.sample(PHOTOS, random.choice(BATCH_SIZES))
-        files = [("files", (name, data, "image/jpeg")) for name, data in chosen]
+        files = [("files", (name, data, "image/jpeg")) for name, data, _ in chosen]
         with self.client.post(
-            "/predict/batch", files=files, name="/predict/batch", catch_response=True
+            "/predict/batch",
+            files=files,
+            name="/predict/batch",
+            catch_response=True,
+            timeout=REQUEST_TIMEOUT_S,
         ) as resp:
             if resp.status_code != 200:
-                resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
+                resp.failure(self._status_failure(resp))
                 return
             preds = self._json(resp).get("predictions")
             if not isinstance(preds, list) or len(preds) != len(chosen):
@@ -143,11 +211,15 @@ class ClassifierUser(HttpUser):
                 if problem:
                     resp.failure(f"predictions[{i}]: {problem}")
                     return
+            for pred, (_, _, truth) in zip(preds, chosen, strict=True):
+                count_label(pred, truth, self.classes)
             resp.success()
 
     @task(1)
     def metadata(self) -> None:
-        with self.client.get("/metadata", name="/metadata", catch_response=True) as resp:
+        with self.client.get(
+            "/metadata", name="/metadata", catch_response=True, timeout=REQUEST_TIMEOUT_S
+        ) as resp:
             names = self._json(resp).get("class_names")
             if resp.status_code == 200 and names == self.classes:
                 resp.success()
@@ -156,7 +228,9 @@ class ClassifierUser(HttpUser):
 
     @task(1)
     def ready(self) -> None:
-        with self.client.get("/health/ready", name="/health/ready", catch_response=True) as resp:
+        with self.client.get(
+            "/health/ready", name="/health/ready", catch_response=True, timeout=REQUEST_TIMEOUT_S
+        ) as resp:
             if resp.status_code == 200:
                 resp.success()
             else:

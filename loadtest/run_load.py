@@ -3,8 +3,9 @@
     python -m loadtest.run_load --model models/model.onnx          # starts and stops a server
     python -m loadtest.run_load --url http://127.0.0.1:8000        # an already running server
 
-Writes ``<out>/locust_stats.csv`` (and the other locust CSVs), ``<out>/locust.html`` and, when it
-started the server, ``<out>/server.log``. Exits with locust's code: non-zero on any failed request
+Writes ``<out>/locust_final.json`` (what the verdict was made of), ``<out>/locust_stats.csv`` (and
+the other locust CSVs), ``<out>/locust.html`` and, when it started the server,
+``<out>/server.log``. Exits with locust's code: non-zero on any failed request
 or breached threshold. A server it started is stopped by PID afterwards, whatever happened.
 """
 
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from loadtest.serverproc import ROOT, exit_on_sigterm, running_server
-from loadtest.thresholds import DEFAULT_PATH
+from loadtest.thresholds import DEFAULT_PATH, load_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "load")
     parser.add_argument("--thresholds", type=Path, default=DEFAULT_PATH)
     args = parser.parse_args()
+    try:  # a bad budgets file is said now, not after the whole run
+        load_thresholds(args.thresholds)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--thresholds {args.thresholds}: {exc}")
     args.out.mkdir(parents=True, exist_ok=True)
     exit_on_sigterm()  # a SIGTERM stops the server and locust before this process ends
 

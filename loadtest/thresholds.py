@@ -1,16 +1,23 @@
 """Pass/fail budgets for a load run: fail ratio, request count and p95 latency per endpoint group.
 
 The budgets live in ``loadtest/thresholds.toml``. :func:`check` is pure (stats in, breaches out),
-so the locustfile applies it when the run ends and the tests feed it synthetic stats.
-A CSV checker covers runs made elsewhere:
+so the locustfile applies it when the run ends and the tests feed it synthetic stats. The run
+writes what it judged to ``<csv prefix>_final.json`` (``reports/load/locust_final.json``), which
+re-checks a finished run exactly:
 
-    python -m loadtest.thresholds reports/load/locust_stats.csv
+    python -m loadtest.thresholds reports/load/locust_final.json
+    python -m loadtest.thresholds reports/load/locust_stats.csv   # a run made elsewhere
+
+locust writes its stats CSV once a second and not at shutdown, so a CSV can miss the run's last
+second (a failure there included), and it has no labels: ``min_accuracy`` is not checked on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import json
 import logging
 import math
 import sys
@@ -36,6 +43,16 @@ class Thresholds:
     max_fail_ratio: float
     min_requests: int
     groups: dict[str, GroupBudget] = field(default_factory=dict)
+    # share of labelled photos (LOAD_PHOTOS/<class>/...) predicted right; None: not checked
+    min_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Predictions of labelled photos the run checked against their folder's class."""
+
+    right: int
+    wrong: int
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,9 @@ def _reject_unknown(raw: dict[str, Any], known: set[str], where: str) -> None:
 
 def parse_thresholds(raw: dict[str, Any]) -> Thresholds:
     """A decoded TOML document -> :class:`Thresholds`; unknown or mistyped keys raise."""
-    _reject_unknown(raw, {"max_fail_ratio", "min_requests", "groups"}, "thresholds: ")
+    _reject_unknown(
+        raw, {"max_fail_ratio", "min_requests", "min_accuracy", "groups"}, "thresholds: "
+    )
     for key in ("max_fail_ratio", "min_requests"):
         if key not in raw:
             raise ValueError(f"thresholds: missing key {key!r}")
@@ -95,7 +114,17 @@ def parse_thresholds(raw: dict[str, Any]) -> Thresholds:
             if "min_requests" in table
             else 0,
         )
-    return Thresholds(max_fail_ratio, _number(raw, "min_requests", "thresholds: ", int), groups)
+    min_accuracy = None
+    if "min_accuracy" in raw:
+        min_accuracy = _number(raw, "min_accuracy", "thresholds: ", float)
+        if min_accuracy > 1:
+            raise ValueError("thresholds: min_accuracy is a ratio in [0, 1]")
+    return Thresholds(
+        max_fail_ratio,
+        _number(raw, "min_requests", "thresholds: ", int),
+        groups,
+        min_accuracy,
+    )
 
 
 def load_thresholds(path: Path = DEFAULT_PATH) -> Thresholds:
@@ -103,8 +132,11 @@ def load_thresholds(path: Path = DEFAULT_PATH) -> Thresholds:
         return parse_thresholds(tomllib.load(fh))
 
 
-def check(stats: Iterable[EndpointStats], th: Thresholds) -> list[Breach]:
-    """Every threshold the run breached; an empty list means the run passed."""
+def check(
+    stats: Iterable[EndpointStats], th: Thresholds, labels: Labels | None = None
+) -> list[Breach]:
+    """Every threshold the run breached; an empty list means the run passed. ``labels``: the
+    run's checked labels (None: unknown, as in a CSV, and ``min_accuracy`` is skipped)."""
     by_name = {s.name: s for s in stats}
     total = sum(s.requests for s in by_name.values())
     failed = sum(s.failures for s in by_name.values())
@@ -121,6 +153,23 @@ def check(stats: Iterable[EndpointStats], th: Thresholds) -> list[Breach]:
                 f"{failed}/{total} requests failed (ratio {ratio:.4f} > {th.max_fail_ratio})",
             )
         )
+    if th.min_accuracy is not None and labels is not None:
+        checked = labels.right + labels.wrong
+        if checked == 0:
+            breaches.append(
+                Breach(
+                    "min_accuracy",
+                    "no prediction of a labelled photo was checked (LOAD_PHOTOS/<class>/...)",
+                )
+            )
+        elif labels.right / checked < th.min_accuracy:
+            breaches.append(
+                Breach(
+                    "min_accuracy",
+                    f"{labels.right} of {checked} labelled photos predicted right "
+                    f"({labels.right / checked:.4f} < {th.min_accuracy})",
+                )
+            )
     for name, budget in th.groups.items():
         s = by_name.get(name)
         if s is None or s.requests == 0:
@@ -176,6 +225,25 @@ def stats_from_csv(path: Path) -> list[EndpointStats]:
     return out
 
 
+def write_final(
+    path: Path, stats: list[EndpointStats], labels: Labels, breaches: list[Breach]
+) -> None:
+    """What the run's verdict was made of, for :func:`read_final` (a re-check) and people."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "endpoints": [dataclasses.asdict(s) for s in stats],
+        "labels": dataclasses.asdict(labels),
+        "breaches": [dataclasses.asdict(b) for b in breaches],
+    }
+    path.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def read_final(path: Path) -> tuple[list[EndpointStats], Labels]:
+    data = json.loads(path.read_text())
+    stats = [EndpointStats(**e) for e in data["endpoints"]]
+    return stats, Labels(**data["labels"])
+
+
 def report(breaches: list[Breach]) -> int:
     """Log the verdict; the exit code for it."""
     if not breaches:
@@ -188,11 +256,20 @@ def report(breaches: list[Breach]) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(description="Check a locust stats CSV against thresholds.")
-    parser.add_argument("stats_csv", type=Path)
+    parser = argparse.ArgumentParser(description="Check a finished load run against thresholds.")
+    parser.add_argument("stats", type=Path, help="<prefix>_final.json, or a locust stats CSV")
     parser.add_argument("--thresholds", type=Path, default=DEFAULT_PATH)
     args = parser.parse_args()
-    sys.exit(report(check(stats_from_csv(args.stats_csv), load_thresholds(args.thresholds))))
+    budgets = load_thresholds(args.thresholds)
+    if args.stats.suffix == ".json":
+        stats, labels = read_final(args.stats)
+        sys.exit(report(check(stats, budgets, labels)))
+    log.warning(
+        "%s: locust's CSV can miss the run's last second, and has no labels (min_accuracy not "
+        "checked); the run's _final.json has both",
+        args.stats,
+    )
+    sys.exit(report(check(stats_from_csv(args.stats), budgets)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import re
 import signal
@@ -133,3 +134,84 @@ def test_sigterm_stops_the_server_and_locust_it_started(tmp_path: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def colour_photos(root: Path, *, swap: bool = False) -> Path:
+    """cat/ red and dog/ blue JPEGs, as the tiny model labels them; the other way if ``swap``."""
+    from PIL import Image
+
+    colours = {"cat": (220, 30, 30), "dog": (30, 30, 220)}
+    for label in ("cat", "dog"):
+        colour = colours[{"cat": "dog", "dog": "cat"}[label] if swap else label]
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (64 + i, 48), colour).save(root / label / f"{i}.jpg")
+    return root
+
+
+def run_against(url: str, tmp_path: Path, budgets: Path, run_time: str, **env: str):
+    cmd = [sys.executable, "-m", "loadtest.run_load", "--url", url, "--users", "4"]
+    cmd += ["--spawn-rate", "4", "--run-time", run_time, "--out", str(tmp_path / "out")]
+    cmd += ["--thresholds", str(budgets)]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_wrong_labels_fail_the_run_right_ones_pass(tmp_path: Path) -> None:
+    """A server answering 200 with the wrong class (a swapped class list, a broken model) used
+    to pass: the photos' folders are their classes, and min_accuracy judges the answers."""
+    from loadtest.serverproc import running_server
+
+    budgets = write_budgets(tmp_path / "b.toml", 5000, 10)
+    budgets.write_text("min_accuracy = 0.9\n" + budgets.read_text())
+    model = write_tiny_model(tmp_path / "tiny.onnx")
+    db = {"PREDICTION_LOG_PATH": str(tmp_path / "p.db")}
+    with running_server(model, tmp_path / "server.log", env=db) as server:
+        for name, swap, expect in (("right", False, 0), ("swapped", True, 1)):
+            photos = colour_photos(tmp_path / name, swap=swap)
+            out = tmp_path / name
+            proc = run_against(server.url, out, budgets, "8s", LOAD_PHOTOS=str(photos))
+            try:
+                output, _ = proc.communicate(timeout=90)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+            assert proc.returncode == expect, output[-3000:]
+            final = json.loads((out / "out" / "locust_final.json").read_text())
+            right, wrong = final["labels"]["right"], final["labels"]["wrong"]
+            assert right + wrong >= 10
+            if swap:
+                assert right == 0
+                assert "load threshold breached [min_accuracy]" in output
+            else:
+                assert wrong == 0
+
+
+def test_a_server_that_stops_answering_midway_fails_the_run(tmp_path: Path) -> None:
+    """SIGSTOP to the server halfway: its requests time out (LOAD_REQUEST_TIMEOUT_S) and count
+    as failures. Without a timeout they never ended, locust dropped them at the stop uncounted,
+    and the run passed on what the first half had made."""
+    from loadtest.serverproc import running_server
+
+    budgets = write_budgets(tmp_path / "b.toml", 5000, 10)
+    model = write_tiny_model(tmp_path / "tiny.onnx")
+    db = {"PREDICTION_LOG_PATH": str(tmp_path / "p.db")}
+    with running_server(model, tmp_path / "server.log", env=db) as server:
+        proc = run_against(server.url, tmp_path, budgets, "10s", LOAD_REQUEST_TIMEOUT_S="1")
+        try:
+            time.sleep(5)
+            os.kill(server.pid, signal.SIGSTOP)
+            output, _ = proc.communicate(timeout=90)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 1, output[-3000:]
+    assert "load threshold breached [max_fail_ratio]" in output
+    final = json.loads((tmp_path / "out" / "locust_final.json").read_text())
+    assert sum(e["failures"] for e in final["endpoints"]) > 0
+    assert "Read timed out" in (tmp_path / "out" / "locust_failures.csv").read_text()

@@ -112,3 +112,33 @@ def test_stats_from_locust_csv(tmp_path: Path) -> None:
     names = {b.threshold for b in check(stats, parse_thresholds(BUDGETS))}
     assert "groups./metadata.min_requests" in names
     assert "max_fail_ratio" in names
+
+
+def test_min_accuracy_is_judged_on_the_labels_and_never_passes_empty() -> None:
+    from loadtest.thresholds import Labels
+
+    budgets = parse_thresholds({**BUDGETS, "min_accuracy": 0.9})
+    assert check(clean_run(), budgets, Labels(right=95, wrong=5)) == []
+    (wrong,) = check(clean_run(), budgets, Labels(right=1, wrong=99))
+    assert wrong.threshold == "min_accuracy"
+    assert "1 of 100 labelled photos predicted right (0.0100 < 0.9)" in wrong.message
+    (empty,) = check(clean_run(), budgets, Labels(right=0, wrong=0))
+    assert "no prediction of a labelled photo was checked" in empty.message
+    assert check(clean_run(), budgets) == []  # a CSV: no labels known, not judged
+    with pytest.raises(ValueError, match="min_accuracy is a ratio"):
+        parse_thresholds({**BUDGETS, "min_accuracy": 90})
+    assert load_thresholds(DEFAULT_PATH).min_accuracy == 0.9
+
+
+def test_the_final_json_rechecks_exactly_what_was_judged(tmp_path: Path) -> None:
+    from loadtest.thresholds import Breach, Labels, read_final, write_final
+
+    stats = [EndpointStats("/predict", 200, 3, 320.0), EndpointStats("/metadata", 0, 0, math.nan)]
+    labels = Labels(right=150, wrong=2)
+    path = tmp_path / "locust_final.json"
+    write_final(path, stats, labels, [Breach("max_fail_ratio", "3/200 requests failed")])
+    back, back_labels = read_final(path)
+    assert back_labels == labels
+    assert back[0] == stats[0]
+    assert back[1].name == "/metadata"
+    assert math.isnan(back[1].p95_ms)
