@@ -1,8 +1,8 @@
 """The serving app: ``create_app(settings)`` builds it; nothing heavy happens at import time.
 
-The lifespan loads the model, reads its contract, starts monitoring, warms up one run per batch
-size and only then reports ready. Run it with ``python -m server`` or
-``uvicorn --factory server.app:create_app``.
+The lifespan loads the model, reads its contract, warms up (every batch size once, and timed
+rounds of each with ADAPTIVE_BATCH), starts monitoring and only then reports ready. Run it with
+``python -m server`` or ``uvicorn --factory server.app:create_app``.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ from catsdogs.contract import (
     ContractError,
     ModelContract,
 )
-from catsdogs.preprocessing import PreprocessSpec
+from catsdogs.preprocessing import ImageDecodeError, PreprocessSpec
+from server.limits import OverBudgetError
 from server.threads import name_os_thread
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,9 @@ class InferenceModel:
         for i in rows.tolist():
             try:
                 arrays = {name: view(blobs[i], spec) for name, spec in self.views.items()}
-            except Exception as exc:
+            except (OverBudgetError, ImageDecodeError) as exc:
+                # the budget full under load (the image decoded once already); anything else is
+                # a server fault, never a silently different answer
                 logger.warning("cascade: image %d not escalated, its view failed: %s", i, exc)
                 continue
             kept.append(i)

@@ -53,6 +53,8 @@ REFUSALS = (
     "pipelining",
     "fragmented_body",
 )
+# Why a prediction request was answered 503 for load (inference_rejected_total's reason)
+REJECTIONS = ("queue_full", "bytes", "pixels")
 # The key under which the lifespan hands the connection layer its counter (uvicorn gives every
 # connection the lifespan's state): a callable taking one of REFUSALS.
 REFUSAL_COUNTER = "catsdogs.count_refusal"
@@ -105,7 +107,8 @@ class ServerMetrics:
         )
         self.inference = Histogram(
             "inference_run_seconds",
-            "Duration of one onnxruntime run (one batch).",
+            "Duration of one batch's model work: its onnxruntime run and, for a cascade file, the "
+            "second step with the views it decodes for the photos it escalates.",
             buckets=_FAST_BUCKETS,
             registry=registry,
         )
@@ -167,12 +170,19 @@ class ServerMetrics:
             "inference_queue_images", "Images admitted and not yet answered.", registry=registry
         )
         self.rejected = Counter(
-            "inference_rejected", "Requests refused because the queue was full.", registry=registry
+            "inference_rejected",
+            "Prediction requests answered 503 for load, once each, by reason (REJECTIONS): the "
+            "queue full (queue_full), the in-flight byte budget (bytes), or the decoded-pixel "
+            "budget (pixels: counted once for a batch with any image refused).",
+            ["reason"],
+            registry=registry,
         )
+        # exported at 0 from the start (see API_STATUSES)
+        self.rejected_series = {reason: self.rejected.labels(reason) for reason in REJECTIONS}
         self.refused = Counter(
             "http_refused",
             "Requests and connections refused before the app saw them, by reason (REFUSALS): "
-            "they are not in http_requests_total.",
+            "not in http_requests_total, but for fragmented_body, whose 400 the app answers.",
             ["reason"],
             registry=registry,
         )

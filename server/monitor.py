@@ -203,7 +203,10 @@ class Monitor:
                 self._observed += 1
             self.store.record(event)
         except Exception:
-            if not self._observe_failed:  # once: a bug here must not flood the log per request
+            # the prediction never reached the writer: a lost row, counted every time (the
+            # alert on prediction_log_write_failures_total sees it); logged once, not per request
+            self._count_failures(1)
+            if not self._observe_failed:
                 log.exception("monitoring: could not observe a prediction")
                 self._observe_failed = True
 

@@ -156,6 +156,8 @@ class Predictor:
         finally:
             reservation.release()
         errors = [self._error(outcome) for outcome in outcomes]
+        if any(isinstance(outcome, OverBudgetError) for outcome in outcomes):
+            self.metrics.rejected_series["pixels"].inc()  # once for the request
         if atomic:
             for i, error in enumerate(errors):
                 if error is not None:
@@ -187,6 +189,10 @@ class Predictor:
                 uploads = await read(reservation)
             self.metrics.stages["body"].observe(time.perf_counter() - started)
             return uploads
+        except ApiError as exc:
+            if exc.status == 503 and exc.code == "overloaded":  # the byte budget (uploads.reserve)
+                self.metrics.rejected_series["bytes"].inc()
+            raise
         except TimeoutError:
             raise ApiError(
                 408, "request_timeout", f"the request body did not arrive within {deadline:g} s"
@@ -213,7 +219,7 @@ class Predictor:
         try:
             return self.batcher.admit(n)
         except QueueFullError:
-            self.metrics.rejected.inc()
+            self.metrics.rejected_series["queue_full"].inc()
             raise ApiError(
                 503, "overloaded", "the server is at capacity; retry shortly", RETRY_SOON
             ) from None
@@ -225,7 +231,6 @@ class Predictor:
         if isinstance(outcome, ImageDecodeError):
             return ApiError.from_decode(outcome)
         if isinstance(outcome, OverBudgetError):
-            self.metrics.rejected.inc()
             return overloaded(outcome)
         if isinstance(outcome, Exception):
             raise outcome  # a server fault: this request answers 500, the batch goes on

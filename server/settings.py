@@ -145,10 +145,11 @@ class Settings:
         1.0, "PostgreSQL: how often live figures and drift are read again from the database, s"
     )
     prediction_log_reconnect_min_s: float = setting(
-        0.1, "PostgreSQL unreachable: first wait before the writer retries, s (then doubled)"
+        0.1,
+        "prediction log unreachable or locked: first wait before the writer retries, s (doubled)",
     )
     prediction_log_reconnect_max_s: float = setting(
-        2.0, "PostgreSQL unreachable: longest wait between the writer's retries, s"
+        2.0, "prediction log unreachable: longest wait between the writer's retries, s"
     )
     max_inflight_bytes: int = setting(
         128 * MIB, "request bytes buffered across all requests in flight; beyond: 503"

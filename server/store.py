@@ -1,9 +1,10 @@
 """The prediction log: every prediction and every piece of feedback, stored durably.
 
-:class:`PredictionStore` is the interface the server talks to. :func:`open_store` picks the
-backend from the settings: :class:`SqliteStore` (the default, one file, one process) or
+The server talks to a :class:`WriterStore` (:class:`PredictionStore` names its core calls);
+``server.monitor.Monitor._open_store`` picks the backend from the settings:
+:class:`SqliteStore` (the default, one file, one process) or
 ``server.store_postgres.PostgresStore`` (a database shared by every replica; psycopg is
-imported only then). Both share :class:`WriterStore`, so they behave alike:
+imported only then). Both are :class:`WriterStore`, so they behave alike:
 
 Writes never touch the event loop: ``record`` appends to a bounded in-memory queue and returns
 at once (when the queue is full the prediction is dropped and counted, so memory stays bounded
@@ -491,7 +492,7 @@ class WriterStore:
         prune_every_rows: int = 10_000,
         prune_chunk: int = 500,
         reconnect_min_s: float = 0.1,
-        reconnect_max_s: float = 5.0,
+        reconnect_max_s: float = 2.0,  # PREDICTION_LOG_RECONNECT_MAX_S's default
         on_predictions: OnPredictions | None = None,
         on_feedback: OnFeedback | None = None,
         on_pruned: OnPruned | None = None,

@@ -132,6 +132,7 @@ def test_overload_gives_503_while_accepted_requests_succeed(make_app):
             assert r.json()["error"]["code"] == "overloaded"
             assert int(r.headers["retry-after"]) >= 1
     assert prom(metrics, "inference_rejected_total") == statuses.count(503)
+    assert prom(metrics, "inference_rejected_total", reason="queue_full") == statuses.count(503)
     assert ready.status_code == 200
     assert after.status_code == 200
     assert app.state.batcher.admitted == 0  # every admitted image was released

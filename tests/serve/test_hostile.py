@@ -467,6 +467,10 @@ def test_a_v2_body_is_counted_twice_while_it_is_joined(servers: Servers) -> None
     assert v2.status_code == 503, v2.text[:300]
     assert is_v2_error(v2.json())
     assert "retry-after" in v2.headers
+    # counted once, as the byte budget's (it was in no series: the overload alert missed it)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert prom(metrics, "inference_rejected_total", reason="bytes") == 1
+    assert prom(metrics, "inference_rejected_total") == 1
     body, ctype = multipart_body("files", [("a.jpg", padded), ("b.jpg", padded)])
     batch = post(Target(server), "/predict/batch", body, ctype)
     assert batch.status_code == 200, batch.text[:300]

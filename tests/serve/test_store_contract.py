@@ -659,3 +659,24 @@ def test_malformed_reference_is_reported_and_metrics_still_render(backend: Backe
     assert report["status"] == "invalid_reference"
     assert report["features"] == {}
     assert "drift_window_size 40.0" in text
+
+
+def test_every_prediction_that_cannot_be_observed_is_a_counted_loss(backend: Backend, caplog):
+    """Something that is not a prediction reaching the monitor (a bug upstream) never gets to
+    the writer: each one is a lost row in prediction_log_write_failures_total, not only the
+    first (after which they were dropped without a trace), and the log says so once."""
+
+    async def run() -> str:
+        registry = CollectorRegistry()
+        monitor = Monitor(backend.settings(), _contract(), registry)
+        await monitor.start()
+        for _ in range(3):
+            monitor.observe("not a prediction")  # type: ignore[arg-type]
+        text = generate_latest(registry).decode()
+        await monitor.stop()
+        return text
+
+    with caplog.at_level(logging.ERROR, logger="server.monitor"):
+        text = asyncio.run(run())
+    assert prom(text, "prediction_log_write_failures_total") == 3
+    assert caplog.text.count("could not observe a prediction") == 1
