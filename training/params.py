@@ -7,6 +7,7 @@ Every key must be known and of the declared type, so a typo such as ``train.lr: 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -158,6 +159,19 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     raise TypeError(f"unsupported params annotation {annotation!r}")
 
 
+# A float in exponent form without a dot (1e-3, 1e-05): YAML 1.2 (and DVC, which writes
+# `dvc exp run -S train.lr=1e-5` that way) reads a number, PyYAML's YAML 1.1 a string.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
+
+
+def _exponent_float(value: Any, annotation: Any) -> Any:
+    """``value`` as a float where the key takes one and YAML 1.1 left it a string."""
+    takes_float = annotation is float or float in typing.get_args(annotation)
+    if takes_float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def parse_section(cls: type[T], section: str, raw: Any) -> T:
     """``raw`` (a mapping from YAML) -> ``cls``; errors name ``section.key``."""
     if raw is None:
@@ -169,6 +183,7 @@ def parse_section(cls: type[T], section: str, raw: Any) -> T:
     for key in raw:
         if key not in fields:
             raise ParamsError(f"{section}.{key}: unknown key (known: {', '.join(fields)})")
+    raw = {key: _exponent_float(value, hints[key]) for key, value in raw.items()}
     for key, value in raw.items():
         if not _type_ok(value, hints[key]):
             raise ParamsError(f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}")
@@ -392,6 +407,30 @@ def check_train(params: TrainParams, section: str = "train") -> TrainParams:
         raise ParamsError(f"{section}.distill_alpha: must be within [0, 1]")
     if params.distill_temperature <= 0:
         raise ParamsError(f"{section}.distill_temperature: must be > 0")
+    # bounds torch would otherwise enforce minutes later, in a traceback that names no key
+    positive = (lambda v: v > 0, "> 0")
+    at_least_0 = (lambda v: v >= 0, ">= 0")
+    at_least_1 = (lambda v: v >= 1, ">= 1")
+    below_1 = (lambda v: 0 <= v < 1, "within [0, 1)")
+    bounds = {
+        "lr": positive,
+        "fine_tune_lr": positive,
+        "weight_decay": at_least_0,
+        "label_smoothing": below_1,
+        "dropout": below_1,
+        "crop_scale_min": (lambda v: 0 < v <= 1, "within (0, 1]"),
+        "batch_size": at_least_1,
+        "threads": at_least_0,
+        "patience": at_least_1,
+        "augment_views": at_least_0,
+        "fine_tune_blocks": at_least_0,
+        "fine_tune_epochs": at_least_0,
+        "logreg_pool": at_least_1,
+    }
+    for key, (holds, rule) in bounds.items():
+        value = getattr(params, key)
+        if not holds(value):  # NaN holds nothing: refused too
+            raise ParamsError(f"{section}.{key}: must be {rule}, got {value}")
     return params
 
 

@@ -205,12 +205,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    params = load_prepare(args.params)
-    if params.max_pixels > DEFAULT_MAX_PIXELS:
-        # train, export and evaluate decode under the default limit, as the server does: a
-        # larger photo kept here would stop the train stage
-        raise ParamsError(f"prepare.max_pixels: must be at most {DEFAULT_MAX_PIXELS}")
-    train = load_train(args.params)
+    try:
+        params = load_prepare(args.params)
+        if params.max_pixels > DEFAULT_MAX_PIXELS:
+            # train, export and evaluate decode under the default limit, as the server does: a
+            # larger photo kept here would stop the train stage
+            raise ParamsError(f"prepare.max_pixels: must be at most {DEFAULT_MAX_PIXELS}")
+        train = load_train(args.params)
+    except ParamsError as exc:  # one line naming the key, no traceback
+        raise SystemExit(f"prepare: {exc}") from None
     # brightness is measured on exactly the input the model gets (drift reference): the same
     # sizes and resampling filter (mean and std apply after it, to the model's floats)
     spec = PreprocessSpec(

@@ -17,6 +17,7 @@ and the best epoch is kept.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import hashlib
@@ -24,7 +25,9 @@ import json
 import logging
 import math
 import random
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,6 +58,7 @@ from training.models import (
 )
 from training.params import (
     PARAMS_FILE,
+    ParamsError,
     TrainParams,
     cascade_members,
     load_train,
@@ -161,6 +165,31 @@ def load_splits(manifest: list[ManifestRow]) -> tuple[list[str], dict[str, tuple
         paths.append(str(r.path))
         labels.append(index[r.label])
     return class_names, splits
+
+
+def check_classes(class_names: list[str], splits: dict[str, tuple[list, list]]) -> None:
+    """Every class needs training photos: a class with none is an answer the model can never
+    learn to give (a folder of one photo that hashed into val or test). A class ten times
+    smaller than the largest is said: the model will lean to the larger ones."""
+    counts = {s: collections.Counter(labels) for s, (_, labels) in splits.items()}
+    train = [counts["train"][i] for i in range(len(class_names))]
+    for i, name in enumerate(class_names):
+        if train[i] == 0:
+            elsewhere = ", ".join(f"{counts[s][i]} in {s}" for s in SPLITS if s != "train")
+            raise SystemExit(
+                f"train: class {name!r} has no training photo ({elsewhere}): the model could "
+                "never learn it; add photos of it, or remove its folder"
+            )
+    largest = max(train)
+    for i, name in enumerate(class_names):
+        if train[i] * 10 < largest:
+            log.warning(
+                "class %r has %d training photos against %d for the largest: the model will "
+                "lean to the larger classes",
+                name,
+                train[i],
+                largest,
+            )
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -836,6 +865,7 @@ def train(
     for split in ("train", "val"):
         if not splits[split][0]:
             raise SystemExit(f"train: the {split} split is empty; add photos or change fractions")
+    check_classes(class_names, splits)
     spec = default_spec(
         params.model, params.input_size, params.resize, interpolation=params.interpolation
     )
@@ -920,15 +950,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-report", default="reports/data.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    params = load_train(args.params)
-    train(
-        params,
-        Path(args.manifest),
-        Path(args.model_out),
-        Path(args.reports),
-        load_yaml(args.params),
-        Path(args.data_report),
-    )
+    try:
+        params = load_train(args.params)
+    except ParamsError as exc:  # one line naming the key, no traceback
+        raise SystemExit(f"train: {exc}") from None
+    # a SIGTERM (a CI job cancelled, docker stop) unwinds like Ctrl-C, so the run is recorded
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        train(
+            params,
+            Path(args.manifest),
+            Path(args.model_out),
+            Path(args.reports),
+            load_yaml(args.params),
+            Path(args.data_report),
+        )
+    except BaseException as exc:
+        stopped = isinstance(exc, KeyboardInterrupt) or (
+            isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM
+        )
+        end_tracking("KILLED" if stopped else "FAILED")
+        raise
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def end_tracking(status: str) -> None:
+    """End the MLflow run a failed or stopped stage leaves open with ``status``: without it,
+    MLflow's exit hook marked a crashed run FINISHED, and a SIGTERM left it RUNNING."""
+    mlflow = sys.modules.get("mlflow")  # imported only if tracking started
+    if mlflow is None:
+        return
+    try:
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status=status)
+    except Exception as exc:  # the tracking server gone: the stage's own error matters more
+        log.warning("MLflow end_run(%s) failed: %s", status, exc)
 
 
 if __name__ == "__main__":

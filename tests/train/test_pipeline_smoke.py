@@ -244,3 +244,94 @@ def test_fine_tuning_the_last_blocks_changes_them(tmp_path: Path) -> None:
     for name, value in running:
         assert torch.equal(value, start_buffers[name]), name
     assert meta["params"]["fine_tune_blocks"] == 1
+
+
+@pytest.mark.slow
+def test_a_stopped_or_failed_training_run_is_recorded_so_in_mlflow(tmp_path: Path) -> None:
+    """SIGTERM mid-training (a cancelled job, docker stop) exits 143 with the MLflow run KILLED,
+    not left RUNNING; a run that crashes is FAILED, not the FINISHED of MLflow's exit hook."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = base_env(MLFLOW_TRACKING_URI=uri)
+    params = tiny_params(tmp_path, model="mobilenet_v3_small", pretrained=False, epochs=400)
+    params.write_text(params.read_text().replace("patience: 2", "patience: 400"))
+    prepared(tmp_path, env, params)
+    cmd = [sys.executable, "-m", "training.train", "--params", str(params)]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the run exists and an epoch has begun
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name("catsdogs")
+            if exp and client.search_runs([exp.experiment_id]):
+                break
+            time.sleep(0.5)
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, out[-3000:]
+    assert not (tmp_path / "models" / "checkpoint.pt").exists()
+    (stopped,) = MlflowClient(uri).search_runs([exp.experiment_id])
+    assert stopped.info.status == "KILLED"
+
+    # a training photo gone after prepare: the stage fails once its run has started
+    manifest = tmp_path / "data" / "prepared" / "manifest.csv"
+    rows = manifest.read_text().splitlines()
+    (i,) = [n for n, row in enumerate(rows) if row.endswith(",train")][:1]
+    rows[i] = str(tmp_path / "gone.jpg") + rows[i][rows[i].index(",") :]
+    manifest.write_text("\n".join(rows) + "\n")
+    failed = run(cmd, tmp_path, env)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    runs = MlflowClient(uri).search_runs(
+        [exp.experiment_id], order_by=["attributes.start_time DESC"]
+    )
+    assert [r.info.status for r in runs] == ["FAILED", "KILLED"]
+
+
+def test_train_parameters_are_bounded_and_exponent_floats_read(tmp_path: Path) -> None:
+    """torch enforced these minutes in, in a traceback naming no key; and YAML 1.1 read 1e-5
+    (how `dvc exp run -S` writes a small learning rate) as a string, which was refused."""
+    params = tiny_params(tmp_path)
+    text = params.read_text()
+    params.write_text(
+        text.replace("  lr: 0.001", "  lr: 1e-3").replace(
+            "weight_decay: 0.0001", "weight_decay: 5E-5"
+        )
+    )
+    from training.params import load_train
+
+    loaded = load_train(params)
+    assert (loaded.lr, loaded.weight_decay) == (0.001, 5e-5)
+    env = base_env()
+    for key, bad, rule in (
+        ("  lr: 1e-3", "  lr: -0.001", "train.lr: must be > 0, got -0.001"),
+        ("  batch_size: 8", "  batch_size: 0", "train.batch_size: must be >= 1, got 0"),
+        ("  dropout: 0.2", "  dropout: 1.5", "train.dropout: must be within [0, 1), got 1.5"),
+    ):
+        broken = tmp_path / "broken.yaml"
+        broken.write_text(params.read_text().replace(key, bad))
+        out = run([sys.executable, "-m", "training.train", "--params", str(broken)], tmp_path, env)
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines() == [f"train: {rule}"]
+
+
+def test_a_class_without_training_photos_stops_the_train_stage() -> None:
+    """One dog photo that hashed into the test split: the model could never answer 'dog'. It
+    trained without a word (or crashed drawing its confusion matrix after its reports)."""
+    from training.train import check_classes
+
+    splits = {"train": (["a", "b"], [0, 0]), "val": (["c"], [0]), "test": (["d"], [1])}
+    with pytest.raises(
+        SystemExit, match=r"class 'dog' has no training photo \(0 in val, 1 in test\)"
+    ):
+        check_classes(["cat", "dog"], splits)
