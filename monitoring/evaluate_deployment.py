@@ -242,7 +242,9 @@ def run(args: argparse.Namespace) -> int:
                 args.split,
             )
             return EXIT_UNUSABLE
-        held_out = args.split != "train"
+        # only the test split: training fitted on train, and chose its epoch (and a cascade's
+        # threshold) on val
+        held_out = args.split == "test"
     classes = set(meta.get("class_names", []))
     unknown = sorted({label for _, label in items} - classes)
     if unknown:

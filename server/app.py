@@ -455,9 +455,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *monitor_routes.routes,
         *ui.routes,  # the page for people: GET / and /ui/*
     ]
-    # the API's routes (every POST route: predictions and feedback) are exported from the start
+    # the API's routes (every POST route: predictions, and feedback, whose success is a 201) are
+    # exported from the start
     server_metrics.export_api_routes(
-        [(r.path, "POST") for r in routes if isinstance(r, Route) and "POST" in (r.methods or ())]
+        [
+            (r.path, "POST", 201 if r.path == "/feedback" else 200)
+            for r in routes
+            if isinstance(r, Route) and "POST" in (r.methods or ())
+        ]
     )
     app = Starlette(
         routes=routes,

@@ -20,10 +20,10 @@ UNMATCHED_ROUTE = "<unmatched>"
 # PROPFIND or MKCOL, M-SEARCH, ...) counts as OTHER, so a client cannot multiply the series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 OTHER_METHOD = "OTHER"
-# The statuses of an API route exported from the start, at 0: a series born at its first event
-# has no earlier sample, so rate() and increase() miss that event (the first failure of each
-# route after a start would be invisible to the error alert).
-API_STATUSES = ("200", "500", "503", "504")
+# The failure statuses of an API route exported from the start, at 0 (with its success status):
+# a series born at its first event has no earlier sample, so rate() and increase() miss that
+# event (the first failure of each route after a start would be invisible to the error alert).
+API_FAILURE_STATUSES = ("500", "503", "504")
 
 
 def method_label(method: str) -> str:
@@ -177,7 +177,7 @@ class ServerMetrics:
             ["reason"],
             registry=registry,
         )
-        # exported at 0 from the start (see API_STATUSES)
+        # exported at 0 from the start (see API_FAILURE_STATUSES)
         self.rejected_series = {reason: self.rejected.labels(reason) for reason in REJECTIONS}
         self.refused = Counter(
             "http_refused",
@@ -227,11 +227,11 @@ class ServerMetrics:
         self.prediction_series = Children(self.predictions)
         self.policy_series = Children(self.policy_runs)
 
-    def export_api_routes(self, routes: list[tuple[str, str]]) -> None:
-        """Export the request and latency series of the API's (route template, method) pairs
-        at 0 (see ``API_STATUSES``)."""
-        for route, method in routes:
-            for status in API_STATUSES:
+    def export_api_routes(self, routes: list[tuple[str, str, int]]) -> None:
+        """Export the request and latency series of the API's (route template, method, success
+        status) at 0 (see ``API_FAILURE_STATUSES``)."""
+        for route, method, success in routes:
+            for status in (str(success), *API_FAILURE_STATUSES):
                 self.request_series(route, method, status)
             self.latency_series(route)
 

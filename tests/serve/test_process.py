@@ -452,6 +452,16 @@ def test_unusual_methods_share_one_metric_label(server_process):
     assert prom(metrics, "http_requests_total", route="/predict", method="POST", status="503") == 0
     infer = "/v2/models/{name}/infer"
     assert prom(metrics, "http_requests_total", route=infer, method="POST", status="504") == 0
+    exported = {
+        (m.group(1), m.group(2))
+        for m in re.finditer(
+            r'^http_requests_total\{method="POST",route="([^"]+)",status="(\d+)"\} 0\.0$',
+            metrics,
+            re.M,
+        )
+    }
+    assert {("/predict", "200"), ("/predict", "503"), ("/feedback", "201")} <= exported
+    assert ("/feedback", "200") not in exported  # its success is a 201
 
 
 def _overflowing_model(path: Path, at: float) -> Path:

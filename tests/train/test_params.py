@@ -66,7 +66,8 @@ def test_params_are_frozen() -> None:
     ("section", "raw", "named"),
     [
         ("train", {"epocs": 3}, "train.epocs"),
-        ("train", {"lr": "1e-3"}, "train.lr"),
+        ("train", {"lr": "fast"}, "train.lr"),
+        ("train", {"lr": "1e-3x"}, "train.lr"),
         ("train", {"epochs": 2.5}, "train.epochs"),
         ("train", {"epochs": True}, "train.epochs"),
         ("train", {"pretrained": "yes"}, "train.pretrained"),
@@ -79,6 +80,16 @@ def test_unknown_or_wrongly_typed_key_is_named(section, raw, named) -> None:
     cls = {"train": TrainParams, "prepare": PrepareParams}[section]
     with pytest.raises(ParamsError, match=named.replace(".", r"\.")):
         parse_section(cls, section, raw)
+
+
+def test_exponent_floats_yaml_1_1_leaves_as_strings_are_numbers() -> None:
+    """PyYAML (YAML 1.1) reads 1e-3 and 1e-05 as strings; YAML 1.2 and DVC (`dvc exp run -S
+    train.lr=1e-5` writes that) read numbers. Only keys that take a float convert them."""
+    params = parse_section(TrainParams, "train", {"lr": "1e-3", "fine_tune_lr": "1E-05"})
+    assert (params.lr, params.fine_tune_lr) == (0.001, 1e-05)
+    with pytest.raises(ParamsError, match=r"train\.model: expected str"):
+        parse_section(TrainParams, "train", {"model": 1e-3})
+    assert parse_section(TrainParams, "train", {"model": "logreg"}).model == "logreg"
 
 
 def test_ints_are_accepted_for_floats_and_null_for_optional() -> None:
