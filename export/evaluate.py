@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from catsdogs.cascade import contract_views
+from catsdogs.hashing import file_sha256
 from catsdogs.manifest import read_manifest
 from catsdogs.modelfile import LoadedModel, load_model_file
 from export.params import EvaluateParams, load_evaluate
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         log.error("evaluate: %s", exc)
         sys.exit(2)
     loaded = load_model_file(args.model)
-    data = hashlib.sha256(args.manifest.read_bytes()).hexdigest()
+    data = file_sha256(args.manifest)  # the data_version the export stage records
     if loaded.contract.data_version != data:
         log.warning(
             "%s was trained on data %s, %s is %s: its %s split may hold training photos",

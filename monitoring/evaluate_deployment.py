@@ -23,7 +23,6 @@ project's environments.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from catsdogs.hashing import file_sha256
 from catsdogs.photos import IMAGE_SUFFIXES
 
 log = logging.getLogger("evaluate_deployment")
@@ -85,18 +85,16 @@ def list_images(data: Path, limit: int | None) -> list[tuple[Path, str]]:
     classes = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{data}: no class subfolders (expected e.g. cat/ and dog/)")
-    per_class = [
-        sorted(f for f in (data / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        for c in classes
-    ]
-    items: list[tuple[Path, str]] = []
-    for i in range(max(len(files) for files in per_class)):
-        for name, files in zip(classes, per_class, strict=True):
-            if i < len(files):
-                items.append((files[i], name))
+    items = interleaved(
+        {
+            c: sorted(f for f in (data / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            for c in classes
+        },
+        limit,
+    )
     if not items:
         raise ValueError(f"{data}: no image files under {classes}")
-    return items[:limit] if limit else items
+    return items
 
 
 def manifest_images(manifest: Path, split: str, limit: int | None) -> list[tuple[Path, str]]:
@@ -104,21 +102,21 @@ def manifest_images(manifest: Path, split: str, limit: int | None) -> list[tuple
     root, where the stages run), classes interleaved as :func:`list_images` does."""
     from catsdogs.manifest import read_manifest
 
-    rows = read_manifest(manifest, split)
     by_class: dict[str, list[Path]] = {}
-    for row in rows:
+    for row in read_manifest(manifest, split):
         by_class.setdefault(row.label, []).append(Path(row.path))
+    return interleaved(by_class, limit)
+
+
+def interleaved(by_class: dict[str, list[Path]], limit: int | None) -> list[tuple[Path, str]]:
+    """One photo of each class (in name order) in turn, then the next of each: a run cut at
+    ``limit`` still covers every class."""
     items: list[tuple[Path, str]] = []
-    for i in range(max(len(paths) for paths in by_class.values())):
+    for i in range(max((len(paths) for paths in by_class.values()), default=0)):
         for label in sorted(by_class):
             if i < len(by_class[label]):
                 items.append((by_class[label][i], label))
     return items[:limit] if limit else items
-
-
-def manifest_version(manifest: Path) -> str:
-    """What the export stage writes as the model's ``data_version``: the manifest's sha256."""
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()
 
 
 def evaluate_one(
@@ -229,7 +227,8 @@ def run(args: argparse.Namespace) -> int:
     held_out: bool | None = None
     if is_manifest:
         lineage = meta.get("lineage") or {}
-        version, trained_on = manifest_version(data), str(lineage.get("data_version") or "")
+        # what the export stage records as the model's data_version: the manifest's sha256
+        version, trained_on = file_sha256(data), str(lineage.get("data_version") or "")
         if version != trained_on:
             log.error(
                 "%s is data %s, but the served model %s was trained on data %s: its %r split "

@@ -442,7 +442,8 @@ def _is_busy(exc: BaseException) -> bool:
 
 
 def _is_storage_error(exc: BaseException) -> bool:
-    """The database itself failed (full disk, I/O, lock): retrying row by row cannot help.
+    """The database itself failed (full disk, I/O): retrying row by row cannot help (a lock is
+    :func:`_is_busy`'s, waited out instead).
 
     Anything else (a value SQLite cannot bind, a duplicate key, a bug) is about one row.
     """

@@ -7,9 +7,11 @@ stops talking to MLflow for the rest of the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("training.run_tracking")
@@ -51,6 +53,20 @@ class Tracker:
         except Exception as exc:
             log.warning("MLflow %s failed, tracking disabled for this run: %s", name, exc)
             self.active = False
+
+    @contextlib.contextmanager
+    def ended_on_failure(self) -> Iterator[None]:
+        """End the run ``KILLED`` when the block is stopped (Ctrl-C, or a SIGTERM the stage
+        turned into ``SystemExit(143)``) and ``FAILED`` when it raises anything else: MLflow's
+        own exit hook marked a crashed run FINISHED, and a SIGTERM left it RUNNING."""
+        try:
+            yield
+        except BaseException as exc:
+            stopped = isinstance(exc, KeyboardInterrupt) or (
+                isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM
+            )
+            self.end("KILLED" if stopped else "FAILED")
+            raise
 
     def end(self, status: str = "FINISHED") -> None:
         if self._mlflow is None or not self.run_id:

@@ -27,7 +27,6 @@ import math
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -884,61 +883,64 @@ def train(
     if params.cascade:
         tags["cascade"] = f"{params.cascade} below {params.cascade_below:g}"
     tracker, run_id = start_tracking(params, all_params, tags, device, len(splits["train"][0]))
+    # a crash ends the run FAILED, a stop (Ctrl-C, SIGTERM) KILLED: never FINISHED or RUNNING
+    with tracker.ended_on_failure():
+        epochs = EpochLog(tracker)
+        frozen = params.model == "logreg" or pretrained  # nothing to learn in the backbone
+        fit = fit_frozen_backbone if frozen else fit_from_scratch
+        best_epoch, distillation = fit(model, splits, spec, params, device, epochs)
+        cascade = fit_cascade(splits, params, device, len(class_names)) if params.cascade else []
+        # what is served answers validation: the model, or the cascade it starts
+        served: nn.Module = model
+        if cascade:
+            own = params.cascade_views == "own"
+            views = [PreprocessSpec.from_json(info["preprocessing"]) for info, _ in cascade]
+            served = CascadeClassifier(
+                model, [m for _, m in cascade], params.cascade_below, views=views if own else None
+            )
 
-    epochs = EpochLog(tracker)
-    frozen = params.model == "logreg" or pretrained  # nothing to learn in the backbone
-    fit = fit_frozen_backbone if frozen else fit_from_scratch
-    best_epoch, distillation = fit(model, splits, spec, params, device, epochs)
-    cascade = fit_cascade(splits, params, device, len(class_names)) if params.cascade else []
-    # what is served answers validation: the model, or the cascade it starts
-    served: nn.Module = model
-    if cascade:
-        own = params.cascade_views == "own"
-        views = [PreprocessSpec.from_json(info["preprocessing"]) for info, _ in cascade]
-        served = CascadeClassifier(
-            model, [m for _, m in cascade], params.cascade_below, views=views if own else None
+        if isinstance(served, CascadeClassifier) and served.views:
+            views = CascadeImages(*splits["val"], [spec, *served.views])
+            loader = DataLoader(views, batch_size=params.batch_size, shuffle=False, num_workers=0)
+            logits, labels = predict_views(served, loader, device)
+        else:
+            val_set = EvalImages(*splits["val"], spec)
+            loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=0)
+            logits, labels = predict(served, loader, device)
+        val_metrics: dict[str, Any] = scored(logits, labels)
+        val_metrics["best_epoch"] = best_epoch
+        val_metrics["train_seconds"] = round(time.monotonic() - started, 1)
+        log.info("best epoch %d: val %s", best_epoch, json.dumps(val_metrics))
+        write_reports(
+            report_dir, params, epochs.history, val_metrics, (logits, labels, class_names)
         )
 
-    if isinstance(served, CascadeClassifier) and served.views:
-        views = CascadeImages(*splits["val"], [spec, *served.views])
-        loader = DataLoader(views, batch_size=params.batch_size, shuffle=False, num_workers=0)
-        logits, labels = predict_views(served, loader, device)
-    else:
-        val_set = EvalImages(*splits["val"], spec)
-        loader = DataLoader(val_set, batch_size=params.batch_size, shuffle=False, num_workers=0)
-        logits, labels = predict(served, loader, device)
-    val_metrics: dict[str, Any] = scored(logits, labels)
-    val_metrics["best_epoch"] = best_epoch
-    val_metrics["train_seconds"] = round(time.monotonic() - started, 1)
-    log.info("best epoch %d: val %s", best_epoch, json.dumps(val_metrics))
-    write_reports(report_dir, params, epochs.history, val_metrics, (logits, labels, class_names))
-
-    meta = {
-        "model_name": params.model,
-        "class_names": class_names,
-        "preprocessing": spec.to_json(),
-        "mlflow_run_id": run_id,
-        "data_version": data_version,
-        "git_commit": commit,
-        "params": dataclasses.asdict(params),
-        "val_metrics": val_metrics,
-        "model_options": options,
-        "split_counts": {s: len(splits[s][0]) for s in splits},
-        "distillation": distillation,  # source, alpha, temperature; None without one
-    }
-    if cascade:
-        meta["cascade"] = {
-            "models": [f"{name}@{size}" for name, size in cascade_members(params)],
-            "below": params.cascade_below,
+        meta = {
+            "model_name": params.model,
+            "class_names": class_names,
+            "preprocessing": spec.to_json(),
+            "mlflow_run_id": run_id,
+            "data_version": data_version,
+            "git_commit": commit,
+            "params": dataclasses.asdict(params),
+            "val_metrics": val_metrics,
+            "model_options": options,
+            "split_counts": {s: len(splits[s][0]) for s in splits},
+            "distillation": distillation,  # source, alpha, temperature; None without one
         }
-        if params.cascade_views == "own":  # each model's view: its checkpoint entry's spec
-            meta["cascade"]["views"] = "own"
-    model.to(device="cpu", memory_format=torch.contiguous_format)
-    for _, member in cascade:
-        member.to(device="cpu", memory_format=torch.contiguous_format)
-    save_checkpoint(model_path, model, meta, cascade or None)
-    log_outputs(tracker, val_metrics, report_dir, model_path, data_report)
-    return meta
+        if cascade:
+            meta["cascade"] = {
+                "models": [f"{name}@{size}" for name, size in cascade_members(params)],
+                "below": params.cascade_below,
+            }
+            if params.cascade_views == "own":  # each model's view: its checkpoint entry's spec
+                meta["cascade"]["views"] = "own"
+        model.to(device="cpu", memory_format=torch.contiguous_format)
+        for _, member in cascade:
+            member.to(device="cpu", memory_format=torch.contiguous_format)
+        save_checkpoint(model_path, model, meta, cascade or None)
+        log_outputs(tracker, val_metrics, report_dir, model_path, data_report)
+        return meta
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -956,38 +958,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"train: {exc}") from None
     # a SIGTERM (a CI job cancelled, docker stop) unwinds like Ctrl-C, so the run is recorded
     signal.signal(signal.SIGTERM, _terminated)
-    try:
-        train(
-            params,
-            Path(args.manifest),
-            Path(args.model_out),
-            Path(args.reports),
-            load_yaml(args.params),
-            Path(args.data_report),
-        )
-    except BaseException as exc:
-        stopped = isinstance(exc, KeyboardInterrupt) or (
-            isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM
-        )
-        end_tracking("KILLED" if stopped else "FAILED")
-        raise
+    train(
+        params,
+        Path(args.manifest),
+        Path(args.model_out),
+        Path(args.reports),
+        load_yaml(args.params),
+        Path(args.data_report),
+    )
 
 
 def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def end_tracking(status: str) -> None:
-    """End the MLflow run a failed or stopped stage leaves open with ``status``: without it,
-    MLflow's exit hook marked a crashed run FINISHED, and a SIGTERM left it RUNNING."""
-    mlflow = sys.modules.get("mlflow")  # imported only if tracking started
-    if mlflow is None:
-        return
-    try:
-        if mlflow.active_run() is not None:
-            mlflow.end_run(status=status)
-    except Exception as exc:  # the tracking server gone: the stage's own error matters more
-        log.warning("MLflow end_run(%s) failed: %s", status, exc)
 
 
 if __name__ == "__main__":
