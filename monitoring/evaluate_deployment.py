@@ -13,7 +13,11 @@ the evaluation refuses). A folder says nothing of what the model was trained on:
 records ``held_out: null`` for it.
 
 Each photo is posted to ``/predict``; the true label then goes to
-``/feedback`` so the server's live accuracy counts it too. Writes ``results.json`` (one row per
+``/feedback`` so the server's live accuracy counts it too. With ``--no-feedback`` (CD) the
+predictions are sent as evaluation traffic (``X-Traffic-Class: evaluation``, with the bearer token
+in ``API_TOKEN`` if set): the server answers them as usual and keeps them out of its prediction
+log, drift window and prediction counts, so a deployment's own check does not show up in
+production's monitoring. Writes ``results.json`` (one row per
 image) and ``summary.json`` (accuracy, latency percentiles) and exits non-zero when accuracy is
 below ``--min-accuracy`` or any request failed, so CD can roll back. Needs numpy (percentiles)
 and the project's ``catsdogs`` package besides the standard library: it runs in any of the
@@ -127,12 +131,17 @@ def evaluate_one(
     timeout: float,
     feedback: bool,
     token: str = "",
+    evaluation: bool = False,
 ) -> Result:
     image = str(path.relative_to(root)) if root is not None else str(path)
     result = Result(image=image, true_label=true_label)
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     request_id = f"eval-{uuid.uuid4().hex}"
     headers = {"Content-Type": content_type, "X-Request-ID": request_id}
+    if evaluation:
+        headers["X-Traffic-Class"] = "evaluation"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
     try:
         data = path.read_bytes()
         started = time.perf_counter()
@@ -258,22 +267,28 @@ def run(args: argparse.Namespace) -> int:
         args.concurrency,
     )
 
+    token = os.environ.get("API_TOKEN", "")
+    root = None if is_manifest else data
+    feedback = not args.no_feedback
+    # labels need a logged prediction; without them, stay out of the server's monitoring
+    evaluation = not feedback
     started = time.perf_counter()
+    first = evaluate_one(url, *items[0], root, args.timeout, feedback, token, evaluation)
+    if evaluation and not token and first.error and "HTTP 401" in first.error:
+        log.warning(
+            "the server needs a bearer token for evaluation traffic (set API_TOKEN): these "
+            "predictions go into its prediction log and drift window"
+        )
+        evaluation = False
+        first = evaluate_one(url, *items[0], root, args.timeout, feedback, token, evaluation)
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         futures = [
             pool.submit(
-                evaluate_one,
-                url,
-                path,
-                label,
-                None if is_manifest else data,
-                args.timeout,
-                not args.no_feedback,
-                os.environ.get("API_TOKEN", ""),
+                evaluate_one, url, path, label, root, args.timeout, feedback, token, evaluation
             )
-            for path, label in items
+            for path, label in items[1:]
         ]
-        results = [f.result() for f in futures]
+        results = [first, *(f.result() for f in futures)]
     wall_s = time.perf_counter() - started
 
     summary = summarise(results, wall_s=wall_s, min_accuracy=args.min_accuracy)
@@ -285,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
         model_version=meta.get("model_version"),
         model_name=meta.get("model_name"),
         concurrency=args.concurrency,
+        traffic="evaluation" if evaluation else "production",
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,7 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-feedback",
         action="store_true",
-        help="do not post true labels (posting uses the bearer token in API_TOKEN, if set)",
+        help="do not post true labels, and send the photos as evaluation traffic, kept out of "
+        "the server's monitoring (either uses the bearer token in API_TOKEN, if set)",
     )
     args = p.parse_args(argv)
     if args.concurrency < 1 or (args.limit is not None and args.limit < 1):

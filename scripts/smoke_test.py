@@ -7,7 +7,9 @@ Used by CI, CD and `make image-smoke` against a container, and by hand against a
 It waits for /health/ready, checks /health, /metadata and /metrics, predicts known cat and dog
 photos (labels must be right, not just a 200), sends a batch, sends bad input that must be
 rejected with a 4xx in the API's error shape, and checks /feedback with an unknown id (404: the
-route works, nothing is stored). Exit status 0 only when every check passes.
+route works, nothing is stored). Its predictions are evaluation traffic (``X-Traffic-Class:
+evaluation``, with API_TOKEN's bearer token if set), so the server keeps them out of its
+prediction log and monitoring. Exit status 0 only when every check passes.
 """
 
 from __future__ import annotations
@@ -64,6 +66,30 @@ def request(
             return Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read())
     except urllib.error.HTTPError as exc:  # 4xx/5xx still carry a body worth checking
         return Reply(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+
+
+class Traffic:
+    """The headers that mark the smoke test's predictions as evaluation traffic. A server that
+    needs a token for that (API_TOKEN set there, not here) answers 401: the test then says so and
+    goes on as production traffic, its predictions logged as any other."""
+
+    def __init__(self) -> None:
+        token = os.environ.get("API_TOKEN", "")
+        self.headers = {"X-Traffic-Class": "evaluation"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+        self.token = bool(token)
+
+    def post(self, url: str, body: bytes, content_type: str) -> Reply:
+        reply = request(url, "POST", body, content_type, extra=self.headers)
+        if reply.status == 401 and not self.token and self.headers:
+            log.warning(
+                "the server needs a bearer token for evaluation traffic (set API_TOKEN): the "
+                "smoke test's predictions go into its prediction log"
+            )
+            self.headers = {}
+            reply = request(url, "POST", body, content_type)
+        return reply
 
 
 def multipart(fields: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
@@ -153,14 +179,15 @@ def run(url: str, data: Path, per_class: int, min_accuracy: float) -> dict:
 
     # Known photos: multipart for most, raw body for one per class (both forms are the API).
     results = []
+    traffic = Traffic()
     for label in class_names:
         for i, photo in enumerate(pick_photos(data, label, per_class)):
             raw = photo.read_bytes()
             if i == 0:
-                reply = request(f"{url}/predict", "POST", raw, "image/jpeg")
+                reply = traffic.post(f"{url}/predict", raw, "image/jpeg")
             else:
                 body, ctype = multipart([("file", photo.name, raw)])
-                reply = request(f"{url}/predict", "POST", body, ctype)
+                reply = traffic.post(f"{url}/predict", body, ctype)
             what = f"/predict {photo.name}: {reply.status} {reply.body[:200]!r}"
             expect(reply.status == 200, what)
             pred = check_prediction(reply.json(), class_names, photo.name)
@@ -181,7 +208,7 @@ def run(url: str, data: Path, per_class: int, min_accuracy: float) -> dict:
     # A batch keeps the order of its files.
     batch_photos = [pick_photos(data, label, 1)[0] for label in class_names]
     body, ctype = multipart([("files", p.name, p.read_bytes()) for p in batch_photos])
-    reply = request(f"{url}/predict/batch", "POST", body, ctype)
+    reply = traffic.post(f"{url}/predict/batch", body, ctype)
     expect(reply.status == 200, f"/predict/batch: {reply.status} {reply.body[:200]!r}")
     batch = reply.json()
     assert isinstance(batch, dict)

@@ -1,4 +1,6 @@
-"""Bearer-token check for the endpoints that write (``/feedback``) or administer the server.
+"""Bearer-token check for the endpoints that write (``/feedback``) or administer the server, and
+for evaluation traffic (``X-Traffic-Class: evaluation``, server.service), which hides predictions
+from monitoring.
 
 With ``API_TOKEN`` unset, nothing is required (a private network, a trusted proxy). With it set,
 such an endpoint needs ``Authorization: Bearer <API_TOKEN>``: no usable header -> 401 with

@@ -190,6 +190,13 @@ class ServerMetrics:
         self.predictions = Counter(
             "predictions", "Predicted images by label.", ["label"], registry=registry
         )
+        self.evaluation_predictions = Counter(
+            "evaluation_predictions",
+            "Predicted images of evaluation traffic (X-Traffic-Class: evaluation) by label: "
+            "answered, never logged or monitored, and not in predictions_total.",
+            ["label"],
+            registry=registry,
+        )
         self.confidence = Histogram(
             "prediction_confidence",
             "Probability of the predicted label.",
@@ -225,6 +232,7 @@ class ServerMetrics:
         self.request_series = Children(self.requests)
         self.latency_series = Children(self.latency)
         self.prediction_series = Children(self.predictions)
+        self.evaluation_series = Children(self.evaluation_predictions)
         self.policy_series = Children(self.policy_runs)
 
     def export_api_routes(self, routes: list[tuple[str, str, int]]) -> None:

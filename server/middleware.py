@@ -139,6 +139,8 @@ class RequestContextMiddleware:
                     fields["confidence"] = round(state["confidence"], 6)
                 if "images" in state:
                     fields["images"] = state["images"]
+                if "traffic" in state:
+                    fields["traffic"] = state["traffic"]
                 access_log.info("request", extra={"fields": fields})
             if "handled_at" in state:
                 self.metrics.stages["log"].observe(time.perf_counter() - done)

@@ -200,6 +200,21 @@ def _health_paths() -> dict[str, Any]:
     }
 
 
+# server.service.is_evaluation: a prediction route's answer alike, its images kept out of the
+# prediction log, the drift window, live accuracy and predictions_total
+TRAFFIC_PARAM = {
+    "name": "X-Traffic-Class",
+    "in": "header",
+    "required": False,
+    "description": (
+        "`evaluation`: a deployment's own check. Answered as usual; nothing is logged or "
+        "monitored (feedback on its prediction_id is a 404). Needs the bearer token when "
+        "`API_TOKEN` is set. Default `production`; any other value is a 400."
+    ),
+    "schema": {"type": "string", "enum": ["production", "evaluation"]},
+}
+
+
 def _predict_paths(settings: Settings) -> dict[str, Any]:
     image_upload = {
         "required": True,
@@ -224,10 +239,11 @@ def _predict_paths(settings: Settings) -> dict[str, Any]:
                     f"{settings.max_pixels} pixels. Send `X-Request-ID` to choose the id."
                 ),
                 "tags": ["predict"],
+                "parameters": [TRAFFIC_PARAM],
                 "requestBody": image_upload,
                 "responses": {
                     "200": _json(_ref("Prediction"), "The prediction"),
-                    **_errors(400, 408, 413, 415, 422, 503, 504),
+                    **_errors(400, 401, 403, 408, 413, 415, 422, 503, 504),
                 },
             }
         },
@@ -239,6 +255,7 @@ def _predict_paths(settings: Settings) -> dict[str, Any]:
                     "image in order, a prediction or that image's own error."
                 ),
                 "tags": ["predict"],
+                "parameters": [TRAFFIC_PARAM],
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -267,7 +284,7 @@ def _predict_paths(settings: Settings) -> dict[str, Any]:
                         },
                         "One entry per image",
                     ),
-                    **_errors(400, 408, 413, 415, 422, 503, 504),
+                    **_errors(400, 401, 403, 408, 413, 415, 422, 503, 504),
                 },
             }
         },
@@ -414,7 +431,7 @@ def _v2_paths(settings: Settings, version: str) -> dict[str, Any]:
                     "`probabilities` FP32 [n, C] and `label` BYTES [n]."
                 ),
                 "tags": ["v2"],
-                "parameters": name_param,
+                "parameters": [*name_param, TRAFFIC_PARAM],
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -426,7 +443,7 @@ def _v2_paths(settings: Settings, version: str) -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json(_ref("V2InferResponse"), "Inference result"),
-                    **_errors(400, 404, 408, 413, 415, 422, 503, 504, v2=True),
+                    **_errors(400, 401, 403, 404, 408, 413, 415, 422, 503, 504, v2=True),
                 },
             }
         },

@@ -23,6 +23,7 @@ from starlette.requests import Request
 
 from catsdogs.contract import ModelContract
 from catsdogs.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
+from server.auth import require_token
 from server.errors import RETRY_SOON, ApiError, shutting_down
 from server.ids import new_id
 from server.inference import Batcher, ModelStoppedError, Outcome, QueueFullError, Ticket
@@ -115,6 +116,36 @@ class ImageResult:
     error: ApiError | None = None
 
 
+# Traffic that is answered but kept out of production's monitoring (a deployment's own checks):
+# its images are not logged, not in the drift window or live accuracy, and not counted in
+# predictions_total (evaluation_predictions_total counts them instead).
+TRAFFIC_HEADER = "x-traffic-class"
+TRAFFIC_CLASSES = ("production", "evaluation")
+
+
+def is_evaluation(request: Request, settings: Settings) -> bool:
+    """Whether the request declares itself evaluation traffic (``X-Traffic-Class: evaluation``).
+
+    Any other value, or the header sent more than once, is a 400 naming it: a caller that meant
+    to stay out of the log must not be logged silently. With ``API_TOKEN`` set, evaluation
+    traffic needs the bearer token (401, 403), since it hides predictions from monitoring.
+    """
+    values = request.headers.getlist(TRAFFIC_HEADER)
+    if not values:
+        return False
+    value = values[0].strip().lower()
+    if len(values) > 1 or value not in TRAFFIC_CLASSES:
+        raise ApiError(
+            400,
+            "invalid_traffic_class",
+            "the X-Traffic-Class header must be sent at most once, as 'production' or 'evaluation'",
+        )
+    if value == "production":
+        return False
+    require_token(request, settings)
+    return True
+
+
 # A route's reader: the request body (within the byte budget held by the reservation) as
 # uploads. It raises ApiError for a malformed body; nothing is admitted before it returns.
 Reader = Callable[[Reservation], Awaitable[list[Upload]]]
@@ -148,7 +179,11 @@ class Predictor:
 
         ``atomic``: the wire format has no per-image errors (V2), so one failed image fails
         the request, with its index, and nothing of it is logged.
+
+        Evaluation traffic (:func:`is_evaluation`, checked before the body is read) is answered
+        alike, and nothing of it is logged or observed by the monitor.
         """
+        evaluation = is_evaluation(request, self.settings)
         reservation = Reservation(self.body_bytes)
         try:
             uploads = await self._read(read, reservation)
@@ -170,10 +205,14 @@ class Predictor:
         results = [
             ImageResult(upload.filename, error=error)
             if error is not None
-            else self._predicted(upload, outcome, state["request_id"], route, latency_ms)
+            else self._predicted(
+                upload, outcome, state["request_id"], route, latency_ms, evaluation=evaluation
+            )
             for upload, outcome, error in zip(uploads, outcomes, errors, strict=True)
         ]
         state["images"] = len(results)
+        if evaluation:
+            state["traffic"] = "evaluation"
         state["handled_at"] = time.perf_counter()  # the rest is building and sending the answer
         if len(results) == 1 and results[0].prediction is not None:
             state["label"] = results[0].prediction.label
@@ -249,12 +288,22 @@ class Predictor:
         return None
 
     def _predicted(
-        self, upload: Upload, outcome: Outcome, request_id: str, route: str, latency_ms: float
+        self,
+        upload: Upload,
+        outcome: Outcome,
+        request_id: str,
+        route: str,
+        latency_ms: float,
+        *,
+        evaluation: bool,
     ) -> ImageResult:
         prepared, probs = outcome
         prediction = self.describe(probs)
         prediction_id = new_id()
-        self.record(prediction, prepared, prediction_id, request_id, route, latency_ms)
+        if evaluation:
+            self.metrics.evaluation_series(prediction.label).inc()
+        else:
+            self.record(prediction, prepared, prediction_id, request_id, route, latency_ms)
         return ImageResult(upload.filename, prediction, prediction_id)
 
     # ------------------------------------------------------------------ results

@@ -76,15 +76,21 @@ def test_smoke_script_checks_the_feedback_route_and_stores_no_label(server_proce
         args, capture_output=True, text=True, timeout=120, env={**env, "API_TOKEN": "wrong"}
     )
     assert wrong.returncode == 1
-    assert "/feedback for an unknown id: 403" in wrong.stderr
+    # its first prediction, sent as evaluation traffic with the wrong token, is refused
+    assert "/predict cat.0.jpg: 403" in wrong.stderr
     untokened = subprocess.run(
         args, capture_output=True, text=True, timeout=120, env=env | {"API_TOKEN": ""}
     )
     assert untokened.returncode == 0, untokened.stderr
+    assert "needs a bearer token for evaluation traffic" in untokened.stderr
     assert "/feedback needs a token" in untokened.stderr
     metrics = httpx.get(f"{server.url}/metrics").text
     assert prom(metrics, "feedback_requests_total", outcome="unknown_id") == 1  # the tokened run
     assert prom(metrics, "feedback_requests_total", outcome="stored") == 0
+    # the tokened run's 6 photos and batch of 2 were evaluation traffic, kept out of the log;
+    # the untokened run's went in as production traffic
+    assert prom(metrics, "evaluation_predictions_total") == 8
+    assert prom(metrics, "predictions_total") == 8
 
 
 def test_smoke_script_fails_when_nothing_answers(tmp_path):

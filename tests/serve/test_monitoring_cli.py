@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import BLUE, RED, ROOT, image_bytes
+from conftest import BLUE, RED, ROOT, image_bytes, prom
 
 from catsdogs import drift
 
@@ -100,6 +101,18 @@ def test_evaluate_deployment_passes_posts_feedback_and_reports(server_process, t
     rows = json.loads((tmp_path / "lim" / "results.json").read_text())
     assert [r["true_label"] for r in rows] == ["cat", "dog", "cat"]  # classes interleaved
     assert all(r["feedback_status"] is None for r in rows)
+    # without labels the photos went as evaluation traffic: answered, and not logged
+    assert json.loads((tmp_path / "lim" / "summary.json").read_text())["traffic"] == "evaluation"
+    assert summary["traffic"] == "production"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert prom(metrics, "evaluation_predictions_total", label="cat") == 2
+    assert prom(metrics, "evaluation_predictions_total", label="dog") == 1
+    assert prom(metrics, "predictions_total", label="cat") == 6  # the first run's alone
+    server.terminate()
+    with sqlite3.connect(tmp_path / "predictions.db") as db:
+        logged = {row[0] for row in db.execute("SELECT prediction_id FROM predictions")}
+    assert logged == {r["prediction_id"] for r in results}
+    assert not logged & {r["prediction_id"] for r in rows}
 
 
 def test_evaluate_deployment_fails_below_threshold_and_when_unreachable(
@@ -274,3 +287,42 @@ def test_evaluate_deployment_on_a_manifest_sends_its_held_out_split_only(
     folder = evaluate("--url", other.url, "--data", str(photos), "--out", str(tmp_path / "f"))
     assert folder.returncode == 0, folder.stderr
     assert json.loads((tmp_path / "f" / "summary.json").read_text())["held_out"] is None
+
+
+def test_evaluate_deployment_without_feedback_uses_the_token_or_says_it_is_logged(
+    server_process, tmp_path: Path
+):
+    """A server with API_TOKEN lets only token holders send evaluation traffic: with the token
+    the photos stay out of its log; without it the run says so and is logged, never failed."""
+    server = server_process(API_TOKEN="eval-token")
+    server.wait_ready()
+    data = labelled_folder(tmp_path / "photos", n=2)
+    args = ["--url", server.url, "--data", str(data), "--no-feedback"]
+    base = [sys.executable, "-m", "monitoring.evaluate_deployment", *args]
+
+    def evaluate_with(token: str, out: str) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "API_TOKEN": token}
+        return subprocess.run(
+            [*base, "--out", str(tmp_path / out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+
+    tokened = evaluate_with("eval-token", "tokened")
+    assert tokened.returncode == 0, tokened.stderr
+    assert (
+        json.loads((tmp_path / "tokened" / "summary.json").read_text())["traffic"] == "evaluation"
+    )
+    untokened = evaluate_with("", "untokened")
+    assert untokened.returncode == 0, untokened.stderr
+    assert "needs a bearer token for evaluation traffic" in untokened.stderr
+    summary = json.loads((tmp_path / "untokened" / "summary.json").read_text())
+    assert summary["traffic"] == "production"
+    assert summary["errors"] == 0
+    assert summary["correct"] == 4
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert prom(metrics, "evaluation_predictions_total") == 4
+    assert prom(metrics, "predictions_total") == 4
