@@ -15,8 +15,8 @@
 # posted on every deployment would pile up in production's live accuracy and hide real feedback). Any failure (or a SIGTERM/SIGINT midway: a cancelled job)
 # restarts the image and model version that ran before, re-checks their health, and the script
 # exits non-zero either way. One run at a time (a lock in the state folder).
-# State lives in $DEPLOY_STATE_DIR, on the host: `deployments` (every image and model version
-# that passed, in order: what rollback walks back through), `current`/`model` and
+# State lives in $DEPLOY_STATE_DIR, on the host: `deployments` (every image, pinned to its
+# registry digest, and model version that passed, in order: what rollback walks back through), `current`/`model` and
 # `previous`/`model_previous` (the last two pairs) and `history` (every attempt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -192,6 +192,21 @@ attempt() {
     restore "$image" "$version" "$what" "$running"
 }
 
+# IMAGE pinned to the digest the registry gave it (name:tag@sha256:...; docker resolves it by
+# the digest alone): what passed the checks is what runs, and what a rollback restarts, even if
+# the tag is pushed again later. An image with no registry digest (built here) stays a tag.
+pinned() {
+    local image=$1 name line
+    if [[ $image == *@sha256:* ]]; then echo "$image"; return 0; fi
+    name=$image
+    [[ ${name##*/} == *:* ]] && name=${name%:*}  # the tag off, not a registry's port
+    while IFS= read -r line; do
+        if [[ $line == "$name@sha256:"* ]]; then echo "$image@${line#*@}"; return 0; fi
+    done < <(docker image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$image" \
+        2>/dev/null || true)
+    echo "$image"
+}
+
 cmd_deploy() {
     local image=${1:?usage: deploy IMAGE}
     lock
@@ -200,6 +215,7 @@ cmd_deploy() {
     log "deploying $image with $MODEL_NAME@$MODEL_ALIAS = version $version" \
         "(running now: $(state current) model $(state model))"
     docker image inspect "$image" >/dev/null 2>&1 || docker pull "$image"
+    image=$(pinned "$image")
     attempt "$image" "$version" deploy
 }
 

@@ -27,7 +27,7 @@ case "$1 $2" in
   "compose stop") echo "STOPPED -" > "$RUN/running"; exit 0;;
   "compose ps") read -r img uri < "$RUN/running"; [[ $img != STOPPED ]] && echo serve-1; exit 0;;
   "compose logs") exit 0;;
-  "image inspect") exit 0;;
+  "image inspect") [[ $3 == --format ]] && cat "$RUN/digests" 2>/dev/null; exit 0;;
   "inspect --format")
     read -r img uri < "$RUN/running"
     if [[ $3 == *Image* ]]; then echo "$img"; else printf 'PATH=/x\\nMODEL_URI=%s\\n' "$uri"; fi
@@ -255,6 +255,32 @@ def test_cd_reload_checks_out_the_commit_of_the_running_image(host: Host) -> Non
     code, out, sha = _cd_commit_step(host, "reload", head)
     assert (code, sha) == (1, "")
     assert "not tagged with a commit sha" in out
+
+
+def test_a_deployed_image_is_pinned_to_its_registry_digest(host: Host) -> None:
+    """The tag a CD run deploys can be pushed again later; the image that passed the checks is
+    started, recorded and rolled back to by its digest, and a reload still finds its commit."""
+    sha, other = "c" * 40, "d" * 40
+    digest, decoy = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    (host.run_dir / "digests").write_text(
+        f"ghcr.io/o/catsdogs-serve-old@{decoy}\nghcr.io/o/catsdogs-serve@{digest}\n"
+    )
+    code, out = host("deploy", f"ghcr.io/o/catsdogs-serve:{sha}")
+    assert code == 0, out
+    pinned = f"ghcr.io/o/catsdogs-serve:{sha}@{digest}"
+    assert host.running == f"{pinned} {uri(3)}"
+    assert host.deployments() == [f"{pinned} 3"]
+    assert (host.state / "current").read_text().strip() == pinned
+    code, out, commit = _cd_commit_step(host, "reload", other)
+    assert (code, commit) == (0, sha), out
+
+    (host.run_dir / "digests").write_text("")  # a local build: no registry digest, kept a tag
+    code, out = host("deploy", f"registry.local:5000/catsdogs-serve:{other}")
+    assert code == 0, out
+    assert host.running == f"registry.local:5000/catsdogs-serve:{other} {uri(3)}"
+    code, out = host("rollback")
+    assert code == 0, out
+    assert host.running == f"{pinned} {uri(3)}"  # back to the digest that passed
 
 
 def test_the_deployment_checks_post_no_labels_to_production(host: Host) -> None:
