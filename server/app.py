@@ -31,7 +31,7 @@ from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
 from catsdogs.cpus import available_cpus
 from server import docs, monitor_routes, openapi, ui, v2
 from server.error_handlers import EXCEPTION_HANDLERS
-from server.errors import RETRY_SOON, ApiError, error_response
+from server.errors import RETRY_SOON, ApiError
 from server.inference import Batcher, BatchStats, Escalate, InferenceModel, load_model
 from server.limits import Budget, Reservation
 from server.logs import configure_logging
@@ -73,7 +73,7 @@ async def ready(request: Request) -> Response:
         if monitor is not None:
             body["prediction_log"] = monitor.log_status()
         return JSONResponse(body)
-    return error_response(503, "not_ready", "the model is not loaded yet or is shutting down")
+    raise ApiError(503, "not_ready", "the model is not loaded yet or is shutting down")
 
 
 # ---------------------------------------------------------------------- predictions

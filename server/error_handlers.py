@@ -1,6 +1,6 @@
 """Exception handlers: an :class:`ApiError` or Starlette's 404/405 -> the API's error body.
 
-V2 (Open Inference Protocol) paths answer in that protocol's shape, ``{"error": "message"}``.
+V2 (Open Inference Protocol) paths answer in that protocol's shape (``server.errors.error_body``).
 """
 
 from __future__ import annotations
@@ -12,20 +12,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.errors import ApiError, error_response, v2_error_response
+from server.errors import ApiError, error_response
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
-def _is_v2(request: Request) -> bool:
-    return request.url.path.startswith("/v2")
-
-
 async def api_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    if _is_v2(request):
-        return v2_error_response(exc.status, exc.message, exc.headers)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    path = request.scope["path"]
+    return error_response(path, exc.status, exc.code, exc.message, exc.headers)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
@@ -35,9 +30,7 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
         404: f"no endpoint at {request.url.path}",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(exc.status_code, "the request could not be handled")
-    if _is_v2(request):
-        return v2_error_response(exc.status_code, message, exc.headers)
-    return error_response(exc.status_code, code, message, exc.headers)
+    return error_response(request.scope["path"], exc.status_code, code, message, exc.headers)
 
 
 EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {

@@ -1,10 +1,13 @@
-"""Errors the API answers, and their one JSON shape: ``{"error": {"code", "message"}}``.
+"""Errors the API answers, and their JSON shape: ``{"error": {"code", "message"}}``, or under
+``/v2`` the Open Inference Protocol's ``{"error": "message"}`` (:func:`error_body` alone decides).
 
 Handlers raise :class:`ApiError`; the app turns it into a response. The message is always
 written here for the client, never an exception's text.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from starlette.responses import JSONResponse
 
@@ -43,14 +46,21 @@ def shutting_down() -> ApiError:
     return ApiError(503, "shutting_down", "the server is shutting down", RETRY_SOON)
 
 
+def is_v2(path: str) -> bool:
+    """Whether ``path`` is one of the V2 (Open Inference Protocol) routes."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_body(path: str, code: str, message: str) -> dict[str, Any]:
+    """An error's JSON body in the shape of ``path``'s protocol: the V2 routes answer
+    ``{"error": "message"}`` (their protocol has no codes), every other route the API's shape."""
+    if is_v2(path):
+        return {"error": message}
+    return {"error": {"code": code, "message": message}}
+
+
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
-
-
-def v2_error_response(status: int, message: str, headers: dict[str, str] | None = None):
-    """The Open Inference Protocol's own error shape."""
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    """The error as the route at ``path`` answers it (:func:`error_body`)."""
+    return JSONResponse(error_body(path, code, message), status_code=status, headers=headers)

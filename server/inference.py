@@ -436,39 +436,13 @@ def _session_maker(path: Path) -> Iterator[_Opened]:
     finally:
         data = b""  # 50 MB for a cascade: not kept while the sessions open
     with contextlib.ExitStack() as stack:
-
-        def scratch(suffix: str) -> tuple[str, int]:
-            """A file in memory (Linux) or else a temporary one: its path, and an fd to pass on
-            (-1: none). onnxruntime reads a path ending in .ort as its own format."""
-            if hasattr(os, "memfd_create"):
-                fd = os.memfd_create(f"catsdogs-model{suffix}", 0)
-                stack.callback(os.close, fd)
-                return f"/proc/self/fd/{fd}", fd
-            fd, name = tempfile.mkstemp(suffix=suffix)
-            os.close(fd)
-            stack.callback(Path(name).unlink, missing_ok=True)
-            return name, -1
-
         child: subprocess.Popen[bytes] | None = None
         answers = ""
         if later is not None:  # the child optimises the second step while this opens the first
-            source, source_fd = scratch(".onnx")
-            # a copy of the memfd's descriptor is closed after the write, the memfd stays open
-            with open(os.dup(source_fd) if source_fd >= 0 else source, "wb") as out:
-                out.write(later[0])
-            answers, later = later[1], None
-            later_ort, fd = scratch(".ort")
-            child = subprocess.Popen(
-                [sys.executable, "-c", OPTIMIZE, source, later_ort],
-                pass_fds=tuple(f for f in (source_fd, fd) if f >= 0),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            stack.callback(_reap, child)
-            _children.add(child)
-            stack.callback(_children.discard, child)
-        first_ort, _ = scratch(".ort")
+            (graph, answers), later = later, None
+            child, later_ort = _optimise_in_child(stack, graph)
+            del graph
+        first_ort, _ = _scratch(stack, ".ort")
         options = _options(ort, 1, False)
         options.optimized_model_filepath = first_ort
         options.add_session_config_entry("session.save_model_format", "ORT")
@@ -486,16 +460,58 @@ def _session_maker(path: Path) -> Iterator[_Opened]:
             )
         second = None
         if child is not None:
-            try:
-                _, error = child.communicate(timeout=OPTIMIZE_TIMEOUT_S)
-            except subprocess.TimeoutExpired as exc:
-                took = f"over {exc.timeout} s"
-                raise ModelLoadError(f"{path}: optimising the cascade took {took}") from exc
-            if child.returncode != 0:
-                last = error.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                raise ModelLoadError(f"{path}: optimising the cascade failed: {last[0][:300]}")
+            _wait_optimised(child, path)
             second = _saved(ort, later_ort)
         yield _Opened(contract, inputs, _saved(ort, first_ort), second, answers, below)
+
+
+def _scratch(stack: contextlib.ExitStack, suffix: str) -> tuple[str, int]:
+    """A file in memory (Linux) or else a temporary one, removed when ``stack`` closes: its
+    path, and an fd to pass on (-1: none). onnxruntime reads a path ending in .ort as its own
+    format."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create(f"catsdogs-model{suffix}", 0)
+        stack.callback(os.close, fd)
+        return f"/proc/self/fd/{fd}", fd
+    fd, name = tempfile.mkstemp(suffix=suffix)
+    os.close(fd)
+    stack.callback(Path(name).unlink, missing_ok=True)
+    return name, -1
+
+
+def _optimise_in_child(
+    stack: contextlib.ExitStack, graph: bytes
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a child process that optimises ``graph`` (an ONNX model) and saves it in
+    onnxruntime's format; returns the child (reaped when ``stack`` closes) and the saved file's
+    path."""
+    source, source_fd = _scratch(stack, ".onnx")
+    # a copy of the memfd's descriptor is closed after the write, the memfd stays open
+    with open(os.dup(source_fd) if source_fd >= 0 else source, "wb") as out:
+        out.write(graph)
+    saved, fd = _scratch(stack, ".ort")
+    child = subprocess.Popen(
+        [sys.executable, "-c", OPTIMIZE, source, saved],
+        pass_fds=tuple(f for f in (source_fd, fd) if f >= 0),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    stack.callback(_reap, child)
+    _children.add(child)
+    stack.callback(_children.discard, child)
+    return child, saved
+
+
+def _wait_optimised(child: subprocess.Popen[bytes], path: Path) -> None:
+    """Wait for :func:`_optimise_in_child`'s child; :class:`ModelLoadError` if it failed."""
+    try:
+        _, error = child.communicate(timeout=OPTIMIZE_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise ModelLoadError(f"{path}: optimising the cascade took over {exc.timeout} s") from exc
+    if child.returncode != 0:
+        last = error.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise ModelLoadError(f"{path}: optimising the cascade failed: {last[0][:300]}")
 
 
 def _saved(ort: Any, graph: str) -> OpenSession:
@@ -589,7 +605,6 @@ class _Job:
 class BatchStats:
     size: int  # images in the run
     queue_wait_s: list[float]  # per job, from enqueue to the start of its work
-    decode_s: float  # the batch's decode phase, wall time
     run_s: float
     decoded: list[Any]  # what ``prepare`` made of each image that decoded
     label: str = ""  # the thread policy it ran on ("spin", "sleep" or "parallel")
@@ -838,7 +853,7 @@ class Batcher:
     ) -> None:
         """One batch: wait for its ``work`` on a thread, then give each request its share."""
         try:
-            outcomes, started, decode_s, run_s, label, escalated = await work
+            outcomes, started, run_s, label, escalated = await work
         except Exception as exc:  # a failed run fails its requests, never the loop
             self._ran()
             logger.exception("inference failed for a batch of %d", len(blobs))
@@ -856,7 +871,7 @@ class Batcher:
         if self.on_batch is not None:
             good = [o[0] for o in outcomes if not isinstance(o, Exception)]
             waits = [max(0.0, started - job.enqueued) for job in jobs]
-            stats = BatchStats(len(good), waits, decode_s, run_s, good, label, escalated)
+            stats = BatchStats(len(good), waits, run_s, good, label, escalated)
             self.on_batch(stats)
 
     def _decode(self, blob: bytes) -> Decoded | Exception:
@@ -868,13 +883,13 @@ class Batcher:
 
     def _work(
         self, blobs: list[bytes], parallel: bool = False
-    ) -> tuple[list[Outcome], float, float, float, str, int]:
+    ) -> tuple[list[Outcome], float, float, str, int]:
         """Blocking, on a batch's thread: decode the batch, then one run.
 
         Alone, the images decode on the decode pool; in parallel mode, one after the other on
         this thread (the other runs keep the other cores busy). Returns the outcomes, when the
-        work started, the decode and run seconds (a cascade's second step in the run), the run's
-        label and how many images went to its second step."""
+        work started, the run's seconds (a cascade's second step included; each image's decode is in
+        its own ``Decoded``), the run's label and how many images went to its second step."""
         started = time.perf_counter()
         if len(blobs) == 1 or parallel:
             decoded = [self._decode(blob) for blob in blobs]
@@ -883,7 +898,7 @@ class Batcher:
         good = [d for d in decoded if not isinstance(d, Exception)]
         decoded_at = time.perf_counter()
         if not good:
-            return decoded, started, decoded_at - started, 0.0, "", 0
+            return decoded, started, 0.0, "", 0
         # A lone image needs no stacking copy: a view with a batch axis is enough.
         batch = good[0].array[None] if len(good) == 1 else np.stack([d.array for d in good])
         if parallel:
@@ -902,7 +917,7 @@ class Batcher:
         outcomes: list[Outcome] = [
             d if isinstance(d, Exception) else (d, next(rows)) for d in decoded
         ]
-        return outcomes, started, decoded_at - started, run_s, label, escalated
+        return outcomes, started, run_s, label, escalated
 
     async def _fill(self) -> None:
         """Wait briefly for more images, but only while others are known to be on their way.

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from catsdogs import drift
-from server.store import FeedbackResult, PredictionEvent, PrunedPrediction, iter_aggregates
+from server.store import FeedbackResult, PredictionEvent, PrunedPrediction
+from server.store_sqlite import iter_aggregates
 
 CONFIDENCE_EDGES = drift.CONFIDENCE_EDGES
 

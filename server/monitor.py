@@ -34,10 +34,10 @@ from server.store import (
     FeedbackResult,
     PredictionEvent,
     PrunedPrediction,
-    SqliteStore,
     StoreTimeoutError,
     WriterStore,
 )
+from server.store_sqlite import SqliteStore
 
 __all__ = ["Monitor", "PredictionEvent"]
 

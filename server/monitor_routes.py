@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.auth import require_token
-from server.errors import ApiError, error_response
+from server.errors import ApiError
 from server.ids import is_valid_id
 from server.monitor import Monitor
 from server.settings import Settings
@@ -162,7 +162,7 @@ async def feedback_endpoint(request: Request) -> Response:
         result = await _store_feedback(monitor, item)
     except ApiError as exc:
         monitor.feedback_received.labels(_OUTCOMES.get(exc.status, "error")).inc()
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        raise
     monitor.feedback_received.labels("stored").inc()
     return JSONResponse(
         {

@@ -2,7 +2,7 @@
 
 The server talks to a :class:`WriterStore` (:class:`PredictionStore` names its core calls);
 ``server.monitor.Monitor._open_store`` picks the backend from the settings:
-:class:`SqliteStore` (the default, one file, one process) or
+``server.store_sqlite.SqliteStore`` (the default, one file, one process) or
 ``server.store_postgres.PostgresStore`` (a database shared by every replica; psycopg is
 imported only then). Both are :class:`WriterStore`, so they behave alike:
 
@@ -34,13 +34,11 @@ import contextlib
 import json
 import logging
 import math
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -49,31 +47,6 @@ from server.threads import name_os_thread
 log = logging.getLogger("server.store")
 
 SCHEMA_VERSION = 1
-_SCHEMA_V1 = (
-    """CREATE TABLE predictions (
-    prediction_id TEXT PRIMARY KEY,
-    request_id    TEXT NOT NULL,
-    ts            REAL NOT NULL,
-    model_version TEXT NOT NULL,
-    label         TEXT NOT NULL,
-    confidence    REAL NOT NULL,
-    probabilities TEXT NOT NULL,
-    input_sha256  TEXT NOT NULL,
-    width         INTEGER NOT NULL,
-    height        INTEGER NOT NULL,
-    brightness    REAL NOT NULL,
-    latency_ms    REAL NOT NULL,
-    route         TEXT NOT NULL
-)""",
-    "CREATE INDEX predictions_request_id ON predictions (request_id)",
-    "CREATE INDEX predictions_version_ts ON predictions (model_version, ts)",
-    "CREATE INDEX predictions_ts ON predictions (ts)",  # retention deletes the oldest first
-    """CREATE TABLE feedback (
-    prediction_id TEXT PRIMARY KEY,
-    true_label    TEXT NOT NULL,
-    ts            REAL NOT NULL
-)""",
-)
 PREDICTION_COLUMNS = (
     "prediction_id",
     "request_id",
@@ -89,14 +62,11 @@ PREDICTION_COLUMNS = (
     "latency_ms",
     "route",
 )
-_INSERT_HEAD = f"INSERT INTO predictions ({','.join(PREDICTION_COLUMNS)}) VALUES "
-_ROW = f"({','.join('?' * len(PREDICTION_COLUMNS))})"
-_INSERT = _INSERT_HEAD + _ROW
-INSERT_ROWS = 64  # rows per INSERT statement (64 x 13 parameters, far below SQLite's limit)
 
 BEHIND_QUEUE_FRACTION = 0.8  # a queue fuller than this is "behind" (drops are near)
 STUCK_FACTOR = 2.0  # no progress for this many store timeouts is "stuck"
 RESTART_MIN_INTERVAL_S = 1.0  # a writer that dies at once is not restarted in a busy loop
+STOP_TIMEOUT_S = 10.0  # at shutdown, the writer's time to write what is queued (within a grace)
 
 
 class StoreUnavailableError(RuntimeError):
@@ -216,7 +186,7 @@ class PredictionStore(Protocol):
     def status(self) -> str:
         """ok, behind, stuck, failing, dead or unavailable (see :meth:`WriterStore.status`)."""
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Write everything queued, then close."""
 
     # what the monitor reports about the writer (see WriterStore)
@@ -334,23 +304,6 @@ class _WriteQueue:
             return len(self._items)
 
 
-def connect(
-    path: Path, *, readonly: bool = False, check_same_thread: bool = True
-) -> sqlite3.Connection:
-    """A connection with the pragmas the log relies on (WAL: readers never block the writer)."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
-    else:
-        conn = sqlite3.connect(
-            path, timeout=10.0, isolation_level=None, check_same_thread=check_same_thread
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash; only power loss can cost the last commits
-        conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
-
-
 def redact_url(url: str) -> str:
     """``scheme://host:port/database`` of a store URL, without user, password or query, so
     it can be logged and shown."""
@@ -365,89 +318,54 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-# ---------------------------------------------------------------------- schema
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
-    return row.fetchone() is not None
+def write_in_order(
+    items: list[_Item],
+    insert: Callable[[list[PredictionEvent]], None],
+    feedback: Callable[[_Feedback], _Outcome],
+) -> list[tuple[_Item, _Outcome]]:
+    """A batch as both backends write it, in the caller's transaction: predictions inserted many
+    at a time, each feedback only after the predictions queued before it (its lookup must find
+    them). Returns each item with its outcome (None for a prediction)."""
+    done: list[tuple[_Item, _Outcome]] = []
+    pending: list[PredictionEvent] = []  # rows not yet inserted
+    for item in items:
+        if isinstance(item, PredictionEvent):
+            pending.append(item)
+            continue
+        insert(pending)
+        done += [(row, None) for row in pending]
+        pending = []
+        done.append((item, feedback(item)))
+    insert(pending)
+    done += [(row, None) for row in pending]
+    return done
 
 
-def _create_v1(conn: sqlite3.Connection) -> None:
-    for statement in _SCHEMA_V1:
-        conn.execute(statement)
-
-
-def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
-    """Key predictions and feedback by prediction_id; old rows keep their request id as it."""
-    conn.execute("ALTER TABLE predictions RENAME TO predictions_v0")
-    conn.execute("DROP INDEX IF EXISTS predictions_version_ts")  # moved with the old table
-    if _has_table(conn, "feedback"):
-        conn.execute("ALTER TABLE feedback RENAME TO feedback_v0")
+def apply_feedback(execute: Callable[..., Any], item: _Feedback, mark: str) -> _Outcome:
+    """Find the prediction ``item`` names and store its label, in the caller's transaction: the
+    one lookup and upsert both backends run (``execute`` is the connection's, ``mark`` its
+    parameter marker, ``?`` or ``%s``). None when no logged image matches."""
+    select = (
+        "SELECT p.prediction_id, p.request_id, p.model_version, p.label, f.true_label "
+        "FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.prediction_id "
+    )
+    if item.prediction_id is not None:
+        found = execute(select + f"WHERE p.prediction_id = {mark}", (item.prediction_id,))
     else:
-        conn.execute("CREATE TABLE feedback_v0 (request_id TEXT, true_label TEXT, ts REAL)")
-    _create_v1(conn)
-    kept = ",".join(PREDICTION_COLUMNS[2:])
-    conn.execute(
-        f"INSERT INTO predictions (prediction_id, request_id, {kept}) "
-        f"SELECT request_id, request_id, {kept} FROM predictions_v0"
+        found = execute(select + f"WHERE p.request_id = {mark} LIMIT 2", (item.request_id,))
+    rows = found.fetchall()
+    if not rows:
+        return None
+    if len(rows) > 1:
+        return AmbiguousRequestIdError("several logged images share this request_id")
+    prediction_id, request_id, version, predicted, previous = rows[0]
+    execute(
+        f"INSERT INTO feedback (prediction_id, true_label, ts) VALUES ({mark}, {mark}, {mark}) "
+        "ON CONFLICT (prediction_id) DO UPDATE SET true_label = excluded.true_label, "
+        "ts = excluded.ts",
+        (prediction_id, item.true_label, item.ts),
     )
-    conn.execute(
-        "INSERT INTO feedback (prediction_id, true_label, ts) "
-        "SELECT request_id, true_label, ts FROM feedback_v0"
-    )
-    conn.execute("DROP TABLE predictions_v0")
-    conn.execute("DROP TABLE feedback_v0")
-
-
-# target version -> the step that brings the version before it there
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_0_to_1}
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the log to :data:`SCHEMA_VERSION` in one transaction; returns the version found."""
-    conn.execute("BEGIN IMMEDIATE")  # two processes opening one file migrate it once
-    try:
-        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if found > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"schema version {found} is newer than this server's {SCHEMA_VERSION}"
-            )
-        version = found
-        if version == 0 and not _has_table(conn, "predictions"):
-            _create_v1(conn)  # a new log starts at the current version
-            version = SCHEMA_VERSION
-        for target in sorted(MIGRATIONS):
-            if version < target:
-                MIGRATIONS[target](conn)
-                log.info("prediction log: schema migrated from version %d to %d", version, target)
-                version = target
-        conn.execute(f"PRAGMA user_version = {int(version)}")
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
-    return found
-
-
-def _is_busy(exc: BaseException) -> bool:
-    """SQLite's ``database is locked``: another connection held the write lock past the busy
-    timeout (a ``VACUUM``, a backup, a script's long transaction). It passes; nothing is wrong
-    with the rows or the file, so the batch waits and retries as through an outage."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return (
-        isinstance(exc, sqlite3.OperationalError)
-        and code is not None
-        and ((code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
-    )
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    """The database itself failed (full disk, I/O): retrying row by row cannot help (a lock is
-    :func:`_is_busy`'s, waited out instead).
-
-    Anything else (a value SQLite cannot bind, a duplicate key, a bug) is about one row.
-    """
-    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+    return FeedbackResult(prediction_id, request_id, item.true_label, version, predicted, previous)
 
 
 def _reason(exc: BaseException) -> str:
@@ -589,7 +507,7 @@ class WriterStore:
         self._start_thread()
         self._opened.wait(30.0)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         self._ensure_writer()  # a dead writer is brought back to flush what is queued
         self._stopping.set()
         self._queue.wake()
@@ -608,10 +526,6 @@ class WriterStore:
                 self._open_error or "the writer did not get them out",
             )
         self._abandon(leftover)
-
-    @property
-    def healthy(self) -> bool:
-        return self.status() == "ok"
 
     @property
     def open_error(self) -> str | None:
@@ -997,179 +911,3 @@ class WriterStore:
             except Exception as exc:
                 self._log_once(f"hook:{type(exc).__name__}", "prediction log: prune hook failed")
         return len(rows)
-
-
-class SqliteStore(WriterStore):
-    """:class:`PredictionStore` on one SQLite file in WAL mode, written by one thread.
-
-    One process per file: the figures the owner caches from the after-commit hooks are the
-    whole truth (see :class:`WriterStore` for the writer's behaviour).
-    """
-
-    backend = "sqlite"
-
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        max_page_count: int | None = None,  # caps the file size (tests use it as a full disk)
-        **options: Any,
-    ) -> None:
-        super().__init__(**options)
-        self.path = Path(path)
-        self.max_page_count = max_page_count
-        self._conn: sqlite3.Connection | None = None
-
-    def describe(self) -> str:
-        return str(self.path)
-
-    def _open_backend(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path, check_same_thread=False)  # a restarted writer reuses it
-        try:
-            if self.max_page_count is not None:
-                conn.execute(f"PRAGMA max_page_count={int(self.max_page_count)}")
-            migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        if self._on_open is not None:
-            try:  # before the first write, so cached figures never count a row twice
-                self._on_open(conn)
-            except Exception:
-                log.exception("prediction log: could not read past figures; counting from zero")
-        self._conn = conn
-        log.info("prediction log: %s (SQLite, WAL, schema version %d)", self.path, SCHEMA_VERSION)
-
-    def _error_kind(self, exc: BaseException) -> str:
-        if _is_busy(exc):
-            return "outage"
-        return "storage" if _is_storage_error(exc) else "row"
-
-    def _recover(self) -> None:
-        assert self._conn is not None
-        if self._conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-
-    def _close(self) -> None:
-        assert self._conn is not None
-        # a checkpoint is an optimisation; the WAL is replayed on the next open anyway
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.close()
-
-    def _commit(self, items: list[_Item]) -> list[tuple[_Item, _Outcome]]:
-        conn = self._conn
-        assert conn is not None
-        done: list[tuple[_Item, _Outcome]] = []
-        pending: list[PredictionEvent] = []  # rows not yet sent to executemany
-        conn.execute("BEGIN IMMEDIATE")
-        for item in items:
-            if isinstance(item, PredictionEvent):
-                pending.append(item)
-                continue
-            # predictions queued before this feedback must be visible to its lookup
-            self._insert(conn, pending)
-            done += [(row, None) for row in pending]
-            pending = []
-            done.append((item, self._apply_feedback(conn, item)))
-        self._insert(conn, pending)
-        done += [(row, None) for row in pending]
-        conn.execute("COMMIT")
-        return done
-
-    def _rollback(self) -> None:
-        # the failed statement may already have rolled the transaction back
-        if self._conn is not None and self._conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, rows: list[PredictionEvent]) -> None:
-        # plain INSERT: a duplicate prediction_id fails (and is counted), never hides. Up to
-        # INSERT_ROWS rows a statement: sqlite3 releases the GIL around every step, so
-        # executemany's row-by-row steps hand the GIL to the event loop and wait to get it back
-        # once per row, while one statement of many rows steps once
-        for start in range(0, len(rows), INSERT_ROWS):
-            part = rows[start : start + INSERT_ROWS]
-            values = ",".join([_ROW] * len(part))
-            conn.execute(_INSERT_HEAD + values, [v for r in part for v in r.as_tuple()])
-
-    @staticmethod
-    def _apply_feedback(conn: sqlite3.Connection, item: _Feedback) -> _Outcome:
-        select = (
-            "SELECT p.prediction_id, p.request_id, p.model_version, p.label, f.true_label "
-            "FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.prediction_id "
-        )
-        if item.prediction_id is not None:
-            found = conn.execute(select + "WHERE p.prediction_id = ?", (item.prediction_id,))
-        else:
-            found = conn.execute(select + "WHERE p.request_id = ? LIMIT 2", (item.request_id,))
-        rows = found.fetchall()
-        if not rows:
-            return None
-        if len(rows) > 1:
-            return AmbiguousRequestIdError("several logged images share this request_id")
-        prediction_id, request_id, version, predicted, previous = rows[0]
-        conn.execute(
-            "INSERT INTO feedback (prediction_id, true_label, ts) VALUES (?, ?, ?) "
-            "ON CONFLICT(prediction_id) DO UPDATE SET true_label = excluded.true_label, "
-            "ts = excluded.ts",
-            (prediction_id, item.true_label, item.ts),
-        )
-        return FeedbackResult(
-            prediction_id, request_id, item.true_label, version, predicted, previous
-        )
-
-    def _prune_chunk(
-        self, cutoff: float | None, limit: int, keep: int = 0
-    ) -> list[PrunedPrediction]:
-        conn = self._conn
-        assert conn is not None
-        where, params = ("WHERE p.ts < ?", (cutoff,)) if cutoff is not None else ("", ())
-        conn.execute("BEGIN IMMEDIATE")
-        if cutoff is None:
-            (count,) = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()
-            limit = max(0, min(limit, int(count) - keep))
-        rows = conn.execute(
-            "SELECT p.rowid, p.prediction_id, p.model_version, p.label, p.confidence, "
-            "f.true_label FROM predictions p "
-            f"LEFT JOIN feedback f ON f.prediction_id = p.prediction_id {where} "
-            "ORDER BY p.ts, p.rowid LIMIT ?",
-            (*params, limit),
-        ).fetchall()
-        if rows:
-            placeholders = ",".join("?" * len(rows))
-            ids = [r[1] for r in rows]
-            rowids = [r[0] for r in rows]
-            conn.execute(f"DELETE FROM feedback WHERE prediction_id IN ({placeholders})", ids)
-            conn.execute(f"DELETE FROM predictions WHERE rowid IN ({placeholders})", rowids)
-        conn.execute("COMMIT")
-        return [PrunedPrediction(r[2], r[3], r[4], r[5]) for r in rows]
-
-
-# ---------------------------------------------------------------------- reading
-def iter_aggregates(
-    conn: sqlite3.Connection, confidence_edges: Iterable[float]
-) -> tuple[list[tuple[str, str, int, int, float]], list[tuple[str, str, str, int]]]:
-    """Grouped figures straight from SQL (C speed, no row loop in Python).
-
-    Returns (predictions, feedback): rows of (model_version, label, confidence_bin, count,
-    confidence_sum) and of (model_version, true_label, predicted_label, count).
-    """
-    inner = list(confidence_edges)[1:-1]
-    # the same binning as catsdogs.drift.bin_counts: a value equal to an edge goes up
-    case = " ".join(f"WHEN confidence < {float(e)!r} THEN {i}" for i, e in enumerate(inner))
-    bin_expr = f"CASE {case} ELSE {len(inner)} END"
-    predictions = conn.execute(
-        f"SELECT model_version, label, {bin_expr} AS b, COUNT(*), SUM(confidence) "
-        "FROM predictions GROUP BY model_version, label, b"
-    ).fetchall()
-    feedback = conn.execute(
-        "SELECT p.model_version, f.true_label, p.label, COUNT(*) FROM feedback f "
-        "JOIN predictions p ON p.prediction_id = f.prediction_id "
-        "GROUP BY p.model_version, f.true_label, p.label"
-    ).fetchall()
-    return predictions, feedback

@@ -35,16 +35,15 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from server.store import (
     PREDICTION_COLUMNS,
     SCHEMA_VERSION,
-    AmbiguousRequestIdError,
-    FeedbackResult,
     PredictionEvent,
     PrunedPrediction,
     SchemaVersionError,
     WriterStore,
-    _Feedback,
     _Item,
     _Outcome,
+    apply_feedback,
     redact_url,
+    write_in_order,
 )
 from server.threads import name_os_thread
 
@@ -79,13 +78,10 @@ _SCHEMA_V1 = (
     ts            DOUBLE PRECISION NOT NULL
 )""",
 )
+POOL_CLOSE_S = 1.0  # at shutdown, after the writer and the refresher (STORE_TIMEOUT_S)
 _INSERT = (
     f"INSERT INTO predictions ({','.join(PREDICTION_COLUMNS)}) "
     f"VALUES ({','.join(['%s'] * len(PREDICTION_COLUMNS))})"
-)
-_SELECT_FOR_FEEDBACK = (
-    "SELECT p.prediction_id, p.request_id, p.model_version, p.label, f.true_label "
-    "FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.prediction_id "
 )
 # SQLSTATEs that pass: the server is restarting or refusing connections for a while (57P0x,
 # 53300), or two replicas' transactions collided (40001, 40P01); class 08 is a lost connection
@@ -259,7 +255,7 @@ class PostgresStore(WriterStore):
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.close(timeout=1.0)
+            pool.close(timeout=POOL_CLOSE_S)
 
     # ------------------------------------------------------------------ writing
     def _connection(self) -> Any:
@@ -272,21 +268,12 @@ class PostgresStore(WriterStore):
         return error_kind(exc)
 
     def _commit(self, items: list[_Item]) -> list[tuple[_Item, _Outcome]]:
-        done: list[tuple[_Item, _Outcome]] = []
         with self._connection() as conn, conn.transaction():
-            pending: list[PredictionEvent] = []  # rows not yet sent to executemany
-            for item in items:
-                if isinstance(item, PredictionEvent):
-                    pending.append(item)
-                    continue
-                # predictions queued before this feedback must be visible to its lookup
-                self._insert(conn, pending)
-                done += [(row, None) for row in pending]
-                pending = []
-                done.append((item, self._apply_feedback(conn, item)))
-            self._insert(conn, pending)
-            done += [(row, None) for row in pending]
-        return done
+            return write_in_order(
+                items,
+                lambda rows: self._insert(conn, rows),
+                lambda item: apply_feedback(conn.execute, item, "%s"),
+            )
 
     @staticmethod
     def _insert(conn: psycopg.Connection[Any], rows: list[PredictionEvent]) -> None:
@@ -294,32 +281,6 @@ class PostgresStore(WriterStore):
             # plain INSERT: a duplicate prediction_id fails (and is counted), never hides
             with conn.cursor() as cur:
                 cur.executemany(_INSERT, [r.as_tuple() for r in rows])
-
-    @staticmethod
-    def _apply_feedback(conn: psycopg.Connection[Any], item: _Feedback) -> _Outcome:
-        if item.prediction_id is not None:
-            found = conn.execute(
-                _SELECT_FOR_FEEDBACK + "WHERE p.prediction_id = %s", (item.prediction_id,)
-            )
-        else:
-            found = conn.execute(
-                _SELECT_FOR_FEEDBACK + "WHERE p.request_id = %s LIMIT 2", (item.request_id,)
-            )
-        rows = found.fetchall()
-        if not rows:
-            return None
-        if len(rows) > 1:
-            return AmbiguousRequestIdError("several logged images share this request_id")
-        prediction_id, request_id, version, predicted, previous = rows[0]
-        conn.execute(
-            "INSERT INTO feedback (prediction_id, true_label, ts) VALUES (%s, %s, %s) "
-            "ON CONFLICT (prediction_id) DO UPDATE SET true_label = EXCLUDED.true_label, "
-            "ts = EXCLUDED.ts",
-            (prediction_id, item.true_label, item.ts),
-        )
-        return FeedbackResult(
-            prediction_id, request_id, item.true_label, version, predicted, previous
-        )
 
     # ------------------------------------------------------------------ retention
     def _prune_chunk(

@@ -68,7 +68,7 @@ async def server_live(request: Request) -> JSONResponse:
 
 async def server_ready(request: Request) -> JSONResponse:
     if not request.app.state.ready:
-        return JSONResponse({"error": "the model is not ready"}, status_code=503)
+        raise ApiError(503, "not_ready", "the model is not ready")
     return JSONResponse({"ready": True})
 
 
@@ -97,7 +97,7 @@ async def model_metadata(request: Request) -> JSONResponse:
 async def model_ready(request: Request) -> JSONResponse:
     settings = _check_model(request)
     if not request.app.state.ready:
-        return JSONResponse({"error": "the model is not ready"}, status_code=503)
+        raise ApiError(503, "not_ready", "the model is not ready")
     return JSONResponse({"name": settings.served_model_name, "ready": True})
 
 

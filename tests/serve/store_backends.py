@@ -18,7 +18,8 @@ from typing import Any
 from pg_server import PostgresServer
 
 from server.settings import Settings
-from server.store import SqliteStore, WriterStore, connect
+from server.store import WriterStore
+from server.store_sqlite import SqliteStore, connect
 
 _names = itertools.count()
 

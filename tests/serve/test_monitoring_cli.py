@@ -222,7 +222,7 @@ def drift_report(*args: str) -> subprocess.CompletedProcess:
 def test_report_reads_the_log_before_and_after_its_schema_migration(tmp_path: Path):
     from test_store import write_v0_log
 
-    from server.store import SqliteStore
+    from server.store_sqlite import SqliteStore
 
     db = tmp_path / "old.db"
     write_v0_log(db, 6)  # feedback: old-0 cat (predicted cat), old-1 cat (predicted dog)

@@ -36,8 +36,8 @@ from server.store import (
     StoreTimeoutError,
     StoreUnavailableError,
     WriterStore,
-    iter_aggregates,
 )
+from server.store_sqlite import iter_aggregates
 
 pytestmark = pytest.mark.serve
 
