@@ -61,6 +61,7 @@ class Result:
     confidence: float | None = None
     latency_ms: float | None = None  # client-side: request sent -> response read
     server_latency_ms: float | None = None  # what the server reports for the same request
+    evaluation: bool | None = None  # whether the server kept it out of its monitoring
     request_id: str | None = None
     prediction_id: str | None = None
     feedback_status: int | None = None
@@ -73,11 +74,21 @@ class HttpError(Exception):
         self.status = status
 
 
-def http(method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: float):
-    """One request -> (status, parsed JSON body). Non-2xx raises :class:`HttpError`."""
+def http(
+    method: str,
+    url: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    timeout: float,
+    answer_headers: dict[str, str] | None = None,
+):
+    """One request -> (status, parsed JSON body); ``answer_headers``, if given, receives the
+    answer's headers (names in lower case). Non-2xx raises :class:`HttpError`."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
+            if answer_headers is not None:
+                answer_headers.update({k.lower(): v for k, v in resp.headers.items()})
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         raise HttpError(exc.code, exc.read().decode("utf-8", "replace")) from None
@@ -145,7 +156,10 @@ def evaluate_one(
     try:
         data = path.read_bytes()
         started = time.perf_counter()
-        _, body = http("POST", f"{url}/predict", data, headers, timeout)
+        answer: dict[str, str] = {}
+        _, body = http("POST", f"{url}/predict", data, headers, timeout, answer)
+        # a server that does not know the header (an older image) logs the prediction anyway
+        result.evaluation = answer.get("x-traffic-class", "").lower() == "evaluation"
         result.latency_ms = (time.perf_counter() - started) * 1000.0
         result.predicted_label = str(body["label"])
         result.confidence = float(body["confidence"])
@@ -214,6 +228,15 @@ def summarise(results: list[Result], *, wall_s: float, min_accuracy: float) -> d
         "min_accuracy": min_accuracy,
         "passed": bool(ok) and not errors and accuracy >= min_accuracy,
     }
+
+
+def traffic(results: list[Result]) -> str:
+    """How the server took the run's predictions: ``evaluation`` when it confirmed every one as
+    evaluation traffic (kept out of its monitoring), ``production`` when none, else ``mixed``."""
+    kept = {r.evaluation for r in results if r.predicted_label is not None}
+    if kept == {True}:
+        return "evaluation"
+    return "production" if kept <= {False} else "mixed"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,8 +323,13 @@ def run(args: argparse.Namespace) -> int:
         model_version=meta.get("model_version"),
         model_name=meta.get("model_name"),
         concurrency=args.concurrency,
-        traffic="evaluation" if evaluation else "production",
+        traffic=traffic(results),
     )
+    if evaluation and summary["traffic"] != "evaluation":
+        log.warning(
+            "the server did not confirm these predictions as evaluation traffic (an image from "
+            "before X-Traffic-Class?): they went into its prediction log and drift window"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")

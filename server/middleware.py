@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, shutting_down
+from server.errors import ApiError, error_body, shutting_down
 from server.ids import is_valid_id_bytes, new_id
 from server.metrics import UNMATCHED_ROUTE, ServerMetrics, method_label
 
@@ -24,6 +24,8 @@ access_log = logging.getLogger("server.access")
 error_log = logging.getLogger("server.error")
 
 REQUEST_ID_HEADER = b"x-request-id"
+# the answer to a request the server treated as evaluation traffic (kept out of monitoring)
+_EVALUATION_HEADER = (b"x-traffic-class", b"evaluation")
 # set in the scope's state by the connection's protocol (server.protocol) when the client hung
 # up before the request's answer was complete: the answer went nowhere
 CLIENT_GONE = "client_gone"
@@ -76,6 +78,8 @@ class RequestContextMiddleware:
                 if 300 <= status < 400:  # Starlette's slash redirects name the client's Host
                     headers = [_path_only(h) for h in headers]
                 message["headers"] = [*headers, header]
+                if "traffic" in state:  # server.service.is_evaluation: honoured, and said so
+                    message["headers"].append(_EVALUATION_HEADER)
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 state["sent_at"] = time.perf_counter()
@@ -105,16 +109,15 @@ class RequestContextMiddleware:
             if not response_started:
                 stopping = shutting_down()
                 status = stopping.status
-                v2 = scope["path"].startswith("/v2")
-                body = {"error": stopping.message} if v2 else stopping.body()
+                body = error_body(scope["path"], stopping.code, stopping.message)
                 headers = {**(stopping.headers or {}), "Connection": "close"}
                 await _send_json(send_with_id, status, json.dumps(body).encode(), headers)
         except Exception:
             status = 500
             error_log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             if not response_started:
-                v2 = scope["path"].startswith("/v2")
-                await _send_json(send_with_id, 500, _V2_INTERNAL if v2 else _INTERNAL)
+                body = error_body(scope["path"], "internal_error", _MESSAGE)
+                await _send_json(send_with_id, 500, json.dumps(body).encode())
         finally:
             self.metrics.in_flight.dec()
             done = time.perf_counter()
@@ -160,8 +163,6 @@ def _path_only(header: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
 
 
 _MESSAGE = "an unexpected error occurred"
-_INTERNAL = json.dumps({"error": {"code": "internal_error", "message": _MESSAGE}}).encode()
-_V2_INTERNAL = json.dumps({"error": _MESSAGE}).encode()  # the V2 protocol's shape
 
 
 async def _send_json(

@@ -18,9 +18,11 @@ and are not its.
 After the head, it bounds what uvicorn would read on without limit: a chunked body's trailers
 (header fields the parser buffers whole) are held to ``max_header_bytes`` and never join the
 request's headers, and a request answered before its body arrived whole ends the connection:
-the rest of the body is read and dropped until the keep-alive timeout, then the connection
-closes (uvicorn read on with no limit: each read cancelled its keep-alive timer, so a client
-sending a byte now and then held the connection for good).
+its answer says ``connection: close`` (RFC 9112, 9.6: uvicorn said nothing, so a client that
+sent the rest of the body, or its next request, on the same connection lost them), the rest of
+the body is read and dropped until the keep-alive timeout, then the connection closes (uvicorn
+read on with no limit: each read cancelled its keep-alive timer, so a client sending a byte now
+and then held the connection for good).
 
 It also bounds the requests pipelined on one connection (``MAX_PIPELINED``) and how small the
 pieces of a body may be (``MAX_SMALL_PIECES``, ``MIN_PIECE_BYTES``), counts what it refuses
@@ -66,6 +68,34 @@ MAX_PIPELINED = 64
 # in one piece per read.
 MAX_SMALL_PIECES = 1024
 MIN_PIECE_BYTES = 256
+# Most seconds a connection whose request was answered before its body arrived whole stays open
+# (reading and dropping the rest) when KEEP_ALIVE_TIMEOUT_S is longer.
+LINGER_S = 5.0
+
+
+class _CycleTransport:
+    """The connection's transport as one request's cycle sees it. Closing it after an answer
+    sent before the request's body arrived whole is left to the protocol, which lingers and then
+    closes (``on_response_complete``): a close with unread bytes makes the kernel answer them
+    with a reset, which could cost the client the answer itself."""
+
+    __slots__ = ("_cycle", "_protocol", "_transport", "get_extra_info", "is_closing", "write")
+
+    def __init__(self, transport: Any, protocol: GuardedHttpToolsProtocol, cycle: Any) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._cycle = cycle
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+        self.get_extra_info = transport.get_extra_info
+
+    def close(self) -> None:
+        if self._cycle.response_complete and self._protocol._receiving is self._cycle:
+            return  # answered, its body still arriving: the protocol lingers, then closes
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -92,6 +122,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # the request whose body is arriving (None: none is): answered before its body is
         # whole, the connection lingers, then closes (on_response_complete)
         self._receiving: Any = None
+        # that request, when it would keep the connection alive: until its body is whole its
+        # cycle says it will not, so an answer sent before then says connection: close
+        self._close_unless_whole: Any = None
         self._lingering = False  # what arrives is the rest of an answered body: dropped
         self._body_in_read = False  # the read being parsed held some of that body
         self._bodiless_bytes = 0  # bytes read since that body's last piece (chunked trailers)
@@ -212,9 +245,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             self._count("connection_limit")
         super().on_headers_complete()
-        unanswered.append(self.cycle)
-        self._receiving = self.cycle
+        cycle = self.cycle
+        unanswered.append(cycle)
+        self._receiving = cycle
         self._bodiless_bytes = 0
+        cycle.transport = _CycleTransport(cycle.transport, self, cycle)
+        if cycle.keep_alive:
+            cycle.keep_alive = False  # until on_message_complete: an early answer closes
+            self._close_unless_whole = cycle
 
     def on_body(self, body: bytes) -> None:
         size = len(body)
@@ -239,33 +277,50 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle.scope["state"][FRAGMENTED_BODY] = True
         cycle.more_body = False
         cycle.keep_alive = False
+        self._close_unless_whole = None
         cycle.message_event.set()
         self.flow.pause_reading()
 
     def on_message_complete(self) -> None:
         self._receiving = None
         if not self._refused:
+            whole, self._close_unless_whole = self._close_unless_whole, None
+            if whole is not None and not whole.response_started:
+                whole.keep_alive = True  # its body is whole before its answer began
             super().on_message_complete()
+
+    def shutdown(self) -> None:
+        self._close_unless_whole = None  # uvicorn's shutdown ends the connection after it
+        super().shutdown()
 
     def on_response_complete(self) -> None:
         # A request answered before its body arrived whole (an early 413 or 415, or a route
         # that reads no body): the connection takes no other request (RFC 9112, 9.6). It ends
         # its side once the answer is out, then lingers: what the client still sends is read
-        # and dropped until uvicorn's keep-alive timer (KEEP_ALIVE_TIMEOUT_S), armed below,
-        # closes it. Closing at once would make the kernel answer the unread bytes with a reset,
-        # and a client still sending an oversized upload lost its 413 to it. uvicorn itself
+        # and dropped until uvicorn's keep-alive timer, armed below for KEEP_ALIVE_TIMEOUT_S but
+        # at most LINGER_S (a keep-alive raised above a proxy's idle timeout is no reason to
+        # keep a refused upload's connection longer), closes it. Closing at once would make the
+        # kernel answer the unread bytes with a reset, and a client still sending an oversized
+        # upload lost its 413 to it. uvicorn itself
         # read on and dropped the rest with no limit: every read cancelled that timer, so a
         # client sending a byte now and then held the connection, and a MAX_CONNECTIONS slot,
         # for good. (An earlier pipelined request's answer leaves the connection as it is: the
         # one whose body is arriving is not answered yet.)
         receiving = self._receiving
-        if receiving is not None and receiving.response_complete:
+        linger = receiving is not None and receiving.response_complete
+        if linger:
             self._receiving = None
             self._lingering = True
             transport = self.transport
             if transport is not None and not transport.is_closing() and transport.can_write_eof():
                 transport.write_eof()  # after what is written: the answer goes out first
         super().on_response_complete()
+        timer = self.timeout_keep_alive_task
+        if linger and timer is not None and self.timeout_keep_alive > LINGER_S:
+            timer.cancel()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                LINGER_S, self.timeout_keep_alive_handler
+            )
 
     def _unsupported_upgrade_warning(self) -> None:
         # uvicorn's hook (hence the name): it logs two warnings for every request that asks to

@@ -133,7 +133,7 @@ def is_evaluation(request: Request, settings: Settings) -> bool:
     values = request.headers.getlist(TRAFFIC_HEADER)
     if not values:
         return False
-    value = values[0].strip().lower()
+    value = values[0].strip(" \t").lower()  # HTTP's optional whitespace, nothing else
     if len(values) > 1 or value not in TRAFFIC_CLASSES:
         raise ApiError(
             400,
@@ -184,6 +184,8 @@ class Predictor:
         alike, and nothing of it is logged or observed by the monitor.
         """
         evaluation = is_evaluation(request, self.settings)
+        if evaluation:  # in its access log line whatever the answer, and confirmed in it
+            request.scope["state"]["traffic"] = "evaluation"
         reservation = Reservation(self.body_bytes)
         try:
             uploads = await self._read(read, reservation)
@@ -211,8 +213,6 @@ class Predictor:
             for upload, outcome, error in zip(uploads, outcomes, errors, strict=True)
         ]
         state["images"] = len(results)
-        if evaluation:
-            state["traffic"] = "evaluation"
         state["handled_at"] = time.perf_counter()  # the rest is building and sending the answer
         if len(results) == 1 and results[0].prediction is not None:
             state["label"] = results[0].prediction.label
@@ -255,6 +255,14 @@ class Predictor:
             self.batcher.release(ticket)
 
     def _admit(self, n: int) -> Ticket:
+        most = self.batcher.max_queue_size
+        if n > most:  # would never fit: not a 503 to retry
+            raise ApiError(
+                413,
+                "too_many_files",
+                f"this server admits at most {most} images at once (MAX_QUEUE_SIZE); "
+                "send fewer per request",
+            )
         try:
             return self.batcher.admit(n)
         except QueueFullError:

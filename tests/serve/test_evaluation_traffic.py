@@ -75,10 +75,14 @@ def test_evaluation_traffic_is_answered_and_stays_out_of_monitoring(server_proce
     production.append(_predict(url, RED, {"X-Traffic-Class": "production"}))
     for r in production + evaluation:
         assert r.status_code == 200, r.text
+    # the server confirms what it kept out of monitoring, and only that
+    assert {r.headers.get("x-traffic-class") for r in evaluation} == {"evaluation"}
+    assert {r.headers.get("x-traffic-class") for r in production} == {None}
     assert {r.json()["label"] for r in production} == {"cat"}
     assert {r.json()["label"] for r in evaluation} == {"dog"}
     batch = _batch(url, [BLUE, RED], EVALUATION)
     assert batch.status_code == 200, batch.text
+    assert batch.headers["x-traffic-class"] == "evaluation"
     assert [p["label"] for p in batch.json()["predictions"]] == ["dog", "cat"]
     v2 = _v2(url, BLUE, EVALUATION)
     assert v2.status_code == 200, v2.text
@@ -107,10 +111,20 @@ def test_evaluation_traffic_is_answered_and_stays_out_of_monitoring(server_proce
     )
     assert fb.status_code == 201, fb.text
 
+    # an evaluation request that fails is marked too (its answer and its access log line)
+    bad = httpx.post(
+        f"{url}/predict",
+        content=b"not an image",
+        headers={"Content-Type": "image/jpeg", **EVALUATION},
+    )
+    assert bad.status_code == 422, bad.text
+    assert bad.headers["x-traffic-class"] == "evaluation"
+
     # the access log tells the two apart
     ids = {r.json()["request_id"] for r in evaluation} | {
         batch.json()["predictions"][0]["request_id"]
     }
+    ids.add(bad.headers["x-request-id"])
     records = access_records(server, lambda a: ids <= {r.get("request_id") for r in a})
     marked = {r["request_id"] for r in records if r.get("traffic") == "evaluation"}
     assert ids <= marked
@@ -125,11 +139,15 @@ def test_a_malformed_traffic_class_is_a_400_naming_it(server_process, tmp_path: 
     server = server_process()
     server.wait_ready()
     url = server.url
-    for headers in ({"X-Traffic-Class": "shadow"}, {"X-Traffic-Class": ""}):
-        r = _predict(url, RED, headers)
-        assert r.status_code == 400, r.text
+    # HTTP's optional whitespace is space and tab: a no-break space or NEL is not it, so a
+    # proxy rule that matches the header exactly cannot be passed around with one
+    values = ["shadow", "", "evaluation, production", "evaluation\xa0", "\x85evaluation"]
+    for value in values:
+        r = _predict(url, RED, {"X-Traffic-Class": value.encode("latin-1")})
+        assert r.status_code == 400, (value, r.text)
         assert r.json()["error"]["code"] == "invalid_traffic_class"
         assert "X-Traffic-Class" in r.json()["error"]["message"]
+        assert "x-traffic-class" not in r.headers
     twice = httpx.post(
         f"{url}/predict",
         content=image_bytes(RED),
@@ -182,3 +200,19 @@ def test_with_an_api_token_evaluation_traffic_needs_it(server_process, tmp_path:
     assert server.terminate() == 0
     assert _logged(tmp_path / "predictions.db") == {plain.json()["prediction_id"]}
     assert TOKEN not in server.output(tail=10**9)
+
+
+def test_a_batch_larger_than_the_queue_is_a_413_not_a_503_to_retry(server_process):
+    """MAX_QUEUE_SIZE below MAX_BATCH_FILES: a batch that can never be admitted was a 503 with
+    Retry-After, which a client retries for ever; it is a 413 naming the limit."""
+    server = server_process(MAX_QUEUE_SIZE="2")
+    server.wait_ready()
+    too_many = _batch(server.url, [RED, BLUE, RED])
+    assert too_many.status_code == 413, too_many.text
+    assert too_many.json()["error"]["code"] == "too_many_files"
+    assert "MAX_QUEUE_SIZE" in too_many.json()["error"]["message"]
+    assert "retry-after" not in too_many.headers
+    fits = _batch(server.url, [RED, BLUE])
+    assert fits.status_code == 200, fits.text
+    text = httpx.get(f"{server.url}/metrics").text
+    assert prom(text, "inference_rejected_total") == 0

@@ -1057,6 +1057,8 @@ def test_a_body_left_unread_by_its_answer_ends_the_connection(target: Target, ca
             reply = read_reply(sock)
             assert reply is not None
             assert reply.status == status, reply
+            # said in the answer: a client must not send its next request on this connection
+            assert reply.headers.get("connection") == "close", reply.headers
             with contextlib.suppress(OSError):  # the server may have closed already
                 sock.sendall(rest)
         ended = [_closed_within(sock, 5) for sock in socks]  # the server's side, at once
@@ -1094,6 +1096,7 @@ def test_an_early_answer_reaches_a_client_still_sending_its_body(
                 reply = read_reply(sock)
             assert reply is not None, "the connection was reset before the answer was read"
             assert reply.status == status, reply
+            assert reply.headers.get("connection") == "close", reply.headers
 
 
 def test_a_body_read_whole_keeps_the_connection_for_the_next_request(target: Target) -> None:
@@ -1106,6 +1109,83 @@ def test_a_body_read_whole_keeps_the_connection_for_the_next_request(target: Tar
             reply = read_reply(sock)
             assert reply is not None
             assert reply.status == 200, reply
+            assert "connection" not in reply.headers, reply.headers
+
+
+def test_a_long_keep_alive_does_not_lengthen_the_linger(server_process) -> None:
+    """KEEP_ALIVE_TIMEOUT_S raised above a proxy's idle timeout (the Kubernetes settings: 75 s,
+    past ingress-nginx's 60 s) keeps idle connections that long, but a connection whose upload
+    was refused early closes within LINGER_S, however the client keeps sending."""
+    from server.protocol import LINGER_S
+
+    server = server_process(KEEP_ALIVE_TIMEOUT_S="30")
+    server.wait_ready()
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 100000000\r\n\r\n"
+    )
+    with connect(server.url) as refused, connect(server.url) as idle:
+        idle.sendall(LIVE + b"\r\n")
+        reply = read_reply(idle)
+        assert reply is not None
+        assert reply.status == 200
+        refused.sendall(head)
+        reply = read_reply(refused)
+        assert reply is not None
+        assert reply.status == 415
+        answered = time.monotonic()
+        with_both = open_fds(server.pid)
+        while open_fds(server.pid) >= with_both and time.monotonic() - answered < LINGER_S + 5:
+            with contextlib.suppress(OSError):  # a client still sending its upload
+                refused.send(b"x" * 1000)
+            time.sleep(0.1)
+        held = time.monotonic() - answered
+        assert open_fds(server.pid) < with_both, f"still open {held:.1f} s after the answer"
+        assert LINGER_S - 1 < held < LINGER_S + 2, held
+        # the idle keep-alive connection is still there, past the linger
+        idle.sendall(LIVE + b"\r\n")
+        reply = read_reply(idle)
+        assert reply is not None
+        assert reply.status == 200
+
+
+def test_an_answer_before_the_body_says_the_connection_closes(target: Target) -> None:
+    """A client that sends a head, waits (Expect: 100-continue, or a slow upload) and gets an
+    early answer (here 400 for a bad X-Traffic-Class) must learn from it that the connection
+    takes no other request: uvicorn said nothing, so the body the client then sent and its next
+    request on the same connection were silently dropped. A request whose body arrived whole
+    before its answer keeps the connection (the test above)."""
+    cases = {
+        b"X-Traffic-Class: bogus\r\n": 400,
+        b"Content-Type: text/plain\r\n": 415,
+        b"Expect: 100-continue\r\nX-Traffic-Class: twice\r\n": 400,
+    }
+    for extra, status in cases.items():
+        head = (
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n"
+            + (b"" if b"Content-Type" in extra else b"Content-Type: image/jpeg\r\n")
+            + extra
+            + b"\r\n"
+        )
+        with connect(target.url) as sock:
+            sock.sendall(head)
+            reply = read_reply(sock)
+            assert reply is not None
+            assert reply.status == status, reply
+            assert reply.headers.get("connection") == "close", (extra, reply.headers)
+            assert _closed_within(sock, 10)
+    # the same request sent whole is answered alike and keeps its connection
+    with connect(target.url) as sock:
+        for _ in range(2):
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                b"Content-Type: image/jpeg\r\nX-Traffic-Class: bogus\r\n\r\nhello"
+            )
+            reply = read_reply(sock)
+            assert reply is not None
+            assert reply.status == 400, reply
+            assert "connection" not in reply.headers, reply.headers
+    target.assert_serves()
 
 
 TRAILERS = {  # what follows a chunked body's last chunk, repeated
