@@ -162,5 +162,6 @@ def kserve_workload(name: str, docs: list[Manifest]) -> Workload:
     merged["env"] = container.get("env", []) + model.get("env", [])
     merged["volumeMounts"] = container.get("volumeMounts", []) + model.get("volumeMounts", [])
     merged["resources"] = model.get("resources", container.get("resources", {}))
-    pod = {k: v for k, v in predictor.items() if k not in ("model", "minReplicas", "maxReplicas")}
+    scaling = ("minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency")
+    pod = {k: v for k, v in predictor.items() if k != "model" and k not in scaling}
     return Workload(f"{name} InferenceService", pod, merged, container_env(merged, docs))

@@ -20,6 +20,8 @@ import yaml
 from server.__main__ import build_settings, parse_args
 from server.app import create_app
 from server.settings import Settings
+from server.store import STOP_TIMEOUT_S
+from server.store_postgres import POOL_CLOSE_S
 from tests.deploy.manifests import (
     APP_OVERLAYS,
     ROOT,
@@ -107,6 +109,47 @@ def test_knative_waits_longer_than_the_startup_probe(
     probe = workload(rendered, name).container["startupProbe"]
     window = probe["periodSeconds"] * probe["failureThreshold"]
     assert int(deadline[:-1]) > window, (deadline, window)
+
+
+@pytest.mark.parametrize("name", APP_OVERLAYS)
+def test_a_rollout_waits_longer_than_the_startup_probe(
+    rendered: dict[str, list[Manifest]], name: str
+) -> None:
+    """A Deployment whose new pods are not ready by its progress deadline (600 s unless told)
+    is reported failed (`kubectl rollout status` exits non-zero), whatever the probe allows."""
+    deployment = one(rendered[name], "Deployment")
+    probe = workload(rendered, name).container["startupProbe"]
+    window = probe["periodSeconds"] * probe["failureThreshold"]
+    assert deployment["spec"].get("progressDeadlineSeconds", 600) > window
+
+
+# ---------------------------------------------------------------- replicas
+MULTI_REPLICA = ["prod", "kserve", "kserve-canary"]
+
+
+@pytest.mark.parametrize("name", MULTI_REPLICA)
+def test_replicas_share_one_prediction_log(rendered: dict[str, list[Manifest]], name: str) -> None:
+    """Several pods (an HPA, KServe's autoscaler, a canary's two revisions) on a log each would
+    answer 404 to feedback for what another pod served and report figures of their own: they
+    share the PostgreSQL store (from a Secret), re-read at an interval the scan can afford."""
+    w = workload(rendered, name)
+    assert "PREDICTION_LOG_URL" in w.env, w.source
+    value = w.env["PREDICTION_LOG_URL"]
+    assert value is None or value.startswith("postgresql://"), w.source
+    assert effective_settings(w).prediction_log_refresh_s >= 10, w.source
+
+
+@pytest.mark.parametrize("name", ["kserve", "kserve-canary"])
+def test_kserve_scales_out_before_a_pod_refuses(
+    rendered: dict[str, list[Manifest]], name: str
+) -> None:
+    """Knative's default target (100 requests in flight x 70%) lies past the 64 images a pod
+    admits (MAX_QUEUE_SIZE), whose 503s come back fast: it never scaled out. The target and the
+    queue-proxy's hard limit stay below what a pod admits."""
+    predictor = one(rendered[name], "InferenceService")["spec"]["predictor"]
+    admitted = effective_settings(workload(rendered, name)).max_queue_size
+    assert predictor["scaleMetric"] == "concurrency"
+    assert 0 < predictor["scaleTarget"] < predictor["containerConcurrency"] <= admitted
 
 
 # ---------------------------------------------------------------- settings and flags
@@ -212,8 +255,12 @@ def test_grace_period_covers_the_drain(rendered: dict[str, list[Manifest]], name
     pre_stop = (
         w.container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     )
-    drain = effective_settings(w).graceful_timeout_s
-    assert w.pod["terminationGracePeriodSeconds"] > pre_stop + drain
+    settings = effective_settings(w)
+    drain = settings.graceful_timeout_s
+    # after the drain the server writes what its prediction log still holds, and on PostgreSQL
+    # waits for the figures' refresher and closes the pool (server.store, server.store_postgres)
+    log_close = STOP_TIMEOUT_S + settings.store_timeout_s + POOL_CLOSE_S
+    assert w.pod["terminationGracePeriodSeconds"] > pre_stop + drain + log_close
 
 
 # ---------------------------------------------------------------- read-only root, user
