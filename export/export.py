@@ -305,7 +305,9 @@ def contract_maker(
     version: str,
     checkpoint_sha256: str,
 ) -> ContractFor:
-    """The contract of the fp32 or int8 file: the same lineage, its own metrics and quantization."""
+    """The contract of the fp32 or int8 file: the same lineage, its own metrics and quantization,
+    and its own model_version (the int8 file's ends in ``-int8``): a server logs, counts and
+    judges predictions by model_version, so the two files' must never be mixed up."""
     training = {
         "params": meta.get("params", {}),
         "val_metrics": meta.get("val_metrics", {}),
@@ -321,7 +323,8 @@ def contract_maker(
         }
         if meta.get("cascade"):  # the file's models past the first (model_name), and its threshold
             extra["cascade"] = meta["cascade"]
-        return build_contract(meta, exported_at=exported_at, version=version, extra=extra)
+        own = version if quantization == "none" else f"{version}-{quantization.split('_')[0]}"
+        return build_contract(meta, exported_at=exported_at, version=own, extra=extra)
 
     return contract_for
 
@@ -399,6 +402,8 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
         sessions["onnxruntime_int8"] = int8.session
     report["int8"] = int8.decision
     report["served"] = choose_served(params, int8.decision, paths)
+    if report["served"] == "int8":  # the version the served file carries, and the registry's tag
+        report["model_version"] = int8.decision["model_version"]
 
     steps.next("latency")
     report.update(latency_report(model, sessions, parity_images, params))
@@ -664,6 +669,7 @@ def quantize_and_score(config: Int8Config) -> Int8Result:
         ox.embed_metadata(int8_path, contract.to_metadata())
         ox.check_onnx_file(int8_path)
         decision["bytes_int8"] = int8_path.stat().st_size  # the kept file, its contract in it
+        decision["model_version"] = contract.model_version
         log.info(
             "int8 kept: accuracy %.4f (fp32 %.4f)",
             decision["accuracy_int8"],

@@ -27,6 +27,7 @@ from tests.train.export_helpers import (
     SPEC,
     color_contract,
     color_model,
+    run_export_stage,
     shared_photos,
     solid_png,
     write_checkpoint,
@@ -290,6 +291,12 @@ def test_stage_report_has_int8_latency_and_parity(stage: dict[str, Path]) -> Non
     # the kept file's size, its contract included (it was measured before the contract went in)
     assert report["int8"]["bytes_int8"] == (stage["int8"] / "model.int8.onnx").stat().st_size
     assert int8.contract.extra["quantization"] == "int8_qdq"
+    # its own version: predictions of the two files are logged and judged apart
+    fp32 = load_model_file(stage["out"])
+    assert int8.contract.model_version == f"{fp32.contract.model_version}-int8"
+    assert report["int8"]["model_version"] == int8.contract.model_version
+    for key in ("mlflow_run_id", "git_commit", "data_version", "exported_at"):
+        assert getattr(int8.contract, key) == getattr(fp32.contract, key), key
     assert int8.contract.extra["metrics"]["accuracy"] == report["accuracy"]["int8"]
     assert report["files"]["served"]["bytes"] == stage["out"].stat().st_size
     for path in (stage["out"], stage["int8"] / "model.int8.onnx"):
@@ -483,3 +490,27 @@ def test_exported_file_alone_predicts_in_serving_env(
     expected = torch.softmax(torch.from_numpy(ox.torch_logits(color_model(), x)), -1)[0]
     np.testing.assert_allclose(got[photo.name][1], expected.numpy(), atol=1e-5)
     assert sys.executable != str(SERVE_PY)
+
+
+def test_a_served_int8_file_is_reported_and_tagged_under_its_own_version(
+    stage: dict[str, Path], tmp_path: Path
+) -> None:
+    """export.serve: int8 puts the int8 file at models/model.onnx: the report's model_version
+    (which becomes the registry's version tag, and which promotion checks the server against)
+    is that file's, not the fp32 one's."""
+    fp32 = load_model_file(stage["out"]).contract.model_version
+    checkpoint = stage["out"].parents[1] / "checkpoint.pt"
+    report = run_export_stage(
+        tmp_path,
+        checkpoint,
+        stage["manifest"],
+        stage["params"],
+        serve="int8",
+        parity_images=4,
+        bench_runs=1,
+        bench_warmup=0,
+    )
+    served = load_model_file(tmp_path / "model.onnx").contract
+    assert report["served"] == "int8"
+    assert served.extra["quantization"] == "int8_qdq"
+    assert report["model_version"] == served.model_version == f"{fp32}-int8"
