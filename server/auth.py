@@ -4,8 +4,10 @@ from monitoring.
 
 With ``API_TOKEN`` unset, nothing is required (a private network, a trusted proxy). With it set,
 such an endpoint needs ``Authorization: Bearer <API_TOKEN>``: no usable header -> 401 with
-``WWW-Authenticate: Bearer``, a wrong token -> 403. Prediction and monitoring GET endpoints stay
-open. The token is compared in constant time and never logged or echoed.
+``WWW-Authenticate: Bearer``, a wrong token -> 403. ``API_TOKEN_PREVIOUS``, while set, is
+accepted too: a rotation deploys the new token beside the old one, moves the clients, then drops
+the old one, and no client is refused meanwhile. Prediction and monitoring GET endpoints stay
+open. Tokens are compared in constant time and never logged or echoed.
 """
 
 from __future__ import annotations
@@ -35,5 +37,9 @@ def require_token(request: Request, settings: Settings) -> None:
             headers=dict(_CHALLENGE),
         )
     # Starlette decodes headers as latin-1, so this gives back the bytes the client sent
-    if not hmac.compare_digest(presented.encode("latin-1"), expected.encode("ascii")):
+    sent = presented.encode("latin-1")
+    current = hmac.compare_digest(sent, expected.encode("ascii"))
+    previous = settings.api_token_previous  # both compared, whichever matches
+    rotating = hmac.compare_digest(sent, previous.encode("ascii")) if previous else False
+    if not (current or rotating):
         raise ApiError(403, "forbidden", "the bearer token is not valid for this endpoint")

@@ -128,6 +128,12 @@ class Settings:
         repr=False,
         metadata={"help": "bearer token for /feedback and other write endpoints; empty = no auth"},
     )
+    # a secret as well: the token being replaced, accepted beside API_TOKEN while clients move
+    api_token_previous: str = field(
+        default="",
+        repr=False,
+        metadata={"help": "an older bearer token still accepted during a rotation; empty = none"},
+    )
     # The shared store (README: Running at scale). A secret too: a PostgreSQL URL may carry a
     # password, so it is read from the environment only and never shown.
     prediction_log_url: str = field(
@@ -214,8 +220,10 @@ class Settings:
             "prediction_log_reconnect_max_s": self.prediction_log_reconnect_min_s
             <= self.prediction_log_reconnect_max_s
             <= 60,
-            "api_token": self.api_token == self.api_token.strip()
-            and all(33 <= ord(c) <= 126 for c in self.api_token),
+            "api_token": _token_ok(self.api_token),
+            "api_token_previous": _token_ok(self.api_token_previous)
+            and (not self.api_token_previous or bool(self.api_token))
+            and (not self.api_token_previous or self.api_token_previous != self.api_token),
             "max_inflight_bytes": self.max_inflight_bytes >= self.max_request_bytes,
             "max_inflight_pixels": self.max_inflight_pixels >= self.max_pixels,
             "max_header_bytes": self.max_header_bytes >= 1024,
@@ -249,7 +257,14 @@ class Settings:
 
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-_SECRETS = frozenset({"api_token", "prediction_log_url"})
+_SECRETS = frozenset({"api_token", "api_token_previous", "prediction_log_url"})
+
+
+def _token_ok(token: str) -> bool:
+    """Printable ASCII without spaces (the whole header value after ``Bearer``)."""
+    return all(33 <= ord(c) <= 126 for c in token)
+
+
 # SQLAlchemy's spelling, as MLflow's: sqlite:///relative/path, sqlite:////absolute/path
 _SQLITE_PREFIX = "sqlite:///"
 _POSTGRES_PREFIXES = ("postgresql://", "postgres://")

@@ -127,6 +127,8 @@ def _env_value(item: Manifest, docs: list[Manifest]) -> str | None:
             if not found:
                 return None  # created outside these manifests (KServe's Secret)
             data = _object_data(found[0])
+            if ref["key"] not in data and ref.get("optional"):
+                return None  # an optional key left out: the variable is not set
             assert ref["key"] in data, f"{kind} {ref['name']} has no key {ref['key']}"
             return data[ref["key"]]
     return None

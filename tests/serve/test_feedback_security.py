@@ -142,6 +142,36 @@ def test_the_api_token_guards_feedback_and_nothing_else(server_process):
 
 
 @pytest.mark.slow
+def test_a_token_rotation_accepts_the_old_and_the_new_token(server_process):
+    """API_TOKEN_PREVIOUS beside API_TOKEN: clients holding either are served while they move
+    (feedback and evaluation traffic alike); any other token is still a 403."""
+    old = "old-Token_for.tests~"
+    server = server_process(API_TOKEN=TOKEN, API_TOKEN_PREVIOUS=old)
+    server.wait_ready()
+    url = server.url
+    for token in (TOKEN, old):
+        auth = {"Authorization": f"Bearer {token}"}
+        answer = _predict(url, BLUE)
+        body = {"request_id": answer["request_id"], "label": "dog"}
+        r = httpx.post(f"{url}/feedback", json=body, headers=auth)
+        assert r.status_code == 201, (token, r.text)
+        evaluated = _predict(url, RED, **{"X-Traffic-Class": "evaluation", **auth})
+        assert evaluated["label"] == "cat"
+    for wrong in (TOKEN + old, old[:-1], "nope"):
+        r = httpx.post(
+            f"{url}/feedback",
+            json={"request_id": answer["request_id"], "label": "dog"},
+            headers={"Authorization": f"Bearer {wrong}"},
+        )
+        assert r.status_code == 403, wrong
+    text = httpx.get(f"{url}/metrics").text
+    assert prom(text, "feedback_requests_total", outcome="stored") == 2
+    assert prom(text, "evaluation_predictions_total") == 2
+    assert server.terminate() == 0
+    assert old not in server.output(tail=10**9)
+
+
+@pytest.mark.slow
 def test_a_locked_database_gives_a_fast_503_is_reported_and_recovers(
     server_process, tmp_path: Path
 ):

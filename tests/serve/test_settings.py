@@ -193,6 +193,23 @@ def test_the_secret_has_no_flag_and_is_never_shown(capsys: pytest.CaptureFixture
     assert secret not in str(exc.value)
 
 
+def test_the_previous_token_is_a_hidden_secret_that_needs_a_current_one():
+    old, new = "old-Token.1", "new-Token.2"
+    both = Settings.from_env({"API_TOKEN": new, "API_TOKEN_PREVIOUS": old})
+    assert (both.api_token, both.api_token_previous) == (new, old)
+    assert old not in repr(both)
+    for env in (
+        {"API_TOKEN_PREVIOUS": old},  # nothing to rotate from: no token is required at all
+        {"API_TOKEN": new, "API_TOKEN_PREVIOUS": new},  # the same token twice
+        {"API_TOKEN": new, "API_TOKEN_PREVIOUS": "has space " + old},
+    ):
+        with pytest.raises(SettingsError, match="API_TOKEN_PREVIOUS") as exc:
+            Settings.from_env(env)
+        assert old not in str(exc.value)
+    with pytest.raises(SystemExit):
+        parse_args(["--api-token-previous", old])
+
+
 def test_readme_settings_table_is_the_generated_one():
     """The README's block is what `make docs-settings` writes: edit server/settings.py."""
     readme = (ROOT / "README.md").read_text()
