@@ -272,3 +272,52 @@ def test_next_full_batch_waits_on_the_inference_thread_not_on_the_event_loop(mak
     assert sizes[1:3] == [2, 2]
     assert starts[1] < blocked_until  # the second batch did not wait for the event loop
     assert starts[1] - starts[0] < 0.2
+
+
+@pytest.mark.slow
+def test_the_pixel_budget_refuses_images_of_a_batch_and_counts_the_request_once(
+    server_process,
+):
+    """MAX_INFLIGHT_PIXELS holds one large image at a time: of a batch of three decoded side by
+    side, those that ask while the first decodes are refused alone (503 overloaded in their
+    slots, the first answered), and inference_rejected_total{reason="pixels"} counts each such
+    request once, however many of its images were refused. The decodes start together and each
+    takes tens of ms; a batch whose decodes did not overlap (a busy machine) is sent again."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    side = 3000
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), RED).save(buffer, "PNG")
+    png = buffer.getvalue()
+    server = server_process(
+        MAX_PIXELS=str(side * side),
+        MAX_INFLIGHT_PIXELS=str(side * side),
+        DECODE_THREADS="3",
+    )
+    server.wait_ready()
+    files = [("files", (f"{i}.png", png, "image/png")) for i in range(3)]
+    refused_requests = refused_images = 0
+    for _ in range(10):
+        r = httpx.post(f"{server.url}/predict/batch", files=files, timeout=30)
+        assert r.status_code == 200, r.text
+        codes = [e.get("error", {}).get("code", e.get("label")) for e in r.json()["predictions"]]
+        assert set(codes) <= {"cat", "overloaded"}, codes
+        assert "cat" in codes  # the budget holds at least one of them
+        refused = codes.count("overloaded")
+        refused_requests += refused > 0
+        refused_images += refused
+        if refused >= 2:
+            break
+    assert refused_images >= 2, "the decodes never overlapped in 10 tries"
+    text = httpx.get(f"{server.url}/metrics").text
+    assert prom(text, "inference_rejected_total", reason="pixels") == refused_requests
+    assert prom(text, "inference_rejected_total", reason="queue_full") == 0
+    assert prom(text, "inference_rejected_total", reason="bytes") == 0
+    # alone, the same image fits the budget
+    alone = httpx.post(
+        f"{server.url}/predict", content=png, headers={"Content-Type": "image/png"}, timeout=30
+    )
+    assert alone.status_code == 200, alone.text
