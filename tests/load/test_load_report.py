@@ -289,3 +289,24 @@ def test_the_interleaved_c1_run_is_reported_and_is_the_c1_target(tmp_path: Path)
     assert "Errors: server 2, reference 0." in md
     assert "## Paired measurements (the c=16 target ratio is their median)" in md
     assert md.index("## Concurrency 1, interleaved") < md.index("## Paired measurements")
+
+
+@pytest.mark.parametrize(
+    ("levels", "message"),
+    [
+        ("1,8,32", "must include 16, the level the p99 / p50 target is measured at"),
+        ("1,x", "comma-separated whole numbers"),
+        ("0,16", "every level is at least 1"),
+    ],
+)
+def test_bench_refuses_levels_that_cannot_give_its_targets_at_once(
+    levels: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without c=16 the tail ratio could not be computed, which make bench found out only after
+    minutes of measuring (and the README's own shortened command did that)."""
+    from loadtest.bench import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--concurrency", levels])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
