@@ -162,8 +162,8 @@ check-cuda: venv-train ## check the training paths on a CUDA GPU -> reports/cuda
 run: pipeline venv-serve ## the whole job: pipeline, then the server on $(URL)
 	$(SERVE_PY) -m server --model $(MODEL) --host $(HOST) --port $(PORT)
 
-serve: venv-serve ## serve an existing model
-	$(SERVE_PY) -m server --model $(MODEL) --host $(HOST) --port $(PORT)
+serve: venv-serve ## serve an existing model (MODEL, or the registry's MODEL_URI when that is set)
+	$(SERVE_PY) -m server $(if $(MODEL_URI),,--model $(MODEL)) --host $(HOST) --port $(PORT)
 
 mlflow-ui: venv-train ## MLflow UI on http://127.0.0.1:5000 over the local store
 	$(TRAIN_VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000

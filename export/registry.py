@@ -296,8 +296,14 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("list", help="list versions")
     args = parser.parse_args(argv)
     name = args.name or load_export(args.params).registered_model
+    from mlflow.exceptions import MlflowException
+
     if args.command == "list":
-        list_versions(name)
+        try:
+            list_versions(name)
+        except MlflowException as exc:  # e.g. nothing registered yet: one line, no traceback
+            log.error("%s: %s", tracking_uri(), str(exc).splitlines()[0])
+            sys.exit(EXIT_REFUSED)
         return
     gate = Gate(
         data=(args.data or default_data()).absolute(),
@@ -307,8 +313,6 @@ def main(argv: list[str] | None = None) -> None:
         serve_python=args.serve_python.absolute(),
         out=args.out.absolute() if args.out else None,
     )
-    from mlflow.exceptions import MlflowException
-
     try:
         promote(name, args.version, args.alias, gate)
     except (PromotionRefusedError, MlflowException) as exc:  # e.g. no such version

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import sys
@@ -201,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings)
     app.state.startup.end("boot")
+    ignored = os.environ.get("MODEL_URI", "")
+    if args.model_path is not None and args.model_uri is None and ignored:
+        # said once: a user who set MODEL_URI would otherwise believe the registry's model runs
+        logging.getLogger("server").warning(
+            "serving --model %s: MODEL_URI=%s from the environment is ignored",
+            args.model_path,
+            ignored,
+        )
     try:
         # The address first: a port in use or a host that does not resolve fails in a
         # millisecond, not after the model's download, load and warm-up (uvicorn binds last).

@@ -23,6 +23,7 @@ from conftest import (
     BLUE,
     RED,
     ROOT,
+    TINY_VERSION,
     ServerProcess,
     access_records,
     free_port,
@@ -30,6 +31,7 @@ from conftest import (
     photos,
     predict_jpegs,
     prom,
+    start_server,
     tiny_contract,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -563,3 +565,43 @@ def test_preprocessing_the_server_does_not_implement_fails_at_start(tmp_path, ke
     assert f"preprocessing.{key}: {value!r} is not implemented" in output
     assert str(model) in output
     assert "Traceback" not in output
+
+
+def test_an_explicit_model_file_says_it_overrides_model_uri(tiny_model: Path, tmp_path: Path):
+    """`MODEL_URI=models:/catsdogs@champion make serve` passed --model too, so the local file was
+    served and nothing said the registry's model was not: the flag still wins, and says so; and
+    `make serve` leaves --model out when MODEL_URI is set."""
+    env = {
+        "MODEL_URI": "models:/catsdogs@champion",
+        "PREDICTION_LOG_PATH": str(tmp_path / "p.db"),
+        "INTRA_OP_THREADS": "1",
+    }
+    server = start_server(env, tmp_path / "server.log", ["--model", str(tiny_model)])
+    try:
+        server.wait_ready()
+        assert httpx.get(f"{server.url}/metadata").json()["model_version"] == TINY_VERSION
+        assert server.terminate() == 0
+    finally:
+        server.terminate()
+    lines = [json.loads(line) for line in server.output(tail=10**9).splitlines() if line[:1] == "{"]
+    warned = [r["message"] for r in lines if r.get("level") == "warning"]
+    assert any("MODEL_URI=models:/catsdogs@champion" in m and "ignored" in m for m in warned)
+
+    dry = subprocess.run(
+        ["make", "-n", "--no-print-directory", "serve", "MODEL_URI=models:/catsdogs@champion"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    (command,) = [line for line in dry.stdout.splitlines() if "-m server" in line]
+    assert "--model" not in command.split()
+    plain = subprocess.run(
+        ["make", "-n", "--no-print-directory", "serve", "MODEL_URI="],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    (command,) = [line for line in plain.stdout.splitlines() if "-m server" in line]
+    assert "--model" in command.split()

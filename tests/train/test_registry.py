@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -509,3 +510,21 @@ def test_local_paths_resolve_without_a_server(model_file: Path, tmp_path: Path) 
     assert resolve_model_uri(str(model_file), tracking_uri="", cache_dir=tmp_path) == model_file
     uri = model_file.as_uri()
     assert resolve_model_uri(uri, tracking_uri="", cache_dir=tmp_path) == model_file
+
+
+def test_listing_an_empty_registry_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A clone that pulled the pipeline from the DVC remote ran no stage and registered nothing:
+    `make registry-list` then ended in MLflow's traceback."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.registry", "list"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "catsdogs" in proc.stderr
+    assert "not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
