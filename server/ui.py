@@ -82,5 +82,7 @@ class PageFiles(WholeFiles):
 
 routes: list[BaseRoute] = [
     Route("/", index, methods=["GET"], name="ui_index"),
+    # /ui redirects here (the mount's slash); the folder itself is the page too, not a 404
+    Route("/ui/", index, methods=["GET"], include_in_schema=False),
     Mount("/ui", PageFiles(directory=STATIC_DIR), name="ui"),
 ]

@@ -587,21 +587,18 @@ def test_an_explicit_model_file_says_it_overrides_model_uri(tiny_model: Path, tm
     warned = [r["message"] for r in lines if r.get("level") == "warning"]
     assert any("MODEL_URI=models:/catsdogs@champion" in m and "ignored" in m for m in warned)
 
+    assert "--model" not in _make_serve("MODEL_URI=models:/catsdogs@champion")
+    assert "--model" in _make_serve("MODEL_URI=")
+
+
+def _make_serve(*assignments: str) -> list[str]:
+    """The words of the server command `make serve` would run (make -n: printed, not run)."""
     dry = subprocess.run(
-        ["make", "-n", "--no-print-directory", "serve", "MODEL_URI=models:/catsdogs@champion"],
+        ["make", "-n", "--no-print-directory", "serve", *assignments],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     (command,) = [line for line in dry.stdout.splitlines() if "-m server" in line]
-    assert "--model" not in command.split()
-    plain = subprocess.run(
-        ["make", "-n", "--no-print-directory", "serve", "MODEL_URI="],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    (command,) = [line for line in plain.stdout.splitlines() if "-m server" in line]
-    assert "--model" in command.split()
+    return command.split()

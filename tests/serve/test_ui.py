@@ -102,6 +102,21 @@ def test_redirects_never_name_the_clients_host(settings, path):
     assert "evil" not in location
 
 
+def test_ui_and_its_folder_lead_to_the_page(settings):
+    """/ui redirected to /ui/, which answered 404: both now end on the page."""
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        async with serve(create_app(settings)) as client:
+            folder = await client.get("/ui/")
+            followed = await client.get("/ui", follow_redirects=True)
+            return folder, followed
+
+    for answer in run(scenario()):
+        assert answer.status_code == 200, answer.status_code
+        assert answer.headers["content-type"].startswith("text/html")
+        assert "Cat or dog?" in answer.text
+
+
 @pytest.mark.parametrize("path", ["/", "/ui/app.js", "/docs/static/swagger-ui.css"])
 @pytest.mark.parametrize("asked", ["bytes=5-1", "pages=1-2", "bytes=99999999-"])
 def test_a_range_is_ignored_and_the_file_sent_whole(settings, path, asked):
