@@ -418,7 +418,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        run(args)
+    except FetchError as exc:  # a download, a layout or a source the stage cannot use: one line
+        raise SystemExit(f"fetch: {exc}") from None
 
+
+def run(args: argparse.Namespace) -> None:
     params = load_fetch(args.params)
     source_file = Path(args.source_file)
     src = read_source(source_file)
@@ -429,10 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         write_state(params, src.source)
         return
     root = fetch_download(params) if src.source == "download" else Path(src.source)
-    try:
-        photos = find_photos(root)
-    except FetchError as exc:  # a layout the stage cannot read: one line saying why, no traceback
-        raise SystemExit(f"fetch: {exc}") from None
+    photos = find_photos(root)
     rows = build_index(photos, Path(args.cache))
     write_index(rows, Path(args.out))
     counts = {
