@@ -39,6 +39,11 @@ def load_model_file(
         raise ModelFileError(f"model file {path} does not exist")
     if path.stat().st_size == 0:
         raise ModelFileError(f"model file {path} is empty (0 bytes)")
+    if sess_options is None:
+        sess_options = ort.SessionOptions()
+        # a cascade's overridable initializers (its threshold, its second model's sizes) are
+        # graph inputs on purpose; onnxruntime warns about each one, which is noise here
+        sess_options.log_severity_level = 3
     try:
         session = ort.InferenceSession(
             str(path) if source is None else source,

@@ -64,6 +64,7 @@ class Result:
     evaluation: bool | None = None  # whether the server kept it out of its monitoring
     request_id: str | None = None
     prediction_id: str | None = None
+    predict_status: int | None = None  # the status of a refused prediction (4xx, 5xx)
     feedback_status: int | None = None
     error: str | None = None
 
@@ -168,6 +169,8 @@ def evaluate_one(
         result.prediction_id = body.get("prediction_id")
     except (OSError, HttpError, ValueError, KeyError, TypeError) as exc:
         result.error = f"predict: {exc}"
+        if isinstance(exc, HttpError):
+            result.predict_status = exc.status
         return result
     if feedback:
         # by the image's own id where the server gives one (servers before it: the request's)
@@ -297,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     evaluation = not feedback
     started = time.perf_counter()
     first = evaluate_one(url, *items[0], root, args.timeout, feedback, token, evaluation)
-    if evaluation and not token and first.error and "HTTP 401" in first.error:
+    if evaluation and not token and first.predict_status == 401:
         log.warning(
             "the server needs a bearer token for evaluation traffic (set API_TOKEN): these "
             "predictions go into its prediction log and drift window"

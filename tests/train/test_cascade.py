@@ -377,6 +377,18 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
         load_model(path, intra_op_threads=1)
 
 
+def servable_cascade(tmp_path: Path, members: tuple[Member, ...], version: str) -> Path:
+    """The three members' cascade file, each later model on a view of its own, stamped with the
+    full contract the server reads."""
+    first, mid, large = members
+    spec = default_spec("logreg", *VIEWS["small"])
+    path = export_cascade(first, [first, mid, large], 0.9, tmp_path / "c.onnx", opset=18)
+    views = {view_input(m): default_spec("logreg", m.input_size, m.resize) for m in (mid, large)}
+    stamp(path, spec, version, {"models": ["mid", "large"], "below": 0.9,
+                                "views": views_entry(views)})  # fmt: skip
+    return path
+
+
 def test_sigterm_while_a_cascade_loads_stops_its_optimising_child_too(
     tmp_path: Path, members: tuple[Member, ...]
 ) -> None:
@@ -387,12 +399,7 @@ def test_sigterm_while_a_cascade_loads_stops_its_optimising_child_too(
 
     from loadtest.serverproc import SERVE_PYTHON, spawn_server, stop_server
 
-    first, mid, large = members
-    spec = default_spec("logreg", *VIEWS["small"])
-    path = export_cascade(first, [first, mid, large], 0.9, tmp_path / "c.onnx", opset=18)
-    views = {view_input(m): default_spec("logreg", m.input_size, m.resize) for m in (mid, large)}
-    stamp(path, spec, "cascade-sigterm-1", {"models": ["mid", "large"], "below": 0.9,
-                                            "views": views_entry(views)})  # fmt: skip
+    path = servable_cascade(tmp_path, members, "cascade-sigterm-1")
     server = spawn_server(
         tmp_path / "server.log",
         ["--model", str(path)],
@@ -416,6 +423,28 @@ def test_sigterm_while_a_cascade_loads_stops_its_optimising_child_too(
     # reaped by the server before it exited: nothing of it is left, not even a zombie
     assert not Path(f"/proc/{child}").exists(), "the optimising child outlived the server"
     assert code == 128 + signal.SIGTERM, server.output()
+
+
+def test_version_reads_a_cascade_without_onnxruntime_warnings(
+    tmp_path: Path, members: tuple[Member, ...]
+) -> None:
+    """A cascade's threshold and view sizes are graph inputs with defaults on purpose, and
+    onnxruntime warns about each when a session opens it with default options: ``python -m
+    server --version`` printed three such warnings (its other output is one line)."""
+    import subprocess
+
+    from loadtest.serverproc import SERVE_PYTHON
+
+    path = servable_cascade(tmp_path, members, "cascade-version-1")
+    out = subprocess.run(
+        [SERVE_PYTHON, "-m", "server", "--version", "--model", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "cascade-version-1" in out.stdout
+    assert out.stderr == ""
 
 
 def test_a_cascade_loads_where_files_in_memory_are_not_offered(
