@@ -144,7 +144,7 @@ pull: venv-train data/source.yaml ## restore the outputs dvc.lock names from the
 push: venv-train data/source.yaml ## send the pipeline's outputs to the DVC remote
 	$(DVC) push
 
-# Model quality (README "Model quality"): k-fold cross-validation of every configuration in
+# Model quality (docs/model-quality.md): k-fold cross-validation of every configuration in
 # params.yaml's cv.configs over all photos (reports/cv/: accuracy with a 95% interval, mistakes,
 # contact sheets; one MLflow run each in the experiment catsdogs-cv), then each one's served
 # cost (reports/cost/: ONNX size, onnxruntime latency, the table). cv/dvc.yaml holds both stages,

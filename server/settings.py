@@ -57,7 +57,8 @@ class Settings:
     )
     decode_threads: int = setting(0, "threads decoding images; 0 = the CPUs this process may use")
     # the event loop answers health probes, admits and refuses; when the cores are saturated
-    # it must not wait behind the threads doing the heavy work (README, "A stalled event loop")
+    # it must not wait behind the threads doing the heavy work (docs/serving-internals.md,
+    # "The heavy threads yield to the event loop")
     worker_nice: int = setting(
         10, "niceness added to the decode and model threads (not the event loop's); 0: none"
     )
