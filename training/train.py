@@ -27,6 +27,7 @@ import math
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -958,14 +959,22 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"train: {exc}") from None
     # a SIGTERM (a CI job cancelled, docker stop) unwinds like Ctrl-C, so the run is recorded
     signal.signal(signal.SIGTERM, _terminated)
-    train(
-        params,
-        Path(args.manifest),
-        Path(args.model_out),
-        Path(args.reports),
-        load_yaml(args.params),
-        Path(args.data_report),
-    )
+    try:
+        train(
+            params,
+            Path(args.manifest),
+            Path(args.model_out),
+            Path(args.reports),
+            load_yaml(args.params),
+            Path(args.data_report),
+        )
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's own stop, not a crash: one line, no traceback, the shell's 130
+        print(
+            "train: stopped (Ctrl-C); no checkpoint written, the MLflow run is KILLED",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def _terminated(signum: int, frame: object) -> None:

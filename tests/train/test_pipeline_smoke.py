@@ -249,7 +249,8 @@ def test_fine_tuning_the_last_blocks_changes_them(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_stopped_or_failed_training_run_is_recorded_so_in_mlflow(tmp_path: Path) -> None:
     """SIGTERM mid-training (a cancelled job, docker stop) exits 143 with the MLflow run KILLED,
-    not left RUNNING; a run that crashes is FAILED, not the FINISHED of MLflow's exit hook."""
+    not left RUNNING; a run that crashes is FAILED, not the FINISHED of MLflow's exit hook; Ctrl-C
+    is one line, exit 130, the run KILLED."""
     import signal
     import time
 
@@ -288,6 +289,7 @@ def test_a_stopped_or_failed_training_run_is_recorded_so_in_mlflow(tmp_path: Pat
     manifest = tmp_path / "data" / "prepared" / "manifest.csv"
     rows = manifest.read_text().splitlines()
     (i,) = [n for n, row in enumerate(rows) if row.endswith(",train")][:1]
+    original = rows[i][: rows[i].index(",")]
     rows[i] = str(tmp_path / "gone.jpg") + rows[i][rows[i].index(",") :]
     manifest.write_text("\n".join(rows) + "\n")
     failed = run(cmd, tmp_path, env)
@@ -296,6 +298,38 @@ def test_a_stopped_or_failed_training_run_is_recorded_so_in_mlflow(tmp_path: Pat
         [exp.experiment_id], order_by=["attributes.start_time DESC"]
     )
     assert [r.info.status for r in runs] == ["FAILED", "KILLED"]
+
+    # Ctrl-C in a terminal: SIGINT to the whole process group, the DataLoader's worker included.
+    # One line and the shell's 130, the run KILLED; it was a traceback, exit 1
+    manifest.write_text("\n".join(rows).replace(str(tmp_path / "gone.jpg"), original) + "\n")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(MlflowClient(uri).search_runs(
+            [exp.experiment_id])) < 3:  # fmt: skip
+            time.sleep(0.5)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "train: stopped (Ctrl-C)" in out
+    runs = MlflowClient(uri).search_runs(
+        [exp.experiment_id], order_by=["attributes.start_time DESC"]
+    )
+    assert [r.info.status for r in runs] == ["KILLED", "FAILED", "KILLED"]
 
 
 def test_train_parameters_are_bounded_and_exponent_floats_read(tmp_path: Path) -> None:
