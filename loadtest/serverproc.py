@@ -141,8 +141,9 @@ def spawn_server(
     """Spawn ``python -m server ARGS`` on a free port without waiting for it to be ready.
 
     ``env`` is added to this process's environment; ``memory_limit`` caps the child's address
-    space (bytes); ``module`` runs another server that reads HOST and PORT the same way."""
-    port = free_port()
+    space (bytes); ``module`` runs another server that reads HOST and PORT the same way. A PORT
+    in ``env`` is kept (a server restarted where its clients and scraper expect it)."""
+    port = int(env["PORT"]) if env and "PORT" in env else free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # the address by environment, so ARGS stay exactly the caller's (flags would override it)
     child_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **(env or {})}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 from server import loop_lag
 from server.gc_pauses import GcPauses
@@ -83,6 +83,9 @@ class Children:
 
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        # process_start_time_seconds (a restart, which no counter reset shows reliably: requests
+        # cut by a crash are never counted), process_resident_memory_bytes, CPU and open fds
+        ProcessCollector(registry=registry)
         self.requests = Counter(
             "http_requests",
             "HTTP requests by route template, method and status.",

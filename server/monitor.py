@@ -97,6 +97,18 @@ class Monitor:
             ["outcome"],
             registry=registry,
         )
+        # each replica counts the feedback it stored, so a recent window of it sums over
+        # replicas and survives restarts (increase()); monitor_live_accuracy is every retained
+        # label of a version, which a sudden regression moves too slowly
+        self.feedback_labels = Counter(
+            "feedback_labels",
+            "Feedback stored by this replica, by the prediction's model version and whether its "
+            "label was right (a label that replaces an earlier one is not counted again)",
+            ["model_version", "result"],
+            registry=registry,
+        )
+        for result in ("correct", "wrong"):  # at 0 from the start: rate() needs a first sample
+            self.feedback_labels.labels(self.model_version, result)
         self.store: WriterStore = self._open_store(settings, log_target)
         self.shared = self.store.shared
         # rolling window of recent traffic: (confidence, width, height, brightness, label)

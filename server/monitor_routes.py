@@ -164,13 +164,17 @@ async def feedback_endpoint(request: Request) -> Response:
         monitor.feedback_received.labels(_OUTCOMES.get(exc.status, "error")).inc()
         raise
     monitor.feedback_received.labels("stored").inc()
+    correct = result.true_label == result.predicted_label
+    if result.previous_label is None:
+        result_label = "correct" if correct else "wrong"
+        monitor.feedback_labels.labels(result.model_version, result_label).inc()
     return JSONResponse(
         {
             "prediction_id": result.prediction_id,
             "request_id": result.request_id,
             "label": result.true_label,
             "predicted_label": result.predicted_label,
-            "correct": result.true_label == result.predicted_label,
+            "correct": correct,
             "model_version": result.model_version,
         },
         status_code=201,

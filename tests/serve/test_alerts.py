@@ -251,10 +251,34 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def start_alertmanager(
+    daemons: Callable[[list[str], Path], Daemon], webhook: Webhook, tmp_path: Path
+) -> tuple[Daemon, int]:
+    """A real Alertmanager with the shipped routes (1 s grouping), delivering to ``webhook``,
+    ready on a free 127.0.0.1 port: (the daemon, its port)."""
+    alertmanager = binary("prometheus-alertmanager", "ALERTMANAGER_BIN", "alertmanager")
+    port = free_port()
+    config = write_yaml(
+        tmp_path / "am" / "alertmanager.yml",
+        fast_alertmanager(yaml.safe_load(ALERTMANAGER.read_text()), webhook.address),
+    )
+    am = daemons(
+        [
+            alertmanager,
+            f"--config.file={config}",
+            f"--storage.path={tmp_path / 'am' / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",  # no gossip cluster: one instance, no extra port
+        ],
+        tmp_path / "alertmanager.log",
+    )
+    am.wait_ready(f"http://127.0.0.1:{port}/-/ready")
+    return am, port
+
+
 @pytest.mark.slow
 def test_failing_prediction_log_pages_the_webhook(server_process, webhook, daemons, tmp_path):
     prometheus = binary("prometheus", "PROMETHEUS_BIN", "prometheus")
-    alertmanager = binary("prometheus-alertmanager", "ALERTMANAGER_BIN", "alertmanager")
     started = time.monotonic()
 
     # 1. the bad state: the log's folder is a regular file, so the log can never be opened
@@ -275,22 +299,7 @@ def test_failing_prediction_log_pages_the_webhook(server_process, webhook, daemo
     target = server.url.removeprefix("http://")
 
     # 2. Alertmanager with the shipped routes, delivering to the webhook
-    am_port = free_port()
-    am_config = write_yaml(
-        tmp_path / "am" / "alertmanager.yml",
-        fast_alertmanager(yaml.safe_load(ALERTMANAGER.read_text()), webhook.address),
-    )
-    am = daemons(
-        [
-            alertmanager,
-            f"--config.file={am_config}",
-            f"--storage.path={tmp_path / 'am' / 'data'}",
-            f"--web.listen-address=127.0.0.1:{am_port}",
-            "--cluster.listen-address=",  # no gossip cluster: one instance, no extra port
-        ],
-        tmp_path / "alertmanager.log",
-    )
-    am.wait_ready(f"http://127.0.0.1:{am_port}/-/ready")
+    am, am_port = start_alertmanager(daemons, webhook, tmp_path)
 
     # 3. Prometheus scraping the server with the shipped rules, sending to that Alertmanager
     config_dir = tmp_path / "prometheus"
@@ -339,3 +348,41 @@ def test_failing_prediction_log_pages_the_webhook(server_process, webhook, daemo
     assert target in alert["annotations"]["description"]  # templated by the real Prometheus
     assert alert["annotations"]["runbook"] == rule["annotations"]["runbook"]
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_an_overload_hides_error_pages_in_its_own_namespace_only(webhook, daemons, tmp_path):
+    """The shipped inhibit rule, on a real Alertmanager: ServeOverloaded in catsdogs-dev hides
+    catsdogs-dev's ServeErrors (one cause, one page) but not production's. Without `equal`, a
+    development namespace at capacity silenced production's outage."""
+    _, port = start_alertmanager(daemons, webhook, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    alerts = [
+        ("ServeOverloaded", "catsdogs-dev"),
+        ("ServeErrors", "catsdogs-dev"),
+        ("ServeErrors", "catsdogs"),
+    ]
+    r = httpx.post(
+        f"{base}/api/v2/alerts",
+        json=[
+            {"labels": {"alertname": name, "severity": "page", "namespace": namespace}}
+            for name, namespace in alerts
+        ],
+        timeout=5,
+    )
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 15
+    while True:
+        states = {
+            (a["labels"]["alertname"], a["labels"]["namespace"]): a["status"]["state"]
+            for a in httpx.get(f"{base}/api/v2/alerts", timeout=5).json()
+        }
+        if len(states) == 3 and "unprocessed" not in states.values():
+            break
+        assert time.monotonic() < deadline, states
+        time.sleep(0.2)
+    assert states == {
+        ("ServeOverloaded", "catsdogs-dev"): "active",
+        ("ServeErrors", "catsdogs-dev"): "suppressed",
+        ("ServeErrors", "catsdogs"): "active",
+    }

@@ -199,6 +199,21 @@ def test_summary_and_metrics_for_known_feedback(server_process):
     )
     assert metric_value(text, f"monitor_confidence_count{{{v}}}") == 10
     assert metric_value(text, "prediction_log_write_failures_total") == 0
+    # the counters a recent window of accuracy is read from (LiveAccuracyDropped)
+    assert metric_value(text, f'feedback_labels_total{{{v},result="correct"}}') == 8
+    assert metric_value(text, f'feedback_labels_total{{{v},result="wrong"}}') == 2
+    # a label that replaces an earlier one is not counted again
+    r = httpx.post(
+        f"{server.url}/feedback", json={"request_id": reds[5]["request_id"], "label": "cat"}
+    )
+    assert r.status_code == 201, r.text
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(text, f'feedback_labels_total{{{v},result="correct"}}') == 8
+    assert metric_value(text, f'feedback_labels_total{{{v},result="wrong"}}') == 2
+    assert metric_value(text, f"monitor_live_accuracy{{{v}}}") == pytest.approx(0.9)
+    # the process's own figures: a restart shows as a new start time (ServeRestarting)
+    assert metric_value(text, "process_start_time_seconds") > 0
+    assert metric_value(text, "process_resident_memory_bytes") > 10e6
 
 
 def test_unwritable_log_keeps_predictions_working(server_process, tmp_path: Path):
