@@ -36,7 +36,7 @@ from server.inference import Batcher, BatchStats, Escalate, InferenceModel, load
 from server.limits import Budget, Reservation
 from server.logs import configure_logging
 from server.loop_lag import LoopLag
-from server.malloc import cap_arenas
+from server.malloc import cap_arenas, trim_heap
 from server.metrics import REFUSAL_COUNTER, ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.monitor import Monitor
@@ -394,6 +394,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     )
     lag.start()
     app.state.metrics.gc.start()  # the start-up heap frozen: short collections from now on
+    returned = trim_heap()  # what start-up freed, back to the system (server/malloc.py)
     phases.end("services")
     for phase, seconds in phases.seconds.items():
         app.state.metrics.startup.labels(phase).set(seconds)
@@ -416,6 +417,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
                     n: round(t, 6) for n, t in batcher.parallel_curve.items()
                 },
                 "startup_seconds": phases.seconds,
+                "heap_returned_mb": None if returned is None else round(returned / 2**20, 1),
             }
         },
     )
