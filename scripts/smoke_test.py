@@ -6,8 +6,9 @@ Used by CI, CD and `make image-smoke` against a container, and by hand against a
 
 It waits for /health/ready, checks /health, /metadata and /metrics, predicts known cat and dog
 photos (labels must be right, not just a 200), sends a batch, sends bad input that must be
-rejected with a 4xx in the API's error shape, and checks /feedback with an unknown id (404: the
-route works, nothing is stored). Its predictions are evaluation traffic (``X-Traffic-Class:
+rejected with a 4xx in the API's error shape (an AVIF photo named as a refused format), loads
+the /docs page's two files, and checks /feedback with an unknown id (404: the route works,
+nothing is stored). Its predictions are evaluation traffic (``X-Traffic-Class:
 evaluation``, with API_TOKEN's bearer token if set), so the server keeps them out of its
 prediction log and monitoring. Exit status 0 only when every check passes.
 """
@@ -15,6 +16,7 @@ prediction log and monitoring. Exit status 0 only when every check passes.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import math
@@ -30,6 +32,14 @@ from pathlib import Path
 log = logging.getLogger("smoke")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+# a 64x64 AVIF photo (321 bytes), made with Pillow: a format the API refuses
+AVIF_64X64 = (
+    "AAAAIGZ0eXBhdmlmAAAAAGF2aWZtaWYxbWlhZk1BMUIAAADrbWV0YQAAAAAAAAAhaGRscgAAAAAAAAAAcGljdAAA"
+    "AAAAAAAAAAAAAAAAAAAOcGl0bQAAAAAAAQAAAB5pbG9jAAAAAEQAAAEAAQAAAAEAAAETAAAALgAAAChpaW5mAAAA"
+    "AAABAAAAGmluZmUCAAAAAAEAAGF2MDFDb2xvcgAAAABqaXBycAAAAEtpcGNvAAAAFGlzcGUAAAAAAAAAQAAAAEAA"
+    "AAAQcGl4aQAAAAADCAgIAAAADGF2MUOBAAwAAAAAE2NvbHJuY2x4AAEADQAGgAAAABdpcG1hAAAAAAAAAAEAAQQB"
+    "AoMEAAAANm1kYXQSAAoJGBV//aICGg0IMh8Ux4eGZQIIIJ5QAAAAwhFo1pT90RREF5wMMgQg2zuA"
+)
 
 
 class SmokeError(AssertionError):
@@ -236,6 +246,15 @@ def run(url: str, data: Path, per_class: int, min_accuracy: float) -> dict:
     empty, ctype = multipart([("other", "x.bin", b"")])
     check_error(request(f"{url}/predict", "POST", empty, ctype), "multipart without file")
     check_error(request(f"{url}/predict", "POST", b"{}", "application/json"), "JSON body")
+    # a format the API refuses is named, even where the image carries no decoder for it
+    avif = request(f"{url}/predict", "POST", base64.b64decode(AVIF_64X64), "image/avif")
+    check_error(avif, "AVIF photo")
+    code = avif.json()["error"]["code"]
+    expect(code == "unsupported_format", f"AVIF photo: expected unsupported_format, got {code}")
+    # the two files the /docs page loads (the image keeps only those of Swagger UI's)
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        reply = request(f"{url}/docs/static/{asset}")
+        expect(reply.status == 200 and reply.body, f"/docs/static/{asset}: {reply.status}")
 
     check_feedback_route(url, class_names[0])
 
