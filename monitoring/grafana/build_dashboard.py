@@ -160,9 +160,16 @@ PANELS = [
         "timeseries",
         [
             ("monitor_live_accuracy", "{{model_version}}"),
+            (
+                '1 - sum by (model_version) (increase(feedback_labels_total{result="wrong"}[6h]))'
+                " / clamp_min(sum by (model_version) (increase(feedback_labels_total[6h])), 1)",
+                "last 6 h {{model_version}}",
+            ),
             ("monitor_feedback", "feedback {{model_version}}"),
         ],
         (6, 24, 10, 8),
+        description="All retained feedback of a version (monitor_live_accuracy: LiveAccuracyLow), "
+        "and the last 6 hours' alone (LiveAccuracyDropped), which a sudden regression moves.",
     ),
     panel(
         "Confusion (feedback)",
@@ -214,6 +221,23 @@ PANELS = [
         "How late the server's event loop wakes a 100 ms timer: every request and probe waits as "
         "long (alert ServeEventLoopStalled: more than 5 wake-ups over 100 ms late in 5 minutes); "
         "the garbage collector's pauses hold it too",
+    ),
+    panel(
+        "Memory per replica",
+        "timeseries",
+        [("process_resident_memory_bytes", "RSS {{instance}}")],
+        (0, 46, 12, 6),
+        "bytes",
+        description="Each server process's resident memory; compare with the pod's memory limit.",
+    ),
+    panel(
+        "Restarts per replica (15 min)",
+        "timeseries",
+        [("changes(process_start_time_seconds[15m])", "{{instance}}")],
+        (12, 46, 12, 6),
+        "short",
+        [("green", None), ("red", 2)],
+        "New process start times seen in 15 minutes (ServeRestarting pages at 2: a crash loop)",
     ),
 ]
 

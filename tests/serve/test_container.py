@@ -51,8 +51,10 @@ def test_smoke_script_passes_on_a_correct_server_and_fails_on_wrong_labels(
     summary = json.loads(ok.stderr.rsplit("passed ", 1)[1])
     assert summary["predictions"] == 6
     assert summary["accuracy"] == 1.0
-    # every bad input got a 4xx with an error code, as logged by the script
-    assert len(re.findall(r"-> 4\d\d \w+", ok.stderr)) == 4
+    # every bad input got a 4xx with an error code, as logged by the script; the AVIF photo is
+    # named as a refused format
+    assert len(re.findall(r"-> 4\d\d \w+", ok.stderr)) == 5
+    assert "AVIF photo -> 415 unsupported_format" in ok.stderr
 
     swapped = photo_folder(tmp_path / "swapped", {"cat": BLUE, "dog": RED})
     bad = run_smoke(server.url, swapped, "--min-accuracy", "0.9")
