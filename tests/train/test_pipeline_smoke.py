@@ -310,6 +310,9 @@ def test_a_stopped_or_failed_training_run_is_recorded_so_in_mlflow(tmp_path: Pat
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # a terminal's default for SIGINT: a shell started without job control (CI's, in the
+        # background) hands its children SIGINT ignored, and Python then keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
