@@ -234,8 +234,14 @@ load: venv-load venv-serve ## locust headless with pass/fail thresholds (URL= fo
 bench: venv-load venv-serve ## latency per image, HTTP vs in-process -> reports/bench/latency.md
 	PYTHONPATH=$(CURDIR) $(LOAD_PY) -m loadtest.bench --model $(MODEL) --out reports/bench $(BENCH_ARGS)
 
-clean: ## remove pipeline outputs (not the venvs)
-	rm -rf data models reports mlruns mlflow.db .dvc/tmp
+# `clean` keeps what a rerun cannot rebuild cheaply or at all: the downloaded archive
+# (data/download), the data source (data/source.yaml), the fetch stage's hash cache and the local
+# MLflow store (every run and the model registry); `clean-all` removes those too
+clean: ## remove pipeline outputs (not the venvs, the download, the data source or MLflow's runs)
+	rm -rf data/raw data/prepared models reports .dvc/tmp
+
+clean-all: clean ## also the downloaded data, the data source and the local MLflow store
+	rm -rf data mlruns mlflow.db
 
 # ---------------------------------------------------------------- monitoring
 # `make evaluate-deployment URL=http://host:port DATA=folder-with-cat-and-dog` judges a running

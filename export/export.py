@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 from collections import Counter
@@ -288,13 +289,17 @@ def read_splits(manifest: Path) -> Splits:
 
 
 def load_test_batch(rows: list[ManifestRow], spec: PreprocessSpec, parity_images: int) -> Batch:
-    log.info("preprocessing %d test photos through catsdogs.preprocessing", len(rows))
-    batch = load_batch([r.path for r in rows], spec, desc="test")
+    if not rows:
+        raise ox.ExportError("the manifest's test split is empty: nothing to check parity on")
     if len(rows) < parity_images:
-        raise ox.ExportError(
-            f"parity needs {parity_images} test photos, the manifest has {len(rows)}"
+        # a small data set (prepare.max_per_class for a quick run): every test photo, not none
+        log.warning(
+            "parity on all %d test photos: export.parity_images asks for %d",
+            len(rows),
+            parity_images,
         )
-    return batch
+    log.info("preprocessing %d test photos through catsdogs.preprocessing", len(rows))
+    return load_batch([r.path for r in rows], spec, desc="test")
 
 
 def contract_maker(
@@ -344,9 +349,10 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
     test_batch = load_test_batch(splits.test, spec, params.parity_images)
     # the parity photos spread over the test split, whose rows are sorted by class: the first
     # ones were all cats
-    step = max(1, len(splits.test) // params.parity_images)
-    parity_rows = splits.test[::step][: params.parity_images]
-    parity_images = test_batch.images[::step][: params.parity_images]
+    n_parity = min(params.parity_images, len(splits.test))
+    step = max(1, len(splits.test) // n_parity)
+    parity_rows = splits.test[::step][:n_parity]
+    parity_images = test_batch.images[::step][:n_parity]
     # a cascade whose other models take views of their own: those views, for the parity photos
     views = trained_views(cascade, spec) if cascade is not None else {}
     parity_paths = [Path(r.path) for r in parity_rows]
@@ -707,12 +713,18 @@ def main(argv: list[str] | None = None) -> None:
         log.error("export: %s", exc)
         sys.exit(2)
     paths = ExportPaths(args.checkpoint, args.manifest, args.out, args.int8_dir, args.report)
+    # a SIGTERM (a CI job cancelled, docker stop) unwinds like Ctrl-C, so run() removes the
+    # model file it was writing: left behind, it looked like a finished export
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
             report = run(paths, params)
     except ox.ExportError as exc:  # run() has removed the file and the report
         log.error("export failed: %s", exc)
         sys.exit(1)
+    except KeyboardInterrupt:  # the user's own stop, not a crash: one line, the shell's 130
+        log.error("export: stopped (Ctrl-C); no model file or report written")
+        sys.exit(128 + signal.SIGINT)
     log.info(
         "exported %s (%s): accuracy %s, %d bytes",
         paths.out,
@@ -720,6 +732,10 @@ def main(argv: list[str] | None = None) -> None:
         report["accuracy"],
         report["files"]["served"]["bytes"],
     )
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

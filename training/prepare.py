@@ -21,6 +21,8 @@ import io
 import json
 import logging
 import multiprocessing
+import signal
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +105,18 @@ def _check_star(args: tuple) -> Checked:
     return check_file(*args)
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def check_all(rows: list[IndexRow], spec: PreprocessSpec, params: PrepareParams) -> list[Checked]:
     jobs = [(row, spec, params.min_side, params.max_pixels) for row in rows]
     if params.workers <= 1:
         return [_check_star(j) for j in tqdm(jobs, desc="prepare", unit="file", mininterval=1.0)]
-    with multiprocessing.get_context("spawn").Pool(params.workers) as pool:
+    # only this process takes Ctrl-C: each worker printed its own traceback; leaving the block
+    # terminates them
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(params.workers, initializer=_ignore_sigint) as pool:
         results = pool.imap(_check_star, jobs, chunksize=16)
         return list(tqdm(results, total=len(jobs), desc="prepare", unit="file", mininterval=1.0))
 
@@ -220,7 +229,13 @@ def main(argv: list[str] | None = None) -> None:
         input_size=train.input_size, resize=train.resize, interpolation=train.interpolation
     )
     rows = read_index(Path(args.index))
-    checked = check_all(rows, spec, params)
+    # a SIGTERM unwinds like Ctrl-C: the workers are stopped, not left to the resource tracker
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        checked = check_all(rows, spec, params)
+    except KeyboardInterrupt:  # the user's own stop: one line, the shell's 130
+        print("prepare: stopped (Ctrl-C); no manifest written", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     kept, dropped = select(checked, params)
     if len({c.label for c, _ in kept}) < 2:
         raise SystemExit("prepare: fewer than two classes left after dropping bad files")
@@ -231,6 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     for d in dropped:
         log.warning("dropped %s: %s (%s)", d["path"], d["reason"], d["detail"])
     log.info("kept %d of %d files: %s", len(kept), len(rows), report["counts"])
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

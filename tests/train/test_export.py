@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from tests.train.export_helpers import (
     write_checkpoint,
     write_manifest,
 )
+from tests.train.process_helpers import process_group, stop_group
 
 pytestmark = pytest.mark.train
 ROOT = Path(__file__).resolve().parents[2]
@@ -514,3 +517,74 @@ def test_a_served_int8_file_is_reported_and_tagged_under_its_own_version(
     assert report["served"] == "int8"
     assert served.extra["quantization"] == "int8_qdq"
     assert report["model_version"] == served.model_version == f"{fp32}-int8"
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_stage_leaves_no_model_file(
+    stage: dict[str, Path], tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    """SIGTERM (docker stop, a cancelled job) or Ctrl-C once the file is written, during the
+    latency runs: the stage removes the file it wrote, as it does on any failure. SIGTERM left
+    it (complete, contract and all, beside no report: `make serve` served it); Ctrl-C was a
+    traceback and exit 1. Now 143 and 130, one line for Ctrl-C."""
+    params = tmp_path / "params.yaml"
+    params.write_text(stage["params"].read_text().replace("bench_runs: 2", "bench_runs: 200000"))
+    out, report = tmp_path / "model.onnx", tmp_path / "export.json"
+    args = _stage_args(
+        stage,
+        **{
+            "--params": params,
+            "--checkpoint": write_checkpoint(
+                tmp_path / "ck.pt", color_model(), str(stage["data_version"])
+            ),
+            "--out": out,
+            "--int8-dir": tmp_path / "int8",
+            "--report": report,
+        },
+    )
+    with process_group([sys.executable, "-m", "export.export", *args], ROOT) as proc:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.exists() and (tmp_path / "int8" / "quantization.json").exists():
+                break  # exported, checked and quantized: the latency runs have begun
+            time.sleep(0.05)
+        assert proc.poll() is None, "the stage ended before it could be stopped"
+        time.sleep(0.5)
+        output = stop_group(proc, sig)
+    assert proc.returncode == code, output[-3000:]
+    assert not out.exists()
+    assert not report.exists()
+    if sig == signal.SIGINT:
+        assert "Traceback" not in output, output[-3000:]
+        assert "export: stopped (Ctrl-C)" in output
+
+
+def test_a_test_split_smaller_than_parity_images_checks_every_photo(
+    stage: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A quick run on a few photos a class (prepare.max_per_class) leaves fewer test photos than
+    export.parity_images: parity runs on all of them, with a warning; the stage used to fail."""
+    n_test = sum(row.endswith(",test") for row in stage["manifest"].read_text().splitlines())
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        stage["params"].read_text().replace("parity_images: 16", f"parity_images: {n_test + 40}")
+    )
+    report = tmp_path / "export.json"
+    checkpoint = write_checkpoint(tmp_path / "ck.pt", color_model(), str(stage["data_version"]))
+    with caplog.at_level("WARNING", logger="export"):
+        export_main(
+            _stage_args(
+                stage,
+                **{
+                    "--params": params,
+                    "--checkpoint": checkpoint,
+                    "--out": tmp_path / "model.onnx",
+                    "--int8-dir": tmp_path / "int8",
+                    "--report": report,
+                },
+            )
+        )
+    parity = json.loads(report.read_text())["parity"]
+    assert parity["n"] == n_test
+    assert parity["ok"]
+    assert f"parity on all {n_test} test photos" in caplog.text

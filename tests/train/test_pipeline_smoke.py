@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.train.process_helpers import process_group, stop_group
 from training.models import load_checkpoint
 
 pytestmark = pytest.mark.train
@@ -302,30 +303,13 @@ def test_a_stopped_or_failed_training_run_is_recorded_so_in_mlflow(tmp_path: Pat
     # Ctrl-C in a terminal: SIGINT to the whole process group, the DataLoader's worker included.
     # One line and the shell's 130, the run KILLED; it was a traceback, exit 1
     manifest.write_text("\n".join(rows).replace(str(tmp_path / "gone.jpg"), original) + "\n")
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        # a terminal's default for SIGINT: a shell started without job control (CI's, in the
-        # background) hands its children SIGINT ignored, and Python then keeps ignoring it
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
+    with process_group(cmd, tmp_path, env) as proc:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(MlflowClient(uri).search_runs(
             [exp.experiment_id])) < 3:  # fmt: skip
             time.sleep(0.5)
         time.sleep(3)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        out = stop_group(proc, signal.SIGINT)
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     assert "train: stopped (Ctrl-C)" in out

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import os
+import signal
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -255,3 +260,40 @@ def test_main_writes_manifest_and_report_naming_dropped_files(tmp_path, monkeypa
         "text.jpg": "not_an_image",
         "trunc.jpg": "corrupt",
     }
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_prepare_is_one_line_and_writes_nothing(tmp_path, sig, code) -> None:
+    """Ctrl-C (SIGINT to the process group, its pool workers included) or SIGTERM while the
+    workers check real photos: one line for Ctrl-C and the shell's codes, no traceback, no
+    manifest. Ctrl-C printed a traceback from each worker besides the stage's own."""
+    from tests.train.export_helpers import shared_photos
+    from tests.train.process_helpers import process_group, stop_group
+
+    index = tmp_path / "index.csv"
+    with open(index, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "sha256", "size"])
+        for path, label in shared_photos(1900):
+            writer.writerow([str(path), label, "0" * 64, path.stat().st_size])
+    (tmp_path / "params.yaml").write_text(
+        "prepare:\n  workers: 2\ntrain:\n  input_size: 64\n  resize: 72\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "training.prepare", "--index", str(index)]
+    with process_group(cmd, tmp_path, {**os.environ, "PYTHONPATH": str(root)}) as proc:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if len(children.read_text().split()) >= 2:
+                    break  # the pool's workers are up
+            time.sleep(0.02)
+        time.sleep(0.5)  # checking photos
+        assert proc.poll() is None, "prepare ended before it could be stopped"
+        output = stop_group(proc, sig)
+    assert proc.returncode == code, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not (tmp_path / "data" / "prepared" / "manifest.csv").exists()
+    if sig == signal.SIGINT:
+        assert "prepare: stopped (Ctrl-C)" in output
