@@ -199,7 +199,9 @@ def parse_section(cls: type[T], section: str, raw: Any) -> T:
     values = {k: float(v) if hints[k] is float else v for k, v in raw.items()}
     try:
         return cls(**values)
-    except (TypeError, ValueError) as exc:
+    except ValueError as exc:  # a dataclass's own check: its message starts with the key
+        raise ParamsError(f"{section}.{exc}") from exc
+    except TypeError as exc:
         raise ParamsError(f"{section}: {exc}") from exc
 
 

@@ -203,7 +203,7 @@ def set_seed(seed: int) -> None:
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train.device is cuda but no CUDA device is available")
+        raise SystemExit("train: train.device: cuda, but no CUDA device is available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from export.params import EvaluateParams, ExportParams
+from export.params import EvaluateParams, ExportParams, load_export
 from training.params import (
     FetchParams,
     ParamsError,
@@ -125,3 +125,23 @@ def test_value_checks_name_the_key(tmp_path: Path) -> None:
         load_train(write(tmp_path, "prepare: {}\n"))
     with pytest.raises(ParamsError, match="expected a mapping"):
         load_train(write(tmp_path, "train: [1, 2]\n"))
+    # a dataclass's own check, as section.key like the rest (it read "export: serve: ...")
+    repository = (ROOT / "params.yaml").read_text()
+    assert "  serve: fp32" in repository
+    fp16 = write(tmp_path, repository.replace("  serve: fp32", "  serve: fp16"))
+    with pytest.raises(
+        ParamsError, match=r"^export\.serve: expected 'fp32' or 'int8', got 'fp16'$"
+    ):
+        load_export(fp16)
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_one_line_naming_the_key() -> None:
+    import torch
+
+    from training.train import pick_device
+
+    if torch.cuda.is_available():  # this check is for CPU machines; CUDA ones pick the GPU
+        assert pick_device("cuda").type == "cuda"
+        return
+    with pytest.raises(SystemExit, match=r"^train: train\.device: cuda, but no CUDA device"):
+        pick_device("cuda")
