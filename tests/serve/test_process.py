@@ -591,10 +591,11 @@ def test_an_explicit_model_file_says_it_overrides_model_uri(tiny_model: Path, tm
     assert "--model" in _make_serve("MODEL_URI=")
 
 
-def _make_serve(*assignments: str) -> list[str]:
-    """The words of the server command `make serve` would run (make -n: printed, not run)."""
+def _make_serve(*variables: str) -> list[str]:
+    """The words of the server command `make serve VAR=value ...` would run (make -n: printed,
+    not run)."""
     dry = subprocess.run(
-        ["make", "-n", "--no-print-directory", "serve", *assignments],
+        ["make", "-n", "--no-print-directory", "serve", *variables],
         cwd=ROOT,
         capture_output=True,
         text=True,
