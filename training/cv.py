@@ -52,12 +52,14 @@ from training.params import (
     PARAMS_FILE,
     Cascade,
     CvParams,
+    ParamsError,
     TrainParams,
     cascade_steps,
     default_row,
     ensemble_members,
     load_cv,
     load_train,
+    refuse,
 )
 from training.prepare import hash_unit
 from training.run_tracking import Tracker
@@ -714,10 +716,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/cv"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cv, configs = load_cv(args.params)
-    default = load_train(args.params)
-    args.out.mkdir(parents=True, exist_ok=True)
-    cross_validate(args.manifest, args.out, cv, configs, default)
+    try:
+        cv, configs = load_cv(args.params)
+        default = load_train(args.params)
+        args.out.mkdir(parents=True, exist_ok=True)
+        cross_validate(args.manifest, args.out, cv, configs, default)
+    except ParamsError as exc:  # one line naming the key (train.device: cuda included), exit 2
+        refuse("cv", exc)
 
 
 if __name__ == "__main__":

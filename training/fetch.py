@@ -34,7 +34,7 @@ import yaml
 from tqdm import tqdm
 
 from catsdogs.hashing import file_sha256
-from training.params import PARAMS_FILE, FetchParams, load_fetch
+from training.params import PARAMS_FILE, FetchParams, ParamsError, load_fetch, refuse
 
 log = logging.getLogger("training.fetch")
 
@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         run(args)
+    except ParamsError as exc:  # one line naming the key, no traceback
+        refuse("fetch", exc)
     except FetchError as exc:  # a download, a layout or a source the stage cannot use: one line
         raise SystemExit(f"fetch: {exc}") from None
 

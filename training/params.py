@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -48,6 +49,13 @@ def max_network_size(input_size: int) -> int:
 
 class ParamsError(ValueError):
     """A section of params.yaml is missing, has an unknown key or a value of the wrong type."""
+
+
+def refuse(stage: str, exc: ParamsError) -> typing.NoReturn:
+    """A bad parameter stops a stage before any work: one line on stderr that names the key, and
+    exit status 2, as export and evaluate do (1 is a failure while working, 130 and 143 a stop)."""
+    print(f"{stage}: {exc}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 @dataclass(frozen=True)
@@ -403,6 +411,18 @@ def check_train(params: TrainParams, section: str = "train") -> TrainParams:
             )
     if params.cascade is not None:
         cascade_members(params, section)
+    # what the train stage can do with the model; found here, before any work, not minutes in
+    pretrained_lite = params.pretrained and params.model in LITE_VARIANTS
+    if params.fine_tune_blocks > 0 and params.fine_tune_epochs > 0 and not pretrained_lite:
+        raise ParamsError(
+            f"{section}.fine_tune_blocks: fine-tuning applies to a pretrained EfficientNet-Lite"
+            f" model, not {params.model}{'' if params.pretrained else ' from scratch'}; set it to 0"
+        )
+    if params.distill_from and not (pretrained_lite or params.model == "logreg"):
+        raise ParamsError(
+            f"{section}.distill_from: needs a frozen backbone (a pretrained EfficientNet-Lite or"
+            f" logreg), not {params.model} trained from scratch"
+        )
     if not 0.0 < params.cascade_below <= 1.0:
         raise ParamsError(f"{section}.cascade_below: must be within (0, 1]")
     if not 0.0 <= params.distill_alpha <= 1.0:

@@ -40,7 +40,14 @@ from catsdogs.preprocessing import (
     preprocess_bytes_info,
 )
 from training.fetch import IndexRow, read_index
-from training.params import PARAMS_FILE, ParamsError, PrepareParams, load_prepare, load_train
+from training.params import (
+    PARAMS_FILE,
+    ParamsError,
+    PrepareParams,
+    load_prepare,
+    load_train,
+    refuse,
+)
 
 log = logging.getLogger("training.prepare")
 
@@ -191,10 +198,16 @@ def data_report(
     for c, split in kept:
         counts[split][c.label] += 1
     converted = Counter(c.mode for c, _ in kept if c.mode and c.mode != "RGB")
+    # usable photos prepare.max_per_class left out: neither kept nor dropped as bad
+    unused = Counter(c.label for c in checked)
+    unused.subtract(d["label"] for d in dropped)
+    unused.subtract(c.label for c, _ in kept)
     return {
         "files": n_files,
         "kept": len(kept),
         "dropped_count": len(dropped),
+        "capped_count": sum(unused.values()),
+        "capped_by_class": {k: unused[k] for k in classes},
         "class_names": classes,
         "counts": counts,
         "per_class": {k: sum(counts[s][k] for s in SPLITS) for k in classes},
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ParamsError(f"prepare.max_pixels: must be at most {DEFAULT_MAX_PIXELS}")
         train = load_train(args.params)
     except ParamsError as exc:  # one line naming the key, no traceback
-        raise SystemExit(f"prepare: {exc}") from None
+        refuse("prepare", exc)
     # brightness is measured on exactly the input the model gets (drift reference): the same
     # sizes and resampling filter (mean and std apply after it, to the model's floats)
     spec = PreprocessSpec(

@@ -64,6 +64,7 @@ from training.params import (
     load_train,
     load_yaml,
     own_view_resize,
+    refuse,
 )
 from training.run_tracking import Tracker
 
@@ -203,7 +204,7 @@ def set_seed(seed: int) -> None:
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train: train.device: cuda, but no CUDA device is available")
+        raise ParamsError("train.device: cuda, but no CUDA device is available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -693,8 +694,6 @@ def fit_frozen_backbone(
     best_epoch = fit_head(model.head, train_feats, val_feats, params, device, epochs, soft)
     if params.fine_tune_blocks <= 0 or params.fine_tune_epochs <= 0:
         return best_epoch, distillation
-    if params.model not in LITE_VARIANTS:
-        raise SystemExit("train.fine_tune_blocks applies to the EfficientNet-Lite models only")
     trainable, frozen_modules = fine_tune_parts(model, params.fine_tune_blocks)
     aug = AugmentedImages(
         train_paths, train_labels, spec, params.crop_scale_min, seed=params.seed, view=1
@@ -792,8 +791,6 @@ def fit_from_scratch(
     epochs: EpochLog,
 ) -> tuple[int, None]:
     """Every weight trained on augmented photos; returns the best epoch (and no distillation)."""
-    if source_names(params):
-        raise SystemExit("train.distill_from needs a frozen backbone (pretrained or logreg)")
     val_set = EvalImages(*splits["val"], spec)
     aug = AugmentedImages(*splits["train"], spec, params.crop_scale_min, seed=params.seed, view=1)
     best_epoch = fit_end_to_end(
@@ -956,7 +953,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = load_train(args.params)
     except ParamsError as exc:  # one line naming the key, no traceback
-        raise SystemExit(f"train: {exc}") from None
+        refuse("train", exc)
     # a SIGTERM (a CI job cancelled, docker stop) unwinds like Ctrl-C, so the run is recorded
     signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -968,6 +965,8 @@ def main(argv: list[str] | None = None) -> None:
             load_yaml(args.params),
             Path(args.data_report),
         )
+    except ParamsError as exc:  # what only the machine can say (train.device: cuda), before work
+        refuse("train", exc)
     except KeyboardInterrupt:
         # Ctrl-C is the user's own stop, not a crash: one line, no traceback, the shell's 130
         print(

@@ -143,5 +143,74 @@ def test_cuda_asked_for_on_a_machine_without_it_is_one_line_naming_the_key() -> 
     if torch.cuda.is_available():  # this check is for CPU machines; CUDA ones pick the GPU
         assert pick_device("cuda").type == "cuda"
         return
-    with pytest.raises(SystemExit, match=r"^train: train\.device: cuda, but no CUDA device"):
+    with pytest.raises(ParamsError, match=r"^train\.device: cuda, but no CUDA device"):
         pick_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        (
+            "  model: mobilenet_v3_small\n  fine_tune_blocks: 2\n  fine_tune_epochs: 1\n",
+            r"^train\.fine_tune_blocks: fine-tuning applies to a pretrained EfficientNet-Lite"
+            r" model, not mobilenet_v3_small; set it to 0$",
+        ),
+        (
+            "  pretrained: false\n  fine_tune_blocks: 2\n  fine_tune_epochs: 1\n",
+            r"not efficientnet_lite0 from scratch; set it to 0$",
+        ),
+        (
+            "  model: mobilenet_v3_small\n  distill_from: efficientnet_lite1\n",
+            r"^train\.distill_from: needs a frozen backbone .* not mobilenet_v3_small trained",
+        ),
+    ],
+)
+def test_settings_the_train_stage_cannot_train_are_refused_before_any_work(
+    tmp_path: Path, train: str, message: str
+) -> None:
+    """The train stage found these minutes in, after the features, with a message naming no
+    stage; fine-tuning a model from scratch was ignored without a word."""
+    with pytest.raises(ParamsError, match=message):
+        load_train(write(tmp_path, "train:\n" + train))
+    # what the stage can train passes: fine-tuning a pretrained Lite, distilling into logreg
+    load_train(write(tmp_path, "train:\n  fine_tune_blocks: 2\n  fine_tune_epochs: 1\n"))
+    load_train(write(tmp_path, "train:\n  model: logreg\n  distill_from: efficientnet_lite1\n"))
+
+
+@pytest.mark.parametrize(
+    ("module", "text", "line"),
+    [
+        ("training.fetch", "fetch:\n  timeout: 5\n", "fetch: fetch.timeout: unknown key"),
+        (
+            "training.prepare",
+            "prepare:\n  max_per_class: 0\ntrain: {}\n",
+            "prepare: prepare.max_per_class: must be >= 1 or null",
+        ),
+        ("training.train", "train:\n  epochs: 0\n", "train: train.epochs: must be >= 1"),
+        (
+            "training.cv",
+            "cv:\n  folds: 1\n  configs: {a: {}}\ntrain: {}\n",
+            "cv: cv.folds: must be >= 2",
+        ),
+    ],
+)
+def test_every_stage_refuses_a_bad_parameter_with_one_line_and_exit_2(
+    tmp_path: Path, module: str, text: str, line: str
+) -> None:
+    """Export and evaluate exited 2, train and prepare 1, fetch and cv with a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(text)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--params", str(tmp_path / "params.yaml")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.splitlines()[0].startswith(line), out.stderr[-3000:]
+    assert len(out.stderr.splitlines()) == 1, out.stderr[-3000:]

@@ -191,15 +191,15 @@ def test_max_per_class_caps_each_class(tmp_path: Path) -> None:
     assert kept == select(rows, params)[0]  # the same subset every time
 
 
-def test_max_pixels_may_not_exceed_what_train_decodes(tmp_path, monkeypatch) -> None:
+def test_max_pixels_may_not_exceed_what_train_decodes(tmp_path, monkeypatch, capsys) -> None:
     """train, export and evaluate decode under the default pixel limit: a photo prepare kept
     past it stopped the train stage."""
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text("prepare:\n  max_pixels: 50000000\ntrain: {}\n")
-    with pytest.raises(
-        SystemExit, match=r"^prepare: prepare\.max_pixels: must be at most 40000000"
-    ):
+    with pytest.raises(SystemExit) as stopped:
         prepare.main(["--index", "index.csv"])
+    assert stopped.value.code == 2  # a bad parameter, as in every stage
+    assert capsys.readouterr().err == "prepare: prepare.max_pixels: must be at most 40000000\n"
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
@@ -260,6 +260,16 @@ def test_main_writes_manifest_and_report_naming_dropped_files(tmp_path, monkeypa
         "text.jpg": "not_an_image",
         "trunc.jpg": "corrupt",
     }
+    assert (report["capped_count"], report["capped_by_class"]) == (0, {"cat": 0, "dog": 0})
+    # prepare.max_per_class: the photos it leaves out are counted apart from the dropped ones
+    # (the report said 10 kept of 14 files, 2 dropped, and nothing of the other 2)
+    text = Path("params.yaml").read_text().replace("prepare:\n", "prepare:\n  max_per_class: 5\n")
+    Path("params.yaml").write_text(text)
+    prepare.main(["--index", str(index), "--manifest", "m/manifest.csv", "--report", "r/data.json"])
+    report = json.loads(Path("r/data.json").read_text())
+    assert (report["files"], report["kept"], report["dropped_count"]) == (14, 10, 2)
+    assert report["capped_count"] == 2
+    assert report["capped_by_class"] == {"cat": 1, "dog": 1}
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
