@@ -35,7 +35,7 @@ from typing import Any
 
 from catsdogs.hashing import file_sha256
 from export.params import load_export
-from export.tracking import MODEL_FILE, tracking_uri
+from export.tracking import MODEL_FILE, reachable, tracking_uri
 
 log = logging.getLogger("export.registry")
 
@@ -77,12 +77,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _on_local_disk(source: str) -> bool:
+    """A version registered from a local store (``make run``, then ``make mlflow-ui``): its
+    source is an absolute path or a ``file:`` URI, which servers refuse by default."""
+    return source.startswith(("/", "file:"))
+
+
 def _model_source_env(client: Any, name: str, version: str, workdir: Path) -> dict[str, str]:
     """How the candidate server finds the version: through the tracking server by URI, or
-    (local store: the server cannot reach it) a checked download that it serves by path."""
+    (a local store, or a version whose files are on this machine's disk: the server refuses a
+    local source unless told otherwise) a checked download that it serves by path."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return {"MODEL_URI": f"models:/{name}/{version}", "MLFLOW_TRACKING_URI": uri}
+        source = client.get_model_version(name, version).source
+        if not _on_local_disk(source):  # what production servers resolve: test that path
+            return {"MODEL_URI": f"models:/{name}/{version}", "MLFLOW_TRACKING_URI": uri}
     import mlflow.artifacts
 
     dst = workdir / "download"
@@ -296,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("list", help="list versions")
     args = parser.parse_args(argv)
     name = args.name or load_export(args.params).registered_model
+    # an absent tracking server: one line in seconds (MLflow retried for about 4 minutes)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if not reachable(tracking_uri()):
+        log.error("%s: the MLflow tracking server does not answer", tracking_uri())
+        sys.exit(EXIT_REFUSED)
     from mlflow.exceptions import MlflowException
 
     if args.command == "list":

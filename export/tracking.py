@@ -69,7 +69,11 @@ def onnx_signature(model: Any) -> Any:
     """The graph's inputs and outputs as an MLflow tensor signature; a symbolic dim is -1.
 
     Read from the file, so it can never disagree with it: ``image`` uint8 ``[-1, H, W, 3]`` ->
-    ``logits``, ``probabilities`` float32 ``[-1, C]`` for an exported model.
+    ``logits``, ``probabilities`` float32 ``[-1, C]`` for an exported model. Inputs with a
+    default (a cascade's threshold and other views, export.cascade) are left out: MLflow's
+    schema requires every input it lists, so ``mlflow.pyfunc`` refused a cascade fed ``image``
+    alone, on which the file answers with its first model (``escalated`` says which rows want
+    the second step and its views).
     """
     import numpy as np
     from mlflow.models import ModelSignature
@@ -84,7 +88,9 @@ def onnx_signature(model: Any) -> Any:
             out.append(TensorSpec(np.dtype(tensor_dtype_to_np_dtype(t.elem_type)), shape, v.name))
         return Schema(out)
 
-    return ModelSignature(inputs=specs(model.graph.input), outputs=specs(model.graph.output))
+    defaults = {init.name for init in model.graph.initializer}
+    fed = [v for v in model.graph.input if v.name not in defaults]
+    return ModelSignature(inputs=specs(fed), outputs=specs(model.graph.output))
 
 
 def input_example(signature: Any) -> Any:

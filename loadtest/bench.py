@@ -44,6 +44,7 @@ from catsdogs.photos import load_photos
 from loadtest import loadgen
 from loadtest.bench_report import write_report
 from loadtest.serverproc import (
+    DEFAULT_PHOTOS,
     ROOT,
     SERVE_PYTHON,
     ServerProcess,
@@ -57,7 +58,6 @@ from loadtest.stats import summarize_ms
 log = logging.getLogger(__name__)
 
 TRAIN_PYTHON = ROOT / ".venv-train" / "bin" / "python"
-DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "originals"
 
 TARGETS = {  # the serving targets: overhead near zero against the bare floor
     "http_p50_c1_over_floor_p50": ("HTTP p50 at c=1 / bare floor p50", "<=", 1.10),

@@ -31,10 +31,9 @@ from catsdogs.cpus import available_cpus
 from catsdogs.modelfile import load_model_file
 from catsdogs.photos import load_photos
 from catsdogs.preprocessing import PreprocessSpec, preprocess_bytes
+from loadtest.serverproc import DEFAULT_PHOTOS
 from loadtest.stats import summarize_ms
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "originals"
 POLICIES = ("spin", "sleep")  # onnxruntime's intra-op threads when idle
 
 # uint8 (N, H, W, 3) and the N encoded photos it was made from -> probabilities (N, C); a

@@ -25,6 +25,7 @@ from locust import HttpUser, between, events, task
 from locust.env import Environment
 
 from catsdogs.photos import image_files
+from loadtest.serverproc import DEFAULT_PHOTOS
 from loadtest.thresholds import (
     DEFAULT_PATH,
     Labels,
@@ -37,13 +38,25 @@ from loadtest.thresholds import (
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "originals"
 PROB_TOLERANCE = 1e-3
 BATCH_SIZES = (2, 3, 4)
 
 
 REQUEST_TIMEOUT_S = float(os.environ.get("LOAD_REQUEST_TIMEOUT_S", "5"))
+# X-Traffic-Class of every prediction (loadtest.run_load sets it: `evaluation` against a running
+# server, whose monitoring must not count the load; `production` on its own throwaway server,
+# whose prediction log the load then exercises); API_TOKEN when that server needs one
+TRAFFIC_HEADERS = {
+    k: v
+    for k, v in (
+        ("X-Traffic-Class", os.environ.get("LOAD_TRAFFIC_CLASS", "")),
+        (
+            "Authorization",
+            f"Bearer {os.environ['API_TOKEN']}" if os.environ.get("API_TOKEN") else "",
+        ),
+    )
+    if v
+}
 
 
 def labelled_photos(folder: Path) -> list[tuple[str, bytes, str | None]]:
@@ -121,6 +134,7 @@ class ClassifierUser(HttpUser):
     classes: list[str]
 
     def on_start(self) -> None:
+        self.client.headers.update(TRAFFIC_HEADERS)
         self.classes = []
         with self.client.get(
             "/metadata", name="/metadata", catch_response=True, timeout=REQUEST_TIMEOUT_S
@@ -156,6 +170,10 @@ class ClassifierUser(HttpUser):
             resp.failure(problem)
         elif not resp.headers.get("X-Request-ID"):
             resp.failure("X-Request-ID header missing")
+        elif TRAFFIC_HEADERS.get("X-Traffic-Class") == "evaluation" and (
+            resp.headers.get("X-Traffic-Class") != "evaluation"
+        ):  # a server that does not know the header logged the load as production traffic
+            resp.failure("sent as evaluation traffic, not confirmed (X-Traffic-Class)")
         else:
             count_label(body, truth, self.classes)
             resp.success()

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loadtest.serverproc import ROOT, exit_on_sigterm, running_server
+from loadtest.serverproc import DEFAULT_PHOTOS, ROOT, exit_on_sigterm, running_server
 from loadtest.thresholds import DEFAULT_PATH, load_thresholds
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,10 @@ def locust_command(url: str, args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
 
 
-def run_locust(url: str, args: argparse.Namespace) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_locust(url: str, args: argparse.Namespace, traffic: str) -> int:
+    """Locust against ``url``; its predictions carry ``X-Traffic-Class: traffic`` unless
+    LOAD_TRAFFIC_CLASS says otherwise."""
+    env = {"LOAD_TRAFFIC_CLASS": traffic, **os.environ, "PYTHONPATH": str(ROOT)}
     log.info("locust: %d users for %s against %s", args.users, args.run_time, url)
     return subprocess.run(locust_command(url, args), cwd=ROOT, env=env, check=False).returncode
 
@@ -67,11 +69,16 @@ def main() -> None:
         load_thresholds(args.thresholds)
     except (OSError, ValueError) as exc:
         parser.error(f"--thresholds {args.thresholds}: {exc}")
+    photos = Path(os.environ.get("LOAD_PHOTOS", DEFAULT_PHOTOS))
+    if not photos.is_dir():  # said before a server starts, not in locust's traceback after
+        parser.error(f"no photo folder at {photos}: set LOAD_PHOTOS=/folder (cat/, dog/)")
     args.out.mkdir(parents=True, exist_ok=True)
     exit_on_sigterm()  # a SIGTERM stops the server and locust before this process ends
 
     if args.url:
-        sys.exit(run_locust(args.url.rstrip("/"), args))
+        # a running server may be production: its prediction log, drift window and live
+        # figures must not count the load (LOAD_TRAFFIC_CLASS=production to test them too)
+        sys.exit(run_locust(args.url.rstrip("/"), args, "evaluation"))
     if not args.model.is_file():
         parser.error(f"--model {args.model}: no such file (run `make pipeline` first)")
     # the server's prediction store goes to a scratch folder, not the project's var/
@@ -84,7 +91,7 @@ def main() -> None:
         ) as server,
     ):
         log.info("server ready in %.2f s", server.ready_s)
-        code = run_locust(server.url, args)
+        code = run_locust(server.url, args, "production")  # the prediction log under load too
         if not server.alive():
             log.error("the server died during the load test (exit %s)", server.proc.returncode)
             code = code or 1

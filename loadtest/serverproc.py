@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
+# the 200 original-size shared photos (cat/, dog/): what load tests and benchmarks send
+DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "catsdogs" / "originals"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -15,6 +15,9 @@ import numpy as np
 SIZE_IN = (6.4, 3.0)
 # no creation date in the file, and fixed element ids: the same figures give the same bytes
 plt.rcParams["svg.hashsalt"] = "catsdogs"
+# titles, legends and ticks are the model's names and versions: text, never TeX ('$' in a version
+# was parsed as mathematics, and a stray one stopped the report)
+plt.rcParams["text.parse_math"] = False
 _METADATA = {"Date": None}
 
 

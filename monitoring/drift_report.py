@@ -36,24 +36,27 @@ TIME_BUCKETS = 12  # points on the over-time charts
 MIN_BUCKET_ROWS = 30
 
 
-def load_reference(model: str | None, reference: str | None) -> dict[str, Any] | None:
-    """reference_stats from a JSON file, or from the ONNX model's metadata_props."""
+def load_reference(
+    model: str | None, reference: str | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """reference_stats from a JSON file, or from the ONNX model's metadata_props, and the model
+    version they describe (None from a JSON file: every version is scored against it)."""
     if reference:
-        return json.loads(Path(reference).read_text())
+        return json.loads(Path(reference).read_text()), None
     if not model:
-        return None
+        return None, None
     path = Path(model)
     if not path.is_file():
         log.warning("model %s not found; drift is not scored", path)
-        return None
+        return None, None
     import onnx  # only here: the report also runs without a model
 
-    props = onnx.load(str(path), load_external_data=False).metadata_props
-    raw = {p.key: p.value for p in props}.get("reference_stats")
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    raw = props.get("reference_stats")
     if not raw:
         log.warning("model %s carries no reference_stats; drift is not scored", path)
-        return None
-    return json.loads(raw)
+        return None, None
+    return json.loads(raw), props.get("model_version")
 
 
 def _feedback_key(conn: sqlite3.Connection) -> str:
@@ -247,6 +250,8 @@ def render_markdown(report: dict[str, Any], charts: dict[str, list[str]]) -> str
                 lines.append(f"| {t} | {row} | {_fmt(perf['per_class'][t]['recall'], 3)} |")
             precision = " | ".join(_fmt(perf["per_class"][p]["precision"], 3) for p in classes)
             lines += [f"| precision | {precision} | |", ""]
+        if fig.get("drift_not_scored"):
+            lines += [f"Drift: not scored ({fig['drift_not_scored']}).", ""]
         if fig.get("drift") and not fig["drift"]["latest"]:
             lines += [
                 f"Drift of the latest {fig['drift']['window']} predictions: not scored (drift is "
@@ -269,7 +274,16 @@ def render_markdown(report: dict[str, Any], charts: dict[str, list[str]]) -> str
     return "\n".join(lines)
 
 
-def build_report(db: Path, reference: dict | None, window: int, since: float | None) -> dict:
+def build_report(
+    db: Path,
+    reference: dict | None,
+    window: int,
+    since: float | None,
+    reference_version: str | None = None,
+) -> dict:
+    """Each logged version's figures; drift against ``reference`` for the version it describes
+    (``reference_version``; None: every version). Another version's traffic scored against it
+    called the model change itself drift."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         versions = [
@@ -287,8 +301,13 @@ def build_report(db: Path, reference: dict | None, window: int, since: float | N
                 "performance": performance(data),
                 "over_time": accuracy_over_time(data),
             }
-            if reference is not None:
+            if reference is not None and reference_version in (None, version):
                 fig["drift"] = drift_figures(data, reference, window)
+            elif reference is not None:
+                fig["drift_not_scored"] = (
+                    f"the reference statistics are model version {reference_version}'s; run the "
+                    f"report with {version}'s model file to score it"
+                )
             out[version] = fig
         return out
     finally:
@@ -309,11 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     if not db.is_file():
         log.error("no prediction log at %s", db)
         return 2
-    reference = load_reference(args.model, args.reference)
+    reference, reference_version = load_reference(args.model, args.reference)
     since = None
     if args.since_hours is not None:
         since = dt.datetime.now(dt.UTC).timestamp() - args.since_hours * 3600
-    versions = build_report(db, reference, args.window, since)
+    versions = build_report(db, reference, args.window, since, reference_version)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -322,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         "reference_source": args.reference or (args.model if reference else None),
         "versions": versions,
     }
-    charts = {v: write_charts(out, v, fig, reference) for v, fig in versions.items()}
+    charts = {
+        v: write_charts(out, v, fig, reference if "drift" in fig else None)
+        for v, fig in versions.items()
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report, charts) + "\n")
     log.info("report for %d model version(s) written to %s", len(versions), out / "report.md")

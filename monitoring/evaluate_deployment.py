@@ -307,6 +307,13 @@ def run(args: argparse.Namespace) -> int:
         )
         evaluation = False
         first = evaluate_one(url, *items[0], root, args.timeout, feedback, token, evaluation)
+    if feedback and first.feedback_status in (401, 403):
+        # every label would be refused the same way: one line now, not a failed run of all
+        log.error(
+            "the server refused the feedback (%d): set API_TOKEN to its token, or FEEDBACK=0",
+            first.feedback_status,
+        )
+        return EXIT_UNUSABLE
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         futures = [
             pool.submit(

@@ -385,7 +385,8 @@ cmd_load() {
         --memory 1g -p "127.0.0.1:$port:8000" "$IMAGE_SERVE" >/dev/null
     python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --ready-only \
         --wait "$READY_TIMEOUT_S" || { "$SMOKE_ENGINE" logs --tail 50 "$SMOKE_NAME" >&2; die "never ready"; }
-    make --no-print-directory load URL="http://127.0.0.1:$port"
+    # a throwaway container: production traffic, so the load exercises its prediction log
+    LOAD_TRAFFIC_CLASS=production make --no-print-directory load URL="http://127.0.0.1:$port"
 }
 
 # The serving image's OCI labels name this checkout (revision, version, a source), and its Python

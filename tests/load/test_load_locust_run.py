@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,22 @@ def test_wrong_labels_fail_the_run_right_ones_pass(tmp_path: Path) -> None:
                 assert "load threshold breached [min_accuracy]" in output
             else:
                 assert wrong == 0
+        # a running server may be production: the load was evaluation traffic, which its
+        # monitoring never counts (the predictions landed in its log and drift window)
+        summary = f"{server.url}/monitoring/summary"
+        with urllib.request.urlopen(summary, timeout=10) as resp:
+            figures = json.load(resp)["model_versions"]
+        assert sum(v["predictions"] for v in figures.values()) == 0, figures
+        photos = tmp_path / "right"
+        proc = run_against(
+            server.url, tmp_path / "prod", budgets, "4s",
+            LOAD_PHOTOS=str(photos), LOAD_TRAFFIC_CLASS="production",
+        )  # fmt: skip
+        output, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, output[-3000:]
+        with urllib.request.urlopen(summary, timeout=10) as resp:
+            figures = json.load(resp)["model_versions"]
+        assert sum(v["predictions"] for v in figures.values()) >= 5, figures
 
 
 def test_a_server_that_stops_answering_midway_fails_the_run(tmp_path: Path) -> None:

@@ -163,23 +163,10 @@ def test_report_from_the_prediction_log(server_process, tmp_path: Path):
     )
     (tmp_path / "ref.json").write_text(json.dumps(reference))
     out = tmp_path / "report"
-    report = subprocess.run(
-        [
-            str(LOAD_PYTHON),
-            "-m",
-            "monitoring.drift_report",
-            "--db",
-            str(tmp_path / "predictions.db"),
-            "--reference",
-            str(tmp_path / "ref.json"),
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    report = drift_report(
+        "--db", str(tmp_path / "predictions.db"), "--reference", str(tmp_path / "ref.json"),
+        "--out", str(out),
+    )  # fmt: skip
     assert report.returncode == 0, report.stderr
     figures = json.loads((out / "report.json").read_text())["versions"]["tiny-1"]
     perf = figures["performance"]
@@ -210,12 +197,12 @@ def test_report_from_the_prediction_log(server_process, tmp_path: Path):
 
 def drift_report(*args: str) -> subprocess.CompletedProcess:
     """The report CLI in the load environment, where matplotlib draws its charts."""
+    return in_load_env("-m", "monitoring.drift_report", *args)
+
+
+def in_load_env(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(LOAD_PYTHON), "-m", "monitoring.drift_report", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [str(LOAD_PYTHON), *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 
@@ -326,3 +313,77 @@ def test_evaluate_deployment_without_feedback_uses_the_token_or_says_it_is_logge
     metrics = httpx.get(f"{server.url}/metrics").text
     assert prom(metrics, "evaluation_predictions_total") == 4
     assert prom(metrics, "predictions_total") == 4
+    # labels without the token: each would be refused, and the run failed after sending them
+    # all; it stops at the first refusal and says what to set
+    base.remove("--no-feedback")
+    refused = evaluate_with("", "refused")
+    assert refused.returncode == 2, refused.stderr
+    assert "set API_TOKEN to its token, or FEEDBACK=0" in refused.stderr
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert prom(metrics, "predictions_total") == 5  # the first photo alone
+
+
+def test_charts_draw_names_as_text_not_tex(tmp_path: Path):
+    """A model version or class name with a '$' was parsed as TeX in chart titles and legends:
+    garbled, and an unbalanced one stopped the whole report."""
+    code = (
+        "import sys; from pathlib import Path; from monitoring import charts\n"
+        "out = Path(sys.argv[1])\n"
+        "charts.bar_chart(out / 'a.svg', r'Confidence, v$\\frac{a}{$', ['$cat', 'dog'],"
+        " {'v$1': [0.5, 0.5], r'$\\frac{a}{$': [0.1, 0.9]}, 'share')\n"
+        "charts.line_chart(out / 'b.svg', 'Drift, v$1$2', [0.0, 1.0], {'$x$': [0.1, 0.2]}, 'PSI')\n"
+    )
+    done = in_load_env("-c", code, str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    drawn = (tmp_path / "a.svg").read_text()
+    assert ET.parse(tmp_path / "b.svg").getroot().tag.endswith("svg")
+    assert "Confidence, v$\\frac{a}{$" in drawn  # the title as written
+
+
+def test_report_scores_drift_only_for_the_version_its_model_describes(
+    server_process, tmp_path: Path
+):
+    """`make monitoring-report` scored every logged version against MODEL's reference: after a
+    rollout, the old version's traffic was judged against the new one's statistics."""
+    from dataclasses import replace
+
+    from conftest import build_tiny_model, tiny_contract
+
+    reference = drift.build_reference_stats(
+        class_names=["cat", "dog"],
+        train_labels=["cat", "dog"],
+        val_probabilities=np.array([[0.99, 0.01], [0.01, 0.99]] * 20),
+        widths=[80] * 40,
+        heights=[60] * 40,
+        brightness=[100.0] * 40,
+    )
+    contract = tiny_contract()
+    models = {}
+    for version in ("old-1", "new-2"):
+        extra = {**contract.extra, "reference_stats": reference}
+        models[version] = build_tiny_model(
+            tmp_path / f"{version}.onnx", replace(contract, model_version=version, extra=extra)
+        )
+        server = server_process(MODEL_PATH=str(models[version]))  # one log for both
+        server.wait_ready()
+        for i in range(40):
+            photo = image_bytes(RED if i % 2 else BLUE, (80, 60))
+            httpx.post(
+                f"{server.url}/predict", content=photo, headers={"content-type": "image/jpeg"}
+            )
+        assert server.terminate() == 0
+    out = tmp_path / "report"
+    done = drift_report(
+        "--db", str(tmp_path / "predictions.db"), "--model", str(models["new-2"]), "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    versions = json.loads((out / "report.json").read_text())["versions"]
+    assert set(versions["new-2"]["drift"]["latest"]) >= {"confidence", "width"}
+    assert "drift" not in versions["old-1"]
+    assert "model version new-2's" in versions["old-1"]["drift_not_scored"]
+    markdown = (out / "report.md").read_text()
+    assert "Drift: not scored (the reference statistics are model version new-2's" in markdown
+    assert sorted(p.name for p in out.glob("old-1-*.svg")) == [
+        "old-1-accuracy.svg",
+        "old-1-confidence.svg",
+    ]

@@ -232,6 +232,25 @@ def stamped_cascade(tmp_path: Path, members: tuple[Member, ...]) -> tuple[Path, 
     return path, path.read_bytes()
 
 
+def test_mlflow_pyfunc_runs_a_cascade_fed_its_image_alone(
+    tmp_path: Path, members: tuple[Member, ...], photos: dict[str, np.ndarray]
+) -> None:
+    """The registered version's signature listed the threshold and the other views, which
+    MLflow requires: the README's ``mlflow.pyfunc.load_model(...).predict(uint8_batch)`` failed
+    with "Model is missing inputs" on the default (cascade) model."""
+    import mlflow.pyfunc
+
+    from export.tracking import save_mlflow_model
+
+    path, _ = stamped_cascade(tmp_path, members)
+    saved = save_mlflow_model(path, tmp_path / "mlflow-model", {"model_version": "x"})
+    batch = photos["small"]
+    got = mlflow.pyfunc.load_model(str(saved)).predict(batch)
+    _, probabilities, escalated = run(path, batch)  # the file fed ``image`` alone
+    np.testing.assert_array_equal(got[OUTPUT_PROBABILITIES], probabilities)
+    np.testing.assert_array_equal(got[OUTPUT_ESCALATED], escalated)
+
+
 def test_the_first_step_is_the_file_without_its_later_models(
     tmp_path: Path, photos: dict[str, np.ndarray], members: tuple[Member, ...]
 ) -> None:

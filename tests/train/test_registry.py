@@ -58,6 +58,13 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("mlflow")
+    with running_mlflow(tmp, "--artifacts-destination", str(tmp / "artifacts")) as uri:
+        yield uri
+
+
+@contextlib.contextmanager
+def running_mlflow(tmp: Path, *options: str) -> Iterator[str]:
+    """``mlflow server`` over ``tmp/mlflow.db`` on a free port, its process group stopped after."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed after the server stops
@@ -73,8 +80,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "1",
             "--backend-store-uri",
             f"sqlite:///{tmp / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(tmp / "artifacts"),
+            *options,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -369,6 +375,26 @@ def test_promote_with_the_local_store(
     assert str(MlflowClient(uri).get_registered_model("catsdogs").aliases["champion"]) == version
 
 
+def test_promote_through_a_server_over_the_local_store(
+    model_file: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's way: train with the local store, then ``make mlflow-ui`` and promote through
+    it. The version's source is a path on this disk, which a server refuses to download from:
+    the promotion failed for a reason that had nothing to do with the model."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = register(model_file, FIRST_VERSION)["version"]
+    with running_mlflow(tmp_path) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert MlflowClient(uri).get_model_version("catsdogs", version).source.startswith("/")
+        summary = promote("catsdogs", version, "champion", gate(photos, tmp_path / "eval"))
+        assert (summary["accuracy"], summary["model_version"]) == (1.0, FIRST_VERSION)
+        aliases = MlflowClient(uri).get_registered_model("catsdogs").aliases
+    assert str(aliases["champion"]) == version
+
+
 @contextlib.contextmanager
 def serving(env: dict[str, str], tmp: Path) -> Iterator[str]:
     """A fresh ``python -m server`` with ``env`` on a free port, stopped by PID."""
@@ -512,19 +538,36 @@ def test_local_paths_resolve_without_a_server(model_file: Path, tmp_path: Path) 
     assert resolve_model_uri(uri, tracking_uri="", cache_dir=tmp_path) == model_file
 
 
-def test_listing_an_empty_registry_is_one_line_not_a_traceback(tmp_path: Path) -> None:
-    """A clone that pulled the pipeline from the DVC remote ran no stage and registered nothing:
-    `make registry-list` then ended in MLflow's traceback."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "export.registry", "list"],
+def registry_cli(args: list[str], tracking: str) -> subprocess.CompletedProcess[str]:
+    """``python -m export.registry ARGS`` (what make registry-list and promote run)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    return subprocess.run(
+        [sys.executable, "-m", "export.registry", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_listing_an_empty_registry_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A clone that pulled the pipeline from the DVC remote ran no stage and registered nothing:
+    `make registry-list` then ended in MLflow's traceback."""
+    proc = registry_cli(["list"], f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert proc.returncode == 1, proc.stderr
     assert "catsdogs" in proc.stderr
     assert "not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["list"], ["promote", "--version", "1"]])
+def test_an_absent_tracking_server_is_one_line_in_seconds(command: list[str]) -> None:
+    """MLflow retried for about 4 minutes before `make registry-list` or `make promote` said
+    anything; the server's absence is said at once."""
+    started = time.monotonic()
+    proc = registry_cli(command, f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().endswith("the MLflow tracking server does not answer")
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 60
