@@ -8,6 +8,7 @@ JSON values are decoded here.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,22 @@ class ContractError(ValueError):
     """The model file lacks or garbles part of its contract."""
 
 
+# A class name or a model version becomes a Prometheus label value, a log field, a chart title
+# and a header: printable text of a bounded length (a contract is read from a registry too)
+MAX_CLASSES = 1000
+MAX_NAME_CHARS = 128
+
+
+def _printable(value: str) -> bool:
+    """No control or format characters (CR, LF, ESC, a right-to-left override), no spaces
+    around it, and not empty."""
+    return (
+        0 < len(value) <= MAX_NAME_CHARS
+        and value == value.strip()
+        and not any(unicodedata.category(c).startswith("C") for c in value)
+    )
+
+
 @dataclass(frozen=True)
 class ModelContract:
     class_names: tuple[str, ...]
@@ -79,6 +96,19 @@ class ModelContract:
             raise ContractError(f"{source}: class_names must be a JSON list of >= 2 strings")
         if len(set(names)) != len(names):
             raise ContractError(f"{source}: class_names has duplicates")
+        if len(names) > MAX_CLASSES:
+            raise ContractError(f"{source}: class_names has more than {MAX_CLASSES} classes")
+        for what, values in (
+            ("class_names", names),
+            ("model_name", [meta["model_name"]]),
+            ("model_version", [meta["model_version"]]),
+        ):
+            bad = next((v for v in values if not _printable(v)), None)
+            if bad is not None:
+                raise ContractError(
+                    f"{source}: {what}: {bad[:40]!r} is not a printable name of 1 to "
+                    f"{MAX_NAME_CHARS} characters without spaces around it"
+                )
         try:
             spec = PreprocessSpec.from_json(meta["preprocessing"])
             input_size = int(decoded["input_size"])

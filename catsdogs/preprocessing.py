@@ -213,13 +213,33 @@ def _unidentified(data: bytes) -> ImageDecodeError:
     prefix = data[:16]
     if any(_signature_matches(fmt, prefix) for fmt in _OPENERS):
         return ImageDecodeError("corrupt", "the image header is corrupt and cannot be decoded")
-    other = _other_format(data)
+    other = _other_format(data) or _unreadable_format(data)
     if other:
         return ImageDecodeError(
             "unsupported_format",
             f"{other} images are not accepted; send one of {_formats_text()}",
         )
     return ImageDecodeError("not_an_image", "the bytes are not a recognised image")
+
+
+# HEIF brands (ISO/IEC 23008-12) of the ftyp box: iPhone photos (heic), and still images
+_HEIF_BRANDS = frozenset(
+    (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
+)
+_JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
+
+
+def _unreadable_format(data: bytes) -> str | None:
+    """Formats phones and browsers send that no opener here reads: named (415), so a client is
+    told to convert its HEIC photo rather than that it sent no image (422)."""
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "HEIF"
+    if data.startswith((b"\xff\x0a", _JXL_CONTAINER)):
+        return "JPEG XL"
+    head = data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "SVG"
+    return None
 
 
 def _signature_matches(fmt: str, prefix: bytes) -> bool:

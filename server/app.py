@@ -468,7 +468,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestContextMiddleware, metrics=server_metrics)],
+        middleware=[
+            Middleware(RequestContextMiddleware, metrics=server_metrics, hosts=settings.host_names)
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -24,6 +24,15 @@ access_log = logging.getLogger("server.access")
 error_log = logging.getLogger("server.error")
 
 REQUEST_ID_HEADER = b"x-request-id"
+# the orchestrator's health probes: answered whatever the Host and past MAX_CONNECTIONS
+# (server.protocol); kubelet's carry the pod's address, HAProxy's none
+PROBE_PATHS = frozenset(
+    ("/health", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready")
+)
+# what a loopback connection's Host may name (ALLOWED_HOSTS unset): a web page whose own name
+# was made to resolve to 127.0.0.1 (DNS rebinding) reaches a local server under that name
+LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]"))
+_SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 # the answer to a request the server treated as evaluation traffic (kept out of monitoring)
 _EVALUATION_HEADER = (b"x-traffic-class", b"evaluation")
 # set in the scope's state by the connection's protocol (server.protocol) when the client hung
@@ -45,16 +54,71 @@ def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == REQUEST_ID_HEADER:
             # A client id is echoed only if it is short and plain: it ends up in logs and headers.
+            # Whitespace around a field value is not part of it (RFC 9110, 5.5); the parser
+            # leaves the trailing part, so "abc " was replaced by a new id, " abc" kept as "abc"
+            value = value.rstrip(b" \t")
             if is_valid_id_bytes(value):
                 return value.decode("ascii")
             break
     return new_id()
 
 
+def _host_name(value: bytes) -> str:
+    """The name of a Host header's value, lower case and without its port."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):  # [::1]:8000
+        return text[: text.find("]") + 1]
+    return text.partition(":")[0]
+
+
+def _is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address == "::1"
+
+
+def refusal(scope: Scope, hosts: frozenset[str] | None) -> ApiError | None:
+    """Why a request is refused before the app sees it, or None.
+
+    - ``Host``: with ``hosts`` (ALLOWED_HOSTS) it must name one of them; unset, a connection
+      that arrived on a loopback address must name the loopback (``LOOPBACK_HOSTS``). A server
+      bound to 0.0.0.0 in a container sees Service and pod names on other addresses: any.
+    - ``Origin`` on a request that writes (POST): another site's page may send one (a form
+      needs no CORS preflight), so a browser's request from a page not served here is refused.
+      Service clients send no Origin; the web page's own requests name this server.
+    The health probes pass whatever they name."""
+    host = origin = None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value
+        elif name == b"origin":
+            origin = value
+    if hosts is None:
+        server = scope.get("server")
+        if server and _is_loopback(server[0]):
+            hosts = LOOPBACK_HOSTS
+    if hosts is not None and "*" not in hosts:
+        probe = scope["method"] in ("GET", "HEAD") and scope["path"] in PROBE_PATHS
+        if not probe and (host is None or _host_name(host) not in hosts):
+            return ApiError(
+                400, "invalid_host", "the Host header names no host this server answers for"
+            )
+    if origin is not None and scope["method"] not in _SAFE_METHODS:
+        netloc = origin.partition(b"://")[2].lower()
+        if host is None or netloc != host.strip().lower():
+            return ApiError(
+                403,
+                "cross_origin",
+                "requests from another site's page are refused: the Origin is not this server",
+            )
+    return None
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: ServerMetrics, hosts: frozenset[str] | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.hosts = hosts  # ALLOWED_HOSTS (settings.host_names); None: the loopback rule
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,6 +156,12 @@ class RequestContextMiddleware:
 
         self.metrics.in_flight.inc()
         try:
+            refused = refusal(scope, self.hosts)
+            if refused is not None:
+                status = refused.status
+                body = json.dumps(error_body(scope["path"], refused.code, refused.message))
+                await _send_json(send_with_id, status, body.encode())
+                return
             await self.app(scope, receive_checked, send_with_id)
             if state.get(CLIENT_GONE) and status < 500:
                 status = 499  # answered, but the client had hung up: the answer was dropped

@@ -28,6 +28,7 @@ The registry is not trusted. What it answers is checked before it touches the di
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -38,6 +39,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ _ALIAS = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
 _VERSION = re.compile(r"[0-9]{1,10}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TIMEOUT_S = 30.0  # per socket operation
+_JSON_DEADLINE_S = 60.0  # a registry answer (JSON, at most _MAX_JSON_BYTES) arrives whole within
 _DOWNLOAD_DEADLINE_S = 900.0  # a whole download, so a server dripping bytes cannot hold start-up
 _MAX_JSON_BYTES = 1 << 20  # registry answers are small; a bigger one is refused unread
 _CHUNK = 1 << 20
@@ -109,18 +112,41 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-class _Client:
-    """HTTP to one tracking server, with bounded answers and errors that never echo much."""
+def _authorization(environ: Mapping[str, str]) -> str | None:
+    """The Authorization header MLflow's own client sends, from its environment variables:
+    ``MLFLOW_TRACKING_TOKEN`` (bearer), else ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (basic, as MLflow's authentication app expects)."""
+    token = environ.get("MLFLOW_TRACKING_TOKEN", "")
+    if token:
+        return f"Bearer {token}"
+    user = environ.get("MLFLOW_TRACKING_USERNAME", "")
+    if user:
+        pair = f"{user}:{environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        return f"Basic {base64.b64encode(pair).decode('ascii')}"
+    return None
 
-    def __init__(self, base: str) -> None:
+
+class _Client:
+    """HTTP to one tracking server, with bounded answers and errors that never echo much.
+    Credentials go only to it: redirects stay on its origin (``_SameOriginRedirects``)."""
+
+    def __init__(self, base: str, authorization: str | None = None) -> None:
         parts = urllib.parse.urlsplit(base)
+        if parts.username is not None or parts.password is not None:
+            # urllib takes user:password@ for part of the host, and every error would show it
+            raise RegistryError(
+                "MLFLOW_TRACKING_URI carries credentials; set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+            )
         self.base = base
         self.origin = (parts.scheme, parts.netloc)
         self._opener = urllib.request.build_opener(_SameOriginRedirects(self.origin))
+        self._headers = {"Authorization": authorization} if authorization else {}
 
     def open(self, url: str) -> Any:
         try:
-            return self._opener.open(url, timeout=_TIMEOUT_S)
+            request = urllib.request.Request(url, headers=self._headers)
+            return self._opener.open(request, timeout=_TIMEOUT_S)
         except urllib.error.HTTPError as exc:
             detail = ""
             with contextlib.suppress(OSError, http.client.HTTPException):
@@ -132,11 +158,23 @@ class _Client:
             raise RegistryError(f"GET {_short(url)} failed: {_short(exc)}") from exc
 
     def get_json(self, url: str) -> dict[str, Any]:
+        # a deadline for the whole answer: _TIMEOUT_S bounds each read only, so a server that
+        # sent a byte a second held the start for days (the 1 MiB cap at 1 B/s)
+        deadline = time.monotonic() + _JSON_DEADLINE_S
+        pieces: list[bytes] = []
+        size = 0
         with self.open(url) as resp:
             try:
-                raw = resp.read(_MAX_JSON_BYTES + 1)
+                while size <= _MAX_JSON_BYTES and (chunk := resp.read1(_MAX_JSON_BYTES + 1 - size)):
+                    pieces.append(chunk)
+                    size += len(chunk)
+                    if time.monotonic() > deadline:
+                        raise RegistryError(
+                            f"GET {_short(url)}: the answer took over {_JSON_DEADLINE_S:.0f} s"
+                        )
             except (TimeoutError, OSError, http.client.HTTPException) as exc:
                 raise RegistryError(f"GET {_short(url)} failed: {_short(exc)}") from exc
+        raw = b"".join(pieces)
         if len(raw) > _MAX_JSON_BYTES:
             raise RegistryError(f"GET {_short(url)}: answer over {_MAX_JSON_BYTES} bytes, refused")
         try:
@@ -402,7 +440,7 @@ def resolve_model_uri(
             f"{uri!r} needs an MLflow tracking server (http://...), got tracking URI "
             f"{tracking_uri!r}"
         )
-    client = _Client(tracking_uri.rstrip("/"))
+    client = _Client(tracking_uri.rstrip("/"), _authorization(os.environ))
     mv = _model_version(client, name, alias, version)
     version = str(mv["version"])
     target = _source_target(client, mv["source"], allow_local_source)

@@ -44,6 +44,9 @@ __all__ = ["Monitor", "PredictionEvent"]
 log = logging.getLogger("server.monitoring")  # the name operators filter logs by
 
 DRIFT_MIN_SAMPLES = 30  # fewer recent predictions than this say too little to score drift
+# monitoring/alerts.yml's InputDrift waits for a window this large: PSI over 10 bins on fewer
+# predictions is noise (tests/serve/test_monitoring.py holds the two numbers together)
+DRIFT_ALERT_MIN_WINDOW = 200
 DRIFT_CACHE_S = 1.0  # scrapes and dashboards may poll; recompute at most this often
 # Shared store: feedback may reach this replica before the replica that served the prediction
 # has committed it, so an unknown id is looked up again (waits from the first to the second
@@ -69,6 +72,14 @@ class Monitor:
         self.max_rows = settings.prediction_log_max_rows
         reference = contract.extra.get("reference_stats")
         self.reference: dict[str, Any] | None = reference if isinstance(reference, dict) else None
+        if self.reference is not None and self.window_size < DRIFT_ALERT_MIN_WINDOW:
+            # said once at start: otherwise the drift alert is silent and nothing says why
+            log.warning(
+                "DRIFT_WINDOW=%d is under the %d predictions the InputDrift alert waits for: "
+                "drift is scored and exported, but never alerts",
+                self.window_size,
+                DRIFT_ALERT_MIN_WINDOW,
+            )
 
         self.figures = LiveFigures()
         self.write_failures = Counter(
@@ -228,7 +239,8 @@ class Monitor:
     ) -> FeedbackResult | None:
         """Store the true label of one logged prediction; None when the id is unknown.
 
-        Raises :class:`AmbiguousRequestIdError` when a request id names several images,
+        Raises :class:`AmbiguousRequestIdError` when a request id names several photos (a
+        retried photo, logged again under its id, is one: its last answer gets the label),
         :class:`StoreTimeoutError` when the writer does not answer within ``store_timeout_s``
         (the feedback is then withdrawn unless the writer already took it: a retry is safe,
         feedback for one prediction replaces the earlier label), and

@@ -137,7 +137,8 @@ async def _store_feedback(monitor: Monitor, item: FeedbackRequest) -> FeedbackRe
         raise ApiError(
             409,
             "ambiguous_request_id",
-            "several logged images share this request_id (a reused X-Request-ID or a batch); "
+            "several logged photos share this request_id (a batch, or an X-Request-ID reused "
+            "for another photo); "
             "send the prediction_id of the image instead",
         ) from None
     if result is None:

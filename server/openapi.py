@@ -48,15 +48,18 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*statuses: int, v2: bool = False) -> dict[str, Any]:
     text = {
-        400: "Malformed request",
+        400: "Malformed request, or a Host this server does not answer for (invalid_host)",
         401: "API_TOKEN is set and no bearer token was sent",
-        403: "The bearer token is not the server's",
+        403: "The bearer token is not the server's, or a POST from another site's page "
+        "(cross_origin)",
         404: "Unknown model, or no logged prediction with this id",
         408: "The body did not arrive within BODY_TIMEOUT_S",
-        409: "The request_id names several logged images; send their prediction_id",
+        409: "The request_id names several logged photos; send their prediction_id",
         413: "Body, file, pixel count or number of images over the limit",
         415: "Unsupported Content-Type or image format",
         422: "Not a decodable image, or a required field is missing",
+        500: "An unexpected error (internal_error), or a model answer that is not usable "
+        "probabilities (invalid_model_output); never a trace",
         503: "Queue full (see Retry-After) or not ready",
         504: "The request's deadline passed",
     }
@@ -75,10 +78,22 @@ def _components(classes: list[str]) -> dict[str, Any]:
     return {
         "schemas": {
             "Error": _error_schema(),
-            "V2Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+            "V2Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}},
+            },
             "Prediction": {
                 "type": "object",
-                "required": ["label", "confidence", "probabilities", "model_version"],
+                "required": [
+                    "label",
+                    "confidence",
+                    "probabilities",
+                    "model_version",
+                    "request_id",
+                    "prediction_id",
+                    "latency_ms",
+                ],
                 "properties": {
                     "label": {"type": "string", "enum": classes},
                     "confidence": {"type": "number", "minimum": 0, "maximum": 1},
@@ -227,6 +242,7 @@ def _predict_paths(settings: Settings) -> dict[str, Any]:
                 }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
     return {
@@ -243,7 +259,7 @@ def _predict_paths(settings: Settings) -> dict[str, Any]:
                 "requestBody": image_upload,
                 "responses": {
                     "200": _json(_ref("Prediction"), "The prediction"),
-                    **_errors(400, 401, 403, 408, 413, 415, 422, 503, 504),
+                    **_errors(400, 401, 403, 408, 413, 415, 422, 500, 503, 504),
                 },
             }
         },
@@ -284,7 +300,7 @@ def _predict_paths(settings: Settings) -> dict[str, Any]:
                         },
                         "One entry per image",
                     ),
-                    **_errors(400, 401, 403, 408, 413, 415, 422, 503, 504),
+                    **_errors(400, 401, 403, 408, 413, 415, 422, 500, 503, 504),
                 },
             }
         },
@@ -298,7 +314,8 @@ def _feedback_paths() -> dict[str, Any]:
                 "summary": "The true label of a logged prediction",
                 "description": (
                     "JSON only. Name the prediction by exactly one of `prediction_id` "
-                    "(preferred) or `request_id` (while that request logged one image). With "
+                    "(preferred) or `request_id` (while it names one photo: a retry under the same "
+                    "X-Request-ID labels the last answer). With "
                     "`API_TOKEN` set, send `Authorization: Bearer <token>`."
                 ),
                 "tags": ["monitoring"],
@@ -308,7 +325,7 @@ def _feedback_paths() -> dict[str, Any]:
                 },
                 "responses": {
                     "201": _json(_ref("FeedbackResult"), "Stored"),
-                    **_errors(400, 401, 403, 404, 408, 409, 413, 415, 422, 503),
+                    **_errors(400, 401, 403, 404, 408, 409, 413, 415, 422, 500, 503),
                 },
             }
         },
@@ -442,8 +459,24 @@ def _v2_paths(settings: Settings, version: str) -> dict[str, Any]:
                     },
                 },
                 "responses": {
-                    "200": _json(_ref("V2InferResponse"), "Inference result"),
-                    **_errors(400, 401, 403, 404, 408, 413, 415, 422, 503, 504, v2=True),
+                    "200": {
+                        "description": (
+                            "Inference result: JSON, or with binary outputs the JSON header "
+                            "(Inference-Header-Content-Length bytes) followed by the tensors"
+                        ),
+                        "headers": {
+                            "Inference-Header-Content-Length": _header(
+                                "integer", "with binary outputs: the JSON header's length"
+                            )
+                        },
+                        "content": {
+                            JSON: {"schema": _ref("V2InferResponse")},
+                            "application/octet-stream": {
+                                "schema": {"type": "string", "format": "binary"}
+                            },
+                        },
+                    },
+                    **_errors(400, 401, 403, 404, 408, 413, 415, 422, 500, 503, 504, v2=True),
                 },
             }
         },
@@ -492,11 +525,50 @@ def _undocumented(route: Route) -> dict[str, Any]:
     }
 
 
+def _header(kind: str, description: str, *, required: bool = False) -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": {"type": kind}}
+
+
+REQUEST_ID_PARAM = {
+    "name": "X-Request-ID",
+    "in": "header",
+    "required": False,
+    "description": (
+        "Your id for this request (letters, digits and `-_.:`, at most 128), echoed in "
+        "`X-Request-ID` and the answer's `request_id`; another value is replaced by a new id"
+    ),
+    "schema": {"type": "string"},
+}
+
+
+def _with_shared_headers(paths: dict[str, Any]) -> dict[str, Any]:
+    """What every operation shares, in the document where generated clients see it: the
+    X-Request-ID parameter and answer header, Retry-After on a 503 (a refusal for load or a
+    shutdown; not-ready answers have none), Accept-Encoding on a 415 (a compressed body)."""
+    echoed = _header("string", "the request's id (the client's, or a new one)", required=True)
+    for operations in paths.values():
+        for op in operations.values():
+            op["parameters"] = [*op.get("parameters", []), REQUEST_ID_PARAM]
+            for status, response in op["responses"].items():
+                headers = {**response.get("headers", {}), "X-Request-ID": echoed}
+                if status == "503":
+                    headers["Retry-After"] = _header(
+                        "integer", "seconds to wait before retrying, on a refusal for load"
+                    )
+                if status == "415":
+                    headers["Accept-Encoding"] = _header(
+                        "string", "`identity`, when the body was compressed"
+                    )
+                op["responses"][status] = {**response, "headers": headers}
+    return paths
+
+
 def build_spec(app: Starlette, contract: ModelContract, settings: Settings) -> dict[str, Any]:
     paths = _paths(settings, contract.model_version)
     for route in app.routes:
         if isinstance(route, Route) and route.path not in paths:
             paths[route.path] = _undocumented(route)
+    paths = _with_shared_headers(paths)
     return {
         "openapi": "3.0.3",
         "info": {

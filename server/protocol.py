@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.metrics import REFUSAL_COUNTER
-from server.middleware import CLIENT_GONE, FRAGMENTED_BODY
+from server.middleware import CLIENT_GONE, FRAGMENTED_BODY, PROBE_PATHS
 from server.settings import Settings
 
 log = logging.getLogger("server.connections")
@@ -61,6 +61,8 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 # a client sending tiny pipelined GETs without reading its answers grew the queue by thousands a
 # read (300 MB of RSS for 10 MB of requests); past this many the connection is closed.
 MAX_PIPELINED = 64
+# answered past MAX_CONNECTIONS (the liveness and readiness probes of Kubernetes, KServe, HAProxy)
+_PROBE_TARGETS = frozenset(path.encode() for path in PROBE_PATHS)
 # Each piece of a body is a Python call on the event loop: a body chunked into 1-byte pieces
 # (6 bytes a piece on the wire) kept it about 70% busy for one client. Past this many pieces, a
 # body whose pieces average under MIN_PIECE_BYTES is refused (400 fragmented_body) and the
@@ -243,8 +245,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         limit = self.limit_concurrency  # uvicorn answers 503 itself, past MAX_CONNECTIONS
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
-            self._count("connection_limit")
-        super().on_headers_complete()
+            if self._is_probe():
+                # the probes of Kubernetes, KServe and HAProxy are answered past the limit: a
+                # client holding MAX_CONNECTIONS idle connections failed them, so the replica
+                # left the load balancer and was restarted, the requests in flight lost with it
+                self.limit_concurrency = None
+            else:
+                self._count("connection_limit")
+        try:
+            super().on_headers_complete()
+        finally:
+            self.limit_concurrency = limit
         cycle = self.cycle
         unanswered.append(cycle)
         self._receiving = cycle
@@ -253,6 +264,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle.keep_alive:
             cycle.keep_alive = False  # until on_message_complete: an early answer closes
             self._close_unless_whole = cycle
+
+    def _is_probe(self) -> bool:
+        """A health probe (PROBE_PATHS, GET or HEAD): it reads no body and does no work."""
+        path = self.url.split(b"?", 1)[0]
+        return path in _PROBE_TARGETS and self.parser.get_method() in (b"GET", b"HEAD")
 
     def on_body(self, body: bytes) -> None:
         size = len(body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -52,6 +53,11 @@ class Settings:
     served_model_name: str = setting("catsdogs", "the model's name in the V2 protocol's URLs")
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = setting(8000, "TCP port to listen on")
+    allowed_hosts: str = setting(
+        "",
+        "Host names answered, comma-separated ('*': any); empty: loopback names on loopback "
+        "connections",
+    )
     intra_op_threads: int = setting(
         0, "onnxruntime threads per run; 0 = the CPUs this process may use"
     )
@@ -174,7 +180,9 @@ class Settings:
     keep_alive_timeout_s: float = setting(
         5.0, "an idle keep-alive connection is closed after this, s"
     )
-    max_connections: int = setting(4096, "open connections; beyond, new requests get 503")
+    max_connections: int = setting(
+        4096, "open connections; beyond, new requests get 503 (health probes are still answered)"
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -232,10 +240,17 @@ class Settings:
             "body_timeout_s": self.body_timeout_s > 0,
             "keep_alive_timeout_s": self.keep_alive_timeout_s > 0,
             "max_connections": self.max_connections >= 1,
+            "allowed_hosts": all(_HOST_NAME.fullmatch(h) for h in self.host_names or ()),
             "served_model_name": bool(self.served_model_name)
             and all(c.isalnum() or c in "-_." for c in self.served_model_name),
             "model_path": bool(self.model_path or self.model_uri),
         }
+        for key in ("api_token", "api_token_previous"):
+            if getattr(self, key) in _EXAMPLE_TOKENS:  # a copied example: a token everyone knows
+                raise SettingsError(
+                    f"{key.upper()}: still the example's placeholder; set a long random token "
+                    "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
         for key, ok in checks.items():
             if not ok:
                 shown = "(hidden)" if key in _SECRETS else repr(getattr(self, key))
@@ -253,12 +268,27 @@ class Settings:
         return "postgresql", url
 
     @property
+    def host_names(self) -> frozenset[str] | None:
+        """ALLOWED_HOSTS as lower-case names; None when unset (the loopback rule)."""
+        if not self.allowed_hosts.strip():
+            return None
+        return frozenset(h.strip().lower() for h in self.allowed_hosts.split(","))
+
+    @property
     def model_source(self) -> str:
         return self.model_uri or self.model_path
 
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _SECRETS = frozenset({"api_token", "api_token_previous", "prediction_log_url"})
+
+
+# a Host header's name: a DNS name, an IPv4 address, a bracketed IPv6 address, or '*' (any)
+_HOST_NAME = re.compile(r"\*|[a-z0-9]([a-z0-9.-]{0,252})|\[[0-9a-f:.]{2,45}\]")
+
+
+# deploy/k8s/overlays/prod/secrets.env.example's value (tests/serve/test_settings.py reads it)
+_EXAMPLE_TOKENS = frozenset(("replace-with-a-long-random-token",))
 
 
 def _token_ok(token: str) -> bool:

@@ -341,24 +341,36 @@ def write_in_order(
     return done
 
 
+# feedback by request_id reads this many of its rows, newest first: a retried photo's answers
+REQUEST_ID_ROWS = 64
+
+
 def apply_feedback(execute: Callable[..., Any], item: _Feedback, mark: str) -> _Outcome:
     """Find the prediction ``item`` names and store its label, in the caller's transaction: the
     one lookup and upsert both backends run (``execute`` is the connection's, ``mark`` its
     parameter marker, ``?`` or ``%s``). None when no logged image matches."""
     select = (
-        "SELECT p.prediction_id, p.request_id, p.model_version, p.label, f.true_label "
-        "FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.prediction_id "
+        "SELECT p.prediction_id, p.request_id, p.model_version, p.label, f.true_label, "
+        "p.input_sha256 FROM predictions p "
+        "LEFT JOIN feedback f ON f.prediction_id = p.prediction_id "
     )
     if item.prediction_id is not None:
         found = execute(select + f"WHERE p.prediction_id = {mark}", (item.prediction_id,))
     else:
-        found = execute(select + f"WHERE p.request_id = {mark} LIMIT 2", (item.request_id,))
+        # a client that retries a request keeps its X-Request-ID: the same photo logged again.
+        # The label is the photo's, so it goes to the last answer; two photos (a batch, an id
+        # reused for another photo) stay ambiguous
+        found = execute(
+            select + f"WHERE p.request_id = {mark} ORDER BY p.ts DESC, p.prediction_id "
+            f"LIMIT {REQUEST_ID_ROWS}",
+            (item.request_id,),
+        )
     rows = found.fetchall()
     if not rows:
         return None
-    if len(rows) > 1:
+    if len({row[5] for row in rows}) > 1:
         return AmbiguousRequestIdError("several logged images share this request_id")
-    prediction_id, request_id, version, predicted, previous = rows[0]
+    prediction_id, request_id, version, predicted, previous, _ = rows[0]
     execute(
         f"INSERT INTO feedback (prediction_id, true_label, ts) VALUES ({mark}, {mark}, {mark}) "
         "ON CONFLICT (prediction_id) DO UPDATE SET true_label = excluded.true_label, "

@@ -93,6 +93,17 @@ def check_identity_encoding(request: Request) -> None:
             " supported",
             {"Accept-Encoding": "identity"},
         )
+    # the same for a transfer coding besides chunked (gzip, chunked): the parser undoes the
+    # chunks only, so a gzipped photo was read as its compressed bytes (422 not_an_image)
+    transfer = request.headers.get("transfer-encoding", "").lower()
+    if any(c.strip() not in ("chunked", "") for c in transfer.split(",")):
+        raise ApiError(
+            415,
+            "unsupported_content_encoding",
+            f"request bodies are read uncompressed; Transfer-Encoding {transfer[:40]!r} is not"
+            " supported (chunked is)",
+            {"Accept-Encoding": "identity"},
+        )
 
 
 def _check_declared(request: Request, limit: int) -> None:
@@ -105,10 +116,20 @@ def _check_declared(request: Request, limit: int) -> None:
 
 
 def reserve(reservation: Reservation, n: int) -> None:
-    """``n`` more bytes from the byte budget, or the request's 503."""
+    """``n`` more bytes from the byte budget, or the request's 503; a 413 when the request
+    alone needs more than the whole budget (a V2 body counts twice): a 503 asks for a retry
+    that could never succeed."""
     try:
         reservation.grow(n)
     except OverBudgetError as exc:
+        limit = reservation.budget.limit
+        if reservation.held + n > limit:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"the request needs more than the {limit} bytes this server holds for all "
+                "requests at once (MAX_INFLIGHT_BYTES; a V2 body counts twice); send a smaller one",
+            ) from None
         raise overloaded(exc) from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,7 +21,8 @@ def event(
     ts: float | None = None,
     **changes: Any,
 ) -> PredictionEvent:
-    """Prediction ``req-{i}`` of a cat/dog model; ``changes`` replace any other field."""
+    """Prediction ``req-{i}`` of a cat/dog model, photo ``i`` (its own input_sha256); ``changes``
+    replace any other field."""
     other = 1.0 - confidence
     probs = (
         {"cat": confidence, "dog": other} if label == "cat" else {"cat": other, "dog": confidence}
@@ -33,7 +35,7 @@ def event(
         label=label,
         confidence=confidence,
         probabilities=probs,
-        input_sha256="0" * 64,
+        input_sha256=hashlib.sha256(str(i).encode()).hexdigest(),
         width=320,
         height=240,
         brightness=120.0,

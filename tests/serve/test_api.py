@@ -231,6 +231,10 @@ def test_request_id_in_and_out(settings):
             unsafe = await client.get("/health", headers={"x-request-id": "bad id\twith spaces"})
             assert unsafe.headers["x-request-id"] != "bad id\twith spaces"
             assert len(unsafe.headers["x-request-id"]) == 32
+            # whitespace around a header's value is not part of it: kept, as the parser strips
+            # the leading part only ("abc " was replaced by a new id, " abc" kept as "abc")
+            padded = await client.get("/health", headers={"x-request-id": "client-7 \t "})
+            assert padded.headers["x-request-id"] == "client-7"
             long = await client.get("/health", headers={"x-request-id": "a" * 500})
             assert long.headers["x-request-id"] != "a" * 500
             missing = await client.get("/missing")

@@ -120,6 +120,33 @@ CASES = [
         "unsupported_format",
     ),
     (
+        "heic, an iPhone photo",
+        "/predict",
+        {
+            "content": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+            "headers": {"content-type": "image/heic"},
+        },
+        415,
+        "unsupported_format",
+    ),
+    (
+        "svg",
+        "/predict",
+        {
+            "content": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+            "headers": {"content-type": "image/svg+xml"},
+        },
+        415,
+        "unsupported_format",
+    ),
+    (
+        "jpeg xl codestream",
+        "/predict",
+        {"content": b"\xff\x0a" + bytes(64), "headers": {"content-type": "image/jxl"}},
+        415,
+        "unsupported_format",
+    ),
+    (
         "png 100 times wider than high",
         "/predict",
         {"content": _saved("PNG", (800, 8), "L"), "headers": {"content-type": "image/png"}},

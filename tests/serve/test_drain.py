@@ -104,7 +104,7 @@ def test_a_request_cut_off_by_the_graceful_timeout_gets_a_json_503(server_proces
     ]:
         sock = socket.create_connection((host, int(port)), timeout=20)
         sock.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
             "Content-Length: 100000\r\n\r\n".encode()
             + b"\0" * 1000
         )
@@ -167,7 +167,7 @@ def test_a_second_ctrl_c_forces_the_stop_and_says_so(server_process):
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=20) as sock:
         sock.sendall(
-            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
             b"Content-Length: 100000\r\n\r\n" + b"\0" * 1000
         )
         time.sleep(0.3)

@@ -8,6 +8,7 @@ blue -> dog); the others drive the app in-process, where a test can hold the wri
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sqlite3
 import threading
@@ -233,7 +234,7 @@ def _event(prediction_id: str, request_id: str, label: str) -> PredictionEvent:
         probabilities={"cat": confidence, "dog": other}
         if label == "cat"
         else {"cat": other, "dog": confidence},
-        input_sha256="0" * 64,
+        input_sha256=hashlib.sha256(prediction_id.encode()).hexdigest(),  # a photo each
         width=64,
         height=48,
         brightness=100.0,

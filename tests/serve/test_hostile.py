@@ -448,8 +448,9 @@ def test_a_v2_body_is_counted_twice_while_it_is_joined(servers: Servers) -> None
     """A V2 body arrives in pieces and is joined whole before it is parsed, so for a moment the
     server holds it twice; the byte budget counted it once, and two 60 MB V2 requests grew the
     peak RSS by 230 MiB against the 120 MiB counted. The join's copy is reserved too: under a
-    30 MiB budget a 20 MiB V2 request is 503, where the same images as a multipart batch (split
-    into their parts, never joined whole) are served."""
+    30 MiB budget a 20 MiB V2 request needs 40, which no retry could ever get, so it is 413
+    (it was a 503 with Retry-After, retried for ever), where the same images as a multipart
+    batch (split into their parts, never joined whole) are served."""
     server = servers.start(
         "v2budget", MAX_INFLIGHT_BYTES=str(30 * MIB), MAX_REQUEST_BYTES=str(24 * MIB)
     )
@@ -464,13 +465,13 @@ def test_a_v2_body_is_counted_twice_while_it_is_joined(servers: Servers) -> None
         headers={"inference-header-content-length": str(len(header))},
         timeout=60,
     )
-    assert v2.status_code == 503, v2.text[:300]
+    assert v2.status_code == 413, v2.text[:300]
     assert is_v2_error(v2.json())
-    assert "retry-after" in v2.headers
-    # counted once, as the byte budget's (it was in no series: the overload alert missed it)
+    assert "MAX_INFLIGHT_BYTES" in v2.json()["error"]
+    assert "retry-after" not in v2.headers
+    # not a refusal for load: the overload alert has nothing to say about it
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert prom(metrics, "inference_rejected_total", reason="bytes") == 1
-    assert prom(metrics, "inference_rejected_total") == 1
+    assert prom(metrics, "inference_rejected_total") == 0
     body, ctype = multipart_body("files", [("a.jpg", padded), ("b.jpg", padded)])
     batch = post(Target(server), "/predict/batch", body, ctype)
     assert batch.status_code == 200, batch.text[:300]
@@ -882,14 +883,32 @@ def test_refusals_before_the_app_are_counted_by_reason(servers: Servers) -> None
     held = [connect(target.url) for _ in range(8)]  # idle: MAX_CONNECTIONS reached
     try:
         time.sleep(0.2)
-        over = send_raw(target.url, head + b"\r\n", timeout=5)
+        over = send_raw(target.url, head.replace(b"/health/live", b"/metadata") + b"\r\n", 5)
+        # the orchestrator's probes are still answered: past the limit they failed, so a client
+        # holding idle connections took the replica out of its Service and had it restarted
+        probes = [
+            send_raw(target.url, f"{method} {path}".encode() + head[16:] + b"\r\n", 5)
+            for method, path in [
+                ("GET", "/health/live"),
+                ("GET", "/health/ready"),
+                ("GET", "/health"),
+                ("GET", "/v2/health/live"),
+                ("GET", "/v2/health/ready?x=1"),
+            ]
+        ]
+        # ... and nothing else: a POST to a probe's path is not a probe
+        posted = send_raw(target.url, b"POST /health/live" + head[16:] + b"\r\n", 5)
     finally:
         _close_all(held)
     assert over is not None
     assert over.status == 503
+    assert [p.status if p else None for p in probes] == [200] * 5
+    assert posted is not None
+    assert posted.status == 503
     time.sleep(0.2)  # the held connections are gone
     after = refused()
-    assert {r: after[r] - before[r] for r in REFUSALS} == dict.fromkeys(REFUSALS, 1.0)
+    limited = {"connection_limit": 2.0}  # the two refused above; the probes are not counted
+    assert {r: after[r] - before[r] for r in REFUSALS} == {r: limited.get(r, 1.0) for r in REFUSALS}
     target.assert_serves()
     target.server.terminate()
 

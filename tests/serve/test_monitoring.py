@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from dataclasses import replace
@@ -16,12 +17,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 from conftest import BLUE, RED, build_tiny_model, image_bytes, prom, tiny_contract
 
 from catsdogs import drift
 from catsdogs.preprocessing import preprocess_bytes_info
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def predict(url: str, data: bytes) -> dict:
@@ -123,7 +127,10 @@ def test_feedback_errors(server_process):
         assert response.json()["error"]["code"] == code
         assert response.headers["x-request-id"]
     # feedback names one image of a batch by its prediction_id
-    files = [("files", ("a.jpg", image_bytes(RED), "image/jpeg"))] * 2
+    files = [
+        ("files", ("a.jpg", image_bytes(BLUE), "image/jpeg")),
+        ("files", ("b.jpg", image_bytes(RED), "image/jpeg")),
+    ]
     batch = httpx.post(f"{server.url}/predict/batch", files=files).json()["predictions"]
     image_id = batch[1]["prediction_id"]
     # by the batch's request id the image is ambiguous: 409, and no prediction gets the label
@@ -135,6 +142,33 @@ def test_feedback_errors(server_process):
     assert r.json()["correct"] is True
     assert r.json()["prediction_id"] == image_id
     assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
+def test_feedback_by_request_id_after_a_retry_labels_the_photo_once(server_process):
+    """A client retried a prediction under its own X-Request-ID: the photo is logged twice, and
+    feedback by that id answered 409 for ever (a reused id for another photo still does)."""
+    server = server_process()
+    server.wait_ready()
+    photo = image_bytes(BLUE)
+    headers = {"X-Request-ID": "client-retry-1", "Content-Type": "image/jpeg"}
+    answers = [
+        httpx.post(f"{server.url}/predict", content=photo, headers=headers).json() for _ in range(2)
+    ]
+    assert {a["request_id"] for a in answers} == {"client-retry-1"}
+    r = httpx.post(f"{server.url}/feedback", json={"request_id": "client-retry-1", "label": "dog"})
+    assert r.status_code == 201, r.text
+    assert r.json()["prediction_id"] == answers[1]["prediction_id"]  # the last answer
+    assert r.json()["correct"] is True
+    summary = httpx.get(f"{server.url}/monitoring/summary").json()["model_versions"]
+    assert summary["tiny-1"]["confusion"] == {"dog": {"dog": 1}}  # counted once
+    text = httpx.get(f"{server.url}/metrics").text
+    assert prom(text, "feedback_labels_total", model_version="tiny-1", result="correct") == 1
+    # the same id reused for another photo: which one is meant cannot be known
+    headers["X-Request-ID"] = "client-reused-1"
+    for color in (BLUE, RED):
+        httpx.post(f"{server.url}/predict", content=image_bytes(color), headers=headers)
+    r = httpx.post(f"{server.url}/feedback", json={"request_id": "client-reused-1", "label": "dog"})
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "ambiguous_request_id")
 
 
 def test_many_parallel_feedback_posts_all_land(server_process, tmp_path: Path):
@@ -318,6 +352,30 @@ def test_drift_low_for_matched_traffic_and_high_for_shifted(server_process, drif
     )
     assert psi_brightness == pytest.approx(high["features"]["brightness"]["psi"], rel=1e-3)
     assert metric_value(text, "drift_window_size") == 200
+
+
+def test_a_drift_window_the_alert_ignores_is_said_at_start(server_process, drift_model: Path):
+    """DRIFT_WINDOW under the InputDrift alert's 200 left the alert silent without a word."""
+    from server.monitor import DRIFT_ALERT_MIN_WINDOW
+
+    def warnings(server) -> list[str]:
+        lines = server.output(tail=10**9).splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        return [r["message"] for r in records if "InputDrift" in r.get("message", "")]
+
+    small = server_process(MODEL_PATH=str(drift_model), DRIFT_WINDOW="100")
+    enough = server_process(MODEL_PATH=str(drift_model), DRIFT_WINDOW=str(DRIFT_ALERT_MIN_WINDOW))
+    small.wait_ready()
+    enough.wait_ready()
+    assert warnings(small) == [
+        "DRIFT_WINDOW=100 is under the 200 predictions the InputDrift alert waits for: drift "
+        "is scored and exported, but never alerts"
+    ]
+    assert warnings(enough) == []
+    # the alert's own threshold is the server's number
+    rules = yaml.safe_load((ROOT / "monitoring" / "alerts.yml").read_text())
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    assert f"drift_window_size >= {DRIFT_ALERT_MIN_WINDOW})" in alerts["InputDrift"]["expr"]
 
 
 def test_drift_without_reference_says_so(server_process):

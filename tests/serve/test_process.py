@@ -208,6 +208,30 @@ def test_v2_versioned_urls_compression_and_empty_choices_on_a_real_server(server
         headers={"content-type": "image/jpeg", "content-encoding": "identity"},
     )
     assert raw.json()["label"] == "cat"
+    # a transfer coding besides chunked: the parser undoes the chunks only, and the gzipped
+    # photo was read as it came (422 not_an_image, the wrong cause)
+    import gzip as gzip_module
+
+    photo = image_bytes(RED)
+    for coding, body, status in [
+        ("gzip, chunked", gzip_module.compress(photo), 415),
+        ("chunked", photo, 200),
+    ]:
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            f"Transfer-Encoding: {coding}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + chunked)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.startswith(f"HTTP/1.1 {status} ".encode()), (coding, reply[:300])
+        if status == 415:
+            assert b"Transfer-Encoding 'gzip, chunked'" in reply, reply[:600]
+            assert b"accept-encoding: identity" in reply.lower()
     # the versioned route is its own label, as bounded as the others
     metrics = httpx.get(f"{url}/metrics").text
     assert '"/v2/models/{name}/versions/{version}/infer"' in metrics
@@ -217,7 +241,7 @@ def test_oversized_chunked_body_refused_early(server_process):
     server = server_process(MAX_UPLOAD_BYTES="100000")
     server.wait_ready()
     head = (
-        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     host, port = server.url.removeprefix("http://").split(":")
@@ -242,7 +266,7 @@ def test_sigterm_finishes_in_flight_request_and_exits_zero(server_process):
     server.wait_ready()
     image = image_bytes(BLUE)
     head = (
-        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
         b"Content-Length: %d\r\n\r\n" % len(image)
     )
     host, port = server.url.removeprefix("http://").split(":")
@@ -297,12 +321,21 @@ def test_bad_model_file_fails_with_its_name(tmp_path, tiny_model, kind):
 
 @pytest.mark.parametrize(
     ("kind", "named"),
-    [("three_classes", "the contract names 3 classes"), ("cascade", "cascade is not an object")],
+    [
+        ("three_classes", "the contract names 3 classes"),
+        ("cascade", "cascade is not an object"),
+        ("control_class", "class_names: 'dog"),
+        ("escape_version", "model_version: 'v1"),
+        ("override_class", "class_names: 'cat"),
+    ],
 )
 def test_a_contract_the_model_does_not_keep_fails_at_start(tmp_path, kind, named):
     """A contract naming more classes than the model answers (two) used to start, turn ready
     and answer every prediction with a 500; a ``cascade`` entry that is not an object ended in
-    a traceback. Both stop the start with one line naming the file, exit 1."""
+    a traceback. A class name or version with a CR, an ESC or a right-to-left override (a file
+    from a registry someone else writes) reached /metrics raw, a terminal through
+    ``--version``, and chart titles. Each stops the start with one line naming the file,
+    exit 1."""
     import onnx
     from onnx import helper
 
@@ -312,8 +345,14 @@ def test_a_contract_the_model_does_not_keep_fails_at_start(tmp_path, kind, named
     contract = tiny_contract()
     if kind == "three_classes":
         contract = dataclasses.replace(contract, class_names=("cat", "dog", "bird"))
-    else:
+    elif kind == "cascade":
         contract = dataclasses.replace(contract, extra={**contract.extra, "cascade": "oops"})
+    elif kind == "control_class":
+        contract = dataclasses.replace(contract, class_names=("cat", "dog\r\nX-Evil: 1"))
+    elif kind == "escape_version":
+        contract = dataclasses.replace(contract, model_version="v1\x1b[31mRED")
+    else:
+        contract = dataclasses.replace(contract, class_names=("cat\u202e", "dog"))
     del graph.metadata_props[:]
     helper.set_model_props(graph, contract.to_metadata())
     model = tmp_path / f"{kind}.onnx"
@@ -323,6 +362,10 @@ def test_a_contract_the_model_does_not_keep_fails_at_start(tmp_path, kind, named
     assert "cannot serve" in output
     assert str(model) in output
     assert named in output
+    if kind.endswith(("_class", "_version")):
+        assert "is not a printable name" in output
+        for raw in ("\r", "\x1b", "\u202e"):  # the log line escapes what it quotes
+            assert raw not in output
     assert "Traceback" not in output
     assert '"ready"' not in output
 
@@ -379,7 +422,7 @@ def test_uvicorn_factory_mode(tiny_model, tmp_path):
         assert response.json()["label"] == "dog"
         # the guarded protocol read its limits from the environment: an oversized head -> 431
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 40_000)
             assert sock.recv(200).startswith(b"HTTP/1.1 431")
     finally:
         server.terminate()

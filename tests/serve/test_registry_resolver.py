@@ -7,6 +7,7 @@ could: paths that climb out of the cache, downloads without end, wrong checksums
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ class FakeMlflow:
     listed_size: int | None = None  # None: the real size
     hits: dict[str, int] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)  # bytes written by streaming routes
+    authorization: list[str | None] = field(default_factory=list)  # each request's header
     url: str = ""
 
     def version(self, number: str = "1", *, source: str = SOURCE, **tags: str) -> dict:
@@ -86,6 +88,7 @@ def _handler(fake: FakeMlflow) -> type[BaseHTTPRequestHandler]:
             url = urllib.parse.urlsplit(self.path)
             query = dict(urllib.parse.parse_qsl(url.query))
             fake.hits[url.path] = fake.hits.get(url.path, 0) + 1
+            fake.authorization.append(self.headers.get("Authorization"))
             if url.path in fake.routes:
                 fake.routes[url.path](self)
             elif url.path == "/api/2.0/mlflow/registered-models/alias":
@@ -482,6 +485,75 @@ def test_an_oversized_registry_answer_is_refused(registry: FakeMlflow, tmp_path:
     registry.routes["/api/2.0/mlflow/registered-models/alias"] = flood
     with pytest.raises(RegistryError, match="answer over 1048576 bytes"):
         resolve(registry, tmp_path)
+
+
+def test_a_registry_answer_that_trickles_in_is_cut_at_its_deadline(
+    registry: FakeMlflow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Each read had a timeout, the answer none: a server sending a byte now and then held the
+    start for as long as it liked (days, at 1 byte/s up to the 1 MiB cap)."""
+    from server import model_uri
+
+    monkeypatch.setattr(model_uri, "_JSON_DEADLINE_S", 1.0)
+    stop = threading.Event()
+
+    def trickle(req: BaseHTTPRequestHandler) -> None:
+        req.send_response(200)
+        req.send_header("Content-Type", "application/json")
+        req.send_header("Content-Length", str(1 << 20))
+        req.end_headers()
+        with contextlib.suppress(OSError):
+            while not stop.wait(0.1):
+                req.wfile.write(b" ")
+                req.wfile.flush()
+
+    registry.routes["/api/2.0/mlflow/registered-models/alias"] = trickle
+    started = time.monotonic()
+    try:
+        with pytest.raises(RegistryError, match="the answer took over 1 s"):
+            resolve(registry, tmp_path)
+    finally:
+        stop.set()
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("env", "header"),
+    [
+        ({}, None),
+        (
+            {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3cret"},
+            "Basic YWxpY2U6czNjcmV0",
+        ),
+        ({"MLFLOW_TRACKING_TOKEN": "t0ken", "MLFLOW_TRACKING_USERNAME": "alice"}, "Bearer t0ken"),
+    ],
+)
+def test_mlflow_credentials_come_from_its_environment_variables(
+    registry: FakeMlflow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env, header
+):
+    """A tracking server with authentication: the server sent no credentials at all, and a
+    user:password@ in MLFLOW_TRACKING_URI did not work and was echoed in every error."""
+    for name in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    registry.version("3", sha256=hashlib.sha256(registry.model).hexdigest())
+    registry.aliases["champion"] = "3"
+    assert resolve(registry, tmp_path).is_file()
+    assert len(registry.authorization) >= 3  # the alias, the listing, the file
+    assert set(registry.authorization) == {header}
+
+
+def test_credentials_in_the_tracking_uri_are_refused_unshown(registry: FakeMlflow, tmp_path: Path):
+    host = registry.url.removeprefix("http://")
+    with pytest.raises(RegistryError, match="MLFLOW_TRACKING_USERNAME") as caught:
+        resolve_model_uri(
+            "models:/catsdogs@champion",
+            tracking_uri=f"http://alice:s3cret@{host}",
+            cache_dir=tmp_path / "cache",
+        )
+    assert "s3cret" not in str(caught.value)
+    assert registry.authorization == []  # nothing was sent
 
 
 def test_unknown_alias_names_the_registry_message(registry: FakeMlflow, tmp_path: Path):

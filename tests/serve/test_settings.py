@@ -210,6 +210,22 @@ def test_the_previous_token_is_a_hidden_secret_that_needs_a_current_one():
         parse_args(["--api-token-previous", old])
 
 
+def test_the_example_secrets_placeholder_is_not_a_token():
+    """Applied unedited, the prod overlay's example secrets set a token anyone can read."""
+    example = ROOT / "deploy" / "k8s" / "overlays" / "prod" / "secrets.env.example"
+    [placeholder] = [
+        line.split("=", 1)[1] for line in example.read_text().splitlines()
+        if line.startswith("API_TOKEN=")
+    ]  # fmt: skip
+    for env in (
+        {"API_TOKEN": placeholder},
+        {"API_TOKEN": "a-Real-one.7", "API_TOKEN_PREVIOUS": placeholder},
+    ):
+        with pytest.raises(SettingsError, match="still the example's placeholder") as exc:
+            Settings.from_env(env)
+        assert placeholder not in str(exc.value)
+
+
 def test_readme_settings_table_is_the_generated_one():
     """The README's block is what `make docs-settings` writes: edit server/settings.py."""
     readme = (ROOT / "README.md").read_text()

@@ -221,6 +221,21 @@ def test_a_request_id_shared_by_two_images_is_ambiguous(backend: Backend):
     assert backend.rows("SELECT prediction_id FROM feedback") == [("req-2",)]
 
 
+def test_feedback_by_the_request_id_of_a_retried_photo_labels_its_last_answer(backend: Backend):
+    """A client that retries keeps its X-Request-ID: the same photo is logged twice under it.
+    Feedback by that id was 409 for ever; it labels the last answer, once."""
+    s = backend.store()
+    s.start()
+    s.record(_event(1, "cat", request_id="retried", ts=time.time() - 5))
+    s.record(_event(2, "dog", request_id="retried", input_sha256=_event(1).input_sha256))
+    done = s.submit_feedback("dog", time.time(), request_id="retried").result(10)
+    assert (done.prediction_id, done.predicted_label, done.previous_label) == ("req-2", "dog", None)
+    again = s.submit_feedback("cat", time.time(), request_id="retried").result(10)
+    assert (again.prediction_id, again.previous_label) == ("req-2", "dog")  # replaced, not added
+    s.stop()
+    assert backend.rows("SELECT prediction_id, true_label FROM feedback") == [("req-2", "cat")]
+
+
 def test_a_killed_writer_is_restarted_counted_and_keeps_what_was_queued(backend: Backend, caplog):
     restarts: list[int] = []
     s = backend.store(on_restart=lambda: restarts.append(1))
