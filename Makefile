@@ -159,14 +159,15 @@ cv: venv-train data-source ## cross-validate params.yaml's cv.configs -> reports
 check-cuda: venv-train ## check the training paths on a CUDA GPU -> reports/cuda/cuda-check.json
 	$(TRAIN_PY) scripts/check_cuda.py --images $(EVAL_DATA) --out reports/cuda --device $(or $(DEVICE),cuda)
 
-run: pipeline venv-serve ## the whole job: pipeline, then the server on $(URL)
+run: pipeline venv-serve ## the whole job: pipeline, then the server on http://HOST:PORT
 	$(SERVE_PY) -m server --model $(MODEL) --host $(HOST) --port $(PORT)
 
 serve: venv-serve ## serve an existing model (MODEL, or the registry's MODEL_URI when that is set)
 	$(SERVE_PY) -m server $(if $(MODEL_URI),,--model $(MODEL)) --host $(HOST) --port $(PORT)
 
-mlflow-ui: venv-train ## MLflow UI on http://127.0.0.1:5000 over the local store
-	$(TRAIN_VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+MLFLOW_PORT ?= 5000
+mlflow-ui: venv-train ## MLflow UI on http://127.0.0.1:MLFLOW_PORT (5000) over the local store
+	$(TRAIN_VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # Model registry: each export registers a version of `catsdogs`; promote points `champion` at one,
 # gated: a server on models:/catsdogs/$(VERSION) (free 127.0.0.1 port, stopped afterwards) must pass

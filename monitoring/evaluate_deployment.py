@@ -121,7 +121,15 @@ def manifest_images(manifest: Path, split: str, limit: int | None) -> list[tuple
     by_class: dict[str, list[Path]] = {}
     for row in read_manifest(manifest, split):
         by_class.setdefault(row.label, []).append(Path(row.path))
-    return interleaved(by_class, limit)
+    items = interleaved(by_class, limit)
+    missing = [path for path, _ in items if not path.is_file()]
+    if missing:  # photos elsewhere (another clone, a moved folder): no check of the model
+        raise ValueError(
+            f"{len(missing)} of the {len(items)} photos {manifest} names are not here (e.g. "
+            f"{missing[0]}): run from the repository root where the pipeline ran, or pass a "
+            "labelled folder"
+        )
+    return items
 
 
 def interleaved(by_class: dict[str, list[Path]], limit: int | None) -> list[tuple[Path, str]]:

@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             exc.strerror or exc,
         )
         return 1
+    host, port = listener.getsockname()[:2]
+    # the address to call, in the ready line (PORT=0: the port the system chose)
+    app.state.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     # Until uvicorn takes the signals over: SIGTERM unwinds the start-up like Ctrl-C, so what
     # it started is stopped (the child that optimises a cascade is killed and reaped, where the
     # default action left it running on, orphaned) and the exit status says which signal.

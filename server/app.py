@@ -405,6 +405,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         "ready" if app.state.ready else "started while stopping: /health/ready stays 503",
         extra={
             "fields": {
+                # python -m server's address (uvicorn --factory's is uvicorn's own to say)
+                "url": getattr(app.state, "url", None),
                 "model": str(model.path),
                 "model_version": contract.model_version,
                 "intra_op_threads": model.intra_op_threads,

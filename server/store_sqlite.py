@@ -11,7 +11,9 @@ the live figures start from (:func:`iter_aggregates`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -185,12 +187,37 @@ class SqliteStore(WriterStore):
         self.path = Path(path)
         self.max_page_count = max_page_count
         self._conn: sqlite3.Connection | None = None
+        self._owner: int | None = None  # the lock file's descriptor while this store holds it
 
     def describe(self) -> str:
         return str(self.path)
 
+    def _own_file(self) -> None:
+        """Say when another server writes this file too: each keeps its own live figures, so
+        /monitoring/summary and the monitor_* metrics then disagree between the two. A lock on
+        ``<file>.owner`` (never on the database, whose locks are SQLite's), held while open."""
+        fd = os.open(f"{self.path}.owner", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 16, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            log.warning(
+                "prediction log %s is written by another server too (pid %s): each keeps its "
+                "own live figures, which then disagree; give each its own PREDICTION_LOG_PATH, "
+                "or share PostgreSQL (PREDICTION_LOG_URL)",
+                self.path,
+                holder,
+            )
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._owner = fd
+
     def _open_backend(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._owner is None:
+            self._own_file()
         conn = connect(self.path, check_same_thread=False)  # a restarted writer reuses it
         try:
             if self.max_page_count is not None:
@@ -225,6 +252,9 @@ class SqliteStore(WriterStore):
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
+        if self._owner is not None:
+            os.close(self._owner)  # the lock goes with it
+            self._owner = None
 
     def _commit(self, items: list[_Item]) -> list[tuple[_Item, _Outcome]]:
         conn = self._conn

@@ -43,6 +43,7 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",  # for browsers that ignore frame-ancestors
     # revalidate (ETag, Last-Modified): a new release's page never runs with old scripts
     "Cache-Control": "no-cache",
+    "Accept-Ranges": "none",  # sent whole (_whole); Starlette said "bytes"
 }
 
 
@@ -60,10 +61,15 @@ class WholeFile(FileResponse):
 
 
 class WholeFiles(StaticFiles):
-    """StaticFiles whose files are always sent whole (see ``_whole``)."""
+    """StaticFiles whose files are always sent whole (see ``_whole``), and say so."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(_whole(scope), receive, send)
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Accept-Ranges"] = "none"  # Starlette's "bytes" promised what is ignored
+        return response
 
 
 async def index(request: Request) -> Response:

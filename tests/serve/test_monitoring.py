@@ -171,6 +171,29 @@ def test_feedback_by_request_id_after_a_retry_labels_the_photo_once(server_proce
     assert (r.status_code, r.json()["error"]["code"]) == (409, "ambiguous_request_id")
 
 
+def test_a_second_server_on_the_same_log_is_told_of_the_first(server_process, tmp_path: Path):
+    """Two servers on one SQLite log (two `make serve` in one checkout) each kept their own live
+    figures, which disagreed without a word."""
+
+    def warnings(server) -> list[str]:
+        records = [json.loads(x) for x in server.output(10**9).splitlines() if x.startswith("{")]
+        return [r["message"] for r in records if "written by another server" in r["message"]]
+
+    first = server_process()
+    first.wait_ready()
+    second = server_process()  # the same PREDICTION_LOG_PATH
+    second.wait_ready()
+    assert warnings(first) == []
+    [said] = warnings(second)
+    assert f"(pid {first.pid})" in said
+    assert "PREDICTION_LOG_PATH" in said
+    first.terminate()
+    second.terminate()
+    third = server_process()  # both gone: their locks went with them
+    third.wait_ready()
+    assert warnings(third) == []
+
+
 def test_many_parallel_feedback_posts_all_land(server_process, tmp_path: Path):
     server = server_process()
     server.wait_ready()

@@ -273,6 +273,15 @@ def test_evaluate_deployment_on_a_manifest_sends_its_held_out_split_only(
     assert not (tmp_path / "r" / "summary.json").exists()
     folder = evaluate("--url", other.url, "--data", str(photos), "--out", str(tmp_path / "f"))
     assert folder.returncode == 0, folder.stderr
+    # a manifest whose photos are elsewhere was "accuracy 0.0000 (0/0), errors 4, FAILED": a
+    # verdict on the model (and, through make promote, its tag) for a missing folder
+    moved = tmp_path / "moved.csv"
+    moved.write_text(manifest.read_text().replace(str(photos), str(tmp_path / "gone")))
+    lost = evaluate("--url", other.url, "--data", str(moved), "--out", str(tmp_path / "m"))
+    assert lost.returncode == 2, lost.stderr
+    assert "4 of the 4 photos" in lost.stderr
+    assert "are not here" in lost.stderr
+    assert not (tmp_path / "m" / "summary.json").exists()
     assert json.loads((tmp_path / "f" / "summary.json").read_text())["held_out"] is None
 
 

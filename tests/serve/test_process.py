@@ -478,6 +478,7 @@ def test_start_up_phases_cover_the_time_to_ready(server_process):
     ]
     assert len(ready) == 1
     assert ready[0]["startup_seconds"] == pytest.approx(phases, abs=1e-3)
+    assert ready[0]["url"] == server.url  # where to call it: no line said so
 
 
 def test_unusual_methods_share_one_metric_label(server_process):

@@ -131,6 +131,8 @@ def test_a_range_is_ignored_and_the_file_sent_whole(settings, path, asked):
     ranged, plain = run(scenario())
     assert ranged.status_code == 200, ranged.text[:200]
     assert ranged.content == plain.content
+    # and it does not invite ranges it will not honour (Starlette's FileResponse said "bytes")
+    assert ranged.headers["accept-ranges"] == plain.headers["accept-ranges"] == "none"
     if not path.startswith("/docs"):
         assert ranged.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
 
