@@ -335,6 +335,14 @@ def _requested_outputs(request: dict[str, Any]) -> list[tuple[str, bool]]:
         if name not in OUTPUT_NAMES:
             raise _bad(f"unknown output; the model's outputs are {', '.join(OUTPUT_NAMES)}")
         params = _parameters(item, "an output's")
+        if "classification" in params:
+            # Triton's classification extension (top-k "score:index:label" strings), which /v2
+            # does not list: answered as if asked for nothing, a client read probabilities as
+            # its classes
+            raise _bad(
+                "the classification extension is not supported: ask for 'label' (the class) "
+                "and 'probabilities'"
+            )
         chosen.setdefault(name, params.get("binary_data", binary_default) is True)
     return list(chosen.items())
 

@@ -166,6 +166,11 @@ def test_v2_versioned_urls_compression_and_empty_choices_on_a_real_server(server
             client.infer("catsdogs", [image], model_version="1")
         with pytest.raises(InferenceServerException, match="Content-Encoding 'gzip'"):
             client.infer("catsdogs", [image], request_compression_algorithm="gzip")
+        # Triton's classification extension, which /v2 does not list: it was ignored, and the
+        # client read FP32 probabilities where it expected "score:index:label" strings
+        top = httpclient.InferRequestedOutput("probabilities", class_count=2)
+        with pytest.raises(InferenceServerException, match="classification extension"):
+            client.infer("catsdogs", [image], outputs=[top])
     finally:
         client.close()
 
