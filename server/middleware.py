@@ -83,7 +83,8 @@ def refusal(scope: Scope, hosts: frozenset[str] | None) -> ApiError | None:
       bound to 0.0.0.0 in a container sees Service and pod names on other addresses: any.
     - ``Origin`` on a request that writes (POST): another site's page may send one (a form
       needs no CORS preflight), so a browser's request from a page not served here is refused.
-      Service clients send no Origin; the web page's own requests name this server.
+      Service clients send no Origin; the web page's own requests name this server: its Host,
+      or a name ALLOWED_HOSTS lists (behind a proxy that rewrites Host, the public name).
     The health probes pass whatever they name."""
     host = origin = None
     for name, value in scope["headers"]:
@@ -91,6 +92,7 @@ def refusal(scope: Scope, hosts: frozenset[str] | None) -> ApiError | None:
             host = value
         elif name == b"origin":
             origin = value
+    listed = hosts
     if hosts is None:
         server = scope.get("server")
         if server and _is_loopback(server[0]):
@@ -103,7 +105,8 @@ def refusal(scope: Scope, hosts: frozenset[str] | None) -> ApiError | None:
             )
     if origin is not None and scope["method"] not in _SAFE_METHODS:
         netloc = origin.partition(b"://")[2].lower()
-        if host is None or netloc != host.strip().lower():
+        same = host is not None and netloc == host.strip().lower()
+        if not same and (listed is None or _host_name(netloc) not in listed):
             return ApiError(
                 403,
                 "cross_origin",

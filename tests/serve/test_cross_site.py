@@ -105,6 +105,17 @@ def test_allowed_hosts_names_the_hosts_any_connection_may_use(server_process):
         headers={"host": EVIL, "origin": "http://attacker.example"},
     )
     assert (r.status_code, _code(r)) == (403, "cross_origin")
+    # behind a proxy that rewrites Host, the page's public origin is one of the listed names
+    proxied = {"host": "127.0.0.1", "origin": "https://api.example.com"}
+    r = httpx.post(
+        f"{named.url}/feedback", json={"prediction_id": "x", "label": "cat"}, headers=proxied
+    )
+    assert (r.status_code, _code(r)) == (404, "unknown_prediction_id")  # past the guard
+    proxied["origin"] = "https://other.example.com"
+    r = httpx.post(
+        f"{named.url}/feedback", json={"prediction_id": "x", "label": "cat"}, headers=proxied
+    )
+    assert (r.status_code, _code(r)) == (403, "cross_origin")
 
 
 def test_a_bad_allowed_hosts_stops_the_start(server_process):
