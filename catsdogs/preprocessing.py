@@ -237,7 +237,8 @@ def _unreadable_format(data: bytes) -> str | None:
     if data.startswith((b"\xff\x0a", _JXL_CONTAINER)):
         return "JPEG XL"
     head = data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip().lower()
-    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+    # an XML prolog, a doctype or an editor's comment may come first
+    if head.startswith((b"<svg", b"<?xml", b"<!doctype svg", b"<!--")) and b"<svg" in head:
         return "SVG"
     return None
 

@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,12 +38,27 @@ def tracking_uri() -> str:
 
 
 def reachable(uri: str, timeout_s: float = 3.0) -> bool:
-    """A quick probe, so an absent server costs seconds, not MLflow's minutes of retries."""
+    """A quick probe, so an absent server costs seconds, not MLflow's minutes of retries. Any
+    HTTP answer counts (an authenticating proxy's 401 too): only a connection that fails or
+    times out is absence. TLS as MLflow's client does it: MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH."""
     if not uri.startswith(("http://", "https://")):
         return True  # a local store is always there
+    context = None
+    if uri.startswith("https://"):
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            context = ssl._create_unverified_context()  # what the user asked MLflow for
+        else:
+            context = ssl.create_default_context(
+                cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
+            )
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
-            return resp.status == 200
+        with urllib.request.urlopen(
+            f"{uri.rstrip('/')}/health", timeout=timeout_s, context=context
+        ):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered
     except OSError:
         return False
 

@@ -160,6 +160,13 @@ class ClassifierUser(HttpUser):
         error = getattr(resp, "error", None)
         return f"status {resp.status_code}: {error if error else resp.text[:200]}"
 
+    @staticmethod
+    def _unconfirmed(resp: Any) -> bool:
+        """Sent as evaluation traffic and not confirmed so: a server that does not know the
+        header logged the load as production traffic."""
+        asked = TRAFFIC_HEADERS.get("X-Traffic-Class") == "evaluation"
+        return asked and resp.headers.get("X-Traffic-Class") != "evaluation"
+
     def _check_prediction(self, resp: Any, truth: str | None) -> None:
         if resp.status_code != 200:
             resp.failure(self._status_failure(resp))
@@ -170,9 +177,7 @@ class ClassifierUser(HttpUser):
             resp.failure(problem)
         elif not resp.headers.get("X-Request-ID"):
             resp.failure("X-Request-ID header missing")
-        elif TRAFFIC_HEADERS.get("X-Traffic-Class") == "evaluation" and (
-            resp.headers.get("X-Traffic-Class") != "evaluation"
-        ):  # a server that does not know the header logged the load as production traffic
+        elif self._unconfirmed(resp):
             resp.failure("sent as evaluation traffic, not confirmed (X-Traffic-Class)")
         else:
             count_label(body, truth, self.classes)
@@ -229,6 +234,9 @@ class ClassifierUser(HttpUser):
                 if problem:
                     resp.failure(f"predictions[{i}]: {problem}")
                     return
+            if self._unconfirmed(resp):
+                resp.failure("sent as evaluation traffic, not confirmed (X-Traffic-Class)")
+                return
             for pred, (_, _, truth) in zip(preds, chosen, strict=True):
                 count_label(pred, truth, self.classes)
             resp.success()

@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     host, port = listener.getsockname()[:2]
-    # the address to call, in the ready line (PORT=0: the port the system chose)
+    # the address to call, in the ready line (PORT=0: the port the system chose; bound to every
+    # interface, the loopback one: 0.0.0.0 is no address to call)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     app.state.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     # Until uvicorn takes the signals over: SIGTERM unwinds the start-up like Ctrl-C, so what
     # it started is stopped (the child that optimises a cascade is killed and reaped, where the

@@ -8,8 +8,11 @@ exceptions itself: with the API's error shape and the request id, never a trace.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import json
 import logging
+import socket
 import time
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,7 +34,11 @@ PROBE_PATHS = frozenset(
 )
 # what a loopback connection's Host may name (ALLOWED_HOSTS unset): a web page whose own name
 # was made to resolve to 127.0.0.1 (DNS rebinding) reaches a local server under that name
-LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]"))
+# (and the wildcard addresses a server bound to every interface prints, and this machine's own
+# name, which Debian resolves to 127.0.1.1: names no attacker's page can have)
+LOOPBACK_HOSTS = frozenset(
+    ("localhost", "127.0.0.1", "[::1]", "0.0.0.0", "[::]", socket.gethostname().lower())
+)
 _SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 # the answer to a request the server treated as evaluation traffic (kept out of monitoring)
 _EVALUATION_HEADER = (b"x-traffic-class", b"evaluation")
@@ -63,16 +70,36 @@ def _request_id(scope: Scope) -> str:
     return new_id()
 
 
-def _host_name(value: bytes) -> str:
-    """The name of a Host header's value, lower case and without its port."""
-    text = value.decode("latin-1").strip().lower()
+def _host_name(value: bytes | str) -> str:
+    """The name of a Host header's value, lower case, without its port or a final dot."""
+    text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip().lower()
     if text.startswith("["):  # [::1]:8000
         return text[: text.find("]") + 1]
-    return text.partition(":")[0]
+    return text.partition(":")[0].removesuffix(".")
 
 
+@functools.lru_cache(maxsize=64)
 def _is_loopback(address: str) -> bool:
-    return address.startswith("127.") or address == "::1"
+    """127.0.0.0/8 or ::1, also as an IPv4-mapped address (an IPv4 client of a server bound
+    to ::)."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:  # a Unix socket's path
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _same_origin(origin: bytes, host: bytes | None) -> bool:
+    """Whether ``origin`` (scheme://host[:port]) is ``host`` (host[:port]), default ports
+    alike: browsers leave them out of both, other clients may not."""
+    if host is None:
+        return False
+    scheme, _, netloc = origin.decode("latin-1").strip().lower().partition("://")
+    default = {"http": ":80", "https": ":443"}.get(scheme, "")
+    named = host.decode("latin-1").strip().lower()
+    return bool(netloc) and netloc.removesuffix(default) == named.removesuffix(default)
 
 
 def refusal(scope: Scope, hosts: frozenset[str] | None) -> ApiError | None:
@@ -104,9 +131,8 @@ def refusal(scope: Scope, hosts: frozenset[str] | None) -> ApiError | None:
                 400, "invalid_host", "the Host header names no host this server answers for"
             )
     if origin is not None and scope["method"] not in _SAFE_METHODS:
-        netloc = origin.partition(b"://")[2].lower()
-        same = host is not None and netloc == host.strip().lower()
-        if not same and (listed is None or _host_name(netloc) not in listed):
+        named = _host_name(origin.partition(b"://")[2])
+        if not _same_origin(origin, host) and (listed is None or named not in listed):
             return ApiError(
                 403,
                 "cross_origin",

@@ -283,8 +283,9 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _SECRETS = frozenset({"api_token", "api_token_previous", "prediction_log_url"})
 
 
-# a Host header's name: a DNS name, an IPv4 address, a bracketed IPv6 address, or '*' (any)
-_HOST_NAME = re.compile(r"\*|[a-z0-9]([a-z0-9.-]{0,252})|\[[0-9a-f:.]{2,45}\]")
+# a Host header's name: a DNS name (compose's service names may hold '_'), an IPv4 address, a
+# bracketed IPv6 address, or '*' (any)
+_HOST_NAME = re.compile(r"\*|[a-z0-9_]([a-z0-9_.-]{0,252})|\[[0-9a-f:.]{2,45}\]")
 
 
 # deploy/k8s/overlays/prod/secrets.env.example's value (tests/serve/test_settings.py reads it)

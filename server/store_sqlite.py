@@ -188,6 +188,7 @@ class SqliteStore(WriterStore):
         self.max_page_count = max_page_count
         self._conn: sqlite3.Connection | None = None
         self._owner: int | None = None  # the lock file's descriptor while this store holds it
+        self._owner_checked = False
 
     def describe(self) -> str:
         return str(self.path)
@@ -196,10 +197,15 @@ class SqliteStore(WriterStore):
         """Say when another server writes this file too: each keeps its own live figures, so
         /monitoring/summary and the monitor_* metrics then disagree between the two. A lock on
         ``<file>.owner`` (never on the database, whose locks are SQLite's), held while open."""
-        fd = os.open(f"{self.path}.owner", os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # the database's own mode applies (umask): a log several users write stays so
+            fd = os.open(f"{self.path}.owner", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:  # a read-only folder, another user's file: the log still works
+            log.warning("prediction log %s: cannot tell whether another server writes it: %s",
+                        self.path, exc)  # fmt: skip
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held: another process has this log open
             holder = os.pread(fd, 16, 0).decode("ascii", "replace").strip() or "?"
             os.close(fd)
             log.warning(
@@ -210,13 +216,20 @@ class SqliteStore(WriterStore):
                 holder,
             )
             return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:  # no locks on this file system (some network mounts)
+            os.close(fd)
+            log.warning("prediction log %s: cannot tell whether another server writes it: %s",
+                        self.path, exc)  # fmt: skip
+            return
+        with contextlib.suppress(OSError):  # the pid only names the holder in that warning
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._owner = fd
 
     def _open_backend(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._owner is None:
+        if not self._owner_checked:  # once: a retried open says nothing again
+            self._owner_checked = True
             self._own_file()
         conn = connect(self.path, check_same_thread=False)  # a restarted writer reuses it
         try:

@@ -140,6 +140,18 @@ CASES = [
         "unsupported_format",
     ),
     (
+        "svg as an editor writes it",
+        "/predict",
+        {
+            "content": b"<!-- Generator: an editor -->\n"
+            b'<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "x.dtd">\n'
+            b'<svg xmlns="http://www.w3.org/2000/svg"/>',
+            "headers": {"content-type": "image/svg+xml"},
+        },
+        415,
+        "unsupported_format",
+    ),
+    (
         "jpeg xl codestream",
         "/predict",
         {"content": b"\xff\x0a" + bytes(64), "headers": {"content-type": "image/jxl"}},

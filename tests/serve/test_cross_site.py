@@ -123,3 +123,25 @@ def test_a_bad_allowed_hosts_stops_the_start(server_process):
     server.proc.wait(timeout=30)
     assert server.proc.returncode == 2
     assert "ALLOWED_HOSTS: invalid value" in server.output()
+
+
+def test_a_server_on_every_interface_keeps_the_rule_and_answers_its_own_names(server_process):
+    """Bound to ::, an IPv4 client of 127.0.0.1 arrives as ::ffff:127.0.0.1, which the loopback
+    rule did not know: a rebinding page passed. Bound to 0.0.0.0 or ::, the address the server
+    printed (0.0.0.0) and the machine's own name (127.0.1.1 on Debian) were refused."""
+    import socket
+
+    for host, printed in (("::", "[::1]"), ("0.0.0.0", "127.0.0.1")):
+        server = server_process(HOST=host)
+        server.wait_ready()
+        port = server.url.rsplit(":", 1)[1]
+        records = [json.loads(x) for x in server.output(10**9).splitlines() if x.startswith("{")]
+        [ready] = [r for r in records if r.get("message") == "ready"]
+        assert ready["url"] == f"http://{printed}:{port}"  # an address to call, not 0.0.0.0
+        r = httpx.get(f"{server.url}/metadata", headers={"host": f"{EVIL}:{port}"})
+        assert (r.status_code, _code(r)) == (400, "invalid_host"), host
+        wildcard = "[::]" if ":" in host else "0.0.0.0"
+        for name in (wildcard, socket.gethostname(), "localhost."):
+            r = httpx.get(f"{server.url}/metadata", headers={"host": f"{name}:{port}"})
+            assert r.status_code == 200, (host, name, r.text)
+        server.terminate()

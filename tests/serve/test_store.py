@@ -50,6 +50,21 @@ def test_the_log_is_one_sqlite_file_in_wal_mode_at_the_current_schema(db_path: P
     assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 1
 
 
+def test_an_owner_file_that_cannot_be_opened_costs_only_the_check(db_path: Path, caplog):
+    """The lock beside the log (a second server on it is said) is a check, not a condition: an
+    owner file another user made, or a read-only folder, stopped every write to the log."""
+    db_path.parent.mkdir(parents=True)
+    Path(f"{db_path}.owner").mkdir()  # cannot be opened for writing, as another user's 0600 file
+    s = _store(db_path)
+    with caplog.at_level("WARNING", logger="server.store"):
+        s.start()
+        s.record(_event(1))
+        s.stop()
+    assert _count(db_path) == 1
+    said = [r.getMessage() for r in caplog.records if "cannot tell whether" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+
+
 def test_unopenable_location_counts_every_prediction_as_failed(tmp_path: Path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("a file where a directory should be")

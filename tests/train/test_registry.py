@@ -571,3 +571,31 @@ def test_an_absent_tracking_server_is_one_line_in_seconds(command: list[str]) ->
     assert proc.stderr.strip().endswith("the MLflow tracking server does not answer")
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - started < 60
+
+
+def test_a_tracking_server_that_answers_anything_is_there() -> None:
+    """The quick probe took an authenticating proxy's 401 on /health for an absent server, and
+    make registry-list refused to ask it; only a failed connection is absence."""
+    import http.server
+    import threading
+
+    from export.tracking import reachable
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert reachable(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not reachable(f"http://127.0.0.1:{free_port()}")
