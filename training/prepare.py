@@ -20,11 +20,11 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
 
@@ -112,18 +112,17 @@ def _check_star(args: tuple) -> Checked:
     return check_file(*args)
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def check_all(rows: list[IndexRow], spec: PreprocessSpec, params: PrepareParams) -> list[Checked]:
     jobs = [(row, spec, params.min_side, params.max_pixels) for row in rows]
     if params.workers <= 1:
         return [_check_star(j) for j in tqdm(jobs, desc="prepare", unit="file", mininterval=1.0)]
-    # only this process takes Ctrl-C: each worker printed its own traceback; leaving the block
-    # terminates them
-    spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(params.workers, initializer=_ignore_sigint) as pool:
+    # Threads, not processes: decoding, resizing and hashing release the GIL, so two threads
+    # check as fast as two processes did (1,600 shared photos: 1.47-1.53 s against 1.61-1.78 s,
+    # alone 2.48 s), with no start-up, and a stop is the main thread's alone: a process pool
+    # stopped as a whole (Ctrl-C, a group's SIGTERM) printed a traceback per worker, and could
+    # hang for good when a worker died holding the task queue's lock. Leaving the block lets
+    # each thread finish its photo.
+    with ThreadPool(params.workers) as pool:
         results = pool.imap(_check_star, jobs, chunksize=16)
         return list(tqdm(results, total=len(jobs), desc="prepare", unit="file", mininterval=1.0))
 
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         input_size=train.input_size, resize=train.resize, interpolation=train.interpolation
     )
     rows = read_index(Path(args.index))
-    # a SIGTERM unwinds like Ctrl-C: the workers are stopped, not left to the resource tracker
+    # a SIGTERM unwinds like Ctrl-C: one line, the shell's 143, no manifest
     signal.signal(signal.SIGTERM, _terminated)
     try:
         checked = check_all(rows, spec, params)
