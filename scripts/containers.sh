@@ -28,7 +28,7 @@ IMAGE_TRAIN=${IMAGE_TRAIN:-catsdogs-train:local}
 MODEL=${MODEL-models/model.onnx}
 # The base image both Dockerfiles pin (FROM name:tag@sha256:digest), and the local image that
 # stands in for it where no registry is reachable (never under the official name: it is not it).
-BASE_REF=$(grep -m1 -oE '^FROM [^ ]+@sha256:[0-9a-f]{64}' Dockerfile.serve | cut -d' ' -f2)
+BASE_REF=$(grep --max-count=1 -oE '^FROM [^ ]+@sha256:[0-9a-f]{64}' Dockerfile.serve | cut -d' ' -f2)
 STANDIN_IMAGE=${STANDIN_IMAGE:-localhost/debian-standin:bookworm-slim}
 SBOM=${SBOM:-reports/sbom/serve.cdx.json}
 CACHE_DIR=${CONTAINERS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/catsdogs-containers}

@@ -335,7 +335,7 @@ def test_both_images_start_from_the_same_base_and_the_build_knows_it() -> None:
     # scripts/containers.sh reads the pinned reference from Dockerfile.serve for the offline
     # stand-in (--build-context): the same expression must find it
     script = (ROOT / "scripts" / "containers.sh").read_text()
-    assert "grep -m1 -oE '^FROM [^ ]+@sha256:[0-9a-f]{64}' Dockerfile.serve" in script
+    assert "grep --max-count=1 -oE '^FROM [^ ]+@sha256:[0-9a-f]{64}' Dockerfile.serve" in script
     assert f"FROM {base}" in (ROOT / "Dockerfile.serve").read_text()
 
 
