@@ -133,7 +133,10 @@ class Settings:
     api_token: str = field(
         default="",
         repr=False,
-        metadata={"help": "bearer token for /feedback and other write endpoints; empty = no auth"},
+        metadata={
+            "help": "bearer token (16 characters or more) for /feedback and other write "
+            "endpoints; empty = no auth"
+        },
     )
     # a secret as well: the token being replaced, accepted beside API_TOKEN while clients move
     api_token_previous: str = field(
@@ -246,10 +249,17 @@ class Settings:
             "model_path": bool(self.model_path or self.model_uri),
         }
         for key in ("api_token", "api_token_previous"):
-            if getattr(self, key) in _EXAMPLE_TOKENS:  # a copied example: a token everyone knows
+            token = getattr(self, key)
+            if token in _EXAMPLE_TOKENS:  # a copied example: a token everyone knows
                 raise SettingsError(
                     f"{key.upper()}: still the example's placeholder; set a long random token "
-                    "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                    f"({_TOKEN_RECIPE})"
+                )
+            if token and len(token) < MIN_TOKEN_CHARS and _token_ok(token):
+                # a short token is a guessable one: nothing limits how fast a client tries
+                raise SettingsError(
+                    f"{key.upper()}: shorter than {MIN_TOKEN_CHARS} characters; set a long "
+                    f"random token ({_TOKEN_RECIPE})"
                 )
         for key, ok in checks.items():
             if not ok:
@@ -290,6 +300,10 @@ _HOST_NAME = re.compile(r"\*|[a-z0-9_]([a-z0-9_.-]{0,252})|\[[0-9a-f:.]{2,45}\]"
 
 # deploy/k8s/overlays/prod/secrets.env.example's value (tests/serve/test_settings.py reads it)
 _EXAMPLE_TOKENS = frozenset(("replace-with-a-long-random-token",))
+# The shortest bearer token the server starts with: 16 characters of token_urlsafe are 96 random
+# bits; the recipe below makes 43 (256 bits).
+MIN_TOKEN_CHARS = 16
+_TOKEN_RECIPE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 def _token_ok(token: str) -> bool:

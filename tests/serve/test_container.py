@@ -66,12 +66,12 @@ def test_smoke_script_passes_on_a_correct_server_and_fails_on_wrong_labels(
 def test_smoke_script_checks_the_feedback_route_and_stores_no_label(server_process, tmp_path):
     """CD smoke-tests production: feedback for an unknown id (404 unknown_prediction_id) proves
     the route, the token and the log's lookup without adding a label to live accuracy."""
-    server = server_process(API_TOKEN="s3cret-token")
+    server = server_process(API_TOKEN="s3cret-token-for-tests")
     server.wait_ready()
     right = photo_folder(tmp_path / "right", {"cat": RED, "dog": BLUE})
     args = [sys.executable, str(SMOKE), "--url", server.url, "--data", str(right)]
     args += ["--per-class", "3"]
-    env = {"PATH": "/usr/bin:/bin", "API_TOKEN": "s3cret-token"}
+    env = {"PATH": "/usr/bin:/bin", "API_TOKEN": "s3cret-token-for-tests"}
     ok = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
     assert ok.returncode == 0, ok.stderr
     wrong = subprocess.run(

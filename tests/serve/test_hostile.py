@@ -81,7 +81,7 @@ LIVE_LIMIT_MS = 100.0  # no request of any kind may delay /health/live more than
 RSS_LIMIT = GIB  # peak RSS under any mix of hostile uploads at the default settings
 CEILING_HEADROOM = GIB + GIB // 2  # address space allowed above the idle server's
 VALID_LIMIT_S = 1.0  # a valid client is answered within this, attack or not
-TOKEN = "hostile-token-1"
+TOKEN = "hostile-token-for-tests-1"
 # An idle server holding this much more RSS than when it started is restarted between tests.
 RESTART_ABOVE = 256 * MIB
 

@@ -290,7 +290,7 @@ def test_evaluate_deployment_without_feedback_uses_the_token_or_says_it_is_logge
 ):
     """A server with API_TOKEN lets only token holders send evaluation traffic: with the token
     the photos stay out of its log; without it the run says so and is logged, never failed."""
-    server = server_process(API_TOKEN="eval-token")
+    server = server_process(API_TOKEN="eval-token-for-tests")
     server.wait_ready()
     data = labelled_folder(tmp_path / "photos", n=2)
     args = ["--url", server.url, "--data", str(data), "--no-feedback"]
@@ -307,7 +307,7 @@ def test_evaluate_deployment_without_feedback_uses_the_token_or_says_it_is_logge
             env=env,
         )
 
-    tokened = evaluate_with("eval-token", "tokened")
+    tokened = evaluate_with("eval-token-for-tests", "tokened")
     assert tokened.returncode == 0, tokened.stderr
     assert (
         json.loads((tmp_path / "tokened" / "summary.json").read_text())["traffic"] == "evaluation"

@@ -14,7 +14,7 @@ import pytest
 from catsdogs.cpus import available_cpus, cgroup_cpu_quota
 from server import __version__
 from server.__main__ import build_settings, parse_args
-from server.settings import _SECRETS, Settings, SettingsError
+from server.settings import _SECRETS, MIN_TOKEN_CHARS, Settings, SettingsError
 from server.settings_docs import END, START, help_line, markdown_table, replace_block, setting_docs
 from server.settings_docs import main as settings_docs_main
 from tests.serve.conftest import TINY_VERSION
@@ -194,7 +194,7 @@ def test_the_secret_has_no_flag_and_is_never_shown(capsys: pytest.CaptureFixture
 
 
 def test_the_previous_token_is_a_hidden_secret_that_needs_a_current_one():
-    old, new = "old-Token.1", "new-Token.2"
+    old, new = "old-Token.for-tests.1", "new-Token.for-tests.2"
     both = Settings.from_env({"API_TOKEN": new, "API_TOKEN_PREVIOUS": old})
     assert (both.api_token, both.api_token_previous) == (new, old)
     assert old not in repr(both)
@@ -219,11 +219,33 @@ def test_the_example_secrets_placeholder_is_not_a_token():
     ]  # fmt: skip
     for env in (
         {"API_TOKEN": placeholder},
-        {"API_TOKEN": "a-Real-one.7", "API_TOKEN_PREVIOUS": placeholder},
+        {"API_TOKEN": "a-Real-one.for-tests.7", "API_TOKEN_PREVIOUS": placeholder},
     ):
         with pytest.raises(SettingsError, match="still the example's placeholder") as exc:
             Settings.from_env(env)
         assert placeholder not in str(exc.value)
+
+
+def test_a_short_token_is_refused_by_name_without_showing_it(server_process):
+    """A short bearer token is a guessable one (nothing limits how fast a client tries): the
+    server does not start with one, names the setting, and never prints the token."""
+    short = "Short.token-15c"
+    assert len(short) == MIN_TOKEN_CHARS - 1
+    for env in (
+        {"API_TOKEN": short},
+        {"API_TOKEN": "a-Real-one.for-tests.7", "API_TOKEN_PREVIOUS": short},
+    ):
+        with pytest.raises(SettingsError) as exc:
+            Settings.from_env(env)
+        assert f"shorter than {MIN_TOKEN_CHARS} characters" in str(exc.value)
+        assert short not in str(exc.value)
+    assert Settings.from_env({"API_TOKEN": short + "x"}).api_token == short + "x"
+    server = server_process(API_TOKEN=short)
+    server.proc.wait(timeout=30)
+    assert server.proc.returncode == 2
+    output = server.output()
+    assert f"API_TOKEN: shorter than {MIN_TOKEN_CHARS} characters" in output
+    assert short not in output
 
 
 def test_readme_settings_table_is_the_generated_one():

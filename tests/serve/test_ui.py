@@ -38,7 +38,7 @@ CHROMIUM_ARGS = screenshot_ui.CHROMIUM_ARGS
 # Bounded waits. Page-side conditions are always functions: Playwright evaluates a bare expression
 # string with eval() in the page when it polls, which the page's CSP (rightly) refuses.
 WAIT_MS = 15_000
-TOKEN = "page-test-token"
+TOKEN = "page-test-token-for-tests"
 SMALL_LIMIT = 64 * 1024  # MAX_UPLOAD_BYTES of the restricted server
 
 
