@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, error_body, shutting_down
+from server.errors import RETRY_SOON, ApiError, error_body, shutting_down
 from server.ids import is_valid_id_bytes, new_id
 from server.metrics import UNMATCHED_ROUTE, ServerMetrics, method_label
 
@@ -48,6 +48,8 @@ CLIENT_GONE = "client_gone"
 # ... and when the body arrives in pieces too small to be worth their cost (server.protocol): the
 # next receive() raises this request's 400, so it is answered like any bad request
 FRAGMENTED_BODY = "fragmented_body"
+# scope state: the request came past MAX_CONNECTIONS (server.protocol), and is answered 503 here
+OVER_CONNECTIONS = "over_connections"
 FRAGMENTED_MESSAGE = "the body arrived in pieces of a few bytes each; send it in larger chunks"
 
 
@@ -100,6 +102,16 @@ def _same_origin(origin: bytes, host: bytes | None) -> bool:
     default = {"http": ":80", "https": ":443"}.get(scheme, "")
     named = host.decode("latin-1").strip().lower()
     return bool(netloc) and netloc.removesuffix(default) == named.removesuffix(default)
+
+
+def _too_many_connections() -> ApiError:
+    """The answer past MAX_CONNECTIONS: come back soon, on a new connection."""
+    return ApiError(
+        503,
+        "too_many_connections",
+        "the server holds as many connections as it takes (MAX_CONNECTIONS)",
+        {**RETRY_SOON, "Connection": "close"},
+    )
 
 
 def refusal(scope: Scope, hosts: frozenset[str] | None) -> ApiError | None:
@@ -185,11 +197,12 @@ class RequestContextMiddleware:
 
         self.metrics.in_flight.inc()
         try:
-            refused = refusal(scope, self.hosts)
+            refused = _too_many_connections() if OVER_CONNECTIONS in state else None
+            refused = refused or refusal(scope, self.hosts)
             if refused is not None:
                 status = refused.status
                 body = json.dumps(error_body(scope["path"], refused.code, refused.message))
-                await _send_json(send_with_id, status, body.encode())
+                await _send_json(send_with_id, status, body.encode(), refused.headers)
                 return
             await self.app(scope, receive_checked, send_with_id)
             if state.get(CLIENT_GONE) and status < 500:

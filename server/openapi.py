@@ -53,14 +53,14 @@ def _errors(*statuses: int, v2: bool = False) -> dict[str, Any]:
         403: "The bearer token is not the server's, or a POST from another site's page "
         "(cross_origin)",
         404: "Unknown model, or no logged prediction with this id",
-        408: "The body did not arrive within BODY_TIMEOUT_S",
+        408: "The head or body did not arrive within HEADER_TIMEOUT_S or BODY_TIMEOUT_S",
         409: "The request_id names several logged photos; send their prediction_id",
         413: "Body, file, pixel count or number of images over the limit",
         415: "Unsupported Content-Type or image format",
         422: "Not a decodable image, or a required field is missing",
         500: "An unexpected error (internal_error), or a model answer that is not usable "
         "probabilities (invalid_model_output); never a trace",
-        503: "Queue full (see Retry-After) or not ready",
+        503: "Queue full or MAX_CONNECTIONS reached (see Retry-After), or not ready",
         504: "The request's deadline passed",
     }
     schema = _ref("V2Error") if v2 else _ref("Error")

@@ -42,20 +42,38 @@ environment itself.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 import time
 from collections import deque
 from typing import Any, ClassVar
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.errors import error_body
+from server.ids import new_id
 from server.metrics import REFUSAL_COUNTER
-from server.middleware import CLIENT_GONE, FRAGMENTED_BODY, PROBE_PATHS
+from server.middleware import (
+    CLIENT_GONE,
+    FRAGMENTED_BODY,
+    OVER_CONNECTIONS,
+    PROBE_PATHS,
+    REQUEST_ID_HEADER,
+)
 from server.settings import Settings
 
 log = logging.getLogger("server.connections")
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+# What the API's error body says for a refusal made here, before a request reaches the app (the
+# README's table of errors): its code, and its message (400's: the parser's own words after it)
+_REFUSALS = {
+    400: ("malformed_request", "the request is not valid HTTP/1.1"),
+    408: ("request_timeout", "the request head did not arrive within HEADER_TIMEOUT_S"),
+    431: ("header_too_large", "the request head is over MAX_HEADER_BYTES"),
+}
 # Requests a client may pipeline on one connection ahead of their answers. uvicorn parses every
 # request of a read at once and queues each, and resumes reading each time an answer is sent, so
 # a client sending tiny pipelined GETs without reading its answers grew the queue by thousands a
@@ -251,7 +269,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 # left the load balancer and was restarted, the requests in flight lost with it
                 self.limit_concurrency = None
             else:
+                # answered by the app's middleware (server.middleware), not uvicorn's plain-text
+                # 503: the API's JSON error, an X-Request-ID, Retry-After, the connection closed
                 self._count("connection_limit")
+                self.scope["state"][OVER_CONNECTIONS] = True
+                self.limit_concurrency = None
         try:
             super().on_headers_complete()
         finally:
@@ -347,8 +369,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         log.debug("a request to switch protocols was ignored")
 
     def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refused, in the API's shape: a JSON error with
+        an ``X-Request-ID`` (uvicorn's was plain text, the one answer without an id), whose
+        message gives the parser's reason ("Duplicate Content-Length", "Invalid character in
+        Content-Length", ...). uvicorn calls this in its ``except HttpParserError`` block, so
+        the error is the one being handled; a failed callback of ours is a server fault, never
+        described to the client."""
         self._count("malformed")  # uvicorn's parser refused the bytes: not HTTP
-        super().send_400_response(msg)
+        code, message = _REFUSALS[400]
+        exc = sys.exc_info()[1]
+        if isinstance(exc, httptools.HttpParserError) and not isinstance(
+            exc, httptools.HttpParserCallbackError
+        ):
+            why = "".join(c for c in str(exc)[:120] if " " <= c <= "~")
+            message = f"{message}: {why}" if why else message
+        self._in_head = False
+        self._refused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self._refusal(400, code, message))
+            self.transport.close()
+
+    def _refusal(self, status: int, code: str, message: str) -> bytes:
+        """A whole answer made here, before any request reached the app (no cycle): the API's
+        JSON error, uvicorn's default headers (Date), a fresh ``X-Request-ID``, and
+        ``connection: close``."""
+        path = self.url.split(b"?", 1)[0].decode("latin-1") if self.url else ""
+        body = json.dumps(error_body(path, code, message)).encode()
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status])]
+        for name, value in self.server_state.default_headers:
+            parts += [name, b": ", value, b"\r\n"]
+        parts.append(
+            b"content-type: application/json\r\ncontent-length: %d\r\n%s: %s\r\n"
+            b"connection: close\r\n\r\n" % (len(body), REQUEST_ID_HEADER, new_id().encode())
+        )
+        return b"".join(parts) + body
 
     def _count(self, reason: str) -> None:
         count = self.app_state.get(REFUSAL_COUNTER)  # the lifespan's, once it has started
@@ -371,8 +425,5 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             log.info("closing a connection: %s", reason, extra={"fields": fields})
         waiting = any(not cycle.response_complete for cycle in self._unanswered)
         if status is not None and not waiting:
-            self.transport.write(
-                b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                % (status, _REASONS[status])
-            )
+            self.transport.write(self._refusal(status, *_REFUSALS[status]))
         self.transport.close()

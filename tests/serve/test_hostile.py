@@ -45,7 +45,6 @@ from hostile import (
     MIB,
     V2_INFER,
     ProbeResult,
-    Reply,
     chunked_body,
     connect,
     error_code,
@@ -863,13 +862,20 @@ def test_refusals_before_the_app_are_counted_by_reason(servers: Servers) -> None
     before = refused()
     assert before == dict.fromkeys(REFUSALS, 0.0)  # every reason exported from the start
     head = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-    assert (send_raw(target.url, b"NOT HTTP AT ALL\r\n\r\n") or Reply(0, {}, b"")).status == 400
-    too_large = send_raw(target.url, head + b"X-Pad: " + b"a" * 40_000 + b"\r\n\r\n")
-    assert too_large is not None
-    assert too_large.status == 431
+    answers = [send_raw(target.url, b"NOT HTTP AT ALL\r\n\r\n")]
+    answers.append(send_raw(target.url, head + b"X-Pad: " + b"a" * 40_000 + b"\r\n\r\n"))
     with connect(target.url) as sock:  # part of a head, then nothing: 408 after 1 s
         sock.sendall(head)
-        assert (read_reply(sock) or Reply(0, {}, b"")).status == 408
+        answers.append(read_reply(sock))
+    # answered in the API's shape though no request reached the app: plain text and empty
+    # bodies without an X-Request-ID broke clients that parse every error
+    expected = [(400, "malformed_request"), (431, "header_too_large"), (408, "request_timeout")]
+    assert [(a.status, error_code(a.json())) if a else None for a in answers] == expected
+    for answer in answers:
+        assert answer is not None
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.headers["connection"] == "close"
+        assert len(answer.headers["x-request-id"]) == 32
     with connect(target.url) as sock, contextlib.suppress(OSError):
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 100)
         read_until_closed(sock)
@@ -901,7 +907,9 @@ def test_refusals_before_the_app_are_counted_by_reason(servers: Servers) -> None
     finally:
         _close_all(held)
     assert over is not None
-    assert over.status == 503
+    assert (over.status, error_code(over.json())) == (503, "too_many_connections")
+    assert (over.headers["retry-after"], over.headers["connection"]) == ("1", "close")
+    assert len(over.headers["x-request-id"]) == 32
     assert [p.status if p else None for p in probes] == [200] * 5
     assert posted is not None
     assert posted.status == 503
