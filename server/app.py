@@ -313,6 +313,7 @@ def _new_batcher(
             spec=model.contract.preprocessing,
             max_pixels=settings.max_pixels,
             pixels=pixels,
+            wait_s=settings.max_pixels_wait_ms / 1000,
         ),
         decode_pool=decode_pool,
         max_batch_size=settings.max_batch_size,

@@ -11,6 +11,7 @@ count it and log it; answer. The REST and V2 routes only translate their wire fo
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -61,15 +62,26 @@ class Prepared:
 
 
 def prepare(
-    blob: bytes | Body, *, spec: PreprocessSpec, max_pixels: int, pixels: Budget | None = None
+    blob: bytes | Body,
+    *,
+    spec: PreprocessSpec,
+    max_pixels: int,
+    pixels: Budget | None = None,
+    wait_s: float = 0.0,
 ) -> Prepared:
     """Blocking: decode + preprocess + fingerprint. Runs on the batcher's threads.
 
     ``pixels``: the server-wide budget of pixels being decoded; an image that does not fit
-    raises :class:`OverBudgetError` before its pixels are decoded.
+    waits up to ``wait_s`` seconds for other decodes to release theirs (``MAX_PIXELS_WAIT_MS``),
+    then raises :class:`OverBudgetError` before its pixels are decoded.
     """
+    # Waiting here cannot deadlock: the pixels are held only inside preprocess_bytes_info's
+    # decode and conversion of this one image, which reserves nothing else and waits for
+    # nothing, on a thread that is running it (a decode thread, or a batch's own thread in
+    # parallel mode or for a lone image). So every holder releases within one decode, and the
+    # settings keep MAX_INFLIGHT_PIXELS >= MAX_PIXELS, so any image fits an empty budget.
     data = as_bytes(blob)
-    reserve = pixels.hold if pixels is not None else None
+    reserve = functools.partial(pixels.hold, wait_s=wait_s) if pixels is not None else None
     info = preprocess_bytes_info(data, spec, max_pixels=max_pixels, reserve=reserve)
     return Prepared(
         info.array,

@@ -278,7 +278,8 @@ def test_next_full_batch_waits_on_the_inference_thread_not_on_the_event_loop(mak
 def test_the_pixel_budget_refuses_images_of_a_batch_and_counts_the_request_once(
     server_process,
 ):
-    """MAX_INFLIGHT_PIXELS holds one large image at a time: of a batch of three decoded side by
+    """MAX_INFLIGHT_PIXELS holds one large image at a time and MAX_PIXELS_WAIT_MS=0 lets none
+    wait for room (test_pixel_budget.py tests the wait): of a batch of three decoded side by
     side, those that ask while the first decodes are refused alone (503 overloaded in their
     slots, the first answered), and inference_rejected_total{reason="pixels"} counts each such
     request once, however many of its images were refused. The decodes start together and each
@@ -295,6 +296,7 @@ def test_the_pixel_budget_refuses_images_of_a_batch_and_counts_the_request_once(
     server = server_process(
         MAX_PIXELS=str(side * side),
         MAX_INFLIGHT_PIXELS=str(side * side),
+        MAX_PIXELS_WAIT_MS="0",
         DECODE_THREADS="3",
     )
     server.wait_ready()
