@@ -284,6 +284,8 @@ def _batch_observer(server_metrics: ServerMetrics) -> Callable[[BatchStats], Non
     def on_batch(stats: BatchStats) -> None:
         if stats.escalated:
             server_metrics.escalated.inc(stats.escalated)
+        for reason, n in stats.not_escalated.items():
+            server_metrics.not_escalated_series[reason].inc(n)
         if stats.size:  # a batch whose images all failed to decode ran nothing
             server_metrics.policy_series(stats.label).inc()
             server_metrics.batch_size.observe(stats.size)
@@ -332,7 +334,8 @@ def _new_batcher(
 
 def _escalation(model: InferenceModel, settings: Settings, pixels: Budget) -> Escalate:
     """A cascade's second step: its other views, if any, made from the upload as its first
-    view was (the same pixel limit and decoded-pixels budget)."""
+    view was (the same pixel limit and decoded-pixels budget, never waited for: see
+    ``InferenceModel.escalate``)."""
     view = functools.partial(view_array, max_pixels=settings.max_pixels, pixels=pixels)
     return functools.partial(model.escalate, view=view)
 

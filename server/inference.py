@@ -30,10 +30,11 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -113,6 +114,16 @@ class PolicyChooser:
         return float(np.median(self._times[policy]))
 
 
+class Escalation(NamedTuple):
+    """What a cascade's second step made of a batch (``InferenceModel.escalate``)."""
+
+    probs: np.ndarray  # the batch's answers, the escalated rows' replaced
+    sent: int  # rows that went through the second step
+    # rows the first model was unsure of that kept its answer, by reason (ESCALATION_SKIPS in
+    # server/metrics.py: "pixels", "decode")
+    skipped: Mapping[str, int] = MappingProxyType({})
+
+
 @dataclass
 class InferenceModel:
     """The loaded session(s) with the contract. ``run`` is blocking: call it from one thread.
@@ -162,25 +173,35 @@ class InferenceModel:
         batch: np.ndarray,
         blobs: list[bytes],
         view: Callable[[bytes, PreprocessSpec], np.ndarray],
-    ) -> tuple[np.ndarray, int]:
+    ) -> Escalation:
         """A cascade's second step.
 
         ``probs``: the first step's answers to ``batch``; ``blobs``: the encoded images of its
         rows. The rows the first model is unsure of (the file's own test: top probability under
         its threshold, in float32) go through the file's second step (``second``) with those
         answers, and with their other views made by ``view`` where its other models take views
-        of their own; the first model does not run again. Their answers replace the first's. A
-        row whose view fails (the decoded-pixels budget full under load) keeps the first model's
-        answer. The second session serves alone and parallel runs alike, on every core (a rare
-        path: about one photo in twenty on the default cascade). Returns the answers and how
-        many rows went to the second step.
+        of their own; the first model does not run again. Their answers replace the first's. The
+        second session serves alone and parallel runs alike, on every core (a rare path: about
+        one photo in twenty on the default cascade).
+
+        A row whose view cannot be made keeps the first model's answer, logged and counted in
+        ``Escalation.skipped`` by reason: ``pixels``, the decoded-pixels budget full, or
+        ``decode``, the view refused where the first was not (a JPEG decoded at a larger scale
+        for a larger view can pass ``MAX_PIXELS``). The server's ``view`` does not wait for room
+        in the budget (``server.service.view_array``), as a first decode does: this runs on the
+        batch's thread after its model run, so a wait would hold every answer of the batch, and
+        the thread, for other batches' decodes (about 0.35 s for one 40 MP PNG) to improve a few
+        uncertain answers; under that load a skip, counted, is the cheaper loss. Only parallel
+        runs can find the budget full here: a batch running alone has released its own pixels,
+        and no other batch decodes meanwhile.
         """
         if self.second is None:
-            return probs, 0
+            return Escalation(probs, 0)
         rows = np.flatnonzero(probs.max(axis=1) < np.float32(self.below))
         if not len(rows):
-            return probs, 0
+            return Escalation(probs, 0)
         kept: list[int] = []
+        skipped: dict[str, int] = {}
         made: dict[str, list[np.ndarray]] = {name: [] for name in self.views}
         for i in rows.tolist():
             try:
@@ -188,19 +209,23 @@ class InferenceModel:
             except (OverBudgetError, ImageDecodeError) as exc:
                 # the budget full under load (the image decoded once already); anything else is
                 # a server fault, never a silently different answer
-                logger.warning("cascade: image %d not escalated, its view failed: %s", i, exc)
+                reason = "pixels" if isinstance(exc, OverBudgetError) else "decode"
+                skipped[reason] = skipped.get(reason, 0) + 1
+                logger.warning(
+                    "cascade: image %d not escalated (%s), its view failed: %s", i, reason, exc
+                )
                 continue
             kept.append(i)
             for name, array in arrays.items():
                 made[name].append(array)
         if not kept:
-            return probs, 0
+            return Escalation(probs, 0, skipped)
         views = {n: np.stack(a) for n, a in made.items()}
         feed = second_feed(self.first_answers, batch[kept], probs[kept], views)
         (again,) = self.second.run([OUTPUT_PROBABILITIES], feed)  # type: ignore[attr-defined]
         out = probs.copy()
         out[kept] = again
-        return out, len(kept)
+        return Escalation(out, len(kept), skipped)
 
     @property
     def batch_policy(self) -> str:
@@ -585,9 +610,9 @@ class Decoded(Protocol):
     array: np.ndarray  # uint8 (H, W, 3)
 
 
-# A cascade's second step: (probabilities, batch, its rows' encoded images) -> (probabilities,
-# rows sent to the second step) (InferenceModel.escalate with its view maker bound)
-Escalate = Callable[[np.ndarray, np.ndarray, list[bytes]], tuple[np.ndarray, int]]
+# A cascade's second step: (probabilities, batch, its rows' encoded images) -> its Escalation
+# (InferenceModel.escalate with its view maker bound)
+Escalate = Callable[[np.ndarray, np.ndarray, list[bytes]], Escalation]
 
 # Per image: what ``prepare`` made of it with its row of probabilities, or why it failed
 # (an ImageDecodeError for bad input; anything else is a server fault).
@@ -609,6 +634,8 @@ class BatchStats:
     decoded: list[Any]  # what ``prepare`` made of each image that decoded
     label: str = ""  # the thread policy it ran on ("spin", "sleep" or "parallel")
     escalated: int = 0  # images sent to a cascade's second step (with their other views)
+    # images a cascade's first model was unsure of that kept its answer, by reason (Escalation)
+    not_escalated: Mapping[str, int] = field(default_factory=dict)
 
 
 class Batcher:
@@ -853,7 +880,7 @@ class Batcher:
     ) -> None:
         """One batch: wait for its ``work`` on a thread, then give each request its share."""
         try:
-            outcomes, started, run_s, label, escalated = await work
+            outcomes, started, run_s, label, escalation = await work
         except Exception as exc:  # a failed run fails its requests, never the loop
             self._ran()
             logger.exception("inference failed for a batch of %d", len(blobs))
@@ -871,7 +898,9 @@ class Batcher:
         if self.on_batch is not None:
             good = [o[0] for o in outcomes if not isinstance(o, Exception)]
             waits = [max(0.0, started - job.enqueued) for job in jobs]
-            stats = BatchStats(len(good), waits, run_s, good, label, escalated)
+            stats = BatchStats(
+                len(good), waits, run_s, good, label, escalation.sent, escalation.skipped
+            )
             self.on_batch(stats)
 
     def _decode(self, blob: bytes) -> Decoded | Exception:
@@ -883,13 +912,13 @@ class Batcher:
 
     def _work(
         self, blobs: list[bytes], parallel: bool = False
-    ) -> tuple[list[Outcome], float, float, str, int]:
+    ) -> tuple[list[Outcome], float, float, str, Escalation]:
         """Blocking, on a batch's thread: decode the batch, then one run.
 
         Alone, the images decode on the decode pool; in parallel mode, one after the other on
         this thread (the other runs keep the other cores busy). Returns the outcomes, when the
         work started, the run's seconds (a cascade's second step included; each image's decode is in
-        its own ``Decoded``), the run's label and how many images went to its second step."""
+        its own ``Decoded``), the run's label and what its second step did (``Escalation``)."""
         started = time.perf_counter()
         if len(blobs) == 1 or parallel:
             decoded = [self._decode(blob) for blob in blobs]
@@ -898,7 +927,7 @@ class Batcher:
         good = [d for d in decoded if not isinstance(d, Exception)]
         decoded_at = time.perf_counter()
         if not good:
-            return decoded, started, 0.0, "", 0
+            return decoded, started, 0.0, "", Escalation(np.empty((0, 0), np.float32), 0)
         # A lone image needs no stacking copy: a view with a batch axis is enough.
         batch = good[0].array[None] if len(good) == 1 else np.stack([d.array for d in good])
         if parallel:
@@ -908,16 +937,16 @@ class Batcher:
         else:
             probs = self.run(batch)
             label = self.run_label() if self.run_label is not None else ""
-        escalated = 0
+        escalation = Escalation(probs, 0)
         if self.escalate is not None:
             ran = [b for b, d in zip(blobs, decoded, strict=True) if not isinstance(d, Exception)]
-            probs, escalated = self.escalate(probs, batch, ran)
+            escalation = self.escalate(probs, batch, ran)
         run_s = time.perf_counter() - decoded_at
-        rows = iter(probs)
+        rows = iter(escalation.probs)
         outcomes: list[Outcome] = [
             d if isinstance(d, Exception) else (d, next(rows)) for d in decoded
         ]
-        return outcomes, started, run_s, label, escalated
+        return outcomes, started, run_s, label, escalation
 
     async def _fill(self) -> None:
         """Wait briefly for more images, but only while others are known to be on their way.

@@ -55,6 +55,8 @@ REFUSALS = (
 )
 # Why a prediction request was answered 503 for load (inference_rejected_total's reason)
 REJECTIONS = ("queue_full", "bytes", "pixels")
+# Why a photo a cascade's first model was unsure of kept its answer (server.inference.Escalation)
+ESCALATION_SKIPS = ("pixels", "decode")
 # The key under which the lifespan hands the connection layer its counter (uvicorn gives every
 # connection the lifespan's state): a callable taking one of REFUSALS.
 REFUSAL_COUNTER = "catsdogs.count_refusal"
@@ -169,6 +171,19 @@ class ServerMetrics:
             "other model.",
             registry=registry,
         )
+        self.not_escalated = Counter(
+            "inference_escalation_skipped_images",
+            "Images a cascade file's first model was unsure of that kept its answer because their "
+            "other views could not be made, by reason (ESCALATION_SKIPS): the decoded-pixel "
+            "budget full (pixels: not waited for) or the view refused where the first was not "
+            "(decode). 0 for any other model.",
+            ["reason"],
+            registry=registry,
+        )
+        # exported at 0 from the start, as the rejections are
+        self.not_escalated_series = {
+            reason: self.not_escalated.labels(reason) for reason in ESCALATION_SKIPS
+        }
         self.queue_images = Gauge(
             "inference_queue_images", "Images admitted and not yet answered.", registry=registry
         )

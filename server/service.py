@@ -98,7 +98,11 @@ def view_array(
     blob: bytes | Body, spec: PreprocessSpec, *, max_pixels: int, pixels: Budget | None = None
 ) -> np.ndarray:
     """Blocking: ``blob``'s model input at ``spec`` alone (a cascade's other view), under the
-    limits ``prepare`` applies; no fingerprint or brightness, which the first view has given."""
+    limits ``prepare`` applies; no fingerprint or brightness, which the first view has given.
+
+    It never waits for room in ``pixels``: it runs on a batch's thread after the batch's model
+    run, where a wait would hold every answer of the batch (see ``InferenceModel.escalate``).
+    """
     reserve = pixels.hold if pixels is not None else None
     return preprocess_bytes_info(as_bytes(blob), spec, max_pixels=max_pixels, reserve=reserve).array
 

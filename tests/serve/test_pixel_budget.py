@@ -1,6 +1,6 @@
 """The decoded-pixels budget (MAX_INFLIGHT_PIXELS): an image that does not fit waits a bounded
 time (MAX_PIXELS_WAIT_MS) for other decodes to release theirs, then is refused with 503 and
-``Retry-After``.
+``Retry-After``; a cascade's other views never wait, and a row they leave unescalated is counted.
 
 The waits are checked on ``server.limits.Budget`` itself and on real server processes: a batch
 of large images sent to an idle server is answered in full (it was refused in part, on every
@@ -14,12 +14,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from conftest import BLUE, RED, prom
+from conftest import BLUE, RED, image_bytes, prom, run, serve, tiny_contract
 from PIL import Image
 
+from catsdogs.contract import INPUT_NAME
+from catsdogs.preprocessing import PreprocessSpec
+from server.app import _escalation
+from server.inference import InferenceModel, PolicyChooser
 from server.limits import Budget, OverBudgetError
 
 pytestmark = pytest.mark.serve
@@ -108,6 +114,80 @@ def test_a_hold_that_fails_inside_releases_and_wakes_a_waiter() -> None:
     thread.join(5)
     assert got == [True]
     assert budget.used == 0
+
+
+# ---------------------------------------------------------------------- a cascade's views
+class SecondStep:
+    """A cascade's second step that answers "dog" for every row it is fed."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(feed[INPUT_NAME])
+        self.rows.append(n)
+        return [np.tile(np.array([[0.0, 1.0]], np.float32), (n, 1))]
+
+
+def cascade_on_views(second: SecondStep) -> InferenceModel:
+    """The escalation half of a cascade whose second model takes a view of its own; every row
+    escalates (no answer of the tiny model reaches a probability of 1)."""
+    return InferenceModel(
+        sessions={},
+        contract=tiny_contract(),
+        path=Path("cascade.onnx"),
+        intra_op_threads=1,
+        chooser=PolicyChooser(("sleep",)),
+        second=second,
+        first_answers="m0/probabilities",
+        views={"image@40/45": PreprocessSpec(input_size=40, resize=45)},
+        below=1.0,
+    )
+
+
+def test_an_escalation_that_finds_the_budget_full_keeps_the_answer_at_once_and_counts_it(
+    make_app, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's escalation (``server.app._escalation``) on the batch's thread does not wait
+    for room in the pixel budget, however long MAX_PIXELS_WAIT_MS lets a first decode wait: the
+    row keeps the first model's answer, with a warning, and
+    inference_escalation_skipped_images_total{reason="pixels"} counts it. With room, the same
+    row goes through the second step."""
+    app = make_app(max_pixels_wait_ms=5000.0)
+    settings = app.state.settings
+    pixels = Budget(settings.max_inflight_pixels, "decoded pixels")
+    second = SecondStep()
+
+    async def scenario():
+        async with serve(app) as client:
+            app.state.batcher.escalate = _escalation(cascade_on_views(second), settings, pixels)
+            pixels.reserve_or_raise(pixels.limit)  # other batches' decodes hold all of it
+            started = time.perf_counter()
+            full = await client.post(
+                "/predict", content=image_bytes(RED), headers={"Content-Type": "image/jpeg"}
+            )
+            seconds = time.perf_counter() - started
+            skipped = (await client.get("/metrics")).text
+            pixels.release(pixels.limit)
+            free = await client.post(
+                "/predict", content=image_bytes(RED), headers={"Content-Type": "image/jpeg"}
+            )
+            return full, seconds, skipped, free, (await client.get("/metrics")).text
+
+    full, seconds, skipped, free, metrics = run(scenario())
+    assert full.status_code == 200, full.text
+    assert full.json()["label"] == "cat"  # the first model's answer
+    assert seconds < 2.5  # not the 5 s a first decode may wait
+    assert second.rows == [1]  # only the request with room reached the second step
+    assert prom(skipped, "inference_escalation_skipped_images_total", reason="pixels") == 1
+    assert prom(skipped, "inference_escalation_skipped_images_total", reason="decode") == 0
+    assert prom(skipped, "inference_escalated_images_total") == 0
+    assert "not escalated (pixels)" in caplog.text
+    assert free.json()["label"] == "dog"  # the second step's answer
+    assert prom(metrics, "inference_escalated_images_total") == 1
+    assert prom(metrics, "inference_escalation_skipped_images_total") == 1
+    assert prom(metrics, "inference_rejected_total") == 0
+    assert pixels.used == 0
 
 
 # ---------------------------------------------------------------------- real servers

@@ -377,10 +377,25 @@ def test_a_loaded_cascade_runs_its_later_models_in_one_session(
     def view(blob: bytes, spec: PreprocessSpec) -> np.ndarray:
         return preprocess_bytes(blob, spec)
 
-    got, rows = model.escalate(first_probs, images, blobs, view)
+    got, rows, skipped = model.escalate(first_probs, images, blobs, view)
     want, escalated = reference(first, [first, mid, large], 0.9, images, feed_views(photos))
     assert rows == escalated.sum() > 0
+    assert skipped == {}
     np.testing.assert_allclose(got, want, atol=1e-6)
+    # views that find the decoded-pixels budget full (as the server's do, never waiting:
+    # tests/serve/test_pixel_budget.py): every unsure row keeps the first model's answer, and
+    # the rows are counted for inference_escalation_skipped_images_total
+    from server.limits import Budget
+
+    pixels = Budget(80_000_000, "decoded pixels")
+    pixels.reserve_or_raise(pixels.limit)  # other batches' decodes hold all of it
+
+    def full(blob: bytes, spec: PreprocessSpec) -> np.ndarray:
+        return preprocess_bytes(blob, spec, reserve=pixels.hold)
+
+    kept, rows, skipped = model.escalate(first_probs, images, blobs, full)
+    assert (rows, skipped) == (0, {"pixels": escalated.sum()})
+    np.testing.assert_array_equal(kept, first_probs)
     # a file with the cascade's threshold input but no If of export's: refused, saying why
     odd = export_member(first, tmp_path / "odd.onnx", opset=18)
     odd.graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), CASCADE_BELOW))
