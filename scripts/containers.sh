@@ -82,6 +82,32 @@ run_flags() {
     fi
 }
 
+# How compose.yaml runs the serving image, as deploy/k8s does: read-only root, no capabilities,
+# no privilege escalation, and tmpfs mounts where the server writes: the prediction log's folder
+# (from the image's PREDICTION_LOG_PATH; the default model cache is inside it) and /tmp for
+# SQLite's temporary files. A tmpfs over a folder of the image keeps that folder's mode but is
+# owned by root, so it is given to the image's user: podman's U option (podman 4.3 refuses
+# uid=/gid= there), the kernel's uid/gid options with Docker. Podman's --read-only would add
+# tmpfs mounts of its own on /run and /var/tmp; without them the container sees what Docker's
+# and Kubernetes' read-only roots show.
+serve_run_flags() {
+    local e user log_path owner
+    e=$(engine)
+    user=$("$e" image inspect --format '{{.Config.User}}' "$IMAGE_SERVE")
+    [[ -n $user ]] || die "$IMAGE_SERVE sets no USER"
+    log_path=$("$e" image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' \
+        "$IMAGE_SERVE" | sed -n 's/^PREDICTION_LOG_PATH=//p')
+    [[ $log_path == /* ]] || die "$IMAGE_SERVE sets no absolute PREDICTION_LOG_PATH"
+    if [[ $e == podman ]]; then
+        owner=U
+        echo "--read-only-tmpfs=false"
+    else
+        owner="uid=${user%%:*},gid=${user##*:}"
+    fi
+    echo "--read-only --cap-drop ALL --security-opt no-new-privileges" \
+        "--tmpfs ${log_path%/*}:size=1g,$owner --tmpfs /tmp:size=256m,mode=1777"
+}
+
 # ---------------------------------------------------------------- base image
 # The first http(s) Debian mirror that apt on this host is configured with.
 debian_mirror() {
@@ -338,10 +364,11 @@ cmd_smoke() {
     trap smoke_cleanup EXIT
     local t0
     t0=$(date +%s.%N)
-    # Same limits as compose.yaml's serve service; the server sizes its threads from the quota.
+    # Same limits and restrictions as compose.yaml's serve service; the server sizes its threads
+    # from the quota.
     # shellcheck disable=SC2046
-    "$e" run -d --name "$name" $(run_flags) --cpus "${SMOKE_CPUS:-2}" --memory 1g \
-        -p "127.0.0.1:$port:8000" "$IMAGE_SERVE" >/dev/null
+    "$e" run -d --name "$name" $(run_flags) $(serve_run_flags) --cpus "${SMOKE_CPUS:-2}" \
+        --memory 1g -p "127.0.0.1:$port:8000" "$IMAGE_SERVE" >/dev/null
     python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --ready-only \
         --wait "$READY_TIMEOUT_S" || { "$e" logs --tail 50 "$name" >&2; die "never ready"; }
     local ready_s
@@ -362,6 +389,7 @@ cmd_smoke() {
     # shellcheck disable=SC2086  # SMOKE_ARGS holds several flags
     python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --data "$SMOKE_DATA" \
         ${SMOKE_ARGS:-} --wait 5 || { "$e" logs --tail 50 "$name" >&2; die "smoke test failed"; }
+    check_read_only "$e" "$name"
 
     # Graceful stop: SIGTERM must end the server well before the engine's kill timeout.
     local t1=$SECONDS code
@@ -381,8 +409,8 @@ cmd_load() {
     port=${SMOKE_PORT:-$(free_port)}
     trap smoke_cleanup EXIT
     # shellcheck disable=SC2046
-    "$SMOKE_ENGINE" run -d --name "$SMOKE_NAME" $(run_flags) --cpus "${SMOKE_CPUS:-2}" \
-        --memory 1g -p "127.0.0.1:$port:8000" "$IMAGE_SERVE" >/dev/null
+    "$SMOKE_ENGINE" run -d --name "$SMOKE_NAME" $(run_flags) $(serve_run_flags) \
+        --cpus "${SMOKE_CPUS:-2}" --memory 1g -p "127.0.0.1:$port:8000" "$IMAGE_SERVE" >/dev/null
     python3 scripts/smoke_test.py --url "http://127.0.0.1:$port" --ready-only \
         --wait "$READY_TIMEOUT_S" || { "$SMOKE_ENGINE" logs --tail 50 "$SMOKE_NAME" >&2; die "never ready"; }
     # a throwaway container: production traffic, so the load exercises its prediction log
@@ -434,6 +462,62 @@ print(f"[containers] OCI labels: revision {revision}, version {version}, source 
       f"{labels[oci + 'source']}; {len(in_image)} Python packages, as in {sbom_path}",
       file=sys.stderr)
 PY
+}
+
+# Inside the running container: the root file system is mounted read-only, the server holds no
+# capabilities and cannot gain any, and a prediction reaches the prediction log on its tmpfs. The
+# smoke test's own predictions are evaluation traffic, which is not logged: this one is production
+# traffic (a throwaway container), a small JPEG made with the image's Pillow; the log's writer is
+# asynchronous, so it gets a few seconds.
+check_read_only() {
+    local e=$1 name=$2 out
+    out=$("$e" exec -i "$name" python - <<'PY'
+import io
+import json
+import os
+import sqlite3
+import sys
+import time
+import urllib.request
+
+from PIL import Image
+
+root = [line.split()[3] for line in open("/proc/mounts") if line.split()[1] == "/"][-1]
+status = dict(line.split(":", 1) for line in open("/proc/1/status") if ":" in line)
+problems = []
+if "ro" not in root.split(","):
+    problems.append(f"the root file system is mounted {root.split(',')[0]}")
+if int(status["CapEff"], 16) or int(status["CapBnd"], 16):
+    problems.append(f"capabilities: effective {status['CapEff'].strip()}, bounding "
+                    f"{status['CapBnd'].strip()}")
+if status["NoNewPrivs"].strip() != "1":
+    problems.append("no_new_privs is not set")
+
+photo = io.BytesIO()
+Image.new("RGB", (64, 64), (120, 90, 60)).save(photo, "JPEG")
+port = os.environ.get("PORT", "8000")
+ask = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=photo.getvalue(),
+                             headers={"Content-Type": "image/jpeg"})
+with urllib.request.urlopen(ask, timeout=10) as reply:
+    request_id = json.load(reply)["request_id"]
+path = os.environ["PREDICTION_LOG_PATH"]
+found, deadline = False, time.monotonic() + 10
+while not found and time.monotonic() < deadline:
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            found = conn.execute("SELECT 1 FROM predictions WHERE request_id = ?",
+                                 (request_id,)).fetchone() is not None
+    except sqlite3.Error:
+        pass
+    if not found:
+        time.sleep(0.2)
+if not found:
+    problems.append(f"prediction {request_id} not in {path} after 10 s")
+print("; ".join(problems) if problems else f"a production prediction logged in {path}")
+sys.exit(1 if problems else 0)
+PY
+    ) || die "inside the container: $out"
+    log "inside: root read-only, no capabilities, no_new_privs; $out"
 }
 
 # The image's own HEALTHCHECK command must pass once the server is ready.

@@ -5,7 +5,8 @@ a named volume or a size-limited tmpfs.
 The compose counterparts of test_agreement's ``test_pod_security`` and
 ``test_written_paths_are_on_writable_volumes``, for ``serve`` and the ``scale`` profile's
 replicas: the paths come from what the server will run with (the image's ENV and WORKDIR, then
-the service's environment, through the server's own settings code).
+the service's environment, through the server's own settings code). ``make image-smoke`` runs
+the image with the same restrictions under a container engine (scripts/containers.sh).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.deploy.manifests import ROOT, serving_image
 IMAGE = serving_image()
 SERVICES: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
 SERVING = sorted(n for n, s in SERVICES.items() if "SERVE_IMAGE" in str(s.get("image", "")))
+CONTAINERS_SH = (ROOT / "scripts" / "containers.sh").read_text()
 # SQLite's temporary files (a large sort spills there: the prediction log's grouped read at
 # start) and the tempfile module's: the base image's /tmp, mode 1777, which a tmpfs keeps.
 TMP = PurePosixPath("/tmp")
@@ -107,3 +109,22 @@ def test_written_paths_are_on_volumes_or_tmpfs(name: str) -> None:
             # owner: the server's user must own the tmpfs to write there
             owner = {o.partition("=")[0]: o.partition("=")[2] for o in options.split(",")}
             assert (owner.get("uid"), owner.get("gid")) == (uid, gid or uid), (name, mount)
+
+
+def function_body(name: str) -> str:
+    match = re.search(rf"^{name}\(\) \{{\n(.*?)^\}}", CONTAINERS_SH, re.S | re.M)
+    assert match, f"scripts/containers.sh has no function {name}"
+    return match.group(1)
+
+
+def test_the_smoke_and_load_containers_run_restricted_too() -> None:
+    """`make image-smoke` and `make image-load` run the image as compose does, so the CI run
+    proves that it serves (and logs its predictions) on a read-only root."""
+    flags = function_body("serve_run_flags")
+    for flag in ("--read-only", "--cap-drop ALL", "--security-opt no-new-privileges", "--tmpfs"):
+        assert flag in flags, flag
+    assert "--tmpfs /tmp:size=" in flags
+    assert "${log_path%/*}:size=" in flags  # the folder of the image's PREDICTION_LOG_PATH
+    for command in ("cmd_smoke", "cmd_load"):
+        assert "$(serve_run_flags)" in function_body(command), command
+    assert "check_read_only" in function_body("cmd_smoke")
