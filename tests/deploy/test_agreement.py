@@ -284,6 +284,8 @@ def test_written_paths_are_on_writable_volumes(
     written = {
         "MODEL_CACHE_DIR": workdir / settings.model_cache_dir,
         "PREDICTION_LOG_PATH folder": (workdir / settings.prediction_log_path).parent,
+        # SQLite's temporary files (tests/deploy/test_read_only_root.py)
+        "/tmp": PurePosixPath("/tmp"),
     }
     for what, path in written.items():
         assert any(path.is_relative_to(m) for m in writable), f"{w.source}: {what} {path}"

@@ -1,10 +1,10 @@
 """The server runs on a read-only root filesystem with only the manifests' writable volumes.
 
-The Deployment sets ``readOnlyRootFilesystem: true`` and mounts emptyDirs for the model cache
-and the prediction log's folder; the image sets PYTHONDONTWRITEBYTECODE=1. Here the real
-``python -m server`` runs in a mount namespace (``unshare``, no root needed) where every
-filesystem is remounted read-only except two tmpfs folders standing in for those volumes, and
-must predict, store feedback and drain on SIGTERM as usual.
+The Deployment sets ``readOnlyRootFilesystem: true`` and mounts emptyDirs for the model cache,
+the prediction log's folder and /tmp (SQLite's temporary files); the image sets
+PYTHONDONTWRITEBYTECODE=1. Here the real ``python -m server`` runs in a mount namespace
+(``unshare``, no root needed) where every filesystem is remounted read-only except tmpfs folders
+standing in for those volumes, and must predict, store feedback and drain on SIGTERM as usual.
 """
 
 from __future__ import annotations
@@ -20,18 +20,27 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server import store_sqlite
+from server.store import PREDICTION_COLUMNS
 from tests.deploy.manifests import ROOT, serving_image
 from tests.serve.conftest import RED, ServerProcess, build_tiny_model, free_port, image_bytes
 
 # Remount every mount read-only (this namespace only), except the kernel's own and /dev/shm,
-# where the stand-ins for the emptyDir volumes live; then become the server.
+# where the stand-ins for the emptyDir volumes live; with STANDIN_TMP=1 a tmpfs on /tmp stands in
+# for the manifests' /tmp emptyDir. Then become the server.
 READ_ONLY = r"""
 awk '{print $2}' /proc/self/mounts | grep -Ev '^/(proc|sys|dev)(/|$)' | while read -r m; do
     mount -o remount,bind,ro "$m"
 done
 if touch /read-only-check 2>/dev/null; then echo "root is writable" >&2; exit 3; fi
+if [ "$STANDIN_TMP" = 1 ]; then mount -t tmpfs -o size=256m tmpfs /tmp || exit 4; fi
+if [ "$STANDIN_TMP" != 1 ] && touch /tmp/read-only-check 2>/dev/null; then exit 5; fi
 exec "$@"
 """
+# Rows in a prediction log whose grouped read at start (server.store_sqlite.iter_aggregates)
+# sorts more than SQLite holds in memory, so it spills to its temporary folder (measured: 20,000
+# rows do not, 60,000 do)
+SPILLING_ROWS = 150_000
 
 
 @pytest.fixture
@@ -42,7 +51,9 @@ def volumes() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def start_read_only(model: Path, volumes: Path, log: Path) -> ServerProcess:
+def start_read_only(
+    model: Path, volumes: Path, log: Path, *, tmp_volume: bool = True
+) -> ServerProcess:
     port = free_port()
     env = {
         "PATH": "/usr/bin:/bin",
@@ -54,9 +65,10 @@ def start_read_only(model: Path, volumes: Path, log: Path) -> ServerProcess:
         "PORT": str(port),
         "INTRA_OP_THREADS": "1",
         "API_TOKEN": "read-only-test-token",
+        "STANDIN_TMP": "1" if tmp_volume else "0",
     }
     for folder in ("cache", "var"):
-        (volumes / folder).mkdir()
+        (volumes / folder).mkdir(exist_ok=True)
     command = ["unshare", "--map-root-user", "--mount", "sh", "-c", READ_ONLY, "sh"]
     proc = subprocess.Popen(
         [*command, sys.executable, "-m", "server"],
@@ -82,7 +94,7 @@ def feedback(url: str, request_id: str) -> int:
 
 @pytest.mark.slow
 def test_server_works_on_a_read_only_root(tmp_path: Path, volumes: Path) -> None:
-    model = build_tiny_model(tmp_path / "tiny.onnx")
+    model = build_tiny_model(volumes / "tiny.onnx")  # tmp_path is under /tmp: hidden there
     server = start_read_only(model, volumes, tmp_path / "server.log")
     try:
         server.wait_ready(timeout=30)
@@ -100,3 +112,52 @@ def test_server_works_on_a_read_only_root(tmp_path: Path, volumes: Path) -> None
     assert code == 0, server.output()
     assert "Read-only file system" not in server.output()
     assert (volumes / "var" / "predictions.db").exists()
+
+
+def write_past_log(path: Path, rows: int) -> None:
+    """A prediction log holding ``rows`` predictions of an earlier model version, made in the
+    last minutes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()  # recent: the retention of PREDICTION_LOG_RETENTION_DAYS keeps them
+    conn = store_sqlite.connect(path)
+    store_sqlite.migrate(conn)
+    values = (
+        (f"p{i:08d}", f"r{i:08d}", now - i / 1000, "past", "cat" if i % 3 else "dog",
+         0.5 + (i % 50) / 100, "{}", "0" * 64, 640, 480, 0.5, 5.0, "/predict")
+        for i in range(rows)
+    )  # fmt: skip
+    conn.execute("BEGIN")
+    conn.executemany(
+        f"INSERT INTO predictions ({','.join(PREDICTION_COLUMNS)}) VALUES "
+        f"({','.join('?' * len(PREDICTION_COLUMNS))})",
+        values,
+    )
+    conn.execute("COMMIT")
+    conn.close()
+
+
+@pytest.mark.slow
+def test_a_large_log_is_read_back_at_start_on_a_read_only_root(
+    tmp_path: Path, volumes: Path
+) -> None:
+    """The live figures are rebuilt at start from the log with one grouped read, whose sort
+    SQLite spills to its temporary folder once the log is large: on a read-only root without a
+    writable /tmp that read failed ("disk I/O error") and every replica restarted onto such a
+    log counted from zero. The manifests mount /tmp; without it the failure shows here too."""
+    model = build_tiny_model(volumes / "tiny.onnx")  # tmp_path is under /tmp: hidden there
+    write_past_log(volumes / "var" / "predictions.db", SPILLING_ROWS)
+    for tmp_volume, log_name in ((False, "no-tmp.log"), (True, "tmp.log")):
+        server = start_read_only(model, volumes, tmp_path / log_name, tmp_volume=tmp_volume)
+        try:
+            server.wait_ready(timeout=60)
+            summary = httpx.get(f"{server.url}/monitoring/summary", timeout=10).json()
+        finally:
+            code = server.terminate()
+        assert code == 0, server.output()
+        counted = summary["model_versions"].get("past", {}).get("predictions")
+        if tmp_volume:
+            assert counted == SPILLING_ROWS, summary["model_versions"]
+            assert "could not read past figures" not in server.output()
+        else:  # the log is large enough to spill: what the /tmp volume is for
+            assert "could not read past figures; counting from zero" in server.output()
+            assert counted is None, summary["model_versions"]
