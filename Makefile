@@ -10,7 +10,10 @@ PORT ?= 8000
 MODEL ?= models/model.onnx
 URL ?= http://$(HOST):$(PORT)
 
+# third-party usage telemetry off (catsdogs/telemetry.py says why); the packages set it too
 export DVC_NO_ANALYTICS := 1
+export ORT_DISABLE_TELEMETRY ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 TRAIN_VENV := .venv-train
