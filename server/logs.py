@@ -114,7 +114,7 @@ def configure_logging(level: str) -> None:
 # uvicorn's warnings for a single client's request that the app never sees (counted instead in
 # http_refused_total): written once per interval with how many were held back, not per request,
 # because these lines are written on the event loop and any client can make them by the thousand.
-CLIENT_DRIVEN_WARNINGS = ("Invalid HTTP request received.", "Exceeded concurrency limit.")
+CLIENT_DRIVEN_WARNINGS = ("Invalid HTTP request received.",)
 REPEAT_INTERVAL_S = 10.0
 
 

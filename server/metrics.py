@@ -41,10 +41,11 @@ _CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # app), body, queue, decode, preprocess, inference (per batch), respond (answer built and sent),
 # log (metrics and the access log, after the answer).
 STAGES = ("head", "body", "queue", "decode", "preprocess", "inference", "respond", "log")
-# Why the connection layer (server.protocol) refused a request before the app saw it, so it is in
-# no other series: over MAX_CONNECTIONS (uvicorn's plain 503), not HTTP (uvicorn's 400), a head
-# not complete within HEADER_TIMEOUT_S (408) or over MAX_HEADER_BYTES (431), too many pipelined;
-# and a body in pieces of a few bytes (its 400 is also in http_requests_total).
+# Why the connection layer (server.protocol) refused a request before the app's routes saw it:
+# not HTTP (400), a head not complete within HEADER_TIMEOUT_S (408) or over MAX_HEADER_BYTES
+# (431), too many pipelined, all in no other series; and over MAX_CONNECTIONS (the middleware's
+# 503 too_many_connections) or a body in pieces of a few bytes (its 400), both also in
+# http_requests_total.
 REFUSALS = (
     "connection_limit",
     "malformed",
@@ -199,8 +200,9 @@ class ServerMetrics:
         self.rejected_series = {reason: self.rejected.labels(reason) for reason in REJECTIONS}
         self.refused = Counter(
             "http_refused",
-            "Requests and connections refused before the app saw them, by reason (REFUSALS): "
-            "not in http_requests_total, but for fragmented_body, whose 400 the app answers.",
+            "Requests and connections refused before the app's routes saw them, by reason "
+            "(REFUSALS): not in http_requests_total, but for connection_limit and "
+            "fragmented_body, whose 503 and 400 the app's middleware answers.",
             ["reason"],
             registry=registry,
         )
