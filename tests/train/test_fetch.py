@@ -429,7 +429,7 @@ def dvc_copy(repo: Path) -> dict[str, str]:
         _write(repo / rel, (root / rel).read_bytes())
     for rel in ("training/__init__.py", "training/fetch.py", "training/params.py"):
         _write(repo / rel, (root / rel).read_bytes())
-    for rel in ("catsdogs/__init__.py", "catsdogs/hashing.py"):  # what fetch imports
+    for rel in ("catsdogs/__init__.py", "catsdogs/hashing.py", "catsdogs/telemetry.py"):
         _write(repo / rel, (root / rel).read_bytes())
     (repo / ".gitignore").write_text("/data/\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "PYTHONPATH"))}
