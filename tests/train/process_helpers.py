@@ -43,4 +43,21 @@ def process_group(
 def stop_group(proc: subprocess.Popen, sig: int, timeout: float = 60) -> str:
     """Send ``sig`` to ``proc``'s whole group (Ctrl-C: SIGINT) and return its output."""
     os.killpg(proc.pid, sig)
-    return proc.communicate(timeout=timeout)[0]
+    return output_or_stacks(proc, timeout)
+
+
+def output_or_stacks(proc: subprocess.Popen, timeout: float) -> str:
+    """``proc``'s output once it ends within ``timeout`` s; if it hangs instead, a failure with
+    every thread's stack (the child needs ``PYTHONFAULTHANDLER=1``: SIGABRT then dumps them), so
+    a stop that hangs once in a loaded run says where."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0]
+        stacks = out[-6000:]
+        raise AssertionError(f"no exit {timeout} s after the stop; its stacks:\n{stacks}") from None

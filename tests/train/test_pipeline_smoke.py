@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.train.process_helpers import process_group, stop_group
+from tests.train.process_helpers import output_or_stacks, process_group, stop_group
 from training.models import load_checkpoint
 
 pytestmark = pytest.mark.train
@@ -258,7 +258,8 @@ def test_a_stopped_or_failed_training_run_is_recorded_so_in_mlflow(tmp_path: Pat
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = base_env(MLFLOW_TRACKING_URI=uri)
+    # PYTHONFAULTHANDLER: a stop that hangs fails with the child's stacks (output_or_stacks)
+    env = base_env(MLFLOW_TRACKING_URI=uri, PYTHONFAULTHANDLER="1")
     params = tiny_params(tmp_path, model="mobilenet_v3_small", pretrained=False, epochs=400)
     params.write_text(params.read_text().replace("patience: 2", "patience: 400"))
     prepared(tmp_path, env, params)
@@ -276,7 +277,7 @@ def test_a_stopped_or_failed_training_run_is_recorded_so_in_mlflow(tmp_path: Pat
             time.sleep(0.5)
         time.sleep(3)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out = output_or_stacks(proc, 60)
     finally:
         if proc.poll() is None:
             proc.kill()
