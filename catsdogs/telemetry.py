@@ -23,6 +23,12 @@ OPT_OUTS = (
     ("MLFLOW_DISABLE_TELEMETRY", "true"),
     ("DVC_NO_ANALYTICS", "1"),
 )
+# Variables under which onnxruntime and MLflow keep quiet by themselves (CI services and pytest
+# set one): the tests remove them, with OPT_OUTS, to see what a deployment's process does.
+CI_MARKERS = frozenset(
+    {"CI", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "TF_BUILD", "JENKINS_URL", "TRAVIS"}
+    | {"PYTEST_CURRENT_TEST"}
+)
 
 
 def opt_out() -> None:

@@ -14,14 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from catsdogs.telemetry import OPT_OUTS
+from catsdogs.telemetry import CI_MARKERS, OPT_OUTS
 
 ROOT = Path(__file__).resolve().parents[2]
-# what makes the libraries quiet on their own (CI services set one of these)
-QUIETING = {
-    "CI", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "TF_BUILD", "JENKINS_URL", "TRAVIS",
-    "PYTEST_CURRENT_TEST", *(name for name, _ in OPT_OUTS),
-}  # fmt: skip
+QUIETING = CI_MARKERS | {name for name, _ in OPT_OUTS}
 CHECK = """
 import json, os, sys
 for module in sys.argv[1:]:
