@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,44 @@ _SCHEMA_V1 = (
 _INSERT_HEAD = f"INSERT INTO predictions ({','.join(PREDICTION_COLUMNS)}) VALUES "
 _ROW = f"({','.join('?' * len(PREDICTION_COLUMNS))})"
 INSERT_ROWS = 64  # rows per INSERT statement (64 x 13 parameters, far below SQLite's limit)
+
+
+# Where SQLite's unix VFS puts its temporary files (os_unix.c, unixTempFileDir): the first of
+# these that is a folder it may write, after PRAGMA temp_store_directory; the variables are read
+# once, when the sqlite3 module loads.
+_SQLITE_TEMP_VARIABLES = ("SQLITE_TMPDIR", "TMPDIR")
+_SQLITE_TEMP_FOLDERS = ("/var/tmp", "/usr/tmp", "/tmp", ".")
+
+
+def sqlite_has_temp_folder() -> bool:
+    """Whether SQLite finds a folder for its temporary files, as it looks for one."""
+    folders = [os.environ.get(name) for name in _SQLITE_TEMP_VARIABLES]
+    folders += _SQLITE_TEMP_FOLDERS
+    return any(f and os.path.isdir(f) and os.access(f, os.W_OK | os.X_OK) for f in folders)
+
+
+_temp_folder_lock = threading.Lock()
+_temp_folder: str | None = None  # what temp_files_beside gave SQLite, once per process
+
+
+def temp_files_beside(conn: sqlite3.Connection, path: Path) -> None:
+    """Give SQLite the log's own folder for its temporary files where it finds none.
+
+    SQLite spills a large sort (the grouped read that rebuilds the live figures at start, once
+    the log passes some 50,000 rows) to a temporary file; on a read-only root with no writable
+    temporary folder that read failed with "disk I/O error" and the figures counted from zero.
+    The log's folder is writable wherever the log is. ``temp_store_directory`` is process-wide
+    and not safe to change while other threads use SQLite, so it is set once, on the writer's
+    first open (before any reader), and never where SQLite already has a folder.
+    """
+    global _temp_folder
+    with _temp_folder_lock:
+        if _temp_folder is not None or sqlite_has_temp_folder():
+            return
+        _temp_folder = str(path.resolve().parent)
+        conn.execute("PRAGMA temp_store_directory = '{}'".format(_temp_folder.replace("'", "''")))
+    log.info("prediction log: no writable temporary folder (SQLITE_TMPDIR, TMPDIR, /tmp, ...); "
+             "SQLite's temporary files go in %s", _temp_folder)  # fmt: skip
 
 
 def connect(
@@ -233,6 +272,7 @@ class SqliteStore(WriterStore):
             self._own_file()
         conn = connect(self.path, check_same_thread=False)  # a restarted writer reuses it
         try:
+            temp_files_beside(conn, self.path)
             if self.max_page_count is not None:
                 conn.execute(f"PRAGMA max_page_count={int(self.max_page_count)}")
             migrate(conn)
