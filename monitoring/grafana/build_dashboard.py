@@ -239,6 +239,20 @@ PANELS = [
         [("green", None), ("red", 2)],
         "New process start times seen in 15 minutes (ServeRestarting pages at 2: a crash loop)",
     ),
+    panel(
+        "Cascade: unsure photos passed on, or kept",
+        "timeseries",
+        [
+            (q("inference_escalated_images_total", "job"), "passed to the second step / s"),
+            (q("inference_escalation_skipped_images_total", "reason"), "kept, {{reason}} / s"),
+        ],
+        (0, 52, 12, 6),
+        "short",
+        description="A cascade file's photos its first model was unsure of: passed on to the "
+        "second step, or kept at the first answer because their other views could not be made "
+        "(pixels: the decoded-pixel budget was full; decode: the view was refused). "
+        "CascadeEscalationSkipped files a ticket past 5% kept. 0 for a one-model file.",
+    ),
 ]
 
 
