@@ -30,6 +30,7 @@ from starlette.routing import Route
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
 from catsdogs.cpus import available_cpus
 from server import docs, monitor_routes, openapi, ui, v2
+from server.auth import holds_token
 from server.error_handlers import EXCEPTION_HANDLERS
 from server.errors import RETRY_SOON, ApiError
 from server.inference import Batcher, BatchStats, Escalate, InferenceModel, load_model
@@ -159,10 +160,19 @@ async def predict_batch(request: Request) -> JSONResponse:
 
 # ---------------------------------------------------------------------- model facts
 async def metadata(request: Request) -> Response:
-    return Response(request.app.state.metadata_json, media_type="application/json")
+    state = request.app.state
+    settings: Settings = state.settings
+    # lineage.source (a path or registry URI) only for token holders when a token is set
+    shown = holds_token(request, settings)
+    body = state.metadata_json if shown else state.metadata_json_anonymous
+    headers = {"Vary": "Authorization"} if settings.api_token else None
+    return Response(body, media_type="application/json", headers=headers)
 
 
-def build_metadata(contract: ModelContract, settings: Settings) -> dict[str, Any]:
+def build_metadata(
+    contract: ModelContract, settings: Settings, *, locations: bool = True
+) -> dict[str, Any]:
+    """GET /metadata's body; ``locations``: with the model's source (see server.auth)."""
     spec = asdict(contract.preprocessing)
     size = contract.input_size
     return {
@@ -190,7 +200,7 @@ def build_metadata(contract: ModelContract, settings: Settings) -> dict[str, Any
             "git_commit": contract.git_commit,
             "data_version": contract.data_version,
             "exported_at": contract.exported_at,
-            "source": settings.model_source,
+            "source": settings.model_source if locations else None,
         },
         "metrics": contract.extra.get("metrics"),
         "training": contract.extra.get("training"),
@@ -371,6 +381,8 @@ def _publish(app: Starlette, model: InferenceModel, batcher: Batcher, monitor: M
         settings, contract, batcher, server_metrics, monitor, body_bytes
     )
     app.state.metadata_json = json.dumps(build_metadata(contract, settings)).encode()
+    anonymous = build_metadata(contract, settings, locations=False)
+    app.state.metadata_json_anonymous = json.dumps(anonymous).encode()
     app.state.openapi_json = json.dumps(openapi.build_spec(app, contract, settings)).encode()
 
 

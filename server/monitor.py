@@ -272,21 +272,22 @@ class Monitor:
             pause = min(pause * 2, longest)
 
     # ------------------------------------------------------------------ figures
-    def summary(self) -> dict[str, Any]:
+    def summary(self, locations: bool = True) -> dict[str, Any]:
+        """``locations``: with the log's path or database address (else null: see server.auth)."""
         return {
             "model_version": self.model_version,
             "class_names": list(self.class_names),
             "model_versions": self.figures.snapshot(),
-            "store": self._store_summary(),
+            "store": self._store_summary(locations),
         }
 
-    def _store_summary(self) -> dict[str, Any]:
+    def _store_summary(self, locations: bool) -> dict[str, Any]:
         status = self.store.status()
         where: dict[str, Any] = {"backend": self.store.backend}
         if self.log_path is not None:
-            where["path"] = str(self.log_path)
-        else:
-            where["url"] = self.store.describe()  # host, port and database: no credentials
+            where["path"] = str(self.log_path) if locations else None
+        else:  # host, port and database: no credentials
+            where["url"] = self.store.describe() if locations else None
         return {
             **where,
             "shared": self.shared,

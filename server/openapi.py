@@ -338,7 +338,13 @@ def _operations_paths() -> dict[str, Any]:
             "get": {
                 "summary": "The model's contract: classes, input, preprocessing, lineage, metrics",
                 "tags": ["model"],
-                "responses": {"200": _json({"type": "object"}, "Model metadata")},
+                "responses": {
+                    "200": _json(
+                        {"type": "object"},
+                        "Model metadata. With API_TOKEN set, lineage.source (the model's path or "
+                        "registry URI) is null unless the request carries the bearer token.",
+                    )
+                },
             }
         },
         "/metrics": {

@@ -143,6 +143,33 @@ def test_the_api_token_guards_feedback_and_nothing_else(server_process):
 
 
 @pytest.mark.slow
+def test_with_a_token_only_its_holders_see_where_the_model_and_the_log_live(
+    server_process, tiny_model: Path, tmp_path: Path
+):
+    """The open GET endpoints name the model's file and the prediction log's: reconnaissance
+    for an anonymous caller on a server that has a token. Without a token (a private network)
+    everyone sees them, as every other test here does."""
+    server = server_process(API_TOKEN=TOKEN)
+    server.wait_ready()
+    url = server.url
+    log_path = str(tmp_path / "predictions.db")
+    holder = {"Authorization": f"Bearer {TOKEN}"}
+    anonymous: list[dict[str, str]] = [{}, {"Authorization": "Bearer wrong-token-of-16+"}]
+    for headers, shown in [(h, False) for h in anonymous] + [(holder, True)]:
+        meta = httpx.get(f"{url}/metadata", headers=headers)
+        summary = httpx.get(f"{url}/monitoring/summary", headers=headers)
+        for r in (meta, summary):
+            assert r.status_code == 200, (headers, r.text)  # still open: shown less, not refused
+            assert r.headers["vary"] == "Authorization"
+            assert (log_path in r.text or str(tiny_model) in r.text) is shown, (headers, r.text)
+        lineage, store = meta.json()["lineage"], summary.json()["store"]
+        assert lineage["source"] == (str(tiny_model) if shown else None), headers
+        assert store["path"] == (log_path if shown else None), headers
+        assert lineage["mlflow_run_id"] == "run-0"  # the rest of the contract is everyone's
+        assert (store["backend"], store["healthy"]) == ("sqlite", True)
+
+
+@pytest.mark.slow
 def test_a_token_rotation_accepts_the_old_and_the_new_token(server_process):
     """API_TOKEN_PREVIOUS beside API_TOKEN: clients holding either are served while they move
     (feedback and evaluation traffic alike); any other token is still a 403."""
