@@ -134,8 +134,8 @@ class Settings:
         default="",
         repr=False,
         metadata={
-            "help": "bearer token (16 characters or more) for /feedback and other write "
-            "endpoints; empty = no auth"
+            "help": "bearer token (16+ characters) for writes, evaluation traffic and "
+            "shown paths; empty = no auth"
         },
     )
     # a secret as well: the token being replaced, accepted beside API_TOKEN while clients move
