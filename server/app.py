@@ -30,7 +30,7 @@ from starlette.routing import Route
 from catsdogs.contract import INPUT_NAME, OUTPUT_PROBABILITIES, ModelContract
 from catsdogs.cpus import available_cpus
 from server import docs, monitor_routes, openapi, ui, v2
-from server.auth import holds_token
+from server.auth import locations_shown
 from server.error_handlers import EXCEPTION_HANDLERS
 from server.errors import RETRY_SOON, ApiError
 from server.inference import Batcher, BatchStats, Escalate, InferenceModel, load_model
@@ -163,9 +163,8 @@ async def metadata(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     # lineage.source (a path or registry URI) only for token holders when a token is set
-    shown = holds_token(request, settings)
+    shown, headers = locations_shown(request, settings)
     body = state.metadata_json if shown else state.metadata_json_anonymous
-    headers = {"Vary": "Authorization"} if settings.api_token else None
     return Response(body, media_type="application/json", headers=headers)
 
 

@@ -9,7 +9,7 @@ accepted too: a rotation deploys the new token beside the old one, moves the cli
 the old one, and no client is refused meanwhile. Prediction and monitoring GET endpoints stay
 open, but with a token set they show where the server keeps things (the model's source path
 or registry URI, the prediction log's path or database address) only to a caller holding it
-(:func:`holds_token`): reconnaissance for anyone else. Tokens are compared in constant time and
+(:func:`locations_shown`): reconnaissance for anyone else. Tokens are compared in constant time and
 never logged or echoed.
 """
 
@@ -56,7 +56,9 @@ def require_token(request: Request, settings: Settings) -> None:
         raise ApiError(403, "forbidden", "the bearer token is not valid for this endpoint")
 
 
-def holds_token(request: Request, settings: Settings) -> bool:
-    """Whether the caller may see where the server keeps things: no token is set (a private
-    network), or the request carries it. Never refuses: the open endpoints stay open."""
-    return _verdict(request, settings) == 0
+def locations_shown(request: Request, settings: Settings) -> tuple[bool, dict[str, str] | None]:
+    """Whether the caller may see where the server keeps things (no token is set, a private
+    network, or the request carries it), and the headers of such an answer (with a token set it
+    varies by ``Authorization``). Never refuses: the open endpoints stay open."""
+    headers = {"Vary": "Authorization"} if settings.api_token else None
+    return _verdict(request, settings) == 0, headers

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from server.auth import holds_token, require_token
+from server.auth import locations_shown, require_token
 from server.errors import ApiError
 from server.ids import is_valid_id
 from server.monitor import Monitor
@@ -185,9 +185,8 @@ async def feedback_endpoint(request: Request) -> Response:
 async def summary_endpoint(request: Request) -> JSONResponse:
     """GET /monitoring/summary: live accuracy, confusion and distributions per model version."""
     monitor: Monitor = request.app.state.monitor
-    settings: Settings = request.app.state.settings
-    headers = {"Vary": "Authorization"} if settings.api_token else None
-    return JSONResponse(monitor.summary(holds_token(request, settings)), headers=headers)
+    shown, headers = locations_shown(request, request.app.state.settings)
+    return JSONResponse(monitor.summary(shown), headers=headers)
 
 
 async def drift_endpoint(request: Request) -> JSONResponse:
