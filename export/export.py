@@ -388,6 +388,8 @@ def run_steps(paths: ExportPaths, params: ExportParams, steps: Steps) -> dict[st
         "model_version": version,
         "opset": params.opset,
         "batch_checks": list(ox.BATCH_CHECKS),
+        # the fp32 file's, against PyTorch; a served int8 file's distance from that file is
+        # int8.agreement_with_fp32 (quantization changes the numbers by design)
         "parity": {**parity.as_dict(), "per_class": dict(Counter(r.label for r in parity_rows))},
         "metrics": {"fp32": test_fp32.metrics},
         "accuracy": {"fp32": test_fp32.metrics["accuracy"]},
@@ -667,6 +669,7 @@ def quantize_and_score(config: Int8Config) -> Int8Result:
         "accuracy_int8": test_int8.metrics["accuracy"],
         "accuracy_drop": round(drop, 6),
         "max_accuracy_drop": config.max_accuracy_drop,
+        "agreement_with_fp32": agreement(fp32.probs, test_int8.probs),
     }
     # the latency comparison times the int8 model whether or not it is kept
     session = ox.make_session(int8_path, config.bench_threads)
@@ -686,6 +689,17 @@ def quantize_and_score(config: Int8Config) -> Int8Result:
         int8_path.unlink()
         log.warning("int8 discarded: accuracy drop %.4f > %.4f", drop, config.max_accuracy_drop)
     return Int8Result(decision, test_int8.metrics, session)
+
+
+def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """How far ``other``'s probabilities are from ``reference``'s on the same photos: the int8
+    file against the fp32 one it was made from, on the test split (the parity check's figures,
+    for the file that is not equal by design)."""
+    return {
+        "n": len(reference),
+        "labels_differ": int(np.count_nonzero(reference.argmax(1) != other.argmax(1))),
+        "max_abs_prob_diff": float(np.max(np.abs(reference - other))) if len(reference) else 0.0,
+    }
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from catsdogs.contract import ModelContract
+from catsdogs.manifest import read_manifest
 from catsdogs.modelfile import ModelFileError, load_model_file
 from catsdogs.preprocessing import preprocess_bytes
 from export import onnx_tools as ox
@@ -518,6 +519,20 @@ def test_a_served_int8_file_is_reported_and_tagged_under_its_own_version(
     assert report["served"] == "int8"
     assert served.extra["quantization"] == "int8_qdq"
     assert report["model_version"] == served.model_version == f"{fp32}-int8"
+    # parity (against PyTorch) is the fp32 file's; the served int8 file's own distance from that
+    # file is reported beside it, from the two files' answers on the test split
+    close = report["int8"]["agreement_with_fp32"]
+    fp32_session = ox.make_session(stage["out"])
+    int8_session = ox.make_session(tmp_path / "model.onnx")
+    rows = read_manifest(stage["manifest"])
+    test = [r.path for r in rows if r.split == "test"]
+    assert close["n"] == len(test) > 0
+    x = np.stack([preprocess_bytes(p.read_bytes(), SPEC) for p in test])
+    a = fp32_session.run(["probabilities"], {"image": x})[0]
+    b = int8_session.run(["probabilities"], {"image": x})[0]
+    assert close["labels_differ"] == int((a.argmax(1) != b.argmax(1)).sum())
+    assert close["max_abs_prob_diff"] == pytest.approx(float(np.abs(a - b).max()), abs=1e-6)
+    assert close["max_abs_prob_diff"] > 0  # quantized: not the fp32 numbers
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
