@@ -295,6 +295,8 @@ def _batch_observer(server_metrics: ServerMetrics) -> Callable[[BatchStats], Non
             server_metrics.escalated.inc(stats.escalated)
         for reason, n in stats.not_escalated.items():
             server_metrics.not_escalated_series[reason].inc(n)
+        if stats.abandoned:
+            server_metrics.abandoned.inc(stats.abandoned)
         if stats.size:  # a batch whose images all failed to decode ran nothing
             server_metrics.policy_series(stats.label).inc()
             server_metrics.batch_size.observe(stats.size)

@@ -66,6 +66,11 @@ class ModelStoppedError(RuntimeError):
     """The batcher is shutting down and takes no new work."""
 
 
+class RequestAbandonedError(RuntimeError):
+    """The image's request stopped waiting (REQUEST_TIMEOUT_S) before the image was decoded or
+    run: its work was skipped. Nobody reads the outcome; it is counted."""
+
+
 SLEEP, SPIN, AUTO = 0, 1, 2  # INTRA_OP_SPINNING: what onnxruntime's pool threads do between ops
 
 # AUTO keeps this many recent lone-image run times per policy, and tries the policy it is not
@@ -624,6 +629,9 @@ class _Job:
     blobs: list[bytes]  # encoded images
     future: asyncio.Future[list[Outcome]]
     enqueued: float = field(default_factory=time.perf_counter)
+    # set on the event loop when the request stops waiting for the answer (its deadline), read
+    # by the batch's thread: what it has not started of the request's images, it skips
+    abandoned: bool = False
 
 
 @dataclass(frozen=True)
@@ -636,6 +644,7 @@ class BatchStats:
     escalated: int = 0  # images sent to a cascade's second step (with their other views)
     # images a cascade's first model was unsure of that kept its answer, by reason (Escalation)
     not_escalated: Mapping[str, int] = field(default_factory=dict)
+    abandoned: int = 0  # images not decoded or not run: their requests had stopped waiting
 
 
 class Batcher:
@@ -805,17 +814,24 @@ class Batcher:
         company = bool(self._in_flight or self._queue) or n > self.batch_limit
         self._parallel = self.parallel_runs > 1 and company
         # A request larger than a batch is split, so no run exceeds the warmed-up sizes.
-        futures = []
+        jobs = []
         for start in range(0, n, self.batch_limit):
             chunk = blobs[start : start + self.batch_limit]
-            future: asyncio.Future[list[Outcome]] = loop.create_future()
-            self._queue.append(_Job(chunk, future))
+            job = _Job(chunk, loop.create_future())
+            self._queue.append(job)
             self._queued_images += len(chunk)
-            futures.append(future)
+            jobs.append(job)
         self._wakeup.set()
-        if len(futures) == 1:
-            return await futures[0]
-        return [o for part in await asyncio.gather(*futures) for o in part]
+        try:
+            if len(jobs) == 1:
+                return await jobs[0].future
+            return [o for part in await asyncio.gather(*(j.future for j in jobs)) for o in part]
+        except asyncio.CancelledError:
+            # the caller's deadline (a 504): a batch that has begun skips what it has not
+            # started of these images (``_work``), so the server stops working for nobody
+            for job in jobs:
+                job.abandoned = True
+            raise
 
     async def _loop(self) -> None:
         while True:
@@ -836,8 +852,9 @@ class Batcher:
         if not jobs:
             return
         blobs = [blob for job in jobs for blob in job.blobs]
+        owners = [job for job in jobs for _ in job.blobs]
         pool = self._parallel_pool if parallel else self._executor
-        work = asyncio.get_running_loop().run_in_executor(pool, self._work, blobs, parallel)
+        work = asyncio.get_running_loop().run_in_executor(pool, self._work, blobs, parallel, owners)
         task = asyncio.create_task(self._process(jobs, blobs, work), name="batch")
         self._in_flight[task] = parallel
         task.add_done_callback(self._batch_done)
@@ -898,32 +915,52 @@ class Batcher:
         if self.on_batch is not None:
             good = [o[0] for o in outcomes if not isinstance(o, Exception)]
             waits = [max(0.0, started - job.enqueued) for job in jobs]
+            abandoned = sum(isinstance(o, RequestAbandonedError) for o in outcomes)
             stats = BatchStats(
-                len(good), waits, run_s, good, label, escalation.sent, escalation.skipped
+                len(good),
+                waits,
+                run_s,
+                good,
+                label,
+                escalation.sent,
+                escalation.skipped,
+                abandoned,
             )
             self.on_batch(stats)
 
-    def _decode(self, blob: bytes) -> Decoded | Exception:
-        """Any failure stays with its own image, so one odd file never fails a whole batch."""
+    def _decode(self, blob: bytes, owner: _Job | None = None) -> Decoded | Exception:
+        """Any failure stays with its own image, so one odd file never fails a whole batch.
+        An image whose request has stopped waiting is not decoded."""
+        if owner is not None and owner.abandoned:
+            return RequestAbandonedError()
         try:
             return self.prepare(blob)
         except Exception as exc:
             return exc
 
     def _work(
-        self, blobs: list[bytes], parallel: bool = False
+        self, blobs: list[bytes], parallel: bool = False, owners: list[_Job] | None = None
     ) -> tuple[list[Outcome], float, float, str, Escalation]:
         """Blocking, on a batch's thread: decode the batch, then one run.
 
         Alone, the images decode on the decode pool; in parallel mode, one after the other on
         this thread (the other runs keep the other cores busy). Returns the outcomes, when the
         work started, the run's seconds (a cascade's second step included; each image's decode is in
-        its own ``Decoded``), the run's label and what its second step did (``Escalation``)."""
+        its own ``Decoded``), the run's label and what its second step did (``Escalation``).
+
+        ``owners``: each image's request. Images of a request that has stopped waiting (its
+        deadline) are not decoded, and the run is skipped when every request of the batch has
+        stopped: a 504 ends the server's work for it within one image's decode, not after the
+        whole batch (a few requests of large images would otherwise keep every thread busy
+        for nobody long after their answers had gone)."""
         started = time.perf_counter()
+        owned = owners if owners is not None else [None] * len(blobs)
         if len(blobs) == 1 or parallel:
-            decoded = [self._decode(blob) for blob in blobs]
+            decoded = [self._decode(blob, owner) for blob, owner in zip(blobs, owned, strict=True)]
         else:
-            decoded = list(self.decode_pool.map(self._decode, blobs))
+            decoded = list(self.decode_pool.map(self._decode, blobs, owned))
+        if owners is not None and all(owner.abandoned for owner in owners):
+            decoded = [RequestAbandonedError() for _ in decoded]
         good = [d for d in decoded if not isinstance(d, Exception)]
         decoded_at = time.perf_counter()
         if not good:

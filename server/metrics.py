@@ -185,6 +185,12 @@ class ServerMetrics:
         self.not_escalated_series = {
             reason: self.not_escalated.labels(reason) for reason in ESCALATION_SKIPS
         }
+        self.abandoned = Counter(
+            "inference_abandoned_images",
+            "Images not decoded or not run because their request had stopped waiting "
+            "(REQUEST_TIMEOUT_S, answered 504) before their batch reached them.",
+            registry=registry,
+        )
         self.queue_images = Gauge(
             "inference_queue_images", "Images admitted and not yet answered.", registry=registry
         )

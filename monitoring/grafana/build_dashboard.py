@@ -126,6 +126,7 @@ PANELS = [
             ("sum(http_requests_in_flight)", "in flight"),
             ("sum(inference_queue_images)", "queued images"),
             (q("inference_rejected_total", "job"), "rejected / s"),
+            (q("inference_abandoned_images_total", "job"), "skipped after a 504 / s"),
         ],
         (16, 8, 8, 8),
     ),

@@ -7,10 +7,14 @@ sleep in the inference thread, like a big model), so queues really form.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from conftest import BLUE, RED, image_bytes, prom, run, serve
+from PIL import Image
 
 from server.uploads import as_bytes
 
@@ -323,3 +327,36 @@ def test_the_pixel_budget_refuses_images_of_a_batch_and_counts_the_request_once(
         f"{server.url}/predict", content=png, headers={"Content-Type": "image/png"}, timeout=30
     )
     assert alone.status_code == 200, alone.text
+
+
+def _solid_png(side: int) -> bytes:
+    """``side`` x ``side`` pixels to decode from about side**2 / 300 bytes to send."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), RED).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_requests_past_their_deadline_stop_the_work_for_them(server_process):
+    """A real server with REQUEST_TIMEOUT_S=1 gets three batches of 32 large PNGs at once
+    (36 MP each: seconds of decoding per batch). All three are answered 504 at their deadline,
+    and the server stops working for them within about one image's decode: a photo sent right
+    after is answered 200 within its own 1 s deadline (before, the threads went on decoding the
+    answered batches for seconds, and it got 504 too). /metrics counts the images skipped."""
+    server = server_process(REQUEST_TIMEOUT_S="1", MAX_QUEUE_SIZE="96")  # all three admitted
+    server.wait_ready()
+    png = _solid_png(6000)
+    files = [("files", (f"{i}.png", png, "image/png")) for i in range(32)]
+
+    def batch(_: int) -> httpx.Response:
+        return httpx.post(f"{server.url}/predict/batch", files=files, timeout=30)
+
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(batch, range(3)))
+    assert [r.status_code for r in replies] == [504] * 3, [r.text[:200] for r in replies]
+    assert {r.json()["error"]["code"] for r in replies} == {"timeout"}
+    lone = httpx.post(f"{server.url}/predict", content=image_bytes(BLUE), headers=JPEG, timeout=30)
+    assert lone.status_code == 200, lone.text
+    assert lone.json()["label"] == "dog"
+    skipped = prom(httpx.get(f"{server.url}/metrics").text, "inference_abandoned_images_total")
+    assert 0 < skipped <= 3 * 32, skipped
