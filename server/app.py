@@ -295,8 +295,6 @@ def _batch_observer(server_metrics: ServerMetrics) -> Callable[[BatchStats], Non
             server_metrics.escalated.inc(stats.escalated)
         for reason, n in stats.not_escalated.items():
             server_metrics.not_escalated_series[reason].inc(n)
-        if stats.abandoned:
-            server_metrics.abandoned.inc(stats.abandoned)
         if stats.size:  # a batch whose images all failed to decode ran nothing
             server_metrics.policy_series(stats.label).inc()
             server_metrics.batch_size.observe(stats.size)
@@ -333,6 +331,7 @@ def _new_batcher(
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
         max_queue_size=settings.max_queue_size,
         on_batch=_batch_observer(server_metrics),
+        on_abandoned=server_metrics.abandoned.inc,
         warm=model.warm,
         adaptive=bool(settings.adaptive_batch),
         run_label=lambda: model.last_policy,

@@ -67,8 +67,8 @@ class ModelStoppedError(RuntimeError):
 
 
 class RequestAbandonedError(RuntimeError):
-    """The image's request stopped waiting (REQUEST_TIMEOUT_S) before the image was decoded or
-    run: its work was skipped. Nobody reads the outcome; it is counted."""
+    """The image's request stopped waiting (its deadline, or its client hung up) before the
+    image was decoded or run: its work was skipped, and the request has nobody to answer."""
 
 
 SLEEP, SPIN, AUTO = 0, 1, 2  # INTRA_OP_SPINNING: what onnxruntime's pool threads do between ops
@@ -604,9 +604,10 @@ def batch_limit(curve: dict[int, float]) -> int:
 
 @dataclass(eq=False)
 class Ticket:
-    """Room reserved in the queue for one request's images."""
+    """Room reserved in the queue for one request's images, and their work once queued."""
 
     images: int
+    jobs: list[_Job] = field(default_factory=list)
 
 
 class Decoded(Protocol):
@@ -644,7 +645,6 @@ class BatchStats:
     escalated: int = 0  # images sent to a cascade's second step (with their other views)
     # images a cascade's first model was unsure of that kept its answer, by reason (Escalation)
     not_escalated: Mapping[str, int] = field(default_factory=dict)
-    abandoned: int = 0  # images not decoded or not run: their requests had stopped waiting
 
 
 class Batcher:
@@ -676,6 +676,7 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_abandoned: Callable[[int], None] | None = None,
         warm: Callable[[np.ndarray], object] | None = None,
         adaptive: bool = False,
         run_label: Callable[[], str] | None = None,
@@ -705,6 +706,8 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.on_batch = on_batch
+        # images skipped because their request stopped waiting (see abandon)
+        self.on_abandoned = on_abandoned
         self.admitted = 0  # images accepted and not yet answered
         self._incoming = 0  # prediction requests whose body is arriving: they may join soon
         self._queue: deque[_Job] = deque()
@@ -742,6 +745,15 @@ class Batcher:
     def release(self, ticket: Ticket) -> None:
         self.admitted -= ticket.images
         ticket.images = 0  # released once, even if called again
+
+    def abandon(self, ticket: Ticket) -> None:
+        """Nobody waits for the answer of ``ticket``'s request any more (its client hung up):
+        its room in the queue is free at once, what has not started of its images is skipped,
+        and ``predict`` returns with :class:`RequestAbandonedError` for each skipped image."""
+        self.release(ticket)
+        for job in ticket.jobs:
+            job.abandoned = True
+        self._wakeup.set()  # queued, they are answered at the next batch's forming
 
     def body_started(self) -> None:
         """A prediction request started receiving its body (a hint for ``_fill``)."""
@@ -814,7 +826,7 @@ class Batcher:
         company = bool(self._in_flight or self._queue) or n > self.batch_limit
         self._parallel = self.parallel_runs > 1 and company
         # A request larger than a batch is split, so no run exceeds the warmed-up sizes.
-        jobs = []
+        jobs = ticket.jobs
         for start in range(0, n, self.batch_limit):
             chunk = blobs[start : start + self.batch_limit]
             job = _Job(chunk, loop.create_future())
@@ -827,8 +839,8 @@ class Batcher:
                 return await jobs[0].future
             return [o for part in await asyncio.gather(*(j.future for j in jobs)) for o in part]
         except asyncio.CancelledError:
-            # the caller's deadline (a 504): a batch that has begun skips what it has not
-            # started of these images (``_work``), so the server stops working for nobody
+            # the caller's deadline (a 504): queued, these images are dropped; in a batch that
+            # has begun, what has not started of them is skipped (``_work``)
             for job in jobs:
                 job.abandoned = True
             raise
@@ -912,19 +924,13 @@ class Batcher:
             if not job.future.done():
                 job.future.set_result(outcomes[offset : offset + n])
             offset += n
+        if self.on_abandoned is not None and any(job.abandoned for job in jobs):
+            self.on_abandoned(sum(isinstance(o, RequestAbandonedError) for o in outcomes))
         if self.on_batch is not None:
             good = [o[0] for o in outcomes if not isinstance(o, Exception)]
             waits = [max(0.0, started - job.enqueued) for job in jobs]
-            abandoned = sum(isinstance(o, RequestAbandonedError) for o in outcomes)
             stats = BatchStats(
-                len(good),
-                waits,
-                run_s,
-                good,
-                label,
-                escalation.sent,
-                escalation.skipped,
-                abandoned,
+                len(good), waits, run_s, good, label, escalation.sent, escalation.skipped
             )
             self.on_batch(stats)
 
@@ -1010,9 +1016,13 @@ class Batcher:
         count = 0
         while self._queue:
             job = self._queue[0]
-            if job.future.done():  # its caller gave up (deadline): skip the work
+            if job.abandoned:  # nobody waits for it (a deadline, a client gone): skip the work
                 self._queue.popleft()
                 self._queued_images -= len(job.blobs)
+                if not job.future.done():
+                    job.future.set_result([RequestAbandonedError() for _ in job.blobs])
+                if self.on_abandoned is not None:
+                    self.on_abandoned(len(job.blobs))
                 continue
             if jobs and count + len(job.blobs) > limit:
                 break

@@ -187,8 +187,8 @@ class ServerMetrics:
         }
         self.abandoned = Counter(
             "inference_abandoned_images",
-            "Images not decoded or not run because their request had stopped waiting "
-            "(REQUEST_TIMEOUT_S, answered 504) before their batch reached them.",
+            "Images not decoded or not run because nobody waited for them any more: their "
+            "request was answered 504 (REQUEST_TIMEOUT_S) or its client hung up (499).",
             registry=registry,
         )
         self.queue_images = Gauge(

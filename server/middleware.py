@@ -45,6 +45,9 @@ _EVALUATION_HEADER = (b"x-traffic-class", b"evaluation")
 # set in the scope's state by the connection's protocol (server.protocol) when the client hung
 # up before the request's answer was complete: the answer went nowhere
 CLIENT_GONE = "client_gone"
+# ... and, while a prediction request waits for its images' work, what the protocol calls when
+# its client hangs up (server.service: the work not yet started is dropped)
+ON_CLIENT_GONE = "on_client_gone"
 # ... and when the body arrives in pieces too small to be worth their cost (server.protocol): the
 # next receive() raises this request's 400, so it is answered like any bad request
 FRAGMENTED_BODY = "fragmented_body"

@@ -32,7 +32,10 @@ disconnected (``self.cycle``), so the one still running wrote its answer into th
 transport, which raised, and the server logged a traceback and counted a 500 for a client that
 had only hung up. Here every request of the connection not yet answered is set disconnected
 (its answer is dropped, as for a lone request) and flagged ``CLIENT_GONE`` in its scope's state,
-so the request's log line and metrics say 499.
+so the request's log line and metrics say 499. A prediction still waiting for its images' work
+is told too (``ON_CLIENT_GONE``), and its work not yet started is dropped; for that the
+connection reads on once a request's body is whole (uvicorn stopped reading past 64 KB of body
+until the answer was out, so the hang-up of a client that sent a large batch went unseen).
 
 ``python -m server`` configures it from the settings; with ``uvicorn --factory`` pass
 ``--http server.protocol:GuardedHttpToolsProtocol`` and it reads the settings from the
@@ -58,6 +61,7 @@ from server.metrics import REFUSAL_COUNTER
 from server.middleware import (
     CLIENT_GONE,
     FRAGMENTED_BODY,
+    ON_CLIENT_GONE,
     OVER_CONNECTIONS,
     PROBE_PATHS,
     REQUEST_ID_HEADER,
@@ -164,7 +168,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if not cycle.response_complete:
                 cycle.disconnected = True  # its send() becomes a no-op, as uvicorn's own is
                 cycle.message_event.set()  # a receive() waiting for the body wakes to the loss
-                cycle.scope["state"][CLIENT_GONE] = True
+                state = cycle.scope["state"]
+                state[CLIENT_GONE] = True
+                gone = state.get(ON_CLIENT_GONE)
+                if gone is not None:
+                    gone()  # a prediction waiting for its images: their work is dropped
         self._unanswered.clear()
         super().connection_lost(exc)
 
@@ -326,6 +334,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if whole is not None and not whole.response_started:
                 whole.keep_alive = True  # its body is whole before its answer began
             super().on_message_complete()
+            if self._pieces >= 0:
+                # uvicorn stops reading once 64 KB of a body wait for the app, and reads again
+                # only after the answer: a client that hung up meanwhile went unseen, and a long
+                # batch ran on for nobody. Reading on sees the hang-up (connection_lost:
+                # ON_CLIENT_GONE); the head of a pipelined request pauses reading again.
+                self.flow.resume_reading()
 
     def shutdown(self) -> None:
         self._close_unless_whole = None  # uvicorn's shutdown ends the connection after it

@@ -20,17 +20,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from catsdogs.contract import ModelContract
 from catsdogs.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes_info
 from server.auth import require_token
 from server.errors import RETRY_SOON, ApiError, shutting_down
 from server.ids import new_id
-from server.inference import Batcher, ModelStoppedError, Outcome, QueueFullError, Ticket
+from server.inference import (
+    Batcher,
+    ModelStoppedError,
+    Outcome,
+    QueueFullError,
+    RequestAbandonedError,
+    Ticket,
+)
 from server.limits import Budget, OverBudgetError, Reservation
 from server.metrics import ServerMetrics
-from server.middleware import route_template
+from server.middleware import ON_CLIENT_GONE, route_template
 from server.monitor import Monitor, PredictionEvent
 from server.settings import Settings
 from server.uploads import Body, as_bytes, overloaded
@@ -205,7 +212,7 @@ class Predictor:
         reservation = Reservation(self.body_bytes)
         try:
             uploads = await self._read(read, reservation)
-            outcomes = await self._infer([u.data for u in uploads])
+            outcomes = await self._infer([u.data for u in uploads], request.scope["state"])
         finally:
             reservation.release()
         errors = [self._error(outcome) for outcome in outcomes]
@@ -255,11 +262,15 @@ class Predictor:
         finally:
             self.batcher.body_finished()
 
-    async def _infer(self, blobs: list[bytes]) -> list[Outcome]:
+    async def _infer(self, blobs: list[bytes], state: dict[str, Any]) -> list[Outcome]:
+        """The images' outcomes. A client that hangs up meanwhile (``server.protocol`` calls
+        ``ON_CLIENT_GONE``) stops the work not yet started for it, and the request ends as
+        499 with nothing logged; a request past its deadline stops it too (504)."""
         ticket = self._admit(len(blobs))
+        state[ON_CLIENT_GONE] = functools.partial(self.batcher.abandon, ticket)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                return await self.batcher.predict(blobs, ticket)
+                outcomes = await self.batcher.predict(blobs, ticket)
         except TimeoutError:
             seconds = self.settings.request_timeout_s
             raise ApiError(
@@ -268,7 +279,11 @@ class Predictor:
         except ModelStoppedError:
             raise shutting_down() from None
         finally:
+            del state[ON_CLIENT_GONE]
             self.batcher.release(ticket)
+        if any(isinstance(outcome, RequestAbandonedError) for outcome in outcomes):
+            raise ClientDisconnect  # nobody to answer: the middleware logs 499
+        return outcomes
 
     def _admit(self, n: int) -> Ticket:
         most = self.batcher.max_queue_size

@@ -126,7 +126,7 @@ PANELS = [
             ("sum(http_requests_in_flight)", "in flight"),
             ("sum(inference_queue_images)", "queued images"),
             (q("inference_rejected_total", "job"), "rejected / s"),
-            (q("inference_abandoned_images_total", "job"), "skipped after a 504 / s"),
+            (q("inference_abandoned_images_total", "job"), "skipped: 504 or hung up / s"),
         ],
         (16, 8, 8, 8),
     ),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import BLUE, RED, image_bytes, prom, run, serve
+from conftest import BLUE, RED, access_records, image_bytes, prom, run, serve
 from PIL import Image
 
 from server.uploads import as_bytes
@@ -360,3 +361,46 @@ def test_requests_past_their_deadline_stop_the_work_for_them(server_process):
     assert lone.json()["label"] == "dog"
     skipped = prom(httpx.get(f"{server.url}/metrics").text, "inference_abandoned_images_total")
     assert 0 < skipped <= 3 * 32, skipped
+
+
+@pytest.mark.slow
+def test_clients_that_hang_up_stop_the_work_for_them(server_process):
+    """Three clients each send a batch of 32 large PNGs (seconds of decoding per batch; the
+    bodies past 64 KB, where uvicorn stops reading until the answer and a hang-up went unseen)
+    and hang up while it is worked on. The server stops working for them: every image is either
+    run before the hang-up or skipped after it (inference_abandoned_images_total), some are
+    skipped, nothing is logged for them, the three end as 499 in the access log, and a photo
+    sent next is answered. Before, all 96 images were decoded and run for nobody, and the next
+    photo waited behind them."""
+    server = server_process(MAX_QUEUE_SIZE="96")  # all three admitted
+    server.wait_ready()
+    before = httpx.get(f"{server.url}/metrics").text
+    png = _solid_png(6000)
+    files = [("files", (f"{i}.png", png, "image/png")) for i in range(32)]
+    request = httpx.Request("POST", f"{server.url}/predict/batch", files=files)
+    body = request.read()
+    head = (
+        f"POST /predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: {request.headers['content-type']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    try:
+        for client in clients:
+            client.sendall(head + body)
+        time.sleep(0.5)  # the bodies are in and the first images are being decoded
+    finally:
+        for client in clients:
+            client.close()
+    gone = access_records(
+        server, lambda records: sum(r["status"] == 499 for r in records) >= 3, timeout=60
+    )
+    assert [r["route"] for r in gone if r["status"] == 499] == ["/predict/batch"] * 3, gone
+    lone = httpx.post(f"{server.url}/predict", content=image_bytes(BLUE), headers=JPEG, timeout=60)
+    assert lone.status_code == 200, lone.text
+    text = httpx.get(f"{server.url}/metrics").text
+    skipped = prom(text, "inference_abandoned_images_total")
+    ran = prom(text, "inference_batch_size_sum") - prom(before, "inference_batch_size_sum") - 1
+    assert skipped > 0, text
+    assert ran + skipped == 3 * 32, (ran, skipped)
+    assert prom(text, "predictions_total") == 1  # the lone photo's; nothing of the three
