@@ -12,7 +12,8 @@ predicts and posts feedback for every prediction, in order:
 3. ``pg_ctl restart -m fast`` mid-load -> no prediction fails, and every feedback that got a
    201 is in the database afterwards;
 and throughout, feedback posted for a prediction another replica served is accepted; at the
-end every replica reports the same live accuracy and counts, the database's.
+end every replica reports the same live accuracy and counts, the database's. Then clients that
+hang up on HAProxy mid-batch stop the work for them on the replicas.
 
 The figures are printed and written to reports/cluster/summary.json.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -40,7 +42,16 @@ from tests.cluster.harness import (
     Replica,
     wait_for,
 )
-from tests.serve.conftest import BLUE, RED, TINY_VERSION, build_tiny_model, image_bytes, prom
+from tests.serve.conftest import (
+    BLUE,
+    RED,
+    TINY_VERSION,
+    build_tiny_model,
+    image_bytes,
+    prom,
+    send_batches_and_hang_up,
+    solid_png,
+)
 from tests.serve.pg_server import PostgresServer
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -399,3 +410,39 @@ def test_replicas_behind_haproxy_lose_nothing(cluster: Cluster):
     # the password in PREDICTION_LOG_URL never reaches a log
     for replica in cluster.replicas:
         assert cluster.postgres.password not in replica.log.read_text(errors="replace")
+
+
+def test_clients_that_hang_up_at_haproxy_stop_the_work_behind_it(cluster: Cluster):
+    """Three clients each send HAProxy a batch of 32 large PNGs (seconds of decoding on a
+    replica) and hang up. HAProxy passes the hang-up on (``option abortonclose``; without it,
+    it held the replica's connection until the answer, so the replica decoded and ran every
+    image for nobody and logged a 200), so the replicas skip what they had not started: each
+    image was run before the hang-up or skipped after it, some are skipped, and the three
+    requests end as 499 on the replicas."""
+
+    def totals(name: str, **labels: str) -> float:
+        return sum(prom(r.get("/metrics").text, name, **labels) for r in cluster.replicas)
+
+    ran_before = totals("inference_batch_size_sum")
+    skipped_before = totals("inference_abandoned_images_total")
+    gone_before = totals("http_requests_total", route="/predict/batch", status="499")
+    # the bodies are on the replicas and the first images are decoding when the clients hang up
+    send_batches_and_hang_up(cluster.haproxy.url, [solid_png(6000)] * 32, clients=3, after_s=1.0)
+    wait_for(
+        lambda: (
+            totals("http_requests_total", route="/predict/batch", status="499") >= gone_before + 3
+        ),
+        60,
+        "three 499s on the replicas",
+    )
+    skipped = totals("inference_abandoned_images_total") - skipped_before
+    ran = totals("inference_batch_size_sum") - ran_before
+    assert skipped > 0, (ran, skipped)
+    assert ran + skipped == 3 * 32, (ran, skipped)
+    lone = httpx.post(
+        f"{cluster.haproxy.url}/predict",
+        content=image_bytes(BLUE),
+        headers={"content-type": "image/jpeg"},
+        timeout=30,
+    )
+    assert lone.status_code == 200, lone.text

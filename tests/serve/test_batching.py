@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import BLUE, RED, access_records, image_bytes, prom, run, serve
+from conftest import (
+    BLUE,
+    RED,
+    access_records,
+    image_bytes,
+    prom,
+    run,
+    send_batches_and_hang_up,
+    serve,
+    solid_png,
+)
 from PIL import Image
 
 from server.uploads import as_bytes
@@ -289,10 +298,8 @@ def test_the_pixel_budget_refuses_images_of_a_batch_and_counts_the_request_once(
     slots, the first answered), and inference_rejected_total{reason="pixels"} counts each such
     request once, however many of its images were refused. The decodes start together and each
     takes tens of ms; a batch whose decodes did not overlap (a busy machine) is sent again."""
-    import io
 
     import httpx
-    from PIL import Image
 
     side = 3000
     buffer = io.BytesIO()
@@ -330,13 +337,6 @@ def test_the_pixel_budget_refuses_images_of_a_batch_and_counts_the_request_once(
     assert alone.status_code == 200, alone.text
 
 
-def _solid_png(side: int) -> bytes:
-    """``side`` x ``side`` pixels to decode from about side**2 / 300 bytes to send."""
-    buf = io.BytesIO()
-    Image.new("RGB", (side, side), RED).save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.mark.slow
 def test_requests_past_their_deadline_stop_the_work_for_them(server_process):
     """A real server with REQUEST_TIMEOUT_S=1 gets three batches of 32 large PNGs at once
@@ -346,7 +346,7 @@ def test_requests_past_their_deadline_stop_the_work_for_them(server_process):
     answered batches for seconds, and it got 504 too). /metrics counts the images skipped."""
     server = server_process(REQUEST_TIMEOUT_S="1", MAX_QUEUE_SIZE="96")  # all three admitted
     server.wait_ready()
-    png = _solid_png(6000)
+    png = solid_png(6000)
     files = [("files", (f"{i}.png", png, "image/png")) for i in range(32)]
 
     def batch(_: int) -> httpx.Response:
@@ -375,23 +375,8 @@ def test_clients_that_hang_up_stop_the_work_for_them(server_process):
     server = server_process(MAX_QUEUE_SIZE="96")  # all three admitted
     server.wait_ready()
     before = httpx.get(f"{server.url}/metrics").text
-    png = _solid_png(6000)
-    files = [("files", (f"{i}.png", png, "image/png")) for i in range(32)]
-    request = httpx.Request("POST", f"{server.url}/predict/batch", files=files)
-    body = request.read()
-    head = (
-        f"POST /predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Content-Type: {request.headers['content-type']}\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    port = int(server.url.rsplit(":", 1)[1])
-    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
-    try:
-        for client in clients:
-            client.sendall(head + body)
-        time.sleep(0.5)  # the bodies are in and the first images are being decoded
-    finally:
-        for client in clients:
-            client.close()
+    # the bodies are in and the first images are being decoded when the clients hang up
+    send_batches_and_hang_up(server.url, [solid_png(6000)] * 32, clients=3, after_s=0.5)
     gone = access_records(
         server, lambda records: sum(r["status"] == 499 for r in records) >= 3, timeout=60
     )

@@ -9,7 +9,6 @@ retry alike, when its own images competed for the budget), and a real overload i
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import BLUE, RED, image_bytes, prom, run, serve, tiny_contract
-from PIL import Image
+from conftest import BLUE, RED, image_bytes, prom, run, serve, solid_png, tiny_contract
 
 from catsdogs.contract import INPUT_NAME
 from catsdogs.preprocessing import PreprocessSpec
@@ -191,14 +189,6 @@ def test_an_escalation_that_finds_the_budget_full_keeps_the_answer_at_once_and_c
 
 
 # ---------------------------------------------------------------------- real servers
-def solid_png(side: int, color: tuple[int, int, int] = RED) -> bytes:
-    """A ``side`` x ``side`` PNG: a few kB to send, ``side**2`` pixels to decode (about 80 ms
-    for 3000 px on one core)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (side, side), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
 SIDE = 3000
 
 
