@@ -630,8 +630,8 @@ class _Job:
     blobs: list[bytes]  # encoded images
     future: asyncio.Future[list[Outcome]]
     enqueued: float = field(default_factory=time.perf_counter)
-    # set on the event loop when the request stops waiting for the answer (its deadline), read
-    # by the batch's thread: what it has not started of the request's images, it skips
+    # set on the event loop when the request stops waiting for the answer (its deadline, its
+    # client gone), read by the batch's thread: what it has not started of the images, it skips
     abandoned: bool = False
 
 
@@ -838,9 +838,10 @@ class Batcher:
             if len(jobs) == 1:
                 return await jobs[0].future
             return [o for part in await asyncio.gather(*(j.future for j in jobs)) for o in part]
-        except asyncio.CancelledError:
-            # the caller's deadline (a 504): queued, these images are dropped; in a batch that
-            # has begun, what has not started of them is skipped (``_work``)
+        except BaseException:
+            # the caller's deadline (a 504), or one part of a split request failed (a 500):
+            # nobody waits for the rest. Queued, its images are dropped; in a batch that has
+            # begun, what has not started of them is skipped (``_work``)
             for job in jobs:
                 job.abandoned = True
             raise
@@ -936,13 +937,14 @@ class Batcher:
 
     def _decode(self, blob: bytes, owner: _Job | None = None) -> Decoded | Exception:
         """Any failure stays with its own image, so one odd file never fails a whole batch.
-        An image whose request has stopped waiting is not decoded."""
+        An image whose request has stopped waiting is not decoded (nor answered: a failure
+        meanwhile, such as its wait for pixels running out, is not counted as a refusal)."""
         if owner is not None and owner.abandoned:
             return RequestAbandonedError()
         try:
             return self.prepare(blob)
         except Exception as exc:
-            return exc
+            return RequestAbandonedError() if owner is not None and owner.abandoned else exc
 
     def _work(
         self, blobs: list[bytes], parallel: bool = False, owners: list[_Job] | None = None
@@ -955,10 +957,10 @@ class Batcher:
         its own ``Decoded``), the run's label and what its second step did (``Escalation``).
 
         ``owners``: each image's request. Images of a request that has stopped waiting (its
-        deadline) are not decoded, and the run is skipped when every request of the batch has
-        stopped: a 504 ends the server's work for it within one image's decode, not after the
-        whole batch (a few requests of large images would otherwise keep every thread busy
-        for nobody long after their answers had gone)."""
+        deadline, its client gone) are not decoded, and the run is skipped when every request
+        of the batch has stopped: a 504 or a hang-up ends the server's work for it within one
+        image's decode, not after the whole batch (a few requests of large images would
+        otherwise keep every thread busy for nobody long after their answers had gone)."""
         started = time.perf_counter()
         owned = owners if owners is not None else [None] * len(blobs)
         if len(blobs) == 1 or parallel:
