@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -389,3 +390,50 @@ def test_clients_that_hang_up_stop_the_work_for_them(server_process):
     assert skipped > 0, text
     assert ran + skipped == 3 * 32, (ran, skipped)
     assert prom(text, "predictions_total") == 1  # the lone photo's; nothing of the three
+
+
+def test_a_split_request_whose_first_part_fails_skips_the_rest(make_app):
+    """A batch request larger than a batch is split; when the first part's run fails (a 500),
+    nobody waits for the second part: queued behind it on the inference thread, it decodes
+    (held here until the 500 is out) and then skips its run, counted in
+    inference_abandoned_images_total. Before, only a deadline (504) marked the other parts, so
+    the second part ran for nobody."""
+    app = make_app(max_batch_size=2, max_queue_delay_ms=0)
+    answered = threading.Event()
+
+    async def scenario():
+        async with serve(app) as client:
+            batcher = app.state.batcher
+            inner_run, inner_prepare = batcher.run, batcher.prepare
+            runs: list[int] = []
+
+            def failing_run(batch):
+                runs.append(batch.shape[0])
+                if len(runs) == 1:
+                    raise RuntimeError("the first part's run fails")
+                return inner_run(batch)
+
+            def held_prepare(blob):
+                prepared = inner_prepare(blob)
+                if prepared.array[..., 2].mean() > prepared.array[..., 0].mean():  # BLUE
+                    answered.wait(10)  # the second part: decoded once the 500 is out
+                return prepared
+
+            batcher.run, batcher.prepare = failing_run, held_prepare
+            files = [
+                ("files", (f"{i}.jpg", image_bytes(color), "image/jpeg"))
+                for i, color in enumerate([RED, RED, BLUE, BLUE])
+            ]
+            response = await client.post("/predict/batch", files=files)
+            answered.set()
+            for _ in range(200):  # the second part's work ends on its thread
+                metrics = (await client.get("/metrics")).text
+                if prom(metrics, "inference_abandoned_images_total"):
+                    break
+                await asyncio.sleep(0.01)
+            return response, runs, metrics
+
+    response, runs, metrics = run(scenario())
+    assert response.status_code == 500, response.text
+    assert runs == [2]  # the second part never ran
+    assert prom(metrics, "inference_abandoned_images_total") == 2
